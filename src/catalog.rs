@@ -1,0 +1,210 @@
+//! The catalog: a directory that holds instances, their WAL archive and their backups.
+//!
+//! Layout (readable by a human in an emergency; metadata is JSON):
+//! ```text
+//! CATALOG/
+//!   walnut-catalog.json                 {"format": 1}
+//!   instances/NAME/instance.json        InstanceConfig
+//!   instances/NAME/wal/                 the WAL archive (see crate::archive)
+//!   instances/NAME/backups/ID/          one backup (see crate::backup)
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use crate::cli::{CatalogArgs, ConnArgs};
+use crate::durable::{self, Replace};
+use crate::error::{Error, IoContext, Result};
+
+pub const CATALOG_MARKER: &str = "walnut-catalog.json";
+
+#[derive(Args, Debug, Clone)]
+pub struct InitArgs {
+    #[command(flatten)]
+    pub catalog: CatalogArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AddInstanceArgs {
+    #[command(flatten)]
+    pub catalog: CatalogArgs,
+    #[arg(long)]
+    pub instance: String,
+    /// Data directory of the instance.
+    #[arg(short = 'D', long = "pgdata", env = "PGDATA")]
+    pub pgdata: PathBuf,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+/// What `add-instance` records about an instance.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InstanceConfig {
+    pub name: String,
+    pub system_id: u64,
+    pub pg_major: u32,
+    pub wal_segment_size: u32,
+    pub wal_page_size: u32,
+    pub block_size: u32,
+    /// Blocks per relation segment file (RELSEG_SIZE), normally 131072.
+    pub relseg_size: u32,
+    pub data_checksums: bool,
+    pub pgdata: PathBuf,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub user: Option<String>,
+    pub dbname: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Catalog {
+    root: PathBuf,
+}
+
+impl Catalog {
+    /// Opens an existing catalog, checking its marker file.
+    pub fn open(root: &Path) -> Result<Catalog> {
+        let marker = root.join(CATALOG_MARKER);
+        if !marker.is_file() {
+            return Err(Error::invalid(format!(
+                "\"{}\" is not a walnut catalog (no {CATALOG_MARKER}; run 'walnut init -B {}')",
+                root.display(),
+                root.display()
+            )));
+        }
+        Ok(Catalog {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// Creates a catalog in an empty or missing directory.
+    pub fn init(root: &Path) -> Result<Catalog> {
+        if root.join(CATALOG_MARKER).exists() {
+            return Err(Error::conflict(format!(
+                "\"{}\" is already a walnut catalog",
+                root.display()
+            )));
+        }
+        if root.is_dir()
+            && root
+                .read_dir()
+                .ctx("read directory", root)?
+                .next()
+                .is_some()
+        {
+            return Err(Error::invalid(format!(
+                "\"{}\" is not empty; a catalog needs an empty directory",
+                root.display()
+            )));
+        }
+        durable::create_dir_all_durable(&root.join("instances"))?;
+        durable::write_file(
+            &root.join(CATALOG_MARKER),
+            b"{\"format\": 1}\n",
+            Replace::No,
+        )?;
+        Ok(Catalog {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn instance_dir(&self, name: &str) -> PathBuf {
+        self.root.join("instances").join(name)
+    }
+
+    /// The WAL archive directory of an instance.
+    pub fn wal_dir(&self, name: &str) -> PathBuf {
+        self.instance_dir(name).join("wal")
+    }
+
+    /// The backups directory of an instance.
+    pub fn backups_dir(&self, name: &str) -> PathBuf {
+        self.instance_dir(name).join("backups")
+    }
+
+    /// Loads an instance's configuration.
+    pub fn instance(&self, name: &str) -> Result<InstanceConfig> {
+        check_instance_name(name)?;
+        let p = self.instance_dir(name).join("instance.json");
+        let bytes = std::fs::read(&p).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::not_found(format!(
+                    "instance \"{name}\" is not in catalog \"{}\" (run 'walnut add-instance')",
+                    self.root.display()
+                ))
+            } else {
+                Error::io("read", &p, e)
+            }
+        })?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| Error::corruption(format!("{}: {e}", p.display())))
+    }
+
+    /// Names of all instances.
+    pub fn instances(&self) -> Result<Vec<String>> {
+        let dir = self.root.join("instances");
+        let mut names = Vec::new();
+        for e in std::fs::read_dir(&dir).ctx("read directory", &dir)? {
+            let e = e.ctx("read directory", &dir)?;
+            if e.path().join("instance.json").is_file() {
+                names.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Stores an instance's configuration, creating its directories.
+    pub fn save_instance(&self, cfg: &InstanceConfig, replace: Replace) -> Result<()> {
+        check_instance_name(&cfg.name)?;
+        let dir = self.instance_dir(&cfg.name);
+        durable::create_dir_all_durable(&dir)?;
+        durable::create_dir_all_durable(&self.wal_dir(&cfg.name))?;
+        durable::create_dir_all_durable(&self.backups_dir(&cfg.name))?;
+        let mut json = serde_json::to_vec_pretty(cfg)?;
+        json.push(b'\n');
+        durable::write_file(&dir.join("instance.json"), &json, replace).map_err(|e| {
+            if e.kind() == crate::ErrorKind::Conflict {
+                Error::conflict(format!("instance \"{}\" already exists", cfg.name))
+            } else {
+                e
+            }
+        })
+    }
+}
+
+/// Instance names become directory names: keep them to a safe alphabet.
+pub fn check_instance_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "invalid instance name \"{name}\": use letters, digits, '_', '-' and '.'"
+        )))
+    }
+}
+
+pub fn run_init(args: InitArgs) -> Result<i32> {
+    Catalog::init(&args.catalog.catalog)?;
+    log::info!(
+        "catalog initialised at \"{}\"",
+        args.catalog.catalog.display()
+    );
+    Ok(0)
+}
+
+pub fn run_add_instance(_args: AddInstanceArgs) -> Result<i32> {
+    Err(Error::invalid("add-instance is not implemented yet"))
+}

@@ -1,0 +1,120 @@
+//! Options shared by the binaries, each defined once (clap `Args` structs).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Where the catalog is. `WALNUT_CATALOG` may stand in for `-B`.
+#[derive(Args, Debug, Clone)]
+pub struct CatalogArgs {
+    /// Catalog directory.
+    #[arg(short = 'B', long = "backup-path", env = "WALNUT_CATALOG")]
+    pub catalog: PathBuf,
+}
+
+/// A catalog and an instance in it.
+#[derive(Args, Debug, Clone)]
+pub struct InstanceArgs {
+    #[command(flatten)]
+    pub catalog: CatalogArgs,
+    /// Instance name, as given to `add-instance`.
+    #[arg(long)]
+    pub instance: String,
+}
+
+/// libpq-style connection options; unset ones fall back to PGHOST, PGPORT, PGUSER,
+/// PGDATABASE and then to the instance's stored configuration.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ConnArgs {
+    /// Server host or socket directory.
+    #[arg(short = 'h', long = "host")]
+    pub host: Option<String>,
+    /// Server port.
+    #[arg(short = 'p', long = "port")]
+    pub port: Option<u16>,
+    /// User name.
+    #[arg(short = 'U', long = "username")]
+    pub user: Option<String>,
+    /// Database name.
+    #[arg(short = 'd', long = "dbname")]
+    pub dbname: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum OutputFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "walnut",
+    version,
+    about = "PostgreSQL backups whose cost follows what changed",
+    disable_help_flag = true
+)]
+pub struct WalnutCli {
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help, global = true)]
+    pub help: Option<bool>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a catalog.
+    Init(crate::catalog::InitArgs),
+    /// Register a PostgreSQL instance in the catalog.
+    AddInstance(crate::catalog::AddInstanceArgs),
+    /// Decode WAL segment files and print their block indexes.
+    WalIndex(crate::cmd::wal_index::WalIndexArgs),
+    /// Take a FULL, PAGE or DELTA backup.
+    Backup(crate::backup::BackupArgs),
+    /// Restore a backup into a data directory, with recovery settings.
+    Restore(crate::backup::RestoreArgs),
+    /// List backups, or with --archive the WAL archive.
+    Show(ShowArgs),
+    /// Verify a backup and its chain against stored checksums.
+    Validate(crate::backup::ValidateArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ShowArgs {
+    #[command(flatten)]
+    pub catalog: CatalogArgs,
+    /// Instance name (all instances when omitted, for backups).
+    #[arg(long)]
+    pub instance: Option<String>,
+    /// Show one backup.
+    #[arg(short = 'i', long = "backup-id")]
+    pub backup_id: Option<String>,
+    /// Show the WAL archive instead of backups.
+    #[arg(long)]
+    pub archive: bool,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
+}
+
+/// Runs `walnut`; returns the process exit code.
+pub fn run_walnut(cli: WalnutCli) -> crate::Result<i32> {
+    match cli.command {
+        Command::Init(a) => crate::catalog::run_init(a),
+        Command::AddInstance(a) => crate::catalog::run_add_instance(a),
+        Command::WalIndex(a) => crate::cmd::wal_index::run(a),
+        Command::Backup(a) => crate::backup::run_backup(a),
+        Command::Restore(a) => crate::backup::run_restore(a),
+        Command::Show(a) if a.archive => crate::archive::run_show_archive(a),
+        Command::Show(a) => crate::backup::run_show(a),
+        Command::Validate(a) => crate::backup::run_validate(a),
+    }
+}
+
+/// Sets up logging to stderr (`RUST_LOG` overrides; default info).
+pub fn init_logging() {
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp(None)
+        .format_target(false)
+        .try_init();
+}

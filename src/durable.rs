@@ -1,0 +1,271 @@
+//! Crash-safe file writing: the only place that creates files meant to persist.
+//!
+//! The protocol, and why each step is there:
+//! 1. Write into a *unique* temporary file in the same directory as the target (same
+//!    filesystem, so the rename is atomic; unique, so two writers never share a temp file).
+//! 2. `fsync` the file: the data must be on disk before any name points at it.
+//! 3. Rename over (or, with [`Replace::No`], link without replacing) the final name. A reader
+//!    sees either nothing or the whole file, never a prefix.
+//! 4. `fsync` the directory: the rename itself must survive a power loss.
+//!
+//! A failed `fsync` is returned as an error and never retried: after a failed fsync the
+//! kernel may have dropped the dirty pages, so a retry that succeeds proves nothing.
+//!
+//! Temp files are named `.<final>.walnut-tmp.<pid>.<nanos>`; [`remove_stale_temps`] deletes
+//! those whose writer process no longer exists, so a SIGKILLed run leaves nothing that a later
+//! run could mistake for a finished file.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::{Error, ErrorKind, IoContext, Result};
+
+const TMP_MARK: &str = ".walnut-tmp.";
+
+/// What to do when the final name already exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replace {
+    /// Atomically replace it.
+    Yes,
+    /// Fail with [`ErrorKind::Conflict`], leaving the existing file untouched.
+    No,
+}
+
+fn temp_path_for(path: &Path) -> Result<PathBuf> {
+    let dir = parent_dir(path);
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::invalid(format!("\"{}\" has no file name", path.display())))?;
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    Ok(dir.join(format!(
+        ".{}{TMP_MARK}{}.{nanos}",
+        name.to_string_lossy(),
+        std::process::id()
+    )))
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// fsync a directory, so that entries created, renamed or removed in it are durable.
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    let f = File::open(dir).ctx("open directory", dir)?;
+    f.sync_all().ctx("fsync directory", dir)
+}
+
+/// Creates `dir` and any missing parents, fsyncing each parent whose entries changed.
+pub fn create_dir_all_durable(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        if !parent.as_os_str().is_empty() {
+            create_dir_all_durable(parent)?;
+        }
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+        Err(e) => return Err(Error::io("create directory", dir, e)),
+    }
+    fsync_dir(parent_dir(dir))
+}
+
+/// A file being written that becomes visible under its final name only on [`commit`].
+/// Dropping it uncommitted removes the temp file.
+///
+/// [`commit`]: DurableFile::commit
+pub struct DurableFile {
+    file: Option<File>,
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+impl DurableFile {
+    pub fn create(path: &Path) -> Result<DurableFile> {
+        let tmp = temp_path_for(path)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .ctx("create", &tmp)?;
+        Ok(DurableFile {
+            file: Some(file),
+            tmp,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn file(&mut self) -> &mut File {
+        // The Option is only None after commit, which consumes self.
+        self.file.as_mut().expect("DurableFile used after commit")
+    }
+
+    /// fsync, rename into place, fsync the directory.
+    pub fn commit(mut self, replace: Replace) -> Result<()> {
+        let file = self.file.take().expect("DurableFile committed twice");
+        file.sync_all().ctx("fsync", &self.tmp)?;
+        drop(file);
+        match replace {
+            Replace::Yes => fs::rename(&self.tmp, &self.path).ctx("rename into", &self.path)?,
+            Replace::No => rename_noreplace(&self.tmp, &self.path)?,
+        }
+        fsync_dir(parent_dir(&self.path))
+    }
+}
+
+impl Write for DurableFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file().write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file().flush()
+    }
+}
+
+impl Drop for DurableFile {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        } else if self.tmp.exists() {
+            // commit failed after close (rename error): do not leave the temp file behind.
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Renames `from` to `to` unless `to` exists. Uses a hard link + unlink, which is atomic
+/// with respect to the final name on every POSIX filesystem walnut supports.
+fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
+    match fs::hard_link(from, to) {
+        Ok(()) => {
+            let _ = fs::remove_file(from);
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let _ = fs::remove_file(from);
+            Err(Error::new(
+                ErrorKind::Conflict,
+                format!("\"{}\" already exists", to.display()),
+            ))
+        }
+        Err(e) => {
+            let _ = fs::remove_file(from);
+            Err(Error::io("link into", to, e))
+        }
+    }
+}
+
+/// Writes `data` to `path` durably (see the module docs).
+pub fn write_file(path: &Path, data: &[u8], replace: Replace) -> Result<()> {
+    let mut f = DurableFile::create(path)?;
+    f.file().write_all(data).ctx("write", &f.tmp.clone())?;
+    f.commit(replace)
+}
+
+/// Removes a file and makes the removal durable. Missing files are not an error.
+pub fn remove_file(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => fsync_dir(parent_dir(path)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", path, e)),
+    }
+}
+
+/// Whether a directory entry name is one of our temp files.
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.') && name.contains(TMP_MARK)
+}
+
+/// Removes temp files in `dir` left by writers that no longer run. Returns how many.
+pub fn remove_stale_temps(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io("read directory", dir, e)),
+    };
+    for entry in rd {
+        let entry = entry.ctx("read directory", dir)?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !is_temp_name(&name) {
+            continue;
+        }
+        let pid = name
+            .rsplit(TMP_MARK)
+            .next()
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|p| p.parse::<i32>().ok());
+        let alive = match pid {
+            Some(pid) => {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() && pid != 0
+            }
+            None => false,
+        };
+        if !alive && fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_and_noreplace() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        write_file(&p, b"one", Replace::No).unwrap();
+        let e = write_file(&p, b"two", Replace::No).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Conflict);
+        assert_eq!(fs::read(&p).unwrap(), b"one");
+        write_file(&p, b"three", Replace::Yes).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"three");
+        // no temp files left behind
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn uncommitted_file_leaves_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        {
+            let mut f = DurableFile::create(&p).unwrap();
+            f.write_all(b"partial").unwrap();
+        }
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn stale_temps_of_dead_writers_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        // pid 0x7ffffffe is never a live process
+        let stale = d.path().join(format!(".x{TMP_MARK}2147483646.1"));
+        fs::write(&stale, b"junk").unwrap();
+        let live = d
+            .path()
+            .join(format!(".y{TMP_MARK}{}.1", std::process::id()));
+        fs::write(&live, b"mine").unwrap();
+        assert_eq!(remove_stale_temps(d.path()).unwrap(), 1);
+        assert!(!stale.exists());
+        assert!(live.exists());
+    }
+}

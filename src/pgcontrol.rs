@@ -1,0 +1,1 @@
+//! Reading `global/pg_control` (ControlFileData) for PostgreSQL 13–18.

@@ -1,0 +1,1 @@
+//! Sans-IO WAL decoder (PostgreSQL 13–18).

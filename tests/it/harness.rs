@@ -1,0 +1,372 @@
+//! A small harness for tests against real PostgreSQL servers.
+//!
+//! - Servers run as the `postgres` OS user when the tests run as root (PostgreSQL refuses
+//!   root); data, archive and socket directories are owned by that user.
+//! - Each cluster listens only on a Unix socket in its own temp directory, so tests never
+//!   collide on ports, and every cluster is stopped when its [`Pg`] is dropped, also when a
+//!   test fails.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+
+/// The OS user that owns clusters when tests run as root.
+pub const PG_OS_USER: &str = "postgres";
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Directory of the PostgreSQL 15 binaries (`PG_BIN` overrides).
+pub fn pg_bin() -> PathBuf {
+    std::env::var_os("PG_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
+}
+
+/// Path of one of our binaries, built by cargo for this test run.
+pub fn walnut_bin(name: &str) -> PathBuf {
+    match name {
+        "walnut" => PathBuf::from(env!("CARGO_BIN_EXE_walnut")),
+        "walnut-archive" => PathBuf::from(env!("CARGO_BIN_EXE_walnut-archive")),
+        "walnut-fetch" => PathBuf::from(env!("CARGO_BIN_EXE_walnut-fetch")),
+        other => panic!("unknown binary {other}"),
+    }
+}
+
+/// A command that runs as the cluster owner (through `runuser` when we are root).
+pub fn as_pg(program: impl AsRef<OsStr>) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.arg("-u").arg(PG_OS_USER).arg("--").arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command and returns its whole output, success or not.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
+}
+
+/// Gives a path to the cluster owner (recursively).
+pub fn chown_pg(path: &Path) {
+    if is_root() {
+        run_ok(
+            Command::new("chown")
+                .arg("-R")
+                .arg(format!("{PG_OS_USER}:"))
+                .arg(path),
+        );
+    }
+}
+
+/// A temp directory owned by the cluster owner, removed on drop.
+pub fn pg_tempdir(prefix: &str) -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix(&format!("walnut-it-{prefix}-"))
+        .tempdir()
+        .expect("create temp dir");
+    std::fs::set_permissions(
+        d.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod temp dir");
+    chown_pg(d.path());
+    d
+}
+
+/// Creates a directory owned by the cluster owner.
+pub fn pg_mkdir(path: &Path) -> PathBuf {
+    std::fs::create_dir_all(path).expect("mkdir");
+    chown_pg(path);
+    path.to_path_buf()
+}
+
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+
+/// A distinct port number per cluster in this process (sockets live in per-test dirs, so
+/// the number only has to be unique within one socket directory; still keep them apart).
+pub fn next_port() -> u16 {
+    let base = 41000 + (std::process::id() % 200) as u16 * 50;
+    base + NEXT_PORT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// One PostgreSQL cluster.
+pub struct Pg {
+    pub bin: PathBuf,
+    pub data: PathBuf,
+    pub sock: PathBuf,
+    pub port: u16,
+    /// Extra environment (e.g. LD_LIBRARY_PATH for downloaded servers).
+    pub env: Vec<(String, String)>,
+    running: bool,
+}
+
+impl Pg {
+    /// `initdb` a new cluster in `dir/name` with the given extra initdb arguments.
+    pub fn init(bin: &Path, dir: &Path, name: &str, initdb_args: &[&str]) -> Pg {
+        Self::init_with_env(bin, dir, name, initdb_args, Vec::new())
+    }
+
+    pub fn init_with_env(
+        bin: &Path,
+        dir: &Path,
+        name: &str,
+        initdb_args: &[&str],
+        env: Vec<(String, String)>,
+    ) -> Pg {
+        let data = dir.join(name);
+        let sock = pg_mkdir(&dir.join(format!("{name}-sock")));
+        let pg = Pg {
+            bin: bin.to_path_buf(),
+            data: data.clone(),
+            sock,
+            port: next_port(),
+            env,
+            running: false,
+        };
+        let mut c = pg.cmd("initdb");
+        c.arg("-D")
+            .arg(&data)
+            .arg("-U")
+            .arg("postgres")
+            .arg("-A")
+            .arg("trust")
+            .arg("--no-sync");
+        c.args(initdb_args);
+        run_ok(&mut c);
+        pg.append_conf(&format!(
+            "listen_addresses = ''\nport = {}\nunix_socket_directories = '{}'\nfsync = off\nmax_wal_senders = 4\nlog_min_messages = warning\n",
+            pg.port,
+            pg.sock.display()
+        ));
+        pg
+    }
+
+    /// A cluster object for an existing data directory (e.g. a restore target).
+    pub fn existing(bin: &Path, data: &Path, sock: &Path) -> Pg {
+        Pg {
+            bin: bin.to_path_buf(),
+            data: data.to_path_buf(),
+            sock: sock.to_path_buf(),
+            port: next_port(),
+            env: Vec::new(),
+            running: false,
+        }
+    }
+
+    /// A command for one of the server's binaries, as the cluster owner.
+    pub fn cmd(&self, prog: &str) -> Command {
+        let mut c = as_pg(self.bin.join(prog));
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    pub fn append_conf(&self, text: &str) {
+        use std::io::Write;
+        let p = self.data.join("postgresql.conf");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .expect("open postgresql.conf");
+        writeln!(f, "{text}").expect("append postgresql.conf");
+    }
+
+    /// Starts the server, waiting until it accepts connections (or recovery settles).
+    pub fn start(&mut self) {
+        let log = self.data.with_extension("log");
+        let mut c = self.cmd("pg_ctl");
+        c.arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(&log)
+            .arg("-w")
+            .arg("-t")
+            .arg("300");
+        c.arg("-o")
+            .arg(format!("-p {} -k {}", self.port, self.sock.display()));
+        c.arg("start");
+        let out = run(&mut c);
+        self.running = true;
+        if !out.status.success() {
+            let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+            panic!(
+                "pg_ctl start failed for {}: {}\n{}\nserver log:\n{}",
+                self.data.display(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                log_text
+            );
+        }
+    }
+
+    /// Starts the server without waiting (for restores that may shut down by themselves).
+    pub fn start_nowait(&mut self) {
+        let log = self.data.with_extension("log");
+        let mut c = self.cmd("pg_ctl");
+        c.arg("-D").arg(&self.data).arg("-l").arg(&log).arg("-W");
+        c.arg("-o")
+            .arg(format!("-p {} -k {}", self.port, self.sock.display()));
+        c.arg("start");
+        run_ok(&mut c);
+        self.running = true;
+    }
+
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default()
+    }
+
+    pub fn stop(&mut self) {
+        if self.running {
+            let mut c = self.cmd("pg_ctl");
+            c.arg("-D")
+                .arg(&self.data)
+                .arg("-m")
+                .arg("fast")
+                .arg("-w")
+                .arg("-t")
+                .arg("120")
+                .arg("stop");
+            let _ = run(&mut c);
+            self.running = false;
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
+    /// Marks the server as running or not without acting (e.g. it shut itself down).
+    pub fn set_running(&mut self, running: bool) {
+        self.running = running;
+    }
+
+    /// psql -XAtq -c SQL on database `db`; returns stdout. Panics on error.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let mut c = self.client("psql");
+        c.args([
+            "-X",
+            "-A",
+            "-t",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            db,
+            "-c",
+            sql,
+        ]);
+        run_ok(&mut c).trim_end().to_string()
+    }
+
+    /// Same as [`Pg::psql`] but returns the output for a command that may fail.
+    pub fn psql_output(&self, db: &str, sql: &str) -> Output {
+        let mut c = self.client("psql");
+        c.args([
+            "-X",
+            "-A",
+            "-t",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            db,
+            "-c",
+            sql,
+        ]);
+        run(&mut c)
+    }
+
+    /// A client program (psql, pgbench, pg_dumpall, ...) pointed at this server.
+    pub fn client(&self, prog: &str) -> Command {
+        let mut c = self.cmd(prog);
+        c.arg("-h")
+            .arg(&self.sock)
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-U")
+            .arg("postgres");
+        c
+    }
+
+    pub fn pgbench(&self, args: &[&str]) -> String {
+        let mut c = self.client("pgbench");
+        c.args(args);
+        run_ok(&mut c)
+    }
+
+    /// Connection options for walnut commands.
+    pub fn conn_args(&self) -> Vec<String> {
+        vec![
+            "-h".into(),
+            self.sock.display().to_string(),
+            "-p".into(),
+            self.port.to_string(),
+            "-U".into(),
+            "postgres".into(),
+        ]
+    }
+
+    /// Forces a WAL switch and waits until the finished segment is archived.
+    pub fn switch_and_wait_archived(&self) {
+        let seg = self.psql("postgres", "select pg_walfile_name(pg_switch_wal())");
+        self.wait_archived(&seg);
+    }
+
+    /// Waits (up to 120 s) until `pg_stat_archiver.last_archived_wal` reaches `segment`.
+    pub fn wait_archived(&self, segment: &str) {
+        for _ in 0..1200 {
+            let last = self.psql(
+                "postgres",
+                "select coalesce(last_archived_wal, '') from pg_stat_archiver",
+            );
+            if last.len() >= 24 && last[..24] >= *segment {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!(
+            "segment {segment} was not archived within 120 s\n{}",
+            self.server_log()
+        );
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        if self.running {
+            let mut c = self.cmd("pg_ctl");
+            c.arg("-D")
+                .arg(&self.data)
+                .arg("-m")
+                .arg("immediate")
+                .arg("-w")
+                .arg("stop");
+            c.stdout(Stdio::null()).stderr(Stdio::null());
+            let _ = c.status();
+        }
+    }
+}

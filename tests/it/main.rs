@@ -1,0 +1,18 @@
+//! Integration tests: real PostgreSQL servers, real archive_command / restore_command.
+mod harness;
+
+mod smoke {
+    use super::harness::*;
+
+    /// The harness can start and stop a real server, and our binaries run.
+    #[test]
+    fn harness_starts_a_server() {
+        let dir = pg_tempdir("smoke");
+        let mut pg = Pg::init(&pg_bin(), dir.path(), "data", &["-k"]);
+        pg.start();
+        assert_eq!(pg.psql("postgres", "select 1+1"), "2");
+        pg.stop();
+        let out = run(std::process::Command::new(walnut_bin("walnut")).arg("--version"));
+        assert!(out.status.success());
+    }
+}
