@@ -12,6 +12,9 @@
 //! - `merge`: the union of the indexes of a range of segments into a [`ChangeMap`].
 
 pub mod blockset;
+pub mod build;
+pub mod format;
+pub mod merge;
 
 use std::collections::BTreeMap;
 
