@@ -272,7 +272,7 @@ fn archive_survives_sigkill_at_random_points() {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        let delay = rng % (dur + dur / 2);
+        let delay = rng % (dur / 2);
         let mut c = Command::new(walnut_bin("walnut-archive"));
         if is_root() {
             use std::os::unix::process::CommandExt;
@@ -296,16 +296,14 @@ fn archive_survives_sigkill_at_random_points() {
             kills += 1;
         }
         // never a damaged file under a final name
-        for f in archived_names(&cat, "00000001") {
-            if f.ends_with(".lz4") && !f.starts_with('.') {
-                let bytes = std::fs::read(tli_dir.join(&f)).unwrap();
-                walnut::archive::store::decode(&bytes, &f)
-                    .unwrap_or_else(|e| panic!("after a kill: {e}"));
-            }
+        if let Ok(bytes) = std::fs::read(tli_dir.join(format!("{}.lz4", fname(seg)))) {
+            let (_, data) = walnut::archive::store::decode(&bytes, &fname(seg))
+                .unwrap_or_else(|e| panic!("after a kill: {e}"));
+            assert!(data == std::fs::read(seg).unwrap());
         }
-        // "PostgreSQL retries": every third round finishes the segment without a kill
+        // "PostgreSQL retries": every fourth round finishes the segment without a kill
         round += 1;
-        if round % 3 == 0 {
+        if round % 4 == 0 {
             ok(
                 push(&cat, seg, &fname(seg), &["--look-ahead", "0"]),
                 "retry",
@@ -314,6 +312,7 @@ fn archive_survives_sigkill_at_random_points() {
         }
         assert!(round < 2000, "too many rounds");
     }
+    eprintln!("{kills} kills in {round} rounds, push takes ~{dur} us");
     assert!(kills >= 100, "only {kills} kills landed");
     for s in &segs {
         ok(
