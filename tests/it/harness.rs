@@ -26,14 +26,44 @@ pub fn pg_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
 }
 
-/// Path of one of our binaries, built by cargo for this test run.
+/// Path of one of our binaries, built by cargo for this test run, at a place the cluster
+/// owner can execute (archive_command and restore_command run as that user). When the
+/// checkout lives where that user cannot reach (e.g. under /root), the binaries are copied
+/// once to a world-readable temp directory.
 pub fn walnut_bin(name: &str) -> PathBuf {
-    match name {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let built = |n: &str| match n {
         "walnut" => PathBuf::from(env!("CARGO_BIN_EXE_walnut")),
         "walnut-archive" => PathBuf::from(env!("CARGO_BIN_EXE_walnut-archive")),
         "walnut-fetch" => PathBuf::from(env!("CARGO_BIN_EXE_walnut-fetch")),
         other => panic!("unknown binary {other}"),
-    }
+    };
+    let dir = DIR.get_or_init(|| {
+        let walnut = built("walnut");
+        let reachable = !is_root()
+            || Command::new("runuser")
+                .args(["-u", PG_OS_USER, "--", "test", "-x"])
+                .arg(&walnut)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+        if reachable {
+            return walnut
+                .parent()
+                .expect("binary has a directory")
+                .to_path_buf();
+        }
+        let dir = std::env::temp_dir().join(format!("walnut-it-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create binary copy dir");
+        for n in ["walnut", "walnut-archive", "walnut-fetch"] {
+            std::fs::copy(built(n), dir.join(n)).expect("copy binary");
+        }
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod binary dir");
+        dir
+    });
+    let _ = built(name);
+    dir.join(name)
 }
 
 /// A command that runs as the cluster owner (through `runuser` when we are root).

@@ -1,5 +1,6 @@
 //! Integration tests: real PostgreSQL servers, real archive_command / restore_command.
 mod harness;
+mod pgcontrol;
 
 mod smoke {
     use super::harness::*;
