@@ -1,6 +1,7 @@
 //! Integration tests: real PostgreSQL servers, real archive_command / restore_command.
 mod harness;
 mod pgcontrol;
+mod wal_decoder;
 
 mod smoke {
     use super::harness::*;
