@@ -131,3 +131,7 @@ pub fn read_long_header(segment_start: &[u8]) -> Result<LongPageHeader> {
     }
     Ok(lh)
 }
+
+pub mod synth;
+#[cfg(test)]
+mod tests;
