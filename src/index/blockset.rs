@@ -348,7 +348,7 @@ mod tests {
         assert_eq!(s.run_count(), 2);
         assert!(s.contains(u32::MAX) && s.contains(999_999) && !s.contains(1_000_000));
         assert_eq!(s.bounds(), Some((0, u32::MAX)));
-        let mut t = BlockSet::from_ranges([10..=20, 0..=3, 4..=5, 30..=29]);
+        let mut t = BlockSet::from_ranges([10..=20, 0..=3, 4..=5, RangeInclusive::new(30, 29)]);
         assert_eq!(t.ranges().collect::<Vec<_>>(), vec![0..=5, 10..=20]);
         t.insert_range(6..=9);
         assert_eq!(t.ranges().collect::<Vec<_>>(), vec![0..=20]);
@@ -376,7 +376,7 @@ mod tests {
             }
             for _ in 0..(xorshift(&mut st) % 400) {
                 let x = (xorshift(&mut st) % span) as u32;
-                if xorshift(&mut st) % 4 == 0 {
+                if xorshift(&mut st).is_multiple_of(4) {
                     let y = x.saturating_add((xorshift(&mut st) % 50) as u32);
                     b.insert_range(x..=y);
                     model.extend(x..=y);
