@@ -247,6 +247,28 @@ impl BlockSet {
         }
     }
 
+    /// The blocks in `start..start + len`, shifted down by `start` (e.g. the blocks of one
+    /// relation segment file, relative to the file). Bounds beyond `u32` are fine.
+    pub fn shifted_slice(&self, start: u64, len: u64) -> BlockSet {
+        let runs = self.canonical_runs();
+        let end = start.saturating_add(len); // exclusive
+        let from = runs.partition_point(|r| (r.last as u64) < start);
+        let mut out = Vec::new();
+        for r in &runs[from..] {
+            if r.first as u64 >= end {
+                break;
+            }
+            out.push(Run {
+                first: ((r.first as u64).max(start) - start) as u32,
+                last: ((r.last as u64).min(end - 1) - start) as u32,
+            });
+        }
+        BlockSet {
+            runs: out,
+            pending: Vec::new(),
+        }
+    }
+
     /// Number of blocks in `lo..hi`.
     pub fn count_in(&self, lo: u32, hi: u32) -> u64 {
         self.slice(lo, hi).runs.iter().map(|r| r.len()).sum()
@@ -358,6 +380,10 @@ mod tests {
         assert_eq!(t.slice(5, 23).to_vec().len(), 16 + 1);
         assert_eq!(t.count_in(0, 21), 21);
         assert_eq!(t.count_in(21, 22), 0);
+        let top = t.shifted_slice(u32::MAX as u64 - 2, 100);
+        assert_eq!(top.to_vec(), vec![0, 1, 2]);
+        assert_eq!(t.shifted_slice(4, 3).to_vec(), vec![0, 1, 2]);
+        assert!(t.shifted_slice(u32::MAX as u64 + 1, 10).is_empty());
     }
 
     /// Every operation agrees with a plain sorted vector, on random inputs.
