@@ -187,58 +187,181 @@ impl ChangeMap {
     }
 }
 
-/// Per-fork accumulator: blocks are kept as a stack of sets of decreasing size, merged like
-/// a binary counter, so that adding many small sets to a large one costs O(n log k) rather
-/// than O(n × k) (each linear union would otherwise walk the whole large set).
+/// Blocks of one fork while merging.
+///
+/// - `Bitmap`: one bit per block from the smallest to the largest block any index lists
+///   for the fork. Adding a set costs O(its runs); turning the bitmap back into runs costs
+///   O(span / 64 + runs). Used when the span is not much bigger than the runs added (see
+///   [`BITMAP_BYTES_PER_RUN`]), which is the normal case: hot relations are revisited.
+/// - `Stack`: sets of decreasing size, merged like a binary counter, so that adding many
+///   small sets costs O(n log k) rather than the O(n × k) of folding each into one big set
+///   (a linear union walks the whole big set). Used for forks whose blocks are few and far
+///   apart, where a bitmap would waste memory.
+enum Blocks {
+    Bitmap { base: u32, words: Vec<u64> },
+    Stack(Vec<BlockSet>),
+}
+
+/// A fork's bitmap may use this many bytes per run added to it (plus
+/// [`BITMAP_MIN_BYTES`]): twice what merely holding each added run once would cost.
+const BITMAP_BYTES_PER_RUN: u64 = 16;
+const BITMAP_MIN_BYTES: u64 = 64 << 10;
+
+impl Blocks {
+    fn new(shape: &Shape) -> Blocks {
+        match shape.bounds {
+            Some((lo, hi))
+                if (hi - lo) as u64 / 8 <= BITMAP_MIN_BYTES + BITMAP_BYTES_PER_RUN * shape.runs =>
+            {
+                Blocks::Bitmap {
+                    base: lo,
+                    words: vec![0; ((hi - lo) / 64) as usize + 1],
+                }
+            }
+            _ => Blocks::Stack(Vec::new()),
+        }
+    }
+
+    fn add(&mut self, blocks: &BlockSet) {
+        if blocks.is_empty() {
+            return;
+        }
+        match self {
+            Blocks::Bitmap { base, words } => {
+                for r in blocks.ranges() {
+                    // The pre-pass saw these blocks, so they lie in base..=base + span.
+                    set_bits(words, r.start() - *base, r.end() - *base);
+                }
+            }
+            Blocks::Stack(levels) => {
+                let mut cur = blocks.clone();
+                cur.normalize();
+                while let Some(top) = levels.last() {
+                    if top.run_count() > 2 * cur.run_count() {
+                        break;
+                    }
+                    if let Some(mut top) = levels.pop() {
+                        top.union_with(&cur);
+                        cur = top;
+                    }
+                }
+                levels.push(cur);
+            }
+        }
+    }
+
+    fn finish(self) -> BlockSet {
+        match self {
+            Blocks::Bitmap { base, words } => bitmap_to_set(base, &words),
+            Blocks::Stack(mut levels) => {
+                let mut blocks = levels.pop().unwrap_or_default();
+                while let Some(mut s) = levels.pop() {
+                    s.union_with(&blocks);
+                    blocks = s;
+                }
+                blocks
+            }
+        }
+    }
+}
+
+/// Sets bits `first..=last` (offsets from the bitmap's base). Out-of-range bits are
+/// ignored (they cannot occur: the bitmap spans every block the pre-pass saw).
+fn set_bits(words: &mut [u64], first: u32, last: u32) {
+    let (fw, lw) = ((first / 64) as usize, (last / 64) as usize);
+    let head = u64::MAX << (first % 64);
+    let tail = u64::MAX >> (63 - last % 64);
+    if fw == lw {
+        if let Some(w) = words.get_mut(fw) {
+            *w |= head & tail;
+        }
+        return;
+    }
+    if let Some(w) = words.get_mut(fw) {
+        *w |= head;
+    }
+    let mid_end = lw.min(words.len());
+    if fw + 1 < mid_end {
+        words[fw + 1..mid_end].fill(u64::MAX);
+    }
+    if let Some(w) = words.get_mut(lw) {
+        *w |= tail;
+    }
+}
+
+fn bitmap_to_set(base: u32, words: &[u64]) -> BlockSet {
+    let mut set = BlockSet::new();
+    for (i, &w) in words.iter().enumerate() {
+        let word_start = base as u64 + i as u64 * 64;
+        if w == u64::MAX {
+            set.insert_range(word_start as u32..=(word_start + 63) as u32);
+            continue;
+        }
+        let (mut w, mut bit) = (w, 0u32);
+        while w != 0 {
+            let tz = w.trailing_zeros();
+            w >>= tz;
+            bit += tz;
+            let ones = (!w).trailing_zeros().min(64 - bit);
+            let first = word_start + bit as u64;
+            set.insert_range(first as u32..=(first + ones as u64 - 1) as u32);
+            if bit + ones >= 64 {
+                break;
+            }
+            w >>= ones;
+            bit += ones;
+        }
+    }
+    set
+}
+
+/// What the pre-pass learns about a fork: the bounds of its blocks over all indexes, and
+/// how many runs will be added.
 #[derive(Default)]
+struct Shape {
+    bounds: Option<(u32, u32)>,
+    runs: u64,
+}
+
+/// Per-fork accumulator.
 struct Acc {
-    levels: Vec<BlockSet>,
+    blocks: Blocks,
     limit_block: Option<u32>,
     created: bool,
     dropped: bool,
 }
 
-impl Acc {
-    fn add_blocks(&mut self, blocks: &BlockSet) {
-        if blocks.is_empty() {
-            return;
-        }
-        let mut cur = blocks.clone();
-        cur.normalize();
-        while let Some(top) = self.levels.last() {
-            if top.run_count() > 2 * cur.run_count() {
-                break;
-            }
-            if let Some(mut top) = self.levels.pop() {
-                top.union_with(&cur);
-                cur = top;
-            }
-        }
-        self.levels.push(cur);
-    }
-
-    fn finish(mut self) -> ForkChange {
-        let mut blocks = self.levels.pop().unwrap_or_default();
-        while let Some(mut s) = self.levels.pop() {
-            s.union_with(&blocks);
-            blocks = s;
-        }
-        ForkChange {
-            blocks,
-            limit_block: self.limit_block,
-            created: self.created,
-            dropped: self.dropped,
-        }
-    }
-}
-
 /// Unions indexes given in LSN order.
 ///
 /// The order only matters for [`ChangeMap::gaps`]; the changed-block map itself is
-/// order-independent (see the module documentation).
+/// order-independent (see the module documentation). Two passes: the first learns each
+/// fork's block bounds to choose its accumulator, the second adds the blocks.
 pub fn merge<'a>(indexes: impl IntoIterator<Item = &'a SegmentIndex>) -> ChangeMap {
+    let indexes: Vec<&SegmentIndex> = indexes.into_iter().collect();
+    let mut shapes: BTreeMap<RelFork, Shape> = BTreeMap::new();
+    for ix in &indexes {
+        for (key, fc) in &ix.forks {
+            let sh = shapes.entry(*key).or_default();
+            if let Some((lo, hi)) = fc.blocks.bounds() {
+                sh.bounds = Some(sh.bounds.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
+                sh.runs += fc.blocks.run_count() as u64;
+            }
+        }
+    }
+    let mut accs: BTreeMap<RelFork, Acc> = shapes
+        .iter()
+        .map(|(k, sh)| {
+            let acc = Acc {
+                blocks: Blocks::new(sh),
+                limit_block: None,
+                created: false,
+                dropped: false,
+            };
+            (*k, acc)
+        })
+        .collect();
+
     let mut map = ChangeMap::default();
-    let mut accs: BTreeMap<RelFork, Acc> = BTreeMap::new();
     let mut prev_segno: Option<u64> = None;
     for ix in indexes {
         map.segments += 1;
@@ -263,8 +386,10 @@ pub fn merge<'a>(indexes: impl IntoIterator<Item = &'a SegmentIndex>) -> ChangeM
         map.system_ids.insert(ix.system_id);
 
         for (key, fc) in &ix.forks {
-            let acc = accs.entry(*key).or_default();
-            acc.add_blocks(&fc.blocks);
+            let Some(acc) = accs.get_mut(key) else {
+                continue; // unreachable: the pre-pass saw every key
+            };
+            acc.blocks.add(&fc.blocks);
             if let Some(l) = fc.limit_block {
                 acc.limit_block = Some(acc.limit_block.map_or(l, |a| a.min(l)));
             }
@@ -280,7 +405,18 @@ pub fn merge<'a>(indexes: impl IntoIterator<Item = &'a SegmentIndex>) -> ChangeM
             map.whole_dbs.insert((ev.spc, ev.db));
         }
     }
-    map.forks = accs.into_iter().map(|(k, a)| (k, a.finish())).collect();
+    map.forks = accs
+        .into_iter()
+        .map(|(k, a)| {
+            let fc = ForkChange {
+                blocks: a.blocks.finish(),
+                limit_block: a.limit_block,
+                created: a.created,
+                dropped: a.dropped,
+            };
+            (k, fc)
+        })
+        .collect();
     map
 }
 
@@ -466,11 +602,18 @@ mod tests {
         let mut segs = Vec::new();
         for s in 0..300 {
             let mut ix = seg(s);
-            for f in 0..5u32 {
+            // Spans: bitmap mode (100, 10k, 50, 3, the top of the block range), stack mode
+            // (2^30 with ~30k runs in all).
+            for f in 0..6u32 {
                 let fc = ix.fork_mut(key(f, 0));
-                let span = [100u64, 10_000, 1 << 30, 50, 3][f as usize];
+                let span = [100u64, 10_000, 1 << 30, 50, 3, 300][f as usize];
                 for _ in 0..(xorshift(&mut st) % 200) {
-                    fc.blocks.insert((xorshift(&mut st) % span) as u32);
+                    let b = (xorshift(&mut st) % span) as u32;
+                    if f == 5 {
+                        fc.blocks.insert_range(u32::MAX - b..=u32::MAX - b / 2);
+                    } else {
+                        fc.blocks.insert(b);
+                    }
                 }
                 if xorshift(&mut st).is_multiple_of(50) {
                     fc.apply_limit((xorshift(&mut st) % span) as u32);
@@ -479,7 +622,7 @@ mod tests {
             segs.push(ix);
         }
         let m = merge(segs.iter());
-        for f in 0..5u32 {
+        for f in 0..6u32 {
             let mut naive = BlockSet::new();
             let mut limit: Option<u32> = None;
             for ix in &segs {
