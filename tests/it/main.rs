@@ -3,6 +3,7 @@ mod harness;
 
 mod archive;
 mod pgcontrol;
+mod wal_decoder;
 
 mod smoke {
     use super::harness::*;
