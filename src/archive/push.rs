@@ -100,20 +100,17 @@ pub fn archive_with_look_ahead(
     if ahead.is_empty() {
         return push_file(ar, src, name);
     }
-    // One look-ahead runner at a time; others just archive their own file.
+    // One look-ahead runner at a time; others just archive their own file. Look-ahead is
+    // an optimisation: if its spool is unusable, archive our own file the plain way.
     let spool = ar.spool_dir();
-    durable::create_dir_all_durable(&spool)?;
-    let lock_path = spool.join(".look-ahead.lock");
-    let lock = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock_path)
-        .ctx("open lock file", &lock_path)?;
-    if fs2::FileExt::try_lock_exclusive(&lock).is_err() {
-        return push_file(ar, src, name);
-    }
+    let _lock = match lock_spool(&spool) {
+        Ok(Some(l)) => l,
+        Ok(None) => return push_file(ar, src, name),
+        Err(e) => {
+            log::warn!("look-ahead disabled for this call: {e}");
+            return push_file(ar, src, name);
+        }
+    };
     let _ = durable::remove_stale_temps(&spool);
     let pg_wal = parent_of(src);
     let mut jobs: Vec<(PathBuf, WalFileName)> = vec![(src.to_path_buf(), *name)];
@@ -145,6 +142,20 @@ pub fn archive_with_look_ahead(
             "{name}: look-ahead worker vanished"
         )))
     })
+}
+
+/// Takes the look-ahead lock; `None` when another process holds it.
+fn lock_spool(spool: &Path) -> Result<Option<fs::File>> {
+    durable::create_dir_all_durable(spool)?;
+    let lock_path = spool.join(".look-ahead.lock");
+    let lock = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .ctx("open lock file", &lock_path)?;
+    Ok(fs2::FileExt::try_lock_exclusive(&lock).ok().map(|_| lock))
 }
 
 fn parent_of(p: &Path) -> PathBuf {
@@ -379,4 +390,43 @@ fn check_header(ar: &WalArchive, name: &WalFileName, data: &[u8], src: &Path) ->
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_segments_are_newer_segments_oldest_first() {
+        let d = tempfile::tempdir().unwrap();
+        let status = d.path().join("pg_wal/archive_status");
+        fs::create_dir_all(&status).unwrap();
+        for n in [
+            "000000010000000000000003.ready",
+            "000000010000000000000005.ready",
+            "000000010000000000000004.ready",
+            "000000010000000000000001.ready",
+            "000000010000000000000006.done",
+            "00000002.history.ready",
+            "000000010000000000000007.partial.ready",
+            "000000010000000000000008.ready",
+        ] {
+            fs::write(status.join(n), "").unwrap();
+        }
+        let own: WalFileName = "000000010000000000000002".parse().unwrap();
+        let src = d.path().join("pg_wal").join(own.to_string());
+        let got: Vec<String> = ready_segments(&src, &own, 3)
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "000000010000000000000003",
+                "000000010000000000000004",
+                "000000010000000000000005"
+            ]
+        );
+        assert!(ready_segments(&d.path().join("x/y"), &own, 3).is_empty());
+    }
 }
