@@ -221,8 +221,13 @@ fn check_ack(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<bool> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(Error::io("read", &p, e)),
     };
-    let ack: Ack = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::corruption(format!("{}: {e}", p.display())))?;
+    let ack: Ack = match serde_json::from_slice(&bytes) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = durable::remove_file(&p);
+            return Err(Error::corruption(format!("{}: {e}", p.display())));
+        }
+    };
     let data = ar.data_path(name);
     let ok = ack.name == name.to_string()
         && fs::metadata(&data).map(|m| m.len()).ok() == Some(ack.compressed_size)

@@ -744,3 +744,60 @@ fn look_ahead_acknowledgements_and_prefetch_spool() {
     assert!(std::fs::read(&dest).unwrap() == std::fs::read(&segs[2]).unwrap());
     assert!(!p2.exists());
 }
+
+/// add-instance records what pg_control says (checked against pg_controldata) and takes
+/// connection options from PG* variables when not given.
+#[test]
+fn add_instance_records_control_data_and_pg_env() {
+    let dir = pg_tempdir("arch-add");
+    let pg = Pg::init(&pg_bin(), dir.path(), "d", &["-k", "--wal-segsize=4"]);
+    let cat = dir.path().join("cat");
+    ok(walnut(&["init", "-B", cat.to_str().unwrap()]), "init");
+    let mut c = as_pg(walnut_bin("walnut"));
+    c.args([
+        "add-instance",
+        "-B",
+        cat.to_str().unwrap(),
+        "--instance",
+        "main",
+        "-D",
+    ])
+    .arg(&pg.data)
+    .args(["-U", "alice"])
+    .env("PGHOST", "/var/run/x")
+    .env("PGPORT", "6543")
+    .env("PGUSER", "bob");
+    ok(run(&mut c), "add-instance");
+    let j: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cat.join("instances/main/instance.json")).unwrap())
+            .unwrap();
+    let mut cd = pg.cmd("pg_controldata");
+    cd.arg("-D").arg(&pg.data).env("LC_ALL", "C");
+    let out = run_ok(&mut cd);
+    let sysid = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Database system identifier:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(j["system_id"].to_string(), sysid);
+    assert_eq!(j["pg_major"], 15);
+    assert_eq!(j["wal_segment_size"], 4 << 20);
+    assert_eq!(j["block_size"], 8192);
+    assert_eq!(j["data_checksums"], true);
+    assert_eq!(j["host"], "/var/run/x");
+    assert_eq!(j["port"], 6543);
+    assert_eq!(j["user"], "alice");
+    // a second add-instance of the same name is refused
+    let out = walnut(&[
+        "add-instance",
+        "-B",
+        cat.to_str().unwrap(),
+        "--instance",
+        "main",
+        "-D",
+        pg.data.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+}
