@@ -312,6 +312,45 @@ impl WalArchive {
         crate::index::build::index_segment(tli, segno, data, &mut next_fn)
     }
 
+    /// Like [`build_index`](Self::build_index) for a segment arriving from `src` (in
+    /// `pg_wal`): when segno+1 is not archived yet, its file next to `src` is used to
+    /// complete a record that crosses into it. That file may still be being written; the
+    /// record's CRC covers every byte of it, so a record assembled from it is either
+    /// correct or rejected. Any error with it falls back to a pending index, which the
+    /// arrival of segno+1 completes. This spares re-decoding segno when segno+1 arrives.
+    pub(crate) fn build_index_on_arrival(
+        &self,
+        tli: TimeLineId,
+        segno: u64,
+        data: &[u8],
+        src: &Path,
+    ) -> Result<SegmentIndex> {
+        let next_name = self.segment_name(tli, segno + 1);
+        let sibling = match src.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.join(next_name.to_string()),
+            _ => PathBuf::from(next_name.to_string()),
+        };
+        let seg_size = u64::from(self.seg_size());
+        let usable = !self.contains(&next_name)
+            && fs::metadata(&sibling)
+                .map(|m| m.len() == seg_size)
+                .unwrap_or(false);
+        if usable {
+            if let Ok(bytes) = fs::read(&sibling) {
+                let first = self.build_index(tli, segno, data, Some((segno + 1, &bytes)));
+                match first {
+                    Ok(ix) => return Ok(ix),
+                    Err(e) => log::debug!(
+                        "{}: completing its last record from \"{}\" failed ({e}); indexing without it",
+                        self.segment_name(tli, segno),
+                        sibling.display()
+                    ),
+                }
+            }
+        }
+        self.build_index(tli, segno, data, None)
+    }
+
     /// Re-indexes `segno` if its index is pending (or was never written).
     pub(crate) fn complete_pending(&self, tli: TimeLineId, segno: u64, next: Option<(u64, &[u8])>) {
         let state = match self.index_state(tli, segno) {

@@ -242,6 +242,7 @@ fn check_ack(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<bool> {
 
 /// Archives one file durably (see the module docs of [`crate::archive`]).
 pub fn push_file(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<PushOutcome> {
+    let t0 = std::time::Instant::now();
     let seg_size = ar.seg_size();
     if !name.fits_segment_size(seg_size) {
         return Err(Error::invalid(format!(
@@ -308,8 +309,9 @@ pub fn push_file(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<Push
     let what = name.to_string();
     let (encoded, built): (Result<Vec<u8>>, Option<Result<SegmentIndex>>) =
         std::thread::scope(|s| {
-            let ix =
-                segno.map(|segno| s.spawn(move || ar.build_index(name.tli(), segno, bytes, None)));
+            let ix = segno.map(|segno| {
+                s.spawn(move || ar.build_index_on_arrival(name.tli(), segno, bytes, src))
+            });
             let (first, second) = bytes.split_at(bytes.len() / 2);
             let what2 = what.clone();
             let second_frame = s.spawn(move || store::compress_frame(second, &what2));
@@ -333,6 +335,7 @@ pub fn push_file(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<Push
             (enc, built)
         });
     let encoded = encoded?;
+    let t_cpu = t0.elapsed();
     let outcome = match durable::write_file(&dest, &encoded, Replace::No) {
         Ok(()) => PushOutcome::Archived,
         // Someone archived the same name meanwhile (a concurrent push): compare.
@@ -340,10 +343,19 @@ pub fn push_file(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<Push
         Err(e) => return Err(e.context(format!("archiving {name}"))),
     };
     if let Some(segno) = segno {
+        let t_write = t0.elapsed();
         ar.index_and_store(name.tli(), segno, &data, built);
+        let t_index = t0.elapsed();
         if segno > 0 {
             ar.complete_pending(name.tli(), segno - 1, Some((segno, &data)));
         }
+        log::debug!(
+            "{name}: read+compress+index {:?}, durable write {:?}, index store {:?}, previous segment {:?}",
+            t_cpu,
+            t_write - t_cpu,
+            t_index - t_write,
+            t0.elapsed() - t_index
+        );
     }
     Ok(outcome)
 }
