@@ -60,9 +60,9 @@ pub fn compress_frame(data: &[u8], what: &str) -> Result<Vec<u8>> {
     let info = lz4_flex::frame::FrameInfo::new()
         .content_size(Some(data.len() as u64))
         .content_checksum(true)
-        .block_size(lz4_flex::frame::BlockSize::Max4MB);
+        .block_size(lz4_flex::frame::BlockSize::Max64KB);
     let mut enc =
-        lz4_flex::frame::FrameEncoder::with_frame_info(info, Vec::with_capacity(data.len() / 4));
+        lz4_flex::frame::FrameEncoder::with_frame_info(info, Vec::with_capacity(data.len() / 6));
     enc.write_all(data)
         .map_err(|e| Error::invalid(format!("{what}: LZ4 compression failed: {e}")))?;
     enc.finish()

@@ -710,6 +710,30 @@ fn look_ahead_acknowledgements_and_prefetch_spool() {
         );
     }
 
+    // a lost index file is rebuilt by ensure_index (what backups call)
+    let seg0 = names[0]
+        .parse::<walnut::WalFileName>()
+        .unwrap()
+        .segno(1 << 20)
+        .unwrap();
+    std::fs::remove_file(
+        cat.join("instances/db/wal/00000001")
+            .join(format!("{}.idx", names[0])),
+    )
+    .unwrap();
+    assert!(matches!(
+        ar.index_state(1, seg0).unwrap(),
+        walnut::archive::IndexState::Missing(_)
+    ));
+    assert!(matches!(
+        ar.ensure_index(1, seg0).unwrap(),
+        walnut::archive::IndexState::Indexed(_)
+    ));
+    assert!(matches!(
+        ar.index_state(1, seg0 + 100).unwrap(),
+        walnut::archive::IndexState::NotArchived
+    ));
+
     // prefetch: asking for segment 0 fills the spool with 1..=3 in the background
     let rec = pg_mkdir(&dir.path().join("rec/pg_wal"));
     let dest = rec.join("RECOVERYXLOG");
