@@ -124,7 +124,8 @@ enum Src {
 enum Step {
     NeedMore,
     Ended,
-    Record(RecordMeta, Src),
+    /// A record is complete; its description is in `meta`.
+    Record(Src),
 }
 
 /// A sans-IO streaming decoder for PostgreSQL 13–18 WAL.
@@ -152,6 +153,7 @@ pub struct WalStreamDecoder {
     rec_tot: u32,
     rec_hdr_checked: bool,
     blocks: Vec<BlockRef>,
+    meta: RecordMeta,
     end: Option<EndOfWal>,
     records: u64,
 }
@@ -180,6 +182,7 @@ impl WalStreamDecoder {
             rec_tot: 0,
             rec_hdr_checked: false,
             blocks: Vec::with_capacity(33),
+            meta: RecordMeta::default(),
             end: None,
             records: 0,
         }
@@ -271,15 +274,19 @@ impl WalStreamDecoder {
         self.inpos = pos;
         match r? {
             Step::NeedMore | Step::Ended => Ok(None),
-            Step::Record(meta, Src::Input(at)) => {
+            Step::Record(Src::Input(at)) => {
                 let bytes = self
                     .inbuf
-                    .get(at..at + meta.tot_len as usize)
+                    .get(at..at + self.meta.tot_len as usize)
                     .unwrap_or(&[]);
-                Ok(Some(DecodedRecord::from_meta(meta, bytes, &self.blocks)))
+                Ok(Some(DecodedRecord::from_meta(
+                    &self.meta,
+                    bytes,
+                    &self.blocks,
+                )))
             }
-            Step::Record(meta, Src::Rec) => Ok(Some(DecodedRecord::from_meta(
-                meta,
+            Step::Record(Src::Rec) => Ok(Some(DecodedRecord::from_meta(
+                &self.meta,
                 &self.rec,
                 &self.blocks,
             ))),
@@ -322,15 +329,15 @@ impl WalStreamDecoder {
                     return Ok(());
                 }
                 Step::Ended => return Ok(()),
-                Step::Record(meta, src) => {
-                    let tot = meta.tot_len as usize;
+                Step::Record(src) => {
+                    let tot = self.meta.tot_len as usize;
                     let rec = match src {
                         Src::Input(at) => DecodedRecord::from_meta(
-                            meta,
+                            &self.meta,
                             data.get(at..at + tot).unwrap_or(&[]),
                             &self.blocks,
                         ),
-                        Src::Rec => DecodedRecord::from_meta(meta, &self.rec, &self.blocks),
+                        Src::Rec => DecodedRecord::from_meta(&self.meta, &self.rec, &self.blocks),
                     };
                     if !f(&rec)? {
                         let lsn = rec.end_lsn;
@@ -550,14 +557,22 @@ impl WalStreamDecoder {
             None => return Err(self.corrupt(lsn, "record before any page header")),
         };
         let end_lsn = self.lsn;
-        let meta = decode_record(bytes, lsn, end_lsn, vt, self.blcksz, &mut self.blocks)?;
+        decode_record(
+            bytes,
+            lsn,
+            end_lsn,
+            vt,
+            self.blcksz,
+            &mut self.blocks,
+            &mut self.meta,
+        )?;
         self.prev_lsn = Some(lsn);
         self.records += 1;
-        if meta.rmid == rmgr::XLOG && meta.info & 0xF0 == xlog_info::SWITCH {
+        if self.meta.rmid == rmgr::XLOG && self.meta.info & 0xF0 == xlog_info::SWITCH {
             self.state = State::SkipToSegmentEnd;
             self.pad = 0;
         }
-        Ok(Step::Record(meta, src))
+        Ok(Step::Record(src))
     }
 
     /// Reads and checks the page header at `self.lsn` (a page boundary). `Some(step)` to

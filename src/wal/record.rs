@@ -164,8 +164,9 @@ pub enum RelEvent {
     Switch,
 }
 
-/// Everything about a record except where its bytes live.
-#[derive(Debug)]
+/// Everything about a record except where its bytes live (kept in the decoder and
+/// overwritten per record, so that nothing large moves per record).
+#[derive(Debug, Default)]
 pub(crate) struct RecordMeta {
     pub lsn: Lsn,
     pub end_lsn: Lsn,
@@ -197,12 +198,12 @@ pub struct DecodedRecord<'a> {
     pub main_data: &'a [u8],
     pub toplevel_xid: Option<u32>,
     pub origin: Option<u16>,
-    pub event: Option<RelEvent>,
+    pub event: Option<&'a RelEvent>,
 }
 
 impl<'a> DecodedRecord<'a> {
     pub(crate) fn from_meta(
-        meta: RecordMeta,
+        meta: &'a RecordMeta,
         record: &'a [u8],
         blocks: &'a [BlockRef],
     ) -> DecodedRecord<'a> {
@@ -222,7 +223,7 @@ impl<'a> DecodedRecord<'a> {
             main_data,
             toplevel_xid: meta.toplevel_xid,
             origin: meta.origin,
-            event: meta.event,
+            event: meta.event.as_ref(),
         }
     }
 
@@ -281,7 +282,8 @@ pub(crate) fn decode_record(
     vt: &VersionTable,
     blcksz: u32,
     blocks: &mut Vec<BlockRef>,
-) -> Result<RecordMeta> {
+    out: &mut RecordMeta,
+) -> Result<()> {
     blocks.clear();
     let short = || bad(lsn, "record is too short for its block headers");
     let tot_len = le_u32(record, 0).ok_or_else(short)?;
@@ -423,19 +425,18 @@ pub(crate) fn decode_record(
         .get(total - main_data_len as usize..)
         .ok_or_else(short)?;
     let event = parse_event(lsn, rmid, info, xid, main, vt)?;
-    Ok(RecordMeta {
-        lsn,
-        end_lsn,
-        tot_len,
-        xid,
-        prev,
-        info,
-        rmid,
-        main_data_len,
-        toplevel_xid,
-        origin,
-        event,
-    })
+    out.lsn = lsn;
+    out.end_lsn = end_lsn;
+    out.tot_len = tot_len;
+    out.xid = xid;
+    out.prev = prev;
+    out.info = info;
+    out.rmid = rmid;
+    out.main_data_len = main_data_len;
+    out.toplevel_xid = toplevel_xid;
+    out.origin = origin;
+    out.event = event;
+    Ok(())
 }
 
 fn short_main(lsn: Lsn, what: &str) -> Error {
