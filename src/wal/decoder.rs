@@ -132,6 +132,9 @@ enum Step {
 pub struct WalStreamDecoder {
     params: Option<WalParams>,
     vt: Option<&'static VersionTable>,
+    /// Copies of the parameters' sizes (0 until known), read on every step.
+    page_size: u64,
+    seg_size: u64,
     blcksz: u32,
     /// Stream position of the next unconsumed byte.
     lsn: Lsn,
@@ -166,6 +169,8 @@ impl WalStreamDecoder {
         WalStreamDecoder {
             params: None,
             vt: None,
+            page_size: 0,
+            seg_size: 0,
             blcksz: 8192,
             lsn: start_lsn,
             start_lsn,
@@ -204,6 +209,8 @@ impl WalStreamDecoder {
         let mut d = WalStreamDecoder::new(start_lsn);
         d.params = Some(params);
         d.vt = Some(table(params.version));
+        d.page_size = params.page_size as u64;
+        d.seg_size = params.seg_size as u64;
         let off = start_lsn.0 % params.page_size as u64;
         if off != 0 {
             if off < SIZE_OF_SHORT_PHD as u64 || !start_lsn.0.is_multiple_of(8) {
@@ -388,7 +395,7 @@ impl WalStreamDecoder {
                 continue;
             }
             if self.state == State::SkipToSegmentEnd {
-                let seg = self.params.map_or(1 << 24, |p| p.seg_size) as u64;
+                let seg = self.seg_size.max(1);
                 let left = (seg - self.lsn.0 % seg) % seg;
                 if left == 0 {
                     self.state = State::RecordStart;
@@ -403,7 +410,7 @@ impl WalStreamDecoder {
                 self.state = State::RecordStart;
                 continue;
             }
-            let page_size = self.params.map_or(0, |p| p.page_size) as u64;
+            let page_size = self.page_size;
             let at_page_start = page_size == 0 || self.lsn.0.is_multiple_of(page_size);
             if at_page_start && self.header_done != Some(self.lsn) {
                 match self.page_header(input, pos)? {
@@ -411,7 +418,10 @@ impl WalStreamDecoder {
                     None => continue,
                 }
             }
-            let page_size = self.params.map_or(0, |p| p.page_size) as u64;
+            let page_size = self.page_size;
+            if page_size == 0 {
+                return Err(self.corrupt(self.lsn, "no page header read yet"));
+            }
             let page_left = (page_size - self.lsn.0 % page_size) as usize;
             let input_here = input.get(*pos..).unwrap_or(&[]);
             match self.state {
@@ -461,11 +471,16 @@ impl WalStreamDecoder {
                         }
                         let start = *pos;
                         let lsn = self.lsn;
-                        *pos += t;
-                        self.lsn.0 += t as u64;
-                        self.pad = (self.lsn.align8().0 - self.lsn.0) as usize;
+                        let end = Lsn(lsn.0 + t as u64);
+                        // Skip the alignment padding now when it is there (it never
+                        // crosses a page).
+                        let pad = (end.align8().0 - end.0) as usize;
+                        let now = pad.min(avail - t);
+                        *pos += t + now;
+                        self.lsn.0 = end.0 + now as u64;
+                        self.pad = pad - now;
                         let bytes = input.get(start..start + t).unwrap_or(&[]);
-                        return self.complete(bytes, lsn, Src::Input(start));
+                        return self.complete(bytes, lsn, end, Src::Input(start));
                     }
                     if self.rec.capacity() > (64 << 20) {
                         self.rec = Vec::new();
@@ -499,7 +514,7 @@ impl WalStreamDecoder {
                         self.state = State::RecordStart;
                         self.pad = (self.lsn.align8().0 - self.lsn.0) as usize;
                         let rec = std::mem::take(&mut self.rec);
-                        let r = self.complete(&rec, self.rec_lsn, Src::Rec);
+                        let r = self.complete(&rec, self.rec_lsn, self.lsn, Src::Rec);
                         self.rec = rec;
                         return r;
                     }
@@ -545,7 +560,7 @@ impl WalStreamDecoder {
     }
 
     /// A record's bytes are all there: check its CRC and decode it.
-    fn complete(&mut self, bytes: &[u8], lsn: Lsn, src: Src) -> Result<Step> {
+    fn complete(&mut self, bytes: &[u8], lsn: Lsn, end_lsn: Lsn, src: Src) -> Result<Step> {
         let expected = le_u32(bytes, 20).unwrap_or(0);
         let computed = record_crc(bytes).unwrap_or(!expected);
         if computed != expected {
@@ -556,7 +571,6 @@ impl WalStreamDecoder {
             Some(v) => v,
             None => return Err(self.corrupt(lsn, "record before any page header")),
         };
-        let end_lsn = self.lsn;
         decode_record(
             bytes,
             lsn,
@@ -623,6 +637,8 @@ impl WalStreamDecoder {
                 system_id: lh.system_id,
             });
             self.vt = Some(table(version));
+            self.page_size = lh.page_size as u64;
+            self.seg_size = lh.seg_size as u64;
         }
         let p = match self.params {
             Some(p) => p,

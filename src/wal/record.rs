@@ -275,6 +275,42 @@ fn bad(lsn: Lsn, what: impl std::fmt::Display) -> Error {
 }
 
 /// Decodes the block headers of a CRC-checked record (`DecodeXLogRecord`), filling `blocks`.
+/// A forward reader over record bytes; every read is checked.
+struct Cur<'a>(&'a [u8]);
+
+impl<'a> Cur<'a> {
+    #[inline]
+    fn u8(&mut self) -> Option<u8> {
+        let (&x, rest) = self.0.split_first()?;
+        self.0 = rest;
+        Some(x)
+    }
+    #[inline]
+    fn u16(&mut self) -> Option<u16> {
+        let (h, rest) = self.0.split_first_chunk::<2>()?;
+        self.0 = rest;
+        Some(u16::from_le_bytes(*h))
+    }
+    #[inline]
+    fn u32(&mut self) -> Option<u32> {
+        let (h, rest) = self.0.split_first_chunk::<4>()?;
+        self.0 = rest;
+        Some(u32::from_le_bytes(*h))
+    }
+    #[inline]
+    fn rel(&mut self) -> Option<RelFileLocator> {
+        let (h, rest) = self.0.split_first_chunk::<12>()?;
+        self.0 = rest;
+        Some(RelFileLocator {
+            spc: u32::from_le_bytes([h[0], h[1], h[2], h[3]]),
+            db: u32::from_le_bytes([h[4], h[5], h[6], h[7]]),
+            rel: u32::from_le_bytes([h[8], h[9], h[10], h[11]]),
+        })
+    }
+}
+
+/// Decodes the block headers of a CRC-checked record (`DecodeXLogRecord`), filling `blocks`
+/// and `out`.
 pub(crate) fn decode_record(
     record: &[u8],
     lsn: Lsn,
@@ -286,51 +322,47 @@ pub(crate) fn decode_record(
 ) -> Result<()> {
     blocks.clear();
     let short = || bad(lsn, "record is too short for its block headers");
-    let tot_len = le_u32(record, 0).ok_or_else(short)?;
-    let xid = le_u32(record, 4).ok_or_else(short)?;
-    let prev = Lsn(le_u64(record, 8).ok_or_else(short)?);
-    let info = *record.get(16).ok_or_else(short)?;
-    let rmid = *record.get(17).ok_or_else(short)?;
-    let total = record.len();
-    let mut pos = SIZE_OF_XLOG_RECORD;
+    let (head, body) = record
+        .split_first_chunk::<SIZE_OF_XLOG_RECORD>()
+        .ok_or_else(short)?;
+    let tot_len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+    let xid = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    let prev = Lsn(le_u64(head, 8).ok_or_else(short)?);
+    let info = head[16];
+    let rmid = head[17];
+    let mut c = Cur(body);
     let mut datatotal: u64 = 0;
     let mut main_data_len: u32 = 0;
     let mut max_block_id: i32 = -1;
     let mut last_rel: Option<RelFileLocator> = None;
     let mut toplevel_xid = None;
     let mut origin = None;
-    while ((total - pos) as u64) > datatotal {
-        let block_id = *record.get(pos).ok_or_else(short)?;
-        pos += 1;
+    while (c.0.len() as u64) > datatotal {
+        let block_id = c.u8().ok_or_else(short)?;
         match block_id {
             XLR_BLOCK_ID_DATA_SHORT => {
-                main_data_len = *record.get(pos).ok_or_else(short)? as u32;
-                pos += 1;
+                main_data_len = c.u8().ok_or_else(short)? as u32;
                 datatotal += main_data_len as u64;
                 break;
             }
             XLR_BLOCK_ID_DATA_LONG => {
-                main_data_len = le_u32(record, pos).ok_or_else(short)?;
-                pos += 4;
+                main_data_len = c.u32().ok_or_else(short)?;
                 datatotal += main_data_len as u64;
                 break;
             }
             XLR_BLOCK_ID_ORIGIN => {
-                origin = Some(le_u16(record, pos).ok_or_else(short)?);
-                pos += 2;
+                origin = Some(c.u16().ok_or_else(short)?);
             }
             XLR_BLOCK_ID_TOPLEVEL_XID if vt.has_toplevel_xid => {
-                toplevel_xid = Some(le_u32(record, pos).ok_or_else(short)?);
-                pos += 4;
+                toplevel_xid = Some(c.u32().ok_or_else(short)?);
             }
             id if id <= XLR_MAX_BLOCK_ID => {
                 if (id as i32) <= max_block_id {
                     return Err(bad(lsn, format!("out-of-order block_id {id}")));
                 }
                 max_block_id = id as i32;
-                let fork_flags = *record.get(pos).ok_or_else(short)?;
-                let data_len = le_u16(record, pos + 1).ok_or_else(short)?;
-                pos += 3;
+                let fork_flags = c.u8().ok_or_else(short)?;
+                let data_len = c.u16().ok_or_else(short)?;
                 let has_image = fork_flags & BKPBLOCK_HAS_IMAGE != 0;
                 let has_data = fork_flags & BKPBLOCK_HAS_DATA != 0;
                 if has_data != (data_len > 0) {
@@ -356,17 +388,15 @@ pub(crate) fn decode_record(
                     data_len,
                 };
                 if has_image {
-                    b.image_len = le_u16(record, pos).ok_or_else(short)?;
-                    b.hole_offset = le_u16(record, pos + 2).ok_or_else(short)?;
-                    let bimg_info = *record.get(pos + 4).ok_or_else(short)?;
-                    pos += 5;
+                    b.image_len = c.u16().ok_or_else(short)?;
+                    b.hole_offset = c.u16().ok_or_else(short)?;
+                    let bimg_info = c.u8().ok_or_else(short)?;
                     b.apply_image = bimg_info & vt.bimg_apply != 0;
                     b.image_compressed = bimg_info & vt.bimg_compressed_mask != 0;
                     let has_hole = bimg_info & BKPIMAGE_HAS_HOLE != 0;
                     if b.image_compressed {
                         if has_hole {
-                            b.hole_length = le_u16(record, pos).ok_or_else(short)?;
-                            pos += 2;
+                            b.hole_length = c.u16().ok_or_else(short)?;
                         }
                     } else {
                         b.hole_length = blcksz.saturating_sub(b.image_len as u32) as u16;
@@ -400,31 +430,33 @@ pub(crate) fn decode_record(
                         )
                     })?;
                 } else {
-                    let r = rel_at(record, pos).ok_or_else(short)?;
-                    pos += 12;
+                    let r = c.rel().ok_or_else(short)?;
                     last_rel = Some(r);
                     b.rel = r;
                 }
-                b.blkno = le_u32(record, pos).ok_or_else(short)?;
-                pos += 4;
+                b.blkno = c.u32().ok_or_else(short)?;
                 blocks.push(b);
             }
             other => return Err(bad(lsn, format!("invalid block_id {other}"))),
         }
     }
-    if (total - pos) as u64 != datatotal {
+    if c.0.len() as u64 != datatotal {
         return Err(bad(
             lsn,
             format!(
                 "block headers announce {datatotal} payload bytes, {} remain",
-                total - pos
+                c.0.len()
             ),
         ));
     }
     let main = record
-        .get(total - main_data_len as usize..)
+        .get(record.len() - main_data_len as usize..)
         .ok_or_else(short)?;
-    let event = parse_event(lsn, rmid, info, xid, main, vt)?;
+    out.event = if rmid <= rmgr::RELMAP || info & XLR_SPECIAL_REL_UPDATE != 0 {
+        parse_event(lsn, rmid, info, xid, main, vt)?
+    } else {
+        None
+    };
     out.lsn = lsn;
     out.end_lsn = end_lsn;
     out.tot_len = tot_len;
@@ -435,7 +467,6 @@ pub(crate) fn decode_record(
     out.main_data_len = main_data_len;
     out.toplevel_xid = toplevel_xid;
     out.origin = origin;
-    out.event = event;
     Ok(())
 }
 
