@@ -52,8 +52,8 @@ fn main() {
         dir.display()
     );
     println!(
-        "{:<26} {:>8} {:>10} {:>8} {:>14} {:>7}",
-        "segment", "records", "walnut ms", "GB/s", "pg_waldump ms", "ratio"
+        "{:<26} {:>8} {:>10} {:>11} {:>8} {:>14} {:>7}",
+        "segment", "records", "walnut ms", "(decode ms)", "GB/s", "pg_waldump ms", "ratio"
     );
     let (mut ours_all, mut theirs_all) = (Vec::new(), Vec::new());
     let mut faster = 0;
@@ -77,6 +77,19 @@ fn main() {
             times.push(t.elapsed().as_secs_f64() * 1e3);
             records = idx[0].records;
         }
+        let mut dec_only = Vec::new();
+        for _ in 0..repeat {
+            let t = Instant::now();
+            let mut d = walnut::wal::WalStreamDecoder::new(walnut::Lsn(segno * seg_size as u64));
+            let mut n = 0u64;
+            d.decode_all(&files[i], |r| {
+                n += r.blocks.len() as u64;
+                Ok(true)
+            })
+            .unwrap();
+            std::hint::black_box(n);
+            dec_only.push(t.elapsed().as_secs_f64() * 1e3);
+        }
         let mut dump = Vec::new();
         for _ in 0..repeat {
             let t = Instant::now();
@@ -94,10 +107,11 @@ fn main() {
             faster += 1;
         }
         println!(
-            "{:<26} {:>8} {:>10.2} {:>8.2} {:>14.2} {:>6.1}x",
+            "{:<26} {:>8} {:>10.2} {:>11.2} {:>8.2} {:>14.2} {:>6.1}x",
             p.file_name().unwrap().to_string_lossy(),
             records,
             ours,
+            median(&mut dec_only),
             seg_size as f64 / ours / 1e6,
             theirs,
             theirs / ours

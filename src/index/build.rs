@@ -91,13 +91,15 @@ impl std::hash::Hasher for ForkHasher {
 
 type ForkMap = HashMap<RelFork, usize, std::hash::BuildHasherDefault<ForkHasher>>;
 
+const CACHE: usize = 64;
+
 /// A segment's index under construction: forks are kept in a vector with a hash map and a
 /// one-entry cache in front, since consecutive block references mostly hit the same fork.
 struct SegmentBuilder {
     idx: SegmentIndex,
     forks: Vec<(RelFork, ForkChange)>,
     map: ForkMap,
-    last: Option<(RelFork, usize)>,
+    cache: [Option<(RelFork, usize)>; CACHE],
     saw_record: bool,
 }
 
@@ -108,14 +110,17 @@ impl SegmentBuilder {
             idx: SegmentIndex::empty(pg_major, h.seg_size, h.page_size, h.system_id, tli, segno),
             forks: Vec::new(),
             map: ForkMap::default(),
-            last: None,
+            cache: [None; CACHE],
             saw_record: false,
         }
     }
 
     #[inline]
     fn fork(&mut self, key: RelFork) -> &mut ForkChange {
-        let i = match self.last {
+        // A small direct-mapped cache in front of the hash map: a segment touches few
+        // relation forks, and they alternate record by record.
+        let slot = (key.rel ^ (key.rel >> 7) ^ ((key.fork as u32) << 3)) as usize & (CACHE - 1);
+        let i = match self.cache[slot] {
             Some((k, i)) if k == key => i,
             _ => {
                 let i = match self.map.get(&key) {
@@ -127,7 +132,7 @@ impl SegmentBuilder {
                         i
                     }
                 };
-                self.last = Some((key, i));
+                self.cache[slot] = Some((key, i));
                 i
             }
         };
@@ -377,15 +382,21 @@ impl StreamIndexer {
             .push_back(SegmentBuilder::new(&h, self.tli, segno));
         self.next_segno = Some(segno + 1);
         let seg_size = h.seg_size;
+        let seg_shift = seg_size.trailing_zeros();
         let open = &mut self.open;
         let stop = self.stop_after_segno;
         dec.decode_all(data, |r| {
-            let s = r.lsn.segno(seg_size);
+            let s = r.lsn.0 >> seg_shift;
             if stop.is_some_and(|x| s > x) {
                 return Ok(false);
             }
             // Records begin in the newest segments; search from the back.
-            match open.iter_mut().rev().find(|b| b.idx.segno == s) {
+            let newest = open.back_mut().filter(|b| b.idx.segno == s);
+            let found = match newest {
+                Some(b) => Some(b),
+                None => open.iter_mut().rev().find(|b| b.idx.segno == s),
+            };
+            match found {
                 Some(b) => b.add(r),
                 None => {
                     return Err(Error::corruption(format!(

@@ -411,7 +411,8 @@ impl WalStreamDecoder {
                 continue;
             }
             let page_size = self.page_size;
-            let at_page_start = page_size == 0 || self.lsn.0.is_multiple_of(page_size);
+            // Sizes are powers of two: masks, not divisions, on this hot path.
+            let at_page_start = page_size == 0 || self.lsn.0 & (page_size - 1) == 0;
             if at_page_start && self.header_done != Some(self.lsn) {
                 match self.page_header(input, pos)? {
                     Some(s) => return Ok(s),
@@ -422,7 +423,7 @@ impl WalStreamDecoder {
             if page_size == 0 {
                 return Err(self.corrupt(self.lsn, "no page header read yet"));
             }
-            let page_left = (page_size - self.lsn.0 % page_size) as usize;
+            let page_left = (page_size - (self.lsn.0 & (page_size - 1))) as usize;
             let input_here = input.get(*pos..).unwrap_or(&[]);
             match self.state {
                 State::SkipContinuation { remaining } => {

@@ -288,7 +288,7 @@ pub fn crc_append(crc: u32, data: &[u8]) -> u32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "sse4.2")]
 fn crc_short_sse42(crc: u32, data: &[u8]) -> u32 {
-    use std::arch::x86_64::{_mm_crc32_u64, _mm_crc32_u8};
+    use std::arch::x86_64::{_mm_crc32_u16, _mm_crc32_u32, _mm_crc32_u64, _mm_crc32_u8};
     let mut c = (!crc) as u64;
     let mut words = data.chunks_exact(8);
     for w in &mut words {
@@ -297,7 +297,16 @@ fn crc_short_sse42(crc: u32, data: &[u8]) -> u32 {
         c = _mm_crc32_u64(c, u64::from_le_bytes(a));
     }
     let mut c = c as u32;
-    for &b in words.remainder() {
+    let mut rest = words.remainder();
+    if let Some((w, r)) = rest.split_first_chunk::<4>() {
+        c = _mm_crc32_u32(c, u32::from_le_bytes(*w));
+        rest = r;
+    }
+    if let Some((w, r)) = rest.split_first_chunk::<2>() {
+        c = _mm_crc32_u16(c, u16::from_le_bytes(*w));
+        rest = r;
+    }
+    if let Some(&b) = rest.first() {
         c = _mm_crc32_u8(c, b);
     }
     !c
@@ -405,70 +414,70 @@ pub(crate) fn decode_record(
                     ));
                 }
                 datatotal += data_len as u64;
-                let mut b = BlockRef {
-                    block_id: id,
-                    rel: RelFileLocator::default(),
-                    fork: fork_flags & BKPBLOCK_FORK_MASK,
-                    blkno: 0,
-                    has_image,
-                    has_data,
-                    will_init: fork_flags & BKPBLOCK_WILL_INIT != 0,
-                    apply_image: false,
-                    image_compressed: false,
-                    image_len: 0,
-                    hole_offset: 0,
-                    hole_length: 0,
-                    data_len,
-                };
+                let (mut image_len, mut hole_offset, mut hole_length) = (0u16, 0u16, 0u16);
+                let (mut apply_image, mut image_compressed) = (false, false);
                 if has_image {
-                    b.image_len = c.u16().ok_or_else(short)?;
-                    b.hole_offset = c.u16().ok_or_else(short)?;
+                    image_len = c.u16().ok_or_else(short)?;
+                    hole_offset = c.u16().ok_or_else(short)?;
                     let bimg_info = c.u8().ok_or_else(short)?;
-                    b.apply_image = bimg_info & vt.bimg_apply != 0;
-                    b.image_compressed = bimg_info & vt.bimg_compressed_mask != 0;
+                    apply_image = bimg_info & vt.bimg_apply != 0;
+                    image_compressed = bimg_info & vt.bimg_compressed_mask != 0;
                     let has_hole = bimg_info & BKPIMAGE_HAS_HOLE != 0;
-                    if b.image_compressed {
+                    if image_compressed {
                         if has_hole {
-                            b.hole_length = c.u16().ok_or_else(short)?;
+                            hole_length = c.u16().ok_or_else(short)?;
                         }
                     } else {
-                        b.hole_length = blcksz.saturating_sub(b.image_len as u32) as u16;
+                        hole_length = blcksz.saturating_sub(image_len as u32) as u16;
                     }
-                    datatotal += b.image_len as u64;
-                    let len = b.image_len as u32;
+                    datatotal += image_len as u64;
+                    let len = image_len as u32;
                     let ok = if has_hole {
-                        b.hole_offset != 0 && b.hole_length != 0 && len != blcksz
+                        hole_offset != 0 && hole_length != 0 && len != blcksz
                     } else {
-                        b.hole_offset == 0
-                            && b.hole_length == 0
-                            && (b.image_compressed || len == blcksz)
-                    } && !(b.image_compressed && len == blcksz);
+                        hole_offset == 0 && hole_length == 0 && (image_compressed || len == blcksz)
+                    } && !(image_compressed && len == blcksz);
                     if !ok {
                         return Err(bad(
                             lsn,
                             format!(
-                                "inconsistent image of block_id {id}: length {len}, hole offset {}, hole length {}, bimg_info {bimg_info:#x}",
-                                b.hole_offset, b.hole_length
+                                "inconsistent image of block_id {id}: length {len}, hole offset {hole_offset}, hole length {hole_length}, bimg_info {bimg_info:#x}"
                             ),
                         ));
                     }
                 }
-                if fork_flags & BKPBLOCK_SAME_REL != 0 {
-                    b.rel = last_rel.ok_or_else(|| {
+                let rel = if fork_flags & BKPBLOCK_SAME_REL != 0 {
+                    last_rel.ok_or_else(|| {
                         bad(
                             lsn,
                             format!(
                                 "BKPBLOCK_SAME_REL on block_id {id} without a previous relation"
                             ),
                         )
-                    })?;
+                    })?
                 } else {
                     let r = c.rel().ok_or_else(short)?;
                     last_rel = Some(r);
-                    b.rel = r;
-                }
-                b.blkno = c.u32().ok_or_else(short)?;
-                blocks.push(b);
+                    r
+                };
+                let blkno = c.u32().ok_or_else(short)?;
+                // Built in one go: filling a stack copy field by field and then moving it
+                // into the vector stalled on store forwarding.
+                blocks.push(BlockRef {
+                    block_id: id,
+                    rel,
+                    fork: fork_flags & BKPBLOCK_FORK_MASK,
+                    blkno,
+                    has_image,
+                    has_data,
+                    will_init: fork_flags & BKPBLOCK_WILL_INIT != 0,
+                    apply_image,
+                    image_compressed,
+                    image_len,
+                    hole_offset,
+                    hole_length,
+                    data_len,
+                });
             }
             other => return Err(bad(lsn, format!("invalid block_id {other}"))),
         }
