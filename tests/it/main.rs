@@ -1,5 +1,7 @@
 //! Integration tests: real PostgreSQL servers, real archive_command / restore_command.
 mod harness;
+
+mod archive;
 mod pgcontrol;
 mod wal_decoder;
 
