@@ -45,6 +45,7 @@
 //!   to recovery, never "not found".
 
 pub mod fetch;
+pub mod mapped;
 pub mod push;
 pub mod show;
 pub mod store;
