@@ -385,6 +385,18 @@ fn pg15_block_index_matches_pg_waldump() {
     let ours = wal_index_json(&segs);
     let total = assert_blocks_match(&segs, &ours, &theirs);
     assert!(total > 50_000, "only {total} records");
+    // Text form: a summary line per segment and the events in words.
+    let text = run_ok(
+        Command::new(walnut_bin("walnut"))
+            .arg("wal-index")
+            .args(&segs),
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("segment ")).count(),
+        segs.len()
+    );
+    assert!(text.contains("created (wal_log)") && text.contains("created (file copy of"));
+    assert!(text.contains("restore point 'walnut_rp'"));
 
     // Special events.
     let spc = 1663u64;
