@@ -527,6 +527,7 @@ impl WalStreamDecoder {
 
     /// Validates the fixed header of the record at `lsn` (`ValidXLogRecordHeader`).
     /// `None` if it is valid, else why reading stops there.
+    #[inline]
     fn check_header(&self, h: &[u8], lsn: Lsn) -> Option<EndReason> {
         let tot = le_u32(h, 0)?;
         let prev = Lsn(le_u64(h, 8)?);
@@ -561,6 +562,7 @@ impl WalStreamDecoder {
     }
 
     /// A record's bytes are all there: check its CRC and decode it.
+    #[inline]
     fn complete(&mut self, bytes: &[u8], lsn: Lsn, end_lsn: Lsn, src: Src) -> Result<Step> {
         let expected = le_u32(bytes, 20).unwrap_or(0);
         let computed = record_crc(bytes).unwrap_or(!expected);
