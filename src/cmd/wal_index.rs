@@ -277,13 +277,41 @@ pub fn segment_text(idx: &SegmentIndex) -> String {
         s.push('\n');
     }
     for e in &idx.db_events {
+        let what = match e.kind {
+            DbEventKind::CreatedFileCopy { src_spc, src_db } => {
+                format!("created (file copy of {src_spc}/{src_db})")
+            }
+            DbEventKind::CreatedWalLog => "created (wal_log)".to_string(),
+            DbEventKind::Dropped => "dropped".to_string(),
+        };
         s.push_str(&format!(
-            "  database {}/{} {:?} at {}\n",
-            e.spc, e.db, e.kind, e.lsn
+            "  database {}/{} {what} at {}\n",
+            e.spc, e.db, e.lsn
         ));
     }
     for e in &idx.other_events {
-        s.push_str(&format!("  {e:?}\n"));
+        let line = match e {
+            OtherEvent::RelmapUpdate { lsn, spc, db } => {
+                format!("relmap {spc}/{db} updated at {lsn}")
+            }
+            OtherEvent::TablespaceCreate { lsn, spc } => {
+                format!("tablespace {spc} created at {lsn}")
+            }
+            OtherEvent::TablespaceDrop { lsn, spc } => format!("tablespace {spc} dropped at {lsn}"),
+            OtherEvent::WalLevel { lsn, wal_level } => {
+                let name = match wal_level {
+                    0 => "minimal",
+                    1 => "replica",
+                    2 => "logical",
+                    _ => "unknown",
+                };
+                format!("wal_level {wal_level} ({name}) at {lsn}")
+            }
+            OtherEvent::RestorePoint { lsn, name, time } => {
+                format!("restore point '{name}' at {lsn} (time {time})")
+            }
+        };
+        s.push_str(&format!("  {line}\n"));
     }
     if let Some(t) = idx.last_commit_time {
         s.push_str(&format!("  last commit/abort time {t}"));

@@ -6,6 +6,14 @@
 //! does the same over a borrowed buffer without copying it (the path used for whole
 //! segments).
 //!
+//! End of WAL is not an error: reading stops, like `pg_waldump`, at the first position that
+//! is not a valid record, and [`EndOfWal`] says why. [`EndReason::is_clean`] separates the
+//! normal ends (zeros, a recycled page, a stale record whose `xl_prev` does not chain) from
+//! the suspicious ones (a CRC mismatch or an invalid header on a record that chains
+//! correctly): callers that read complete archived segments treat the latter as corruption
+//! (the indexer does). Structural errors in a record whose CRC is valid, unknown page
+//! magic, a page of another system or timeline going backwards are `Err`s naming the LSN.
+//!
 //! Records that lie on one page are decoded in place; only records that cross a page
 //! boundary are copied, once, into a reassembly buffer that grows geometrically (a 60 MB
 //! record costs one copy plus amortised growth).
@@ -527,6 +535,7 @@ impl WalStreamDecoder {
 
     /// Validates the fixed header of the record at `lsn` (`ValidXLogRecordHeader`).
     /// `None` if it is valid, else why reading stops there.
+    #[inline]
     fn check_header(&self, h: &[u8], lsn: Lsn) -> Option<EndReason> {
         let tot = le_u32(h, 0)?;
         let prev = Lsn(le_u64(h, 8)?);
@@ -561,6 +570,7 @@ impl WalStreamDecoder {
     }
 
     /// A record's bytes are all there: check its CRC and decode it.
+    #[inline]
     fn complete(&mut self, bytes: &[u8], lsn: Lsn, end_lsn: Lsn, src: Src) -> Result<Step> {
         let expected = le_u32(bytes, 20).unwrap_or(0);
         let computed = record_crc(bytes).unwrap_or(!expected);

@@ -264,6 +264,7 @@ fn rel_at(b: &[u8], at: usize) -> Option<RelFileLocator> {
 
 /// CRC-32C of a whole record, in PostgreSQL's order: the bytes after the header first,
 /// then header bytes 0..20 (everything before `xl_crc`).
+#[inline]
 pub fn record_crc(record: &[u8]) -> Option<u32> {
     let body = record.get(SIZE_OF_XLOG_RECORD..)?;
     let head = record.get(..20)?;

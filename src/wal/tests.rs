@@ -535,3 +535,63 @@ fn mutated_wal_never_panics() {
         let _ = index_segment(1, 3, &b, &mut none);
     }
 }
+
+/// Index rules on special records: truncation limits per fork, creates, drops of all
+/// forks, database events, wal_level=minimal, commit time and xid.
+#[test]
+fn index_rules_for_special_records() {
+    let mut w = SynthWal::new(PgVersion::V16, SEG, PAGE, 1);
+    let ev = |rmid: u8, info: u8, xid: u32, main: Vec<u8>| SynthRecord {
+        rmid,
+        info,
+        xid,
+        main_data: main,
+        ..Default::default()
+    };
+    // Truncate 1663/5/16414 to 70000 blocks, all forks.
+    w.push(&ev(2, 0x21, 0, le(&[70000, 1663, 5, 16414, 7])));
+    // Create the init fork of 1663/5/16500.
+    w.push(&ev(2, 0x11, 0, le(&[1663, 5, 16500, 3])));
+    w.push(&heap_rec(3, 10));
+    // Commit dropping 1663/5/16384 at time 42.
+    let mut commit = 42i64.to_le_bytes().to_vec();
+    commit.extend(le(&[1 << 2, 1, 1663, 5, 16384]));
+    w.push(&ev(1, 0x80 | 0x01, 901, commit));
+    // CREATE DATABASE (file copy) then DROP DATABASE in two tablespaces.
+    w.push(&ev(4, 0x01, 0, le(&[16600, 1663, 1, 1663])));
+    w.push(&ev(4, 0x21, 0, le(&[16600, 2, 1663, 16700])));
+    // wal_level=minimal announced by a parameter change.
+    w.push(&ev(0, 0x60, 0, vec![0u8; 28]));
+    w.zero_to_segment_end();
+    let mut none = |_: u64| Ok(None);
+    let ix = index_segment(1, 1, w.bytes(), &mut none).unwrap();
+    let k = |r: u32, f: u8| crate::index::RelFork {
+        spc: 1663,
+        db: 5,
+        rel: r,
+        fork: f,
+    };
+    assert_eq!(ix.records, 7);
+    assert_eq!(ix.forks[&k(16414, 0)].limit_block, Some(70000));
+    assert_eq!(ix.forks[&k(16414, 2)].limit_block, Some(70000 / 32672));
+    assert_eq!(ix.forks[&k(16414, 1)].limit_block, Some(0));
+    let init = &ix.forks[&k(16500, 3)];
+    assert!(init.created && init.limit_block == Some(0));
+    for f in 0..4 {
+        let d = &ix.forks[&k(16384, f)];
+        assert!(d.dropped && d.limit_block == Some(0), "fork {f}");
+    }
+    assert_eq!(ix.forks[&k(16384, 0)].blocks.to_vec(), vec![3]);
+    assert_eq!(ix.last_commit_time, Some(42));
+    assert_eq!(ix.last_xid, Some(901));
+    assert_eq!(ix.db_events.len(), 3);
+    assert!(matches!(
+        ix.db_events[0].kind,
+        crate::index::DbEventKind::CreatedFileCopy { src_db: 1, .. }
+    ));
+    assert_eq!(
+        ix.db_events[1..].iter().map(|e| e.spc).collect::<Vec<_>>(),
+        vec![1663, 16700]
+    );
+    assert!(ix.wal_level_minimal);
+}
