@@ -46,6 +46,14 @@ pub fn index_segment(
     let mut ix = StreamIndexer::new(tli);
     ix.stop_after_segno = Some(segno);
     ix.feed_segment(segno, data)?;
+    // PostgreSQL archives only complete segments: WAL runs to the segment's end or to an
+    // XLOG_SWITCH. A "clean" end of WAL inside the segment (zeros, a stale page or record)
+    // therefore means a damaged or truncated file, and an index built from it would miss
+    // every change after that point: a subset, which is data loss. Refuse it.
+    let seg_size = read_long_header(data)?.seg_size;
+    let early_end = ix
+        .end_of_wal()
+        .filter(|e| e.reason != crate::wal::EndReason::Stopped && e.lsn.segno(seg_size) == segno);
     let mut k = segno;
     while ix.partial_record_segno() == Some(segno) {
         k += 1;
@@ -55,9 +63,18 @@ pub fn index_segment(
         }
     }
     let all = ix.finish()?;
-    all.into_iter()
+    let idx = all
+        .into_iter()
         .find(|s| s.segno == segno)
-        .ok_or_else(|| Error::corruption(format!("segment {segno} produced no index")))
+        .ok_or_else(|| Error::corruption(format!("segment {segno} produced no index")))?;
+    match early_end {
+        Some(end) if !idx.switched => Err(Error::corruption(format!(
+            "WAL segment {}: {end}, before the end of the segment and with no WAL switch: \
+             the file is damaged or incomplete, so its block index would miss changes",
+            WalFileName::segment(tli, segno, seg_size)
+        ))),
+        _ => Ok(idx),
+    }
 }
 
 /// A multiply-rotate hasher for [`RelFork`] keys (a few u32 writes): SipHash showed up in
@@ -370,6 +387,11 @@ impl StreamIndexer {
     /// The segment after the last one fed.
     pub fn next_segno(&self) -> Option<u64> {
         self.next_segno
+    }
+
+    /// Where and why decoding stopped, if the WAL ended in what was fed.
+    pub fn end_of_wal(&self) -> Option<crate::wal::EndOfWal> {
+        self.dec.as_ref().and_then(|d| d.end_of_wal()).cloned()
     }
 
     /// Segment in which the incomplete last record began, if any.

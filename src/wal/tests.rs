@@ -113,6 +113,14 @@ fn sample_stream(v: PgVersion) -> (SynthWal, Vec<Lsn>) {
     (w, lsns)
 }
 
+/// Indexes one segment with the streaming indexer, which (unlike `index_segment`, the
+/// archive path) accepts a segment still being written: WAL ending in zeros mid-segment.
+fn stream_index(segno: u64, data: &[u8]) -> crate::index::SegmentIndex {
+    let mut ix = StreamIndexer::new(1);
+    ix.feed_segment(segno, data).unwrap();
+    ix.finish().unwrap().remove(0)
+}
+
 #[test]
 fn every_chunking_gives_the_same_records() {
     for v in [PgVersion::V13, PgVersion::V15, PgVersion::V18] {
@@ -183,7 +191,15 @@ fn index_segment_pending_and_complete() {
     // Segment 4 lies wholly inside the big record; segment 5 holds its end and 20 more.
     let s4 = index_segment(1, 4, &seg(4), &mut next).unwrap();
     assert_eq!((s4.records, s4.pending), (0, false));
-    let s5 = index_segment(1, 5, &seg(5), &mut none).unwrap();
+    // Segment 5 is still being written (zeros after its last record, no switch): an
+    // archived segment never looks like that, so index_segment refuses it rather than
+    // returning an index that could miss changes. The streaming indexer reads it.
+    let e = index_segment(1, 5, &seg(5), &mut none).unwrap_err();
+    assert_eq!(e.kind(), crate::ErrorKind::Corruption);
+    assert!(e.to_string().contains("000000010000000000000005"), "{e}");
+    let mut ix5 = StreamIndexer::new(1);
+    ix5.feed_segment(5, &seg(5)).unwrap();
+    let s5 = ix5.finish().unwrap().remove(0);
     assert_eq!((s5.records, s5.pending), (20, false));
     // The streaming indexer agrees.
     let mut ix = StreamIndexer::new(1);
@@ -255,7 +271,8 @@ fn bad_crc_and_stale_tails() {
     assert!(matches!(end.reason, EndReason::StaleRecord { .. }));
     let mut seg = w2.bytes().to_vec();
     seg.resize(SEG as usize, 0);
-    let ix = index_segment(1, 1, &seg, &mut none).unwrap();
+    assert!(index_segment(1, 1, &seg, &mut none).is_err());
+    let ix = stream_index(1, &seg);
     assert_eq!(ix.records, 2);
 
     // A stale page (old pageaddr) where the next page should be: a clean end.
@@ -456,6 +473,27 @@ fn special_records_per_version() {
     );
 }
 
+/// A complete segment whose middle was zeroed (a damaged file) must not yield an index that
+/// silently stops there: that would be a subset of the changes.
+#[test]
+fn zeroed_middle_of_an_archived_segment_is_refused() {
+    let mut w = SynthWal::new(PgVersion::V15, SEG, PAGE, 1);
+    while w.pos().0 < 2 * SEG as u64 + 100 {
+        w.push(&heap_rec(1, 2000));
+    }
+    let mut seg1 = w.bytes()[..SEG as usize].to_vec();
+    let mut none = |_: u64| Ok(None);
+    assert!(index_segment(1, 1, &seg1, &mut none).is_ok());
+    let mid = (SEG / 2) as usize;
+    seg1[mid..mid + PAGE as usize].fill(0);
+    let e = index_segment(1, 1, &seg1, &mut none).unwrap_err();
+    assert_eq!(e.kind(), crate::ErrorKind::Corruption);
+    assert!(
+        e.to_string().contains("before the end of the segment"),
+        "{e}"
+    );
+}
+
 #[test]
 fn switch_skips_to_the_next_segment() {
     let mut w = SynthWal::new(PgVersion::V15, SEG, PAGE, 1);
@@ -563,8 +601,7 @@ fn index_rules_for_special_records() {
     // wal_level=minimal announced by a parameter change.
     w.push(&ev(0, 0x60, 0, vec![0u8; 28]));
     w.zero_to_segment_end();
-    let mut none = |_: u64| Ok(None);
-    let ix = index_segment(1, 1, w.bytes(), &mut none).unwrap();
+    let ix = stream_index(1, w.bytes());
     let k = |r: u32, f: u8| crate::index::RelFork {
         spc: 1663,
         db: 5,
