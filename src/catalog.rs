@@ -205,6 +205,71 @@ pub fn run_init(args: InitArgs) -> Result<i32> {
     Ok(0)
 }
 
-pub fn run_add_instance(_args: AddInstanceArgs) -> Result<i32> {
-    Err(Error::invalid("add-instance is not implemented yet"))
+/// Reads `PGDATA/global/pg_control` and records what the archive and backups need to know
+/// about the instance. Connection options not given fall back to PGHOST, PGPORT, PGUSER and
+/// PGDATABASE, as in libpq.
+pub fn run_add_instance(args: AddInstanceArgs) -> Result<i32> {
+    let catalog = Catalog::open(&args.catalog.catalog)?;
+    check_instance_name(&args.instance)?;
+    let cfg = instance_config_from_pgdata(&args.instance, &args.pgdata, &args.conn)?;
+    catalog.save_instance(&cfg, Replace::No)?;
+    log::info!(
+        "instance \"{}\" added: system id {}, PostgreSQL {}, {} MiB WAL segments, data checksums {}",
+        cfg.name,
+        cfg.system_id,
+        cfg.pg_major,
+        cfg.wal_segment_size >> 20,
+        if cfg.data_checksums { "on" } else { "off" }
+    );
+    Ok(0)
+}
+
+/// Builds an instance's configuration from its data directory and connection options.
+pub fn instance_config_from_pgdata(
+    name: &str,
+    pgdata: &Path,
+    conn: &ConnArgs,
+) -> Result<InstanceConfig> {
+    let control = crate::pgcontrol::ControlFile::read_from_pgdata(pgdata)?;
+    let pg_major = crate::pgcontrol::read_pg_version_file(pgdata)?;
+    if crate::types::PgVersion::from_major(pg_major).is_none() {
+        return Err(Error::invalid(format!(
+            "\"{}\": PostgreSQL {pg_major} is not supported (13 to 18 are)",
+            pgdata.display()
+        )));
+    }
+    if !crate::types::valid_segment_size(control.wal_segment_size) {
+        return Err(Error::corruption(format!(
+            "\"{}\": pg_control gives an invalid WAL segment size {}",
+            pgdata.display(),
+            control.wal_segment_size
+        )));
+    }
+    let pgdata = std::fs::canonicalize(pgdata).ctx("resolve", pgdata)?;
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let port = match conn.port {
+        Some(p) => Some(p),
+        None => match env("PGPORT") {
+            Some(p) => Some(
+                p.parse::<u16>()
+                    .map_err(|_| Error::invalid(format!("PGPORT=\"{p}\" is not a port number")))?,
+            ),
+            None => None,
+        },
+    };
+    Ok(InstanceConfig {
+        name: name.to_string(),
+        system_id: control.system_id,
+        pg_major,
+        wal_segment_size: control.wal_segment_size,
+        wal_page_size: control.wal_page_size,
+        block_size: control.block_size,
+        relseg_size: control.relseg_size,
+        data_checksums: control.data_checksums(),
+        pgdata,
+        host: conn.host.clone().or_else(|| env("PGHOST")),
+        port,
+        user: conn.user.clone().or_else(|| env("PGUSER")),
+        dbname: conn.dbname.clone().or_else(|| env("PGDATABASE")),
+    })
 }

@@ -95,6 +95,9 @@ pub struct ShowArgs {
     pub archive: bool,
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
+    /// With --archive: decompress and check every archived file (slower).
+    #[arg(long)]
+    pub verify: bool,
 }
 
 /// Runs `walnut`; returns the process exit code.

@@ -1,13 +1,68 @@
 //! The WAL archive: `walnut-archive` (archive_command), `walnut-fetch` (restore_command) and
 //! `show --archive`, plus the read API that backups use.
+//!
+//! # Layout
+//!
+//! Everything is readable with standard tools in an emergency: data files are standard LZ4
+//! frames (`lz4 -d`), metadata is JSON.
+//!
+//! ```text
+//! CATALOG/instances/NAME/
+//!   wal/                                  the archive (Catalog::wal_dir)
+//!     .index.lock                         fs2 lock serialising index (re)writes
+//!     TTTTTTTT/                           one directory per timeline (8 hex digits)
+//!       <segment>.lz4                     archived segment (see below)
+//!       <segment>.idx                     its block index (crate::index::format)
+//!       <segment>.idx-missing             JSON {"reason": ...}: archived, but not indexable
+//!       <segment>.partial.lz4             last, incomplete segment of a timeline
+//!       <segment>.OOOOOOOO.backup.lz4     backup history file
+//!       TTTTTTTT.history.lz4              timeline history file (never overwritten)
+//!   spool/push/                           look-ahead acknowledgements
+//!     <segment>.ok                        JSON {name, size, crc32c, compressed_size}
+//!     .look-ahead.lock                    one look-ahead runner at a time
+//! PGDATA/pg_wal/walnut-prefetch/          walnut-fetch's prefetch spool (at most K entries)
+//!   <segment>                             decompressed, verified segment
+//!   <segment>.json                        {name, size, crc32c}, written after the data
+//! ```
+//!
+//! An archived `*.lz4` file is a small JSON header in an LZ4 *skippable frame* (original
+//! name, size, CRC-32C, system id) followed by one LZ4 frame with a content size and an xxh32
+//! content checksum (see [`store`]). `lz4 -d F.lz4 F` restores the original and checks it;
+//! `head -c 300 F.lz4` shows the header.
+//!
+//! # Guarantees
+//! - A file appears under its final name only complete, fsynced, with its checksum inside,
+//!   through a unique temp file + no-replace link + directory fsync ([`crate::durable`]).
+//!   `walnut-archive` exits 0 only after that.
+//! - A name is never overwritten: the same content offered again is success, different
+//!   content is an error ([`crate::ErrorKind::Conflict`]) that leaves the archive untouched.
+//! - Indexing never makes archiving fail: a segment that cannot be decoded is stored, and an
+//!   `.idx-missing` marker records why (reported by `show --archive`; backups then fall back to
+//!   a full scan of the files concerned).
+//! - An index is *pending* when its last record continues into a segment not yet archived;
+//!   it is rebuilt when that segment arrives (by whichever of the two writers comes second).
+//! - `walnut-fetch` verifies every byte before writing `%p`; corruption is exit 200, fatal
+//!   to recovery, never "not found".
 
-use std::path::Path;
+pub mod fetch;
+pub mod push;
+pub mod show;
+pub mod store;
 
-use crate::catalog::Catalog;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{Catalog, InstanceConfig};
 use crate::cli::ShowArgs;
-use crate::error::{Error, Result};
+use crate::durable::{self, Replace};
+use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::index::SegmentIndex;
 use crate::types::{Lsn, TimeLineId, WalFileName};
+
+pub use fetch::fetch_to;
 
 /// The state of one segment's block index in the archive.
 #[derive(Clone, Debug)]
@@ -29,56 +84,377 @@ pub struct HistoryEntry {
     pub switchpoint: Lsn,
 }
 
-/// Read access to one instance's WAL archive.
+/// Contents of an `.idx-missing` marker.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct MissingMarker {
+    reason: String,
+}
+
+/// Read (and write) access to one instance's WAL archive.
 pub struct WalArchive {
-    _private: (),
+    cfg: InstanceConfig,
+    dir: PathBuf,
+    spool: PathBuf,
 }
 
 impl WalArchive {
-    pub fn open(_catalog: &Catalog, _instance: &str) -> Result<WalArchive> {
-        Err(Error::invalid("WalArchive is not implemented yet"))
+    pub fn open(catalog: &Catalog, instance: &str) -> Result<WalArchive> {
+        let cfg = catalog.instance(instance)?;
+        Ok(WalArchive {
+            dir: catalog.wal_dir(instance),
+            spool: catalog.instance_dir(instance).join("spool"),
+            cfg,
+        })
+    }
+
+    /// The instance's configuration (system id, segment size, ...).
+    pub fn config(&self) -> &InstanceConfig {
+        &self.cfg
+    }
+
+    pub fn seg_size(&self) -> u32 {
+        self.cfg.wal_segment_size
+    }
+
+    /// The archive directory (`Catalog::wal_dir`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub(crate) fn spool_dir(&self) -> PathBuf {
+        self.spool.join("push")
+    }
+
+    pub(crate) fn tli_dir(&self, tli: TimeLineId) -> PathBuf {
+        self.dir.join(format!("{tli:08X}"))
+    }
+
+    /// Path of the archived (compressed) file for `name`.
+    pub fn data_path(&self, name: &WalFileName) -> PathBuf {
+        self.tli_dir(name.tli()).join(format!("{name}.lz4"))
+    }
+
+    fn segment_name(&self, tli: TimeLineId, segno: u64) -> WalFileName {
+        WalFileName::segment(tli, segno, self.seg_size())
+    }
+
+    pub(crate) fn index_path(&self, tli: TimeLineId, segno: u64) -> PathBuf {
+        let n = self.segment_name(tli, segno);
+        self.tli_dir(tli).join(format!("{n}.idx"))
+    }
+
+    pub(crate) fn missing_path(&self, tli: TimeLineId, segno: u64) -> PathBuf {
+        let n = self.segment_name(tli, segno);
+        self.tli_dir(tli).join(format!("{n}.idx-missing"))
     }
 
     /// Whether a file (segment, .history, .partial, .backup) is archived.
-    pub fn contains(&self, _name: &WalFileName) -> bool {
-        false
+    pub fn contains(&self, name: &WalFileName) -> bool {
+        self.data_path(name).is_file()
     }
 
     /// Reads, decompresses and verifies an archived file. Corruption is
     /// `ErrorKind::Corruption`; absence is `ErrorKind::NotFound`.
-    pub fn read(&self, _name: &WalFileName) -> Result<Vec<u8>> {
-        Err(Error::invalid("WalArchive::read is not implemented yet"))
+    pub fn read(&self, name: &WalFileName) -> Result<Vec<u8>> {
+        self.read_with_meta(name).map(|(_, d)| d)
+    }
+
+    pub(crate) fn read_with_meta(&self, name: &WalFileName) -> Result<(store::FileMeta, Vec<u8>)> {
+        let p = self.data_path(name);
+        let bytes = match fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::not_found(format!(
+                    "{name} is not in the archive ({})",
+                    p.display()
+                )))
+            }
+            Err(e) => return Err(Error::io("read", &p, e)),
+        };
+        let (meta, data) = store::decode(&bytes, &p.display().to_string())?;
+        if meta.name != name.to_string() {
+            return Err(Error::corruption(format!(
+                "{}: header names \"{}\", expected {name}",
+                p.display(),
+                meta.name
+            )));
+        }
+        Ok((meta, data))
+    }
+
+    /// Like [`read`](Self::read) but `Ok(None)` when absent.
+    pub fn read_opt(&self, name: &WalFileName) -> Result<Option<Vec<u8>>> {
+        match self.read(name) {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if e.kind() == ErrorKind::NotFound && !self.contains(name) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads only the metadata header of an archived file (cheap: a few hundred bytes).
+    pub fn read_meta(&self, name: &WalFileName) -> Result<store::FileMeta> {
+        use std::io::Read;
+        let p = self.data_path(name);
+        let f = fs::File::open(&p).ctx("open", &p)?;
+        let mut head = Vec::with_capacity(512);
+        f.take(64 * 1024 + 8)
+            .read_to_end(&mut head)
+            .ctx("read", &p)?;
+        store::decode_meta(&head, &p.display().to_string()).map(|(m, _)| m)
     }
 
     /// The index state of segment `segno` on timeline `tli`.
-    pub fn index_state(&self, _tli: TimeLineId, _segno: u64) -> Result<IndexState> {
-        Err(Error::invalid(
-            "WalArchive::index_state is not implemented yet",
-        ))
+    pub fn index_state(&self, tli: TimeLineId, segno: u64) -> Result<IndexState> {
+        let name = self.segment_name(tli, segno);
+        if !self.contains(&name) {
+            return Ok(IndexState::NotArchived);
+        }
+        let ip = self.index_path(tli, segno);
+        match fs::read(&ip) {
+            Ok(bytes) => {
+                return Ok(
+                    match crate::index::format::decode(&bytes, &ip.display().to_string()) {
+                        Ok(ix) if ix.pending => IndexState::Pending(ix),
+                        Ok(ix) => IndexState::Indexed(ix),
+                        Err(e) => IndexState::Missing(format!("index file unreadable: {e}")),
+                    },
+                )
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("read", &ip, e)),
+        }
+        let mp = self.missing_path(tli, segno);
+        match fs::read(&mp) {
+            Ok(bytes) => {
+                let reason = serde_json::from_slice::<MissingMarker>(&bytes)
+                    .map(|m| m.reason)
+                    .unwrap_or_else(|e| format!("marker {} unreadable: {e}", mp.display()));
+                Ok(IndexState::Missing(reason))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(IndexState::Missing(
+                "not indexed yet (archiving was interrupted before indexing)".into(),
+            )),
+            Err(e) => Err(Error::io("read", &mp, e)),
+        }
     }
 
     /// Indexes an archived segment now (and completes pending neighbours) and returns its
     /// state afterwards. Used by backups for segments archived but not yet indexed.
-    pub fn ensure_index(&self, _tli: TimeLineId, _segno: u64) -> Result<IndexState> {
-        Err(Error::invalid(
-            "WalArchive::ensure_index is not implemented yet",
-        ))
+    pub fn ensure_index(&self, tli: TimeLineId, segno: u64) -> Result<IndexState> {
+        let state = self.index_state(tli, segno)?;
+        if matches!(state, IndexState::Indexed(_) | IndexState::NotArchived) {
+            return Ok(state);
+        }
+        let data = self.read(&self.segment_name(tli, segno))?;
+        self.index_and_store(tli, segno, &data, None);
+        if segno > 0 {
+            self.complete_pending(tli, segno - 1, Some((segno, &data)));
+        }
+        self.index_state(tli, segno)
+    }
+
+    /// Builds the index of a segment whose bytes are `data` and stores it, or an
+    /// `.idx-missing` marker when decoding fails. Never fails: indexing must not make
+    /// archiving fail. `built` is an index computed already (in parallel with compression).
+    pub(crate) fn index_and_store(
+        &self,
+        tli: TimeLineId,
+        segno: u64,
+        data: &[u8],
+        built: Option<Result<SegmentIndex>>,
+    ) {
+        let result = match built {
+            Some(r) => r,
+            None => self.build_index(tli, segno, data, None),
+        };
+        match result {
+            Ok(ix) => {
+                let pending = ix.pending;
+                if let Err(e) = self.store_index(tli, segno, &ix) {
+                    log::warn!(
+                        "segment {}: could not store its index: {e}",
+                        self.segment_name(tli, segno)
+                    );
+                    self.store_missing(tli, segno, &format!("could not store index: {e}"));
+                }
+                // The writer of segno+1 may have looked for our index before it existed:
+                // whoever comes second completes it (see the module docs).
+                if pending && self.contains(&self.segment_name(tli, segno + 1)) {
+                    self.complete_pending(tli, segno, None);
+                }
+            }
+            Err(e) => {
+                log::warn!(
+                    "segment {} is archived but could not be indexed: {e}",
+                    self.segment_name(tli, segno)
+                );
+                self.store_missing(tli, segno, &e.to_string());
+            }
+        }
+    }
+
+    /// Decodes a segment into its index; `next` (segno+1's bytes) when known already.
+    pub(crate) fn build_index(
+        &self,
+        tli: TimeLineId,
+        segno: u64,
+        data: &[u8],
+        next: Option<(u64, &[u8])>,
+    ) -> Result<SegmentIndex> {
+        let mut next_fn = |s: u64| -> Result<Option<Vec<u8>>> {
+            if let Some((n, bytes)) = next {
+                if n == s {
+                    return Ok(Some(bytes.to_vec()));
+                }
+            }
+            self.read_opt(&self.segment_name(tli, s))
+        };
+        crate::index::build::index_segment(tli, segno, data, &mut next_fn)
+    }
+
+    /// Re-indexes `segno` if its index is pending (or was never written).
+    pub(crate) fn complete_pending(&self, tli: TimeLineId, segno: u64, next: Option<(u64, &[u8])>) {
+        let state = match self.index_state(tli, segno) {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("index state of segment {segno:X}: {e}");
+                return;
+            }
+        };
+        let redo = match &state {
+            IndexState::Pending(_) => true,
+            IndexState::Missing(_) => !self.missing_path(tli, segno).exists(),
+            _ => false,
+        };
+        if !redo {
+            return;
+        }
+        let name = self.segment_name(tli, segno);
+        match self.read(&name) {
+            Ok(data) => {
+                let built = self.build_index(tli, segno, &data, next);
+                match built {
+                    Ok(ix) => {
+                        if let Err(e) = self.store_index(tli, segno, &ix) {
+                            log::warn!("segment {name}: could not store its index: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        log::warn!("segment {name} could not be indexed: {e}");
+                        self.store_missing(tli, segno, &e.to_string());
+                    }
+                }
+            }
+            Err(e) => log::warn!("re-indexing {name}: {e}"),
+        }
+    }
+
+    fn lock_index(&self) -> Result<fs::File> {
+        use fs2::FileExt;
+        let p = self.dir.join(".index.lock");
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&p)
+            .ctx("open lock file", &p)?;
+        f.lock_exclusive().ctx("lock", &p)?;
+        Ok(f)
+    }
+
+    /// Stores an index durably, under the index lock. A complete index is never replaced
+    /// by a pending one (a concurrent writer may have completed it meanwhile).
+    fn store_index(&self, tli: TimeLineId, segno: u64, ix: &SegmentIndex) -> Result<()> {
+        let _lock = self.lock_index()?;
+        let ip = self.index_path(tli, segno);
+        if ix.pending {
+            if let Ok(bytes) = fs::read(&ip) {
+                if let Ok(old) = crate::index::format::decode(&bytes, "") {
+                    if !old.pending {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        durable::write_file(&ip, &crate::index::format::encode(ix), Replace::Yes)?;
+        durable::remove_file(&self.missing_path(tli, segno))
+    }
+
+    fn store_missing(&self, tli: TimeLineId, segno: u64, reason: &str) {
+        let res = (|| -> Result<()> {
+            let _lock = self.lock_index()?;
+            if self.index_path(tli, segno).exists() {
+                return Ok(());
+            }
+            let mut json = serde_json::to_vec(&MissingMarker {
+                reason: reason.to_string(),
+            })?;
+            json.push(b'\n');
+            durable::write_file(&self.missing_path(tli, segno), &json, Replace::Yes)
+        })();
+        if let Err(e) = res {
+            log::warn!("could not write the index-missing marker for segment {segno:X}: {e}");
+        }
     }
 
     /// The parsed history of timeline `tli` (empty for timeline 1): the timelines it
     /// descends from, each with the LSN where it ended.
-    pub fn timeline_history(&self, _tli: TimeLineId) -> Result<Vec<HistoryEntry>> {
-        Err(Error::invalid(
-            "WalArchive::timeline_history is not implemented yet",
-        ))
+    pub fn timeline_history(&self, tli: TimeLineId) -> Result<Vec<HistoryEntry>> {
+        if tli <= 1 {
+            return Ok(Vec::new());
+        }
+        let name = WalFileName::History { tli };
+        let data = self.read(&name)?;
+        parse_history(&data, &name.to_string())
     }
 }
 
-/// Writes a file to `dest` from the archive (what walnut-fetch does), verified.
-pub fn fetch_to(_archive: &WalArchive, _name: &WalFileName, _dest: &Path) -> Result<()> {
-    Err(Error::invalid("fetch_to is not implemented yet"))
+/// Parses a timeline history file: `parentTLI<TAB>X/X<TAB>reason` lines; blank lines and
+/// `#` comments are ignored.
+pub fn parse_history(data: &[u8], what: &str) -> Result<Vec<HistoryEntry>> {
+    let text = std::str::from_utf8(data)
+        .map_err(|_| Error::corruption(format!("{what}: history file is not text")))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut parts = line.split_whitespace();
+        let bad = || Error::corruption(format!("{what}: line {}: \"{line}\" is invalid", i + 1));
+        let tli: TimeLineId = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+        let switchpoint: Lsn = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
+        out.push(HistoryEntry { tli, switchpoint });
+    }
+    Ok(out)
 }
 
-pub fn run_show_archive(_args: ShowArgs) -> Result<i32> {
-    Err(Error::invalid("show --archive is not implemented yet"))
+pub fn run_show_archive(args: ShowArgs) -> Result<i32> {
+    show::run(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_parsing() {
+        let h = b"1\t0/3000000\tno recovery target specified\n\n# c\n2\t1/A0\tbefore 2000-01-01\n";
+        let e = parse_history(h, "00000003.history").unwrap();
+        assert_eq!(
+            e,
+            vec![
+                HistoryEntry {
+                    tli: 1,
+                    switchpoint: Lsn(0x300_0000)
+                },
+                HistoryEntry {
+                    tli: 2,
+                    switchpoint: Lsn(0x1_0000_00A0)
+                }
+            ]
+        );
+        assert!(parse_history(b"x\ty\n", "h").is_err());
+    }
 }

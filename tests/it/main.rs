@@ -1,6 +1,9 @@
 //! Integration tests: real PostgreSQL servers, real archive_command / restore_command.
 mod harness;
+
+mod archive;
 mod pgcontrol;
+mod wal_decoder;
 
 mod smoke {
     use super::harness::*;
