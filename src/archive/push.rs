@@ -345,8 +345,8 @@ fn compare_existing(ar: &WalArchive, name: &WalFileName, data: &[u8]) -> Result<
 /// identifier, segment size, and that its first page is where the name says.
 fn check_header(ar: &WalArchive, name: &WalFileName, data: &[u8], src: &Path) -> Result<()> {
     let cfg = ar.config();
-    let h =
-        read_long_header(data).map_err(|e| e.context(format!("{name} (\"{}\")", src.display())))?;
+    let h = crate::wal::read_long_header(data)
+        .map_err(|e| e.context(format!("{name} (\"{}\")", src.display())))?;
     if let Some(v) = PgVersion::from_major(cfg.pg_major) {
         if h.magic != v.page_magic() {
             return Err(Error::invalid(format!(
@@ -379,47 +379,4 @@ fn check_header(ar: &WalArchive, name: &WalFileName, data: &[u8], src: &Path) ->
         }
     }
     Ok(())
-}
-
-/// TEMPORARY until `crate::wal::read_long_header` lands on `main` (branch `decoder`): the
-/// shared parser when it works, else a minimal read of the long header fields.
-fn read_long_header(data: &[u8]) -> Result<crate::wal::LongPageHeader> {
-    match crate::wal::read_long_header(data) {
-        Ok(h) => Ok(h),
-        Err(e) if e.message().contains("not implemented") => {
-            let u16_at = |o: usize| {
-                data.get(o..o + 2)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u16::from_le_bytes)
-            };
-            let u32_at = |o: usize| {
-                data.get(o..o + 4)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u32::from_le_bytes)
-            };
-            let u64_at = |o: usize| {
-                data.get(o..o + 8)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_le_bytes)
-            };
-            let short = || Error::corruption("too short for a WAL long page header");
-            let magic = u16_at(0).ok_or_else(short)?;
-            if PgVersion::from_page_magic(magic).is_none() {
-                return Err(Error::corruption(format!(
-                    "unknown WAL page magic {magic:#06x}"
-                )));
-            }
-            Ok(crate::wal::LongPageHeader {
-                magic,
-                info: u16_at(2).ok_or_else(short)?,
-                tli: u32_at(4).ok_or_else(short)?,
-                pageaddr: crate::types::Lsn(u64_at(8).ok_or_else(short)?),
-                rem_len: u32_at(16).ok_or_else(short)?,
-                system_id: u64_at(24).ok_or_else(short)?,
-                seg_size: u32_at(32).ok_or_else(short)?,
-                page_size: u32_at(36).ok_or_else(short)?,
-            })
-        }
-        Err(e) => Err(e),
-    }
 }

@@ -204,6 +204,20 @@ fn archive_under_load_then_standby_replays_archive() {
     let t = &report["timelines"][0];
     assert_eq!(t["gaps"].as_array().unwrap().len(), 0, "{report}");
     assert!(t["segments"].as_u64().unwrap() >= compared as u64);
+    // indexed on arrival: every segment but possibly the newest has a complete index
+    assert_eq!(t["index_missing"].as_array().unwrap().len(), 0, "{report}");
+    assert!(t["pending"].as_u64().unwrap() <= 1, "{report}");
+    assert!(
+        t["indexed"].as_u64().unwrap() + 1 >= t["segments"].as_u64().unwrap(),
+        "{report}"
+    );
+    assert!(
+        t["latest_restorable_time"]
+            .as_str()
+            .unwrap()
+            .starts_with("20"),
+        "{report}"
+    );
 
     // standby: restore_command only, replays the archive up to the last archived segment
     let expected = pg.psql(
