@@ -174,6 +174,7 @@ fn walk(
     results: &mpsc::Sender<Result<Option<FileEntry>>>,
 ) -> Result<()> {
     let mut queue: VecDeque<(String, PathBuf)> = VecDeque::new();
+    durable::create_dir_all_durable(&ctx.out_dir.join("database"))?;
     queue.push_back((String::new(), ctx.pgdata.clone()));
     let send_dir = |logical: String| -> Result<()> {
         durable::create_dir_all_durable(&ctx.out_dir.join(stored_path(&logical, Storage::Dir)))?;
@@ -286,28 +287,15 @@ fn choose_method(ctx: &CopyCtx<'_>, logical: &str, rel: Option<RelFile>, size: u
             let Some(map) = &ctx.change else {
                 return Method::Full;
             };
-            if map.whole_dbs.contains(&(rel.fork.spc, rel.fork.db)) {
+            let file_blocks = (size / bs) as u32;
+            let fc = map.blocks_for_file(&rel.fork, rel.segno, ctx.relseg_size);
+            if fc.whole {
                 return Method::Full;
             }
-            let file_blocks = (size / bs) as u32;
-            match map.forks.get(&rel.fork) {
-                None => Method::Blocks(Vec::new(), None),
-                Some(fc) => {
-                    if fc.created || fc.dropped || fc.limit_block == Some(0) {
-                        return Method::Full;
-                    }
-                    let blocks = relfile::blocks_in_segment(
-                        fc.blocks.iter(),
-                        rel.segno,
-                        ctx.relseg_size,
-                        file_blocks,
-                    );
-                    let limit = fc
-                        .limit_block
-                        .map(|l| relfile::limit_in_segment(l, rel.segno, ctx.relseg_size));
-                    Method::Blocks(blocks, limit)
-                }
-            }
+            // changed blocks below the size, plus every block from the limit to the end:
+            // restore must never take those from an older backup
+            let blocks = fc.blocks_to_copy(file_blocks).to_vec();
+            Method::Blocks(blocks, fc.limit)
         }
     }
 }

@@ -71,9 +71,11 @@ pub fn change_map(
                      continues into a segment that is not archived); take a DELTA or FULL backup"
                 )))
             }
-            IndexState::Missing(why) => return Err(Error::corruption(format!(
+            IndexState::Missing(why) => {
+                return Err(Error::corruption(format!(
                 "WAL segment {name} has no usable block index ({why}); take a DELTA or FULL backup"
-            ))),
+            )))
+            }
             IndexState::NotArchived => {
                 return Err(Error::not_found(format!(
                     "WAL segment {name} is not in the archive; take a DELTA or FULL backup"
@@ -82,6 +84,7 @@ pub fn change_map(
         }
     }
     let map = merge(indexes.iter());
+    map.check_complete()?;
     if map.wal_level_minimal {
         return Err(Error::invalid(format!(
             "WAL between {from} and {to} was written with wal_level=minimal: changes may be \
