@@ -60,6 +60,10 @@ impl Env {
     }
 
     fn backup_cmd(&self, mode: &str, extra: &[&str]) -> Output {
+        self.backup_cmd_on(&self.pg, mode, extra)
+    }
+
+    fn backup_cmd_on(&self, pg: &Pg, mode: &str, extra: &[&str]) -> Output {
         let mut args = vec![
             "backup",
             "-B",
@@ -72,7 +76,7 @@ impl Env {
             "2",
         ];
         args.extend_from_slice(extra);
-        let conn = self.pg.conn_args();
+        let conn = pg.conn_args();
         let conn: Vec<&str> = conn.iter().map(String::as_str).collect();
         args.extend_from_slice(&conn);
         walnut(&args)
@@ -462,4 +466,267 @@ fn page_and_delta_chain_restores_every_point() {
         r.stop();
         pg_checksums_ok(&r);
     }
+}
+
+fn fails_with(out: Output, what: &str, needles: &[&str]) {
+    let e = stderr(&out);
+    assert!(!out.status.success(), "{what} should fail\n{e}");
+    for n in needles {
+        assert!(e.contains(n), "{what}: error should mention {n:?}:\n{e}");
+    }
+}
+
+/// A page whose checksum fails on every read and whose LSN is older than the backup start
+/// fails a FULL backup, naming the file and the block; the backup is marked ERROR.
+#[test]
+fn corrupt_page_fails_full_backup() {
+    let mut env = Env::new("bk-corrupt-page");
+    env.pg.psql("postgres", "create table c(i int, t text); insert into c select g, md5(g::text) from generate_series(1, 2000) g");
+    env.pg.psql("postgres", "checkpoint");
+    let rel = env.pg.psql("postgres", "select pg_relation_filepath('c')");
+    env.pg.stop();
+    let path = env.pg.data.join(&rel);
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.len() >= 3 * 8192);
+    for b in &mut bytes[2 * 8192 + 4000..2 * 8192 + 4016] {
+        *b ^= 0x5A;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    env.pg.start();
+    let out = env.backup_cmd("full", &[]);
+    fails_with(
+        out,
+        "FULL of a corrupt cluster",
+        &[&format!("file \"{rel}\" block 2"), "checksum"],
+    );
+    let rows = env.show();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["status"], "ERROR");
+}
+
+/// validate: a damaged file in a stored FULL makes it CORRUPT and its PAGE child ORPHAN;
+/// restore refuses both; an intact catalog validates cleanly.
+#[test]
+fn validate_marks_corrupt_and_orphan() {
+    let env = Env::new("bk-validate");
+    let pg = &env.pg;
+    pg.pgbench(&["-i", "-s", "1", "-q", "postgres"]);
+    let full = env.backup("full", &["--compress", "lz4"]);
+    pg.pgbench(&["-t", "100", "-n", "postgres"]);
+    let page = env.backup("page", &[]);
+    pg.switch_and_wait_archived();
+    ok(
+        walnut(&["validate", "-B", env.cat(), "--instance", "db", "-i", &page]),
+        "validate intact chain",
+    );
+    assert_eq!(env.status(&full), "OK");
+
+    let rel = pg.psql(
+        "postgres",
+        "select pg_relation_filepath('pgbench_accounts')",
+    );
+    let stored = env
+        .cat
+        .join(format!("instances/db/backups/{full}/database/{rel}.lz4"));
+    let mut b = std::fs::read(&stored).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x01;
+    std::fs::write(&stored, &b).unwrap();
+    let out = walnut(&["validate", "-B", env.cat(), "--instance", "db"]);
+    fails_with(out, "validate", &[&rel]);
+    assert_eq!(env.status(&full), "CORRUPT");
+    assert_eq!(env.status(&page), "ORPHAN");
+    let target = env.dir.path().join("r");
+    fails_with(
+        env.restore_cmd(&target, &["-i", &page]),
+        "restore of an orphan",
+        &["ORPHAN"],
+    );
+    fails_with(
+        env.restore_cmd(&target, &["-i", &full]),
+        "restore of a corrupt backup",
+        &["CORRUPT"],
+    );
+}
+
+/// A PAGE backup whose WAL range lacks an archived segment fails, naming the segment and
+/// suggesting DELTA; a DELTA backup then works.
+#[test]
+fn page_backup_with_missing_segment_fails_clearly() {
+    let env = Env::new("bk-missing-seg");
+    let pg = &env.pg;
+    pg.pgbench(&["-i", "-s", "1", "-q", "postgres"]);
+    let full = env.backup("full", &[]);
+    for _ in 0..3 {
+        pg.pgbench(&["-t", "100", "-n", "postgres"]);
+        pg.switch_and_wait_archived();
+    }
+    let start: walnut::Lsn = env.show()[0]["start_lsn"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let seg = walnut::WalFileName::segment(1, start.segno(1 << 20) + 1, 1 << 20);
+    let catalog = walnut::catalog::Catalog::open(&env.cat).unwrap();
+    let ar = walnut::archive::WalArchive::open(&catalog, "db").unwrap();
+    assert!(ar.contains(&seg));
+    std::fs::remove_file(ar.data_path(&seg)).unwrap();
+    let out = env.backup_cmd("page", &[]);
+    fails_with(
+        out,
+        "PAGE with a hole in the archive",
+        &[&seg.to_string(), "DELTA"],
+    );
+    let delta = env.backup("delta", &[]);
+    assert_eq!(env.status(&delta), "OK");
+    assert_eq!(
+        env.show()
+            .iter()
+            .find(|b| b["id"] == delta.as_str())
+            .unwrap()["parent_id"],
+        full.as_str()
+    );
+}
+
+/// Point-in-time restores to a transaction id (inclusive and not) and to a time, with the
+/// backup chosen automatically.
+#[test]
+fn restore_to_xid_and_time_targets() {
+    let env = Env::new("bk-pitr");
+    let pg = &env.pg;
+    pg.psql("postgres", "create table tx(i int, x text)");
+    env.backup("full", &[]);
+    pg.psql(
+        "postgres",
+        "insert into tx values (1, txid_current()::text)",
+    );
+    pg.psql(
+        "postgres",
+        "insert into tx values (2, txid_current()::text)",
+    );
+    let x2 = pg.psql("postgres", "select x from tx where i = 2");
+    std::thread::sleep(Duration::from_millis(1100));
+    let t = pg.psql("postgres", "select clock_timestamp()::text");
+    std::thread::sleep(Duration::from_millis(1100));
+    pg.psql(
+        "postgres",
+        "insert into tx values (3, txid_current()::text)",
+    );
+    pg.switch_and_wait_archived();
+    let cases: [(&str, Vec<&str>, &str); 3] = [
+        (
+            "xid-incl",
+            vec![
+                "--recovery-target-xid",
+                &x2,
+                "--recovery-target-inclusive",
+                "true",
+            ],
+            "1,2",
+        ),
+        (
+            "xid-excl",
+            vec![
+                "--recovery-target-xid",
+                &x2,
+                "--recovery-target-inclusive",
+                "false",
+            ],
+            "1",
+        ),
+        ("time", vec!["--recovery-target-time", &t], "1,2"),
+    ];
+    for (name, args, want) in cases {
+        let mut a = args.clone();
+        a.extend_from_slice(&["--recovery-target-action", "pause"]);
+        let mut r = env.restore_and_start(name, &a, false);
+        wait_paused(&r);
+        assert_eq!(
+            r.psql(
+                "postgres",
+                "select string_agg(i::text, ',' order by i) from tx"
+            ),
+            want,
+            "{name}"
+        );
+        r.stop();
+    }
+}
+
+/// After a point-in-time restore that promotes (timeline 2), a PAGE backup on the new
+/// timeline takes the timeline-1 FULL as its parent and restores correctly.
+#[test]
+fn page_backup_after_promotion_on_new_timeline() {
+    let mut env = Env::new("bk-promote");
+    env.pg.pgbench(&["-i", "-s", "1", "-q", "postgres"]);
+    let full = env.backup("full", &[]);
+    env.pg.pgbench(&["-t", "200", "-n", "postgres"]);
+    env.pg
+        .psql("postgres", "select pg_create_restore_point('split')");
+    env.pg.pgbench(&["-t", "200", "-n", "postgres"]);
+    env.pg.switch_and_wait_archived();
+    env.pg.stop();
+    // the restored server replaces the old primary and keeps archiving to the catalog
+    let mut p2 = env.restore_and_start(
+        "primary2",
+        &[
+            "-i",
+            &full,
+            "--recovery-target-name",
+            "split",
+            "--recovery-target-action",
+            "promote",
+        ],
+        true,
+    );
+    let t0 = Instant::now();
+    while p2.psql("postgres", "select pg_is_in_recovery()") != "f" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no promotion\n{}",
+            p2.server_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        p2.psql(
+            "postgres",
+            "select timeline_id from pg_control_checkpoint()"
+        ),
+        "2"
+    );
+    p2.pgbench(&["-t", "200", "-n", "postgres"]);
+    p2.psql(
+        "postgres",
+        "create table after_promote(i int); insert into after_promote values (42)",
+    );
+    let out = env.backup_cmd_on(&p2, "page", &[]);
+    let page = ok(out, "PAGE on timeline 2").trim().to_string();
+    let dump = Env::dumpall(&p2);
+    p2.psql("postgres", "select pg_create_restore_point('tl2')");
+    p2.switch_and_wait_archived();
+    let row = env
+        .show()
+        .into_iter()
+        .find(|b| b["id"] == page.as_str())
+        .unwrap();
+    assert_eq!(row["timeline"], 2);
+    assert_eq!(row["parent_id"], full.as_str());
+    let mut r = env.restore_and_start(
+        "r-tl2",
+        &[
+            "-i",
+            &page,
+            "--recovery-target-name",
+            "tl2",
+            "--recovery-target-action",
+            "pause",
+        ],
+        false,
+    );
+    wait_paused(&r);
+    same_dump(&Env::dumpall(&r), &dump, "PAGE on timeline 2");
+    r.stop();
+    pg_checksums_ok(&r);
+    p2.stop();
 }
