@@ -180,8 +180,10 @@ fn run(
             // The segment holding our start LSN must be complete and indexed: records
             // between the start-of-backup segment switch and the redo point count.
             sess.switch_wal()?;
+            log::debug!("waiting for the start segment");
             let seg = WalFileName::segment(tli, start_lsn.segno(seg_size), seg_size);
             wait_archived(archive, &seg, opts.archive_timeout)?;
+            log::debug!("start segment {seg} archived; building the change map");
             change = Some(plan::change_map(
                 archive,
                 &history,
@@ -193,6 +195,7 @@ fn run(
         }
     }
     m.save(catalog)?;
+    log::debug!("copying {}", pgdata.display());
 
     let total = sess.total_size().unwrap_or(0);
     let progress = Progress::new(&format!("backup {}", m.id), total);
@@ -231,7 +234,9 @@ fn run(
     add(e, &mut mw)?;
     progress.finish();
 
+    log::debug!("stopping the backup");
     let stop = sess.backup_stop(opts.archive_timeout)?;
+    log::debug!("stopped at {}", stop.lsn);
     let dir = m.dir(catalog);
     durable::write_file(
         &dir.join("backup_label"),

@@ -730,3 +730,31 @@ fn page_backup_after_promotion_on_new_timeline() {
     pg_checksums_ok(&r);
     p2.stop();
 }
+
+/// Refusals: an incremental backup with no FULL to build on, a server whose
+/// archive_command does not archive to this catalog and instance, and a restore over the
+/// data directory of a running server even with --force.
+#[test]
+fn backup_and_restore_refuse_misconfiguration() {
+    let env = Env::new("bk-refuse");
+    let pg = &env.pg;
+    fails_with(
+        env.backup_cmd("page", &[]),
+        "PAGE without FULL",
+        &["no OK backup", "FULL"],
+    );
+    let full = env.backup("full", &[]);
+    fails_with(
+        env.restore_cmd(&pg.data, &["-i", &full, "--force"]),
+        "restore over a running server",
+        &["is running"],
+    );
+    pg.psql("postgres", "alter system set archive_command = 'true'");
+    pg.psql("postgres", "select pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(300));
+    fails_with(
+        env.backup_cmd("full", &[]),
+        "FULL with a foreign archive_command",
+        &["archive_command", "walnut-archive"],
+    );
+}
