@@ -614,3 +614,161 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+    use crate::backup::incfile::IncWriter;
+    use crate::backup::meta::Mode;
+
+    const BS: usize = 8192;
+
+    fn page(tag: u8) -> Vec<u8> {
+        vec![tag; BS]
+    }
+
+    fn meta(id: &str, mode: Mode, parent: Option<&str>) -> BackupMeta {
+        BackupMeta {
+            format: meta::META_FORMAT,
+            id: id.into(),
+            instance: "db".into(),
+            mode,
+            status: Status::Ok,
+            parent_id: parent.map(Into::into),
+            timeline: 1,
+            start_lsn: Lsn(0),
+            stop_lsn: Some(Lsn(1)),
+            parent_start_lsn: None,
+            start_time: String::new(),
+            end_time: None,
+            recovery_time: None,
+            recovery_epoch: None,
+            recovery_xid: None,
+            data_bytes: 0,
+            files: 0,
+            compress: "none".into(),
+            pg_major: 15,
+            system_id: 1,
+            block_size: BS as u32,
+            relseg_size: 131072,
+            wal_segment_size: 1 << 24,
+            data_checksums: true,
+            pid: None,
+            error: None,
+        }
+    }
+
+    fn inc(
+        catalog: &Catalog,
+        b: &BackupMeta,
+        pages: &[(u32, u8)],
+        file_blocks: u32,
+        limit: Option<u32>,
+    ) -> FileEntry {
+        let mut w = IncWriter::new(Vec::new(), BS as u32, false).unwrap();
+        for &(n, tag) in pages {
+            w.add(n, &page(tag)).unwrap();
+        }
+        let (bytes, _) = w.finish(file_blocks, limit).unwrap();
+        let e = FileEntry {
+            path: "base/5/100".into(),
+            storage: Storage::Incremental,
+            size: file_blocks as u64 * BS as u64,
+            stored_size: bytes.len() as u64,
+            crc32c: crc32c::crc32c(&bytes),
+            changed_blocks: Some(pages.len() as u32),
+            file_blocks: Some(file_blocks),
+            limit_block: limit,
+        };
+        let p = b.dir(catalog).join(e.stored_path());
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+        e
+    }
+
+    /// Rebuilds base/5/100 from `chain` (newest first) and returns its pages' tags.
+    fn rebuild(
+        catalog: &Catalog,
+        chain: Vec<&BackupMeta>,
+        entries: Vec<FileEntry>,
+        target: &Path,
+    ) -> Vec<u8> {
+        let older = entries[1..]
+            .iter()
+            .map(|e| HashMap::from([(e.path.clone(), e.clone())]))
+            .collect();
+        let r = Restorer {
+            catalog,
+            chain,
+            older,
+            target: target.to_path_buf(),
+            tablespaces: HashMap::new(),
+            progress: Progress::hidden(),
+        };
+        let out = r.restore_entry(&entries[0]).unwrap().unwrap();
+        out.commit(Replace::Yes).unwrap();
+        let bytes = std::fs::read(target.join("base/5/100")).unwrap();
+        assert_eq!(bytes.len() % BS, 0);
+        bytes
+            .chunks(BS)
+            .map(|p| {
+                assert!(p.iter().all(|&b| b == p[0]), "a page mixes sources");
+                p[0]
+            })
+            .collect()
+    }
+
+    /// WAL-FORMAT §3.9: after a truncation to 2 blocks, blocks 2.. never come from the
+    /// FULL backup even though it holds them; unlisted blocks are zero pages. Each block is
+    /// taken from the newest backup that holds it, and the file has the newest length.
+    #[test]
+    fn truncation_rule_and_newest_first() {
+        let d = tempfile::tempdir().unwrap();
+        let catalog = Catalog::init(&d.path().join("cat")).unwrap();
+        let f = meta("F", Mode::Full, None);
+        let full_bytes: Vec<u8> = [1u8, 2, 3, 4].iter().flat_map(|&t| page(t)).collect();
+        let fe = FileEntry {
+            path: "base/5/100".into(),
+            storage: Storage::Full,
+            size: full_bytes.len() as u64,
+            stored_size: full_bytes.len() as u64,
+            crc32c: crc32c::crc32c(&full_bytes),
+            changed_blocks: None,
+            file_blocks: None,
+            limit_block: None,
+        };
+        let fp = f.dir(&catalog).join(fe.stored_path());
+        std::fs::create_dir_all(fp.parent().unwrap()).unwrap();
+        std::fs::write(&fp, &full_bytes).unwrap();
+        // PAGE 1: truncated to 2, then extended to 6 with block 2 written
+        let p1 = meta("P1", Mode::Page, Some("F"));
+        let e1 = inc(&catalog, &p1, &[(2, 20)], 6, Some(2));
+        let t1 = d.path().join("t1");
+        assert_eq!(
+            rebuild(&catalog, vec![&p1, &f], vec![e1.clone(), fe.clone()], &t1),
+            vec![1, 2, 20, 0, 0, 0]
+        );
+        // PAGE 2: block 4 written, block 0 rewritten, no truncation
+        let p2 = meta("P2", Mode::Page, Some("P1"));
+        let e2 = inc(&catalog, &p2, &[(0, 30), (4, 31)], 6, None);
+        let t2 = d.path().join("t2");
+        assert_eq!(
+            rebuild(
+                &catalog,
+                vec![&p2, &p1, &f],
+                vec![e2.clone(), e1.clone(), fe.clone()],
+                &t2
+            ),
+            vec![30, 2, 20, 0, 31, 0]
+        );
+        // PAGE 3: shorter than its parent (truncated to 3 at copy time, no limit recorded in
+        // its own range): blocks past 3 are gone
+        let p3 = meta("P3", Mode::Delta, Some("P2"));
+        let e3 = inc(&catalog, &p3, &[], 3, None);
+        let t3 = d.path().join("t3");
+        assert_eq!(
+            rebuild(&catalog, vec![&p3, &p2, &p1, &f], vec![e3, e2, e1, fe], &t3),
+            vec![30, 2, 20]
+        );
+    }
+}
