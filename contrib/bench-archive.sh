@@ -29,7 +29,7 @@ chmod 755 "$BIN" "$BIN"/*
 
 # one catalog per script: 03 archives corpus segments, 03b the copy's new WAL
 for c in cat03 cat03b; do
-  rm -rf "${LIMITS_ROOT:?}/$c"
+  rm -rf "${LIMITS_ROOT:?}/$c"; mkdir -p "$LIMITS_ROOT/$c"; chown "$PG_OS_USER:" "$LIMITS_ROOT/$c"
   runuser -u "$PG_OS_USER" -- "$BIN/walnut" init -B "$LIMITS_ROOT/$c"
   runuser -u "$PG_OS_USER" -- "$BIN/walnut" add-instance -B "$LIMITS_ROOT/$c" --instance corpus \
     -D "$LIMITS_ROOT/pg15corpus"

@@ -110,9 +110,16 @@ pub fn run(args: FetchArgs) -> Result<FetchOutcome> {
 /// from the archive (falling back to `<name>.partial` for a segment).
 pub fn fetch(ar: &WalArchive, name: &WalFileName, dest: &Path) -> Result<FetchOutcome> {
     if name.is_segment() {
-        if let Some(data) = take_from_spool(&spool_dir(dest), name) {
-            durable::write_file(dest, &data, Replace::Yes)?;
-            return Ok(FetchOutcome::FromPrefetch);
+        if let Some(verified) = take_from_spool(&spool_dir(dest), name) {
+            // The spool file was written durably by the worker and just verified; moving it
+            // into place (same directory tree, pg_wal) spares copying 16 MiB again. If the
+            // worker removed it meanwhile, the archive is used.
+            match fs::rename(&verified, dest) {
+                Ok(()) => return Ok(FetchOutcome::FromPrefetch),
+                Err(e) => {
+                    log::debug!("{name}: prefetched copy vanished ({e}); reading the archive")
+                }
+            }
         }
     }
     let wanted = if ar.contains(name) {
@@ -154,22 +161,23 @@ fn spool_dir(dest: &Path) -> PathBuf {
     pg_wal.join(PREFETCH_DIR)
 }
 
-/// A verified prefetched copy of `name`, removed from the spool; `None` when there is none
-/// or it fails verification (then it is discarded and the archive is used).
-fn take_from_spool(spool: &Path, name: &WalFileName) -> Option<Vec<u8>> {
+/// The path of a verified prefetched copy of `name` (its checksum entry is consumed);
+/// `None` when there is none or it fails verification (then it is discarded and the
+/// archive is used).
+fn take_from_spool(spool: &Path, name: &WalFileName) -> Option<PathBuf> {
     let data_p = spool.join(name.to_string());
     let meta_p = spool.join(format!("{name}.json"));
     let meta: SpoolMeta = serde_json::from_slice(&fs::read(&meta_p).ok()?).ok()?;
     let data = fs::read(&data_p).ok();
     let _ = fs::remove_file(&meta_p);
-    let _ = fs::remove_file(&data_p);
     let data = data?;
     if meta.name == name.to_string()
         && data.len() as u64 == meta.size
         && crc32c::crc32c(&data) == meta.crc32c
     {
-        Some(data)
+        Some(data_p)
     } else {
+        let _ = fs::remove_file(&data_p);
         log::warn!("prefetched copy of {name} failed verification; reading the archive");
         None
     }

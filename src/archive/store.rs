@@ -49,20 +49,38 @@ pub struct FileMeta {
 
 /// Encodes an archived file: metadata header + LZ4 frame of `data`.
 pub fn encode(meta: &FileMeta, data: &[u8]) -> Result<Vec<u8>> {
-    let json = serde_json::to_vec(meta)?;
-    let mut out = Vec::with_capacity(data.len() / 2 + json.len() + 64);
-    out.extend_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
-    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
-    out.extend_from_slice(&json);
+    let frame = compress_frame(data, &meta.name)?;
+    assemble(meta, &[frame])
+}
+
+/// One LZ4 frame (content size + content checksum) holding `data`. Several frames
+/// concatenated decode as their concatenation (`lz4 -d` and our reader), which lets a caller
+/// compress the parts of a segment on several threads.
+pub fn compress_frame(data: &[u8], what: &str) -> Result<Vec<u8>> {
     let info = lz4_flex::frame::FrameInfo::new()
         .content_size(Some(data.len() as u64))
         .content_checksum(true)
-        .block_size(lz4_flex::frame::BlockSize::Max4MB);
-    let mut enc = lz4_flex::frame::FrameEncoder::with_frame_info(info, out);
+        .block_size(lz4_flex::frame::BlockSize::Max64KB);
+    let mut enc =
+        lz4_flex::frame::FrameEncoder::with_frame_info(info, Vec::with_capacity(data.len() / 6));
     enc.write_all(data)
-        .map_err(|e| Error::invalid(format!("{}: LZ4 compression failed: {e}", meta.name)))?;
+        .map_err(|e| Error::invalid(format!("{what}: LZ4 compression failed: {e}")))?;
     enc.finish()
-        .map_err(|e| Error::invalid(format!("{}: LZ4 compression failed: {e}", meta.name)))
+        .map_err(|e| Error::invalid(format!("{what}: LZ4 compression failed: {e}")))
+}
+
+/// The file bytes: metadata header followed by the frames, in order.
+pub fn assemble(meta: &FileMeta, frames: &[Vec<u8>]) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec(meta)?;
+    let total: usize = frames.iter().map(Vec::len).sum();
+    let mut out = Vec::with_capacity(total + json.len() + 8);
+    out.extend_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
+    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    out.extend_from_slice(&json);
+    for f in frames {
+        out.extend_from_slice(f);
+    }
+    Ok(out)
 }
 
 /// Parses only the metadata header; returns it and the offset of the LZ4 frame.
@@ -105,12 +123,22 @@ pub fn decode_meta(bytes: &[u8], what: &str) -> Result<(FileMeta, usize)> {
 /// Decodes and verifies an archived file: LZ4 content checksum, size and CRC-32C.
 pub fn decode(bytes: &[u8], what: &str) -> Result<(FileMeta, Vec<u8>)> {
     let (meta, off) = decode_meta(bytes, what)?;
-    let frame = bytes.get(off..).unwrap_or_default();
+    let mut rest = bytes.get(off..).unwrap_or_default();
     let cap = usize::try_from(meta.size).unwrap_or(0).min(1 << 30);
     let mut out = Vec::with_capacity(cap);
-    lz4_flex::frame::FrameDecoder::new(frame)
-        .read_to_end(&mut out)
-        .map_err(|e| Error::corruption(format!("{what}: LZ4 data is damaged: {e}")))?;
+    // One or more concatenated frames; the decoder stops at each frame's end.
+    while !rest.is_empty() {
+        let before = rest.len();
+        let mut dec = lz4_flex::frame::FrameDecoder::new(rest);
+        dec.read_to_end(&mut out)
+            .map_err(|e| Error::corruption(format!("{what}: LZ4 data is damaged: {e}")))?;
+        rest = dec.into_inner();
+        if rest.len() >= before || out.len() as u64 > meta.size {
+            return Err(Error::corruption(format!(
+                "{what}: LZ4 data is damaged (trailing bytes)"
+            )));
+        }
+    }
     if out.len() as u64 != meta.size {
         return Err(Error::corruption(format!(
             "{what}: decompressed to {} bytes, header says {}",
@@ -172,6 +200,22 @@ mod tests {
         }
         assert!(decode(&enc[..enc.len() - 1], "f").is_err());
         assert!(decode(&[], "f").is_err());
+    }
+
+    #[test]
+    fn several_frames_decode_as_one() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 97) as u8).collect();
+        let m = meta_for(&data);
+        let (a, b) = data.split_at(123_457);
+        let enc = assemble(
+            &m,
+            &[
+                compress_frame(a, "a").unwrap(),
+                compress_frame(b, "b").unwrap(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(decode(&enc, "x").unwrap().1, data);
     }
 
     #[test]

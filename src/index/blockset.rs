@@ -229,6 +229,9 @@ impl BlockSet {
 
     /// The blocks in `lo..hi`, ascending, as a new set.
     pub fn slice(&self, lo: u32, hi: u32) -> BlockSet {
+        if lo >= hi {
+            return BlockSet::new();
+        }
         let runs = self.canonical_runs();
         let start = runs.partition_point(|r| r.last < lo);
         let mut out = Vec::new();
@@ -250,6 +253,9 @@ impl BlockSet {
     /// The blocks in `start..start + len`, shifted down by `start` (e.g. the blocks of one
     /// relation segment file, relative to the file). Bounds beyond `u32` are fine.
     pub fn shifted_slice(&self, start: u64, len: u64) -> BlockSet {
+        if len == 0 {
+            return BlockSet::new();
+        }
         let runs = self.canonical_runs();
         let end = start.saturating_add(len); // exclusive
         let from = runs.partition_point(|r| (r.last as u64) < start);
@@ -384,6 +390,9 @@ mod tests {
         assert_eq!(top.to_vec(), vec![0, 1, 2]);
         assert_eq!(t.shifted_slice(4, 3).to_vec(), vec![0, 1, 2]);
         assert!(t.shifted_slice(u32::MAX as u64 + 1, 10).is_empty());
+        // Empty and reversed bounds.
+        assert!(t.shifted_slice(3, 0).is_empty() && t.slice(5, 3).is_empty());
+        assert!(t.slice(7, 7).is_empty() && t.count_in(9, 0) == 0);
     }
 
     /// Every operation agrees with a plain sorted vector, on random inputs.

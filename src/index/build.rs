@@ -60,13 +60,92 @@ pub fn index_segment(
         .ok_or_else(|| Error::corruption(format!("segment {segno} produced no index")))
 }
 
+/// A multiply-rotate hasher for [`RelFork`] keys (a few u32 writes): SipHash showed up in
+/// profiles. Keys come from CRC-checked WAL, so hash flooding is not a concern.
+#[derive(Default, Clone, Copy)]
+struct ForkHasher(u64);
+
+impl ForkHasher {
+    #[inline]
+    fn add(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl std::hash::Hasher for ForkHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.add(b as u64);
+        }
+    }
+    fn write_u8(&mut self, n: u8) {
+        self.add(n as u64);
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.add(n as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type ForkMap = HashMap<RelFork, usize, std::hash::BuildHasherDefault<ForkHasher>>;
+
+const CACHE: usize = 64;
+
+/// Blocks below this go to a per-fork bitmap (at most 128 KiB), so that the many repeated
+/// references of a segment cost a bit-set and the result comes out sorted; higher ones
+/// (relations over 8 GiB) are pushed and sorted.
+const BITMAP_BLOCKS: u32 = 1 << 20;
+
+/// One fork's changes while a segment is being indexed.
+#[derive(Default)]
+struct ForkAcc {
+    change: ForkChange,
+    bits: Vec<u64>,
+    high: Vec<u32>,
+}
+
+impl ForkAcc {
+    #[inline]
+    fn add_block(&mut self, blkno: u32) {
+        if blkno < BITMAP_BLOCKS {
+            let w = (blkno >> 6) as usize;
+            if w >= self.bits.len() {
+                self.bits.resize(w + 1, 0);
+            }
+            self.bits[w] |= 1u64 << (blkno & 63);
+        } else {
+            self.high.push(blkno);
+        }
+    }
+
+    fn finish(mut self) -> ForkChange {
+        for (w, &word) in self.bits.iter().enumerate() {
+            let mut x = word;
+            while x != 0 {
+                let b = x.trailing_zeros();
+                self.change.blocks.insert((w as u32) << 6 | b);
+                x &= x - 1;
+            }
+        }
+        self.high.sort_unstable();
+        self.high.dedup();
+        for &b in &self.high {
+            self.change.blocks.insert(b);
+        }
+        self.change.blocks.normalize();
+        self.change
+    }
+}
+
 /// A segment's index under construction: forks are kept in a vector with a hash map and a
 /// one-entry cache in front, since consecutive block references mostly hit the same fork.
 struct SegmentBuilder {
     idx: SegmentIndex,
-    forks: Vec<(RelFork, ForkChange)>,
-    map: HashMap<RelFork, usize>,
-    last: Option<(RelFork, usize)>,
+    forks: Vec<(RelFork, ForkAcc)>,
+    map: ForkMap,
+    cache: [Option<(RelFork, usize)>; CACHE],
     saw_record: bool,
 }
 
@@ -76,27 +155,30 @@ impl SegmentBuilder {
         SegmentBuilder {
             idx: SegmentIndex::empty(pg_major, h.seg_size, h.page_size, h.system_id, tli, segno),
             forks: Vec::new(),
-            map: HashMap::new(),
-            last: None,
+            map: ForkMap::default(),
+            cache: [None; CACHE],
             saw_record: false,
         }
     }
 
     #[inline]
-    fn fork(&mut self, key: RelFork) -> &mut ForkChange {
-        let i = match self.last {
+    fn fork(&mut self, key: RelFork) -> &mut ForkAcc {
+        // A small direct-mapped cache in front of the hash map: a segment touches few
+        // relation forks, and they alternate record by record.
+        let slot = (key.rel ^ (key.rel >> 7) ^ ((key.fork as u32) << 3)) as usize & (CACHE - 1);
+        let i = match self.cache[slot] {
             Some((k, i)) if k == key => i,
             _ => {
                 let i = match self.map.get(&key) {
                     Some(&i) => i,
                     None => {
-                        self.forks.push((key, ForkChange::default()));
+                        self.forks.push((key, ForkAcc::default()));
                         let i = self.forks.len() - 1;
                         self.map.insert(key, i);
                         i
                     }
                 };
-                self.last = Some((key, i));
+                self.cache[slot] = Some((key, i));
                 i
             }
         };
@@ -111,22 +193,24 @@ impl SegmentBuilder {
         self.idx.records += 1;
         self.idx.end_lsn = r.end_lsn;
         for b in r.blocks {
-            self.fork(key(b.rel, b.fork)).blocks.insert(b.blkno);
+            self.fork(key(b.rel, b.fork)).add_block(b.blkno);
         }
-        let ev = match &r.event {
+        let ev = match r.event {
             Some(e) => e,
             None => return,
         };
         let lsn = r.lsn;
         match ev {
             RelEvent::SmgrCreate { rel, fork } => {
-                let f = self.fork(key(*rel, *fork));
+                let f = &mut self.fork(key(*rel, *fork)).change;
                 f.created = true;
                 f.apply_limit(0);
             }
             RelEvent::SmgrTruncate { rel, blkno, flags } => {
                 if flags & SMGR_TRUNCATE_HEAP != 0 {
-                    self.fork(key(*rel, MAIN_FORKNUM)).apply_limit(*blkno);
+                    self.fork(key(*rel, MAIN_FORKNUM))
+                        .change
+                        .apply_limit(*blkno);
                 }
                 if flags & SMGR_TRUNCATE_VM != 0 {
                     // The VM keeps ceil(blkno / HEAPBLOCKS_PER_PAGE) pages, and the last kept
@@ -134,11 +218,12 @@ impl SegmentBuilder {
                     // wal_log_hints). Flooring puts that page at or above the limit, so it
                     // is never taken from an older backup: a safe superset.
                     self.fork(key(*rel, VM_FORKNUM))
+                        .change
                         .apply_limit(blkno / HEAPBLOCKS_PER_VM_PAGE);
                 }
                 if flags & SMGR_TRUNCATE_FSM != 0 {
                     // FSM forks are copied whole anyway; 0 is the safe choice.
-                    self.fork(key(*rel, FSM_FORKNUM)).apply_limit(0);
+                    self.fork(key(*rel, FSM_FORKNUM)).change.apply_limit(0);
                 }
             }
             RelEvent::DbCreateFileCopy {
@@ -179,7 +264,7 @@ impl SegmentBuilder {
             } => {
                 for rel in rels {
                     for fork in [MAIN_FORKNUM, FSM_FORKNUM, VM_FORKNUM, INIT_FORKNUM] {
-                        let f = self.fork(key(*rel, fork));
+                        let f = &mut self.fork(key(*rel, fork)).change;
                         f.dropped = true;
                         f.apply_limit(0);
                     }
@@ -231,9 +316,8 @@ impl SegmentBuilder {
 
     fn finish(self) -> SegmentIndex {
         let mut idx = self.idx;
-        for (k, mut f) in self.forks {
-            f.blocks.normalize();
-            idx.forks.insert(k, f);
+        for (k, f) in self.forks {
+            idx.forks.insert(k, f.finish());
         }
         idx
     }
@@ -275,6 +359,12 @@ impl StreamIndexer {
             next_segno: None,
             stop_after_segno: None,
         }
+    }
+
+    /// Stop decoding once a record begins after segment `segno`: indexes of later segments
+    /// are then incomplete (used to index one segment and finish its last record only).
+    pub fn stop_after(&mut self, segno: u64) {
+        self.stop_after_segno = Some(segno);
     }
 
     /// The segment after the last one fed.
@@ -340,15 +430,21 @@ impl StreamIndexer {
             .push_back(SegmentBuilder::new(&h, self.tli, segno));
         self.next_segno = Some(segno + 1);
         let seg_size = h.seg_size;
+        let seg_shift = seg_size.trailing_zeros();
         let open = &mut self.open;
         let stop = self.stop_after_segno;
         dec.decode_all(data, |r| {
-            let s = r.lsn.segno(seg_size);
+            let s = r.lsn.0 >> seg_shift;
             if stop.is_some_and(|x| s > x) {
                 return Ok(false);
             }
             // Records begin in the newest segments; search from the back.
-            match open.iter_mut().rev().find(|b| b.idx.segno == s) {
+            let newest = open.back_mut().filter(|b| b.idx.segno == s);
+            let found = match newest {
+                Some(b) => Some(b),
+                None => open.iter_mut().rev().find(|b| b.idx.segno == s),
+            };
+            match found {
                 Some(b) => b.add(r),
                 None => {
                     return Err(Error::corruption(format!(

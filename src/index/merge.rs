@@ -567,6 +567,8 @@ mod tests {
         // Extreme file numbers do not overflow.
         let far = m.blocks_for_file(&k, u32::MAX, 131_072);
         assert!(far.whole);
+        let zero = m.blocks_for_file(&key(31, 0), 2, 0);
+        assert!(zero.blocks.is_empty() && !zero.whole);
     }
 
     #[test]

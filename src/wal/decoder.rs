@@ -124,13 +124,17 @@ enum Src {
 enum Step {
     NeedMore,
     Ended,
-    Record(RecordMeta, Src),
+    /// A record is complete; its description is in `meta`.
+    Record(Src),
 }
 
 /// A sans-IO streaming decoder for PostgreSQL 13–18 WAL.
 pub struct WalStreamDecoder {
     params: Option<WalParams>,
     vt: Option<&'static VersionTable>,
+    /// Copies of the parameters' sizes (0 until known), read on every step.
+    page_size: u64,
+    seg_size: u64,
     blcksz: u32,
     /// Stream position of the next unconsumed byte.
     lsn: Lsn,
@@ -152,6 +156,7 @@ pub struct WalStreamDecoder {
     rec_tot: u32,
     rec_hdr_checked: bool,
     blocks: Vec<BlockRef>,
+    meta: RecordMeta,
     end: Option<EndOfWal>,
     records: u64,
 }
@@ -164,6 +169,8 @@ impl WalStreamDecoder {
         WalStreamDecoder {
             params: None,
             vt: None,
+            page_size: 0,
+            seg_size: 0,
             blcksz: 8192,
             lsn: start_lsn,
             start_lsn,
@@ -180,6 +187,7 @@ impl WalStreamDecoder {
             rec_tot: 0,
             rec_hdr_checked: false,
             blocks: Vec::with_capacity(33),
+            meta: RecordMeta::default(),
             end: None,
             records: 0,
         }
@@ -201,6 +209,8 @@ impl WalStreamDecoder {
         let mut d = WalStreamDecoder::new(start_lsn);
         d.params = Some(params);
         d.vt = Some(table(params.version));
+        d.page_size = params.page_size as u64;
+        d.seg_size = params.seg_size as u64;
         let off = start_lsn.0 % params.page_size as u64;
         if off != 0 {
             if off < SIZE_OF_SHORT_PHD as u64 || !start_lsn.0.is_multiple_of(8) {
@@ -271,15 +281,19 @@ impl WalStreamDecoder {
         self.inpos = pos;
         match r? {
             Step::NeedMore | Step::Ended => Ok(None),
-            Step::Record(meta, Src::Input(at)) => {
+            Step::Record(Src::Input(at)) => {
                 let bytes = self
                     .inbuf
-                    .get(at..at + meta.tot_len as usize)
+                    .get(at..at + self.meta.tot_len as usize)
                     .unwrap_or(&[]);
-                Ok(Some(DecodedRecord::from_meta(meta, bytes, &self.blocks)))
+                Ok(Some(DecodedRecord::from_meta(
+                    &self.meta,
+                    bytes,
+                    &self.blocks,
+                )))
             }
-            Step::Record(meta, Src::Rec) => Ok(Some(DecodedRecord::from_meta(
-                meta,
+            Step::Record(Src::Rec) => Ok(Some(DecodedRecord::from_meta(
+                &self.meta,
                 &self.rec,
                 &self.blocks,
             ))),
@@ -322,15 +336,15 @@ impl WalStreamDecoder {
                     return Ok(());
                 }
                 Step::Ended => return Ok(()),
-                Step::Record(meta, src) => {
-                    let tot = meta.tot_len as usize;
+                Step::Record(src) => {
+                    let tot = self.meta.tot_len as usize;
                     let rec = match src {
                         Src::Input(at) => DecodedRecord::from_meta(
-                            meta,
+                            &self.meta,
                             data.get(at..at + tot).unwrap_or(&[]),
                             &self.blocks,
                         ),
-                        Src::Rec => DecodedRecord::from_meta(meta, &self.rec, &self.blocks),
+                        Src::Rec => DecodedRecord::from_meta(&self.meta, &self.rec, &self.blocks),
                     };
                     if !f(&rec)? {
                         let lsn = rec.end_lsn;
@@ -381,7 +395,7 @@ impl WalStreamDecoder {
                 continue;
             }
             if self.state == State::SkipToSegmentEnd {
-                let seg = self.params.map_or(1 << 24, |p| p.seg_size) as u64;
+                let seg = self.seg_size.max(1);
                 let left = (seg - self.lsn.0 % seg) % seg;
                 if left == 0 {
                     self.state = State::RecordStart;
@@ -396,16 +410,20 @@ impl WalStreamDecoder {
                 self.state = State::RecordStart;
                 continue;
             }
-            let page_size = self.params.map_or(0, |p| p.page_size) as u64;
-            let at_page_start = page_size == 0 || self.lsn.0.is_multiple_of(page_size);
+            let page_size = self.page_size;
+            // Sizes are powers of two: masks, not divisions, on this hot path.
+            let at_page_start = page_size == 0 || self.lsn.0 & (page_size - 1) == 0;
             if at_page_start && self.header_done != Some(self.lsn) {
                 match self.page_header(input, pos)? {
                     Some(s) => return Ok(s),
                     None => continue,
                 }
             }
-            let page_size = self.params.map_or(0, |p| p.page_size) as u64;
-            let page_left = (page_size - self.lsn.0 % page_size) as usize;
+            let page_size = self.page_size;
+            if page_size == 0 {
+                return Err(self.corrupt(self.lsn, "no page header read yet"));
+            }
+            let page_left = (page_size - (self.lsn.0 & (page_size - 1))) as usize;
             let input_here = input.get(*pos..).unwrap_or(&[]);
             match self.state {
                 State::SkipContinuation { remaining } => {
@@ -454,11 +472,16 @@ impl WalStreamDecoder {
                         }
                         let start = *pos;
                         let lsn = self.lsn;
-                        *pos += t;
-                        self.lsn.0 += t as u64;
-                        self.pad = (self.lsn.align8().0 - self.lsn.0) as usize;
+                        let end = Lsn(lsn.0 + t as u64);
+                        // Skip the alignment padding now when it is there (it never
+                        // crosses a page).
+                        let pad = (end.align8().0 - end.0) as usize;
+                        let now = pad.min(avail - t);
+                        *pos += t + now;
+                        self.lsn.0 = end.0 + now as u64;
+                        self.pad = pad - now;
                         let bytes = input.get(start..start + t).unwrap_or(&[]);
-                        return self.complete(bytes, lsn, Src::Input(start));
+                        return self.complete(bytes, lsn, end, Src::Input(start));
                     }
                     if self.rec.capacity() > (64 << 20) {
                         self.rec = Vec::new();
@@ -492,7 +515,7 @@ impl WalStreamDecoder {
                         self.state = State::RecordStart;
                         self.pad = (self.lsn.align8().0 - self.lsn.0) as usize;
                         let rec = std::mem::take(&mut self.rec);
-                        let r = self.complete(&rec, self.rec_lsn, Src::Rec);
+                        let r = self.complete(&rec, self.rec_lsn, self.lsn, Src::Rec);
                         self.rec = rec;
                         return r;
                     }
@@ -538,7 +561,7 @@ impl WalStreamDecoder {
     }
 
     /// A record's bytes are all there: check its CRC and decode it.
-    fn complete(&mut self, bytes: &[u8], lsn: Lsn, src: Src) -> Result<Step> {
+    fn complete(&mut self, bytes: &[u8], lsn: Lsn, end_lsn: Lsn, src: Src) -> Result<Step> {
         let expected = le_u32(bytes, 20).unwrap_or(0);
         let computed = record_crc(bytes).unwrap_or(!expected);
         if computed != expected {
@@ -549,15 +572,22 @@ impl WalStreamDecoder {
             Some(v) => v,
             None => return Err(self.corrupt(lsn, "record before any page header")),
         };
-        let end_lsn = self.lsn;
-        let meta = decode_record(bytes, lsn, end_lsn, vt, self.blcksz, &mut self.blocks)?;
+        decode_record(
+            bytes,
+            lsn,
+            end_lsn,
+            vt,
+            self.blcksz,
+            &mut self.blocks,
+            &mut self.meta,
+        )?;
         self.prev_lsn = Some(lsn);
         self.records += 1;
-        if meta.rmid == rmgr::XLOG && meta.info & 0xF0 == xlog_info::SWITCH {
+        if self.meta.rmid == rmgr::XLOG && self.meta.info & 0xF0 == xlog_info::SWITCH {
             self.state = State::SkipToSegmentEnd;
             self.pad = 0;
         }
-        Ok(Step::Record(meta, src))
+        Ok(Step::Record(src))
     }
 
     /// Reads and checks the page header at `self.lsn` (a page boundary). `Some(step)` to
@@ -608,6 +638,8 @@ impl WalStreamDecoder {
                 system_id: lh.system_id,
             });
             self.vt = Some(table(version));
+            self.page_size = lh.page_size as u64;
+            self.seg_size = lh.seg_size as u64;
         }
         let p = match self.params {
             Some(p) => p,

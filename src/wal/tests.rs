@@ -325,7 +325,7 @@ fn event_of(v: PgVersion, rmid: u8, info: u8, main: Vec<u8>) -> Option<RelEvent>
     let mut d = WalStreamDecoder::new(w.start);
     d.feed_bytes(w.bytes());
     let r = d.poll_decode().unwrap().unwrap();
-    r.event.clone()
+    r.event.cloned()
 }
 
 fn le(v: &[u32]) -> Vec<u8> {

@@ -621,3 +621,207 @@ fn archive_rules_duplicates_history_foreign_and_undecodable() {
     ok(fetch(&cat, &fname(&segs[1]), &dest), "fetch undecodable");
     assert!(std::fs::read(&dest).unwrap() == garbage);
 }
+
+fn wait_for(p: &Path, secs: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if p.exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Look-ahead pushes other `.ready` segments and acknowledges them; later calls consume
+/// verified acknowledgements; a wrong acknowledgement is not trusted. Prefetch fills a
+/// bounded spool in the background, and a damaged prefetched copy is never served.
+#[test]
+fn look_ahead_acknowledgements_and_prefetch_spool() {
+    let dir = pg_tempdir("arch-ahead");
+    let (pg, segs) = make_segments(dir.path(), "la", 8);
+    let cat = catalog_for(dir.path(), &pg);
+    let pg_wal = pg_mkdir(&dir.path().join("pgd/pg_wal"));
+    let status = pg_mkdir(&pg_wal.join("archive_status"));
+    for s in &segs {
+        std::fs::copy(s, pg_wal.join(fname(s))).unwrap();
+        std::fs::write(status.join(format!("{}.ready", fname(s))), "").unwrap();
+    }
+    chown_pg(&pg_wal);
+    let names: Vec<String> = segs.iter().map(|s| fname(s)).collect();
+    let spool = cat.join("instances/db/spool/push");
+    ok(
+        push(
+            &cat,
+            &pg_wal.join(&names[0]),
+            &names[0],
+            &["--look-ahead", "4"],
+        ),
+        "push with look-ahead",
+    );
+    let ar =
+        walnut::archive::WalArchive::open(&walnut::catalog::Catalog::open(&cat).unwrap(), "db")
+            .unwrap();
+    for (i, n) in names.iter().enumerate() {
+        let acked = spool.join(format!("{n}.ok")).exists();
+        let archived = ar.contains(&n.parse().unwrap());
+        assert_eq!(acked, (1..=4).contains(&i), "{n} ack");
+        assert_eq!(archived, i <= 4, "{n} archived");
+    }
+    // the next call finds its acknowledgement and consumes it
+    ok(
+        push(
+            &cat,
+            &pg_wal.join(&names[1]),
+            &names[1],
+            &["--look-ahead", "0"],
+        ),
+        "acked push",
+    );
+    assert!(!spool.join(format!("{}.ok", names[1])).exists());
+    // a wrong acknowledgement is not trusted: the archive is checked again (same content: 0)
+    let ack = spool.join(format!("{}.ok", names[2]));
+    let text = std::fs::read_to_string(&ack).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let bogus = text.replace(&format!("\"crc32c\":{}", v["crc32c"]), "\"crc32c\":12345");
+    assert_ne!(bogus, text);
+    std::fs::write(&ack, bogus).unwrap();
+    ok(
+        push(
+            &cat,
+            &pg_wal.join(&names[2]),
+            &names[2],
+            &["--look-ahead", "0"],
+        ),
+        "push with bad ack",
+    );
+    assert!(!ack.exists());
+    // indexes are complete (look-ahead pushed them out of order, in parallel)
+    for n in &names[..4] {
+        let segno = n
+            .parse::<walnut::WalFileName>()
+            .unwrap()
+            .segno(1 << 20)
+            .unwrap();
+        let st = ar.index_state(1, segno).unwrap();
+        assert!(
+            matches!(st, walnut::archive::IndexState::Indexed(_)),
+            "{n}: {st:?}"
+        );
+    }
+
+    // a lost index file is rebuilt by ensure_index (what backups call)
+    let seg0 = names[0]
+        .parse::<walnut::WalFileName>()
+        .unwrap()
+        .segno(1 << 20)
+        .unwrap();
+    std::fs::remove_file(
+        cat.join("instances/db/wal/00000001")
+            .join(format!("{}.idx", names[0])),
+    )
+    .unwrap();
+    assert!(matches!(
+        ar.index_state(1, seg0).unwrap(),
+        walnut::archive::IndexState::Missing(_)
+    ));
+    assert!(matches!(
+        ar.ensure_index(1, seg0).unwrap(),
+        walnut::archive::IndexState::Indexed(_)
+    ));
+    assert!(matches!(
+        ar.index_state(1, seg0 + 100).unwrap(),
+        walnut::archive::IndexState::NotArchived
+    ));
+
+    // prefetch: asking for segment 0 fills the spool with 1..=3 in the background
+    let rec = pg_mkdir(&dir.path().join("rec/pg_wal"));
+    let dest = rec.join("RECOVERYXLOG");
+    let fetch_k = |n: &str, k: &str| {
+        let mut c = as_pg(walnut_bin("walnut-fetch"));
+        c.arg("-B")
+            .arg(&cat)
+            .args(["--instance", "db", "--prefetch", k])
+            .arg(n)
+            .arg(&dest);
+        run(&mut c)
+    };
+    ok(fetch_k(&names[0], "3"), "fetch with prefetch");
+    let pf = rec.join("walnut-prefetch");
+    assert!(
+        wait_for(&pf.join(format!("{}.json", names[3])), 30),
+        "prefetch did not run"
+    );
+    assert!(!pf.join(&names[4]).exists(), "prefetched beyond the window");
+    ok(fetch_k(&names[1], "0"), "fetch from spool");
+    assert!(std::fs::read(&dest).unwrap() == std::fs::read(&segs[1]).unwrap());
+    assert!(
+        !pf.join(&names[1]).exists(),
+        "served entry left in the spool"
+    );
+    // a damaged prefetched copy is dropped and the archive used instead
+    let p2 = pf.join(&names[2]);
+    let mut b = std::fs::read(&p2).unwrap();
+    b[100] ^= 1;
+    std::fs::write(&p2, &b).unwrap();
+    ok(fetch_k(&names[2], "0"), "fetch past a damaged spool entry");
+    assert!(std::fs::read(&dest).unwrap() == std::fs::read(&segs[2]).unwrap());
+    assert!(!p2.exists());
+}
+
+/// add-instance records what pg_control says (checked against pg_controldata) and takes
+/// connection options from PG* variables when not given.
+#[test]
+fn add_instance_records_control_data_and_pg_env() {
+    let dir = pg_tempdir("arch-add");
+    let pg = Pg::init(&pg_bin(), dir.path(), "d", &["-k", "--wal-segsize=4"]);
+    let cat = dir.path().join("cat");
+    ok(walnut(&["init", "-B", cat.to_str().unwrap()]), "init");
+    let mut c = as_pg(walnut_bin("walnut"));
+    c.args([
+        "add-instance",
+        "-B",
+        cat.to_str().unwrap(),
+        "--instance",
+        "main",
+        "-D",
+    ])
+    .arg(&pg.data)
+    .args(["-U", "alice"])
+    .env("PGHOST", "/var/run/x")
+    .env("PGPORT", "6543")
+    .env("PGUSER", "bob");
+    ok(run(&mut c), "add-instance");
+    let j: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cat.join("instances/main/instance.json")).unwrap())
+            .unwrap();
+    let mut cd = pg.cmd("pg_controldata");
+    cd.arg("-D").arg(&pg.data).env("LC_ALL", "C");
+    let out = run_ok(&mut cd);
+    let sysid = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Database system identifier:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(j["system_id"].to_string(), sysid);
+    assert_eq!(j["pg_major"], 15);
+    assert_eq!(j["wal_segment_size"], 4 << 20);
+    assert_eq!(j["block_size"], 8192);
+    assert_eq!(j["data_checksums"], true);
+    assert_eq!(j["host"], "/var/run/x");
+    assert_eq!(j["port"], 6543);
+    assert_eq!(j["user"], "alice");
+    // a second add-instance of the same name is refused
+    let out = walnut(&[
+        "add-instance",
+        "-B",
+        cat.to_str().unwrap(),
+        "--instance",
+        "main",
+        "-D",
+        pg.data.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+}

@@ -33,8 +33,12 @@ pub fn archived_segments(dir: &Path) -> Vec<PathBuf> {
 }
 
 pub fn segno_of(p: &Path) -> u64 {
+    segno_sized(p, SEG)
+}
+
+pub fn segno_sized(p: &Path, seg: u64) -> u64 {
     let n: WalFileName = p.file_name().unwrap().to_str().unwrap().parse().unwrap();
-    n.segno(SEG as u32).unwrap()
+    n.segno(seg as u32).unwrap()
 }
 
 /// Runs pg_waldump once over `[first segment start, last segment end)` and returns, per
@@ -45,8 +49,19 @@ pub fn waldump_blocks(
     archive: &Path,
     segs: &[PathBuf],
 ) -> BTreeMap<u64, (u64, BTreeSet<Block>)> {
-    let first = segno_of(&segs[0]);
-    let last = segno_of(segs.last().unwrap());
+    waldump_blocks_sized(waldump, env, archive, segs, SEG)
+}
+
+pub fn waldump_blocks_sized(
+    waldump: &Path,
+    env: &[(String, String)],
+    archive: &Path,
+    segs: &[PathBuf],
+    seg_size: u64,
+) -> BTreeMap<u64, (u64, BTreeSet<Block>)> {
+    let seg_of = |l: u64| l / seg_size;
+    let first = segno_sized(&segs[0], seg_size);
+    let last = segno_sized(segs.last().unwrap(), seg_size);
     let mut c = Command::new(waldump);
     for (k, v) in env {
         c.env(k, v);
@@ -55,9 +70,9 @@ pub fn waldump_blocks(
         .arg("-p")
         .arg(archive)
         .arg("-s")
-        .arg(Lsn(first * SEG).to_string())
+        .arg(Lsn(first * seg_size).to_string())
         .arg("-e")
-        .arg(Lsn((last + 1) * SEG).to_string());
+        .arg(Lsn((last + 1) * seg_size).to_string());
     let out = run(&mut c);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -71,7 +86,7 @@ pub fn waldump_blocks(
                 .and_then(|s| s.split(',').next())
                 .unwrap_or_else(|| panic!("no lsn in {line}"));
             let lsn: Lsn = l.parse().unwrap();
-            let seg = lsn.0 / SEG;
+            let seg = seg_of(lsn.0);
             res.entry(seg).or_default().0 += 1;
             cur = Some(seg);
         } else if let Some(rest) = line.trim_start().strip_prefix("blkref #") {
@@ -167,12 +182,21 @@ pub fn assert_blocks_match(
     ours: &[Value],
     theirs: &BTreeMap<u64, (u64, BTreeSet<Block>)>,
 ) -> u64 {
+    assert_blocks_match_sized(segs, ours, theirs, SEG)
+}
+
+pub fn assert_blocks_match_sized(
+    segs: &[PathBuf],
+    ours: &[Value],
+    theirs: &BTreeMap<u64, (u64, BTreeSet<Block>)>,
+    seg_size: u64,
+) -> u64 {
     assert_eq!(ours.len(), segs.len(), "one index per segment");
     let mut total = 0;
     for (p, o) in segs.iter().zip(ours) {
         let name = p.file_name().unwrap().to_str().unwrap();
         assert_eq!(o["segment"], name);
-        let seg = segno_of(p);
+        let seg = segno_sized(p, seg_size);
         let empty = (0, BTreeSet::new());
         let (n, want) = theirs.get(&seg).unwrap_or(&empty);
         let got = json_blocks(o);
@@ -812,4 +836,58 @@ fn other_versions_decode_cleanly() {
         Err(e) => eprintln!("SKIPPED PostgreSQL 18: {e}"),
     }
     eprintln!("{ran} of 5 PostgreSQL versions checked");
+}
+
+/// A cluster with 1 MiB segments (`initdb --wal-segsize=1`): sizes come from the long
+/// header, a 3 MB record spans whole segments, and block sets still equal pg_waldump's.
+#[test]
+fn pg15_one_megabyte_segments() {
+    const MB: u64 = 1 << 20;
+    let dir = pg_tempdir("waldec1mb");
+    let archive = pg_mkdir(&dir.path().join("archive"));
+    let mut pg = Pg::init(&pg_bin(), dir.path(), "data", &["-k", "--wal-segsize=1"]);
+    pg.append_conf(&format!(
+        "wal_level = replica\narchive_mode = on\narchive_command = 'cp %p {}/%f'\nmin_wal_size = 4MB\nmax_wal_size = 64MB",
+        archive.display()
+    ));
+    pg.start();
+    pg.pgbench(&["-i", "-s", "1", "-q", "postgres"]);
+    pg.psql("postgres", "create database small_segs");
+    pg.psql(
+        "postgres",
+        "select pg_logical_emit_message(false, 'walnut', repeat('y', 3 * 1024 * 1024))",
+    );
+    pg.pgbench(&["-t", "200", "postgres"]);
+    pg.switch_and_wait_archived();
+    pg.stop();
+    let segs = archived_segments(&archive);
+    assert!(segs.len() >= 8, "{segs:?}");
+    for p in &segs {
+        assert_eq!(std::fs::metadata(p).unwrap().len(), MB);
+    }
+    let theirs = waldump_blocks_sized(&pg_bin().join("pg_waldump"), &[], &archive, &segs, MB);
+    let ours = wal_index_json(&segs);
+    let total = assert_blocks_match_sized(&segs, &ours, &theirs, MB);
+    assert!(total > 1000);
+    assert!(ours.iter().filter(|o| o["records"] == 0).count() >= 2);
+    assert!(ours.iter().any(|o| !tuples(o, "db_created").is_empty()));
+    // The segment where the 3 MB record begins is pending without its successors.
+    let files: Vec<Vec<u8>> = segs.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let mut pending = 0;
+    for (i, p) in segs.iter().enumerate() {
+        let s = segno_sized(p, MB);
+        let mut none = |_: u64| -> walnut::Result<Option<Vec<u8>>> { Ok(None) };
+        let alone = index_segment(1, s, &files[i], &mut none).unwrap();
+        let first = segno_sized(&segs[0], MB);
+        let mut next = |k: u64| -> walnut::Result<Option<Vec<u8>>> {
+            Ok(files.get((k - first) as usize).cloned())
+        };
+        let full = index_segment(1, s, &files[i], &mut next).unwrap();
+        assert_eq!(walnut::cmd::wal_index::segment_json(&full), ours[i]);
+        if alone.pending {
+            pending += 1;
+            assert_eq!(alone.records + 1, full.records);
+        }
+    }
+    assert!(pending > 0);
 }
