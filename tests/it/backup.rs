@@ -147,6 +147,27 @@ impl Env {
     }
 
     /// pg_dumpall without unlogged data and without the random `\restrict` keys.
+    /// Switches WAL on `pg` and waits until the finished segment is in the catalog's
+    /// archive. (The harness's wait compares `last_archived_wal`, which after a backup can
+    /// be an older segment's `.backup` file and then waits for the next archival.)
+    fn switch_and_wait(&self, pg: &Pg) {
+        let seg: walnut::WalFileName = pg
+            .psql("postgres", "select pg_walfile_name(pg_switch_wal())")
+            .parse()
+            .unwrap();
+        let catalog = walnut::catalog::Catalog::open(&self.cat).unwrap();
+        let ar = walnut::archive::WalArchive::open(&catalog, "db").unwrap();
+        let t0 = Instant::now();
+        while !ar.contains(&seg) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "segment {seg} not archived\n{}",
+                pg.server_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn dumpall(pg: &Pg) -> String {
         let out = run_ok(pg.client("pg_dumpall").arg("--no-unlogged-table-data"));
         out.lines()
@@ -233,7 +254,7 @@ fn full_backup_restore_and_show() {
     pg.pgbench(&["-t", "200", "-n", "postgres"]);
     let dump = Env::dumpall(pg);
     pg.psql("postgres", "select pg_create_restore_point('after_full')");
-    pg.switch_and_wait_archived();
+    env.switch_and_wait(pg);
 
     let rows = env.show();
     assert_eq!(rows.len(), 1);
@@ -411,7 +432,7 @@ fn page_and_delta_chain_restores_every_point() {
     let b4 = env.backup("delta", &[]);
     pg.pgbench(&["-t", "100", "-n", "postgres"]);
     points.push(mark(&env, b4.clone(), "rp4"));
-    pg.switch_and_wait_archived();
+    env.switch_and_wait(pg);
 
     let rows = env.show();
     let by_id = |id: &str| rows.iter().find(|b| b["id"] == id).unwrap().clone();
@@ -514,7 +535,7 @@ fn validate_marks_corrupt_and_orphan() {
     let full = env.backup("full", &["--compress", "lz4"]);
     pg.pgbench(&["-t", "100", "-n", "postgres"]);
     let page = env.backup("page", &[]);
-    pg.switch_and_wait_archived();
+    env.switch_and_wait(pg);
     ok(
         walnut(&["validate", "-B", env.cat(), "--instance", "db", "-i", &page]),
         "validate intact chain",
@@ -559,7 +580,7 @@ fn page_backup_with_missing_segment_fails_clearly() {
     let full = env.backup("full", &[]);
     for _ in 0..3 {
         pg.pgbench(&["-t", "100", "-n", "postgres"]);
-        pg.switch_and_wait_archived();
+        env.switch_and_wait(pg);
     }
     let start: walnut::Lsn = env.show()[0]["start_lsn"]
         .as_str()
@@ -612,7 +633,7 @@ fn restore_to_xid_and_time_targets() {
         "postgres",
         "insert into tx values (3, txid_current()::text)",
     );
-    pg.switch_and_wait_archived();
+    env.switch_and_wait(pg);
     let cases: [(&str, Vec<&str>, &str); 3] = [
         (
             "xid-incl",
@@ -664,7 +685,7 @@ fn page_backup_after_promotion_on_new_timeline() {
     env.pg
         .psql("postgres", "select pg_create_restore_point('split')");
     env.pg.pgbench(&["-t", "200", "-n", "postgres"]);
-    env.pg.switch_and_wait_archived();
+    env.switch_and_wait(&env.pg);
     env.pg.stop();
     // the restored server replaces the old primary and keeps archiving to the catalog
     let mut p2 = env.restore_and_start(
@@ -704,7 +725,7 @@ fn page_backup_after_promotion_on_new_timeline() {
     let page = ok(out, "PAGE on timeline 2").trim().to_string();
     let dump = Env::dumpall(&p2);
     p2.psql("postgres", "select pg_create_restore_point('tl2')");
-    p2.switch_and_wait_archived();
+    env.switch_and_wait(&p2);
     let row = env
         .show()
         .into_iter()
