@@ -553,6 +553,17 @@ fn validate_marks_corrupt_and_orphan() {
     let mid = b.len() / 2;
     b[mid] ^= 0x01;
     std::fs::write(&stored, &b).unwrap();
+    // a restore that meets the damage fails and leaves no startable data directory
+    let half = env.dir.path().join("half");
+    fails_with(
+        env.restore_cmd(&half, &["-i", &full]),
+        "restore from a damaged file",
+        &[&rel, "checksum"],
+    );
+    assert!(
+        !half.join("global/pg_control").exists(),
+        "an interrupted restore left pg_control"
+    );
     let out = walnut(&["validate", "-B", env.cat(), "--instance", "db"]);
     fails_with(out, "validate", &[&rel]);
     assert_eq!(env.status(&full), "CORRUPT");
