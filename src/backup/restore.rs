@@ -686,6 +686,19 @@ mod chain_tests {
         e
     }
 
+    fn fe_template(size: u64) -> FileEntry {
+        FileEntry {
+            path: "base/5/100".into(),
+            storage: Storage::Full,
+            size,
+            stored_size: size,
+            crc32c: 0,
+            changed_blocks: None,
+            file_blocks: None,
+            limit_block: None,
+        }
+    }
+
     /// Rebuilds base/5/100 from `chain` (newest first) and returns its pages' tags.
     fn rebuild(
         catalog: &Catalog,
@@ -767,7 +780,36 @@ mod chain_tests {
         let e3 = inc(&catalog, &p3, &[], 3, None);
         let t3 = d.path().join("t3");
         assert_eq!(
-            rebuild(&catalog, vec![&p3, &p2, &p1, &f], vec![e3, e2, e1, fe], &t3),
+            rebuild(
+                &catalog,
+                vec![&p3, &p2, &p1, &f],
+                vec![e3.clone(), e2.clone(), e1.clone(), fe],
+                &t3
+            ),
+            vec![30, 2, 20]
+        );
+        // the same chain over an LZ4-compressed FULL
+        let fz = meta("FZ", Mode::Full, None);
+        let mut enc = lz4_flex::frame::FrameEncoder::new(Vec::new());
+        std::io::Write::write_all(&mut enc, &full_bytes).unwrap();
+        let z = enc.finish().unwrap();
+        let fze = FileEntry {
+            storage: Storage::FullLz4,
+            stored_size: z.len() as u64,
+            crc32c: crc32c::crc32c(&z),
+            ..fe_template(full_bytes.len() as u64)
+        };
+        let zp = fz.dir(&catalog).join(fze.stored_path());
+        std::fs::create_dir_all(zp.parent().unwrap()).unwrap();
+        std::fs::write(&zp, &z).unwrap();
+        let t4 = d.path().join("t4");
+        assert_eq!(
+            rebuild(
+                &catalog,
+                vec![&p3, &p2, &p1, &fz],
+                vec![e3, e2, e1, fze],
+                &t4
+            ),
             vec![30, 2, 20]
         );
     }
