@@ -26,8 +26,8 @@
 //! ```
 //!
 //! An archived `*.lz4` file is a small JSON header in an LZ4 *skippable frame* (original
-//! name, size, CRC-32C, system id) followed by one LZ4 frame with a content size and an xxh32
-//! content checksum (see [`store`]). `lz4 -d F.lz4 F` restores the original and checks it;
+//! name, size, CRC-32C, system id) followed by LZ4 frames (two halves compressed in parallel)
+//! with content sizes and xxh32 content checksums (see [`store`]). `lz4 -d F.lz4 F` restores the original and checks it;
 //! `head -c 300 F.lz4` shows the header.
 //!
 //! # Guarantees
@@ -45,6 +45,7 @@
 //!   to recovery, never "not found".
 
 pub mod fetch;
+pub mod mapped;
 pub mod push;
 pub mod show;
 pub mod store;

@@ -250,7 +250,7 @@ pub fn push_file(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<Push
             seg_size >> 20
         )));
     }
-    let data = fs::read(src).ctx("read", src)?;
+    let data = super::mapped::FileBytes::open(src)?;
     match name {
         WalFileName::Segment { .. } => {
             if data.len() as u64 != seg_size as u64 {
@@ -307,36 +307,35 @@ pub fn push_file(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<Push
     // frame on another, CRC + the first half's frame on this one.
     let bytes: &[u8] = &data;
     let what = name.to_string();
-    let (encoded, built): (Result<Vec<u8>>, Option<Result<SegmentIndex>>) =
-        std::thread::scope(|s| {
-            let ix = segno.map(|segno| {
-                s.spawn(move || ar.build_index_on_arrival(name.tli(), segno, bytes, src))
-            });
-            let (first, second) = bytes.split_at(bytes.len() / 2);
-            let what2 = what.clone();
-            let second_frame = s.spawn(move || store::compress_frame(second, &what2));
-            let mut meta = meta;
-            meta.crc32c = crc32c::crc32c(bytes);
-            let enc = store::compress_frame(first, &what).and_then(|f1| {
-                let f2 = second_frame.join().unwrap_or_else(|_| {
-                    Err(Error::invalid(format!(
-                        "{what}: compression thread panicked"
-                    )))
-                })?;
-                store::assemble(&meta, &[f1, f2])
-            });
-            let built = ix.map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(Error::corruption(format!(
-                        "{name}: the WAL decoder panicked"
-                    )))
-                })
-            });
-            (enc, built)
+    type Parts = (Vec<u8>, Vec<u8>, Vec<u8>);
+    let (encoded, built): (Result<Parts>, Option<Result<SegmentIndex>>) = std::thread::scope(|s| {
+        let ix = segno
+            .map(|segno| s.spawn(move || ar.build_index_on_arrival(name.tli(), segno, bytes, src)));
+        let (first, second) = bytes.split_at(bytes.len() / 2);
+        let what2 = what.clone();
+        let second_frame = s.spawn(move || store::compress_frame(second, &what2));
+        let mut meta = meta;
+        meta.crc32c = crc32c::crc32c(bytes);
+        let enc = store::compress_frame(first, &what).and_then(|f1| {
+            let f2 = second_frame.join().unwrap_or_else(|_| {
+                Err(Error::invalid(format!(
+                    "{what}: compression thread panicked"
+                )))
+            })?;
+            Ok((store::header(&meta)?, f1, f2))
         });
+        let built = ix.map(|h| {
+            h.join().unwrap_or_else(|_| {
+                Err(Error::corruption(format!(
+                    "{name}: the WAL decoder panicked"
+                )))
+            })
+        });
+        (enc, built)
+    });
     let encoded = encoded?;
     let t_cpu = t0.elapsed();
-    let outcome = match durable::write_file(&dest, &encoded, Replace::No) {
+    let outcome = match write_parts(&dest, &encoded) {
         Ok(()) => PushOutcome::Archived,
         // Someone archived the same name meanwhile (a concurrent push): compare.
         Err(e) if e.kind() == ErrorKind::Conflict => compare_existing(ar, name, &data)?,
@@ -358,6 +357,16 @@ pub fn push_file(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<Push
         );
     }
     Ok(outcome)
+}
+
+/// Writes header + frames durably under `dest` without assembling them in memory first.
+fn write_parts(dest: &Path, (head, f1, f2): &(Vec<u8>, Vec<u8>, Vec<u8>)) -> Result<()> {
+    use std::io::Write;
+    let mut f = durable::DurableFile::create(dest)?;
+    for part in [head, f1, f2] {
+        f.write_all(part).ctx("write", dest)?;
+    }
+    f.commit(Replace::No)
 }
 
 /// The archive already holds `name`: identical content is success, anything else an error.

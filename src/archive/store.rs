@@ -1,11 +1,13 @@
 //! One archived file: a small JSON metadata header in an LZ4 *skippable frame*, followed by
-//! one standard LZ4 frame holding the original bytes.
+//! one or more standard LZ4 frames whose concatenated contents are the original bytes
+//! (walnut-archive writes two, compressed in parallel).
 //!
 //! ```text
 //! Format: {
 //!   skippable frame: magic 0x184D2A5A u32 LE | length u32 LE | FileMeta as JSON (length bytes)
-//!   LZ4 frame:       magic 0x184D2204 | FLG/BD (content size + content checksum flags)
-//!                    | content size u64 | HC | blocks ... | EndMark | xxh32 of the content
+//!   LZ4 frame(s):    magic 0x184D2204 | FLG/BD (independent 64 KiB blocks, content size,
+//!                    content checksum) | content size u64 | HC | blocks ... | EndMark
+//!                    | xxh32 of the frame's content
 //! }
 //! ```
 //!
@@ -71,15 +73,20 @@ pub fn compress_frame(data: &[u8], what: &str) -> Result<Vec<u8>> {
 
 /// The file bytes: metadata header followed by the frames, in order.
 pub fn assemble(meta: &FileMeta, frames: &[Vec<u8>]) -> Result<Vec<u8>> {
-    let json = serde_json::to_vec(meta)?;
-    let total: usize = frames.iter().map(Vec::len).sum();
-    let mut out = Vec::with_capacity(total + json.len() + 8);
-    out.extend_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
-    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
-    out.extend_from_slice(&json);
+    let mut out = header(meta)?;
     for f in frames {
         out.extend_from_slice(f);
     }
+    Ok(out)
+}
+
+/// The metadata header (skippable frame) alone; the frames follow it in the file.
+pub fn header(meta: &FileMeta) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec(meta)?;
+    let mut out = Vec::with_capacity(json.len() + 8);
+    out.extend_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
+    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    out.extend_from_slice(&json);
     Ok(out)
 }
 
