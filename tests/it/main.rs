@@ -2,6 +2,7 @@
 mod harness;
 
 mod archive;
+mod backup;
 mod pgcontrol;
 mod wal_decoder;
 

@@ -1,0 +1,272 @@
+//! The backup manifest: one line per directory and file of a backup.
+//!
+//! ```text
+//! Format (text, one record per line, '\n'-terminated): {
+//!   "WALNUT-MANIFEST 1"                      magic and version
+//!   <FileEntry as one-line JSON>*            in the order they were written
+//!   "END <entries> <crc32c as 8 hex digits>" entry count; CRC-32C of every byte before it
+//! }
+//! ```
+//! Written and read as a stream, so a backup of millions of files never holds its file list
+//! in memory to write it.
+
+use std::io::{BufRead, Write};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+
+pub const MAGIC_LINE: &str = "WALNUT-MANIFEST";
+pub const VERSION: u32 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Storage {
+    /// A directory (no content).
+    Dir,
+    /// The file as is.
+    Full,
+    /// The whole file as an LZ4 frame.
+    FullLz4,
+    /// An incremental file (see `incfile`).
+    Incremental,
+}
+
+/// One directory or file of a backup.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Logical path relative to PGDATA (`pg_tblspc/<oid>/...` for tablespaces).
+    pub path: String,
+    pub storage: Storage,
+    /// Bytes of the source file when it was copied.
+    #[serde(default)]
+    pub size: u64,
+    /// Bytes stored in the backup.
+    #[serde(default)]
+    pub stored_size: u64,
+    /// CRC-32C of the stored bytes.
+    #[serde(default)]
+    pub crc32c: u32,
+    /// Incremental files: pages stored, the file's length in blocks and the limit block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed_blocks: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_blocks: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit_block: Option<u32>,
+}
+
+impl FileEntry {
+    pub fn dir(path: String) -> FileEntry {
+        FileEntry {
+            path,
+            storage: Storage::Dir,
+            size: 0,
+            stored_size: 0,
+            crc32c: 0,
+            changed_blocks: None,
+            file_blocks: None,
+            limit_block: None,
+        }
+    }
+
+    /// Where the content is stored, relative to the backup directory.
+    pub fn stored_path(&self) -> String {
+        stored_path(&self.path, self.storage)
+    }
+}
+
+pub fn stored_path(path: &str, storage: Storage) -> String {
+    match storage {
+        Storage::Dir | Storage::Full => format!("database/{path}"),
+        Storage::FullLz4 => format!("database/{path}.lz4"),
+        Storage::Incremental => format!("database/{path}.winc"),
+    }
+}
+
+/// Streams entries into a writer.
+pub struct ManifestWriter<W: Write> {
+    out: W,
+    crc: u32,
+    n: u64,
+}
+
+impl<W: Write> ManifestWriter<W> {
+    pub fn new(mut out: W) -> std::io::Result<ManifestWriter<W>> {
+        let first = format!("{MAGIC_LINE} {VERSION}\n");
+        out.write_all(first.as_bytes())?;
+        Ok(ManifestWriter {
+            out,
+            crc: crc32c::crc32c(first.as_bytes()),
+            n: 0,
+        })
+    }
+
+    pub fn add(&mut self, e: &FileEntry) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(e).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        self.out.write_all(&line)?;
+        self.crc = crc32c::crc32c_append(self.crc, &line);
+        self.n += 1;
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> std::io::Result<W> {
+        let last = format!("END {} {:08x}\n", self.n, self.crc);
+        self.out.write_all(last.as_bytes())?;
+        Ok(self.out)
+    }
+}
+
+#[allow(clippy::explicit_counter_loop)]
+/// Reads a manifest, calling `f` per entry; verifies version, count and CRC. Entries are
+/// delivered before the CRC is known to match: callers must discard work on error.
+pub fn read(
+    r: impl BufRead,
+    what: &str,
+    mut f: impl FnMut(FileEntry) -> Result<()>,
+) -> Result<u64> {
+    let bad = |m: String| Error::corruption(format!("{what}: {m}"));
+    let mut lines = r.split(b'\n');
+    let first = lines
+        .next()
+        .ok_or_else(|| bad("empty manifest".into()))?
+        .map_err(|e| bad(e.to_string()))?;
+    let first_s = String::from_utf8_lossy(&first);
+    let version = first_s
+        .strip_prefix(MAGIC_LINE)
+        .map(str::trim)
+        .ok_or_else(|| bad("not a walnut manifest (bad magic)".into()))?;
+    if version != VERSION.to_string() {
+        return Err(bad(format!(
+            "manifest format version {version} is not supported (this walnut reads version {VERSION})"
+        )));
+    }
+    let mut crc = crc32c::crc32c(&first);
+    crc = crc32c::crc32c_append(crc, b"\n");
+    let mut n = 0u64;
+    for line in lines {
+        let line = line.map_err(|e| bad(e.to_string()))?;
+        if let Some(rest) = line.strip_prefix(b"END ") {
+            let rest = String::from_utf8_lossy(rest);
+            let mut it = rest.split_whitespace();
+            let count: u64 = it
+                .next()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| bad("bad END line".into()))?;
+            let stored = it
+                .next()
+                .and_then(|s| u32::from_str_radix(s, 16).ok())
+                .ok_or_else(|| bad("bad END line".into()))?;
+            if stored != crc {
+                return Err(bad(format!(
+                    "checksum mismatch (stored {stored:08x}, computed {crc:08x})"
+                )));
+            }
+            if count != n {
+                return Err(bad(format!("END says {count} entries, found {n}")));
+            }
+            return Ok(n);
+        }
+        crc = crc32c::crc32c_append(crc, &line);
+        crc = crc32c::crc32c_append(crc, b"\n");
+        let e: FileEntry =
+            serde_json::from_slice(&line).map_err(|e| bad(format!("entry {}: {e}", n + 1)))?;
+        n += 1;
+        f(e)?;
+    }
+    Err(bad("truncated (no END line)".into()))
+}
+
+/// Reads a manifest file into memory.
+pub fn read_file(path: &Path) -> Result<Vec<FileEntry>> {
+    let f = std::fs::File::open(path).ctx("open", path)?;
+    let mut v = Vec::new();
+    read(
+        std::io::BufReader::new(f),
+        &path.display().to_string(),
+        |e| {
+            v.push(e);
+            Ok(())
+        },
+    )?;
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<FileEntry> {
+        vec![
+            FileEntry::dir("base".into()),
+            FileEntry {
+                path: "base/5/16384".into(),
+                storage: Storage::Incremental,
+                size: 16384,
+                stored_size: 8240,
+                crc32c: 0xdeadbeef,
+                changed_blocks: Some(1),
+                file_blocks: Some(2),
+                limit_block: Some(2),
+            },
+        ]
+    }
+
+    fn write(entries: &[FileEntry]) -> Vec<u8> {
+        let mut w = ManifestWriter::new(Vec::new()).unwrap();
+        for e in entries {
+            w.add(e).unwrap();
+        }
+        w.finish().unwrap()
+    }
+
+    fn read_back(b: &[u8]) -> Result<Vec<FileEntry>> {
+        let mut v = Vec::new();
+        read(b, "m", |e| {
+            v.push(e);
+            Ok(())
+        })?;
+        Ok(v)
+    }
+
+    #[test]
+    fn round_trip() {
+        let s = sample();
+        assert_eq!(read_back(&write(&s)).unwrap(), s);
+    }
+
+    #[test]
+    fn golden() {
+        let b = write(&sample()[..1]);
+        let text = String::from_utf8(b.clone()).unwrap();
+        let body = "WALNUT-MANIFEST 1\n{\"path\":\"base\",\"storage\":\"dir\",\"size\":0,\"stored_size\":0,\"crc32c\":0}\n";
+        assert_eq!(
+            text,
+            format!("{body}END 1 {:08x}\n", crc32c::crc32c(body.as_bytes()))
+        );
+    }
+
+    #[test]
+    fn flipped_byte_fails() {
+        let good = write(&sample());
+        let pos = good.iter().position(|&c| c == b'1').unwrap() + 30;
+        let mut b = good.clone();
+        b[pos] ^= 0x01;
+        assert_eq!(
+            read_back(&b).unwrap_err().kind(),
+            crate::ErrorKind::Corruption
+        );
+        // a truncated manifest is refused too
+        assert!(read_back(&good[..good.len() - 20]).is_err());
+    }
+
+    #[test]
+    fn unknown_version() {
+        let mut b = write(&sample());
+        b[16] = b'7';
+        let e = read_back(&b).unwrap_err();
+        assert!(e.to_string().contains("version 7 is not supported"), "{e}");
+    }
+}

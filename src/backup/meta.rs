@@ -1,0 +1,347 @@
+//! Backup metadata (`backups/ID/backup.json`) and the list of an instance's backups.
+//!
+//! A backup directory holds:
+//! ```text
+//! backups/ID/backup.json      BackupMeta (status RUNNING first, OK written last)
+//! backups/ID/manifest         every directory and file (see manifest.rs)
+//! backups/ID/database/...     the files: whole, whole LZ4 (.lz4) or incremental (.winc)
+//! backups/ID/backup_label     from pg_backup_stop
+//! backups/ID/tablespace_map   from pg_backup_stop, when there are tablespaces
+//! ```
+//! `status` is the commit record: a backup is usable only when it says OK, which is written
+//! after every other file of the backup and the WAL it needs are durable.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::Catalog;
+use crate::durable::{self, Replace};
+use crate::error::{Error, IoContext, Result};
+use crate::types::{Lsn, TimeLineId};
+
+pub const META_FILE: &str = "backup.json";
+pub const META_FORMAT: u32 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Mode {
+    Full,
+    Page,
+    Delta,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Full => "FULL",
+            Mode::Page => "PAGE",
+            Mode::Delta => "DELTA",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Status {
+    Running,
+    Ok,
+    Error,
+    Corrupt,
+    Orphan,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Status::Running => "RUNNING",
+            Status::Ok => "OK",
+            Status::Error => "ERROR",
+            Status::Corrupt => "CORRUPT",
+            Status::Orphan => "ORPHAN",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupMeta {
+    pub format: u32,
+    pub id: String,
+    pub instance: String,
+    pub mode: Mode,
+    pub status: Status,
+    pub parent_id: Option<String>,
+    pub timeline: TimeLineId,
+    pub start_lsn: Lsn,
+    pub stop_lsn: Option<Lsn>,
+    /// Parent's start LSN (incremental backups): the changed-block range starts there.
+    pub parent_start_lsn: Option<Lsn>,
+    /// UTC, "YYYY-MM-DD HH:MM:SS+00".
+    pub start_time: String,
+    pub end_time: Option<String>,
+    /// Server time after the backup stopped: the earliest recovery_target_time this backup
+    /// can reach.
+    pub recovery_time: Option<String>,
+    /// Unix seconds of `recovery_time`.
+    pub recovery_epoch: Option<i64>,
+    /// The next transaction id when the backup stopped (`pg_snapshot_xmax`): transactions
+    /// from this one on committed after the backup's consistency point.
+    pub recovery_xid: Option<u64>,
+    pub data_bytes: u64,
+    pub files: u64,
+    pub compress: String,
+    pub pg_major: u32,
+    pub system_id: u64,
+    pub block_size: u32,
+    pub relseg_size: u32,
+    pub wal_segment_size: u32,
+    pub data_checksums: bool,
+    /// Process that runs the backup while RUNNING (a RUNNING backup whose process is gone
+    /// is shown as ERROR).
+    pub pid: Option<u32>,
+    pub error: Option<String>,
+}
+
+impl BackupMeta {
+    pub fn dir(&self, catalog: &Catalog) -> PathBuf {
+        catalog.backups_dir(&self.instance).join(&self.id)
+    }
+
+    /// Writes backup.json atomically and durably.
+    pub fn save(&self, catalog: &Catalog) -> Result<()> {
+        let mut json = serde_json::to_vec_pretty(self)?;
+        json.push(b'\n');
+        durable::write_file(&self.dir(catalog).join(META_FILE), &json, Replace::Yes)
+    }
+
+    /// The status to show and to decide on: RUNNING without a live process is ERROR.
+    pub fn effective_status(&self) -> Status {
+        if self.status == Status::Running {
+            let alive = self.pid.is_some_and(|p| {
+                p == std::process::id()
+                    || nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), None).is_ok()
+            });
+            if !alive {
+                return Status::Error;
+            }
+        }
+        self.status
+    }
+}
+
+pub fn load(path: &Path) -> Result<BackupMeta> {
+    let b = std::fs::read(path).ctx("read", path)?;
+    let m: BackupMeta = serde_json::from_slice(&b)
+        .map_err(|e| Error::corruption(format!("{}: {e}", path.display())))?;
+    if m.format != META_FORMAT {
+        return Err(Error::corruption(format!(
+            "{}: backup metadata format {} is not supported (this walnut reads {META_FORMAT})",
+            path.display(),
+            m.format
+        )));
+    }
+    Ok(m)
+}
+
+/// Every backup of an instance, oldest first (by start LSN, then id).
+pub fn list(catalog: &Catalog, instance: &str) -> Result<Vec<BackupMeta>> {
+    let dir = catalog.backups_dir(instance);
+    let mut v = Vec::new();
+    let rd = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(v),
+        Err(e) => return Err(Error::io("read directory", &dir, e)),
+    };
+    for e in rd {
+        let e = e.ctx("read directory", &dir)?;
+        let p = e.path().join(META_FILE);
+        if p.is_file() {
+            match load(&p) {
+                Ok(m) => v.push(m),
+                Err(err) => log::warn!("skipping backup: {err}"),
+            }
+        }
+    }
+    v.sort_by(|a, b| (a.start_lsn, &a.start_time, &a.id).cmp(&(b.start_lsn, &b.start_time, &b.id)));
+    Ok(v)
+}
+
+pub fn find<'a>(list: &'a [BackupMeta], id: &str) -> Result<&'a BackupMeta> {
+    list.iter()
+        .find(|b| b.id == id)
+        .ok_or_else(|| Error::not_found(format!("backup {id} not found")))
+}
+
+/// The chain of `id`: the backup itself, then its parent, ... down to the FULL backup.
+pub fn chain<'a>(list: &'a [BackupMeta], id: &str) -> Result<Vec<&'a BackupMeta>> {
+    let mut out = vec![find(list, id)?];
+    while let Some(p) = out.last().and_then(|b| b.parent_id.clone()) {
+        if out.len() > 10_000 {
+            return Err(Error::corruption(format!("backup chain of {id} loops")));
+        }
+        let parent = find(list, &p).map_err(|_| {
+            Error::not_found(format!("backup {id} needs parent {p}, which is missing"))
+        })?;
+        out.push(parent);
+    }
+    if out.last().map(|b| b.mode) != Some(Mode::Full) {
+        return Err(Error::corruption(format!(
+            "backup chain of {id} does not end in a FULL backup"
+        )));
+    }
+    Ok(out)
+}
+
+/// Whether `b` descends from `ancestor` (or is it).
+pub fn descends_from(list: &[BackupMeta], b: &BackupMeta, ancestor: &str) -> bool {
+    let mut cur = Some(b);
+    let mut steps = 0;
+    while let Some(c) = cur {
+        if c.id == ancestor {
+            return true;
+        }
+        steps += 1;
+        if steps > 10_000 {
+            return false;
+        }
+        cur = c
+            .parent_id
+            .as_deref()
+            .and_then(|p| list.iter().find(|x| x.id == p));
+    }
+    false
+}
+
+/// Unix seconds to "YYYY-MM-DD HH:MM:SS+00".
+pub fn format_utc(secs: i64) -> String {
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}+00",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day) (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z.rem_euclid(146097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = if m > 2 { m - 3 } else { m + 9 } as i64;
+    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146097 + doe - 719468
+}
+
+/// Parses "YYYY-MM-DD[ T]HH:MM:SS[.frac][Z|UTC|+HH[:MM]|-HH[:MM]]" (UTC when no zone) to
+/// Unix seconds (fraction dropped, rounded down).
+pub fn parse_time(s: &str) -> Result<i64> {
+    let bad = || {
+        Error::invalid(format!(
+            "cannot parse time '{s}' (expected YYYY-MM-DD HH:MM:SS[+TZ])"
+        ))
+    };
+    let s = s.trim();
+    let date = s.get(0..10).ok_or_else(bad)?;
+    let mut dp = date.split('-');
+    let y: i64 = dp.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
+    let mo: u32 = dp.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
+    let d: u32 = dp.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
+    let rest = s.get(10..).ok_or_else(bad)?.trim_start_matches([' ', 'T']);
+    let hms = rest.get(0..8).ok_or_else(bad)?;
+    let mut tp = hms.split(':');
+    let h: i64 = tp.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
+    let mi: i64 = tp.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
+    let se: i64 = tp.next().and_then(|x| x.parse().ok()).ok_or_else(bad)?;
+    let mut zone = rest.get(8..).ok_or_else(bad)?;
+    if let Some(z) = zone.strip_prefix('.') {
+        zone = z.trim_start_matches(|c: char| c.is_ascii_digit());
+    }
+    let zone = zone.trim();
+    let offset = match zone {
+        "" | "Z" | "UTC" | "GMT" => 0,
+        z if z.starts_with('+') || z.starts_with('-') => {
+            let sign = if z.starts_with('-') { -1 } else { 1 };
+            let body = &z[1..];
+            let (hh, mm) = match body.split_once(':') {
+                Some((a, b)) => (a, b),
+                None if body.len() == 4 => (&body[0..2], &body[2..4]),
+                None => (body, "0"),
+            };
+            let hh: i64 = hh.parse().map_err(|_| bad())?;
+            let mm: i64 = mm.parse().map_err(|_| bad())?;
+            sign * (hh * 3600 + mm * 60)
+        }
+        _ => return Err(bad()),
+    };
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+        return Err(bad());
+    }
+    Ok(days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + se - offset)
+}
+
+/// A new backup id: the start time in base 36 (as pg_probackup does), made unique.
+pub fn new_id(catalog: &Catalog, instance: &str, now: i64) -> String {
+    let mut n = now.max(0) as u64;
+    let mut s = String::new();
+    loop {
+        let digit = (n % 36) as u32;
+        s.insert(
+            0,
+            std::char::from_digit(digit, 36)
+                .unwrap_or('0')
+                .to_ascii_uppercase(),
+        );
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    let base = s;
+    let mut id = base.clone();
+    let mut k = 1;
+    while catalog.backups_dir(instance).join(&id).exists() {
+        k += 1;
+        id = format!("{base}-{k}");
+    }
+    id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times() {
+        assert_eq!(format_utc(0), "1970-01-01 00:00:00+00");
+        assert_eq!(format_utc(1_795_458_811), "2026-11-23 18:33:31+00");
+        assert_eq!(parse_time("2026-11-23 18:33:31+00").unwrap(), 1_795_458_811);
+        assert_eq!(
+            parse_time("2026-11-23 19:33:31.123456+01").unwrap(),
+            1_795_458_811
+        );
+        assert_eq!(parse_time("2026-11-23T18:33:31Z").unwrap(), 1_795_458_811);
+        assert_eq!(
+            parse_time("2026-11-23 13:33:31-05:00").unwrap(),
+            1_795_458_811
+        );
+        assert!(parse_time("yesterday").is_err());
+        assert!(parse_time("2026-13-01 00:00:00").is_err());
+    }
+}

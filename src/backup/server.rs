@@ -1,0 +1,248 @@
+//! The SQL side of a backup: connecting, checking the server, start and stop.
+//!
+//! The session that starts a non-exclusive backup must stay open and stop it itself; a
+//! [`Session`] owns that connection.
+
+use std::time::Duration;
+
+use crate::catalog::InstanceConfig;
+use crate::cli::ConnArgs;
+use crate::error::{Error, Result};
+use crate::types::{Lsn, TimeLineId};
+
+pub struct Session {
+    client: postgres::Client,
+    pub major: u32,
+}
+
+/// Connection settings: arguments first, then PG* environment variables, then the
+/// instance's stored configuration.
+pub fn connect(args: &ConnArgs, cfg: &InstanceConfig) -> Result<Session> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let host = args
+        .host
+        .clone()
+        .or_else(|| env("PGHOST"))
+        .or_else(|| cfg.host.clone())
+        .unwrap_or_else(|| "/var/run/postgresql".to_string());
+    let port = args
+        .port
+        .or_else(|| env("PGPORT").and_then(|p| p.parse().ok()))
+        .or(cfg.port)
+        .unwrap_or(5432);
+    let user = args
+        .user
+        .clone()
+        .or_else(|| env("PGUSER"))
+        .or_else(|| cfg.user.clone())
+        .unwrap_or_else(|| "postgres".to_string());
+    let dbname = args
+        .dbname
+        .clone()
+        .or_else(|| env("PGDATABASE"))
+        .or_else(|| cfg.dbname.clone())
+        .unwrap_or_else(|| "postgres".to_string());
+    let mut c = postgres::Config::new();
+    if host.starts_with('/') {
+        c.host_path(&host);
+    } else {
+        c.host(&host);
+    }
+    c.port(port)
+        .user(&user)
+        .dbname(&dbname)
+        .application_name("walnut backup")
+        .connect_timeout(Duration::from_secs(30));
+    if let Some(pw) = env("PGPASSWORD") {
+        c.password(pw);
+    }
+    let mut client = c.connect(postgres::NoTls).map_err(|e| {
+        Error::server(format!(
+            "could not connect to server at host \"{host}\" port {port} as user \"{user}\": {e}"
+        ))
+    })?;
+    let v: String = client
+        .query_one("select current_setting('server_version_num')", &[])?
+        .get(0);
+    let num: u32 = v
+        .parse()
+        .map_err(|_| Error::server(format!("unexpected server_version_num '{v}'")))?;
+    Ok(Session {
+        client,
+        major: num / 10000,
+    })
+}
+
+fn parse_lsn(s: &str) -> Result<Lsn> {
+    s.parse()
+}
+
+/// What `pg_backup_stop` returns.
+pub struct StopResult {
+    pub lsn: Lsn,
+    pub labelfile: String,
+    pub spcmapfile: String,
+}
+
+impl Session {
+    pub fn setting(&mut self, name: &str) -> Result<String> {
+        let r = self
+            .client
+            .query_one("select current_setting($1)", &[&name])?;
+        Ok(r.get(0))
+    }
+
+    pub fn system_identifier(&mut self) -> Result<u64> {
+        let r = self.client.query_one(
+            "select system_identifier::text from pg_control_system()",
+            &[],
+        )?;
+        let s: String = r.get(0);
+        s.parse()
+            .map_err(|_| Error::server(format!("unexpected system identifier '{s}'")))
+    }
+
+    pub fn in_recovery(&mut self) -> Result<bool> {
+        Ok(self
+            .client
+            .query_one("select pg_is_in_recovery()", &[])?
+            .get(0))
+    }
+
+    /// Refuses servers whose settings cannot give a usable backup.
+    pub fn check(&mut self, cfg: &InstanceConfig, catalog_path: &std::path::Path) -> Result<()> {
+        if !(13..=18).contains(&self.major) {
+            return Err(Error::server(format!(
+                "PostgreSQL {} is not supported (13 to 18 are)",
+                self.major
+            )));
+        }
+        if self.major != cfg.pg_major {
+            return Err(Error::server(format!(
+                "server is PostgreSQL {}, instance \"{}\" was registered as {}",
+                self.major, cfg.name, cfg.pg_major
+            )));
+        }
+        let sysid = self.system_identifier()?;
+        if sysid != cfg.system_id {
+            return Err(Error::server(format!(
+                "server's system identifier {sysid} is not instance \"{}\"'s ({}): wrong server",
+                cfg.name, cfg.system_id
+            )));
+        }
+        let wal_level = self.setting("wal_level")?;
+        if wal_level != "replica" && wal_level != "logical" {
+            return Err(Error::server(format!(
+                "wal_level is '{wal_level}': backups need 'replica' or 'logical'"
+            )));
+        }
+        if self.in_recovery()? {
+            return Err(Error::server(
+                "the server is in recovery: backups from a standby are not supported",
+            ));
+        }
+        let mode = self.setting("archive_mode")?;
+        if mode != "on" && mode != "always" {
+            return Err(Error::server(format!(
+                "archive_mode is '{mode}': set archive_mode = on and archive_command to walnut-archive"
+            )));
+        }
+        let cmd = self.setting("archive_command")?;
+        let canonical =
+            std::fs::canonicalize(catalog_path).unwrap_or_else(|_| catalog_path.to_path_buf());
+        let mentions_catalog = cmd.contains(&*catalog_path.to_string_lossy())
+            || cmd.contains(&*canonical.to_string_lossy());
+        if !cmd.contains("walnut-archive") || !mentions_catalog || !cmd.contains(&cfg.name) {
+            return Err(Error::server(format!(
+                "archive_command '{cmd}' does not archive to this catalog: expected \
+                 walnut-archive -B {} --instance {} %p %f",
+                canonical.display(),
+                cfg.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Starts a non-exclusive backup with an immediate checkpoint; returns the start LSN.
+    pub fn backup_start(&mut self, label: &str) -> Result<Lsn> {
+        let sql = if self.major >= 15 {
+            "select pg_backup_start($1, true)::text"
+        } else {
+            "select pg_start_backup($1, true, false)::text"
+        };
+        let s: String = self.client.query_one(sql, &[&label])?.get(0);
+        parse_lsn(&s)
+    }
+
+    /// Timeline of the checkpoint the backup started from.
+    pub fn checkpoint_timeline(&mut self) -> Result<TimeLineId> {
+        let r = self
+            .client
+            .query_one("select timeline_id::int8 from pg_control_checkpoint()", &[])?;
+        let t: i64 = r.get(0);
+        Ok(t as TimeLineId)
+    }
+
+    /// Forces a WAL segment switch; returns the switch LSN.
+    pub fn switch_wal(&mut self) -> Result<Lsn> {
+        let s: String = self
+            .client
+            .query_one("select pg_switch_wal()::text", &[])?
+            .get(0);
+        parse_lsn(&s)
+    }
+
+    /// Stops the backup, waiting (up to `timeout`) until the server has archived the WAL
+    /// it needs.
+    pub fn backup_stop(&mut self, timeout: Duration) -> Result<StopResult> {
+        let ms = timeout.as_millis().max(1);
+        self.client
+            .batch_execute(&format!("set statement_timeout = {ms}"))?;
+        let sql = if self.major >= 15 {
+            "select lsn::text, labelfile, spcmapfile from pg_backup_stop(true)"
+        } else {
+            "select lsn::text, labelfile, spcmapfile from pg_stop_backup(false, true)"
+        };
+        let r = self.client.query_one(sql, &[]).map_err(|e| {
+            let e = Error::from(e);
+            Error::server(format!(
+                "stopping the backup failed (WAL not archived within {} s?): {e}",
+                timeout.as_secs()
+            ))
+        })?;
+        self.client.batch_execute("set statement_timeout = 0")?;
+        let lsn: String = r.get(0);
+        Ok(StopResult {
+            lsn: parse_lsn(&lsn)?,
+            labelfile: r.get(1),
+            spcmapfile: r.get::<_, Option<String>>(2).unwrap_or_default(),
+        })
+    }
+
+    /// Server clock as Unix seconds, and the next transaction id.
+    pub fn now_and_next_xid(&mut self) -> Result<(i64, u64)> {
+        let sql = if self.major >= 13 {
+            "select extract(epoch from clock_timestamp())::float8, pg_snapshot_xmax(pg_current_snapshot())::text"
+        } else {
+            "select extract(epoch from clock_timestamp())::float8, txid_snapshot_xmax(txid_current_snapshot())::text"
+        };
+        let r = self.client.query_one(sql, &[])?;
+        let t: f64 = r.get(0);
+        let x: String = r.get(1);
+        Ok((t.floor() as i64, x.parse().unwrap_or(0)))
+    }
+
+    pub fn data_directory(&mut self) -> Result<String> {
+        self.setting("data_directory")
+    }
+
+    /// Approximate size of all databases, for progress.
+    pub fn total_size(&mut self) -> Result<u64> {
+        let r = self.client.query_one(
+            "select coalesce(sum(pg_database_size(oid)),0)::int8 from pg_database",
+            &[],
+        )?;
+        let n: i64 = r.get(0);
+        Ok(n.max(0) as u64)
+    }
+}

@@ -1,0 +1,143 @@
+//! `walnut show`: the backups of one or all instances, as a table or JSON.
+
+use serde::Serialize;
+
+use crate::catalog::Catalog;
+use crate::error::Result;
+
+use super::meta::{self, BackupMeta};
+
+/// One row of `show` (JSON keys are a contract for scripts).
+#[derive(Clone, Debug, Serialize)]
+pub struct BackupRow {
+    pub instance: String,
+    pub id: String,
+    pub mode: String,
+    pub status: String,
+    pub parent_id: Option<String>,
+    pub timeline: u32,
+    pub start_lsn: String,
+    pub stop_lsn: Option<String>,
+    pub start_time: String,
+    pub end_time: Option<String>,
+    pub recovery_time: Option<String>,
+    pub recovery_xid: Option<u64>,
+    pub data_bytes: u64,
+    pub files: u64,
+    pub compress: String,
+    pub error: Option<String>,
+}
+
+impl From<&BackupMeta> for BackupRow {
+    fn from(b: &BackupMeta) -> BackupRow {
+        BackupRow {
+            instance: b.instance.clone(),
+            id: b.id.clone(),
+            mode: b.mode.to_string(),
+            status: b.effective_status().to_string(),
+            parent_id: b.parent_id.clone(),
+            timeline: b.timeline,
+            start_lsn: b.start_lsn.to_string(),
+            stop_lsn: b.stop_lsn.map(|l| l.to_string()),
+            start_time: b.start_time.clone(),
+            end_time: b.end_time.clone(),
+            recovery_time: b.recovery_time.clone(),
+            recovery_xid: b.recovery_xid,
+            data_bytes: b.data_bytes,
+            files: b.files,
+            compress: b.compress.clone(),
+            error: b.error.clone(),
+        }
+    }
+}
+
+/// Rows for `instance` (all instances when `None`), newest last; one backup with `id`.
+pub fn rows(catalog: &Catalog, instance: Option<&str>, id: Option<&str>) -> Result<Vec<BackupRow>> {
+    let names = match instance {
+        Some(i) => {
+            catalog.instance(i)?;
+            vec![i.to_string()]
+        }
+        None => catalog.instances()?,
+    };
+    let mut out = Vec::new();
+    for n in names {
+        for b in meta::list(catalog, &n)? {
+            if id.is_none_or(|i| i == b.id) {
+                out.push(BackupRow::from(&b));
+            }
+        }
+    }
+    if let Some(i) = id {
+        if out.is_empty() {
+            return Err(crate::error::Error::not_found(format!(
+                "backup {i} not found"
+            )));
+        }
+    }
+    Ok(out)
+}
+
+fn human_bytes(n: u64) -> String {
+    const U: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n}B")
+    } else {
+        format!("{v:.1}{}", U[i])
+    }
+}
+
+/// An aligned text table.
+pub fn table(rows: &[BackupRow]) -> String {
+    let header = [
+        "Instance",
+        "ID",
+        "Mode",
+        "Status",
+        "Parent",
+        "TLI",
+        "Start LSN",
+        "Stop LSN",
+        "Start time",
+        "Recovery time",
+        "Data",
+        "Files",
+    ];
+    let mut cells: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    for r in rows {
+        cells.push(vec![
+            r.instance.clone(),
+            r.id.clone(),
+            r.mode.clone(),
+            r.status.clone(),
+            r.parent_id.clone().unwrap_or_else(|| "-".into()),
+            r.timeline.to_string(),
+            r.start_lsn.clone(),
+            r.stop_lsn.clone().unwrap_or_else(|| "-".into()),
+            r.start_time.clone(),
+            r.recovery_time.clone().unwrap_or_else(|| "-".into()),
+            human_bytes(r.data_bytes),
+            r.files.to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| cells.iter().map(|row| row[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &cells {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,792 @@
+//! Backups, restores, show and validate against real PostgreSQL 15 clusters with data
+//! checksums on, archiving through walnut-archive and recovering through walnut-fetch.
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use super::harness::*;
+
+fn walnut(args: &[&str]) -> Output {
+    let mut c = as_pg(walnut_bin("walnut"));
+    c.args(args);
+    run(&mut c)
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\nstdout:{}\nstderr:{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A cluster (checksums on, 1 MiB WAL segments) archiving into a fresh catalog.
+struct Env {
+    dir: tempfile::TempDir,
+    pg: Pg,
+    cat: PathBuf,
+}
+
+impl Env {
+    fn new(name: &str) -> Env {
+        let dir = pg_tempdir(name);
+        let mut pg = Pg::init(&pg_bin(), dir.path(), "primary", &["-k", "--wal-segsize=1"]);
+        let cat = dir.path().join("cat");
+        let c = cat.to_str().unwrap();
+        ok(walnut(&["init", "-B", c]), "walnut init");
+        let data = pg.data.to_str().unwrap().to_string();
+        ok(
+            walnut(&["add-instance", "-B", c, "--instance", "db", "-D", &data]),
+            "add-instance",
+        );
+        pg.append_conf(&format!(
+            "archive_mode = on\narchive_command = '{} -B {} --instance db %p %f'\nmax_wal_size = '1GB'\ncheckpoint_timeout = '1h'",
+            walnut_bin("walnut-archive").display(),
+            cat.display()
+        ));
+        pg.start();
+        Env { dir, pg, cat }
+    }
+
+    fn cat(&self) -> &str {
+        self.cat.to_str().unwrap()
+    }
+
+    fn backup_cmd(&self, mode: &str, extra: &[&str]) -> Output {
+        self.backup_cmd_on(&self.pg, mode, extra)
+    }
+
+    fn backup_cmd_on(&self, pg: &Pg, mode: &str, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "backup",
+            "-B",
+            self.cat(),
+            "--instance",
+            "db",
+            "-b",
+            mode,
+            "-j",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        let conn = pg.conn_args();
+        let conn: Vec<&str> = conn.iter().map(String::as_str).collect();
+        args.extend_from_slice(&conn);
+        walnut(&args)
+    }
+
+    fn backup(&self, mode: &str, extra: &[&str]) -> String {
+        ok(self.backup_cmd(mode, extra), &format!("{mode} backup"))
+            .trim()
+            .to_string()
+    }
+
+    fn show(&self) -> Vec<serde_json::Value> {
+        let out = ok(
+            walnut(&[
+                "show",
+                "-B",
+                self.cat(),
+                "--instance",
+                "db",
+                "--format",
+                "json",
+            ]),
+            "show",
+        );
+        serde_json::from_str::<serde_json::Value>(&out)
+            .expect("show json")
+            .as_array()
+            .expect("array")
+            .clone()
+    }
+
+    fn status(&self, id: &str) -> String {
+        self.show()
+            .iter()
+            .find(|b| b["id"] == id)
+            .map(|b| b["status"].as_str().unwrap().to_string())
+            .unwrap_or_default()
+    }
+
+    fn restore_cmd(&self, target: &Path, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "restore",
+            "-B",
+            self.cat(),
+            "--instance",
+            "db",
+            "-D",
+            target.to_str().unwrap(),
+            "-j",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        walnut(&args)
+    }
+
+    /// Restores, sets the restored server up to run beside the primary, starts it and
+    /// waits until recovery is paused at the target.
+    fn restore_and_start(&self, name: &str, extra: &[&str], archive: bool) -> Pg {
+        let target = self.dir.path().join(name);
+        ok(self.restore_cmd(&target, extra), &format!("restore {name}"));
+        let sock = pg_mkdir(&self.dir.path().join(format!("{name}-sock")));
+        let mut r = Pg::existing(&pg_bin(), &target, &sock);
+        if !archive {
+            r.append_conf("archive_mode = off");
+        }
+        r.start();
+        r
+    }
+
+    /// pg_dumpall without unlogged data and without the random `\restrict` keys.
+    /// Switches WAL on `pg` and waits until the finished segment is in the catalog's
+    /// archive. (The harness's wait compares `last_archived_wal`, which after a backup can
+    /// be an older segment's `.backup` file and then waits for the next archival.)
+    fn switch_and_wait(&self, pg: &Pg) {
+        let seg: walnut::WalFileName = pg
+            .psql("postgres", "select pg_walfile_name(pg_switch_wal())")
+            .parse()
+            .unwrap();
+        let catalog = walnut::catalog::Catalog::open(&self.cat).unwrap();
+        let ar = walnut::archive::WalArchive::open(&catalog, "db").unwrap();
+        let t0 = Instant::now();
+        while !ar.contains(&seg) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "segment {seg} not archived\n{}",
+                pg.server_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn dumpall(pg: &Pg) -> String {
+        let out = run_ok(pg.client("pg_dumpall").arg("--no-unlogged-table-data"));
+        out.lines()
+            .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Asserts two dumps are equal, showing the first difference only.
+fn same_dump(got: &str, want: &str, what: &str) {
+    if got == want {
+        return;
+    }
+    let g: Vec<&str> = got.lines().collect();
+    let w: Vec<&str> = want.lines().collect();
+    let i = g
+        .iter()
+        .zip(&w)
+        .position(|(a, b)| a != b)
+        .unwrap_or(g.len().min(w.len()));
+    panic!(
+        "{what}: dumps differ at line {} (restored {} lines, expected {}):\nrestored: {:?}\nexpected: {:?}",
+        i + 1,
+        g.len(),
+        w.len(),
+        g.get(i),
+        w.get(i)
+    );
+}
+
+fn wait_paused(pg: &Pg) {
+    let t0 = Instant::now();
+    loop {
+        let s = pg.psql("postgres", "select pg_get_wal_replay_pause_state()");
+        if s == "paused" {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "recovery did not pause at the target (state {s})\n{}",
+            pg.server_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// amcheck on every btree index the restored server can read.
+fn amcheck_all(pg: &Pg, dbs: &[&str]) {
+    for db in dbs {
+        let n = pg.psql(
+            db,
+            "select count(bt_index_check(c.oid)) from pg_index i join pg_class c on c.oid = i.indexrelid \
+             join pg_am a on a.oid = c.relam where a.amname = 'btree' and c.relpersistence = 'p' and i.indisvalid",
+        );
+        assert!(n.parse::<u64>().unwrap() > 0, "no index checked in {db}");
+    }
+}
+
+fn pg_checksums_ok(pg: &Pg) {
+    let out = run(pg
+        .cmd("pg_checksums")
+        .arg("--check")
+        .arg("-D")
+        .arg(&pg.data));
+    assert!(
+        out.status.success(),
+        "pg_checksums failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
+}
+
+/// FULL backup of a small cluster, restored to a restore point: same data, checksums and
+/// btree indexes intact; `show` lists the backup as OK with its fields.
+#[test]
+fn full_backup_restore_and_show() {
+    let env = Env::new("bk-full");
+    let pg = &env.pg;
+    pg.psql("postgres", "create extension amcheck");
+    pg.pgbench(&["-i", "-s", "2", "-q", "postgres"]);
+    pg.psql("postgres", "create unlogged table ul(i int primary key); insert into ul select generate_series(1,1000)");
+    let id = env.backup("full", &[]);
+    pg.pgbench(&["-t", "200", "-n", "postgres"]);
+    let dump = Env::dumpall(pg);
+    pg.psql("postgres", "select pg_create_restore_point('after_full')");
+    env.switch_and_wait(pg);
+
+    let rows = env.show();
+    assert_eq!(rows.len(), 1);
+    let b = &rows[0];
+    assert_eq!(b["id"], id.as_str());
+    assert_eq!(b["mode"], "FULL");
+    assert_eq!(b["status"], "OK");
+    assert_eq!(b["timeline"], 1);
+    assert!(b["parent_id"].is_null());
+    for k in [
+        "start_lsn",
+        "stop_lsn",
+        "start_time",
+        "end_time",
+        "recovery_time",
+    ] {
+        assert!(b[k].is_string(), "{k} missing: {b}");
+    }
+    assert!(b["data_bytes"].as_u64().unwrap() > 20 << 20);
+    assert!(b["files"].as_u64().unwrap() > 500);
+    let table = ok(walnut(&["show", "-B", env.cat()]), "show text");
+    assert!(
+        table.contains(&id) && table.contains("FULL") && table.contains("OK"),
+        "{table}"
+    );
+
+    // the restored data directory holds no WAL, no postmaster.pid, only the init fork of
+    // the unlogged table
+    let mut r = env.restore_and_start(
+        "r-full",
+        &[
+            "-i",
+            &id,
+            "--recovery-target-name",
+            "after_full",
+            "--recovery-target-action",
+            "pause",
+        ],
+        false,
+    );
+    wait_paused(&r);
+    same_dump(&Env::dumpall(&r), &dump, "FULL restore");
+    amcheck_all(&r, &["postgres"]);
+    // the unlogged table: only its init fork (and the index's) were backed up
+    let ul = pg.psql("postgres", "select pg_relation_filepath('ul')");
+    let manifest =
+        std::fs::read_to_string(env.cat.join(format!("instances/db/backups/{id}/manifest")))
+            .unwrap();
+    assert!(
+        manifest.contains(&format!("\"path\":\"{ul}_init\"")),
+        "{ul}_init not in the manifest"
+    );
+    assert!(
+        !manifest.contains(&format!("\"path\":\"{ul}\"")),
+        "{ul} should not be backed up"
+    );
+    assert!(!manifest.contains("\"path\":\"postmaster.pid\""));
+    assert!(!manifest.contains("\"path\":\"pg_wal/0000"));
+    assert!(manifest.contains("\"path\":\"pg_wal/archive_status\""));
+    r.stop();
+    pg_checksums_ok(&r);
+
+    // a non-empty target is refused
+    let again = env.restore_cmd(&r.data, &["-i", &id]);
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("not empty"), "{}", stderr(&again));
+}
+
+/// One restore point: a backup, the restore point made after it, the dump at that point.
+struct Point {
+    id: String,
+    rp: String,
+    dump: String,
+    tt_count: String,
+}
+
+fn mark(env: &Env, id: String, rp: &str) -> Point {
+    let pg = &env.pg;
+    let dump = Env::dumpall(pg);
+    let tt_count = pg.psql("postgres", "select count(*) from tt");
+    pg.psql(
+        "postgres",
+        &format!("select pg_create_restore_point('{rp}')"),
+    );
+    Point {
+        id,
+        rp: rp.to_string(),
+        dump,
+        tt_count,
+    }
+}
+
+/// FULL, PAGE, PAGE, DELTA over pgbench and DDL (truncating VACUUM, TRUNCATE, VACUUM FULL,
+/// CREATE DATABASE with both strategies, DROP DATABASE, a tablespace, SET TABLESPACE,
+/// unlogged tables, VACUUM FULL pg_class, truncate-then-extend); every backup restored to
+/// the restore point made right after it gives the same dump, passes pg_checksums and
+/// amcheck, and deleted rows do not come back.
+#[test]
+fn page_and_delta_chain_restores_every_point() {
+    let env = Env::new("bk-chain");
+    let pg = &env.pg;
+    let ts = pg_mkdir(&env.dir.path().join("ts1"));
+    pg.psql("postgres", "create extension amcheck");
+    pg.psql("template1", "create extension amcheck");
+    pg.pgbench(&["-i", "-s", "2", "-q", "postgres"]);
+    pg.psql(
+        "postgres",
+        &format!("create tablespace ts1 location '{}'", ts.display()),
+    );
+    pg.psql(
+        "postgres",
+        "create table tt(i int, pad text) with (autovacuum_enabled = off); \
+         insert into tt select g, repeat('x', 200) from generate_series(1, 20000) g; create index on tt(i)",
+    );
+    pg.psql(
+        "postgres",
+        "create table trunc_me(i int); insert into trunc_me select generate_series(1, 5000)",
+    );
+    pg.psql("postgres", "create table vf(i int primary key, t text); insert into vf select g, md5(g::text) from generate_series(1, 5000) g");
+    pg.psql("postgres", "create unlogged table ul(i int primary key); insert into ul select generate_series(1, 1000)");
+    pg.psql("postgres", "create database dropme");
+    pg.psql("dropme", "create table d(i int); insert into d values (1)");
+
+    let mut points = Vec::new();
+    let b1 = env.backup("full", &[]);
+    pg.pgbench(&["-t", "300", "-n", "postgres"]);
+    pg.psql("postgres", "delete from tt where i > 15000");
+    pg.psql("postgres", "vacuum tt");
+    pg.psql("postgres", "truncate trunc_me");
+    pg.psql(
+        "postgres",
+        "insert into trunc_me select generate_series(1, 100)",
+    );
+    pg.psql("postgres", "vacuum full vf");
+    pg.psql("postgres", "create database d_wal strategy wal_log");
+    pg.psql("postgres", "create database d_copy strategy file_copy");
+    pg.psql("postgres", "drop database dropme");
+    pg.psql(
+        "postgres",
+        "alter table pgbench_branches set tablespace ts1",
+    );
+    pg.psql(
+        "d_wal",
+        "create table x(i int primary key); insert into x select generate_series(1, 3000)",
+    );
+    pg.psql(
+        "d_copy",
+        "create table y(i int primary key); insert into y select generate_series(1, 3000)",
+    );
+    pg.psql("postgres", "vacuum full pg_class");
+    pg.psql(
+        "postgres",
+        "insert into ul select generate_series(1001, 2000)",
+    );
+    points.push(mark(&env, b1.clone(), "rp1"));
+
+    let b2 = env.backup("page", &[]);
+    pg.pgbench(&["-t", "300", "-n", "postgres"]);
+    // truncate, then extend again: blocks past the truncation point in older backups hold
+    // deleted rows that must not come back
+    pg.psql("postgres", "delete from tt where i > 5000");
+    pg.psql("postgres", "vacuum tt");
+    pg.psql("postgres", "copy tt(i) from program 'seq 30001 31000'");
+    pg.psql("postgres", "create table in_ts(i int primary key) tablespace ts1; insert into in_ts select generate_series(1, 2000)");
+    pg.psql("d_wal", "update x set i = i + 10000 where i < 100");
+    points.push(mark(&env, b2.clone(), "rp2"));
+
+    let b3 = env.backup("page", &[]);
+    pg.pgbench(&["-t", "300", "-n", "postgres"]);
+    pg.psql("postgres", "update vf set t = 'changed' where i % 7 = 0");
+    pg.psql("postgres", "delete from tt where i > 30500");
+    pg.psql("postgres", "vacuum tt");
+    points.push(mark(&env, b3.clone(), "rp3"));
+
+    let b4 = env.backup("delta", &[]);
+    pg.pgbench(&["-t", "100", "-n", "postgres"]);
+    points.push(mark(&env, b4.clone(), "rp4"));
+    env.switch_and_wait(pg);
+
+    let rows = env.show();
+    let by_id = |id: &str| rows.iter().find(|b| b["id"] == id).unwrap().clone();
+    assert_eq!(by_id(&b2)["mode"], "PAGE");
+    assert_eq!(by_id(&b2)["parent_id"], b1.as_str());
+    assert_eq!(by_id(&b3)["parent_id"], b2.as_str());
+    assert_eq!(by_id(&b4)["mode"], "DELTA");
+    assert_eq!(by_id(&b4)["parent_id"], b3.as_str());
+    let full_bytes = by_id(&b1)["data_bytes"].as_u64().unwrap();
+    for id in [&b2, &b3, &b4] {
+        assert_eq!(env.status(id), "OK");
+        let b = by_id(id)["data_bytes"].as_u64().unwrap();
+        assert!(
+            b < full_bytes,
+            "incremental {id} stored {b} bytes, FULL {full_bytes}"
+        );
+    }
+
+    for (k, p) in points.iter().enumerate() {
+        let name = format!("r{k}");
+        let newts = env.dir.path().join(format!("ts-{name}"));
+        let map = format!("{}={}", ts.display(), newts.display());
+        let mut r = env.restore_and_start(
+            &name,
+            &[
+                "-i",
+                &p.id,
+                "--recovery-target-name",
+                &p.rp,
+                "--recovery-target-action",
+                "pause",
+                "-T",
+                &map,
+            ],
+            false,
+        );
+        wait_paused(&r);
+        let dump =
+            Env::dumpall(&r).replace(&newts.display().to_string(), &ts.display().to_string());
+        same_dump(&dump, &p.dump, &format!("backup {} at {}", p.id, p.rp));
+        assert_eq!(
+            r.psql("postgres", "select count(*) from tt"),
+            p.tt_count,
+            "deleted rows came back"
+        );
+        let dbs: Vec<&str> = if k == 0 {
+            vec!["postgres", "d_wal", "d_copy"]
+        } else {
+            vec!["postgres", "d_wal"]
+        };
+        amcheck_all(&r, &dbs);
+        r.stop();
+        pg_checksums_ok(&r);
+    }
+}
+
+fn fails_with(out: Output, what: &str, needles: &[&str]) {
+    let e = stderr(&out);
+    assert!(!out.status.success(), "{what} should fail\n{e}");
+    for n in needles {
+        assert!(e.contains(n), "{what}: error should mention {n:?}:\n{e}");
+    }
+}
+
+/// A page whose checksum fails on every read and whose LSN is older than the backup start
+/// fails a FULL backup, naming the file and the block; the backup is marked ERROR.
+#[test]
+fn corrupt_page_fails_full_backup() {
+    let mut env = Env::new("bk-corrupt-page");
+    env.pg.psql("postgres", "create table c(i int, t text); insert into c select g, md5(g::text) from generate_series(1, 2000) g");
+    env.pg.psql("postgres", "checkpoint");
+    let rel = env.pg.psql("postgres", "select pg_relation_filepath('c')");
+    env.pg.stop();
+    let path = env.pg.data.join(&rel);
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.len() >= 3 * 8192);
+    for b in &mut bytes[2 * 8192 + 4000..2 * 8192 + 4016] {
+        *b ^= 0x5A;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    env.pg.start();
+    let out = env.backup_cmd("full", &[]);
+    fails_with(
+        out,
+        "FULL of a corrupt cluster",
+        &[&format!("file \"{rel}\" block 2"), "checksum"],
+    );
+    let rows = env.show();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["status"], "ERROR");
+}
+
+/// validate: a damaged file in a stored FULL makes it CORRUPT and its PAGE child ORPHAN;
+/// restore refuses both; an intact catalog validates cleanly.
+#[test]
+fn validate_marks_corrupt_and_orphan() {
+    let env = Env::new("bk-validate");
+    let pg = &env.pg;
+    pg.pgbench(&["-i", "-s", "1", "-q", "postgres"]);
+    let full = env.backup("full", &["--compress", "lz4"]);
+    pg.pgbench(&["-t", "100", "-n", "postgres"]);
+    let page = env.backup("page", &[]);
+    env.switch_and_wait(pg);
+    ok(
+        walnut(&["validate", "-B", env.cat(), "--instance", "db", "-i", &page]),
+        "validate intact chain",
+    );
+    assert_eq!(env.status(&full), "OK");
+
+    let rel = pg.psql(
+        "postgres",
+        "select pg_relation_filepath('pgbench_accounts')",
+    );
+    let stored = env
+        .cat
+        .join(format!("instances/db/backups/{full}/database/{rel}.lz4"));
+    let mut b = std::fs::read(&stored).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x01;
+    std::fs::write(&stored, &b).unwrap();
+    // a restore that meets the damage fails and leaves no startable data directory
+    let half = env.dir.path().join("half");
+    fails_with(
+        env.restore_cmd(&half, &["-i", &full]),
+        "restore from a damaged file",
+        &[&rel, "checksum"],
+    );
+    assert!(
+        !half.join("global/pg_control").exists(),
+        "an interrupted restore left pg_control"
+    );
+    let out = walnut(&["validate", "-B", env.cat(), "--instance", "db"]);
+    fails_with(out, "validate", &[&rel]);
+    assert_eq!(env.status(&full), "CORRUPT");
+    assert_eq!(env.status(&page), "ORPHAN");
+    let target = env.dir.path().join("r");
+    fails_with(
+        env.restore_cmd(&target, &["-i", &page]),
+        "restore of an orphan",
+        &["ORPHAN"],
+    );
+    fails_with(
+        env.restore_cmd(&target, &["-i", &full]),
+        "restore of a corrupt backup",
+        &["CORRUPT"],
+    );
+}
+
+/// A PAGE backup whose WAL range lacks an archived segment fails, naming the segment and
+/// suggesting DELTA; a DELTA backup then works.
+#[test]
+fn page_backup_with_missing_segment_fails_clearly() {
+    let env = Env::new("bk-missing-seg");
+    let pg = &env.pg;
+    pg.pgbench(&["-i", "-s", "1", "-q", "postgres"]);
+    let full = env.backup("full", &[]);
+    for _ in 0..3 {
+        pg.pgbench(&["-t", "100", "-n", "postgres"]);
+        env.switch_and_wait(pg);
+    }
+    let start: walnut::Lsn = env.show()[0]["start_lsn"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let seg = walnut::WalFileName::segment(1, start.segno(1 << 20) + 1, 1 << 20);
+    let catalog = walnut::catalog::Catalog::open(&env.cat).unwrap();
+    let ar = walnut::archive::WalArchive::open(&catalog, "db").unwrap();
+    assert!(ar.contains(&seg));
+    std::fs::remove_file(ar.data_path(&seg)).unwrap();
+    let out = env.backup_cmd("page", &[]);
+    fails_with(
+        out,
+        "PAGE with a hole in the archive",
+        &[&seg.to_string(), "DELTA"],
+    );
+    let delta = env.backup("delta", &[]);
+    assert_eq!(env.status(&delta), "OK");
+    assert_eq!(
+        env.show()
+            .iter()
+            .find(|b| b["id"] == delta.as_str())
+            .unwrap()["parent_id"],
+        full.as_str()
+    );
+}
+
+/// Point-in-time restores to a transaction id (inclusive and not) and to a time, with the
+/// backup chosen automatically.
+#[test]
+fn restore_to_xid_and_time_targets() {
+    let env = Env::new("bk-pitr");
+    let pg = &env.pg;
+    pg.psql("postgres", "create table tx(i int, x text)");
+    env.backup("full", &[]);
+    pg.psql(
+        "postgres",
+        "insert into tx values (1, txid_current()::text)",
+    );
+    pg.psql(
+        "postgres",
+        "insert into tx values (2, txid_current()::text)",
+    );
+    let x2 = pg.psql("postgres", "select x from tx where i = 2");
+    std::thread::sleep(Duration::from_millis(1100));
+    let t = pg.psql("postgres", "select clock_timestamp()::text");
+    std::thread::sleep(Duration::from_millis(1100));
+    pg.psql(
+        "postgres",
+        "insert into tx values (3, txid_current()::text)",
+    );
+    env.switch_and_wait(pg);
+    let cases: [(&str, Vec<&str>, &str); 3] = [
+        (
+            "xid-incl",
+            vec![
+                "--recovery-target-xid",
+                &x2,
+                "--recovery-target-inclusive",
+                "true",
+            ],
+            "1,2",
+        ),
+        (
+            "xid-excl",
+            vec![
+                "--recovery-target-xid",
+                &x2,
+                "--recovery-target-inclusive",
+                "false",
+            ],
+            "1",
+        ),
+        ("time", vec!["--recovery-target-time", &t], "1,2"),
+    ];
+    for (name, args, want) in cases {
+        let mut a = args.clone();
+        a.extend_from_slice(&["--recovery-target-action", "pause"]);
+        let mut r = env.restore_and_start(name, &a, false);
+        wait_paused(&r);
+        assert_eq!(
+            r.psql(
+                "postgres",
+                "select string_agg(i::text, ',' order by i) from tx"
+            ),
+            want,
+            "{name}"
+        );
+        r.stop();
+    }
+}
+
+/// After a point-in-time restore that promotes (timeline 2), a PAGE backup on the new
+/// timeline takes the timeline-1 FULL as its parent and restores correctly.
+#[test]
+fn page_backup_after_promotion_on_new_timeline() {
+    let mut env = Env::new("bk-promote");
+    env.pg.pgbench(&["-i", "-s", "1", "-q", "postgres"]);
+    let full = env.backup("full", &[]);
+    env.pg.pgbench(&["-t", "200", "-n", "postgres"]);
+    env.pg
+        .psql("postgres", "select pg_create_restore_point('split')");
+    env.pg.pgbench(&["-t", "200", "-n", "postgres"]);
+    env.switch_and_wait(&env.pg);
+    env.pg.stop();
+    // the restored server replaces the old primary and keeps archiving to the catalog
+    let mut p2 = env.restore_and_start(
+        "primary2",
+        &[
+            "-i",
+            &full,
+            "--recovery-target-name",
+            "split",
+            "--recovery-target-action",
+            "promote",
+        ],
+        true,
+    );
+    let t0 = Instant::now();
+    while p2.psql("postgres", "select pg_is_in_recovery()") != "f" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no promotion\n{}",
+            p2.server_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        p2.psql(
+            "postgres",
+            "select timeline_id from pg_control_checkpoint()"
+        ),
+        "2"
+    );
+    p2.pgbench(&["-t", "200", "-n", "postgres"]);
+    p2.psql(
+        "postgres",
+        "create table after_promote(i int); insert into after_promote values (42)",
+    );
+    let out = env.backup_cmd_on(&p2, "page", &[]);
+    let page = ok(out, "PAGE on timeline 2").trim().to_string();
+    let dump = Env::dumpall(&p2);
+    p2.psql("postgres", "select pg_create_restore_point('tl2')");
+    env.switch_and_wait(&p2);
+    let row = env
+        .show()
+        .into_iter()
+        .find(|b| b["id"] == page.as_str())
+        .unwrap();
+    assert_eq!(row["timeline"], 2);
+    assert_eq!(row["parent_id"], full.as_str());
+    let mut r = env.restore_and_start(
+        "r-tl2",
+        &[
+            "-i",
+            &page,
+            "--recovery-target-name",
+            "tl2",
+            "--recovery-target-action",
+            "pause",
+        ],
+        false,
+    );
+    wait_paused(&r);
+    same_dump(&Env::dumpall(&r), &dump, "PAGE on timeline 2");
+    r.stop();
+    pg_checksums_ok(&r);
+    p2.stop();
+}
+
+/// Refusals: an incremental backup with no FULL to build on, a server whose
+/// archive_command does not archive to this catalog and instance, and a restore over the
+/// data directory of a running server even with --force.
+#[test]
+fn backup_and_restore_refuse_misconfiguration() {
+    let env = Env::new("bk-refuse");
+    let pg = &env.pg;
+    fails_with(
+        env.backup_cmd("page", &[]),
+        "PAGE without FULL",
+        &["no OK backup", "FULL"],
+    );
+    let full = env.backup("full", &[]);
+    fails_with(
+        env.restore_cmd(&pg.data, &["-i", &full, "--force"]),
+        "restore over a running server",
+        &["is running"],
+    );
+    pg.psql("postgres", "alter system set archive_command = 'true'");
+    pg.psql("postgres", "select pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(300));
+    fails_with(
+        env.backup_cmd("full", &[]),
+        "FULL with a foreign archive_command",
+        &["archive_command", "walnut-archive"],
+    );
+}
