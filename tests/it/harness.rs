@@ -366,14 +366,23 @@ impl Pg {
         self.wait_archived(&seg);
     }
 
-    /// Waits (up to 120 s) until `pg_stat_archiver.last_archived_wal` reaches `segment`.
+    /// Waits (up to 120 s) until `segment` is archived: its `.done` status file exists, or
+    /// `pg_stat_archiver.last_archived_wal` is a later segment. (The last archived file can
+    /// be an older segment's `.backup` history file, so the status file is checked first.)
     pub fn wait_archived(&self, segment: &str) {
+        let done = self
+            .data
+            .join("pg_wal/archive_status")
+            .join(format!("{segment}.done"));
         for _ in 0..1200 {
+            if done.exists() {
+                return;
+            }
             let last = self.psql(
                 "postgres",
                 "select coalesce(last_archived_wal, '') from pg_stat_archiver",
             );
-            if last.len() >= 24 && last[..24] >= *segment {
+            if last.len() >= 24 && last[..24] >= *segment && !last.ends_with(".backup") {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
