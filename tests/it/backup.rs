@@ -29,9 +29,10 @@ fn stderr(o: &Output) -> String {
 
 /// A cluster (checksums on, 1 MiB WAL segments) archiving into a fresh catalog.
 struct Env {
-    dir: tempfile::TempDir,
+    // Fields drop in order: the server must stop before its directory is removed.
     pg: Pg,
     cat: PathBuf,
+    dir: tempfile::TempDir,
 }
 
 impl Env {
@@ -52,7 +53,7 @@ impl Env {
             cat.display()
         ));
         pg.start();
-        Env { dir, pg, cat }
+        Env { pg, cat, dir }
     }
 
     fn cat(&self) -> &str {

@@ -151,6 +151,9 @@ pub struct Pg {
     /// Extra environment (e.g. LD_LIBRARY_PATH for downloaded servers).
     pub env: Vec<(String, String)>,
     running: bool,
+    /// The postmaster's PID, read from postmaster.pid once started: the fallback for
+    /// stopping it when pg_ctl cannot (e.g. its data directory was already removed).
+    postmaster_pid: Option<i32>,
 }
 
 impl Pg {
@@ -175,6 +178,7 @@ impl Pg {
             port: next_port(),
             env,
             running: false,
+            postmaster_pid: None,
         };
         let mut c = pg.cmd("initdb");
         c.arg("-D")
@@ -203,6 +207,7 @@ impl Pg {
             port: next_port(),
             env: Vec::new(),
             running: false,
+            postmaster_pid: None,
         }
     }
 
@@ -251,6 +256,20 @@ impl Pg {
                 log_text
             );
         }
+        self.remember_pid();
+    }
+
+    fn remember_pid(&mut self) {
+        for _ in 0..50 {
+            let pid = std::fs::read_to_string(self.data.join("postmaster.pid"))
+                .ok()
+                .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<i32>().ok()));
+            if pid.is_some() {
+                self.postmaster_pid = pid;
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
 
     /// Starts the server without waiting (for restores that may shut down by themselves).
@@ -263,6 +282,7 @@ impl Pg {
         c.arg("start");
         run_ok(&mut c);
         self.running = true;
+        self.remember_pid();
     }
 
     pub fn server_log(&self) -> String {
@@ -405,7 +425,21 @@ impl Drop for Pg {
                 .arg("-w")
                 .arg("stop");
             c.stdout(Stdio::null()).stderr(Stdio::null());
-            let _ = c.status();
+            let stopped = c.status().map(|s| s.success()).unwrap_or(false);
+            if !stopped {
+                // pg_ctl could not reach it: signal our own postmaster by PID (SIGQUIT is
+                // PostgreSQL's immediate shutdown), never anything found by name.
+                if let Some(pid) = self.postmaster_pid {
+                    let pid = nix::unistd::Pid::from_raw(pid);
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGQUIT);
+                    for _ in 0..100 {
+                        if nix::sys::signal::kill(pid, None).is_err() {
+                            break;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                }
+            }
         }
     }
 }
