@@ -11,7 +11,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
-: "${BENCH:=/work/shared/bench}" "${LIMITS_ROOT:=/tmp/limits}" "${PG_OS_USER:=postgres}"
+: "${BENCH:=$REPO/../shared/bench}" "${LIMITS_ROOT:=/tmp/limits}" "${PG_OS_USER:=postgres}"
 : "${VARIANTS_03:=cp_durable pgbr_lz4}" "${VARIANTS_03B:=pgbr_lz4}"
 : "${LOAD_SECONDS:=20}" "${BACKLOG_SECONDS:=20}" "${LOOK_AHEAD:=8}"
 export LIMITS_ROOT PG_OS_USER

@@ -438,7 +438,7 @@ pub fn copy_whole(
         .into_inner()
         .into_inner()
         .map_err(|e| Error::io("write", &dest, e.into_error()))?;
-    df.commit(Replace::No)?;
+    df.commit_deferred(Replace::No)?;
     Ok(FileEntry {
         path: logical.to_string(),
         storage,
@@ -520,7 +520,7 @@ fn copy_incremental(
         .into_inner()
         .into_inner()
         .map_err(|e| Error::io("write", &dest, e.into_error()))?;
-    df.commit(Replace::No)?;
+    df.commit_deferred(Replace::No)?;
     Ok(FileEntry {
         path: logical.to_string(),
         storage: Storage::Incremental,

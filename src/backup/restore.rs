@@ -458,6 +458,12 @@ pub fn restore(catalog: &Catalog, instance: &str, opts: &RestoreOptions) -> Resu
         tablespaces,
         progress: Progress::new(&format!("restore {}", newest.id), total),
     };
+    // Files are put in place without per-file fsyncs; one syncfs per filesystem written to
+    // (handles opened before any write, see durable::FsSync) runs before pg_control.
+    let mut fs_syncs = vec![durable::FsSync::open(target)?];
+    for d in r.tablespaces.values() {
+        fs_syncs.push(durable::FsSync::open(d)?);
+    }
     for e in entries.iter().filter(|e| e.storage == Storage::Dir) {
         if let Some(d) = r.dest(&e.path)? {
             durable::create_dir_all_durable(&d)?;
@@ -481,7 +487,7 @@ pub fn restore(catalog: &Catalog, instance: &str, opts: &RestoreOptions) -> Resu
                 }
                 let res = r
                     .restore_entry(e)
-                    .and_then(|o| o.map_or(Ok(()), |df| df.commit(Replace::No)))
+                    .and_then(|o| o.map_or(Ok(()), |df| df.commit_deferred(Replace::No)))
                     .map_err(|err| err.context(format!("restoring \"{}\"", e.path)));
                 if let Err(err) = res {
                     if let Ok(mut g) = first_err.lock() {
@@ -575,6 +581,10 @@ pub fn restore(catalog: &Catalog, instance: &str, opts: &RestoreOptions) -> Resu
         Replace::Yes,
     )?;
     durable::write_file(&target.join("recovery.signal"), b"", Replace::Yes)?;
+    for f in &fs_syncs {
+        f.sync()?;
+    }
+    // pg_control last: until it is in place the directory cannot start.
     pc_file.commit(Replace::Yes)?;
     durable::fsync_dir(target)?;
     r.progress.finish();

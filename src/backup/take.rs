@@ -214,6 +214,9 @@ fn run(
         progress: &progress,
         abort: AtomicBool::new(false),
     };
+    // Data files go in place without per-file fsyncs (thousands of them); this handle,
+    // opened before any is written, syncs the filesystem before the OK record.
+    let fs_sync = durable::FsSync::open(&m.dir(catalog))?;
     let mpath = m.dir(catalog).join("manifest");
     let mut mw =
         ManifestWriter::new(BufWriter::new(DurableFile::create(&mpath)?)).ctx("write", &mpath)?;
@@ -268,6 +271,8 @@ fn run(
         .map_err(|e| Error::io("write", &mpath, e.into_error()))?;
     df.commit(Replace::No)?;
     durable::fsync_dir(&dir)?;
+
+    fs_sync.sync()?;
 
     m.stop_lsn = Some(stop.lsn);
     m.files = files;

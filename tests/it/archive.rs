@@ -5,24 +5,6 @@ use std::time::{Duration, Instant};
 
 use super::harness::*;
 
-/// `walnut` as the cluster owner.
-fn walnut(args: &[&str]) -> Output {
-    let mut c = as_pg(walnut_bin("walnut"));
-    c.args(args);
-    run(&mut c)
-}
-
-fn ok(out: Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed: {}\nstdout:{}\nstderr:{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// A catalog at DIR/cat with instance "db" registered for `pg`.
 fn catalog_for(dir: &Path, pg: &Pg) -> PathBuf {
     let cat = dir.join("cat");

@@ -6,23 +6,6 @@ use std::time::{Duration, Instant};
 
 use super::harness::*;
 
-fn walnut(args: &[&str]) -> Output {
-    let mut c = as_pg(walnut_bin("walnut"));
-    c.args(args);
-    run(&mut c)
-}
-
-fn ok(out: Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed: {}\nstdout:{}\nstderr:{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }

@@ -93,6 +93,26 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs `walnut ARGS...` as the cluster owner and returns its output.
+pub fn walnut(args: &[&str]) -> Output {
+    let mut c = as_pg(walnut_bin("walnut"));
+    c.args(args);
+    run(&mut c)
+}
+
+/// Asserts that a command succeeded, naming `what` and showing its output if not; returns
+/// its stdout.
+pub fn ok(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\nstdout:{}\nstderr:{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Runs a command and returns its whole output, success or not.
 pub fn run(cmd: &mut Command) -> Output {
     cmd.output()
