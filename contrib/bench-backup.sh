@@ -21,7 +21,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
-: "${BENCH:=/work/shared/bench}"
+: "${BENCH:=$REPO/../shared/bench}"
 . "$BENCH/common.sh"
 : "${SCALE:=100}" "${INCR_SECONDS:=30}" "${JOBS:=2}" "${PORT:=56436}"
 RESULTS_FILE=$RESULTS_DIR/bench_backup.tsv; : > "$RESULTS_FILE"
