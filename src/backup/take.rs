@@ -308,6 +308,6 @@ fn wait_archived(archive: &WalArchive, seg: &WalFileName, timeout: Duration) -> 
                 timeout.as_secs()
             )));
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
