@@ -765,6 +765,25 @@ fn backup_and_restore_refuse_misconfiguration() {
         "restore over a running server",
         &["is running"],
     );
+    // Another cluster, archiving into this instance's catalog, is still not this instance.
+    let mut other = Pg::init(
+        &pg_bin(),
+        env.dir.path(),
+        "other",
+        &["-k", "--wal-segsize=1"],
+    );
+    other.append_conf(&format!(
+        "archive_mode = on\narchive_command = '{} -B {} --instance db %p %f'",
+        walnut_bin("walnut-archive").display(),
+        env.cat()
+    ));
+    other.start();
+    fails_with(
+        env.backup_cmd_on(&other, "full", &[]),
+        "FULL of a cluster with a foreign system identifier",
+        &["system identifier"],
+    );
+    other.stop();
     pg.psql("postgres", "alter system set archive_command = 'true'");
     pg.psql("postgres", "select pg_reload_conf()");
     std::thread::sleep(Duration::from_millis(300));
@@ -772,5 +791,82 @@ fn backup_and_restore_refuse_misconfiguration() {
         env.backup_cmd("full", &[]),
         "FULL with a foreign archive_command",
         &["archive_command", "walnut-archive"],
+    );
+}
+
+/// A restore killed at any point leaves a directory that cannot start: pg_control is put in
+/// place last, so until then the server refuses the directory (invariant 4: no half-written
+/// result that looks complete).
+#[test]
+fn killed_restore_leaves_a_directory_that_cannot_start() {
+    let env = Env::new("bk-killed-restore");
+    env.pg.pgbench(&["-i", "-s", "8", "-q", "postgres"]);
+    let full = env.backup("full", &[]);
+    let mut killed = 0;
+    for (i, delay_ms) in [5u64, 30, 80, 150, 300].into_iter().enumerate() {
+        let target = pg_mkdir(&env.dir.path().join(format!("killed{i}")));
+        // setpriv execs walnut directly, so the child's pid is walnut's own.
+        let mut child = std::process::Command::new("setpriv")
+            .args([
+                "--reuid",
+                PG_OS_USER,
+                "--regid",
+                PG_OS_USER,
+                "--init-groups",
+            ])
+            .arg(walnut_bin("walnut"))
+            .args([
+                "restore",
+                "-B",
+                env.cat(),
+                "--instance",
+                "db",
+                "-i",
+                &full,
+                "-j",
+                "2",
+                "-D",
+            ])
+            .arg(&target)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn walnut restore");
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let finished = child.try_wait().expect("try_wait").is_some();
+        if !finished {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .expect("kill walnut restore");
+        }
+        let status = child.wait().expect("wait");
+        if finished || status.success() {
+            continue;
+        }
+        killed += 1;
+        assert!(
+            !target.join("global/pg_control").exists(),
+            "a restore killed after {delay_ms} ms left global/pg_control in place"
+        );
+        // And PostgreSQL indeed refuses it.
+        let mut c = as_pg(pg_bin().join("pg_ctl"));
+        c.arg("-D").arg(&target).args(["-w", "-t", "20", "-o"]);
+        c.arg(format!("-p {} -k {}", next_port(), env.pg.sock.display()));
+        c.arg("-l").arg(target.with_extension("log")).arg("start");
+        let out = run(&mut c);
+        if out.status.success() {
+            let mut stop = as_pg(pg_bin().join("pg_ctl"));
+            stop.arg("-D")
+                .arg(&target)
+                .args(["-m", "immediate", "stop"]);
+            run(&mut stop);
+            panic!("a restore killed after {delay_ms} ms left a directory that starts");
+        }
+    }
+    assert!(
+        killed >= 2,
+        "only {killed} restores were killed mid-way; raise the scale"
     );
 }
