@@ -805,16 +805,23 @@ fn killed_restore_leaves_a_directory_that_cannot_start() {
     let mut killed = 0;
     for (i, delay_ms) in [5u64, 30, 80, 150, 300].into_iter().enumerate() {
         let target = pg_mkdir(&env.dir.path().join(format!("killed{i}")));
-        // setpriv execs walnut directly, so the child's pid is walnut's own.
-        let mut child = std::process::Command::new("setpriv")
-            .args([
+        // As root, setpriv execs walnut directly (runuser would fork), so the child's pid
+        // is walnut's own.
+        let mut cmd = if is_root() {
+            let mut c = std::process::Command::new("setpriv");
+            c.args([
                 "--reuid",
                 PG_OS_USER,
                 "--regid",
                 PG_OS_USER,
                 "--init-groups",
-            ])
-            .arg(walnut_bin("walnut"))
+            ]);
+            c.arg(walnut_bin("walnut"));
+            c
+        } else {
+            std::process::Command::new(walnut_bin("walnut"))
+        };
+        let mut child = cmd
             .args([
                 "restore",
                 "-B",
