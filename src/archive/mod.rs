@@ -126,6 +126,51 @@ impl WalArchive {
         self.spool.join("push")
     }
 
+    /// The newest restore point named `name` (`pg_create_restore_point`) recorded in the
+    /// block indexes of any timeline, with its timeline and LSN. Reads only the small index
+    /// files, never WAL. Unreadable indexes are skipped: the answer is "not found", not an
+    /// error, and callers fall back accordingly.
+    pub fn find_restore_point(&self, name: &str) -> Result<Option<(TimeLineId, Lsn)>> {
+        let mut best: Option<(TimeLineId, Lsn)> = None;
+        let rd = match fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("read directory", &self.dir, e)),
+        };
+        for tdir in rd {
+            let tdir = tdir.ctx("read directory", &self.dir)?;
+            let Some(tli) = tdir
+                .file_name()
+                .to_str()
+                .filter(|n| n.len() == 8)
+                .and_then(|n| u32::from_str_radix(n, 16).ok())
+            else {
+                continue;
+            };
+            let tpath = tdir.path();
+            for f in fs::read_dir(&tpath).ctx("read directory", &tpath)? {
+                let f = f.ctx("read directory", &tpath)?;
+                let path = f.path();
+                if path.extension().and_then(|e| e.to_str()) != Some("idx") {
+                    continue;
+                }
+                let Ok(bytes) = fs::read(&path) else { continue };
+                let Ok(ix) = crate::index::format::decode(&bytes, &path.display().to_string())
+                else {
+                    continue;
+                };
+                for ev in &ix.other_events {
+                    if let crate::index::OtherEvent::RestorePoint { lsn, name: n, .. } = ev {
+                        if n == name && best.is_none_or(|(_, b)| *lsn > b) {
+                            best = Some((tli, *lsn));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(best)
+    }
+
     pub(crate) fn tli_dir(&self, tli: TimeLineId) -> PathBuf {
         self.dir.join(format!("{tli:08X}"))
     }

@@ -149,6 +149,7 @@ pub fn run_restore(a: RestoreArgs) -> Result<i32> {
             inclusive: a.recovery_target_inclusive,
             timeline: a.recovery_target_timeline,
             action: a.recovery_target_action,
+            point_lsn: None,
         },
         force: a.force,
     };

@@ -37,6 +37,9 @@ pub struct RecoveryTarget {
     pub inclusive: Option<bool>,
     pub timeline: Option<String>,
     pub action: Option<String>,
+    /// LSN of the named restore point when known (from the block indexes): only used to
+    /// choose a backup that ends before it.
+    pub point_lsn: Option<Lsn>,
 }
 
 pub struct RestoreOptions {
@@ -89,7 +92,10 @@ pub fn choose_backup<'a>(
     for b in list.iter().rev() {
         let reach = time.is_none_or(|t| b.recovery_epoch.is_some_and(|r| r <= t))
             && xid.is_none_or(|x| b.recovery_xid.is_some_and(|r| r <= x))
-            && lsn.is_none_or(|l| b.stop_lsn.is_some_and(|s| s <= l));
+            && lsn.is_none_or(|l| b.stop_lsn.is_some_and(|s| s <= l))
+            && rt
+                .point_lsn
+                .is_none_or(|l| b.stop_lsn.is_some_and(|s| s <= l));
         if reach {
             if let Ok(chain) = usable(b) {
                 return Ok(chain);
@@ -422,7 +428,24 @@ fn fetch_binary() -> Result<PathBuf> {
 pub fn restore(catalog: &Catalog, instance: &str, opts: &RestoreOptions) -> Result<String> {
     catalog.instance(instance)?;
     let list = meta::list(catalog, instance)?;
-    let chain = choose_backup(&list, opts.backup_id.as_deref(), &opts.recovery)?;
+    // A named restore point: find its LSN in the block indexes, so that the backup chosen
+    // ends before it (a later backup could never reach it).
+    let mut recovery = opts.recovery.clone();
+    if let (None, Some(name), None) = (&opts.backup_id, &recovery.name, &recovery.lsn) {
+        let found = crate::archive::WalArchive::open(catalog, instance)
+            .and_then(|a| a.find_restore_point(name));
+        match found {
+            Ok(Some((tli, lsn))) => {
+                log::info!("restore point \"{name}\" is at {lsn} on timeline {tli}");
+                recovery.point_lsn = Some(lsn);
+            }
+            Ok(None) => log::warn!(
+                "restore point \"{name}\" is not in the block indexes; choosing the newest backup"
+            ),
+            Err(e) => log::warn!("could not look up restore point \"{name}\": {e}"),
+        }
+    }
+    let chain = choose_backup(&list, opts.backup_id.as_deref(), &recovery)?;
     let newest = chain[0];
     let target = &opts.target;
     check_no_postmaster(target)?;

@@ -667,6 +667,40 @@ fn restore_to_xid_and_time_targets() {
         );
         r.stop();
     }
+
+    // A named restore point between two backups: without -i, restore finds the point's LSN
+    // in the block indexes and chooses the backup that ends before it (the newer one could
+    // never reach it).
+    pg.psql(
+        "postgres",
+        "select pg_create_restore_point('before_second')",
+    );
+    pg.psql(
+        "postgres",
+        "insert into tx values (4, txid_current()::text)",
+    );
+    env.switch_and_wait(pg);
+    env.backup("full", &[]);
+    let mut r = env.restore_and_start(
+        "named",
+        &[
+            "--recovery-target-name",
+            "before_second",
+            "--recovery-target-action",
+            "pause",
+        ],
+        false,
+    );
+    wait_paused(&r);
+    assert_eq!(
+        r.psql(
+            "postgres",
+            "select string_agg(i::text, ',' order by i) from tx"
+        ),
+        "1,2,3",
+        "restore to a named point between two backups"
+    );
+    r.stop();
 }
 
 /// After a point-in-time restore that promotes (timeline 2), a PAGE backup on the new
