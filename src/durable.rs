@@ -34,8 +34,7 @@ pub enum Replace {
     No,
 }
 
-fn temp_path_for(path: &Path) -> Result<PathBuf> {
-    let dir = parent_dir(path);
+fn temp_path_for(path: &Path, dir: &Path) -> Result<PathBuf> {
     let name = path
         .file_name()
         .ok_or_else(|| Error::invalid(format!("\"{}\" has no file name", path.display())))?;
@@ -93,7 +92,15 @@ pub struct DurableFile {
 
 impl DurableFile {
     pub fn create(path: &Path) -> Result<DurableFile> {
-        let tmp = temp_path_for(path)?;
+        DurableFile::create_in(path, parent_dir(path))
+    }
+
+    /// Like [`DurableFile::create`], with the temp file in `tmp_dir`, which must be on the
+    /// same filesystem as `path` (rename and link are atomic only within one filesystem).
+    /// Lets a large directory keep its temp files in a small one, so that tidying up stale
+    /// temp files never has to list the large directory.
+    pub fn create_in(path: &Path, tmp_dir: &Path) -> Result<DurableFile> {
+        let tmp = temp_path_for(path, tmp_dir)?;
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -190,7 +197,12 @@ fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
 
 /// Writes `data` to `path` durably (see the module docs).
 pub fn write_file(path: &Path, data: &[u8], replace: Replace) -> Result<()> {
-    let mut f = DurableFile::create(path)?;
+    write_file_in(path, parent_dir(path), data, replace)
+}
+
+/// [`write_file`] with the temp file in `tmp_dir` (see [`DurableFile::create_in`]).
+pub fn write_file_in(path: &Path, tmp_dir: &Path, data: &[u8], replace: Replace) -> Result<()> {
+    let mut f = DurableFile::create_in(path, tmp_dir)?;
     f.file().write_all(data).ctx("write", &f.tmp.clone())?;
     f.commit(replace)
 }
@@ -303,6 +315,23 @@ mod tests {
         sync.sync().unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"data");
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn temp_file_in_another_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let tmp = d.path().join(".tmp");
+        fs::create_dir(&tmp).unwrap();
+        let p = d.path().join("f");
+        write_file_in(&p, &tmp, b"one", Replace::No).unwrap();
+        assert_eq!(
+            write_file_in(&p, &tmp, b"two", Replace::No)
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Conflict
+        );
+        assert_eq!(fs::read(&p).unwrap(), b"one");
+        assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0);
     }
 
     #[test]

@@ -175,6 +175,15 @@ impl WalArchive {
         self.dir.join(format!("{tli:08X}"))
     }
 
+    /// Where files of timeline `tli` are written before they get their final name: a small
+    /// directory beside them (same filesystem), so that removing temp files left by killed
+    /// runs never lists the timeline directory, which grows with the archive.
+    pub(crate) fn tmp_dir(&self, tli: TimeLineId) -> Result<PathBuf> {
+        let d = self.tli_dir(tli).join(".tmp");
+        durable::create_dir_all_durable(&d)?;
+        Ok(d)
+    }
+
     /// Path of the archived (compressed) file for `name`.
     pub fn data_path(&self, name: &WalFileName) -> PathBuf {
         self.tli_dir(name.tli()).join(format!("{name}.lz4"))
@@ -466,7 +475,12 @@ impl WalArchive {
                 }
             }
         }
-        durable::write_file(&ip, &crate::index::format::encode(ix), Replace::Yes)?;
+        durable::write_file_in(
+            &ip,
+            &self.tmp_dir(tli)?,
+            &crate::index::format::encode(ix),
+            Replace::Yes,
+        )?;
         durable::remove_file(&self.missing_path(tli, segno))
     }
 
@@ -480,7 +494,12 @@ impl WalArchive {
                 reason: reason.to_string(),
             })?;
             json.push(b'\n');
-            durable::write_file(&self.missing_path(tli, segno), &json, Replace::Yes)
+            durable::write_file_in(
+                &self.missing_path(tli, segno),
+                &self.tmp_dir(tli)?,
+                &json,
+                Replace::Yes,
+            )
         })();
         if let Err(e) = res {
             log::warn!("could not write the index-missing marker for segment {segno:X}: {e}");

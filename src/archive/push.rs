@@ -275,8 +275,10 @@ pub fn push_file(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<Push
     }
     let tli_dir = ar.tli_dir(name.tli());
     durable::create_dir_all_durable(&tli_dir)?;
-    // Temp files of killed runs: unique names, so they never confuse us; just tidy up.
-    let _ = durable::remove_stale_temps(&tli_dir);
+    // Temp files of killed runs have unique names and never look finished; tidy them up.
+    // They live in a small directory of their own, so this never lists the timeline's.
+    let tmp_dir = ar.tmp_dir(name.tli())?;
+    let _ = durable::remove_stale_temps(&tmp_dir);
 
     let dest = ar.data_path(name);
     let segno = name.segno(seg_size).filter(|_| name.is_segment());
@@ -335,7 +337,7 @@ pub fn push_file(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<Push
     });
     let encoded = encoded?;
     let t_cpu = t0.elapsed();
-    let outcome = match write_parts(&dest, &encoded) {
+    let outcome = match write_parts(&dest, &tmp_dir, &encoded) {
         Ok(()) => PushOutcome::Archived,
         // Someone archived the same name meanwhile (a concurrent push): compare.
         Err(e) if e.kind() == ErrorKind::Conflict => compare_existing(ar, name, &data)?,
@@ -360,9 +362,13 @@ pub fn push_file(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<Push
 }
 
 /// Writes header + frames durably under `dest` without assembling them in memory first.
-fn write_parts(dest: &Path, (head, f1, f2): &(Vec<u8>, Vec<u8>, Vec<u8>)) -> Result<()> {
+fn write_parts(
+    dest: &Path,
+    tmp_dir: &Path,
+    (head, f1, f2): &(Vec<u8>, Vec<u8>, Vec<u8>),
+) -> Result<()> {
     use std::io::Write;
-    let mut f = durable::DurableFile::create(dest)?;
+    let mut f = durable::DurableFile::create_in(dest, tmp_dir)?;
     for part in [head, f1, f2] {
         f.write_all(part).ctx("write", dest)?;
     }

@@ -326,6 +326,7 @@ fn archive_survives_sigkill_at_random_points() {
     );
     let temps: Vec<String> = archived_names(&cat, "00000001")
         .into_iter()
+        .chain(archived_names(&cat, "00000001/.tmp"))
         .filter(|f| f.contains("walnut-tmp"))
         .collect();
     assert!(temps.is_empty(), "temp files left: {temps:?}");
