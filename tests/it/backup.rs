@@ -828,6 +828,42 @@ fn backup_and_restore_refuse_misconfiguration() {
     );
 }
 
+/// A data directory rolled back behind the catalog's newest backup (a filesystem snapshot
+/// put back: same system identifier, same timeline, older LSN) is refused as "an instance
+/// from the past": a PAGE on top of the newer parent would mix two histories.
+#[test]
+fn instance_from_the_past_is_refused() {
+    let mut env = Env::new("bk-past");
+    env.pg.psql("postgres", "create table p(i int)");
+    env.pg.stop();
+    let snapshot = env.dir.path().join("snapshot");
+    run_ok(
+        std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&env.pg.data)
+            .arg(&snapshot),
+    );
+    env.pg.start();
+    env.pg.psql(
+        "postgres",
+        "insert into p select generate_series(1, 100000)",
+    );
+    env.backup("full", &[]);
+    env.pg.stop();
+    std::fs::remove_dir_all(&env.pg.data).unwrap();
+    run_ok(
+        std::process::Command::new("mv")
+            .arg(&snapshot)
+            .arg(&env.pg.data),
+    );
+    env.pg.start();
+    fails_with(
+        env.backup_cmd("page", &[]),
+        "PAGE of a data directory older than its parent",
+        &["instance from the past"],
+    );
+}
+
 /// A restore killed at any point leaves a directory that cannot start: pg_control is put in
 /// place last, so until then the server refuses the directory (invariant 4: no half-written
 /// result that looks complete).
