@@ -384,6 +384,18 @@ fn copy_file(ctx: &CopyCtx<'_>, job: &Job) -> Result<Option<FileEntry>> {
     }
 }
 
+/// Flushes a stored file and puts it under its final name (made durable by the backup's
+/// syncfs before the OK record); returns the CRC-32C and length of the stored bytes.
+fn finish_stored(cw: CrcWriter<BufWriter<DurableFile>>, dest: &Path) -> Result<(u32, u64)> {
+    let (crc, stored) = (cw.crc, cw.n);
+    let df = cw
+        .into_inner()
+        .into_inner()
+        .map_err(|e| Error::io("write", dest, e.into_error()))?;
+    df.commit_deferred(Replace::No)?;
+    Ok((crc, stored))
+}
+
 /// Copies `src` whole (verifying pages of relation files); pg_control uses it too.
 pub fn copy_whole(
     ctx: &CopyCtx<'_>,
@@ -433,12 +445,7 @@ pub fn copy_whole(
         pump(&mut cw)?;
         cw
     };
-    let (crc, stored) = (cw.crc, cw.n);
-    let df = cw
-        .into_inner()
-        .into_inner()
-        .map_err(|e| Error::io("write", &dest, e.into_error()))?;
-    df.commit_deferred(Replace::No)?;
+    let (crc, stored) = finish_stored(cw, &dest)?;
     Ok(FileEntry {
         path: logical.to_string(),
         storage,
@@ -515,12 +522,7 @@ fn copy_incremental(
     }
     let nblocks = w_nblocks(&w);
     let (cw, _) = w.finish(file_blocks, limit).ctx("write", &dest)?;
-    let (crc, stored) = (cw.crc, cw.n);
-    let df = cw
-        .into_inner()
-        .into_inner()
-        .map_err(|e| Error::io("write", &dest, e.into_error()))?;
-    df.commit_deferred(Replace::No)?;
+    let (crc, stored) = finish_stored(cw, &dest)?;
     Ok(FileEntry {
         path: logical.to_string(),
         storage: Storage::Incremental,

@@ -72,6 +72,30 @@ fn archived_names(cat: &Path, tli: &str) -> Vec<String> {
     v
 }
 
+/// Temp files left in a timeline's directory or in its `.tmp/` directory.
+fn temp_files(cat: &Path, tli: &str) -> Vec<String> {
+    archived_names(cat, tli)
+        .into_iter()
+        .chain(archived_names(cat, &format!("{tli}/.tmp")))
+        .filter(|f| f.contains("walnut-tmp"))
+        .collect()
+}
+
+/// Pushes every segment (look-ahead off) and checks that the archive then holds exactly
+/// them, all verifiable.
+fn push_all_and_check(cat: &Path, segs: &[PathBuf], what: &str) {
+    for s in segs {
+        ok(push(cat, s, &fname(s), &["--look-ahead", "0"]), what);
+    }
+    let (clean, report) = show_json(cat, true);
+    assert!(clean, "{report}");
+    assert_eq!(
+        report["timelines"][0]["segments"].as_u64(),
+        Some(segs.len() as u64),
+        "{report}"
+    );
+}
+
 /// `lz4 -d` of an archived file with the stock CLI.
 fn lz4_decompress(file: &Path) -> Vec<u8> {
     let out = run(Command::new("lz4").arg("-d").arg("-c").arg(file));
@@ -310,25 +334,9 @@ fn archive_survives_sigkill_at_random_points() {
     }
     eprintln!("{kills} kills in {round} rounds, push takes ~{dur} us");
     assert!(kills >= 100, "only {kills} kills landed");
-    for s in &segs {
-        ok(
-            push(&cat, s, &fname(s), &["--look-ahead", "0"]),
-            "final push",
-        );
-    }
     // complete and verifiable, no temp files left
-    let (clean, report) = show_json(&cat, true);
-    assert!(clean, "{report}");
-    assert_eq!(
-        report["timelines"][0]["segments"].as_u64(),
-        Some(segs.len() as u64),
-        "{report}"
-    );
-    let temps: Vec<String> = archived_names(&cat, "00000001")
-        .into_iter()
-        .chain(archived_names(&cat, "00000001/.tmp"))
-        .filter(|f| f.contains("walnut-tmp"))
-        .collect();
+    push_all_and_check(&cat, &segs, "final push");
+    let temps = temp_files(&cat, "00000001");
     assert!(temps.is_empty(), "temp files left: {temps:?}");
     for s in &segs {
         let dest = dir.path().join("restored");
@@ -390,20 +398,10 @@ fn archive_full_disk_fails_cleanly_and_resumes() {
     assert!(err.contains(&name), "{err}");
     let files = archived_names(&cat, "00000001");
     assert!(!files.contains(&format!("{name}.lz4")), "{files:?}");
-    assert!(!files.iter().any(|f| f.contains("walnut-tmp")), "{files:?}");
+    let temps = temp_files(&cat, "00000001");
+    assert!(temps.is_empty(), "temp files left: {temps:?}");
     std::fs::remove_file(&filler).unwrap();
-    for s in &segs {
-        ok(
-            push(&cat, s, &fname(s), &["--look-ahead", "0"]),
-            "after space freed",
-        );
-    }
-    let (clean, report) = show_json(&cat, true);
-    assert!(clean, "{report}");
-    assert_eq!(
-        report["timelines"][0]["segments"].as_u64(),
-        Some(segs.len() as u64)
-    );
+    push_all_and_check(&cat, &segs, "after space freed");
 }
 
 /// Several processes pushing the same segment at once: all succeed with identical content;
