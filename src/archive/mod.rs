@@ -18,8 +18,10 @@
 //!       <segment>.OOOOOOOO.backup.lz4     backup history file
 //!       TTTTTTTT.history.lz4              timeline history file (never overwritten)
 //!   spool/push/                           look-ahead acknowledgements
-//!     <segment>.ok                        JSON {name, size, crc32c, compressed_size}
-//!     .look-ahead.lock                    one look-ahead runner at a time
+//!     <segment>.ok                        JSON {name, size, crc32c, compressed_size, source}
+//!     <segment>.failed                    the background pusher failed on it (error text)
+//!     .look-ahead.lock                    held by the one background pusher; holds the
+//!                                         name its caller archives itself
 //! PGDATA/pg_wal/walnut-prefetch/          walnut-fetch's prefetch spool (at most K entries)
 //!   <segment>                             decompressed, verified segment
 //!   <segment>.json                        {name, size, crc32c}, written after the data

@@ -1,11 +1,11 @@
 //! `walnut-archive`: archive_command. One call archives `%p` (and, with look-ahead, pushes
 //! other `.ready` segments ahead in parallel and acknowledges them in a spool).
 
+use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser};
 use serde::{Deserialize, Serialize};
@@ -24,10 +24,14 @@ use crate::types::{PgVersion, WalFileName};
 pub struct PushArgs {
     #[command(flatten)]
     pub instance: InstanceArgs,
-    /// Push up to N other `.ready` segments ahead in parallel (acknowledged in a spool, so
-    /// later calls for them return at once); 0 disables.
+    /// With a backlog (other `.ready` segments), a background pusher archives up to N
+    /// segments ahead of PostgreSQL's calls and acknowledges each in a spool once it is
+    /// durable, so the calls for them return at once; 0 disables.
     #[arg(long = "look-ahead", default_value_t = 8)]
     pub look_ahead: usize,
+    /// Internal: run as the background pusher (`%f` is the segment its caller archives).
+    #[arg(long = "background", hide = true)]
+    pub background: bool,
     /// `%p`: path of the file, relative to PGDATA (the archiver's working directory).
     pub path: PathBuf,
     /// `%f`: file name.
@@ -52,7 +56,7 @@ pub enum PushOutcome {
     Archived,
     /// Already archived with identical content.
     AlreadyArchived,
-    /// Pushed earlier by a look-ahead run, acknowledgement verified.
+    /// Pushed earlier by the background pusher, acknowledgement verified.
     Acknowledged,
 }
 
@@ -63,6 +67,10 @@ struct Ack {
     size: u64,
     crc32c: u32,
     compressed_size: u64,
+    /// The `pg_wal` directory the segment was read from (absolute); an acknowledgement is
+    /// only used by calls for that directory (a primary and a standby may share a spool).
+    #[serde(default)]
+    source: Option<PathBuf>,
 }
 
 /// Runs `walnut-archive`; returns the exit code (0 only when durable).
@@ -70,92 +78,293 @@ pub fn run(args: PushArgs) -> Result<i32> {
     let catalog = Catalog::open(&args.instance.catalog.catalog)?;
     let ar = WalArchive::open(&catalog, &args.instance.instance)?;
     let name: WalFileName = args.name.parse()?;
-    let outcome = archive_with_look_ahead(&ar, &args.path, &name, args.look_ahead)?;
+    if args.background {
+        background_pusher(&ar, &parent_of(&args.path), &name, args.look_ahead.max(1))?;
+        return Ok(0);
+    }
+    let outcome = archive_with_look_ahead(&ar, &args, &name)?;
     log::debug!("{name}: {outcome:?}");
     Ok(0)
 }
 
-/// Archives `src` as `name`; with `look_ahead > 0` also pushes up to that many other
-/// `.ready` segments found in `src`'s `archive_status` directory.
-pub fn archive_with_look_ahead(
+/// How long a call waits for the background pusher to acknowledge its segment before
+/// archiving it itself.
+const ACK_WAIT: Duration = Duration::from_secs(60);
+/// How long the background pusher waits for PostgreSQL to consume acknowledgements when
+/// it is N segments ahead, before it exits.
+const AHEAD_IDLE: Duration = Duration::from_secs(2);
+
+/// Archives `%p` as `name`. With look-ahead on and a backlog, the other `.ready` segments
+/// are pushed by one detached background pusher (started here when none runs), and this
+/// call takes a verified acknowledgement instead of pushing again.
+fn archive_with_look_ahead(
     ar: &WalArchive,
-    src: &Path,
+    args: &PushArgs,
     name: &WalFileName,
-    look_ahead: usize,
 ) -> Result<PushOutcome> {
-    if name.is_segment() {
-        match check_ack(ar, src, name) {
-            Ok(true) => return Ok(PushOutcome::Acknowledged),
-            Ok(false) => {}
-            Err(e) => log::warn!(
-                "{name}: look-ahead acknowledgement not usable ({e}); re-checking the archive"
-            ),
-        }
-    }
-    let ahead = if look_ahead > 0 && name.is_segment() {
-        ready_segments(src, name, look_ahead)
-    } else {
-        Vec::new()
-    };
-    if ahead.is_empty() {
+    let src = &args.path;
+    if !name.is_segment() {
         return push_file(ar, src, name);
     }
-    // One look-ahead runner at a time; others just archive their own file. Look-ahead is
-    // an optimisation: if its spool is unusable, archive our own file the plain way.
+    let pg_wal = absolute_dir(&parent_of(src));
     let spool = ar.spool_dir();
-    let _lock = match lock_spool(&spool) {
-        Ok(Some(l)) => l,
-        Ok(None) => return push_file(ar, src, name),
-        Err(e) => {
-            log::warn!("look-ahead disabled for this call: {e}");
-            return push_file(ar, src, name);
-        }
-    };
-    let _ = durable::remove_stale_temps(&spool);
-    let pg_wal = parent_of(src);
-    let mut jobs: Vec<(PathBuf, WalFileName)> = vec![(src.to_path_buf(), *name)];
-    jobs.extend(ahead.into_iter().map(|n| (pg_wal.join(n.to_string()), n)));
-    let next = AtomicUsize::new(0);
-    let own: Mutex<Option<Result<PushOutcome>>> = Mutex::new(None);
-    let threads = 2.min(jobs.len());
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                let Some((path, n)) = jobs.get(i) else { break };
-                let r = push_file(ar, path, n);
-                if i == 0 {
-                    if let Ok(mut g) = own.lock() {
-                        *g = Some(r);
-                    }
-                    continue;
-                }
-                match r.and_then(|_| write_ack(ar, n)) {
-                    Ok(()) => log::debug!("{n}: pushed ahead"),
-                    Err(e) => log::warn!("{n}: look-ahead push failed (will be retried): {e}"),
-                }
-            });
-        }
-    });
-    own.into_inner().ok().flatten().unwrap_or_else(|| {
-        Err(Error::invalid(format!(
-            "{name}: look-ahead worker vanished"
-        )))
-    })
+    if args.look_ahead == 0 {
+        // No waiting and no pusher, but an acknowledgement already there is still used.
+        return match take_ack(ar, &ack_path(&spool, name), &pg_wal, src, name) {
+            Ok(true) => Ok(PushOutcome::Acknowledged),
+            Ok(false) => push_file(ar, src, name),
+            Err(e) => {
+                log::warn!("{name}: look-ahead acknowledgement not usable ({e}); pushing it");
+                push_file(ar, src, name)
+            }
+        };
+    }
+    // Look-ahead is an optimisation: any trouble with its spool means a plain push.
+    match wait_for_ack(ar, &spool, &pg_wal, src, name) {
+        Ok(true) => return Ok(PushOutcome::Acknowledged),
+        Ok(false) => {}
+        Err(e) => log::warn!("{name}: look-ahead acknowledgement not usable ({e}); pushing it"),
+    }
+    if !pusher_running(&spool) && !ready_segments(&pg_wal, &spool, name, 1).is_empty() {
+        spawn_pusher(args, &pg_wal, name);
+    }
+    push_file(ar, src, name)
 }
 
-/// Takes the look-ahead lock; `None` when another process holds it.
-fn lock_spool(spool: &Path) -> Result<Option<fs::File>> {
-    durable::create_dir_all_durable(spool)?;
-    let lock_path = spool.join(".look-ahead.lock");
-    let lock = fs::OpenOptions::new()
+/// Takes this call's acknowledgement, waiting for it while a background pusher runs that
+/// will push the segment. `false`: push it yourself.
+fn wait_for_ack(
+    ar: &WalArchive,
+    spool: &Path,
+    pg_wal: &Path,
+    src: &Path,
+    name: &WalFileName,
+) -> Result<bool> {
+    let ack = ack_path(spool, name);
+    let failed = failed_path(spool, name);
+    let deadline = Instant::now() + ACK_WAIT;
+    let mut next_lock_check = Instant::now();
+    loop {
+        if ack.exists() {
+            return take_ack(ar, &ack, pg_wal, src, name);
+        }
+        if failed.exists() {
+            let _ = fs::remove_file(&failed);
+            return Ok(false);
+        }
+        if Instant::now() >= next_lock_check {
+            // Not running, or running for our own segment (it never pushes that one).
+            match pusher_state(spool) {
+                PusherState::Idle => return take_ack(ar, &ack, pg_wal, src, name),
+                PusherState::Running(own) if own == name.to_string() => return Ok(false),
+                PusherState::Running(_) => {}
+            }
+            if Instant::now() >= deadline {
+                log::warn!(
+                    "{name}: the background pusher did not acknowledge it within {}s; pushing it",
+                    ACK_WAIT.as_secs()
+                );
+                return Ok(false);
+            }
+            next_lock_check = Instant::now() + Duration::from_millis(20);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+enum PusherState {
+    Idle,
+    /// Running; the segment its caller archives itself.
+    Running(String),
+}
+
+fn lock_path(spool: &Path) -> PathBuf {
+    spool.join(".look-ahead.lock")
+}
+
+fn pusher_state(spool: &Path) -> PusherState {
+    let p = lock_path(spool);
+    let Ok(f) = fs::File::open(&p) else {
+        return PusherState::Idle;
+    };
+    if fs2::FileExt::try_lock_shared(&f).is_ok() {
+        let _ = fs2::FileExt::unlock(&f);
+        return PusherState::Idle;
+    }
+    PusherState::Running(fs::read_to_string(&p).unwrap_or_default())
+}
+
+fn pusher_running(spool: &Path) -> bool {
+    matches!(pusher_state(spool), PusherState::Running(_))
+}
+
+/// Starts the detached background pusher (own session, no stdio), never waiting for it.
+fn spawn_pusher(args: &PushArgs, pg_wal: &Path, own: &WalFileName) {
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let mut c = std::process::Command::new(exe);
+    c.arg("-B")
+        .arg(&args.instance.catalog.catalog)
+        .arg("--instance")
+        .arg(&args.instance.instance)
+        .arg("--look-ahead")
+        .arg(args.look_ahead.to_string())
+        .arg("--background")
+        .arg(pg_wal.join(own.to_string()))
+        .arg(own.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setsid is async-signal-safe; the closure touches no Rust state.
+        unsafe {
+            c.pre_exec(|| {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                Ok(())
+            });
+        }
+    }
+    match c.spawn() {
+        // Not waited for: it outlives us, reparented to init, which reaps it.
+        Ok(child) => drop(child),
+        Err(e) => log::warn!("could not start the background pusher: {e}"),
+    }
+}
+
+/// The background pusher: archives the `.ready` segments of `pg_wal` other than `own` (which
+/// its caller archives), oldest first, on all cores, at most `ahead` acknowledged-but-not-yet
+/// consumed or in flight; writes a durable acknowledgement after each (or a `.failed` marker,
+/// so the call for it archives it itself and reports the error). Exits when nothing is left,
+/// or when PostgreSQL has not consumed an acknowledgement for [`AHEAD_IDLE`].
+fn background_pusher(
+    ar: &WalArchive,
+    pg_wal: &Path,
+    own: &WalFileName,
+    ahead: usize,
+) -> Result<()> {
+    let spool = ar.spool_dir();
+    durable::create_dir_all_durable(&spool)?;
+    let lock_p = lock_path(&spool);
+    let mut lock = fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&lock_path)
-        .ctx("open lock file", &lock_path)?;
-    Ok(fs2::FileExt::try_lock_exclusive(&lock).ok().map(|_| lock))
+        .open(&lock_p)
+        .ctx("open lock file", &lock_p)?;
+    // The caller may be probing the lock right now: retry briefly before giving up.
+    let t0 = Instant::now();
+    while fs2::FileExt::try_lock_exclusive(&lock).is_err() {
+        if t0.elapsed() > Duration::from_millis(200) {
+            return Ok(()); // another pusher runs
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    {
+        use std::io::{Seek, Write};
+        lock.set_len(0).ctx("truncate", &lock_p)?;
+        lock.seek(std::io::SeekFrom::Start(0))
+            .ctx("seek", &lock_p)?;
+        lock.write_all(own.to_string().as_bytes())
+            .ctx("write", &lock_p)?;
+    }
+    let _ = durable::remove_stale_temps(&spool);
+    clean_stale_acks(&spool, pg_wal);
+
+    struct State {
+        queue: std::collections::VecDeque<WalFileName>,
+        in_flight: HashSet<WalFileName>,
+        acked: Vec<WalFileName>,
+        failed: HashSet<WalFileName>,
+        last_progress: Instant,
+        done: bool,
+    }
+    let state = Mutex::new(State {
+        queue: Default::default(),
+        in_flight: HashSet::new(),
+        acked: Vec::new(),
+        failed: HashSet::new(),
+        last_progress: Instant::now(),
+        done: false,
+    });
+    let next_job = || -> Option<WalFileName> {
+        loop {
+            {
+                let mut st = state.lock().ok()?;
+                if st.done {
+                    return None;
+                }
+                let before = st.acked.len();
+                st.acked.retain(|n| ack_path(&spool, n).exists());
+                if st.acked.len() < before {
+                    st.last_progress = Instant::now();
+                }
+                if st.acked.len() + st.in_flight.len() < ahead {
+                    if st.queue.is_empty() {
+                        let skip: HashSet<WalFileName> = st
+                            .in_flight
+                            .iter()
+                            .chain(st.acked.iter())
+                            .chain(st.failed.iter())
+                            .copied()
+                            .collect();
+                        st.queue = ready_segments(pg_wal, &spool, own, 4 * ahead)
+                            .into_iter()
+                            .filter(|n| !skip.contains(n))
+                            .collect();
+                        if st.queue.is_empty() && st.in_flight.is_empty() {
+                            st.done = true; // the backlog is gone
+                            return None;
+                        }
+                    }
+                    if let Some(n) = st.queue.pop_front() {
+                        st.in_flight.insert(n);
+                        return Some(n);
+                    }
+                } else if st.in_flight.is_empty() && st.last_progress.elapsed() > AHEAD_IDLE {
+                    st.done = true; // nobody consumes our acknowledgements
+                    return None;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    let finish = |n: WalFileName, acked: bool| {
+        if let Ok(mut st) = state.lock() {
+            st.in_flight.remove(&n);
+            if acked {
+                st.acked.push(n);
+            } else {
+                st.failed.insert(n);
+            }
+            st.last_progress = Instant::now();
+        }
+    };
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(1, 4);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                while let Some(n) = next_job() {
+                    let src = pg_wal.join(n.to_string());
+                    match push_file(ar, &src, &n).and_then(|_| write_ack(ar, &spool, pg_wal, &n)) {
+                        Ok(()) => finish(n, true),
+                        Err(e) => {
+                            // The call for it pushes it itself and reports the error.
+                            let _ = fs::write(failed_path(&spool, &n), format!("{e}\n"));
+                            finish(n, false);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    drop(lock);
+    Ok(())
 }
 
 fn parent_of(p: &Path) -> PathBuf {
@@ -165,38 +374,45 @@ fn parent_of(p: &Path) -> PathBuf {
     }
 }
 
-/// Up to `max` segments (other than `own`, newer than it) with a `.ready` status file and
-/// no acknowledgement yet, oldest first.
-fn ready_segments(src: &Path, own: &WalFileName, max: usize) -> Vec<WalFileName> {
-    let status = parent_of(src).join("archive_status");
+fn absolute_dir(d: &Path) -> PathBuf {
+    fs::canonicalize(d).unwrap_or_else(|_| d.to_path_buf())
+}
+
+/// Up to `max` segments of `pg_wal` (other than `own`) with a `.ready` status file and no
+/// acknowledgement yet, oldest first.
+fn ready_segments(pg_wal: &Path, spool: &Path, own: &WalFileName, max: usize) -> Vec<WalFileName> {
+    let status = pg_wal.join("archive_status");
     let Ok(rd) = fs::read_dir(&status) else {
         return Vec::new();
     };
-    let own_s = own.to_string();
-    let mut names: Vec<String> = rd
+    let mut names: Vec<WalFileName> = rd
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             e.file_name()
                 .to_str()
                 .and_then(|n| n.strip_suffix(".ready"))
-                .map(str::to_string)
+                .filter(|n| n.len() == 24)
+                .and_then(|n| n.parse::<WalFileName>().ok())
         })
-        .filter(|n| n.len() == 24 && *n > own_s)
+        .filter(|n| n.is_segment() && n != own)
         .collect();
-    names.sort();
+    names.sort_by_key(|n| n.to_string());
     names
         .into_iter()
-        .filter_map(|n| n.parse::<WalFileName>().ok())
-        .filter(|n| n.is_segment())
+        .filter(|n| !ack_path(spool, n).exists())
         .take(max)
         .collect()
 }
 
-fn ack_path(ar: &WalArchive, name: &WalFileName) -> PathBuf {
-    ar.spool_dir().join(format!("{name}.ok"))
+fn ack_path(spool: &Path, name: &WalFileName) -> PathBuf {
+    spool.join(format!("{name}.ok"))
 }
 
-fn write_ack(ar: &WalArchive, name: &WalFileName) -> Result<()> {
+fn failed_path(spool: &Path, name: &WalFileName) -> PathBuf {
+    spool.join(format!("{name}.failed"))
+}
+
+fn write_ack(ar: &WalArchive, spool: &Path, pg_wal: &Path, name: &WalFileName) -> Result<()> {
     let meta = ar.read_meta(name)?;
     let p = ar.data_path(name);
     let compressed_size = fs::metadata(&p).ctx("stat", &p)?.len();
@@ -205,39 +421,79 @@ fn write_ack(ar: &WalArchive, name: &WalFileName) -> Result<()> {
         size: meta.size,
         crc32c: meta.crc32c,
         compressed_size,
+        source: Some(pg_wal.to_path_buf()),
     };
     let mut json = serde_json::to_vec(&ack)?;
     json.push(b'\n');
-    durable::write_file(&ack_path(ar, name), &json, Replace::Yes)
+    durable::write_file(&ack_path(spool, name), &json, Replace::Yes)
 }
 
-/// Whether `name` was pushed ahead and its acknowledgement still matches the archive (file
-/// present, same compressed size, same size and CRC in its header) and the source's size.
-/// The acknowledgement is consumed.
-fn check_ack(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<bool> {
-    let p = ack_path(ar, name);
-    let bytes = match fs::read(&p) {
+/// Whether the acknowledgement at `p` still matches the archive (file present, same
+/// compressed size, same size and CRC in its header), the source's size and directory.
+/// The acknowledgement is consumed either way.
+fn take_ack(
+    ar: &WalArchive,
+    p: &Path,
+    pg_wal: &Path,
+    src: &Path,
+    name: &WalFileName,
+) -> Result<bool> {
+    let bytes = match fs::read(p) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(Error::io("read", &p, e)),
+        Err(e) => return Err(Error::io("read", p, e)),
     };
-    let ack: Ack = match serde_json::from_slice(&bytes) {
-        Ok(a) => a,
-        Err(e) => {
-            let _ = durable::remove_file(&p);
-            return Err(Error::corruption(format!("{}: {e}", p.display())));
-        }
-    };
+    // Not durable on purpose: an acknowledgement that comes back after a crash is checked
+    // against the archive again, like any other.
+    let _ = fs::remove_file(p);
+    let ack: Ack = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::corruption(format!("{}: {e}", p.display())))?;
     let data = ar.data_path(name);
-    let ok = ack.name == name.to_string()
+    Ok(ack.name == name.to_string()
+        && ack.source.as_deref().is_none_or(|s| s == pg_wal)
         && fs::metadata(&data).map(|m| m.len()).ok() == Some(ack.compressed_size)
         && fs::metadata(src).map(|m| m.len()).ok() == Some(ack.size)
         && ar
             .read_meta(name)
             .map(|m| m.size == ack.size && m.crc32c == ack.crc32c)
-            .unwrap_or(false);
-    durable::remove_file(&p)?;
-    Ok(ok)
+            .unwrap_or(false))
+}
+
+/// Removes acknowledgements nobody will ask for: this `pg_wal`'s whose segment is no longer
+/// `.ready` (archived by a call itself, or gone), other directories' after a day, and
+/// `.failed` markers after an hour.
+fn clean_stale_acks(spool: &Path, pg_wal: &Path) {
+    let Ok(rd) = fs::read_dir(spool) else { return };
+    let status = pg_wal.join("archive_status");
+    let age = |p: &Path| {
+        fs::metadata(p)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .unwrap_or_default()
+    };
+    for e in rd.filter_map(|e| e.ok()) {
+        let p = e.path();
+        let fname = e.file_name().to_string_lossy().into_owned();
+        let stale = if let Some(seg) = fname.strip_suffix(".ok") {
+            let source = fs::read(&p)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Ack>(&b).ok())
+                .and_then(|a| a.source);
+            match source {
+                Some(s) if s == pg_wal => !status.join(format!("{seg}.ready")).exists(),
+                _ => age(&p) > Duration::from_secs(24 * 3600),
+            }
+        } else if fname.ends_with(".failed") {
+            age(&p) > Duration::from_secs(3600)
+        } else {
+            false
+        };
+        if stale {
+            log::info!("removing stale look-ahead entry {}", p.display());
+            let _ = fs::remove_file(&p);
+        }
+    }
 }
 
 /// Archives one file durably (see the module docs of [`crate::archive`]).
@@ -441,15 +697,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ready_segments_are_newer_segments_oldest_first() {
+    fn ready_segments_are_other_unacknowledged_segments_oldest_first() {
         let d = tempfile::tempdir().unwrap();
-        let status = d.path().join("pg_wal/archive_status");
+        let pg_wal = d.path().join("pg_wal");
+        let status = pg_wal.join("archive_status");
+        let spool = d.path().join("spool");
         fs::create_dir_all(&status).unwrap();
+        fs::create_dir_all(&spool).unwrap();
         for n in [
             "000000010000000000000003.ready",
             "000000010000000000000005.ready",
             "000000010000000000000004.ready",
             "000000010000000000000001.ready",
+            "000000010000000000000002.ready",
             "000000010000000000000006.done",
             "00000002.history.ready",
             "000000010000000000000007.partial.ready",
@@ -458,19 +718,30 @@ mod tests {
             fs::write(status.join(n), "").unwrap();
         }
         let own: WalFileName = "000000010000000000000002".parse().unwrap();
-        let src = d.path().join("pg_wal").join(own.to_string());
-        let got: Vec<String> = ready_segments(&src, &own, 3)
-            .iter()
-            .map(|n| n.to_string())
-            .collect();
+        let names = |max| -> Vec<String> {
+            ready_segments(&pg_wal, &spool, &own, max)
+                .iter()
+                .map(|n| n.to_string())
+                .collect()
+        };
         assert_eq!(
-            got,
+            names(3),
             [
+                "000000010000000000000001",
                 "000000010000000000000003",
-                "000000010000000000000004",
-                "000000010000000000000005"
+                "000000010000000000000004"
             ]
         );
-        assert!(ready_segments(&d.path().join("x/y"), &own, 3).is_empty());
+        fs::write(spool.join("000000010000000000000003.ok"), "{}").unwrap();
+        assert_eq!(
+            names(9),
+            [
+                "000000010000000000000001",
+                "000000010000000000000004",
+                "000000010000000000000005",
+                "000000010000000000000008"
+            ]
+        );
+        assert!(ready_segments(&d.path().join("x"), &spool, &own, 3).is_empty());
     }
 }

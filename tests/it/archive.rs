@@ -614,6 +614,20 @@ fn wait_for(p: &Path, secs: u64) -> bool {
     false
 }
 
+/// Whether the background pusher's lock is free within `secs`.
+fn wait_pusher_gone(spool: &Path, secs: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let lock = spool.join(".look-ahead.lock");
+    while Instant::now() < deadline {
+        match std::fs::File::open(&lock) {
+            Err(_) => return true,
+            Ok(f) if fs2::FileExt::try_lock_shared(&f).is_ok() => return true,
+            Ok(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    false
+}
+
 /// Look-ahead pushes other `.ready` segments and acknowledges them; later calls consume
 /// verified acknowledgements; a wrong acknowledgement is not trusted. Prefetch fills a
 /// bounded spool in the background, and a damaged prefetched copy is never served.
@@ -639,6 +653,18 @@ fn look_ahead_acknowledgements_and_prefetch_spool() {
             &["--look-ahead", "4"],
         ),
         "push with look-ahead",
+    );
+    // the background pusher acknowledges 1..=4 (4 ahead), then gives up waiting for
+    // PostgreSQL to consume them and exits
+    for n in &names[1..=4] {
+        assert!(
+            wait_for(&spool.join(format!("{n}.ok")), 30),
+            "{n} not acknowledged"
+        );
+    }
+    assert!(
+        wait_pusher_gone(&spool, 30),
+        "background pusher still running"
     );
     let ar =
         walnut::archive::WalArchive::open(&walnut::catalog::Catalog::open(&cat).unwrap(), "db")
@@ -714,6 +740,57 @@ fn look_ahead_acknowledgements_and_prefetch_spool() {
         ar.index_state(1, seg0 + 100).unwrap(),
         walnut::archive::IndexState::NotArchived
     ));
+
+    // PostgreSQL marks 0..=4 done; an acknowledgement left for a done segment is stale and
+    // the next background pusher removes it; the call for 5 starts one (it pushes 6 and 7,
+    // 2 ahead, never 5 itself), and the call for 6 takes its acknowledgement.
+    for n in &names[..=4] {
+        std::fs::rename(
+            status.join(format!("{n}.ready")),
+            status.join(format!("{n}.done")),
+        )
+        .unwrap();
+    }
+    let stale: Vec<PathBuf> = names[3..=4]
+        .iter()
+        .map(|n| spool.join(format!("{n}.ok")))
+        .collect();
+    assert!(stale.iter().all(|p| p.exists()));
+    ok(
+        push(
+            &cat,
+            &pg_wal.join(&names[5]),
+            &names[5],
+            &["--look-ahead", "2"],
+        ),
+        "push starting a background pusher",
+    );
+    for n in &names[6..=7] {
+        assert!(
+            wait_for(&spool.join(format!("{n}.ok")), 30),
+            "{n} not acknowledged"
+        );
+    }
+    assert!(
+        wait_pusher_gone(&spool, 30),
+        "background pusher still running"
+    );
+    assert!(
+        stale.iter().all(|p| !p.exists()),
+        "stale acknowledgement kept"
+    );
+    assert!(!spool.join(format!("{}.ok", names[5])).exists());
+    ok(
+        push(
+            &cat,
+            &pg_wal.join(&names[6]),
+            &names[6],
+            &["--look-ahead", "2"],
+        ),
+        "acknowledged push",
+    );
+    assert!(!spool.join(format!("{}.ok", names[6])).exists());
+    assert!(spool.join(format!("{}.ok", names[7])).exists());
 
     // prefetch: asking for segment 0 fills the spool with 1..=3 in the background
     let rec = pg_mkdir(&dir.path().join("rec/pg_wal"));
