@@ -14,16 +14,23 @@
 //! - Absent: exit 1 (PostgreSQL: "not available"). Present but damaged, or any error that
 //!   prevents an answer: exit [`crate::EXIT_FETCH_FATAL`], so recovery stops loudly instead
 //!   of ending early at a wrong point. Nothing is written to `%p` then.
-//! - Prefetch: a request for segment N starts (when none is running) a detached background
-//!   process that fetches, verifies and decompresses N+1..N+K into
-//!   `pg_wal/walnut-prefetch/`, with a `.json` checksum written after each file. A request
-//!   served from the spool re-verifies the file first. Entries outside the window of the
-//!   current request (older, too far ahead, other timeline) are removed, so the spool holds
-//!   at most K segments.
+//! - Prefetch: a request for segment N starts (when none is running) one detached background
+//!   worker that fetches, verifies and decompresses N+1, N+2, ... on all cores into
+//!   `pg_wal/walnut-prefetch/`, with a `.json` checksum written after each file, keeping at
+//!   most K entries that recovery has not consumed yet (it slides forward as recovery takes
+//!   them, and exits at the end of the archive or when recovery stops asking). Its lock file
+//!   says which segments it has claimed; a request for one of them waits for it instead of
+//!   fetching it a second time. A request served from the spool re-verifies the file first
+//!   (mapped, CRC-32C) and moves it into place. Entries outside the window of a new worker
+//!   (older, too far ahead, other timeline) are removed. `walnut-fetch --cleanup` (the
+//!   `recovery_end_command` that `walnut restore` writes) removes the spool.
 
+use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser};
 use serde::{Deserialize, Serialize};
@@ -37,6 +44,8 @@ use crate::types::WalFileName;
 
 /// Directory name of the prefetch spool inside `pg_wal`.
 pub const PREFETCH_DIR: &str = "walnut-prefetch";
+/// In the spool: tells the worker to stop (written by `--cleanup`).
+const STOP_FILE: &str = ".stop";
 
 /// Options of `walnut-fetch`.
 #[derive(Args, Debug, Clone)]
@@ -49,10 +58,16 @@ pub struct FetchArgs {
     /// Internal: run as the background prefetch worker.
     #[arg(long = "prefetch-worker", hide = true)]
     pub prefetch_worker: bool,
+    /// Remove the prefetch spool and exit (`recovery_end_command`; run in PGDATA, or give
+    /// `%f %p` of any file in the `pg_wal` concerned).
+    #[arg(long)]
+    pub cleanup: bool,
     /// `%f`: the file PostgreSQL asks for.
-    pub name: String,
+    #[arg(required_unless_present = "cleanup")]
+    pub name: Option<String>,
     /// `%p`: where to write it, relative to PGDATA (the working directory).
-    pub dest: PathBuf,
+    #[arg(required_unless_present = "cleanup")]
+    pub dest: Option<PathBuf>,
 }
 
 #[derive(Parser, Debug)]
@@ -75,6 +90,8 @@ pub enum FetchOutcome {
     FromPrefetch,
     /// The file is not in the archive.
     NotInArchive,
+    /// `--cleanup`: the prefetch spool was removed.
+    Cleaned,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -94,23 +111,56 @@ pub fn fetch_to(archive: &WalArchive, name: &WalFileName, dest: &Path) -> Result
 pub fn run(args: FetchArgs) -> Result<FetchOutcome> {
     let catalog = Catalog::open(&args.instance.catalog.catalog)?;
     let ar = WalArchive::open(&catalog, &args.instance.instance)?;
-    let name: WalFileName = args.name.parse()?;
+    let dest = args
+        .dest
+        .clone()
+        .unwrap_or_else(|| Path::new("pg_wal").join("RECOVERYXLOG"));
+    if args.cleanup {
+        remove_spool(&spool_dir(&dest))?;
+        return Ok(FetchOutcome::Cleaned);
+    }
+    let name: WalFileName = args.name.as_deref().unwrap_or_default().parse()?;
     if args.prefetch_worker {
-        prefetch_worker(&ar, &name, &args.dest, args.prefetch)?;
+        prefetch_worker(&ar, &name, &dest, args.prefetch)?;
         return Ok(FetchOutcome::Restored);
     }
-    let out = fetch(&ar, &name, &args.dest)?;
-    if args.prefetch > 0 && name.is_segment() && out != FetchOutcome::NotInArchive {
-        spawn_prefetch(&args, &name);
+    let t0 = std::time::Instant::now();
+    let out = fetch(&ar, &name, &dest)?;
+    log::debug!("{name}: {out:?} in {:?}", t0.elapsed());
+    if args.prefetch > 0
+        && name.is_segment()
+        && out != FetchOutcome::NotInArchive
+        && worker_state(&spool_dir(&dest)).is_none()
+    {
+        spawn_prefetch(&args, &name, &dest);
     }
     Ok(out)
+}
+
+/// Removes the prefetch spool once recovery has ended: tells a running worker to stop,
+/// waits for it (it finishes the segments in flight), then removes every entry.
+fn remove_spool(spool: &Path) -> Result<()> {
+    if !spool.is_dir() {
+        return Ok(());
+    }
+    let stop = spool.join(STOP_FILE);
+    fs::write(&stop, b"").ctx("write", &stop)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while worker_state(spool).is_some() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    fs::remove_dir_all(spool).ctx("remove", spool)?;
+    log::info!("removed the prefetch spool \"{}\"", spool.display());
+    Ok(())
 }
 
 /// Serves `name` into `dest`: from the prefetch spool when a verified copy is there, else
 /// from the archive (falling back to `<name>.partial` for a segment).
 pub fn fetch(ar: &WalArchive, name: &WalFileName, dest: &Path) -> Result<FetchOutcome> {
     if name.is_segment() {
-        if let Some(verified) = take_from_spool(&spool_dir(dest), name) {
+        let spool = spool_dir(dest);
+        wait_for_prefetch(&spool, name, ar.seg_size());
+        if let Some(verified) = take_from_spool(&spool, name) {
             // The spool file was written durably by the worker and just verified; moving it
             // into place (same directory tree, pg_wal) spares copying 16 MiB again. If the
             // worker removed it meanwhile, the archive is used.
@@ -168,7 +218,8 @@ fn take_from_spool(spool: &Path, name: &WalFileName) -> Option<PathBuf> {
     let data_p = spool.join(name.to_string());
     let meta_p = spool.join(format!("{name}.json"));
     let meta: SpoolMeta = serde_json::from_slice(&fs::read(&meta_p).ok()?).ok()?;
-    let data = fs::read(&data_p).ok();
+    // Mapped, not read: verifying needs no copy of the 16 MiB.
+    let data = super::mapped::FileBytes::open(&data_p).ok();
     let _ = fs::remove_file(&meta_p);
     let data = data?;
     if meta.name == name.to_string()
@@ -184,7 +235,7 @@ fn take_from_spool(spool: &Path, name: &WalFileName) -> Option<PathBuf> {
 }
 
 /// Starts the detached prefetch worker (own session, no stdio), never waiting for it.
-fn spawn_prefetch(args: &FetchArgs, name: &WalFileName) {
+fn spawn_prefetch(args: &FetchArgs, name: &WalFileName, dest: &Path) {
     let Ok(exe) = std::env::current_exe() else {
         return;
     };
@@ -197,7 +248,7 @@ fn spawn_prefetch(args: &FetchArgs, name: &WalFileName) {
         .arg(args.prefetch.to_string())
         .arg("--prefetch-worker")
         .arg(name.to_string())
-        .arg(&args.dest)
+        .arg(dest)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -218,7 +269,86 @@ fn spawn_prefetch(args: &FetchArgs, name: &WalFileName) {
     }
 }
 
-/// The background worker: fills the spool with segments N+1..N+K of N's timeline.
+/// How long a request waits for the prefetch worker to finish the segment it is fetching.
+const PREFETCH_WAIT: Duration = Duration::from_secs(10);
+/// How long the worker waits for recovery to consume a full spool before it exits.
+const PREFETCH_IDLE: Duration = Duration::from_secs(2);
+
+/// What a running prefetch worker does: timeline, first segment of its run, next segment
+/// it will claim (everything in `first..next` is fetched or being fetched).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct WorkerState {
+    tli: u32,
+    first: u64,
+    next: u64,
+}
+
+impl WorkerState {
+    const LEN: usize = 8 + 1 + 16 + 1 + 16 + 1;
+
+    fn encode(&self) -> String {
+        format!("{:08X} {:016X} {:016X}\n", self.tli, self.first, self.next)
+    }
+
+    fn decode(s: &str) -> Option<WorkerState> {
+        let mut it = s.split_whitespace();
+        let tli = u32::from_str_radix(it.next()?, 16).ok()?;
+        let first = u64::from_str_radix(it.next()?, 16).ok()?;
+        let next = u64::from_str_radix(it.next()?, 16).ok()?;
+        Some(WorkerState { tli, first, next })
+    }
+}
+
+fn lock_path(spool: &Path) -> PathBuf {
+    spool.join(".lock")
+}
+
+/// The state of the running worker; `None` when none runs.
+fn worker_state(spool: &Path) -> Option<WorkerState> {
+    let p = lock_path(spool);
+    let f = fs::File::open(&p).ok()?;
+    if fs2::FileExt::try_lock_shared(&f).is_ok() {
+        let _ = fs2::FileExt::unlock(&f);
+        return None;
+    }
+    // Running; an unreadable state (being rewritten) reads as "covers nothing".
+    Some(
+        fs::read_to_string(&p)
+            .ok()
+            .and_then(|s| WorkerState::decode(&s))
+            .unwrap_or(WorkerState {
+                tli: 0,
+                first: 0,
+                next: 0,
+            }),
+    )
+}
+
+/// Waits while the worker is fetching `name` and its spool entry is not complete yet, so
+/// that a request never fetches the same segment a second time beside the worker.
+fn wait_for_prefetch(spool: &Path, name: &WalFileName, seg_size: u32) {
+    let Some(segno) = name.segno(seg_size) else {
+        return;
+    };
+    let meta_p = spool.join(format!("{name}.json"));
+    let deadline = Instant::now() + PREFETCH_WAIT;
+    let mut next_check = Instant::now();
+    while !meta_p.exists() && Instant::now() < deadline {
+        if Instant::now() >= next_check {
+            match worker_state(spool) {
+                Some(w) if w.tli == name.tli() && (w.first..w.next).contains(&segno) => {}
+                _ => return,
+            }
+            next_check = Instant::now() + Duration::from_millis(20);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The background worker: keeps the spool filled with the segments after N on N's
+/// timeline, at most `k` ahead of what recovery has consumed, on all cores. Exits at the
+/// end of the archive, on the first segment it cannot fetch (the request for it reports
+/// why), or when recovery has not consumed anything for [`PREFETCH_IDLE`].
 fn prefetch_worker(ar: &WalArchive, name: &WalFileName, dest: &Path, k: u64) -> Result<()> {
     let seg_size = ar.seg_size();
     let segno = name
@@ -226,7 +356,7 @@ fn prefetch_worker(ar: &WalArchive, name: &WalFileName, dest: &Path, k: u64) -> 
         .ok_or_else(|| Error::invalid(format!("{name}: not a segment")))?;
     let spool = spool_dir(dest);
     durable::create_dir_all_durable(&spool)?;
-    let lock_p = spool.join(".lock");
+    let lock_p = lock_path(&spool);
     let lock = fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -237,29 +367,109 @@ fn prefetch_worker(ar: &WalArchive, name: &WalFileName, dest: &Path, k: u64) -> 
     if fs2::FileExt::try_lock_exclusive(&lock).is_err() {
         return Ok(()); // another worker is filling the spool
     }
+    let tli = name.tli();
     let window: Vec<WalFileName> = (segno + 1..=segno + k)
-        .map(|s| WalFileName::segment(name.tli(), s, seg_size))
+        .map(|s| WalFileName::segment(tli, s, seg_size))
         .collect();
     clean_spool(&spool, &window)?;
-    for n in &window {
+    struct Run {
+        /// Lowest segment not yet known consumed.
+        lo: u64,
+        next: u64,
+        in_flight: HashSet<u64>,
+        stop: bool,
+        last_progress: Instant,
+    }
+    let run = Mutex::new(Run {
+        lo: segno + 1,
+        next: segno + 1,
+        in_flight: HashSet::new(),
+        stop: false,
+        last_progress: Instant::now(),
+    });
+    let publish = |next: u64| {
+        use std::os::unix::fs::FileExt;
+        let st = WorkerState {
+            tli,
+            first: segno + 1,
+            next,
+        };
+        let _ = lock.write_all_at(st.encode().as_bytes(), 0);
+    };
+    let _ = lock.set_len(WorkerState::LEN as u64);
+    publish(segno + 1);
+    let entry = |s: u64| WalFileName::segment(tli, s, seg_size);
+    let claim = || -> Option<u64> {
+        loop {
+            {
+                let mut r = run.lock().ok()?;
+                if r.stop || spool.join(STOP_FILE).exists() {
+                    return None;
+                }
+                // Entries disappear as recovery consumes them, oldest first.
+                while r.lo < r.next
+                    && !r.in_flight.contains(&r.lo)
+                    && !spool.join(format!("{}.json", entry(r.lo))).exists()
+                {
+                    r.lo += 1;
+                    r.last_progress = Instant::now();
+                }
+                if r.next - r.lo < k {
+                    let s = r.next;
+                    if !ar.contains(&entry(s)) {
+                        r.stop = true; // the end of the archive, for now
+                        return None;
+                    }
+                    r.next += 1;
+                    r.in_flight.insert(s);
+                    publish(r.next);
+                    return Some(s);
+                }
+                if r.in_flight.is_empty() && r.last_progress.elapsed() > PREFETCH_IDLE {
+                    r.stop = true;
+                    return None;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    let fetch_one = |s: u64| -> Result<()> {
+        let n = entry(s);
         let data_p = spool.join(n.to_string());
         let meta_p = spool.join(format!("{n}.json"));
         if meta_p.exists() && data_p.exists() {
-            continue;
+            return Ok(());
         }
-        if !ar.contains(n) {
-            break; // end of the archive (for now)
-        }
-        // Corrupt files are left for the foreground to report (exit 200).
-        let Ok(data) = ar.read(n) else { break };
+        let data = ar.read(&n)?;
         durable::write_file(&data_p, &data, Replace::Yes)?;
         let meta = SpoolMeta {
             name: n.to_string(),
             size: data.len() as u64,
             crc32c: crc32c::crc32c(&data),
         };
-        durable::write_file(&meta_p, &serde_json::to_vec(&meta)?, Replace::Yes)?;
-    }
+        durable::write_file(&meta_p, &serde_json::to_vec(&meta)?, Replace::Yes)
+    };
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(1, 4);
+    std::thread::scope(|sc| {
+        for _ in 0..workers {
+            sc.spawn(|| {
+                while let Some(s) = claim() {
+                    let r = fetch_one(s);
+                    if let Ok(mut g) = run.lock() {
+                        g.in_flight.remove(&s);
+                        g.last_progress = Instant::now();
+                        // Corrupt files are left for the request to report (exit 200).
+                        if r.is_err() {
+                            g.stop = true;
+                        }
+                    }
+                }
+            });
+        }
+    });
     Ok(())
 }
 

@@ -185,8 +185,10 @@ pub fn recovery_conf(existing: &str, settings: &[(&str, String)]) -> String {
             .split(['=', ' ', '\t'])
             .next()
             .unwrap_or("");
-        let drop_it =
-            keys.contains(&key) || key.starts_with("recovery_target") || key == "restore_command";
+        let drop_it = keys.contains(&key)
+            || key.starts_with("recovery_target")
+            || key == "restore_command"
+            || key == "recovery_end_command";
         if !drop_it {
             out.push_str(line);
             out.push('\n');
@@ -585,15 +587,20 @@ pub fn restore(catalog: &Catalog, instance: &str, opts: &RestoreOptions) -> Resu
     let fetch = fetch_binary()?;
     let cat_abs =
         std::fs::canonicalize(catalog.root()).unwrap_or_else(|_| catalog.root().to_path_buf());
-    let mut settings: Vec<(&str, String)> = vec![(
-        "restore_command",
-        quote_conf(&format!(
-            "{} -B {} --instance {} %f %p",
-            fetch.display(),
-            cat_abs.display(),
-            instance
-        )),
-    )];
+    let fetch_cmd = format!(
+        "{} -B {} --instance {}",
+        fetch.display(),
+        cat_abs.display(),
+        instance
+    );
+    let mut settings: Vec<(&str, String)> = vec![
+        ("restore_command", quote_conf(&format!("{fetch_cmd} %f %p"))),
+        // removes walnut-fetch's prefetch spool from pg_wal once recovery is over
+        (
+            "recovery_end_command",
+            quote_conf(&format!("{fetch_cmd} --cleanup")),
+        ),
+    ];
     let rt = &opts.recovery;
     let n_targets = [&rt.time, &rt.xid, &rt.lsn, &rt.name, &rt.target]
         .iter()

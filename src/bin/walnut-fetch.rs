@@ -1,4 +1,5 @@
 //! restore_command = 'walnut-fetch -B DIR --instance NAME %f %p'
+//! recovery_end_command = 'walnut-fetch -B DIR --instance NAME --cleanup'
 //! Exit 0: written and verified; 1: not in the archive; 200: corrupt or any other error
 //! (fatal to recovery, so it never ends early at a wrong point).
 use clap::Parser;
@@ -13,7 +14,7 @@ fn main() {
             std::process::exit(walnut::EXIT_FETCH_FATAL);
         }
     };
-    let name = cli.args.name.clone();
+    let name = cli.args.name.clone().unwrap_or_else(|| "--cleanup".into());
     match walnut::archive::fetch::run(cli.args) {
         Ok(FetchOutcome::NotInArchive) => {
             log::info!("{name} is not in the archive");

@@ -745,6 +745,14 @@ fn page_backup_after_promotion_on_new_timeline() {
         ),
         "2"
     );
+    // recovery_end_command removed walnut-fetch's prefetch spool (the target was before the
+    // archive's end, so the spool held segments recovery never asked for)
+    assert!(
+        p2.server_log().contains("removed the prefetch spool"),
+        "recovery_end_command did not run\n{}",
+        p2.server_log()
+    );
+    assert!(!p2.data.join("pg_wal/walnut-prefetch").exists());
     p2.pgbench(&["-t", "200", "-n", "postgres"]);
     p2.psql(
         "postgres",
