@@ -152,8 +152,14 @@ impl Env {
         }
     }
 
+    /// `pg_dumpall` without unlogged data and without `bigdb` (the >1 GiB relation, checked
+    /// by a digest instead).
     fn dumpall(pg: &Pg) -> String {
-        let out = run_ok(pg.client("pg_dumpall").arg("--no-unlogged-table-data"));
+        let out = run_ok(
+            pg.client("pg_dumpall")
+                .arg("--no-unlogged-table-data")
+                .arg("--exclude-database=bigdb"),
+        );
         out.lines()
             .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
             .collect::<Vec<_>>()
@@ -313,12 +319,20 @@ struct Point {
     rp: String,
     dump: String,
     tt_count: String,
+    /// Size and content digest of the relation past 1 GiB (in `bigdb`).
+    big: String,
 }
+
+/// The relation of more than one segment file: its size (so the number and length of its
+/// segment files) and a digest of its rows.
+const BIG_DIGEST: &str = "select pg_relation_size('big') || ' ' || count(*) || ' ' || \
+     md5(string_agg(i::text || pad, ',' order by i)) from big";
 
 fn mark(env: &Env, id: String, rp: &str) -> Point {
     let pg = &env.pg;
     let dump = Env::dumpall(pg);
     let tt_count = pg.psql("postgres", "select count(*) from tt");
+    let big = pg.psql("bigdb", BIG_DIGEST);
     pg.psql(
         "postgres",
         &format!("select pg_create_restore_point('{rp}')"),
@@ -328,12 +342,14 @@ fn mark(env: &Env, id: String, rp: &str) -> Point {
         rp: rp.to_string(),
         dump,
         tt_count,
+        big,
     }
 }
 
 /// FULL, PAGE, PAGE, DELTA over pgbench and DDL (truncating VACUUM, TRUNCATE, VACUUM FULL,
 /// CREATE DATABASE with both strategies, DROP DATABASE, a tablespace, SET TABLESPACE,
-/// unlogged tables, VACUUM FULL pg_class, truncate-then-extend); every backup restored to
+/// unlogged tables, VACUUM FULL pg_class, truncate-then-extend, a relation past 1 GiB that
+/// shrinks below it and grows back); every backup restored to
 /// the restore point made right after it gives the same dump, passes pg_checksums and
 /// amcheck, and deleted rows do not come back.
 #[test]
@@ -361,6 +377,21 @@ fn page_and_delta_chain_restores_every_point() {
     pg.psql("postgres", "create unlogged table ul(i int primary key); insert into ul select generate_series(1, 1000)");
     pg.psql("postgres", "create database dropme");
     pg.psql("dropme", "create table d(i int); insert into d values (1)");
+    // past 1 GiB: one ~450-byte row per 8 KiB page (fillfactor 10), 135,000 pages, so the
+    // relation has a second segment file of 3,928 blocks
+    pg.psql("postgres", "create database bigdb");
+    pg.psql(
+        "bigdb",
+        "create table big(i int, pad text) with (fillfactor = 10, autovacuum_enabled = off); \
+         insert into big select g, repeat(md5(g::text), 13) from generate_series(1, 135000) g",
+    );
+    assert_eq!(
+        pg.psql(
+            "bigdb",
+            "select pg_relation_size('big') > 1024 * 1024 * 1024"
+        ),
+        "t"
+    );
 
     let mut points = Vec::new();
     let b1 = env.backup("full", &[]);
@@ -389,6 +420,11 @@ fn page_and_delta_chain_restores_every_point() {
         "create table y(i int primary key); insert into y select generate_series(1, 3000)",
     );
     pg.psql("postgres", "vacuum full pg_class");
+    // changes in both segment files of big
+    pg.psql(
+        "bigdb",
+        "update big set pad = upper(pad) where i % 997 = 0 or i > 134500",
+    );
     pg.psql(
         "postgres",
         "insert into ul select generate_series(1001, 2000)",
@@ -404,6 +440,17 @@ fn page_and_delta_chain_restores_every_point() {
     pg.psql("postgres", "copy tt(i) from program 'seq 30001 31000'");
     pg.psql("postgres", "create table in_ts(i int primary key) tablespace ts1; insert into in_ts select generate_series(1, 2000)");
     pg.psql("d_wal", "update x set i = i + 10000 where i < 100");
+    // big shrinks below 1 GiB: its second segment file is cut to nothing
+    pg.psql("bigdb", "delete from big where i > 130500");
+    pg.psql("bigdb", "vacuum big");
+    assert_eq!(
+        pg.psql(
+            "bigdb",
+            "select pg_relation_size('big') < 1024 * 1024 * 1024"
+        ),
+        "t",
+        "vacuum did not truncate big"
+    );
     points.push(mark(&env, b2.clone(), "rp2"));
 
     let b3 = env.backup("page", &[]);
@@ -413,6 +460,11 @@ fn page_and_delta_chain_restores_every_point() {
     pg.psql("postgres", "vacuum tt");
     points.push(mark(&env, b3.clone(), "rp3"));
 
+    // and grows back past 1 GiB before the DELTA (truncate, then extend across the boundary)
+    pg.psql(
+        "bigdb",
+        "insert into big select g, repeat(md5(g::text), 13) from generate_series(200001, 201000) g",
+    );
     let b4 = env.backup("delta", &[]);
     pg.pgbench(&["-t", "100", "-n", "postgres"]);
     points.push(mark(&env, b4.clone(), "rp4"));
@@ -461,6 +513,11 @@ fn page_and_delta_chain_restores_every_point() {
             r.psql("postgres", "select count(*) from tt"),
             p.tt_count,
             "deleted rows came back"
+        );
+        assert_eq!(
+            r.psql("bigdb", BIG_DIGEST),
+            p.big,
+            "relation past 1 GiB differs"
         );
         let dbs: Vec<&str> = if k == 0 {
             vec!["postgres", "d_wal", "d_copy"]
