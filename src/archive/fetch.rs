@@ -28,7 +28,7 @@
 use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -248,25 +248,8 @@ fn spawn_prefetch(args: &FetchArgs, name: &WalFileName, dest: &Path) {
         .arg(args.prefetch.to_string())
         .arg("--prefetch-worker")
         .arg(name.to_string())
-        .arg(dest)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: setsid is async-signal-safe; the closure touches no Rust state.
-        unsafe {
-            c.pre_exec(|| {
-                nix::unistd::setsid().map_err(std::io::Error::from)?;
-                Ok(())
-            });
-        }
-    }
-    match c.spawn() {
-        // Not waited for: it outlives us, reparented to init, which reaps it.
-        Ok(child) => drop(child),
-        Err(e) => log::warn!("could not start the prefetch worker: {e}"),
-    }
+        .arg(dest);
+    super::spawn_detached(c, "prefetch worker");
 }
 
 /// How long a request waits for the prefetch worker to finish the segment it is fetching.
@@ -305,23 +288,14 @@ fn lock_path(spool: &Path) -> PathBuf {
 
 /// The state of the running worker; `None` when none runs.
 fn worker_state(spool: &Path) -> Option<WorkerState> {
-    let p = lock_path(spool);
-    let f = fs::File::open(&p).ok()?;
-    if fs2::FileExt::try_lock_shared(&f).is_ok() {
-        let _ = fs2::FileExt::unlock(&f);
-        return None;
-    }
     // Running; an unreadable state (being rewritten) reads as "covers nothing".
-    Some(
-        fs::read_to_string(&p)
-            .ok()
-            .and_then(|s| WorkerState::decode(&s))
-            .unwrap_or(WorkerState {
-                tli: 0,
-                first: 0,
-                next: 0,
-            }),
-    )
+    super::lock_holder(&lock_path(spool)).map(|s| {
+        WorkerState::decode(&s).unwrap_or(WorkerState {
+            tli: 0,
+            first: 0,
+            next: 0,
+        })
+    })
 }
 
 /// Waits while the worker is fetching `name` and its spool entry is not complete yet, so
@@ -356,17 +330,9 @@ fn prefetch_worker(ar: &WalArchive, name: &WalFileName, dest: &Path, k: u64) -> 
         .ok_or_else(|| Error::invalid(format!("{name}: not a segment")))?;
     let spool = spool_dir(dest);
     durable::create_dir_all_durable(&spool)?;
-    let lock_p = lock_path(&spool);
-    let lock = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock_p)
-        .ctx("open lock file", &lock_p)?;
-    if fs2::FileExt::try_lock_exclusive(&lock).is_err() {
+    let Some(lock) = super::try_lock_file(&lock_path(&spool))? else {
         return Ok(()); // another worker is filling the spool
-    }
+    };
     let tli = name.tli();
     let window: Vec<WalFileName> = (segno + 1..=segno + k)
         .map(|s| WalFileName::segment(tli, s, seg_size))
@@ -449,10 +415,7 @@ fn prefetch_worker(ar: &WalArchive, name: &WalFileName, dest: &Path, k: u64) -> 
         };
         durable::write_file(&meta_p, &serde_json::to_vec(&meta)?, Replace::Yes)
     };
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .clamp(1, 4);
+    let workers = super::worker_threads();
     std::thread::scope(|sc| {
         for _ in 0..workers {
             sc.spawn(|| {

@@ -563,6 +563,58 @@ pub fn run_show_archive(args: ShowArgs) -> Result<i32> {
     show::run(args)
 }
 
+/// Starts `c` as a detached background process (own session, no stdio) and never waits for
+/// it: it outlives its caller, reparented to init, which reaps it.
+pub(crate) fn spawn_detached(mut c: std::process::Command, what: &str) {
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    c.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: setsid is async-signal-safe; the closure touches no Rust state.
+    unsafe {
+        c.pre_exec(|| {
+            nix::unistd::setsid().map_err(io::Error::from)?;
+            Ok(())
+        });
+    }
+    match c.spawn() {
+        Ok(child) => drop(child),
+        Err(e) => log::warn!("could not start the {what}: {e}"),
+    }
+}
+
+/// Threads a background worker uses: the machine's cores, 1 to 4.
+pub(crate) fn worker_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(1, 4)
+}
+
+/// Opens (creating) a lock file and takes its exclusive lock without waiting; `None` when
+/// another process holds it.
+pub(crate) fn try_lock_file(p: &Path) -> Result<Option<fs::File>> {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(p)
+        .ctx("open lock file", p)?;
+    Ok(fs2::FileExt::try_lock_exclusive(&f).ok().map(|_| f))
+}
+
+/// The content of lock file `p` while some process holds its lock; `None` when none does.
+pub(crate) fn lock_holder(p: &Path) -> Option<String> {
+    let f = fs::File::open(p).ok()?;
+    if fs2::FileExt::try_lock_shared(&f).is_ok() {
+        let _ = fs2::FileExt::unlock(&f);
+        return None;
+    }
+    Some(fs::read_to_string(p).unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -183,15 +183,10 @@ fn lock_path(spool: &Path) -> PathBuf {
 }
 
 fn pusher_state(spool: &Path) -> PusherState {
-    let p = lock_path(spool);
-    let Ok(f) = fs::File::open(&p) else {
-        return PusherState::Idle;
-    };
-    if fs2::FileExt::try_lock_shared(&f).is_ok() {
-        let _ = fs2::FileExt::unlock(&f);
-        return PusherState::Idle;
+    match super::lock_holder(&lock_path(spool)) {
+        None => PusherState::Idle,
+        Some(own) => PusherState::Running(own),
     }
-    PusherState::Running(fs::read_to_string(&p).unwrap_or_default())
 }
 
 fn pusher_running(spool: &Path) -> bool {
@@ -212,25 +207,8 @@ fn spawn_pusher(args: &PushArgs, pg_wal: &Path, own: &WalFileName) {
         .arg(args.look_ahead.to_string())
         .arg("--background")
         .arg(pg_wal.join(own.to_string()))
-        .arg(own.to_string())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: setsid is async-signal-safe; the closure touches no Rust state.
-        unsafe {
-            c.pre_exec(|| {
-                nix::unistd::setsid().map_err(std::io::Error::from)?;
-                Ok(())
-            });
-        }
-    }
-    match c.spawn() {
-        // Not waited for: it outlives us, reparented to init, which reaps it.
-        Ok(child) => drop(child),
-        Err(e) => log::warn!("could not start the background pusher: {e}"),
-    }
+        .arg(own.to_string());
+    super::spawn_detached(c, "background pusher");
 }
 
 /// The background pusher: archives the `.ready` segments of `pg_wal` other than `own` (which
@@ -247,21 +225,17 @@ fn background_pusher(
     let spool = ar.spool_dir();
     durable::create_dir_all_durable(&spool)?;
     let lock_p = lock_path(&spool);
-    let mut lock = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock_p)
-        .ctx("open lock file", &lock_p)?;
     // The caller may be probing the lock right now: retry briefly before giving up.
     let t0 = Instant::now();
-    while fs2::FileExt::try_lock_exclusive(&lock).is_err() {
+    let mut lock = loop {
+        if let Some(l) = super::try_lock_file(&lock_p)? {
+            break l;
+        }
         if t0.elapsed() > Duration::from_millis(200) {
             return Ok(()); // another pusher runs
         }
         std::thread::sleep(Duration::from_millis(5));
-    }
+    };
     {
         use std::io::{Seek, Write};
         lock.set_len(0).ctx("truncate", &lock_p)?;
@@ -342,10 +316,7 @@ fn background_pusher(
             st.last_progress = Instant::now();
         }
     };
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .clamp(1, 4);
+    let workers = super::worker_threads();
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| {

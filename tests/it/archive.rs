@@ -614,6 +614,31 @@ fn wait_for(p: &Path, secs: u64) -> bool {
     false
 }
 
+/// Pushes `names[own]` with look-ahead `ahead`, waits until the background pusher has
+/// acknowledged the `ahead` segments after it, and has exited.
+fn push_and_wait_acks(cat: &Path, pg_wal: &Path, names: &[String], own: usize, ahead: usize) {
+    let spool = cat.join("instances/db/spool/push");
+    ok(
+        push(
+            cat,
+            &pg_wal.join(&names[own]),
+            &names[own],
+            &["--look-ahead", &ahead.to_string()],
+        ),
+        "push with look-ahead",
+    );
+    for n in &names[own + 1..=own + ahead] {
+        assert!(
+            wait_for(&spool.join(format!("{n}.ok")), 30),
+            "{n} not acknowledged"
+        );
+    }
+    assert!(
+        wait_pusher_gone(&spool, 30),
+        "background pusher still running"
+    );
+}
+
 /// Whether the background pusher's lock is free within `secs`.
 fn wait_pusher_gone(spool: &Path, secs: u64) -> bool {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -645,27 +670,9 @@ fn look_ahead_acknowledgements_and_prefetch_spool() {
     chown_pg(&pg_wal);
     let names: Vec<String> = segs.iter().map(|s| fname(s)).collect();
     let spool = cat.join("instances/db/spool/push");
-    ok(
-        push(
-            &cat,
-            &pg_wal.join(&names[0]),
-            &names[0],
-            &["--look-ahead", "4"],
-        ),
-        "push with look-ahead",
-    );
     // the background pusher acknowledges 1..=4 (4 ahead), then gives up waiting for
     // PostgreSQL to consume them and exits
-    for n in &names[1..=4] {
-        assert!(
-            wait_for(&spool.join(format!("{n}.ok")), 30),
-            "{n} not acknowledged"
-        );
-    }
-    assert!(
-        wait_pusher_gone(&spool, 30),
-        "background pusher still running"
-    );
+    push_and_wait_acks(&cat, &pg_wal, &names, 0, 4);
     let ar =
         walnut::archive::WalArchive::open(&walnut::catalog::Catalog::open(&cat).unwrap(), "db")
             .unwrap();
@@ -756,25 +763,7 @@ fn look_ahead_acknowledgements_and_prefetch_spool() {
         .map(|n| spool.join(format!("{n}.ok")))
         .collect();
     assert!(stale.iter().all(|p| p.exists()));
-    ok(
-        push(
-            &cat,
-            &pg_wal.join(&names[5]),
-            &names[5],
-            &["--look-ahead", "2"],
-        ),
-        "push starting a background pusher",
-    );
-    for n in &names[6..=7] {
-        assert!(
-            wait_for(&spool.join(format!("{n}.ok")), 30),
-            "{n} not acknowledged"
-        );
-    }
-    assert!(
-        wait_pusher_gone(&spool, 30),
-        "background pusher still running"
-    );
+    push_and_wait_acks(&cat, &pg_wal, &names, 5, 2);
     assert!(
         stale.iter().all(|p| !p.exists()),
         "stale acknowledgement kept"
