@@ -8,11 +8,10 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, Read};
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::catalog::Catalog;
 use crate::durable::{self, DurableFile, Replace};
@@ -20,10 +19,10 @@ use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
 use crate::types::Lsn;
 
-use super::copy::read_full;
 use super::incfile;
 use super::manifest::{self, FileEntry, Storage};
 use super::meta::{self, BackupMeta, Status};
+use super::rebuild;
 
 /// Recovery target settings (at most one target).
 #[derive(Clone, Debug, Default)]
@@ -207,6 +206,9 @@ struct Restorer<'a> {
     target: PathBuf,
     tablespaces: HashMap<String, PathBuf>,
     progress: Progress,
+    /// Blocks per chunk and per window (see rebuild.rs); small in tests.
+    chunk_blocks: u32,
+    window_blocks: u32,
 }
 
 impl Restorer<'_> {
@@ -229,188 +231,206 @@ impl Restorer<'_> {
         b.dir(self.catalog).join(e.stored_path())
     }
 
-    /// Writes a whole stored file into `out`.
-    fn write_full(&self, b: &BackupMeta, e: &FileEntry, out: &mut DurableFile) -> Result<()> {
-        let src = self.stored(b, e);
-        let f = File::open(&src).ctx("open", &src)?;
-        let mut crc_r = CrcReader {
-            inner: BufReader::with_capacity(1 << 20, f),
-            crc: 0,
-            n: 0,
-        };
-        let mut buf = vec![0u8; 1 << 20];
-        let dest = out.path().to_path_buf();
-        {
-            let mut r: Box<dyn Read + '_> = if e.storage == Storage::FullLz4 {
-                Box::new(lz4_flex::frame::FrameDecoder::new(&mut crc_r))
-            } else {
-                Box::new(&mut crc_r)
-            };
-            loop {
-                let n = read_full(&mut r, &mut buf)
-                    .map_err(|err| Error::corruption(format!("{}: {err}", src.display())))?;
-                if n == 0 {
-                    break;
-                }
-                std::io::Write::write_all(out, &buf[..n]).ctx("write", &dest)?;
-                self.progress.inc(n as u64);
-            }
+    /// Where a backup's manifest entry says an incremental file stands: from the manifest
+    /// when it records it (every backup written by this walnut), else from the trailer
+    /// (checked against the trailer's checksum when the file is read).
+    fn inc_info(&self, b: &BackupMeta, e: &FileEntry) -> Result<incfile::IncInfo> {
+        if let (Some(file_blocks), Some(nblocks)) = (e.file_blocks, e.changed_blocks) {
+            return Ok(incfile::IncInfo {
+                nblocks,
+                file_blocks,
+                limit_block: e.limit_block,
+            });
         }
-        if crc_r.crc != e.crc32c || crc_r.n != e.stored_size {
-            return Err(Error::corruption(format!(
-                "{}: stored file does not match its manifest checksum (backup {})",
-                src.display(),
-                b.id
-            )));
-        }
-        Ok(())
+        let p = self.stored(b, e);
+        incfile::read_info(&p, &p.display().to_string(), b.block_size)
     }
 
-    /// Rebuilds an incremental file from the chain.
-    fn write_incremental(&self, e: &FileEntry, out: &mut DurableFile) -> Result<()> {
-        let bs = self.chain[0].block_size as usize;
+    fn source(&self, b: &BackupMeta, e: &FileEntry, cap: u32) -> Result<rebuild::Source> {
+        let stored = match e.storage {
+            Storage::Full => rebuild::Stored::Plain,
+            Storage::FullLz4 => rebuild::Stored::Lz4,
+            Storage::Incremental => {
+                let info = self.inc_info(b, e)?;
+                rebuild::Stored::Inc {
+                    info,
+                    whole_pages: e.stored_size
+                        == incfile::whole_page_file_size(info.nblocks, b.block_size),
+                }
+            }
+            Storage::Dir => return Err(Error::invalid(format!("\"{}\" is a directory", e.path))),
+        };
+        Ok(rebuild::Source {
+            path: self.stored(b, e),
+            backup: b.id.clone(),
+            stored,
+            stored_size: e.stored_size,
+            crc32c: e.crc32c,
+            cap,
+        })
+    }
+
+    /// The sources of a file of the newest backup, newest first, each with its `cap`: a
+    /// block at or above the smallest limit block (or length) of any newer backup is never
+    /// taken from an older one. Older backups are consulted until one holds the file whole,
+    /// lacks it, or can supply nothing (cap 0).
+    fn plan(&self, e: &FileEntry) -> Result<rebuild::Plan> {
         let newest = self.chain[0];
-        let src = self.stored(newest, e);
-        let info = incfile::read_info(&src, &src.display().to_string(), bs as u32)?;
-        let len = info.file_blocks;
-        let mut written = vec![false; len as usize];
-        let dest = out.path().to_path_buf();
-        let file = out.file().try_clone().ctx("open", &dest)?;
-        // Pages arrive in increasing block order per source; consecutive ones are gathered
-        // into one write of up to RUN_MAX bytes instead of one pwrite per 8 KiB page.
-        const RUN_MAX: usize = 1 << 20;
-        let mut run: (u32, Vec<u8>) = (0, Vec::with_capacity(RUN_MAX));
-        let flush = |run: &mut (u32, Vec<u8>)| -> Result<()> {
-            if !run.1.is_empty() {
-                file.write_all_at(&run.1, run.0 as u64 * bs as u64)
-                    .ctx("write", &dest)?;
-                self.progress.inc(run.1.len() as u64);
-                run.1.clear();
-            }
-            Ok(())
-        };
-        let mut put = |b: u32, page: &[u8], cap: u32| -> Result<()> {
-            if b < cap && !written[b as usize] {
-                let contiguous = run.0 as u64 + (run.1.len() / bs) as u64 == b as u64;
-                if !contiguous || run.1.len() + page.len() > RUN_MAX {
-                    flush(&mut run)?;
-                    run.0 = b;
-                }
-                run.1.extend_from_slice(page);
-                written[b as usize] = true;
-            }
-            Ok(())
-        };
-        let read_inc = |path: &Path,
-                        put: &mut dyn FnMut(u32, &[u8]) -> Result<()>|
-         -> Result<incfile::IncInfo> {
-            let f = File::open(path).ctx("open", path)?;
-            let flen = f.metadata().ctx("stat", path)?.len();
-            incfile::read_stream(
-                BufReader::with_capacity(1 << 20, f),
-                flen,
-                &path.display().to_string(),
-                bs as u32,
-                |b, p| put(b, p),
-            )
-        };
-        read_inc(&src, &mut |b, p| put(b, p, len))?;
-        let mut cap = len.min(info.limit_block.unwrap_or(u32::MAX));
-        for (i, older) in self.chain.iter().enumerate().skip(1) {
-            if cap == 0 {
-                break;
-            }
-            let Some(oe) = self.older[i - 1].get(&e.path) else {
-                break;
-            };
-            match oe.storage {
-                Storage::Dir => break,
-                Storage::Incremental => {
-                    let p = self.stored(older, oe);
-                    let oi = read_inc(&p, &mut |b, pg| put(b, pg, cap))?;
-                    cap = cap
-                        .min(oi.file_blocks)
-                        .min(oi.limit_block.unwrap_or(u32::MAX));
-                }
-                Storage::Full | Storage::FullLz4 => {
-                    // Read the whole stored file, also past `cap`, so that its manifest
-                    // checksum is verified like every other file read from a backup.
-                    let p = self.stored(older, oe);
-                    let f = File::open(&p).ctx("open", &p)?;
-                    let mut crc_r = CrcReader {
-                        inner: BufReader::with_capacity(1 << 20, f),
-                        crc: 0,
-                        n: 0,
+        let bs = newest.block_size;
+        let (shape, sources) = match e.storage {
+            Storage::Incremental => {
+                let first = self.source(newest, e, u32::MAX)?;
+                let rebuild::Stored::Inc { info, .. } = first.stored else {
+                    return Err(Error::invalid("not an incremental file"));
+                };
+                let len = info.file_blocks;
+                let mut sources = vec![rebuild::Source { cap: len, ..first }];
+                let mut cap = len.min(info.limit_block.unwrap_or(u32::MAX));
+                for (i, older) in self.chain.iter().enumerate().skip(1) {
+                    if cap == 0 {
+                        break;
+                    }
+                    let Some(oe) = self.older[i - 1].get(&e.path) else {
+                        break;
                     };
-                    {
-                        let mut r: Box<dyn Read + '_> = if oe.storage == Storage::FullLz4 {
-                            Box::new(lz4_flex::frame::FrameDecoder::new(&mut crc_r))
-                        } else {
-                            Box::new(&mut crc_r)
-                        };
-                        let mut page = vec![0u8; bs];
-                        let n_blocks = ((oe.size / bs as u64) as u32).min(cap);
-                        for b in 0..n_blocks {
-                            let n = read_full(&mut r, &mut page).map_err(|err| {
-                                Error::corruption(format!("{}: {err}", p.display()))
-                            })?;
-                            if n < bs {
-                                break;
-                            }
-                            put(b, &page, cap)?;
+                    if oe.storage == Storage::Dir {
+                        break;
+                    }
+                    let s = self.source(older, oe, cap)?;
+                    match s.stored {
+                        rebuild::Stored::Inc { info: oi, .. } => {
+                            cap = cap
+                                .min(oi.file_blocks)
+                                .min(oi.limit_block.unwrap_or(u32::MAX));
+                            sources.push(s);
                         }
-                        std::io::copy(&mut r, &mut std::io::sink())
-                            .map_err(|err| Error::corruption(format!("{}: {err}", p.display())))?;
+                        _ => {
+                            sources.push(s);
+                            break;
+                        }
                     }
-                    if crc_r.crc != oe.crc32c || crc_r.n != oe.stored_size {
-                        return Err(Error::corruption(format!(
-                            "{}: stored file does not match its manifest checksum (backup {})",
-                            p.display(),
-                            older.id
-                        )));
-                    }
-                    break;
                 }
+                (rebuild::Shape::Blocks(len), sources)
             }
-        }
-        flush(&mut run)?;
-        out.file()
-            .set_len(len as u64 * bs as u64)
-            .ctx("truncate", &dest)?;
-        Ok(())
+            _ => (
+                rebuild::Shape::Copy,
+                vec![self.source(newest, e, u32::MAX)?],
+            ),
+        };
+        Ok(rebuild::Plan::new(
+            shape,
+            sources,
+            bs,
+            self.chunk_blocks,
+            self.window_blocks,
+        ))
     }
 
-    fn restore_entry(&self, e: &FileEntry) -> Result<Option<DurableFile>> {
+    /// Restores one file in the calling thread (its chunks in `order`, every one exactly
+    /// once); returns the verified result, not yet under its final name.
+    fn restore_entry_in(
+        &self,
+        e: &FileEntry,
+        order: impl Fn(u32) -> Vec<u32>,
+    ) -> Result<Option<DurableFile>> {
         let Some(dest) = self.dest(&e.path)? else {
             return Ok(None);
         };
         if e.storage == Storage::Dir {
             return Ok(None);
         }
+        let plan = self.plan(e)?;
         if let Some(parent) = dest.parent() {
             durable::create_dir_all_durable(parent)?;
         }
         let mut out = DurableFile::create(&dest)?;
-        match e.storage {
-            Storage::Incremental => self.write_incremental(e, &mut out)?,
-            _ => self.write_full(self.chain[0], e, &mut out)?,
+        let file = out.file().try_clone().ctx("open", &dest)?;
+        let mut parts = vec![Vec::new(); plan.chunks as usize];
+        for k in order(plan.chunks) {
+            let slot = parts
+                .get_mut(k as usize)
+                .ok_or_else(|| Error::invalid(format!("no chunk {k}")))?;
+            *slot = rebuild::run_chunk(&plan, k, &file, &dest, &self.progress)?;
         }
+        rebuild::finish(&plan, &parts, &file, &dest)?;
         Ok(Some(out))
+    }
+
+    fn restore_entry(&self, e: &FileEntry) -> Result<Option<DurableFile>> {
+        self.restore_entry_in(e, |n| (0..n).collect())
     }
 }
 
-struct CrcReader<R: Read> {
-    inner: R,
-    crc: u32,
-    n: u64,
+/// A file restored in chunks by several threads: the first chunk to run creates the result,
+/// the last one to finish verifies it and puts it in place.
+struct SharedFile<'e> {
+    entry: &'e FileEntry,
+    chunks: u32,
+    state: Mutex<SharedState>,
 }
 
-impl<R: Read> Read for CrcReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
-        self.n += n as u64;
-        Ok(n)
+#[derive(Default)]
+struct SharedState {
+    out: Option<(DurableFile, Arc<File>)>,
+    parts: Vec<Option<Vec<rebuild::Part>>>,
+    done: u32,
+}
+
+enum Task {
+    /// A file restored whole by one thread.
+    Whole(usize),
+    /// Chunk `k` of a shared file.
+    Chunk(usize, u32),
+}
+
+impl Restorer<'_> {
+    fn run_chunk_task(&self, sf: &SharedFile<'_>, k: u32) -> Result<()> {
+        let e = sf.entry;
+        let dest = self
+            .dest(&e.path)?
+            .ok_or_else(|| Error::invalid(format!("\"{}\" has no destination", e.path)))?;
+        let plan = self.plan(e)?;
+        let file = {
+            let mut st = sf
+                .state
+                .lock()
+                .map_err(|_| Error::invalid("a restore thread panicked"))?;
+            if st.out.is_none() {
+                if let Some(parent) = dest.parent() {
+                    durable::create_dir_all_durable(parent)?;
+                }
+                let mut df = DurableFile::create(&dest)?;
+                let f = Arc::new(df.file().try_clone().ctx("open", &dest)?);
+                st.out = Some((df, f));
+                st.parts = vec![None; sf.chunks as usize];
+            }
+            match &st.out {
+                Some((_, f)) => f.clone(),
+                None => return Err(Error::invalid("no output file")),
+            }
+        };
+        let parts = rebuild::run_chunk(&plan, k, &file, &dest, &self.progress)?;
+        let complete = {
+            let mut st = sf
+                .state
+                .lock()
+                .map_err(|_| Error::invalid("a restore thread panicked"))?;
+            if let Some(slot) = st.parts.get_mut(k as usize) {
+                *slot = Some(parts);
+            }
+            st.done += 1;
+            if st.done == sf.chunks {
+                let all: Option<Vec<_>> = std::mem::take(&mut st.parts).into_iter().collect();
+                st.out.take().zip(all)
+            } else {
+                None
+            }
+        };
+        if let Some(((df, _), parts)) = complete {
+            rebuild::finish(&plan, &parts, &file, &dest)?;
+            df.commit_deferred(Replace::No)?;
+        }
+        Ok(())
     }
 }
 
@@ -515,6 +535,8 @@ pub fn restore(catalog: &Catalog, instance: &str, opts: &RestoreOptions) -> Resu
         target: target.clone(),
         tablespaces,
         progress: Progress::new(&format!("restore {}", newest.id), total),
+        chunk_blocks: (rebuild::CHUNK_BYTES / newest.block_size.max(1) as u64) as u32,
+        window_blocks: (rebuild::WINDOW_BYTES / newest.block_size.max(1) as u64) as u32,
     };
     // Files are put in place without per-file fsyncs; one syncfs per filesystem written to
     // (handles opened before any write, see durable::FsSync) runs before pg_control.
@@ -533,21 +555,53 @@ pub fn restore(catalog: &Catalog, instance: &str, opts: &RestoreOptions) -> Resu
         .iter()
         .filter(|e| e.storage != Storage::Dir && e.path != "global/pg_control")
         .collect();
+    // Big files first, so that the end of the restore is small files, and a big file split
+    // into chunks is shared by all threads.
+    let mut order: Vec<usize> = (0..files.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(files[i].size));
+    let mut shared = Vec::new();
+    let mut tasks = Vec::with_capacity(files.len());
+    for i in order {
+        let chunks = if files[i].size > rebuild::CHUNK_BYTES {
+            r.plan(files[i])
+                .map_err(|err| err.context(format!("restoring \"{}\"", files[i].path)))?
+                .chunks
+        } else {
+            1
+        };
+        if chunks > 1 {
+            for k in 0..chunks {
+                tasks.push(Task::Chunk(shared.len(), k));
+            }
+            shared.push(SharedFile {
+                entry: files[i],
+                chunks,
+                state: Mutex::new(SharedState::default()),
+            });
+        } else {
+            tasks.push(Task::Whole(i));
+        }
+    }
     let next = AtomicUsize::new(0);
     let first_err: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..opts.jobs.max(1) {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(e) = files.get(i) else { break };
+                let Some(task) = tasks.get(i) else { break };
                 if first_err.lock().map(|g| g.is_some()).unwrap_or(true) {
                     break;
                 }
-                let res = r
-                    .restore_entry(e)
-                    .and_then(|o| o.map_or(Ok(()), |df| df.commit_deferred(Replace::No)))
-                    .map_err(|err| err.context(format!("restoring \"{}\"", e.path)));
+                let (e, res) = match *task {
+                    Task::Whole(f) => (
+                        files[f],
+                        r.restore_entry(files[f])
+                            .and_then(|o| o.map_or(Ok(()), |df| df.commit_deferred(Replace::No))),
+                    ),
+                    Task::Chunk(sf, k) => (shared[sf].entry, r.run_chunk_task(&shared[sf], k)),
+                };
                 if let Err(err) = res {
+                    let err = err.context(format!("restoring \"{}\"", e.path));
                     if let Ok(mut g) = first_err.lock() {
                         g.get_or_insert(err);
                     }
@@ -767,36 +821,77 @@ mod chain_tests {
         }
     }
 
-    /// Rebuilds base/5/100 from `chain` (newest first) and returns its pages' tags.
+    /// Chunk and window sizes (in blocks) and chunk orders every rebuild is tried with:
+    /// one pass, and splits at every block boundary, run forwards and backwards.
+    const SPLITS: [(u32, u32, bool); 6] = [
+        (1024, 128, false),
+        (1, 1, false),
+        (1, 1, true),
+        (2, 1, true),
+        (3, 2, false),
+        (4, 4, true),
+    ];
+
+    fn restorer<'a>(
+        catalog: &'a Catalog,
+        chain: Vec<&'a BackupMeta>,
+        older_entries: &[FileEntry],
+        target: &Path,
+        (chunk_blocks, window_blocks): (u32, u32),
+    ) -> Restorer<'a> {
+        Restorer {
+            catalog,
+            chain,
+            older: older_entries
+                .iter()
+                .map(|e| HashMap::from([(e.path.clone(), e.clone())]))
+                .collect(),
+            target: target.to_path_buf(),
+            tablespaces: HashMap::new(),
+            progress: Progress::hidden(),
+            chunk_blocks,
+            window_blocks,
+        }
+    }
+
+    /// Rebuilds base/5/100 from `chain` (newest first) with every split of [`SPLITS`] and
+    /// returns its pages' tags (the same for all of them).
     fn rebuild(
         catalog: &Catalog,
         chain: Vec<&BackupMeta>,
         entries: Vec<FileEntry>,
         target: &Path,
     ) -> Vec<u8> {
-        let older = entries[1..]
-            .iter()
-            .map(|e| HashMap::from([(e.path.clone(), e.clone())]))
-            .collect();
-        let r = Restorer {
-            catalog,
-            chain,
-            older,
-            target: target.to_path_buf(),
-            tablespaces: HashMap::new(),
-            progress: Progress::hidden(),
-        };
-        let out = r.restore_entry(&entries[0]).unwrap().unwrap();
-        out.commit(Replace::Yes).unwrap();
-        let bytes = std::fs::read(target.join("base/5/100")).unwrap();
-        assert_eq!(bytes.len() % BS, 0);
-        bytes
-            .chunks(BS)
-            .map(|p| {
-                assert!(p.iter().all(|&b| b == p[0]), "a page mixes sources");
-                p[0]
-            })
-            .collect()
+        let mut results = Vec::new();
+        for (chunk, window, backwards) in SPLITS {
+            let t = target.join(format!("c{chunk}w{window}{backwards}"));
+            let r = restorer(catalog, chain.clone(), &entries[1..], &t, (chunk, window));
+            let out = r
+                .restore_entry_in(&entries[0], |n| {
+                    if backwards {
+                        (0..n).rev().collect()
+                    } else {
+                        (0..n).collect()
+                    }
+                })
+                .unwrap()
+                .unwrap();
+            out.commit(Replace::Yes).unwrap();
+            let bytes = std::fs::read(t.join("base/5/100")).unwrap();
+            assert_eq!(bytes.len() % BS, 0);
+            let tags: Vec<u8> = bytes
+                .chunks(BS)
+                .map(|p| {
+                    assert!(p.iter().all(|&b| b == p[0]), "a page mixes sources");
+                    p[0]
+                })
+                .collect();
+            results.push(tags);
+        }
+        for r in &results[1..] {
+            assert_eq!(r, &results[0], "a split changed the result");
+        }
+        results.swap_remove(0)
     }
 
     /// WAL-FORMAT §3.9: after a truncation to 2 blocks, blocks 2.. never come from the
@@ -888,19 +983,18 @@ mod chain_tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 0x55;
         std::fs::write(&fp, &bytes).unwrap();
-        let r = Restorer {
-            catalog: &catalog,
-            chain: vec![&p3, &p2, &p1, &f],
-            older: [&e2, &e1, &fe_ok]
-                .iter()
-                .map(|e| HashMap::from([(e.path.clone(), (*e).clone())]))
-                .collect(),
-            target: d.path().join("t5"),
-            tablespaces: HashMap::new(),
-            progress: Progress::hidden(),
-        };
-        let err = r.restore_entry(&e3_ok).map(|_| ()).unwrap_err();
-        assert_eq!(err.kind(), crate::ErrorKind::Corruption, "{err}");
-        assert!(err.to_string().contains("manifest checksum"), "{err}");
+        for (chunk, window, _) in SPLITS {
+            let r = restorer(
+                &catalog,
+                vec![&p3, &p2, &p1, &f],
+                &[e2.clone(), e1.clone(), fe_ok.clone()],
+                &d.path().join(format!("t5-{chunk}-{window}")),
+                (chunk, window),
+            );
+            let err = r.restore_entry(&e3_ok).map(|_| ()).unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::Corruption, "{err}");
+            assert!(err.to_string().contains("manifest checksum"), "{err}");
+            assert!(err.to_string().contains(&fp.display().to_string()), "{err}");
+        }
     }
 }
