@@ -828,6 +828,27 @@ fn backup_and_restore_refuse_misconfiguration() {
     );
 }
 
+/// A server running with wal_level=minimal (so no archiving either) is refused before any
+/// backup is recorded, with a message that names the setting and what it must be.
+#[test]
+fn backup_refuses_wal_level_minimal() {
+    let mut env = Env::new("bk-minimal");
+    env.pg.stop();
+    // wal_level=minimal needs archiving and WAL senders off; these lines override Env's.
+    env.pg
+        .append_conf("wal_level = minimal\narchive_mode = off\nmax_wal_senders = 0");
+    env.pg.start();
+    assert_eq!(env.pg.psql("postgres", "show wal_level"), "minimal");
+    for mode in ["full", "page", "delta"] {
+        fails_with(
+            env.backup_cmd(mode, &[]),
+            &format!("{mode} backup with wal_level=minimal"),
+            &["wal_level is 'minimal'", "'replica' or 'logical'"],
+        );
+    }
+    assert!(env.show().is_empty(), "a refused backup was recorded");
+}
+
 /// A data directory rolled back behind the catalog's newest backup (a filesystem snapshot
 /// put back: same system identifier, same timeline, older LSN) is refused as "an instance
 /// from the past": a PAGE on top of the newer parent would mix two histories.
