@@ -30,8 +30,8 @@ use crate::durable;
 use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
 
-use super::copy::read_full;
 use super::incfile::{self, IncInfo};
+use super::manifest::Lz4Frames;
 
 /// Bytes of the result per chunk: long sequential reads, yet a 1 GiB segment file is shared
 /// evenly between threads.
@@ -46,8 +46,9 @@ const READ_BUF: usize = 1 << 20;
 pub enum Stored {
     /// The whole file as is.
     Plain,
-    /// The whole file as one LZ4 frame.
-    Lz4,
+    /// The whole file LZ4-compressed; `frames` when stored as frames of a fixed decoded
+    /// size (manifest.rs).
+    Lz4 { frames: Option<Lz4Frames> },
     /// An incremental file; `info` as the manifest (or the trailer) says; `whole_pages`
     /// when every record holds a whole page.
     Inc { info: IncInfo, whole_pages: bool },
@@ -59,7 +60,8 @@ pub struct Source {
     pub path: PathBuf,
     pub backup: String,
     pub stored: Stored,
-    /// Manifest: bytes and CRC-32C of the stored file.
+    /// Manifest: bytes of the file (decoded), and bytes and CRC-32C of the stored file.
+    pub size: u64,
     pub stored_size: u64,
     pub crc32c: u32,
     /// Blocks at or above `cap` are never taken from this source.
@@ -87,7 +89,9 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Builds a plan; `chunk_blocks` and `window_blocks` are at least 1.
+    /// Builds a plan; `chunk_blocks` and `window_blocks` are at least 1. A source stored
+    /// as LZ4 frames sets the chunk size to its frame size, or keeps the file in one chunk
+    /// when its frames do not fit (not whole blocks, or not one per chunk).
     pub fn new(
         shape: Shape,
         sources: Vec<Source>,
@@ -95,25 +99,50 @@ impl Plan {
         chunk_blocks: u32,
         window_blocks: u32,
     ) -> Plan {
-        let chunk_blocks = chunk_blocks.max(1);
-        let window_blocks = window_blocks.clamp(1, chunk_blocks);
-        let bs = block_size as u64;
-        let splittable = sources.iter().all(|s| match s.stored {
-            Stored::Plain => true,
-            Stored::Lz4 => false,
-            Stored::Inc { whole_pages, .. } => whole_pages,
-        });
+        let bs = block_size.max(1) as u64;
+        let mut chunk_blocks = chunk_blocks.max(1);
+        let mut splittable = true;
+        for s in &sources {
+            match &s.stored {
+                Stored::Plain => {}
+                Stored::Inc { whole_pages, .. } => splittable &= *whole_pages,
+                Stored::Lz4 { frames: None } => splittable = false,
+                Stored::Lz4 { frames: Some(f) } => {
+                    let fb = f.frame_bytes / bs;
+                    if fb == 0 || f.frame_bytes % bs != 0 || fb > u32::MAX as u64 {
+                        splittable = false;
+                    } else {
+                        chunk_blocks = fb as u32;
+                    }
+                }
+            }
+        }
         let blocks = match shape {
-            Shape::Copy => sources.first().map_or(0, |s| s.stored_size.div_ceil(bs)),
+            Shape::Copy => sources.first().map_or(0, |s| s.size.div_ceil(bs)),
             Shape::Blocks(n) => n as u64,
         };
-        let chunks = if splittable {
+        let mut chunks = if splittable {
             blocks
                 .div_ceil(chunk_blocks as u64)
                 .clamp(1, u32::MAX as u64) as u32
         } else {
             1
         };
+        // Chunk k decodes frame k: every frame must start a chunk, and the last chunk holds
+        // the last frame.
+        for s in &sources {
+            if let Stored::Lz4 { frames: Some(f) } = &s.stored {
+                let needed = s.size.div_ceil(f.frame_bytes.max(1)).max(1);
+                let fits = f.frame_bytes / bs == chunk_blocks as u64
+                    && f.stored.len() as u64 == needed
+                    && f.stored.iter().sum::<u64>() == s.stored_size
+                    && (shape != Shape::Copy || chunks as u64 == needed);
+                if !fits {
+                    chunks = 1;
+                }
+            }
+        }
+        let window_blocks = window_blocks.clamp(1, chunk_blocks);
         Plan {
             shape,
             sources,
@@ -450,11 +479,15 @@ enum WholeReader {
         len: u64,
     },
     Lz4 {
-        dec: Box<lz4_flex::frame::FrameDecoder<CrcReader<std::io::BufReader<File>>>>,
+        dec: Box<Lz4Decoder>,
         path: PathBuf,
+        /// Decoded offset reached, and where this range must end.
         pos: u64,
+        end: u64,
     },
 }
+
+type Lz4Decoder = lz4_flex::frame::FrameDecoder<CrcReader<std::io::Take<std::io::BufReader<File>>>>;
 
 impl WholeReader {
     fn open(plan: &Plan, src: &Source, k: u32) -> Result<WholeReader> {
@@ -462,16 +495,42 @@ impl WholeReader {
         let bs = plan.block_size as u64;
         let (lo, hi) = plan.range(k);
         let last = k + 1 >= plan.chunks;
-        Ok(match src.stored {
-            Stored::Lz4 => WholeReader::Lz4 {
-                dec: Box::new(lz4_flex::frame::FrameDecoder::new(CrcReader {
-                    inner: std::io::BufReader::with_capacity(READ_BUF, f),
-                    crc: 0,
-                    n: 0,
-                })),
-                path: src.path.clone(),
-                pos: 0,
-            },
+        Ok(match &src.stored {
+            Stored::Lz4 { frames } => {
+                // One frame: the whole file in one chunk. Frames: chunk k decodes frame k
+                // (the last chunk also any frames after it), see Plan::new.
+                let (offset, stored_len, pos, end) = match frames {
+                    Some(fr) if plan.chunks > 1 => {
+                        let k = k as usize;
+                        let offset: u64 = fr.stored.iter().take(k).sum();
+                        let from = (k as u64).saturating_mul(fr.frame_bytes).min(src.size);
+                        if last {
+                            (offset, u64::MAX, from, src.size)
+                        } else {
+                            let n = fr.stored.get(k).copied().unwrap_or(0);
+                            let to = from.saturating_add(fr.frame_bytes).min(src.size);
+                            (offset, n, from, to)
+                        }
+                    }
+                    _ => (0, u64::MAX, 0, src.size),
+                };
+                let mut f = f;
+                std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset))
+                    .ctx("seek", &src.path)?;
+                WholeReader::Lz4 {
+                    dec: Box::new(lz4_flex::frame::FrameDecoder::new(CrcReader {
+                        inner: std::io::Read::take(
+                            std::io::BufReader::with_capacity(READ_BUF, f),
+                            stored_len,
+                        ),
+                        crc: 0,
+                        n: 0,
+                    })),
+                    path: src.path.clone(),
+                    pos,
+                    end,
+                }
+            }
             _ => WholeReader::Plain {
                 file: f,
                 path: src.path.clone(),
@@ -523,10 +582,17 @@ impl WholeReader {
                 *len += got as u64;
                 Ok(got)
             }
-            WholeReader::Lz4 { dec, path, pos } => {
+            WholeReader::Lz4 { dec, path, pos, .. } => {
                 let want = (buf.len() as u64).min(upto.saturating_sub(*pos)) as usize;
-                let got = read_full(dec, &mut buf[..want])
-                    .map_err(|e| Error::corruption(format!("{}: {e}", what(path))))?;
+                let mut got = 0;
+                while got < want {
+                    let n = read_frames(dec, &mut buf[got..want])
+                        .map_err(|e| Error::corruption(format!("{}: {e}", what(path))))?;
+                    if n == 0 {
+                        break;
+                    }
+                    got += n;
+                }
                 *pos += got as u64;
                 Ok(got)
             }
@@ -545,9 +611,29 @@ impl WholeReader {
                 len,
                 ..Part::default()
             },
-            WholeReader::Lz4 { mut dec, path, .. } => {
-                std::io::copy(&mut dec, &mut std::io::sink())
-                    .map_err(|e| Error::corruption(format!("{}: {e}", what(&path))))?;
+            WholeReader::Lz4 {
+                mut dec,
+                path,
+                pos,
+                end,
+            } => {
+                let mut rest = 0u64;
+                let mut scratch = vec![0u8; 64 << 10];
+                loop {
+                    let n = read_frames(&mut dec, &mut scratch)
+                        .map_err(|e| Error::corruption(format!("{}: {e}", what(&path))))?;
+                    if n == 0 {
+                        break;
+                    }
+                    rest += n as u64;
+                }
+                if pos + rest != end {
+                    return Err(Error::corruption(format!(
+                        "{}: decodes to byte {} where the manifest says {end}",
+                        what(&path),
+                        pos + rest
+                    )));
+                }
                 let c = dec.get_ref();
                 Part {
                     crc: c.crc,
@@ -556,6 +642,24 @@ impl WholeReader {
                 }
             }
         })
+    }
+}
+
+/// Reads decoded bytes across LZ4 frame boundaries: `FrameDecoder::read` returns 0 at the
+/// end of each frame, so 0 means the end only when the read consumed no input.
+pub fn read_frames<R: Read>(
+    dec: &mut lz4_flex::frame::FrameDecoder<CrcReader<R>>,
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    loop {
+        let before = dec.get_ref().n;
+        let n = match dec.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => r?,
+        };
+        if n > 0 || buf.is_empty() || dec.get_ref().n == before {
+            return Ok(n);
+        }
     }
 }
 
@@ -700,7 +804,7 @@ pub fn finish(plan: &Plan, parts: &[Vec<Part>], out: &File, dest: &Path) -> Resu
             ))
         };
         match src.stored {
-            Stored::Plain | Stored::Lz4 => {
+            Stored::Plain | Stored::Lz4 { .. } => {
                 if len != src.stored_size || crc != src.crc32c {
                     return Err(mismatch());
                 }

@@ -249,7 +249,9 @@ impl Restorer<'_> {
     fn source(&self, b: &BackupMeta, e: &FileEntry, cap: u32) -> Result<rebuild::Source> {
         let stored = match e.storage {
             Storage::Full => rebuild::Stored::Plain,
-            Storage::FullLz4 => rebuild::Stored::Lz4,
+            Storage::FullLz4 => rebuild::Stored::Lz4 {
+                frames: e.lz4_frames.clone(),
+            },
             Storage::Incremental => {
                 let info = self.inc_info(b, e)?;
                 rebuild::Stored::Inc {
@@ -264,6 +266,7 @@ impl Restorer<'_> {
             path: self.stored(b, e),
             backup: b.id.clone(),
             stored,
+            size: e.size,
             stored_size: e.stored_size,
             crc32c: e.crc32c,
             cap,
@@ -812,6 +815,7 @@ mod chain_tests {
             changed_blocks: Some(pages.len() as u32),
             file_blocks: Some(file_blocks),
             limit_block: limit,
+            lz4_frames: None,
         };
         let p = b.dir(catalog).join(e.stored_path());
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -829,6 +833,7 @@ mod chain_tests {
             changed_blocks: None,
             file_blocks: None,
             limit_block: None,
+            lz4_frames: None,
         }
     }
 
@@ -923,6 +928,7 @@ mod chain_tests {
             changed_blocks: None,
             file_blocks: None,
             limit_block: None,
+            lz4_frames: None,
         };
         let fp = f.dir(&catalog).join(fe.stored_path());
         std::fs::create_dir_all(fp.parent().unwrap()).unwrap();
@@ -1188,6 +1194,139 @@ mod chain_tests {
             let r = restorer(&catalog, vec![&f], &[], &d.path().join("long"), (1, 1));
             assert!(r.restore_entry(e).is_err());
             std::fs::write(p, &good).unwrap();
+        }
+    }
+
+    fn lz4_framed(data: &[u8], frame_bytes: u64) -> (Vec<u8>, manifest::Lz4Frames) {
+        let mut w = crate::backup::copy::Lz4FrameWriter::new(Vec::new(), frame_bytes);
+        std::io::Write::write_all(&mut w, data).unwrap();
+        let (z, stored) = w.finish().unwrap();
+        (
+            z,
+            manifest::Lz4Frames {
+                frame_bytes,
+                stored,
+            },
+        )
+    }
+
+    /// A compressed whole file stored as LZ4 frames is decoded frame by frame on separate
+    /// chunks, as a copy and beneath incremental files, with the same result as one pass;
+    /// frames whose manifest description does not match the file fail.
+    #[test]
+    fn lz4_frames_restore_in_chunks() {
+        let d = tempfile::tempdir().unwrap();
+        let catalog = Catalog::init(&d.path().join("cat")).unwrap();
+        let f = meta("F", Mode::Full, None);
+        // a copy: 5 blocks and a bit, frames of 2 blocks
+        let data: Vec<u8> = (0..(5 * BS + 1234) as u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 23) as u8)
+            .collect();
+        let (z, frames) = lz4_framed(&data, 2 * BS as u64);
+        assert_eq!(frames.stored.len(), 3);
+        let e = FileEntry {
+            storage: Storage::FullLz4,
+            stored_size: z.len() as u64,
+            crc32c: crc32c::crc32c(&z),
+            lz4_frames: Some(frames.clone()),
+            ..fe_template(data.len() as u64)
+        };
+        let zp = store(&catalog, &f, &e, &z);
+        let r = restorer(&catalog, vec![&f], &[], d.path(), (1024, 128));
+        assert_eq!(r.plan(&e).unwrap().chunks, 3);
+        for (chunk, window, backwards) in SPLITS {
+            let t = d.path().join(format!("copy-{chunk}-{window}-{backwards}"));
+            let r = restorer(&catalog, vec![&f], &[], &t, (chunk, window));
+            let out = r
+                .restore_entry_in(&e, |n| {
+                    if backwards {
+                        (0..n).rev().collect()
+                    } else {
+                        (0..n).collect()
+                    }
+                })
+                .unwrap()
+                .unwrap();
+            out.commit(Replace::Yes).unwrap();
+            assert_eq!(std::fs::read(t.join("base/5/100")).unwrap(), data);
+        }
+        // frame lengths that do not match the file: decoding fails or lands elsewhere
+        let mut swapped = frames.clone();
+        swapped.stored.swap(0, 1);
+        let lying = FileEntry {
+            lz4_frames: Some(swapped),
+            ..e.clone()
+        };
+        if frames.stored[0] != frames.stored[1] {
+            let r = restorer(&catalog, vec![&f], &[], &d.path().join("lie"), (1, 1));
+            let err = r.restore_entry(&lying).map(|_| ()).unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::Corruption, "{err}");
+            assert!(err.to_string().contains(&zp.display().to_string()), "{err}");
+        }
+        // frames of 3 blocks described as 2: each chunk decodes the wrong length
+        let (z3, f3) = lz4_framed(&data, 3 * BS as u64);
+        let e3 = FileEntry {
+            stored_size: z3.len() as u64,
+            crc32c: crc32c::crc32c(&z3),
+            lz4_frames: Some(manifest::Lz4Frames {
+                frame_bytes: 2 * BS as u64,
+                stored: vec![f3.stored[0], f3.stored[1], 0],
+            }),
+            ..e.clone()
+        };
+        store(&catalog, &f, &e3, &z3);
+        let r = restorer(&catalog, vec![&f], &[], &d.path().join("lie3"), (1, 1));
+        assert_eq!(r.plan(&e3).unwrap().chunks, 3);
+        let err = r.restore_entry(&e3).map(|_| ()).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Corruption, "{err}");
+
+        // beneath a chain: the FULL of truncation_rule_and_newest_first in frames of 1 and
+        // 2 blocks
+        let full_bytes: Vec<u8> = [1u8, 2, 3, 4].iter().flat_map(|&t| page(t)).collect();
+        for frame_blocks in [1u64, 2] {
+            let fz = meta(&format!("FZ{frame_blocks}"), Mode::Full, None);
+            let (z, frames) = lz4_framed(&full_bytes, frame_blocks * BS as u64);
+            let fze = FileEntry {
+                storage: Storage::FullLz4,
+                stored_size: z.len() as u64,
+                crc32c: crc32c::crc32c(&z),
+                lz4_frames: Some(frames),
+                ..fe_template(full_bytes.len() as u64)
+            };
+            store(&catalog, &fz, &fze, &z);
+            let p1 = meta(&format!("P1-{frame_blocks}"), Mode::Page, Some(&fz.id));
+            let e1 = inc(&catalog, &p1, &[(2, 20)], 6, Some(2));
+            let p2 = meta(&format!("P2-{frame_blocks}"), Mode::Page, Some(&p1.id));
+            let e2 = inc(&catalog, &p2, &[(0, 30), (4, 31)], 6, None);
+            let r = restorer(
+                &catalog,
+                vec![&p2, &p1, &fz],
+                &[e1.clone(), fze.clone()],
+                d.path(),
+                (1024, 128),
+            );
+            assert!(r.plan(&e2).unwrap().chunks > 1);
+            assert_eq!(
+                rebuild(
+                    &catalog,
+                    vec![&p2, &p1, &fz],
+                    vec![e2, e1.clone(), fze.clone()],
+                    &d.path().join(format!("chain{frame_blocks}"))
+                ),
+                vec![30, 2, 20, 0, 31, 0]
+            );
+            // a FULL longer than the result: the frames past it are read for the checksum
+            let p3 = meta(&format!("P3-{frame_blocks}"), Mode::Page, Some(&fz.id));
+            let e3 = inc(&catalog, &p3, &[(0, 40)], 2, None);
+            assert_eq!(
+                rebuild(
+                    &catalog,
+                    vec![&p3, &fz],
+                    vec![e3, fze],
+                    &d.path().join(format!("short{frame_blocks}"))
+                ),
+                vec![40, 2]
+            );
         }
     }
 }
