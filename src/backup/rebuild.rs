@@ -348,6 +348,7 @@ impl IncReader {
                 (start, e, e)
             }
         };
+        will_need(&f, start, end - start);
         let mut r = RangeReader::new(f, &src.path, start, end);
         if first {
             let h = r.take(incfile::HEADER_LEN)?;
@@ -514,6 +515,11 @@ impl WholeReader {
                     }
                     _ => (0, u64::MAX, 0, src.size),
                 };
+                will_need(
+                    &f,
+                    offset,
+                    stored_len.min(src.stored_size.saturating_sub(offset)),
+                );
                 let mut f = f;
                 std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset))
                     .ctx("seek", &src.path)?;
@@ -531,19 +537,27 @@ impl WholeReader {
                     end,
                 }
             }
-            _ => WholeReader::Plain {
-                file: f,
-                path: src.path.clone(),
-                pos: lo as u64 * bs,
-                end: if last {
-                    None
-                } else {
-                    hi.map(|h| h as u64 * bs)
-                },
-                eof: false,
-                crc: 0,
-                len: 0,
-            },
+            _ => {
+                let from = lo as u64 * bs;
+                let to = match (last, hi) {
+                    (false, Some(h)) => h as u64 * bs,
+                    _ => src.stored_size,
+                };
+                will_need(&f, from, to.saturating_sub(from));
+                WholeReader::Plain {
+                    file: f,
+                    path: src.path.clone(),
+                    pos: lo as u64 * bs,
+                    end: if last {
+                        None
+                    } else {
+                        hi.map(|h| h as u64 * bs)
+                    },
+                    eof: false,
+                    crc: 0,
+                    len: 0,
+                }
+            }
         })
     }
 
@@ -682,6 +696,19 @@ impl<R: Read> Read for CrcReader<R> {
 enum Reader {
     Whole(WholeReader),
     Inc(IncReader),
+}
+
+/// Asks the kernel to start reading `[offset, offset + len)` of `f` now (a hint: errors are
+/// ignored). A chunk starts reading in the middle of a file, where readahead would first
+/// have to see a few sequential reads before it reads far enough ahead.
+fn will_need(f: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let _ = nix::fcntl::posix_fadvise(
+        f.as_raw_fd(),
+        offset.min(i64::MAX as u64) as _,
+        len.min(i64::MAX as u64) as _,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+    );
 }
 
 fn write_at(out: &File, dest: &Path, data: &[u8], off: u64) -> Result<()> {
