@@ -5,6 +5,9 @@
 //! recorded length) of any newer backup is never taken from an older one; if the newer
 //! backups do not hold it, it is a zero page. `global/pg_control` is written last, so an
 //! interrupted restore never leaves a startable data directory.
+//!
+//! Each file is rebuilt by rebuild.rs; files larger than a chunk (32 MiB) are split into
+//! chunks that all restore threads share, and checked whole once their last chunk is done.
 
 use std::collections::HashMap;
 use std::fs::File;
