@@ -233,6 +233,57 @@ impl FsSync {
     }
 }
 
+/// Asks the kernel to start writing back `len` bytes of `file` from `offset`, without
+/// waiting for them (`sync_file_range(SYNC_FILE_RANGE_WRITE)`).
+///
+/// Only a hint, never a durability step: it makes no promise about metadata, and durability
+/// still comes from [`FsSync::sync`] or `sync_all`. Its use is to overlap writeback with the
+/// rest of a long copy. Left alone, the kernel keeps up to `dirty_background_ratio` of memory
+/// dirty (gigabytes), so a restore would write nearly everything at its final syncfs, after
+/// all reading is done. Errors are ignored: a writeback failure is reported by the later
+/// `syncfs`/`fsync` (errseq), which is where it must fail the operation.
+pub fn start_writeback(file: &File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain syscall on a descriptor that `file` keeps open; no memory passed.
+        let _ = unsafe {
+            nix::libc::sync_file_range(
+                file.as_raw_fd(),
+                offset as _,
+                len as _,
+                nix::libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
+}
+
+/// Writes back `len` bytes of `file` from `offset` and waits for them
+/// (`sync_file_range(WAIT_BEFORE | WRITE | WAIT_AFTER)`), so that the pages are clean and
+/// can be dropped from the page cache. Not a durability step either (no metadata, no device
+/// cache flush); errors are left to the later `syncfs`/`fsync`, as for [`start_writeback`].
+pub fn wait_writeback(file: &File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain syscall on a descriptor that `file` keeps open; no memory passed.
+        let _ = unsafe {
+            nix::libc::sync_file_range(
+                file.as_raw_fd(),
+                offset as _,
+                len as _,
+                nix::libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | nix::libc::SYNC_FILE_RANGE_WRITE
+                    | nix::libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            )
+        };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
+}
+
 /// Removes a file and makes the removal durable. Missing files are not an error.
 pub fn remove_file(path: &Path) -> Result<()> {
     match fs::remove_file(path) {

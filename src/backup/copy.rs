@@ -21,7 +21,7 @@ use crate::progress::Progress;
 use crate::types::Lsn;
 
 use super::incfile::IncWriter;
-use super::manifest::{stored_path, FileEntry, Storage};
+use super::manifest::{stored_path, FileEntry, Lz4Frames, Storage};
 use super::meta::Mode;
 use super::page::{check_page, is_all_zero, page_lsn, PageCheck};
 use super::relfile::{self, RelFile};
@@ -84,6 +84,104 @@ impl<W: Write> Write for CrcWriter<W> {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
+    }
+}
+
+/// Decoded bytes per LZ4 frame of a compressed whole file: the restore decodes frames on
+/// several threads, one chunk each (rebuild::CHUNK_BYTES).
+pub const LZ4_FRAME_BYTES: u64 = 32 << 20;
+
+/// Writes LZ4 frames of `frame_bytes` decoded bytes each (the last one the rest; at least
+/// one frame, so an empty file is still a valid LZ4 file). Concatenated frames are one valid
+/// stream for `lz4 -d` and for `lz4_flex::frame::FrameDecoder`.
+pub struct Lz4FrameWriter<W: Write> {
+    enc: Option<lz4_flex::frame::FrameEncoder<Counted<W>>>,
+    /// The writer between frames.
+    idle: Option<Counted<W>>,
+    frame_bytes: u64,
+    in_frame: u64,
+    stored: Vec<u64>,
+}
+
+/// Counts the bytes written through it.
+pub struct Counted<W: Write> {
+    inner: W,
+    n: u64,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<W: Write> Lz4FrameWriter<W> {
+    pub fn new(out: W, frame_bytes: u64) -> Lz4FrameWriter<W> {
+        Lz4FrameWriter {
+            enc: None,
+            idle: Some(Counted { inner: out, n: 0 }),
+            frame_bytes: frame_bytes.max(1),
+            in_frame: 0,
+            stored: Vec::new(),
+        }
+    }
+
+    fn end_frame(&mut self) -> std::io::Result<()> {
+        if let Some(enc) = self.enc.take() {
+            let before: u64 = self.stored.iter().sum();
+            let c = enc.finish().map_err(std::io::Error::other)?;
+            self.stored.push(c.n - before);
+            self.idle = Some(c);
+            self.in_frame = 0;
+        }
+        Ok(())
+    }
+
+    /// Ends the last frame; returns the writer and each frame's stored length.
+    pub fn finish(mut self) -> std::io::Result<(W, Vec<u64>)> {
+        if self.enc.is_none() && self.stored.is_empty() {
+            self.enc = self.idle.take().map(lz4_flex::frame::FrameEncoder::new);
+        }
+        self.end_frame()?;
+        let c = self
+            .idle
+            .take()
+            .ok_or_else(|| std::io::Error::other("LZ4 writer lost its output"))?;
+        Ok((c.inner, self.stored))
+    }
+}
+
+impl<W: Write> Write for Lz4FrameWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.enc.is_none() {
+            self.enc = self.idle.take().map(lz4_flex::frame::FrameEncoder::new);
+        }
+        let take = (buf.len() as u64).min(self.frame_bytes - self.in_frame) as usize;
+        let enc = self
+            .enc
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("LZ4 writer lost its output"))?;
+        enc.write_all(&buf[..take])?;
+        self.in_frame += take as u64;
+        if self.in_frame == self.frame_bytes {
+            self.end_frame()?;
+        }
+        Ok(take)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match (&mut self.enc, &mut self.idle) {
+            (Some(e), _) => e.flush(),
+            (None, Some(c)) => c.flush(),
+            (None, None) => Ok(()),
+        }
     }
 }
 
@@ -435,15 +533,19 @@ pub fn copy_whole(
         }
         Ok(())
     };
-    let cw = if ctx.compress {
-        let mut enc = lz4_flex::frame::FrameEncoder::new(cw);
+    let (cw, frames) = if ctx.compress {
+        let mut enc = Lz4FrameWriter::new(cw, LZ4_FRAME_BYTES);
         pump(&mut enc)?;
-        enc.finish()
-            .map_err(|e| Error::io("compress", &dest, std::io::Error::other(e)))?
+        let (cw, stored) = enc.finish().ctx("compress", &dest)?;
+        let frames = (stored.len() > 1).then_some(Lz4Frames {
+            frame_bytes: LZ4_FRAME_BYTES,
+            stored,
+        });
+        (cw, frames)
     } else {
         let mut cw = cw;
         pump(&mut cw)?;
-        cw
+        (cw, None)
     };
     let (crc, stored) = finish_stored(cw, &dest)?;
     Ok(FileEntry {
@@ -455,6 +557,7 @@ pub fn copy_whole(
         changed_blocks: None,
         file_blocks: None,
         limit_block: None,
+        lz4_frames: frames,
     })
 }
 
@@ -532,9 +635,79 @@ fn copy_incremental(
         changed_blocks: Some(nblocks),
         file_blocks: Some(file_blocks),
         limit_block: limit,
+        lz4_frames: None,
     })
 }
 
 fn w_nblocks<W: Write>(w: &IncWriter<W>) -> u32 {
     w.nblocks()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize) -> Vec<u8> {
+        (0..n as u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 20) as u8 & 0x1f)
+            .collect()
+    }
+
+    /// Frames of the set decoded size, each decodable alone from its offset; the whole
+    /// decodes as one stream (lz4_flex, and the stock `lz4 -d` when it is installed).
+    #[test]
+    fn lz4_frames_decode_alone_and_together() {
+        for (len, frame) in [
+            (250_000usize, 100_000u64),
+            (200_000, 100_000),
+            (0, 100),
+            (5, 100),
+        ] {
+            let src = data(len);
+            let mut w = Lz4FrameWriter::new(Vec::new(), frame);
+            for piece in src.chunks(7_777) {
+                w.write_all(piece).unwrap();
+            }
+            let (out, stored) = w.finish().unwrap();
+            assert_eq!(stored.len(), (len as u64).div_ceil(frame).max(1) as usize);
+            assert_eq!(stored.iter().sum::<u64>(), out.len() as u64);
+            let mut whole = Vec::new();
+            let mut dec = lz4_flex::frame::FrameDecoder::new(crate::backup::rebuild::CrcReader {
+                inner: &out[..],
+                crc: 0,
+                n: 0,
+            });
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let n = crate::backup::rebuild::read_frames(&mut dec, &mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                whole.extend_from_slice(&buf[..n]);
+            }
+            assert!(whole == src, "frames decode to {} bytes", whole.len());
+            let mut at = 0usize;
+            for (k, s) in stored.iter().enumerate() {
+                let mut one = Vec::new();
+                lz4_flex::frame::FrameDecoder::new(&out[at..at + *s as usize])
+                    .read_to_end(&mut one)
+                    .unwrap();
+                let lo = (k as u64 * frame) as usize;
+                assert!(one == src[lo..(lo + frame as usize).min(len)], "frame {k}");
+                at += *s as usize;
+            }
+            if std::process::Command::new("lz4").arg("-V").output().is_ok() {
+                let d = tempfile::tempdir().unwrap();
+                let p = d.path().join("f.lz4");
+                std::fs::write(&p, &out).unwrap();
+                let o = std::process::Command::new("lz4")
+                    .args(["-d", "-c"])
+                    .arg(&p)
+                    .output()
+                    .unwrap();
+                assert!(o.status.success());
+                assert!(o.stdout == src, "lz4 -d gives {} bytes", o.stdout.len());
+            }
+        }
+    }
 }

@@ -26,6 +26,8 @@ pub const MAGIC: &[u8; 8] = b"WNINCR\r\n";
 pub const VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 16;
 pub const TRAILER_LEN: usize = 16;
+/// `blkno` and `stored_len` before each record's data.
+pub const RECORD_HEADER_LEN: usize = 8;
 const NO_LIMIT: u32 = u32::MAX;
 
 /// What the trailer says.
@@ -137,7 +139,60 @@ fn u32_le(b: &[u8], off: usize) -> u32 {
     u32::from_le_bytes(w)
 }
 
-fn check_header(h: &[u8], what: &str, block_size: u32) -> Result<()> {
+/// Size of a file of `nblocks` records that all hold a whole page (every file written
+/// without compression). Only in such a file can a record be found by its index:
+/// [`record_offset`].
+pub fn whole_page_file_size(nblocks: u32, block_size: u32) -> u64 {
+    (HEADER_LEN + TRAILER_LEN) as u64
+        + nblocks as u64 * (RECORD_HEADER_LEN as u64 + block_size as u64)
+}
+
+/// Byte offset of record `i` in a file whose records all hold a whole page.
+pub fn record_offset(i: u32, block_size: u32) -> u64 {
+    HEADER_LEN as u64 + i as u64 * (RECORD_HEADER_LEN as u64 + block_size as u64)
+}
+
+/// Parses a record header: (blkno, stored_len). `left` is how many body bytes follow the
+/// header; the length is checked against it and the block size.
+pub fn parse_record_header(
+    rh: &[u8],
+    left: u64,
+    what: &str,
+    at: u64,
+    block_size: u32,
+) -> Result<(u32, usize)> {
+    let blkno = u32_le(rh, 0);
+    let slen = u32_le(rh, 4) as usize;
+    if rh.len() < RECORD_HEADER_LEN
+        || slen == 0
+        || slen > block_size as usize
+        || (slen as u64) > left
+    {
+        return Err(Error::corruption(format!(
+            "{what}: bad record length {slen} at byte {at}"
+        )));
+    }
+    Ok((blkno, slen))
+}
+
+/// Expands a record's stored bytes into `out` (one page).
+pub fn decode_page(stored: &[u8], out: &mut [u8], what: &str, blkno: u32) -> Result<()> {
+    if stored.len() == out.len() {
+        out.copy_from_slice(stored);
+        return Ok(());
+    }
+    let got = lz4_flex::block::decompress_into(stored, out)
+        .map_err(|e| Error::corruption(format!("{what}: block {blkno}: {e}")))?;
+    if got != out.len() {
+        return Err(Error::corruption(format!(
+            "{what}: block {blkno} decompressed to {got} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks magic, version and block size of a header.
+pub fn check_header(h: &[u8], what: &str, block_size: u32) -> Result<()> {
     if h.len() < HEADER_LEN || &h[0..8] != MAGIC {
         return Err(Error::corruption(format!(
             "{what}: not a walnut incremental file (bad magic)"
@@ -158,7 +213,8 @@ fn check_header(h: &[u8], what: &str, block_size: u32) -> Result<()> {
     Ok(())
 }
 
-fn parse_trailer(t: &[u8]) -> IncInfo {
+/// The trailer's fields (its checksum, bytes 12..16, is the caller's to check).
+pub fn parse_trailer(t: &[u8]) -> IncInfo {
     let limit = u32_le(t, 8);
     IncInfo {
         nblocks: u32_le(t, 0),

@@ -2,13 +2,18 @@
 //!
 //! ```text
 //! Format (text, one record per line, '\n'-terminated): {
-//!   "WALNUT-MANIFEST 1"                      magic and version
+//!   "WALNUT-MANIFEST <version>"              magic and version (1 or 2)
 //!   <FileEntry as one-line JSON>*            in the order they were written
 //!   "END <entries> <crc32c as 8 hex digits>" entry count; CRC-32C of every byte before it
 //! }
 //! ```
 //! Written and read as a stream, so a backup of millions of files never holds its file list
 //! in memory to write it.
+//!
+//! Version 2 (compressed backups): `full_lz4` files may be stored as several LZ4 frames
+//! (`lz4_frames`). A reader of version 1 would stop at the end of the first frame, so such
+//! manifests say 2, and a walnut that reads only 1 refuses them clearly. Uncompressed
+//! backups still write 1.
 
 use std::io::{BufRead, Write};
 use std::path::Path;
@@ -18,7 +23,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result};
 
 pub const MAGIC_LINE: &str = "WALNUT-MANIFEST";
-pub const VERSION: u32 = 1;
+/// The newest version; [`ManifestWriter::new`] writes 1 unless asked for frames.
+pub const VERSION: u32 = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -27,7 +33,8 @@ pub enum Storage {
     Dir,
     /// The file as is.
     Full,
-    /// The whole file as an LZ4 frame.
+    /// The whole file LZ4-compressed: one frame, or (see [`Lz4Frames`]) a sequence of frames
+    /// of a fixed decoded size. Either way `lz4 -d` gives the file.
     FullLz4,
     /// An incremental file (see `incfile`).
     Incremental,
@@ -55,6 +62,19 @@ pub struct FileEntry {
     pub file_blocks: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit_block: Option<u32>,
+    /// `FullLz4` files stored as more than one frame (absent in backups from before frames,
+    /// which hold one): lets a restore decode the frames on several threads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lz4_frames: Option<Lz4Frames>,
+}
+
+/// The frames of a `FullLz4` file: frame `k` holds decoded bytes
+/// `k * frame_bytes .. (k + 1) * frame_bytes` (the last one the rest) and takes `stored[k]`
+/// bytes of the stored file, from the sum of the ones before it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lz4Frames {
+    pub frame_bytes: u64,
+    pub stored: Vec<u64>,
 }
 
 impl FileEntry {
@@ -68,6 +88,7 @@ impl FileEntry {
             changed_blocks: None,
             file_blocks: None,
             limit_block: None,
+            lz4_frames: None,
         }
     }
 
@@ -93,8 +114,10 @@ pub struct ManifestWriter<W: Write> {
 }
 
 impl<W: Write> ManifestWriter<W> {
-    pub fn new(mut out: W) -> std::io::Result<ManifestWriter<W>> {
-        let first = format!("{MAGIC_LINE} {VERSION}\n");
+    /// `lz4_frames`: entries may carry [`Lz4Frames`] (version 2); else version 1.
+    pub fn new(mut out: W, lz4_frames: bool) -> std::io::Result<ManifestWriter<W>> {
+        let version = if lz4_frames { VERSION } else { 1 };
+        let first = format!("{MAGIC_LINE} {version}\n");
         out.write_all(first.as_bytes())?;
         Ok(ManifestWriter {
             out,
@@ -138,9 +161,9 @@ pub fn read(
         .strip_prefix(MAGIC_LINE)
         .map(str::trim)
         .ok_or_else(|| bad("not a walnut manifest (bad magic)".into()))?;
-    if version != VERSION.to_string() {
+    if version != "1" && version != VERSION.to_string() {
         return Err(bad(format!(
-            "manifest format version {version} is not supported (this walnut reads version {VERSION})"
+            "manifest format version {version} is not supported (this walnut reads versions 1 to {VERSION})"
         )));
     }
     let mut crc = crc32c::crc32c(&first);
@@ -210,12 +233,27 @@ mod tests {
                 changed_blocks: Some(1),
                 file_blocks: Some(2),
                 limit_block: Some(2),
+                lz4_frames: None,
+            },
+            FileEntry {
+                path: "base/5/16385".into(),
+                storage: Storage::FullLz4,
+                size: 80 << 20,
+                stored_size: 300,
+                crc32c: 0xfeedf00d,
+                changed_blocks: None,
+                file_blocks: None,
+                limit_block: None,
+                lz4_frames: Some(Lz4Frames {
+                    frame_bytes: 32 << 20,
+                    stored: vec![100, 100, 100],
+                }),
             },
         ]
     }
 
     fn write(entries: &[FileEntry]) -> Vec<u8> {
-        let mut w = ManifestWriter::new(Vec::new()).unwrap();
+        let mut w = ManifestWriter::new(Vec::new(), true).unwrap();
         for e in entries {
             w.add(e).unwrap();
         }
@@ -239,13 +277,25 @@ mod tests {
 
     #[test]
     fn golden() {
-        let b = write(&sample()[..1]);
-        let text = String::from_utf8(b.clone()).unwrap();
+        let mut w = ManifestWriter::new(Vec::new(), false).unwrap();
+        w.add(&sample()[0]).unwrap();
+        let text = String::from_utf8(w.finish().unwrap()).unwrap();
         let body = "WALNUT-MANIFEST 1\n{\"path\":\"base\",\"storage\":\"dir\",\"size\":0,\"stored_size\":0,\"crc32c\":0}\n";
         assert_eq!(
             text,
             format!("{body}END 1 {:08x}\n", crc32c::crc32c(body.as_bytes()))
         );
+        assert_eq!(read_back(text.as_bytes()).unwrap(), sample()[..1]);
+        // version 2, with a file stored as LZ4 frames
+        let mut w = ManifestWriter::new(Vec::new(), true).unwrap();
+        w.add(&sample()[2]).unwrap();
+        let text = String::from_utf8(w.finish().unwrap()).unwrap();
+        let body = "WALNUT-MANIFEST 2\n{\"path\":\"base/5/16385\",\"storage\":\"full_lz4\",\"size\":83886080,\"stored_size\":300,\"crc32c\":4277006349,\"lz4_frames\":{\"frame_bytes\":33554432,\"stored\":[100,100,100]}}\n";
+        assert_eq!(
+            text,
+            format!("{body}END 1 {:08x}\n", crc32c::crc32c(body.as_bytes()))
+        );
+        assert_eq!(read_back(text.as_bytes()).unwrap(), sample()[2..]);
     }
 
     #[test]

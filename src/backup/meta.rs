@@ -10,6 +10,16 @@
 //! ```
 //! `status` is the commit record: a backup is usable only when it says OK, which is written
 //! after every other file of the backup and the WAL it needs are durable.
+//!
+//! ```text
+//! backup.json, format 2 (UTF-8): {
+//!   body     BackupMeta as pretty-printed JSON, without its closing "\n}"
+//!   trailer  ",\n  \"crc32c\": \"<8 lowercase hex digits>\"\n}\n"   CRC-32C of the body
+//! }
+//! ```
+//! The whole is still one JSON object that other tools can read. Format 1 files, written
+//! before the checksum existed, have no `crc32c` member and are read unchecked; a format 2
+//! file without a valid trailer is refused as damaged.
 
 use std::path::{Path, PathBuf};
 
@@ -21,7 +31,11 @@ use crate::error::{Error, IoContext, Result};
 use crate::types::{Lsn, TimeLineId};
 
 pub const META_FILE: &str = "backup.json";
-pub const META_FORMAT: u32 = 1;
+pub const META_FORMAT: u32 = 2;
+/// The format before backup.json had a checksum: still read.
+const META_FORMAT_NO_CRC: u32 = 1;
+const CRC_KEY: &[u8] = b",\n  \"crc32c\": \"";
+const CRC_END: &[u8] = b"\"\n}\n";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "UPPERCASE")]
@@ -109,9 +123,11 @@ impl BackupMeta {
 
     /// Writes backup.json atomically and durably.
     pub fn save(&self, catalog: &Catalog) -> Result<()> {
-        let mut json = serde_json::to_vec_pretty(self)?;
-        json.push(b'\n');
-        durable::write_file(&self.dir(catalog).join(META_FILE), &json, Replace::Yes)
+        durable::write_file(
+            &self.dir(catalog).join(META_FILE),
+            &encode(self)?,
+            Replace::Yes,
+        )
     }
 
     /// The status to show and to decide on: RUNNING without a live process is ERROR.
@@ -129,18 +145,56 @@ impl BackupMeta {
     }
 }
 
+/// backup.json's bytes (see the module docs for the layout).
+pub fn encode(m: &BackupMeta) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec_pretty(m)?;
+    let body = json
+        .strip_suffix(b"\n}")
+        .ok_or_else(|| Error::invalid("backup metadata did not serialize as an object"))?;
+    let mut out = body.to_vec();
+    out.extend_from_slice(CRC_KEY);
+    out.extend_from_slice(format!("{:08x}", crc32c::crc32c(body)).as_bytes());
+    out.extend_from_slice(CRC_END);
+    Ok(out)
+}
+
+/// Parses backup.json's bytes; `what` names the file in errors.
+pub fn decode(b: &[u8], what: &str) -> Result<BackupMeta> {
+    let bad = |m: String| Error::corruption(format!("{what}: {m}"));
+    let trailer_len = CRC_KEY.len() + 8 + CRC_END.len();
+    let trailer = b
+        .len()
+        .checked_sub(trailer_len)
+        .map(|at| (&b[..at], &b[at..]))
+        .filter(|(_, t)| t.starts_with(CRC_KEY) && t.ends_with(CRC_END));
+    if let Some((body, t)) = trailer {
+        let hex = &t[CRC_KEY.len()..CRC_KEY.len() + 8];
+        let stored = std::str::from_utf8(hex)
+            .ok()
+            .and_then(|h| u32::from_str_radix(h, 16).ok())
+            .ok_or_else(|| bad("bad checksum field".into()))?;
+        let computed = crc32c::crc32c(body);
+        if stored != computed {
+            return Err(bad(format!(
+                "backup metadata checksum mismatch (stored {stored:08x}, computed {computed:08x})"
+            )));
+        }
+    }
+    let m: BackupMeta = serde_json::from_slice(b).map_err(|e| bad(e.to_string()))?;
+    match (m.format, trailer.is_some()) {
+        (META_FORMAT, true) | (META_FORMAT_NO_CRC, false) => Ok(m),
+        (META_FORMAT, false) => Err(bad(
+            "backup metadata has no valid checksum trailer (damaged or truncated)".into(),
+        )),
+        (f, _) => Err(bad(format!(
+            "backup metadata format {f} is not supported (this walnut reads {META_FORMAT_NO_CRC} and {META_FORMAT})"
+        ))),
+    }
+}
+
 pub fn load(path: &Path) -> Result<BackupMeta> {
     let b = std::fs::read(path).ctx("read", path)?;
-    let m: BackupMeta = serde_json::from_slice(&b)
-        .map_err(|e| Error::corruption(format!("{}: {e}", path.display())))?;
-    if m.format != META_FORMAT {
-        return Err(Error::corruption(format!(
-            "{}: backup metadata format {} is not supported (this walnut reads {META_FORMAT})",
-            path.display(),
-            m.format
-        )));
-    }
-    Ok(m)
+    decode(&b, &path.display().to_string())
 }
 
 /// Every backup of an instance, oldest first (by start LSN, then id).
@@ -326,6 +380,123 @@ pub fn new_id(catalog: &Catalog, instance: &str, now: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sample() -> BackupMeta {
+        BackupMeta {
+            format: META_FORMAT,
+            id: "TOZ6BJ".into(),
+            instance: "db".into(),
+            mode: Mode::Page,
+            status: Status::Ok,
+            parent_id: Some("TOZ6AG".into()),
+            timeline: 1,
+            start_lsn: Lsn(0x1_0000_0028),
+            stop_lsn: Some(Lsn(0x1_0000_0100)),
+            parent_start_lsn: Some(Lsn(0x28)),
+            start_time: "2026-11-23 18:33:31+00".into(),
+            end_time: None,
+            recovery_time: None,
+            recovery_epoch: None,
+            recovery_xid: Some(771),
+            data_bytes: 8192,
+            files: 1,
+            compress: "none".into(),
+            pg_major: 15,
+            system_id: 7,
+            block_size: 8192,
+            relseg_size: 131072,
+            wal_segment_size: 1 << 24,
+            data_checksums: true,
+            pid: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn meta_round_trip_and_golden_bytes() {
+        let m = sample();
+        let b = encode(&m).unwrap();
+        assert_eq!(decode(&b, "t").unwrap(), m);
+        // still one JSON object, for other tools
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["crc32c"], "f4c28f34");
+        let golden = r#"{
+  "format": 2,
+  "id": "TOZ6BJ",
+  "instance": "db",
+  "mode": "PAGE",
+  "status": "OK",
+  "parent_id": "TOZ6AG",
+  "timeline": 1,
+  "start_lsn": "1/28",
+  "stop_lsn": "1/100",
+  "parent_start_lsn": "0/28",
+  "start_time": "2026-11-23 18:33:31+00",
+  "end_time": null,
+  "recovery_time": null,
+  "recovery_epoch": null,
+  "recovery_xid": 771,
+  "data_bytes": 8192,
+  "files": 1,
+  "compress": "none",
+  "pg_major": 15,
+  "system_id": 7,
+  "block_size": 8192,
+  "relseg_size": 131072,
+  "wal_segment_size": 16777216,
+  "data_checksums": true,
+  "pid": null,
+  "error": null,
+  "crc32c": "f4c28f34"
+}
+"#;
+        assert_eq!(String::from_utf8(b).unwrap(), golden);
+        let body = golden.split(",\n  \"crc32c\"").next().unwrap();
+        assert_eq!(crc32c::crc32c(body.as_bytes()), 0xf4c28f34);
+    }
+
+    #[test]
+    fn meta_flipped_byte_is_refused_naming_the_file() {
+        let good = encode(&sample()).unwrap();
+        for pos in 0..good.len() {
+            let mut b = good.clone();
+            b[pos] ^= 0x01;
+            let e = decode(&b, "/cat/backups/X/backup.json").unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Corruption, "byte {pos}: {e}");
+            assert!(
+                e.to_string().contains("/cat/backups/X/backup.json"),
+                "byte {pos}: {e}"
+            );
+        }
+        let e = decode(&good[..good.len() - 30], "f").unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Corruption, "{e}");
+    }
+
+    #[test]
+    fn meta_format_1_without_checksum_is_still_read() {
+        let m = BackupMeta {
+            format: 1,
+            ..sample()
+        };
+        let mut old = serde_json::to_vec_pretty(&m).unwrap();
+        old.push(b'\n');
+        assert_eq!(decode(&old, "f").unwrap(), m);
+        // but a format 2 file must carry its checksum
+        let mut no_crc = serde_json::to_vec_pretty(&sample()).unwrap();
+        no_crc.push(b'\n');
+        let e = decode(&no_crc, "f").unwrap_err();
+        assert!(e.to_string().contains("no valid checksum"), "{e}");
+    }
+
+    #[test]
+    fn meta_unknown_format_is_refused_clearly() {
+        let m = BackupMeta {
+            format: 9,
+            ..sample()
+        };
+        let e = decode(&encode(&m).unwrap(), "f").unwrap_err();
+        assert!(e.to_string().contains("format 9 is not supported"), "{e}");
+    }
 
     #[test]
     fn times() {

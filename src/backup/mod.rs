@@ -18,6 +18,7 @@ pub mod manifest;
 pub mod meta;
 pub mod page;
 pub mod plan;
+pub mod rebuild;
 pub mod relfile;
 pub mod restore;
 pub mod server;

@@ -5,14 +5,16 @@
 //! recorded length) of any newer backup is never taken from an older one; if the newer
 //! backups do not hold it, it is a zero page. `global/pg_control` is written last, so an
 //! interrupted restore never leaves a startable data directory.
+//!
+//! Each file is rebuilt by rebuild.rs; files larger than a chunk (32 MiB) are split into
+//! chunks that all restore threads share, and checked whole once their last chunk is done.
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, Read};
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::catalog::Catalog;
 use crate::durable::{self, DurableFile, Replace};
@@ -20,10 +22,10 @@ use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
 use crate::types::Lsn;
 
-use super::copy::read_full;
 use super::incfile;
 use super::manifest::{self, FileEntry, Storage};
 use super::meta::{self, BackupMeta, Status};
+use super::rebuild;
 
 /// Recovery target settings (at most one target).
 #[derive(Clone, Debug, Default)]
@@ -209,6 +211,9 @@ struct Restorer<'a> {
     target: PathBuf,
     tablespaces: HashMap<String, PathBuf>,
     progress: Progress,
+    /// Blocks per chunk and per window (see rebuild.rs); small in tests.
+    chunk_blocks: u32,
+    window_blocks: u32,
 }
 
 impl Restorer<'_> {
@@ -231,188 +236,209 @@ impl Restorer<'_> {
         b.dir(self.catalog).join(e.stored_path())
     }
 
-    /// Writes a whole stored file into `out`.
-    fn write_full(&self, b: &BackupMeta, e: &FileEntry, out: &mut DurableFile) -> Result<()> {
-        let src = self.stored(b, e);
-        let f = File::open(&src).ctx("open", &src)?;
-        let mut crc_r = CrcReader {
-            inner: BufReader::with_capacity(1 << 20, f),
-            crc: 0,
-            n: 0,
-        };
-        let mut buf = vec![0u8; 1 << 20];
-        let dest = out.path().to_path_buf();
-        {
-            let mut r: Box<dyn Read + '_> = if e.storage == Storage::FullLz4 {
-                Box::new(lz4_flex::frame::FrameDecoder::new(&mut crc_r))
-            } else {
-                Box::new(&mut crc_r)
-            };
-            loop {
-                let n = read_full(&mut r, &mut buf)
-                    .map_err(|err| Error::corruption(format!("{}: {err}", src.display())))?;
-                if n == 0 {
-                    break;
-                }
-                std::io::Write::write_all(out, &buf[..n]).ctx("write", &dest)?;
-                self.progress.inc(n as u64);
-            }
+    /// Where a backup's manifest entry says an incremental file stands: from the manifest
+    /// when it records it (every backup written by this walnut), else from the trailer
+    /// (checked against the trailer's checksum when the file is read).
+    fn inc_info(&self, b: &BackupMeta, e: &FileEntry) -> Result<incfile::IncInfo> {
+        if let (Some(file_blocks), Some(nblocks)) = (e.file_blocks, e.changed_blocks) {
+            return Ok(incfile::IncInfo {
+                nblocks,
+                file_blocks,
+                limit_block: e.limit_block,
+            });
         }
-        if crc_r.crc != e.crc32c || crc_r.n != e.stored_size {
-            return Err(Error::corruption(format!(
-                "{}: stored file does not match its manifest checksum (backup {})",
-                src.display(),
-                b.id
-            )));
-        }
-        Ok(())
+        let p = self.stored(b, e);
+        incfile::read_info(&p, &p.display().to_string(), b.block_size)
     }
 
-    /// Rebuilds an incremental file from the chain.
-    fn write_incremental(&self, e: &FileEntry, out: &mut DurableFile) -> Result<()> {
-        let bs = self.chain[0].block_size as usize;
+    fn source(&self, b: &BackupMeta, e: &FileEntry, cap: u32) -> Result<rebuild::Source> {
+        let stored = match e.storage {
+            Storage::Full => rebuild::Stored::Plain,
+            Storage::FullLz4 => rebuild::Stored::Lz4 {
+                frames: e.lz4_frames.clone(),
+            },
+            Storage::Incremental => {
+                let info = self.inc_info(b, e)?;
+                rebuild::Stored::Inc {
+                    info,
+                    whole_pages: e.stored_size
+                        == incfile::whole_page_file_size(info.nblocks, b.block_size),
+                }
+            }
+            Storage::Dir => return Err(Error::invalid(format!("\"{}\" is a directory", e.path))),
+        };
+        Ok(rebuild::Source {
+            path: self.stored(b, e),
+            backup: b.id.clone(),
+            stored,
+            size: e.size,
+            stored_size: e.stored_size,
+            crc32c: e.crc32c,
+            cap,
+        })
+    }
+
+    /// The sources of a file of the newest backup, newest first, each with its `cap`: a
+    /// block at or above the smallest limit block (or length) of any newer backup is never
+    /// taken from an older one. Older backups are consulted until one holds the file whole,
+    /// lacks it, or can supply nothing (cap 0).
+    fn plan(&self, e: &FileEntry) -> Result<rebuild::Plan> {
         let newest = self.chain[0];
-        let src = self.stored(newest, e);
-        let info = incfile::read_info(&src, &src.display().to_string(), bs as u32)?;
-        let len = info.file_blocks;
-        let mut written = vec![false; len as usize];
-        let dest = out.path().to_path_buf();
-        let file = out.file().try_clone().ctx("open", &dest)?;
-        // Pages arrive in increasing block order per source; consecutive ones are gathered
-        // into one write of up to RUN_MAX bytes instead of one pwrite per 8 KiB page.
-        const RUN_MAX: usize = 1 << 20;
-        let mut run: (u32, Vec<u8>) = (0, Vec::with_capacity(RUN_MAX));
-        let flush = |run: &mut (u32, Vec<u8>)| -> Result<()> {
-            if !run.1.is_empty() {
-                file.write_all_at(&run.1, run.0 as u64 * bs as u64)
-                    .ctx("write", &dest)?;
-                self.progress.inc(run.1.len() as u64);
-                run.1.clear();
-            }
-            Ok(())
-        };
-        let mut put = |b: u32, page: &[u8], cap: u32| -> Result<()> {
-            if b < cap && !written[b as usize] {
-                let contiguous = run.0 as u64 + (run.1.len() / bs) as u64 == b as u64;
-                if !contiguous || run.1.len() + page.len() > RUN_MAX {
-                    flush(&mut run)?;
-                    run.0 = b;
-                }
-                run.1.extend_from_slice(page);
-                written[b as usize] = true;
-            }
-            Ok(())
-        };
-        let read_inc = |path: &Path,
-                        put: &mut dyn FnMut(u32, &[u8]) -> Result<()>|
-         -> Result<incfile::IncInfo> {
-            let f = File::open(path).ctx("open", path)?;
-            let flen = f.metadata().ctx("stat", path)?.len();
-            incfile::read_stream(
-                BufReader::with_capacity(1 << 20, f),
-                flen,
-                &path.display().to_string(),
-                bs as u32,
-                |b, p| put(b, p),
-            )
-        };
-        read_inc(&src, &mut |b, p| put(b, p, len))?;
-        let mut cap = len.min(info.limit_block.unwrap_or(u32::MAX));
-        for (i, older) in self.chain.iter().enumerate().skip(1) {
-            if cap == 0 {
-                break;
-            }
-            let Some(oe) = self.older[i - 1].get(&e.path) else {
-                break;
-            };
-            match oe.storage {
-                Storage::Dir => break,
-                Storage::Incremental => {
-                    let p = self.stored(older, oe);
-                    let oi = read_inc(&p, &mut |b, pg| put(b, pg, cap))?;
-                    cap = cap
-                        .min(oi.file_blocks)
-                        .min(oi.limit_block.unwrap_or(u32::MAX));
-                }
-                Storage::Full | Storage::FullLz4 => {
-                    // Read the whole stored file, also past `cap`, so that its manifest
-                    // checksum is verified like every other file read from a backup.
-                    let p = self.stored(older, oe);
-                    let f = File::open(&p).ctx("open", &p)?;
-                    let mut crc_r = CrcReader {
-                        inner: BufReader::with_capacity(1 << 20, f),
-                        crc: 0,
-                        n: 0,
+        let bs = newest.block_size;
+        let (shape, sources) = match e.storage {
+            Storage::Incremental => {
+                let first = self.source(newest, e, u32::MAX)?;
+                let rebuild::Stored::Inc { info, .. } = first.stored else {
+                    return Err(Error::invalid("not an incremental file"));
+                };
+                let len = info.file_blocks;
+                let mut sources = vec![rebuild::Source { cap: len, ..first }];
+                let mut cap = len.min(info.limit_block.unwrap_or(u32::MAX));
+                for (i, older) in self.chain.iter().enumerate().skip(1) {
+                    if cap == 0 {
+                        break;
+                    }
+                    let Some(oe) = self.older[i - 1].get(&e.path) else {
+                        break;
                     };
-                    {
-                        let mut r: Box<dyn Read + '_> = if oe.storage == Storage::FullLz4 {
-                            Box::new(lz4_flex::frame::FrameDecoder::new(&mut crc_r))
-                        } else {
-                            Box::new(&mut crc_r)
-                        };
-                        let mut page = vec![0u8; bs];
-                        let n_blocks = ((oe.size / bs as u64) as u32).min(cap);
-                        for b in 0..n_blocks {
-                            let n = read_full(&mut r, &mut page).map_err(|err| {
-                                Error::corruption(format!("{}: {err}", p.display()))
-                            })?;
-                            if n < bs {
-                                break;
-                            }
-                            put(b, &page, cap)?;
+                    if oe.storage == Storage::Dir {
+                        break;
+                    }
+                    let s = self.source(older, oe, cap)?;
+                    match s.stored {
+                        rebuild::Stored::Inc { info: oi, .. } => {
+                            cap = cap
+                                .min(oi.file_blocks)
+                                .min(oi.limit_block.unwrap_or(u32::MAX));
+                            sources.push(s);
                         }
-                        std::io::copy(&mut r, &mut std::io::sink())
-                            .map_err(|err| Error::corruption(format!("{}: {err}", p.display())))?;
+                        _ => {
+                            sources.push(s);
+                            break;
+                        }
                     }
-                    if crc_r.crc != oe.crc32c || crc_r.n != oe.stored_size {
-                        return Err(Error::corruption(format!(
-                            "{}: stored file does not match its manifest checksum (backup {})",
-                            p.display(),
-                            older.id
-                        )));
-                    }
-                    break;
                 }
+                (rebuild::Shape::Blocks(len), sources)
             }
-        }
-        flush(&mut run)?;
-        out.file()
-            .set_len(len as u64 * bs as u64)
-            .ctx("truncate", &dest)?;
-        Ok(())
+            _ => (
+                rebuild::Shape::Copy,
+                vec![self.source(newest, e, u32::MAX)?],
+            ),
+        };
+        Ok(rebuild::Plan::new(
+            shape,
+            sources,
+            bs,
+            self.chunk_blocks,
+            self.window_blocks,
+        ))
     }
 
-    fn restore_entry(&self, e: &FileEntry) -> Result<Option<DurableFile>> {
+    /// Restores one file in the calling thread (its chunks in `order`, every one exactly
+    /// once); returns the verified result, not yet under its final name.
+    fn restore_entry_in(
+        &self,
+        e: &FileEntry,
+        order: impl Fn(u32) -> Vec<u32>,
+    ) -> Result<Option<DurableFile>> {
         let Some(dest) = self.dest(&e.path)? else {
             return Ok(None);
         };
         if e.storage == Storage::Dir {
             return Ok(None);
         }
+        let plan = self.plan(e)?;
         if let Some(parent) = dest.parent() {
             durable::create_dir_all_durable(parent)?;
         }
         let mut out = DurableFile::create(&dest)?;
-        match e.storage {
-            Storage::Incremental => self.write_incremental(e, &mut out)?,
-            _ => self.write_full(self.chain[0], e, &mut out)?,
+        let file = out.file().try_clone().ctx("open", &dest)?;
+        let mut parts = vec![Vec::new(); plan.chunks as usize];
+        for k in order(plan.chunks) {
+            let slot = parts
+                .get_mut(k as usize)
+                .ok_or_else(|| Error::invalid(format!("no chunk {k}")))?;
+            *slot = rebuild::run_chunk(&plan, k, &file, &dest, &self.progress)?;
         }
+        rebuild::finish(&plan, &parts, &file, &dest)?;
         Ok(Some(out))
+    }
+
+    fn restore_entry(&self, e: &FileEntry) -> Result<Option<DurableFile>> {
+        self.restore_entry_in(e, |n| (0..n).collect())
     }
 }
 
-struct CrcReader<R: Read> {
-    inner: R,
-    crc: u32,
-    n: u64,
+/// A file restored in chunks by several threads: the first chunk to run creates the result,
+/// the last one to finish verifies it and puts it in place.
+struct SharedFile<'e> {
+    entry: &'e FileEntry,
+    chunks: u32,
+    state: Mutex<SharedState>,
 }
 
-impl<R: Read> Read for CrcReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
-        self.n += n as u64;
-        Ok(n)
+#[derive(Default)]
+struct SharedState {
+    out: Option<(DurableFile, Arc<File>)>,
+    parts: Vec<Option<Vec<rebuild::Part>>>,
+    done: u32,
+}
+
+enum Task {
+    /// A file restored whole by one thread.
+    Whole(usize),
+    /// Chunk `k` of a shared file.
+    Chunk(usize, u32),
+}
+
+impl Restorer<'_> {
+    fn run_chunk_task(&self, sf: &SharedFile<'_>, k: u32) -> Result<()> {
+        let e = sf.entry;
+        let dest = self
+            .dest(&e.path)?
+            .ok_or_else(|| Error::invalid(format!("\"{}\" has no destination", e.path)))?;
+        let plan = self.plan(e)?;
+        let file = {
+            let mut st = sf
+                .state
+                .lock()
+                .map_err(|_| Error::invalid("a restore thread panicked"))?;
+            if st.out.is_none() {
+                if let Some(parent) = dest.parent() {
+                    durable::create_dir_all_durable(parent)?;
+                }
+                let mut df = DurableFile::create(&dest)?;
+                let f = Arc::new(df.file().try_clone().ctx("open", &dest)?);
+                st.out = Some((df, f));
+                st.parts = vec![None; sf.chunks as usize];
+            }
+            match &st.out {
+                Some((_, f)) => f.clone(),
+                None => return Err(Error::invalid("no output file")),
+            }
+        };
+        let parts = rebuild::run_chunk(&plan, k, &file, &dest, &self.progress)?;
+        let complete = {
+            let mut st = sf
+                .state
+                .lock()
+                .map_err(|_| Error::invalid("a restore thread panicked"))?;
+            if let Some(slot) = st.parts.get_mut(k as usize) {
+                *slot = Some(parts);
+            }
+            st.done += 1;
+            if st.done == sf.chunks {
+                let all: Option<Vec<_>> = std::mem::take(&mut st.parts).into_iter().collect();
+                st.out.take().zip(all)
+            } else {
+                None
+            }
+        };
+        if let Some(((df, _), parts)) = complete {
+            rebuild::finish(&plan, &parts, &file, &dest)?;
+            df.commit_deferred(Replace::No)?;
+        }
+        Ok(())
     }
 }
 
@@ -517,6 +543,8 @@ pub fn restore(catalog: &Catalog, instance: &str, opts: &RestoreOptions) -> Resu
         target: target.clone(),
         tablespaces,
         progress: Progress::new(&format!("restore {}", newest.id), total),
+        chunk_blocks: (rebuild::CHUNK_BYTES / newest.block_size.max(1) as u64) as u32,
+        window_blocks: (rebuild::WINDOW_BYTES / newest.block_size.max(1) as u64) as u32,
     };
     // Files are put in place without per-file fsyncs; one syncfs per filesystem written to
     // (handles opened before any write, see durable::FsSync) runs before pg_control.
@@ -535,21 +563,53 @@ pub fn restore(catalog: &Catalog, instance: &str, opts: &RestoreOptions) -> Resu
         .iter()
         .filter(|e| e.storage != Storage::Dir && e.path != "global/pg_control")
         .collect();
+    // Big files first, so that the end of the restore is small files, and a big file split
+    // into chunks is shared by all threads.
+    let mut order: Vec<usize> = (0..files.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(files[i].size));
+    let mut shared = Vec::new();
+    let mut tasks = Vec::with_capacity(files.len());
+    for i in order {
+        let chunks = if files[i].size > rebuild::CHUNK_BYTES {
+            r.plan(files[i])
+                .map_err(|err| err.context(format!("restoring \"{}\"", files[i].path)))?
+                .chunks
+        } else {
+            1
+        };
+        if chunks > 1 {
+            for k in 0..chunks {
+                tasks.push(Task::Chunk(shared.len(), k));
+            }
+            shared.push(SharedFile {
+                entry: files[i],
+                chunks,
+                state: Mutex::new(SharedState::default()),
+            });
+        } else {
+            tasks.push(Task::Whole(i));
+        }
+    }
     let next = AtomicUsize::new(0);
     let first_err: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..opts.jobs.max(1) {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(e) = files.get(i) else { break };
+                let Some(task) = tasks.get(i) else { break };
                 if first_err.lock().map(|g| g.is_some()).unwrap_or(true) {
                     break;
                 }
-                let res = r
-                    .restore_entry(e)
-                    .and_then(|o| o.map_or(Ok(()), |df| df.commit_deferred(Replace::No)))
-                    .map_err(|err| err.context(format!("restoring \"{}\"", e.path)));
+                let (e, res) = match *task {
+                    Task::Whole(f) => (
+                        files[f],
+                        r.restore_entry(files[f])
+                            .and_then(|o| o.map_or(Ok(()), |df| df.commit_deferred(Replace::No))),
+                    ),
+                    Task::Chunk(sf, k) => (shared[sf].entry, r.run_chunk_task(&shared[sf], k)),
+                };
                 if let Err(err) = res {
+                    let err = err.context(format!("restoring \"{}\"", e.path));
                     if let Ok(mut g) = first_err.lock() {
                         g.get_or_insert(err);
                     }
@@ -740,7 +800,18 @@ mod chain_tests {
         file_blocks: u32,
         limit: Option<u32>,
     ) -> FileEntry {
-        let mut w = IncWriter::new(Vec::new(), BS as u32, false).unwrap();
+        inc_with(catalog, b, pages, file_blocks, limit, false)
+    }
+
+    fn inc_with(
+        catalog: &Catalog,
+        b: &BackupMeta,
+        pages: &[(u32, u8)],
+        file_blocks: u32,
+        limit: Option<u32>,
+        compress: bool,
+    ) -> FileEntry {
+        let mut w = IncWriter::new(Vec::new(), BS as u32, compress).unwrap();
         for &(n, tag) in pages {
             w.add(n, &page(tag)).unwrap();
         }
@@ -754,6 +825,7 @@ mod chain_tests {
             changed_blocks: Some(pages.len() as u32),
             file_blocks: Some(file_blocks),
             limit_block: limit,
+            lz4_frames: None,
         };
         let p = b.dir(catalog).join(e.stored_path());
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -771,39 +843,81 @@ mod chain_tests {
             changed_blocks: None,
             file_blocks: None,
             limit_block: None,
+            lz4_frames: None,
         }
     }
 
-    /// Rebuilds base/5/100 from `chain` (newest first) and returns its pages' tags.
+    /// Chunk and window sizes (in blocks) and chunk orders every rebuild is tried with:
+    /// one pass, and splits at every block boundary, run forwards and backwards.
+    const SPLITS: [(u32, u32, bool); 6] = [
+        (1024, 128, false),
+        (1, 1, false),
+        (1, 1, true),
+        (2, 1, true),
+        (3, 2, false),
+        (4, 4, true),
+    ];
+
+    fn restorer<'a>(
+        catalog: &'a Catalog,
+        chain: Vec<&'a BackupMeta>,
+        older_entries: &[FileEntry],
+        target: &Path,
+        (chunk_blocks, window_blocks): (u32, u32),
+    ) -> Restorer<'a> {
+        Restorer {
+            catalog,
+            chain,
+            older: older_entries
+                .iter()
+                .map(|e| HashMap::from([(e.path.clone(), e.clone())]))
+                .collect(),
+            target: target.to_path_buf(),
+            tablespaces: HashMap::new(),
+            progress: Progress::hidden(),
+            chunk_blocks,
+            window_blocks,
+        }
+    }
+
+    /// Rebuilds base/5/100 from `chain` (newest first) with every split of [`SPLITS`] and
+    /// returns its pages' tags (the same for all of them).
     fn rebuild(
         catalog: &Catalog,
         chain: Vec<&BackupMeta>,
         entries: Vec<FileEntry>,
         target: &Path,
     ) -> Vec<u8> {
-        let older = entries[1..]
-            .iter()
-            .map(|e| HashMap::from([(e.path.clone(), e.clone())]))
-            .collect();
-        let r = Restorer {
-            catalog,
-            chain,
-            older,
-            target: target.to_path_buf(),
-            tablespaces: HashMap::new(),
-            progress: Progress::hidden(),
-        };
-        let out = r.restore_entry(&entries[0]).unwrap().unwrap();
-        out.commit(Replace::Yes).unwrap();
-        let bytes = std::fs::read(target.join("base/5/100")).unwrap();
-        assert_eq!(bytes.len() % BS, 0);
-        bytes
-            .chunks(BS)
-            .map(|p| {
-                assert!(p.iter().all(|&b| b == p[0]), "a page mixes sources");
-                p[0]
-            })
-            .collect()
+        let mut results = Vec::new();
+        for (chunk, window, backwards) in SPLITS {
+            let t = target.join(format!("c{chunk}w{window}{backwards}"));
+            let r = restorer(catalog, chain.clone(), &entries[1..], &t, (chunk, window));
+            let out = r
+                .restore_entry_in(&entries[0], |n| {
+                    if backwards {
+                        (0..n).rev().collect()
+                    } else {
+                        (0..n).collect()
+                    }
+                })
+                .unwrap()
+                .unwrap();
+            out.commit(Replace::Yes).unwrap();
+            let bytes = std::fs::read(t.join("base/5/100")).unwrap();
+            assert_eq!(bytes.len() % BS, 0);
+            let tags: Vec<u8> = bytes
+                .chunks(BS)
+                .map(|p| {
+                    assert!(p.iter().all(|&b| b == p[0]), "a page mixes sources");
+                    p[0]
+                })
+                .collect();
+            results.push(tags);
+        }
+        for r in &results[1..] {
+            assert_eq!(r, &results[0], "a split changed the result");
+        }
+        results.swap_remove(0)
     }
 
     /// WAL-FORMAT §3.9: after a truncation to 2 blocks, blocks 2.. never come from the
@@ -824,6 +938,7 @@ mod chain_tests {
             changed_blocks: None,
             file_blocks: None,
             limit_block: None,
+            lz4_frames: None,
         };
         let fp = f.dir(&catalog).join(fe.stored_path());
         std::fs::create_dir_all(fp.parent().unwrap()).unwrap();
@@ -895,19 +1010,333 @@ mod chain_tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 0x55;
         std::fs::write(&fp, &bytes).unwrap();
-        let r = Restorer {
-            catalog: &catalog,
-            chain: vec![&p3, &p2, &p1, &f],
-            older: [&e2, &e1, &fe_ok]
-                .iter()
-                .map(|e| HashMap::from([(e.path.clone(), (*e).clone())]))
-                .collect(),
-            target: d.path().join("t5"),
-            tablespaces: HashMap::new(),
-            progress: Progress::hidden(),
+        for (chunk, window, _) in SPLITS {
+            let r = restorer(
+                &catalog,
+                vec![&p3, &p2, &p1, &f],
+                &[e2.clone(), e1.clone(), fe_ok.clone()],
+                &d.path().join(format!("t5-{chunk}-{window}")),
+                (chunk, window),
+            );
+            let err = r.restore_entry(&e3_ok).map(|_| ()).unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::Corruption, "{err}");
+            assert!(err.to_string().contains("manifest checksum"), "{err}");
+            assert!(err.to_string().contains(&fp.display().to_string()), "{err}");
+        }
+    }
+
+    fn store(catalog: &Catalog, b: &BackupMeta, e: &FileEntry, bytes: &[u8]) -> PathBuf {
+        let p = b.dir(catalog).join(e.stored_path());
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    /// Incremental files with LZ4-compressed pages cannot be entered at a block: they are
+    /// read in one pass, whatever the chunk size, with the same result.
+    #[test]
+    fn compressed_incrementals_rebuild_in_one_pass() {
+        let d = tempfile::tempdir().unwrap();
+        let catalog = Catalog::init(&d.path().join("cat")).unwrap();
+        let f = meta("F", Mode::Full, None);
+        let full: Vec<u8> = (1u8..=8).flat_map(page).collect();
+        let fe = FileEntry {
+            crc32c: crc32c::crc32c(&full),
+            ..fe_template(full.len() as u64)
         };
-        let err = r.restore_entry(&e3_ok).map(|_| ()).unwrap_err();
+        store(&catalog, &f, &fe, &full);
+        let p1 = meta("P1", Mode::Page, Some("F"));
+        let e1 = inc_with(&catalog, &p1, &[(1, 11), (5, 15), (9, 19)], 10, None, true);
+        assert!(e1.stored_size < 3 * BS as u64, "pages were not compressed");
+        let p2 = meta("P2", Mode::Page, Some("P1"));
+        let e2 = inc_with(&catalog, &p2, &[(0, 20), (5, 25)], 10, Some(7), true);
+        let r = restorer(
+            &catalog,
+            vec![&p2, &p1, &f],
+            &[e1.clone(), fe.clone()],
+            d.path(),
+            (1, 1),
+        );
+        assert_eq!(r.plan(&e2).unwrap().chunks, 1);
+        assert_eq!(
+            rebuild(
+                &catalog,
+                vec![&p2, &p1, &f],
+                vec![e2, e1, fe],
+                &d.path().join("t")
+            ),
+            vec![20, 11, 3, 4, 5, 25, 7, 0, 0, 0]
+        );
+    }
+
+    /// Damage anywhere in an incremental file fails the rebuild, naming the stored file,
+    /// however the file is split: a page, a block number, the trailer, a truncation.
+    #[test]
+    fn damaged_incremental_is_refused_in_every_split() {
+        let d = tempfile::tempdir().unwrap();
+        let catalog = Catalog::init(&d.path().join("cat")).unwrap();
+        let f = meta("F", Mode::Full, None);
+        let full: Vec<u8> = (1u8..=8).flat_map(page).collect();
+        let fe = FileEntry {
+            crc32c: crc32c::crc32c(&full),
+            ..fe_template(full.len() as u64)
+        };
+        store(&catalog, &f, &fe, &full);
+        let p1 = meta("P1", Mode::Page, Some("F"));
+        let e1 = inc(
+            &catalog,
+            &p1,
+            &[(1, 11), (2, 12), (5, 15), (6, 16)],
+            8,
+            None,
+        );
+        let path = p1.dir(&catalog).join(e1.stored_path());
+        let good = std::fs::read(&path).unwrap();
+        let rec = 8 + BS;
+        let damage: Vec<(&str, Vec<u8>)> = vec![
+            ("page byte", {
+                let mut b = good.clone();
+                b[16 + 2 * rec + 8 + 100] ^= 0x10;
+                b
+            }),
+            ("block number", {
+                let mut b = good.clone();
+                b[16 + 2 * rec] ^= 0x01;
+                b
+            }),
+            ("block order", {
+                let mut b = good.clone();
+                b[16 + rec] = 7;
+                b
+            }),
+            ("trailer", {
+                let mut b = good.clone();
+                let n = b.len();
+                b[n - 12] ^= 0x01;
+                b
+            }),
+            ("truncation", good[..good.len() - rec].to_vec()),
+        ];
+        for (what, bytes) in damage {
+            std::fs::write(&path, &bytes).unwrap();
+            for (chunk, window, _) in SPLITS {
+                let r = restorer(
+                    &catalog,
+                    vec![&p1, &f],
+                    std::slice::from_ref(&fe),
+                    &d.path().join(format!("t-{chunk}-{window}")),
+                    (chunk, window),
+                );
+                let err = r.restore_entry(&e1).map(|_| ()).unwrap_err();
+                assert_eq!(err.kind(), crate::ErrorKind::Corruption, "{what}: {err}");
+                assert!(
+                    err.to_string().contains(&path.display().to_string()),
+                    "{what}: {err}"
+                );
+            }
+        }
+        std::fs::write(&path, &good).unwrap();
+        assert_eq!(
+            rebuild(&catalog, vec![&p1, &f], vec![e1, fe], &d.path().join("ok")),
+            vec![1, 11, 12, 4, 5, 15, 16, 8]
+        );
+    }
+
+    /// A file the newest backup holds whole is copied byte for byte, also when its length
+    /// is not a whole number of blocks and whatever the split; plain and LZ4; damage fails.
+    #[test]
+    fn whole_files_are_copied_exactly_in_every_split() {
+        let d = tempfile::tempdir().unwrap();
+        let catalog = Catalog::init(&d.path().join("cat")).unwrap();
+        let f = meta("F", Mode::Full, None);
+        let data: Vec<u8> = (0..(5 * BS + 1234) as u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+            .collect();
+        let plain = FileEntry {
+            crc32c: crc32c::crc32c(&data),
+            ..fe_template(data.len() as u64)
+        };
+        let pp = store(&catalog, &f, &plain, &data);
+        let mut enc = lz4_flex::frame::FrameEncoder::new(Vec::new());
+        std::io::Write::write_all(&mut enc, &data).unwrap();
+        let z = enc.finish().unwrap();
+        let lz = FileEntry {
+            storage: Storage::FullLz4,
+            stored_size: z.len() as u64,
+            crc32c: crc32c::crc32c(&z),
+            ..fe_template(data.len() as u64)
+        };
+        let zp = store(&catalog, &f, &lz, &z);
+        for (e, p) in [(&plain, &pp), (&lz, &zp)] {
+            for (chunk, window, backwards) in SPLITS {
+                let t = d.path().join(format!("{:?}-{chunk}-{window}", e.storage));
+                let r = restorer(&catalog, vec![&f], &[], &t, (chunk, window));
+                let out = r
+                    .restore_entry_in(e, |n| {
+                        if backwards {
+                            (0..n).rev().collect()
+                        } else {
+                            (0..n).collect()
+                        }
+                    })
+                    .unwrap()
+                    .unwrap();
+                out.commit(Replace::Yes).unwrap();
+                assert_eq!(std::fs::read(t.join("base/5/100")).unwrap(), data);
+            }
+            let good = std::fs::read(p).unwrap();
+            let mut bad = good.clone();
+            bad[good.len() / 2] ^= 0x04;
+            std::fs::write(p, &bad).unwrap();
+            for (chunk, window, _) in SPLITS {
+                let t = d
+                    .path()
+                    .join(format!("bad-{:?}-{chunk}-{window}", e.storage));
+                let r = restorer(&catalog, vec![&f], &[], &t, (chunk, window));
+                let err = r.restore_entry(e).map(|_| ()).unwrap_err();
+                assert_eq!(err.kind(), crate::ErrorKind::Corruption, "{err}");
+                assert!(err.to_string().contains(&p.display().to_string()), "{err}");
+            }
+            // a longer file fails too, even though its first stored_size bytes are intact
+            let mut longer = good.clone();
+            longer.push(0);
+            std::fs::write(p, &longer).unwrap();
+            let r = restorer(&catalog, vec![&f], &[], &d.path().join("long"), (1, 1));
+            assert!(r.restore_entry(e).is_err());
+            std::fs::write(p, &good).unwrap();
+        }
+    }
+
+    fn lz4_framed(data: &[u8], frame_bytes: u64) -> (Vec<u8>, manifest::Lz4Frames) {
+        let mut w = crate::backup::copy::Lz4FrameWriter::new(Vec::new(), frame_bytes);
+        std::io::Write::write_all(&mut w, data).unwrap();
+        let (z, stored) = w.finish().unwrap();
+        (
+            z,
+            manifest::Lz4Frames {
+                frame_bytes,
+                stored,
+            },
+        )
+    }
+
+    /// A compressed whole file stored as LZ4 frames is decoded frame by frame on separate
+    /// chunks, as a copy and beneath incremental files, with the same result as one pass;
+    /// frames whose manifest description does not match the file fail.
+    #[test]
+    fn lz4_frames_restore_in_chunks() {
+        let d = tempfile::tempdir().unwrap();
+        let catalog = Catalog::init(&d.path().join("cat")).unwrap();
+        let f = meta("F", Mode::Full, None);
+        // a copy: 5 blocks and a bit, frames of 2 blocks
+        let data: Vec<u8> = (0..(5 * BS + 1234) as u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 23) as u8)
+            .collect();
+        let (z, frames) = lz4_framed(&data, 2 * BS as u64);
+        assert_eq!(frames.stored.len(), 3);
+        let e = FileEntry {
+            storage: Storage::FullLz4,
+            stored_size: z.len() as u64,
+            crc32c: crc32c::crc32c(&z),
+            lz4_frames: Some(frames.clone()),
+            ..fe_template(data.len() as u64)
+        };
+        let zp = store(&catalog, &f, &e, &z);
+        let r = restorer(&catalog, vec![&f], &[], d.path(), (1024, 128));
+        assert_eq!(r.plan(&e).unwrap().chunks, 3);
+        for (chunk, window, backwards) in SPLITS {
+            let t = d.path().join(format!("copy-{chunk}-{window}-{backwards}"));
+            let r = restorer(&catalog, vec![&f], &[], &t, (chunk, window));
+            let out = r
+                .restore_entry_in(&e, |n| {
+                    if backwards {
+                        (0..n).rev().collect()
+                    } else {
+                        (0..n).collect()
+                    }
+                })
+                .unwrap()
+                .unwrap();
+            out.commit(Replace::Yes).unwrap();
+            assert_eq!(std::fs::read(t.join("base/5/100")).unwrap(), data);
+        }
+        // frame lengths that do not match the file: decoding fails or lands elsewhere
+        let mut swapped = frames.clone();
+        swapped.stored.swap(0, 1);
+        let lying = FileEntry {
+            lz4_frames: Some(swapped),
+            ..e.clone()
+        };
+        if frames.stored[0] != frames.stored[1] {
+            let r = restorer(&catalog, vec![&f], &[], &d.path().join("lie"), (1, 1));
+            let err = r.restore_entry(&lying).map(|_| ()).unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::Corruption, "{err}");
+            assert!(err.to_string().contains(&zp.display().to_string()), "{err}");
+        }
+        // frames of 3 blocks described as 2: each chunk decodes the wrong length
+        let (z3, f3) = lz4_framed(&data, 3 * BS as u64);
+        let e3 = FileEntry {
+            stored_size: z3.len() as u64,
+            crc32c: crc32c::crc32c(&z3),
+            lz4_frames: Some(manifest::Lz4Frames {
+                frame_bytes: 2 * BS as u64,
+                stored: vec![f3.stored[0], f3.stored[1], 0],
+            }),
+            ..e.clone()
+        };
+        store(&catalog, &f, &e3, &z3);
+        let r = restorer(&catalog, vec![&f], &[], &d.path().join("lie3"), (1, 1));
+        assert_eq!(r.plan(&e3).unwrap().chunks, 3);
+        let err = r.restore_entry(&e3).map(|_| ()).unwrap_err();
         assert_eq!(err.kind(), crate::ErrorKind::Corruption, "{err}");
-        assert!(err.to_string().contains("manifest checksum"), "{err}");
+
+        // beneath a chain: the FULL of truncation_rule_and_newest_first in frames of 1 and
+        // 2 blocks
+        let full_bytes: Vec<u8> = [1u8, 2, 3, 4].iter().flat_map(|&t| page(t)).collect();
+        for frame_blocks in [1u64, 2] {
+            let fz = meta(&format!("FZ{frame_blocks}"), Mode::Full, None);
+            let (z, frames) = lz4_framed(&full_bytes, frame_blocks * BS as u64);
+            let fze = FileEntry {
+                storage: Storage::FullLz4,
+                stored_size: z.len() as u64,
+                crc32c: crc32c::crc32c(&z),
+                lz4_frames: Some(frames),
+                ..fe_template(full_bytes.len() as u64)
+            };
+            store(&catalog, &fz, &fze, &z);
+            let p1 = meta(&format!("P1-{frame_blocks}"), Mode::Page, Some(&fz.id));
+            let e1 = inc(&catalog, &p1, &[(2, 20)], 6, Some(2));
+            let p2 = meta(&format!("P2-{frame_blocks}"), Mode::Page, Some(&p1.id));
+            let e2 = inc(&catalog, &p2, &[(0, 30), (4, 31)], 6, None);
+            let r = restorer(
+                &catalog,
+                vec![&p2, &p1, &fz],
+                &[e1.clone(), fze.clone()],
+                d.path(),
+                (1024, 128),
+            );
+            assert!(r.plan(&e2).unwrap().chunks > 1);
+            assert_eq!(
+                rebuild(
+                    &catalog,
+                    vec![&p2, &p1, &fz],
+                    vec![e2, e1.clone(), fze.clone()],
+                    &d.path().join(format!("chain{frame_blocks}"))
+                ),
+                vec![30, 2, 20, 0, 31, 0]
+            );
+            // a FULL longer than the result: the frames past it are read for the checksum
+            let p3 = meta(&format!("P3-{frame_blocks}"), Mode::Page, Some(&fz.id));
+            let e3 = inc(&catalog, &p3, &[(0, 40)], 2, None);
+            assert_eq!(
+                rebuild(
+                    &catalog,
+                    vec![&p3, &fz],
+                    vec![e3, fze],
+                    &d.path().join(format!("short{frame_blocks}"))
+                ),
+                vec![40, 2]
+            );
+        }
     }
 }

@@ -218,8 +218,8 @@ fn run(
     // opened before any is written, syncs the filesystem before the OK record.
     let fs_sync = durable::FsSync::open(&m.dir(catalog))?;
     let mpath = m.dir(catalog).join("manifest");
-    let mut mw =
-        ManifestWriter::new(BufWriter::new(DurableFile::create(&mpath)?)).ctx("write", &mpath)?;
+    let mut mw = ManifestWriter::new(BufWriter::new(DurableFile::create(&mpath)?), opts.compress)
+        .ctx("write", &mpath)?;
     let mut files = 0u64;
     let mut bytes = 0u64;
     let mut add = |e: FileEntry, mw: &mut ManifestWriter<BufWriter<DurableFile>>| -> Result<()> {
