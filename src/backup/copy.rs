@@ -624,8 +624,11 @@ fn copy_incremental(
         }
     }
     let nblocks = w_nblocks(&w);
-    let (cw, _) = w.finish(file_blocks, limit).ctx("write", &dest)?;
-    let (crc, stored) = finish_stored(cw, &dest)?;
+    let (cw, _, trailer_crc) = w.finish_with_crc(file_blocks, limit).ctx("write", &dest)?;
+    // The whole file's CRC is the same for every incremental file (it ends with its own
+    // CRC); the manifest records the trailer's, which is this file's alone.
+    let (_, stored) = finish_stored(cw, &dest)?;
+    let crc = trailer_crc;
     Ok(FileEntry {
         path: logical.to_string(),
         storage: Storage::Incremental,

@@ -113,11 +113,18 @@ impl<W: Write> IncWriter<W> {
     }
 
     /// Writes the trailer; returns the inner writer and the number of bytes written.
-    pub fn finish(
+    pub fn finish(self, file_blocks: u32, limit_block: Option<u32>) -> std::io::Result<(W, u64)> {
+        self.finish_with_crc(file_blocks, limit_block)
+            .map(|(w, n, _)| (w, n))
+    }
+
+    /// [`Self::finish`], also giving the trailer's CRC-32C (of every byte before it): what the
+    /// manifest records for an incremental file (see [`manifest_crc_ok`]).
+    pub fn finish_with_crc(
         mut self,
         file_blocks: u32,
         limit_block: Option<u32>,
-    ) -> std::io::Result<(W, u64)> {
+    ) -> std::io::Result<(W, u64, u32)> {
         let mut t = [0u8; TRAILER_LEN];
         t[0..4].copy_from_slice(&self.nblocks.to_le_bytes());
         t[4..8].copy_from_slice(&file_blocks.to_le_bytes());
@@ -127,8 +134,21 @@ impl<W: Write> IncWriter<W> {
         t[12..16].copy_from_slice(&crc.to_le_bytes());
         self.out.write_all(&t[12..16])?;
         self.bytes += 4;
-        Ok((self.out, self.bytes))
+        Ok((self.out, self.bytes, crc))
     }
+}
+
+/// The CRC-32C of any byte string followed by its own CRC-32C (little-endian): the same for
+/// every well-formed incremental file, so useless as the manifest's checksum of one.
+pub const WHOLE_FILE_RESIDUE: u32 = 0x4867_4BC7;
+
+/// Whether a manifest's checksum `entry_crc` matches an incremental file whose trailer CRC
+/// (of every byte before it, already verified against the bytes) is `trailer_crc`. The
+/// manifest records the trailer CRC, which binds the entry to this very file; manifests
+/// written before that recorded the whole file's CRC, which is always
+/// [`WHOLE_FILE_RESIDUE`], and are accepted as they are.
+pub fn manifest_crc_ok(entry_crc: u32, trailer_crc: u32) -> bool {
+    entry_crc == trailer_crc || entry_crc == WHOLE_FILE_RESIDUE
 }
 
 fn u32_le(b: &[u8], off: usize) -> u32 {
@@ -425,5 +445,17 @@ mod tests {
         w.add(5, &page(1)).unwrap();
         assert!(w.add(5, &page(1)).is_err());
         assert!(w.add(6, &[0u8; 10]).is_err());
+    }
+
+    #[test]
+    fn whole_file_crc_is_the_residue() {
+        for body in [&b""[..], b"x", b"WNINCR\r\n and some more bytes"] {
+            let mut f = body.to_vec();
+            f.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+            assert_eq!(crc32c::crc32c(&f), WHOLE_FILE_RESIDUE);
+        }
+        assert!(manifest_crc_ok(7, 7));
+        assert!(manifest_crc_ok(WHOLE_FILE_RESIDUE, 7));
+        assert!(!manifest_crc_ok(8, 7));
     }
 }

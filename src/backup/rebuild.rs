@@ -874,8 +874,7 @@ pub fn finish(plan: &Plan, parts: &[Vec<Part>], out: &File, dest: &Path) -> Resu
                         "{w}: checksum mismatch (stored {stored:08x}, computed {crc:08x})"
                     )));
                 }
-                let whole = crc32c::crc32c_append(crc, &t[12..]);
-                if len + 4 != src.stored_size || whole != src.crc32c {
+                if len + 4 != src.stored_size || !incfile::manifest_crc_ok(src.crc32c, crc) {
                     return Err(mismatch());
                 }
                 let got = incfile::parse_trailer(&t);

@@ -815,13 +815,13 @@ mod chain_tests {
         for &(n, tag) in pages {
             w.add(n, &page(tag)).unwrap();
         }
-        let (bytes, _) = w.finish(file_blocks, limit).unwrap();
+        let (bytes, _, crc) = w.finish_with_crc(file_blocks, limit).unwrap();
         let e = FileEntry {
             path: "base/5/100".into(),
             storage: Storage::Incremental,
             size: file_blocks as u64 * BS as u64,
             stored_size: bytes.len() as u64,
-            crc32c: crc32c::crc32c(&bytes),
+            crc32c: crc,
             changed_blocks: Some(pages.len() as u32),
             file_blocks: Some(file_blocks),
             limit_block: limit,
@@ -918,6 +918,48 @@ mod chain_tests {
             assert_eq!(r, &results[0], "a split changed the result");
         }
         results.swap_remove(0)
+    }
+
+    /// An incremental file swapped for another well-formed one of the same size (its own
+    /// trailer CRC is right) is refused: the manifest holds each file's trailer CRC. A
+    /// manifest written before that (whole-file CRC, the residue) still restores.
+    #[test]
+    fn swapped_incremental_file_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let catalog = Catalog::init(&d.path().join("cat")).unwrap();
+        let f = meta("F", Mode::Full, None);
+        let full_bytes: Vec<u8> = [1u8, 2].iter().flat_map(|&t| page(t)).collect();
+        let fe = FileEntry {
+            crc32c: crc32c::crc32c(&full_bytes),
+            ..fe_template(full_bytes.len() as u64)
+        };
+        let fp = f.dir(&catalog).join(fe.stored_path());
+        std::fs::create_dir_all(fp.parent().unwrap()).unwrap();
+        std::fs::write(&fp, &full_bytes).unwrap();
+        let p1 = meta("P1", Mode::Page, Some("F"));
+        let e1 = inc(&catalog, &p1, &[(1, 20)], 2, None);
+        let p2 = meta("P2", Mode::Page, Some("P1"));
+        let e2 = inc(&catalog, &p2, &[(1, 21)], 2, None);
+        let attempt = |e: &FileEntry, t: &str| {
+            let r = restorer(
+                &catalog,
+                vec![&p2, &p1, &f],
+                &[e1.clone(), fe.clone()],
+                &d.path().join(t),
+                (1024, 128),
+            );
+            r.restore_entry_in(e, |n| (0..n).collect()).map(|_| ())
+        };
+        assert!(attempt(&e2, "ok").is_ok());
+        let legacy = FileEntry {
+            crc32c: incfile::WHOLE_FILE_RESIDUE,
+            ..e2.clone()
+        };
+        assert!(attempt(&legacy, "legacy").is_ok());
+        let p2_path = p2.dir(&catalog).join(e2.stored_path());
+        std::fs::copy(p1.dir(&catalog).join(e1.stored_path()), &p2_path).unwrap();
+        let err = attempt(&e2, "swapped").unwrap_err().to_string();
+        assert!(err.contains("manifest checksum"), "{err}");
     }
 
     /// WAL-FORMAT §3.9: after a truncation to 2 blocks, blocks 2.. never come from the

@@ -43,7 +43,23 @@ pub fn check_backup(catalog: &Catalog, archive: &WalArchive, b: &BackupMeta) -> 
             crc = crc32c::crc32c_append(crc, &buf[..k]);
             n += k as u64;
         }
-        if crc != e.crc32c || n != e.stored_size {
+        // An incremental file ends with its own CRC: the whole file's CRC is then the
+        // residue, and the manifest holds that trailer CRC (the last 4 bytes).
+        let crc_ok = if e.storage == Storage::Incremental && n < 4 {
+            false
+        } else if e.storage == Storage::Incremental {
+            let mut t = [0u8; 4];
+            {
+                use std::io::{Seek, SeekFrom};
+                f.seek(SeekFrom::End(-4)).ctx("seek", &p)?;
+                f.read_exact(&mut t).ctx("read", &p)?;
+            }
+            crc == incfile::WHOLE_FILE_RESIDUE
+                && incfile::manifest_crc_ok(e.crc32c, u32::from_le_bytes(t))
+        } else {
+            crc == e.crc32c
+        };
+        if !crc_ok || n != e.stored_size {
             return Err(Error::corruption(format!(
                 "backup {}: file \"{}\" does not match its checksum ({} bytes, crc {crc:08x}; manifest says {} bytes, crc {:08x})",
                 b.id, e.path, n, e.stored_size, e.crc32c
