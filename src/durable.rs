@@ -244,18 +244,7 @@ impl FsSync {
 /// `syncfs`/`fsync` (errseq), which is where it must fail the operation.
 pub fn start_writeback(file: &File, offset: u64, len: u64) {
     #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: plain syscall on a descriptor that `file` keeps open; no memory passed.
-        let _ = unsafe {
-            nix::libc::sync_file_range(
-                file.as_raw_fd(),
-                offset as _,
-                len as _,
-                nix::libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
-    }
+    sync_range(file, offset, len, nix::libc::SYNC_FILE_RANGE_WRITE);
     #[cfg(not(target_os = "linux"))]
     let _ = (file, offset, len);
 }
@@ -266,22 +255,24 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) {
 /// cache flush); errors are left to the later `syncfs`/`fsync`, as for [`start_writeback`].
 pub fn wait_writeback(file: &File, offset: u64, len: u64) {
     #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: plain syscall on a descriptor that `file` keeps open; no memory passed.
-        let _ = unsafe {
-            nix::libc::sync_file_range(
-                file.as_raw_fd(),
-                offset as _,
-                len as _,
-                nix::libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                    | nix::libc::SYNC_FILE_RANGE_WRITE
-                    | nix::libc::SYNC_FILE_RANGE_WAIT_AFTER,
-            )
-        };
-    }
+    sync_range(
+        file,
+        offset,
+        len,
+        nix::libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | nix::libc::SYNC_FILE_RANGE_WRITE
+            | nix::libc::SYNC_FILE_RANGE_WAIT_AFTER,
+    );
     #[cfg(not(target_os = "linux"))]
     let _ = (file, offset, len);
+}
+
+/// `sync_file_range(2)` with `flags`; errors ignored (see [`start_writeback`]).
+#[cfg(target_os = "linux")]
+fn sync_range(file: &File, offset: u64, len: u64, flags: std::os::raw::c_uint) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on a descriptor that `file` keeps open; no memory passed.
+    let _ = unsafe { nix::libc::sync_file_range(file.as_raw_fd(), offset as _, len as _, flags) };
 }
 
 /// Removes a file and makes the removal durable. Missing files are not an error.

@@ -892,18 +892,7 @@ mod chain_tests {
         for (chunk, window, backwards) in SPLITS {
             let t = target.join(format!("c{chunk}w{window}{backwards}"));
             let r = restorer(catalog, chain.clone(), &entries[1..], &t, (chunk, window));
-            let out = r
-                .restore_entry_in(&entries[0], |n| {
-                    if backwards {
-                        (0..n).rev().collect()
-                    } else {
-                        (0..n).collect()
-                    }
-                })
-                .unwrap()
-                .unwrap();
-            out.commit(Replace::Yes).unwrap();
-            let bytes = std::fs::read(t.join("base/5/100")).unwrap();
+            let bytes = rebuilt(&r, &entries[0], backwards, &t);
             assert_eq!(bytes.len() % BS, 0);
             let tags: Vec<u8> = bytes
                 .chunks(BS)
@@ -927,15 +916,7 @@ mod chain_tests {
     fn swapped_incremental_file_is_refused() {
         let d = tempfile::tempdir().unwrap();
         let catalog = Catalog::init(&d.path().join("cat")).unwrap();
-        let f = meta("F", Mode::Full, None);
-        let full_bytes: Vec<u8> = [1u8, 2].iter().flat_map(|&t| page(t)).collect();
-        let fe = FileEntry {
-            crc32c: crc32c::crc32c(&full_bytes),
-            ..fe_template(full_bytes.len() as u64)
-        };
-        let fp = f.dir(&catalog).join(fe.stored_path());
-        std::fs::create_dir_all(fp.parent().unwrap()).unwrap();
-        std::fs::write(&fp, &full_bytes).unwrap();
+        let (f, fe) = full_backup(&catalog, &[1, 2]);
         let p1 = meta("P1", Mode::Page, Some("F"));
         let e1 = inc(&catalog, &p1, &[(1, 20)], 2, None);
         let p2 = meta("P2", Mode::Page, Some("P1"));
@@ -1074,19 +1055,41 @@ mod chain_tests {
         p
     }
 
+    /// Restores entry `e` with `r`, chunks in order or `backwards`, and returns the file.
+    fn rebuilt(r: &Restorer, e: &FileEntry, backwards: bool, target: &Path) -> Vec<u8> {
+        let out = r
+            .restore_entry_in(e, |n| {
+                if backwards {
+                    (0..n).rev().collect()
+                } else {
+                    (0..n).collect()
+                }
+            })
+            .unwrap()
+            .unwrap();
+        out.commit(Replace::Yes).unwrap();
+        std::fs::read(target.join("base/5/100")).unwrap()
+    }
+
+    /// FULL backup "F" holding base/5/100 uncompressed, one page per tag.
+    fn full_backup(catalog: &Catalog, tags: &[u8]) -> (BackupMeta, FileEntry) {
+        let f = meta("F", Mode::Full, None);
+        let full: Vec<u8> = tags.iter().flat_map(|&t| page(t)).collect();
+        let fe = FileEntry {
+            crc32c: crc32c::crc32c(&full),
+            ..fe_template(full.len() as u64)
+        };
+        store(catalog, &f, &fe, &full);
+        (f, fe)
+    }
+
     /// Incremental files with LZ4-compressed pages cannot be entered at a block: they are
     /// read in one pass, whatever the chunk size, with the same result.
     #[test]
     fn compressed_incrementals_rebuild_in_one_pass() {
         let d = tempfile::tempdir().unwrap();
         let catalog = Catalog::init(&d.path().join("cat")).unwrap();
-        let f = meta("F", Mode::Full, None);
-        let full: Vec<u8> = (1u8..=8).flat_map(page).collect();
-        let fe = FileEntry {
-            crc32c: crc32c::crc32c(&full),
-            ..fe_template(full.len() as u64)
-        };
-        store(&catalog, &f, &fe, &full);
+        let (f, fe) = full_backup(&catalog, &[1, 2, 3, 4, 5, 6, 7, 8]);
         let p1 = meta("P1", Mode::Page, Some("F"));
         let e1 = inc_with(&catalog, &p1, &[(1, 11), (5, 15), (9, 19)], 10, None, true);
         assert!(e1.stored_size < 3 * BS as u64, "pages were not compressed");
@@ -1117,13 +1120,7 @@ mod chain_tests {
     fn damaged_incremental_is_refused_in_every_split() {
         let d = tempfile::tempdir().unwrap();
         let catalog = Catalog::init(&d.path().join("cat")).unwrap();
-        let f = meta("F", Mode::Full, None);
-        let full: Vec<u8> = (1u8..=8).flat_map(page).collect();
-        let fe = FileEntry {
-            crc32c: crc32c::crc32c(&full),
-            ..fe_template(full.len() as u64)
-        };
-        store(&catalog, &f, &fe, &full);
+        let (f, fe) = full_backup(&catalog, &[1, 2, 3, 4, 5, 6, 7, 8]);
         let p1 = meta("P1", Mode::Page, Some("F"));
         let e1 = inc(
             &catalog,
@@ -1213,18 +1210,7 @@ mod chain_tests {
             for (chunk, window, backwards) in SPLITS {
                 let t = d.path().join(format!("{:?}-{chunk}-{window}", e.storage));
                 let r = restorer(&catalog, vec![&f], &[], &t, (chunk, window));
-                let out = r
-                    .restore_entry_in(e, |n| {
-                        if backwards {
-                            (0..n).rev().collect()
-                        } else {
-                            (0..n).collect()
-                        }
-                    })
-                    .unwrap()
-                    .unwrap();
-                out.commit(Replace::Yes).unwrap();
-                assert_eq!(std::fs::read(t.join("base/5/100")).unwrap(), data);
+                assert_eq!(rebuilt(&r, e, backwards, &t), data);
             }
             let good = std::fs::read(p).unwrap();
             let mut bad = good.clone();
@@ -1289,18 +1275,7 @@ mod chain_tests {
         for (chunk, window, backwards) in SPLITS {
             let t = d.path().join(format!("copy-{chunk}-{window}-{backwards}"));
             let r = restorer(&catalog, vec![&f], &[], &t, (chunk, window));
-            let out = r
-                .restore_entry_in(&e, |n| {
-                    if backwards {
-                        (0..n).rev().collect()
-                    } else {
-                        (0..n).collect()
-                    }
-                })
-                .unwrap()
-                .unwrap();
-            out.commit(Replace::Yes).unwrap();
-            assert_eq!(std::fs::read(t.join("base/5/100")).unwrap(), data);
+            assert_eq!(rebuilt(&r, &e, backwards, &t), data);
         }
         // frame lengths that do not match the file: decoding fails or lands elsewhere
         let mut swapped = frames.clone();
