@@ -120,43 +120,67 @@ fn archive_with_look_ahead(
         };
     }
     // Look-ahead is an optimisation: any trouble with its spool means a plain push.
-    match wait_for_ack(ar, &spool, &pg_wal, src, name) {
-        Ok(true) => return Ok(PushOutcome::Acknowledged),
-        Ok(false) => {}
-        Err(e) => log::warn!("{name}: look-ahead acknowledgement not usable ({e}); pushing it"),
-    }
-    if !pusher_running(&spool) && !ready_segments(&pg_wal, &spool, name, 1).is_empty() {
+    let running = match wait_for_ack(ar, &spool, &pg_wal, src, name) {
+        Ok(AckWait::Acknowledged) => return Ok(PushOutcome::Acknowledged),
+        Ok(AckWait::PushIt { pusher_running }) => pusher_running,
+        Err(e) => {
+            log::warn!("{name}: look-ahead acknowledgement not usable ({e}); pushing it");
+            None
+        }
+    };
+    let running = running.unwrap_or_else(|| pusher_running(&spool));
+    if !running && !ready_segments(&pg_wal, &spool, name, 1).is_empty() {
         spawn_pusher(args, &pg_wal, name);
     }
     push_file(ar, src, name)
 }
 
+/// How waiting for an acknowledgement ended.
+enum AckWait {
+    Acknowledged,
+    /// Push it yourself; whether a background pusher runs, when the wait found out.
+    PushIt {
+        pusher_running: Option<bool>,
+    },
+}
+
 /// Takes this call's acknowledgement, waiting for it while a background pusher runs that
-/// will push the segment. `false`: push it yourself.
+/// will push the segment.
 fn wait_for_ack(
     ar: &WalArchive,
     spool: &Path,
     pg_wal: &Path,
     src: &Path,
     name: &WalFileName,
-) -> Result<bool> {
+) -> Result<AckWait> {
     let ack = ack_path(spool, name);
     let failed = failed_path(spool, name);
     let deadline = Instant::now() + ACK_WAIT;
     let mut next_lock_check = Instant::now();
+    let taken = |ok: bool, pusher_running: Option<bool>| {
+        if ok {
+            AckWait::Acknowledged
+        } else {
+            AckWait::PushIt { pusher_running }
+        }
+    };
     loop {
         if ack.exists() {
-            return take_ack(ar, &ack, pg_wal, src, name);
+            return take_ack(ar, &ack, pg_wal, src, name).map(|ok| taken(ok, None));
         }
         if failed.exists() {
             let _ = fs::remove_file(&failed);
-            return Ok(false);
+            return Ok(taken(false, None));
         }
         if Instant::now() >= next_lock_check {
             // Not running, or running for our own segment (it never pushes that one).
             match pusher_state(spool) {
-                PusherState::Idle => return take_ack(ar, &ack, pg_wal, src, name),
-                PusherState::Running(own) if own == name.to_string() => return Ok(false),
+                PusherState::Idle => {
+                    return take_ack(ar, &ack, pg_wal, src, name).map(|ok| taken(ok, Some(false)))
+                }
+                PusherState::Running(own) if own == name.to_string() => {
+                    return Ok(taken(false, Some(true)))
+                }
                 PusherState::Running(_) => {}
             }
             if Instant::now() >= deadline {
@@ -164,7 +188,7 @@ fn wait_for_ack(
                     "{name}: the background pusher did not acknowledge it within {}s; pushing it",
                     ACK_WAIT.as_secs()
                 );
-                return Ok(false);
+                return Ok(taken(false, Some(true)));
             }
             next_lock_check = Instant::now() + Duration::from_millis(20);
         }
@@ -367,7 +391,8 @@ fn ready_segments(pg_wal: &Path, spool: &Path, own: &WalFileName, max: usize) ->
         })
         .filter(|n| n.is_segment() && n != own)
         .collect();
-    names.sort_by_key(|n| n.to_string());
+    // The archiver's order: by file name (timeline, then position).
+    names.sort_by_cached_key(|n| n.to_string());
     names
         .into_iter()
         .filter(|n| !ack_path(spool, n).exists())

@@ -38,16 +38,19 @@ type Summary = Vec<(Lsn, Lsn, u8, u8, Vec<BlockRef>, Vec<u8>)>;
 fn decode_chunks(start: Lsn, bytes: &[u8], chunk: usize) -> (Summary, Option<EndOfWal>) {
     let mut d = WalStreamDecoder::new(start);
     let mut out = Vec::new();
+    let mut keep = |r: &DecodedRecord| {
+        out.push((
+            r.lsn,
+            r.end_lsn,
+            r.rmid,
+            r.info,
+            r.blocks.to_vec(),
+            r.main_data.to_vec(),
+        ))
+    };
     if chunk == 0 {
         d.decode_all(bytes, |r| {
-            out.push((
-                r.lsn,
-                r.end_lsn,
-                r.rmid,
-                r.info,
-                r.blocks.to_vec(),
-                r.main_data.to_vec(),
-            ));
+            keep(r);
             Ok(true)
         })
         .unwrap();
@@ -55,14 +58,7 @@ fn decode_chunks(start: Lsn, bytes: &[u8], chunk: usize) -> (Summary, Option<End
         for c in bytes.chunks(chunk) {
             d.feed_bytes(c);
             while let Some(r) = d.poll_decode().unwrap() {
-                out.push((
-                    r.lsn,
-                    r.end_lsn,
-                    r.rmid,
-                    r.info,
-                    r.blocks.to_vec(),
-                    r.main_data.to_vec(),
-                ));
+                keep(&r);
             }
         }
     }

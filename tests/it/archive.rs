@@ -5,19 +5,6 @@ use std::time::{Duration, Instant};
 
 use super::harness::*;
 
-/// A catalog at DIR/cat with instance "db" registered for `pg`.
-fn catalog_for(dir: &Path, pg: &Pg) -> PathBuf {
-    let cat = dir.join("cat");
-    let c = cat.to_str().unwrap();
-    ok(walnut(&["init", "-B", c]), "walnut init");
-    let data = pg.data.to_str().unwrap().to_string();
-    ok(
-        walnut(&["add-instance", "-B", c, "--instance", "db", "-D", &data]),
-        "add-instance",
-    );
-    cat
-}
-
 fn push(cat: &Path, path: &Path, name: &str, extra: &[&str]) -> Output {
     let mut c = as_pg(walnut_bin("walnut-archive"));
     c.arg("-B").arg(cat).args(["--instance", "db"]).args(extra);

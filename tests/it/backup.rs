@@ -22,14 +22,7 @@ impl Env {
     fn new(name: &str) -> Env {
         let dir = pg_tempdir(name);
         let mut pg = Pg::init(&pg_bin(), dir.path(), "primary", &["-k", "--wal-segsize=1"]);
-        let cat = dir.path().join("cat");
-        let c = cat.to_str().unwrap();
-        ok(walnut(&["init", "-B", c]), "walnut init");
-        let data = pg.data.to_str().unwrap().to_string();
-        ok(
-            walnut(&["add-instance", "-B", c, "--instance", "db", "-D", &data]),
-            "add-instance",
-        );
+        let cat = catalog_for(dir.path(), &pg);
         pg.append_conf(&format!(
             "archive_mode = on\narchive_command = '{} -B {} --instance db %p %f'\nmax_wal_size = '1GB'\ncheckpoint_timeout = '1h'",
             walnut_bin("walnut-archive").display(),

@@ -463,3 +463,16 @@ impl Drop for Pg {
         }
     }
 }
+
+/// A catalog at DIR/cat with instance "db" registered for `pg`.
+pub fn catalog_for(dir: &Path, pg: &Pg) -> PathBuf {
+    let cat = dir.join("cat");
+    let c = cat.to_str().unwrap();
+    ok(walnut(&["init", "-B", c]), "walnut init");
+    let data = pg.data.to_str().unwrap().to_string();
+    ok(
+        walnut(&["add-instance", "-B", c, "--instance", "db", "-D", &data]),
+        "add-instance",
+    );
+    cat
+}
