@@ -26,6 +26,7 @@ pub mod error;
 pub mod index;
 pub mod pgcontrol;
 pub mod progress;
+pub mod safepath;
 pub mod types;
 pub mod wal;
 
