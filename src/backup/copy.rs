@@ -9,7 +9,7 @@ use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
@@ -48,6 +48,69 @@ pub struct CopyCtx<'a> {
     pub change: Option<ChangeMap>,
     pub progress: &'a Progress,
     pub abort: AtomicBool,
+    /// The newest page LSN seen so far (starts at `start_lsn`; see [`CopyCtx::note_page_lsn`]).
+    pub newest_lsn: AtomicU64,
+    /// The page that carries `newest_lsn`, once one is newer than the start.
+    pub newest_page: Mutex<Option<NewestPage>>,
+}
+
+/// The page with the newest LSN a backup read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewestPage {
+    pub lsn: Lsn,
+    pub logical: String,
+    pub block: u32,
+}
+
+impl CopyCtx<'_> {
+    /// Notes a page's LSN: one compare per page in the common case (not newer than every
+    /// page seen so far).
+    ///
+    /// Why the newest one is all we need: PostgreSQL writes a page only after flushing the
+    /// WAL up to its LSN (WAL before data), so every intact page read during the backup has
+    /// an LSN at or below the WAL insert position at the time it was read, which is at or
+    /// below the stop LSN (`pg_backup_stop` returns the end of its backup-end record,
+    /// inserted after the last page was read). So if the newest page LSN is not beyond the
+    /// stop LSN, none is; if it is, that page is damaged (a torn or garbage header WAL
+    /// replay will never rewrite: recovery fails on it). Zero and new pages have LSN 0.
+    #[inline]
+    pub fn note_page_lsn(&self, lsn: Lsn, logical: &str, block: u32) {
+        if lsn.0 <= self.newest_lsn.load(Ordering::Relaxed) {
+            return;
+        }
+        self.note_newest(lsn, logical, block);
+    }
+
+    #[cold]
+    fn note_newest(&self, lsn: Lsn, logical: &str, block: u32) {
+        let Ok(mut g) = self.newest_page.lock() else {
+            return;
+        };
+        if g.as_ref().is_none_or(|p| lsn > p.lsn) {
+            *g = Some(NewestPage {
+                lsn,
+                logical: logical.to_string(),
+                block,
+            });
+            self.newest_lsn.fetch_max(lsn.0, Ordering::Relaxed);
+        }
+    }
+
+    /// Fails when a page read carries an LSN beyond `stop` (the backup's stop LSN), naming
+    /// the file and block.
+    pub fn check_page_lsns(&self, stop: Lsn) -> Result<()> {
+        let newest = self
+            .newest_page
+            .lock()
+            .map_err(|_| Error::invalid("a copy thread panicked"))?;
+        match &*newest {
+            Some(p) if p.lsn > stop => Err(Error::corruption(format!(
+                "corrupt page in file \"{}\" block {}: page LSN {} is beyond the server's WAL insert position at backup stop {stop} (a damaged page header: WAL replay cannot restore it)",
+                p.logical, p.block, p.lsn
+            ))),
+            _ => Ok(()),
+        }
+    }
 }
 
 struct Job {
@@ -321,12 +384,19 @@ fn walk(
                 continue;
             }
             let abs = adir.join(&name);
-            let md = match std::fs::metadata(&abs) {
+            // lstat: a symbolic link is never followed unless it is one of the two kinds
+            // PostgreSQL itself puts there (see `Entry`).
+            let md = match std::fs::symlink_metadata(&abs) {
                 Ok(m) => m,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(Error::io("stat", &abs, e)),
             };
-            if md.is_dir() {
+            let kind = match classify(&ldir, &name, &abs, &md) {
+                Ok(k) => k,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("stat", &abs, e)),
+            };
+            if kind == Entry::Dir {
                 send_dir(logical.clone())?;
                 if top && relfile::excluded_dir_contents(&name) {
                     if name == "pg_wal" {
@@ -339,7 +409,7 @@ fn walk(
                     continue;
                 }
                 queue.push_back((logical, abs));
-            } else if md.is_file() {
+            } else if kind == Entry::File {
                 if in_db {
                     if relfile::is_temp_relation(&name) {
                         continue;
@@ -352,10 +422,72 @@ fn walk(
                 }
                 jobs.send(Job { logical, abs })
                     .map_err(|_| Error::invalid("backup aborted"))?;
+            } else {
+                skip_warning(&logical, &abs, &md);
             }
         }
     }
     Ok(())
+}
+
+/// What the walk does with a directory entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Entry {
+    /// A directory: recorded, and walked unless its contents are excluded.
+    Dir,
+    /// A regular file: copied.
+    File,
+    /// Anything else (a symbolic link that is not followed, a socket, a FIFO, a device):
+    /// skipped with a warning.
+    Skip,
+}
+
+/// The rules of PostgreSQL's `sendDir` (src/backend/backup/basebackup.c), which
+/// pg_basebackup applies, for an entry `name` of the logical directory `ldir`, `md` being
+/// its lstat:
+/// - a symbolic link directly in `pg_tblspc` is a tablespace: followed;
+/// - `pg_wal` and the directories whose contents are excluded (`pg_stat_tmp`, ...) are
+///   stored as (empty) directories even when they are links (`convert_link_to_directory`);
+/// - every other symbolic link is skipped (pg_basebackup: "skipping special file"), so a
+///   link is never followed into a loop (`PGDATA/loop -> .`) or out of the data directory;
+///   nor are sockets, FIFOs and devices copied.
+fn classify(ldir: &str, name: &str, abs: &Path, md: &std::fs::Metadata) -> std::io::Result<Entry> {
+    let ft = md.file_type();
+    if ft.is_dir() {
+        return Ok(Entry::Dir);
+    }
+    if ft.is_file() {
+        return Ok(Entry::File);
+    }
+    if !ft.is_symlink() {
+        return Ok(Entry::Skip);
+    }
+    let top_kept_empty = ldir.is_empty() && relfile::excluded_dir_contents(name);
+    if top_kept_empty {
+        return Ok(Entry::Dir);
+    }
+    if ldir == "pg_tblspc" {
+        // a tablespace: what the link points to must be a directory
+        return Ok(if std::fs::metadata(abs)?.is_dir() {
+            Entry::Dir
+        } else {
+            Entry::Skip
+        });
+    }
+    Ok(Entry::Skip)
+}
+
+fn skip_warning(logical: &str, abs: &Path, md: &std::fs::Metadata) {
+    if md.file_type().is_symlink() {
+        let to = std::fs::read_link(abs)
+            .map(|t| t.display().to_string())
+            .unwrap_or_else(|e| format!("(unreadable: {e})"));
+        log::warn!(
+            "skipping symbolic link \"{logical}\" -> \"{to}\": only tablespace links in pg_tblspc and pg_wal are followed (as pg_basebackup does); it is not in the backup"
+        );
+    } else {
+        log::warn!("skipping special file \"{logical}\" (not a regular file or directory)");
+    }
 }
 
 /// How one file is stored.
@@ -399,7 +531,8 @@ fn choose_method(ctx: &CopyCtx<'_>, logical: &str, rel: Option<RelFile>, size: u
 }
 
 /// Verifies the pages of `buf`, which was read at byte `offset` of `f`; failing pages are
-/// re-read in place.
+/// re-read in place. Each page's LSN is also noted for the check at backup stop
+/// ([`CopyCtx::note_page_lsn`]).
 fn verify_pages(
     ctx: &CopyCtx<'_>,
     f: &File,
@@ -412,43 +545,57 @@ fn verify_pages(
     for (i, page) in buf.chunks_exact_mut(bs).enumerate() {
         let blk_in_file = (offset / bs as u64) as u32 + i as u32;
         let blkno = (rel.segno as u64 * ctx.relseg_size as u64 + blk_in_file as u64) as u32;
-        let PageCheck::Bad(mut why) = check_page(page, blkno, ctx.checksums) else {
-            continue;
-        };
-        let mut ok = false;
-        for attempt in 0..PAGE_RETRIES {
-            std::thread::sleep(Duration::from_millis(10 * (attempt as u64 + 1)));
+        if let PageCheck::Bad(why) = check_page(page, blkno, ctx.checksums) {
             let pos = offset + (i * bs) as u64;
-            let mut fresh = vec![0u8; bs];
-            let n = f.read_at(&mut fresh, pos).unwrap_or(0);
-            if n < bs {
-                // truncated while we read: WAL replay recreates whatever is needed
-                ok = true;
-                break;
-            }
-            match check_page(&fresh, blkno, ctx.checksums) {
-                PageCheck::Bad(w) => why = w,
-                _ => {
-                    page.copy_from_slice(&fresh);
-                    ok = true;
-                    break;
-                }
-            }
+            recheck_page(ctx, f, logical, blk_in_file, blkno, pos, page, why)?;
         }
-        if !ok {
-            let lsn = page_lsn(page);
-            if lsn >= ctx.start_lsn {
-                log::info!(
-                    "file \"{logical}\" block {blk_in_file}: {why}, but its LSN {lsn} is after the backup start; WAL replay restores it"
-                );
-            } else {
-                return Err(Error::corruption(format!(
-                    "corrupt page in file \"{logical}\" block {blk_in_file}: {why} (page LSN {lsn})"
-                )));
+        ctx.note_page_lsn(page_lsn(page), logical, blk_in_file);
+    }
+    Ok(())
+}
+
+/// A page that failed verification: re-read it until it passes (a concurrent write tore
+/// it) or the retries run out. Then it is corrupt, unless its LSN is after the backup start
+/// (WAL replay rewrites it; an LSN beyond anything the server wrote is caught at stop).
+#[allow(clippy::too_many_arguments)]
+fn recheck_page(
+    ctx: &CopyCtx<'_>,
+    f: &File,
+    logical: &str,
+    blk_in_file: u32,
+    blkno: u32,
+    pos: u64,
+    page: &mut [u8],
+    mut why: String,
+) -> Result<()> {
+    let bs = page.len();
+    for attempt in 0..PAGE_RETRIES {
+        std::thread::sleep(Duration::from_millis(10 * (attempt as u64 + 1)));
+        let mut fresh = vec![0u8; bs];
+        let n = f.read_at(&mut fresh, pos).unwrap_or(0);
+        if n < bs {
+            // truncated while we read: WAL replay recreates whatever is needed
+            return Ok(());
+        }
+        match check_page(&fresh, blkno, ctx.checksums) {
+            PageCheck::Bad(w) => why = w,
+            _ => {
+                page.copy_from_slice(&fresh);
+                return Ok(());
             }
         }
     }
-    Ok(())
+    let lsn = page_lsn(page);
+    if lsn >= ctx.start_lsn {
+        log::info!(
+            "file \"{logical}\" block {blk_in_file}: {why}, but its LSN {lsn} is after the backup start; WAL replay restores it"
+        );
+        Ok(())
+    } else {
+        Err(Error::corruption(format!(
+            "corrupt page in file \"{logical}\" block {blk_in_file}: {why} (page LSN {lsn})"
+        )))
+    }
 }
 
 fn copy_file(ctx: &CopyCtx<'_>, job: &Job) -> Result<Option<FileEntry>> {
@@ -654,6 +801,47 @@ mod tests {
         (0..n as u32)
             .map(|i| (i.wrapping_mul(2654435761) >> 20) as u8 & 0x1f)
             .collect()
+    }
+
+    /// pg_basebackup's rules for links: only tablespace links directly in pg_tblspc are
+    /// followed; pg_wal and the kept-empty directories are directories even as links;
+    /// every other link, a socket or a FIFO is skipped.
+    #[test]
+    fn links_are_classified_as_pg_basebackup_does() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        let outside = root.join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(root.join("file"), b"x").unwrap();
+        let ln = |to: &Path, at: &str| std::os::unix::fs::symlink(to, root.join(at)).unwrap();
+        ln(Path::new("."), "loop");
+        ln(&outside, "pg_wal");
+        ln(&outside, "pg_stat_tmp");
+        ln(&outside, "ts");
+        ln(&root.join("file"), "filelink");
+        ln(Path::new("/nonexistent"), "dangling");
+        let sock = std::os::unix::net::UnixListener::bind(root.join("sock")).unwrap();
+        let c = |ldir: &str, name: &str| {
+            let abs = root.join(name);
+            let md = std::fs::symlink_metadata(&abs).unwrap();
+            classify(ldir, name, &abs, &md).unwrap()
+        };
+        assert_eq!(c("", "outside"), Entry::Dir);
+        assert_eq!(c("", "file"), Entry::File);
+        assert_eq!(c("", "loop"), Entry::Skip);
+        assert_eq!(c("base", "loop"), Entry::Skip);
+        assert_eq!(c("", "filelink"), Entry::Skip);
+        assert_eq!(c("", "dangling"), Entry::Skip);
+        assert_eq!(c("", "sock"), Entry::Skip);
+        assert_eq!(c("", "pg_wal"), Entry::Dir);
+        assert_eq!(c("", "pg_stat_tmp"), Entry::Dir);
+        // below the top, the names mean nothing special
+        assert_eq!(c("base", "pg_wal"), Entry::Skip);
+        // a tablespace link is followed only directly in pg_tblspc, and only to a directory
+        assert_eq!(c("pg_tblspc", "ts"), Entry::Dir);
+        assert_eq!(c("pg_tblspc/16384", "ts"), Entry::Skip);
+        assert_eq!(c("pg_tblspc", "filelink"), Entry::Skip);
+        drop(sock);
     }
 
     /// Frames of the set decoded size, each decodable alone from its offset; the whole

@@ -350,14 +350,45 @@ pub fn parse_time(s: &str) -> Result<i64> {
     Ok(days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + se - offset)
 }
 
-/// A new backup id: the start time in base 36 (as pg_probackup does), made unique.
-pub fn new_id(catalog: &Catalog, instance: &str, now: i64) -> String {
-    let mut n = now.max(0) as u64;
-    let mut s = String::new();
+/// How many suffixed ids (`BASE-2`, `BASE-3`, ...) are tried before giving up.
+const MAX_ID_SUFFIX: u32 = 10_000;
+
+/// A new backup id and its directory, created here: the start time in base 36 (as
+/// pg_probackup does), made unique by a `-N` suffix. The directory is made create-only
+/// (`mkdir`, never "create if missing"), so concurrent backups that start in the same second
+/// each get their own: whoever loses the race on a name gets `EEXIST` and tries the next.
+/// Ids stay valid names and sort by start time as before (the suffix only breaks ties).
+pub fn new_id(catalog: &Catalog, instance: &str, now: i64) -> Result<(String, PathBuf)> {
+    let parent = catalog.backups_dir(instance);
+    let base = base36(now.max(0) as u64);
+    for k in 1..=MAX_ID_SUFFIX {
+        let id = if k == 1 {
+            base.clone()
+        } else {
+            format!("{base}-{k}")
+        };
+        let dir = parent.join(&id);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {
+                durable::fsync_dir(&parent)?;
+                return Ok((id, dir));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(Error::io("create directory", &dir, e)),
+        }
+    }
+    Err(Error::conflict(format!(
+        "no free backup id in \"{}\": {base} and {MAX_ID_SUFFIX} suffixed ids are taken",
+        parent.display()
+    )))
+}
+
+/// `n` in upper-case base 36.
+fn base36(mut n: u64) -> String {
+    let mut s = Vec::new();
     loop {
         let digit = (n % 36) as u32;
-        s.insert(
-            0,
+        s.push(
             std::char::from_digit(digit, 36)
                 .unwrap_or('0')
                 .to_ascii_uppercase(),
@@ -367,14 +398,7 @@ pub fn new_id(catalog: &Catalog, instance: &str, now: i64) -> String {
             break;
         }
     }
-    let base = s;
-    let mut id = base.clone();
-    let mut k = 1;
-    while catalog.backups_dir(instance).join(&id).exists() {
-        k += 1;
-        id = format!("{base}-{k}");
-    }
-    id
+    s.iter().rev().collect()
 }
 
 #[cfg(test)]
@@ -496,6 +520,38 @@ mod tests {
         };
         let e = decode(&encode(&m).unwrap(), "f").unwrap_err();
         assert!(e.to_string().contains("format 9 is not supported"), "{e}");
+    }
+
+    /// Ids are created create-only: the same second gives `BASE`, `BASE-2`, ... and a name
+    /// someone else holds (a directory or even a file) is skipped, never shared.
+    #[test]
+    fn new_id_creates_a_directory_of_its_own() {
+        let d = tempfile::tempdir().unwrap();
+        let catalog = Catalog::init(&d.path().join("cat")).unwrap();
+        std::fs::create_dir_all(catalog.backups_dir("db")).unwrap();
+        let now = 1_795_458_811;
+        let (a, da) = new_id(&catalog, "db", now).unwrap();
+        assert_eq!(a, "TOYWVV");
+        assert_eq!(u64::from_str_radix(&a, 36).unwrap(), now as u64);
+        assert!(da.is_dir());
+        std::fs::write(catalog.backups_dir("db").join("TOYWVV-2"), b"x").unwrap();
+        let (b, db) = new_id(&catalog, "db", now).unwrap();
+        assert_eq!(b, "TOYWVV-3");
+        assert!(db.is_dir());
+        let (c, _) = new_id(&catalog, "db", now + 1).unwrap();
+        assert_eq!(c, "TOYWVW");
+        // concurrently: every caller gets its own directory
+        let ids: Vec<String> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..16)
+                .map(|_| s.spawn(|| new_id(&catalog, "db", now + 100).unwrap().0))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let uniq: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(uniq.len(), 16, "{ids:?}");
+        // a directory that cannot be created is an error, not a shared id
+        let e = new_id(&catalog, "nosuch", now).unwrap_err();
+        assert!(e.to_string().contains("nosuch"), "{e}");
     }
 
     #[test]

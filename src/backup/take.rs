@@ -2,7 +2,8 @@
 
 use std::collections::HashSet;
 use std::io::BufWriter;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::archive::WalArchive;
@@ -54,9 +55,8 @@ pub fn take_backup(catalog: &Catalog, instance: &str, opts: &BackupOptions) -> R
     let list = meta::list(catalog, instance)?;
     durable::create_dir_all_durable(&catalog.backups_dir(instance))?;
     let start_secs = now_secs();
-    let id = meta::new_id(catalog, instance, start_secs);
-    let dir = catalog.backups_dir(instance).join(&id);
-    durable::create_dir_all_durable(&dir)?;
+    // create-only: a concurrent backup never shares this directory
+    let (id, dir) = meta::new_id(catalog, instance, start_secs)?;
     let mut m = BackupMeta {
         format: meta::META_FORMAT,
         id: id.clone(),
@@ -96,11 +96,50 @@ pub fn take_backup(catalog: &Catalog, instance: &str, opts: &BackupOptions) -> R
             m.status = Status::Error;
             m.error = Some(e.to_string());
             m.end_time = Some(meta::format_utc(now_secs()));
-            if let Err(se) = m.save(catalog) {
-                log::error!("could not mark backup {id} as ERROR: {se}");
+            m.pid = None;
+            match m.save(catalog) {
+                // Only once the record says ERROR: the partial copy goes, so a failed
+                // backup keeps no data in the catalog, only its record and error.
+                Ok(()) => remove_partial_data(&dir),
+                Err(se) => log::error!("could not mark backup {id} as ERROR: {se}"),
             }
             Err(e.context(format!("backup {id} failed")))
         }
+    }
+}
+
+/// Removes everything but `backup.json` from a failed backup's directory (which this
+/// process created, create-only). Never follows links (`remove_dir_all` does not). Failures
+/// are logged: the record already says ERROR, so nothing here can look complete.
+fn remove_partial_data(dir: &std::path::Path) {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) => {
+            log::warn!(
+                "could not list \"{}\" to remove its partial data: {e}",
+                dir.display()
+            );
+            return;
+        }
+    };
+    for ent in rd.flatten() {
+        if ent.file_name() == meta::META_FILE {
+            continue;
+        }
+        let p = ent.path();
+        let r = match ent.file_type() {
+            Ok(t) if t.is_dir() => std::fs::remove_dir_all(&p),
+            _ => std::fs::remove_file(&p),
+        };
+        if let Err(e) = r {
+            log::warn!(
+                "could not remove \"{}\" of a failed backup: {e}",
+                p.display()
+            );
+        }
+    }
+    if let Err(e) = durable::fsync_dir(dir) {
+        log::warn!("{e}");
     }
 }
 
@@ -213,6 +252,8 @@ fn run(
         change,
         progress: &progress,
         abort: AtomicBool::new(false),
+        newest_lsn: AtomicU64::new(start_lsn.0),
+        newest_page: Mutex::new(None),
     };
     // Data files go in place without per-file fsyncs (thousands of them); this handle,
     // opened before any is written, syncs the filesystem before the OK record.
@@ -240,6 +281,8 @@ fn run(
     log::debug!("stopping the backup");
     let stop = sess.backup_stop(opts.archive_timeout)?;
     log::debug!("stopped at {}", stop.lsn);
+    // every page was read before the stop: one beyond it is damaged
+    ctx.check_page_lsns(stop.lsn)?;
     let dir = m.dir(catalog);
     durable::write_file(
         &dir.join("backup_label"),
