@@ -37,7 +37,8 @@ fn now_secs() -> i64 {
 }
 
 /// Takes a backup; returns its metadata (status OK). On failure after the backup directory
-/// was created, the backup is marked ERROR and the error returned.
+/// was created, the backup is marked ERROR, its partial data removed (only `backup.json`,
+/// with the error, stays) and the error returned.
 pub fn take_backup(catalog: &Catalog, instance: &str, opts: &BackupOptions) -> Result<BackupMeta> {
     let cfg = catalog.instance(instance)?;
     let mut sess = server::connect(&opts.conn, &cfg)?;
