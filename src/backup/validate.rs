@@ -111,6 +111,8 @@ pub struct BackupResult {
     pub outcome: Outcome,
     /// Only reached as a descendant of a backup found bad (not checked itself).
     pub descendant: bool,
+    /// The backup named by `-i`: skipping it (ERROR, running) fails the run.
+    pub named: bool,
 }
 
 /// A backup directory whose `backup.json` cannot be used.
@@ -153,7 +155,11 @@ impl Report {
     pub fn failed(&self) -> usize {
         self.backups
             .iter()
-            .filter(|b| !matches!(b.outcome, Outcome::Valid | Outcome::Skipped(_)))
+            .filter(|b| match b.outcome {
+                Outcome::Valid => false,
+                Outcome::Skipped(_) => b.named,
+                _ => true,
+            })
             .count()
             + self.damaged.len()
             + self.wal.as_ref().map_or(0, |w| w.problems.len())
@@ -292,6 +298,7 @@ pub fn validate(catalog: &Catalog, instance: &str, opts: &ValidateOptions) -> Re
             after,
             outcome,
             descendant: false,
+            named: opts.backup_id.as_deref() == Some(name.as_str()),
         });
     }
 
@@ -324,6 +331,7 @@ pub fn validate(catalog: &Catalog, instance: &str, opts: &ValidateOptions) -> Re
                 after,
                 outcome,
                 descendant: true,
+                named: false,
             });
         }
     }
@@ -333,6 +341,8 @@ pub fn validate(catalog: &Catalog, instance: &str, opts: &ValidateOptions) -> Re
             .backups
             .iter()
             .filter(|r| r.outcome == Outcome::Valid)
+            // with -i, recovery starts from that backup, not from its ancestors
+            .filter(|r| opts.backup_id.is_none() || r.named)
             .filter_map(|r| meta_of(&r.id))
             .collect();
         report.wal = Some(check_wal(
@@ -1028,6 +1038,7 @@ pub fn problems(r: &Report) -> Vec<String> {
                 "backup {} could not be validated (status {} unchanged): {m}",
                 b.id, b.after
             )),
+            Outcome::Skipped(m) if b.named => v.push(format!("backup {} is not usable: {m}", b.id)),
             Outcome::Valid | Outcome::Skipped(_) => {}
         }
     }
@@ -1048,4 +1059,263 @@ pub fn problems(r: &Report) -> Vec<String> {
     }
     v.extend(r.record_errors.iter().cloned());
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::store::{self, FileMeta};
+    use crate::catalog::InstanceConfig;
+    use crate::durable::Replace;
+
+    const SEG: u32 = 1 << 20;
+
+    fn meta(id: &str, mode: Mode, parent: Option<&str>) -> BackupMeta {
+        BackupMeta {
+            format: meta::META_FORMAT,
+            id: id.into(),
+            instance: "db".into(),
+            mode,
+            status: Status::Ok,
+            parent_id: parent.map(String::from),
+            timeline: 1,
+            start_lsn: Lsn(0x20_0028),
+            stop_lsn: Some(Lsn(0x20_0100)),
+            parent_start_lsn: None,
+            start_time: "2026-11-29 10:00:00+00".into(),
+            end_time: None,
+            recovery_time: None,
+            recovery_epoch: None,
+            recovery_xid: None,
+            data_bytes: 0,
+            files: 0,
+            compress: "none".into(),
+            pg_major: 15,
+            system_id: 7,
+            block_size: 8192,
+            relseg_size: 131072,
+            wal_segment_size: SEG,
+            data_checksums: true,
+            pid: None,
+            error: None,
+        }
+    }
+
+    fn entries(v: Vec<(&str, Entry)>) -> HashMap<String, Entry> {
+        v.into_iter().map(|(n, e)| (n.to_string(), e)).collect()
+    }
+
+    fn m(b: BackupMeta) -> Entry {
+        Entry::Meta(Box::new(b))
+    }
+
+    #[test]
+    fn chains_are_judged_by_their_worst_ancestor() {
+        let full = meta("F", Mode::Full, None);
+        let page = meta("P", Mode::Page, Some("F"));
+        let page2 = meta("P2", Mode::Page, Some("P"));
+        let no_own = HashMap::new();
+        let damaged = |p: Option<Problem>| matches!(p, Some(Problem::Damaged(_)));
+        let unread = |p: Option<Problem>| matches!(p, Some(Problem::Unreadable(_)));
+
+        let e = entries(vec![("F", m(full.clone())), ("P", m(page.clone()))]);
+        assert_eq!(chain_problem(&e, &no_own, &page), None);
+        let e = entries(vec![
+            ("F", Entry::Damaged("crc".into())),
+            ("P", m(page.clone())),
+        ]);
+        assert!(damaged(chain_problem(&e, &no_own, &page)));
+        let e = entries(vec![("P", m(page.clone()))]);
+        assert!(damaged(chain_problem(&e, &no_own, &page)));
+        let e = entries(vec![("F", Entry::NoMeta), ("P", m(page.clone()))]);
+        assert!(damaged(chain_problem(&e, &no_own, &page)));
+        let e = entries(vec![("F", Entry::Unreadable("EACCES".into()))]);
+        assert!(unread(chain_problem(&e, &no_own, &page)));
+
+        // an unreadable parent above a corrupt grandparent: definitely not restorable
+        let e = entries(vec![
+            ("F", m(full.clone())),
+            ("P", m(page.clone())),
+            ("P2", m(page2.clone())),
+        ]);
+        let own: HashMap<String, std::result::Result<(), Problem>> = [
+            ("F".to_string(), Err(Problem::Damaged("x".into()))),
+            ("P".to_string(), Err(Problem::Unreadable("y".into()))),
+        ]
+        .into();
+        assert!(damaged(chain_problem(&e, &own, &page2)));
+        let own: HashMap<String, std::result::Result<(), Problem>> = [
+            ("F".to_string(), Ok(())),
+            ("P".to_string(), Err(Problem::Unreadable("y".into()))),
+        ]
+        .into();
+        assert!(unread(chain_problem(&e, &own, &page2)));
+
+        // a stored status that is not OK, an ERROR parent, a chain without a FULL, a loop
+        let mut orphan_full = full.clone();
+        orphan_full.status = Status::Corrupt;
+        let e = entries(vec![("F", m(orphan_full))]);
+        assert!(damaged(chain_problem(&e, &no_own, &page)));
+        let mut err_full = full.clone();
+        err_full.status = Status::Error;
+        let e = entries(vec![("F", m(err_full))]);
+        assert!(damaged(chain_problem(&e, &no_own, &page)));
+        let headless = meta("P", Mode::Page, None);
+        assert!(damaged(chain_problem(&entries(vec![]), &no_own, &headless)));
+        let a = meta("A", Mode::Page, Some("B"));
+        let b = meta("B", Mode::Page, Some("A"));
+        let e = entries(vec![("A", m(a.clone())), ("B", m(b))]);
+        assert!(damaged(chain_problem(&e, &no_own, &a)));
+        assert!(!descends(&e, &a, "C"));
+    }
+
+    #[test]
+    fn own_damage_wins_then_ancestors_then_unreadable() {
+        let d = |s: &str| Problem::Damaged(s.into());
+        let u = |s: &str| Problem::Unreadable(s.into());
+        assert_eq!(combine(Ok(()), None), Outcome::Valid);
+        assert_eq!(
+            combine(Err(d("a")), Some(d("b"))),
+            Outcome::Corrupt("a".into())
+        );
+        assert_eq!(
+            combine(Err(u("a")), Some(d("b"))),
+            Outcome::Orphan("b".into())
+        );
+        assert_eq!(
+            combine(Ok(()), Some(u("b"))),
+            Outcome::Unreadable("b".into())
+        );
+        assert_eq!(combine(Err(u("a")), None), Outcome::Unreadable("a".into()));
+    }
+
+    #[test]
+    fn io_errors_are_not_damage() {
+        let eacces = std::io::Error::from_raw_os_error(nix::libc::EACCES);
+        let enoent = std::io::Error::from_raw_os_error(nix::libc::ENOENT);
+        let p = Path::new("/x");
+        assert!(matches!(
+            problem(&Error::io("open", p, eacces)),
+            Problem::Unreadable(_)
+        ));
+        assert!(matches!(
+            problem(&Error::io("open", p, enoent)),
+            Problem::Damaged(_)
+        ));
+        assert!(matches!(
+            problem(&Error::corruption("crc")),
+            Problem::Damaged(_)
+        ));
+
+        // a parser that calls every read error damage is overruled by what it read through
+        struct Failing;
+        impl Read for Failing {
+            fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::from_raw_os_error(nix::libc::EIO))
+            }
+        }
+        let mut t = Tracked::new(BufReader::new(Failing));
+        let e = manifest::read(&mut t, "m", |_| Ok(())).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corruption);
+        assert!(matches!(t.judge(&e, p), Problem::Unreadable(_)));
+        let mut t = Tracked::new(BufReader::new(&b"garbage\n"[..]));
+        let e = manifest::read(&mut t, "m", |_| Ok(())).unwrap_err();
+        assert!(matches!(t.judge(&e, p), Problem::Damaged(_)));
+    }
+
+    #[test]
+    fn gaps_are_named_in_runs() {
+        let n = |s| WalFileName::segment(1, s, SEG);
+        let g = gaps(&[n(3), n(4), n(5), n(9)], SEG);
+        assert_eq!(
+            g,
+            vec![
+                "WAL gap: segments 000000010000000000000003 to 000000010000000000000005 (3 segments) are not in the archive",
+                "WAL gap: segment 000000010000000000000009 is not in the archive",
+            ]
+        );
+    }
+
+    /// An archive with timeline 1 (segments 1..=6) and timeline 2 (from 0/400100, segments
+    /// 4..=7), as a promotion leaves it.
+    fn two_timelines() -> (tempfile::TempDir, Catalog) {
+        let d = tempfile::tempdir().unwrap();
+        let catalog = Catalog::init(&d.path().join("cat")).unwrap();
+        let cfg = InstanceConfig {
+            name: "db".into(),
+            system_id: 7,
+            pg_major: 15,
+            wal_segment_size: SEG,
+            wal_page_size: 8192,
+            block_size: 8192,
+            relseg_size: 131072,
+            data_checksums: true,
+            pgdata: "/nonexistent".into(),
+            host: None,
+            port: None,
+            user: None,
+            dbname: None,
+        };
+        catalog.save_instance(&cfg, Replace::No).unwrap();
+        let wal = catalog.wal_dir("db");
+        let put = |name: WalFileName, data: &[u8]| {
+            let fm = FileMeta {
+                format: 1,
+                name: name.to_string(),
+                size: data.len() as u64,
+                crc32c: crc32c::crc32c(data),
+                system_id: 7,
+                archived_at: 0,
+            };
+            let dir = wal.join(format!("{:08X}", name.tli()));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(
+                dir.join(format!("{name}.lz4")),
+                store::encode(&fm, data).unwrap(),
+            )
+            .unwrap();
+        };
+        for s in 1..=6 {
+            put(WalFileName::segment(1, s, SEG), b"seg");
+        }
+        for s in 4..=7 {
+            put(WalFileName::segment(2, s, SEG), b"seg");
+        }
+        put(
+            WalFileName::History { tli: 2 },
+            b"1\t0/400100\tno recovery target\n",
+        );
+        (d, catalog)
+    }
+
+    #[test]
+    fn wal_path_follows_the_newest_timeline() {
+        let (_d, catalog) = two_timelines();
+        let ar = WalArchive::open(&catalog, "db").unwrap();
+        let b = meta("F", Mode::Full, None);
+        let (segs, note) = wal_path(&ar, &b, &WalTarget::Latest).unwrap();
+        assert_eq!(segs, vec![(2, 1), (3, 1), (4, 2), (5, 2), (6, 2), (7, 2)]);
+        assert_eq!(note, None);
+        let (segs, _) = wal_path(&ar, &b, &WalTarget::Lsn(Lsn(0x50_0000))).unwrap();
+        assert_eq!(segs.last(), Some(&(5, 2)));
+        // a backup on timeline 1 after the switch is not on timeline 2's history
+        let mut late = b.clone();
+        late.start_lsn = Lsn(0x50_0028);
+        let (segs, _) = wal_path(&ar, &late, &WalTarget::Latest).unwrap();
+        assert_eq!(segs, vec![(5, 1), (6, 1)]);
+
+        // the whole check: a gap on timeline 2, then a damaged segment
+        std::fs::remove_file(ar.data_path(&WalFileName::segment(2, 5, SEG))).unwrap();
+        let rep = check_wal(&ar, &[&b], true, &WalTarget::Latest);
+        assert_eq!(rep.segments_checked, 5);
+        assert_eq!(rep.problems.len(), 1, "{:?}", rep.problems);
+        assert!(rep.problems[0].contains("000000020000000000000005"));
+        std::fs::write(ar.data_path(&WalFileName::segment(1, 3, SEG)), b"junk").unwrap();
+        let rep = check_wal(&ar, &[&b], true, &WalTarget::Latest);
+        assert_eq!(rep.problems.len(), 2, "{:?}", rep.problems);
+        assert!(rep.problems[0].contains("000000010000000000000003"));
+        // a target the backup cannot reach
+        let rep = check_wal(&ar, &[&b], true, &WalTarget::Lsn(Lsn(0x10)));
+        assert!(rep.problems.iter().any(|p| p.contains("cannot reach")));
+    }
 }

@@ -302,6 +302,13 @@ fn validate_wal_reports_gaps_and_damage() {
         env.validate(&["--wal", "--recovery-target-lsn", &before_gap]),
         "validate --wal to a target before the gap",
     );
+    // a time no commit in the archive reaches: recovery would end before it
+    let e = fails_with(
+        env.validate(&["--wal", "--recovery-target-time", "2999-01-01 00:00:00+00"]),
+        "validate --wal to a time beyond the archive",
+        &["no commit after the target time"],
+    );
+    assert!(e.contains(&gap.to_string()), "{e}");
     // a damaged segment after the backup
     let bad = later[1];
     let p = ar.data_path(&bad);
