@@ -192,6 +192,7 @@ fn scan(catalog: &Catalog, instance: &str) -> Result<HashMap<String, Entry>> {
     for de in rd {
         let de = de.map_err(|e| Error::io("read directory", &root, e))?;
         let name = de.file_name().to_string_lossy().into_owned();
+        // Hidden entries are temp files and locks, never backups (ids are base 36).
         if name.starts_with('.') {
             continue;
         }
