@@ -5,6 +5,7 @@ mod archive;
 mod backup;
 mod pgcontrol;
 mod take_hardening;
+mod validate_hardening;
 mod wal_decoder;
 
 mod smoke {
