@@ -4,6 +4,7 @@ mod harness;
 mod archive;
 mod backup;
 mod pgcontrol;
+mod restore_hardening;
 mod wal_decoder;
 
 mod smoke {
