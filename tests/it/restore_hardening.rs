@@ -90,6 +90,7 @@ impl Env {
 fn refused(out: Output, what: &str, needles: &[&str]) {
     let e = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "{what} should be refused\n{e}");
+    eprintln!("refused ({what}): {}", e.trim());
     for n in needles {
         assert!(e.contains(n), "{what}: error should mention {n:?}:\n{e}");
     }
@@ -203,6 +204,14 @@ fn live_tablespace_is_never_overwritten() {
         .args(["-m", "fast", "-w", "stop"]));
     assert!(out.status.success(), "source server did not stop cleanly");
     env.pg.set_running(false);
+    // stopped, its tablespace is still not cleared by --force alone
+    refused(
+        env.restore(&new, &["--force"]),
+        "restore without -T over the stopped source's tablespace",
+        &["not empty", "-T"],
+    );
+    assert!(!new.exists());
+    assert_eq!(snapshot(&[&ts]), before, "the tablespace changed");
     env.pg.start();
     assert_eq!(
         env.pg.psql("postgres", "select count(*) from in_ts"),
@@ -220,6 +229,21 @@ fn live_tablespace_is_never_overwritten() {
     assert!(!is_empty_dir(&elsewhere));
     let map = std::fs::read_to_string(new.join("tablespace_map")).unwrap();
     assert!(map.contains(&elsewhere.display().to_string()), "{map}");
+    // again over both: -D and the -T destination are cleared with --force
+    let again = [
+        "--force",
+        "-T",
+        &format!("{}={}", ts.display(), elsewhere.display()),
+    ]
+    .map(String::from);
+    let again: Vec<&str> = again.iter().map(String::as_str).collect();
+    sentinel(&elsewhere, "stale");
+    ok(
+        env.restore(&new, &again),
+        "restore again with --force and -T",
+    );
+    assert!(!elsewhere.join("stale").exists());
+    assert!(new.join("global/pg_control").is_file());
     env.pg.stop();
     assert_eq!(
         snapshot(&[&ts])

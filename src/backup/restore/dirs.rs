@@ -192,7 +192,7 @@ impl Registered {
 
 /// What a destination is and what the operator allowed for it.
 pub struct Dest<'a> {
-    /// "restore target" or "tablespace 16400 location".
+    /// "target directory" or "tablespace 16400 location".
     pub what: String,
     /// The path as given or as found in tablespace_map.
     pub path: &'a Path,

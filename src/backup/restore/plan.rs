@@ -451,7 +451,7 @@ pub fn plan<'a>(
     let reg = Registered::probe(&cfg.pgdata)?;
     let st = dirs::check(
         &Dest {
-            what: "restore target".into(),
+            what: "target directory".into(),
             path: &target,
             may_clear: opts.force,
             not_empty_hint: "restore into an empty or new directory, or add --force if everything in it is to be deleted".into(),
@@ -461,7 +461,7 @@ pub fn plan<'a>(
         &reg,
     )?;
     let clear_target = st == DirState::NonEmpty;
-    let mut resolved = vec![(dirs::resolve(&target)?, "the restore target".to_string())];
+    let mut resolved = vec![(dirs::resolve(&target)?, "the target directory".to_string())];
     let mut tablespaces = Vec::new();
     for (oid, path) in map {
         let mapped = opts
