@@ -148,11 +148,20 @@ pub fn run_restore(a: RestoreArgs) -> Result<i32> {
         let (old, new) = m
             .split_once('=')
             .ok_or_else(|| Error::invalid(format!("tablespace mapping '{m}' is not OLD=NEW")))?;
-        mappings.push((PathBuf::from(old), PathBuf::from(new)));
+        let (old, new) = (PathBuf::from(old), PathBuf::from(new));
+        for p in [&old, &new] {
+            if !p.is_absolute() {
+                return Err(Error::invalid(format!(
+                    "tablespace mapping '{m}': \"{}\" is not an absolute path",
+                    p.display()
+                )));
+            }
+        }
+        mappings.push((old, new));
     }
     let opts = restore::RestoreOptions {
         backup_id: a.backup_id,
-        target: std::path::absolute(&a.pgdata).unwrap_or(a.pgdata.clone()),
+        target: std::path::absolute(&a.pgdata).map_err(|e| Error::io("resolve", &a.pgdata, e))?,
         jobs: a.jobs.max(1),
         mappings,
         recovery: restore::RecoveryTarget {
@@ -164,7 +173,6 @@ pub fn run_restore(a: RestoreArgs) -> Result<i32> {
             inclusive: a.recovery_target_inclusive,
             timeline: a.recovery_target_timeline,
             action: a.recovery_target_action,
-            point_lsn: None,
         },
         force: a.force,
     };

@@ -1,5 +1,11 @@
 //! Restoring a backup chain into a data directory, with recovery settings.
 //!
+//! A restore is plan-then-execute: [`plan::plan`] reads and checks everything (options and
+//! recovery target, the chain and every manifest of it, the tablespace map, every
+//! destination directory, see [`dirs`]) and writes nothing; [`execute`] writes. So a bad
+//! option, a hostile catalog or a dangerous destination is refused with the filesystem as
+//! it was.
+//!
 //! Every block is written once, from the newest backup of the chain that holds it. The
 //! truncation rule (WAL-FORMAT §3.9): a block at or above the smallest limit block (or
 //! recorded length) of any newer backup is never taken from an older one; if the newer
@@ -8,8 +14,15 @@
 //!
 //! Each file is rebuilt by rebuild.rs; files larger than a chunk (32 MiB) are split into
 //! chunks that all restore threads share, and checked whole once their last chunk is done.
+//!
+//! Restore creates everything it writes itself, below roots it checked: directories with
+//! [`safepath::create_dirs_under`] (no link followed below the root), files under a fresh
+//! exclusive temp name renamed (or linked) into place, so a link is never written through.
 
-use std::collections::HashMap;
+pub mod dirs;
+pub mod plan;
+
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -20,14 +33,16 @@ use crate::catalog::Catalog;
 use crate::durable::{self, DurableFile, Replace};
 use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
-use crate::types::Lsn;
+use crate::safepath;
 
 use super::incfile;
-use super::manifest::{self, FileEntry, Storage};
+use super::manifest::{FileEntry, Storage};
 use super::meta::{self, BackupMeta, Status};
 use super::rebuild;
+use plan::{Plan, Target};
 
-/// Recovery target settings (at most one target).
+/// Recovery target settings as given (at most one target); checked by
+/// [`plan::check_recovery`] before anything is written.
 #[derive(Clone, Debug, Default)]
 pub struct RecoveryTarget {
     pub time: Option<String>,
@@ -39,17 +54,17 @@ pub struct RecoveryTarget {
     pub inclusive: Option<bool>,
     pub timeline: Option<String>,
     pub action: Option<String>,
-    /// LSN of the named restore point when known (from the block indexes): only used to
-    /// choose a backup that ends before it.
-    pub point_lsn: Option<Lsn>,
 }
 
 pub struct RestoreOptions {
     pub backup_id: Option<String>,
     pub target: PathBuf,
     pub jobs: usize,
+    /// `-T OLD=NEW`, both absolute; each OLD must be a tablespace of the backup.
     pub mappings: Vec<(PathBuf, PathBuf)>,
     pub recovery: RecoveryTarget,
+    /// Allows deleting the contents of `target` (and of tablespace destinations given by
+    /// `-T`), never of anything else.
     pub force: bool,
 }
 
@@ -59,6 +74,18 @@ pub fn choose_backup<'a>(
     list: &'a [BackupMeta],
     id: Option<&str>,
     rt: &RecoveryTarget,
+) -> Result<Vec<&'a BackupMeta>> {
+    let (target, _) = plan::check_recovery(rt)?;
+    choose_backup_on(list, id, &target, |_| true)
+}
+
+/// [`choose_backup`] for a parsed target; without an id, a backup must also satisfy
+/// `reaches` (e.g. end before a named restore point, on its timeline's history).
+pub fn choose_backup_on<'a>(
+    list: &'a [BackupMeta],
+    id: Option<&str>,
+    target: &Target,
+    reaches: impl Fn(&BackupMeta) -> bool,
 ) -> Result<Vec<&'a BackupMeta>> {
     let usable = |b: &BackupMeta| -> Result<Vec<&'a BackupMeta>> {
         let chain = meta::chain(list, &b.id)?;
@@ -81,23 +108,13 @@ pub fn choose_backup<'a>(
     if let Some(id) = id {
         return usable(meta::find(list, id)?);
     }
-    let time = rt.time.as_deref().map(meta::parse_time).transpose()?;
-    let xid: Option<u64> = match rt.xid.as_deref() {
-        Some(x) => Some(
-            x.trim()
-                .parse()
-                .map_err(|_| Error::invalid(format!("invalid xid '{x}'")))?,
-        ),
-        None => None,
-    };
-    let lsn: Option<Lsn> = rt.lsn.as_deref().map(str::parse).transpose()?;
     for b in list.iter().rev() {
-        let reach = time.is_none_or(|t| b.recovery_epoch.is_some_and(|r| r <= t))
-            && xid.is_none_or(|x| b.recovery_xid.is_some_and(|r| r <= x))
-            && lsn.is_none_or(|l| b.stop_lsn.is_some_and(|s| s <= l))
-            && rt
-                .point_lsn
-                .is_none_or(|l| b.stop_lsn.is_some_and(|s| s <= l));
+        let reach = match *target {
+            Target::Time(t) => b.recovery_epoch.is_some_and(|r| r <= t),
+            Target::Xid(x) => b.recovery_xid.is_some_and(|r| r <= x),
+            Target::Lsn(l) => b.stop_lsn.is_some_and(|s| s <= l),
+            Target::None | Target::Immediate | Target::Name(_) => true,
+        } && reaches(b);
         if reach {
             if let Ok(chain) = usable(b) {
                 return Ok(chain);
@@ -107,69 +124,6 @@ pub fn choose_backup<'a>(
     Err(Error::not_found(
         "no valid backup can reach the recovery target".to_string(),
     ))
-}
-
-fn dir_is_empty(p: &Path) -> Result<bool> {
-    match std::fs::read_dir(p) {
-        Ok(mut rd) => Ok(rd.next().is_none()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
-        Err(e) => Err(Error::io("read directory", p, e)),
-    }
-}
-
-fn check_no_postmaster(target: &Path) -> Result<()> {
-    let pidfile = target.join("postmaster.pid");
-    if let Ok(s) = std::fs::read_to_string(&pidfile) {
-        if let Some(pid) = s.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) {
-            if pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
-                return Err(Error::invalid(format!(
-                    "a server (pid {pid}) is running in \"{}\"; stop it first",
-                    target.display()
-                )));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn clear_dir(p: &Path) -> Result<()> {
-    if let Ok(rd) = std::fs::read_dir(p) {
-        for e in rd {
-            let e = e.ctx("read directory", p)?;
-            let path = e.path();
-            let ft = e.file_type().ctx("stat", &path)?;
-            if ft.is_dir() {
-                std::fs::remove_dir_all(&path).ctx("remove", &path)?;
-            } else {
-                std::fs::remove_file(&path).ctx("remove", &path)?;
-            }
-        }
-        durable::fsync_dir(p)?;
-    }
-    Ok(())
-}
-
-/// Parses `tablespace_map` lines "<oid> <path>" (14+: `\` escapes).
-pub fn parse_tablespace_map(s: &str) -> Vec<(String, String)> {
-    let mut v = Vec::new();
-    for line in s.lines() {
-        if let Some((oid, path)) = line.split_once(' ') {
-            let mut out = String::new();
-            let mut esc = false;
-            for c in path.chars() {
-                if esc {
-                    out.push(c);
-                    esc = false;
-                } else if c == '\\' {
-                    esc = true;
-                } else {
-                    out.push(c);
-                }
-            }
-            v.push((oid.to_string(), out));
-        }
-    }
-    v
 }
 
 fn quote_conf(s: &str) -> String {
@@ -217,19 +171,9 @@ struct Restorer<'a> {
 }
 
 impl Restorer<'_> {
-    /// Where a logical path goes; `None` for `pg_tblspc/<oid>` itself (PostgreSQL makes
-    /// the symlink from tablespace_map).
+    /// Where a logical path goes; `None` for `pg_tblspc/<oid>` of a tablespace.
     fn dest(&self, logical: &str) -> Result<Option<PathBuf>> {
-        if let Some(rest) = logical.strip_prefix("pg_tblspc/") {
-            let (oid, tail) = match rest.split_once('/') {
-                Some((o, t)) => (o, Some(t)),
-                None => (rest, None),
-            };
-            if let Some(loc) = self.tablespaces.get(oid) {
-                return Ok(tail.map(|t| loc.join(t)));
-            }
-        }
-        Ok(Some(self.target.join(logical)))
+        Ok(self.dest_rel(logical).map(|(root, rel)| root.join(rel)))
     }
 
     fn stored(&self, b: &BackupMeta, e: &FileEntry) -> PathBuf {
@@ -347,10 +291,8 @@ impl Restorer<'_> {
         if e.storage == Storage::Dir {
             return Ok(None);
         }
+        // the parent was made by create_dirs, below a checked root, without links
         let plan = self.plan(e)?;
-        if let Some(parent) = dest.parent() {
-            durable::create_dir_all_durable(parent)?;
-        }
         let mut out = DurableFile::create(&dest)?;
         let file = out.file().try_clone().ctx("open", &dest)?;
         let mut parts = vec![Vec::new(); plan.chunks as usize];
@@ -404,9 +346,6 @@ impl Restorer<'_> {
                 .lock()
                 .map_err(|_| Error::invalid("a restore thread panicked"))?;
             if st.out.is_none() {
-                if let Some(parent) = dest.parent() {
-                    durable::create_dir_all_durable(parent)?;
-                }
                 let mut df = DurableFile::create(&dest)?;
                 let f = Arc::new(df.file().try_clone().ctx("open", &dest)?);
                 st.out = Some((df, f));
@@ -452,175 +391,109 @@ fn fetch_binary() -> Result<PathBuf> {
     Ok(dir.join("walnut-fetch"))
 }
 
-/// Restores; returns the restored backup's id.
-pub fn restore(catalog: &Catalog, instance: &str, opts: &RestoreOptions) -> Result<String> {
-    catalog.instance(instance)?;
-    let list = meta::list(catalog, instance)?;
-    // A named restore point: find its LSN in the block indexes, so that the backup chosen
-    // ends before it (a later backup could never reach it).
-    let mut recovery = opts.recovery.clone();
-    if let (None, Some(name), None) = (&opts.backup_id, &recovery.name, &recovery.lsn) {
-        let found = crate::archive::WalArchive::open(catalog, instance)
-            .and_then(|a| a.find_restore_point(name));
-        match found {
-            Ok(Some((tli, lsn))) => {
-                log::info!("restore point \"{name}\" is at {lsn} on timeline {tli}");
-                recovery.point_lsn = Some(lsn);
-            }
-            Ok(None) => log::warn!(
-                "restore point \"{name}\" is not in the block indexes; choosing the newest backup"
-            ),
-            Err(e) => log::warn!("could not look up restore point \"{name}\": {e}"),
-        }
-    }
-    let chain = choose_backup(&list, opts.backup_id.as_deref(), &recovery)?;
-    let newest = chain[0];
-    let target = &opts.target;
-    check_no_postmaster(target)?;
-    if !dir_is_empty(target)? {
-        if !opts.force {
-            return Err(Error::invalid(format!(
-                "restore target \"{}\" is not empty (use --force to overwrite it)",
-                target.display()
-            )));
-        }
-        clear_dir(target)?;
-    }
-    // tablespaces
-    let bdir = newest.dir(catalog);
-    let spcmap = std::fs::read_to_string(bdir.join("tablespace_map")).unwrap_or_default();
-    let mut tablespaces = HashMap::new();
-    let mut new_map = String::new();
-    for (oid, path) in parse_tablespace_map(&spcmap) {
-        let mut dest = PathBuf::from(&path);
-        for (old, new) in &opts.mappings {
-            if Path::new(&path) == old {
-                dest = new.clone();
-            }
-        }
-        check_no_postmaster(&dest)?;
-        if !dir_is_empty(&dest)? {
-            if !opts.force {
-                return Err(Error::invalid(format!(
-                    "tablespace {oid} location \"{}\" is not empty (map it elsewhere with -T OLD=NEW, or use --force)",
-                    dest.display()
-                )));
-            }
-            clear_dir(&dest)?;
-        }
-        durable::create_dir_all_durable(&dest)?;
-        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o700))
-            .ctx("chmod", &dest)?;
-        let esc = dest
-            .display()
-            .to_string()
-            .replace('\\', "\\\\")
-            .replace('\n', "\\\n")
-            .replace('\r', "\\\r");
-        new_map.push_str(&format!("{oid} {esc}\n"));
-        tablespaces.insert(oid, dest);
-    }
-    durable::create_dir_all_durable(target)?;
-    std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700))
-        .ctx("chmod", target)?;
+/// The settings restore writes: restore_command, recovery_end_command, then the plan's.
+fn recovery_settings(
+    catalog: &Catalog,
+    instance: &str,
+    plan: &Plan<'_>,
+) -> Result<Vec<(&'static str, String)>> {
+    let fetch = fetch_binary()?;
+    let cat_abs = std::fs::canonicalize(catalog.root()).ctx("resolve", catalog.root())?;
+    let fetch_cmd = format!(
+        "{} -B {} --instance {}",
+        fetch.display(),
+        cat_abs.display(),
+        instance
+    );
+    let mut settings: Vec<(&'static str, String)> = vec![
+        ("restore_command", quote_conf(&format!("{fetch_cmd} %f %p"))),
+        // removes walnut-fetch's prefetch spool from pg_wal once recovery is over
+        (
+            "recovery_end_command",
+            quote_conf(&format!("{fetch_cmd} --cleanup")),
+        ),
+    ];
+    settings.extend(plan.settings.iter().cloned());
+    Ok(settings)
+}
 
-    let entries = manifest::read_file(&bdir.join("manifest"))?;
-    let mut older = Vec::new();
-    for b in chain.iter().skip(1) {
-        let mut m = HashMap::new();
-        for e in manifest::read_file(&b.dir(catalog).join("manifest"))? {
-            if e.storage != Storage::Dir {
-                m.insert(e.path.clone(), e);
-            }
-        }
-        older.push(m);
+/// Restores; returns the restored backup's id. Nothing is written until every check of
+/// the plan phase passed.
+pub fn restore(catalog: &Catalog, instance: &str, opts: &RestoreOptions) -> Result<String> {
+    let list = meta::list(catalog, instance)?;
+    let plan = plan::plan(catalog, instance, &list, opts)?;
+    let settings = recovery_settings(catalog, instance, &plan)?;
+    let id = plan.chain[0].id.clone();
+    execute(catalog, plan, &settings, opts.jobs)?;
+    Ok(id)
+}
+
+/// Creates a destination root the operator (or the checked tablespace map) named, with its
+/// parents, and gives it mode 0700 through the opened directory.
+fn make_root(p: &Path) -> Result<()> {
+    durable::create_dir_all_durable(p)?;
+    let f = safepath::open_dir_under(p, "")?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o700))
+        .ctx("chmod", p)
+}
+
+fn is_file(e: &FileEntry) -> bool {
+    match e.storage {
+        Storage::Full | Storage::FullLz4 | Storage::Incremental => true,
+        Storage::Dir => false,
     }
-    let total: u64 = entries.iter().map(|e| e.size).sum();
+}
+
+/// The execute phase: writes what the plan says, pg_control last.
+fn execute(
+    catalog: &Catalog,
+    plan: Plan<'_>,
+    settings: &[(&str, String)],
+    jobs: usize,
+) -> Result<()> {
+    let newest = plan.chain[0];
+    let target = &plan.target;
+    let new_map = plan.tablespace_map();
+    // what the operator allowed to be cleared, then the roots
+    if plan.clear_target {
+        dirs::clear(target)?;
+    }
+    for t in plan.tablespaces.iter().filter(|t| t.clear) {
+        dirs::clear(&t.dest)?;
+    }
+    make_root(target)?;
+    for t in &plan.tablespaces {
+        make_root(&t.dest)?;
+    }
+    let total: u64 = plan.entries.iter().map(|e| e.size).sum();
     let r = Restorer {
         catalog,
-        chain: chain.clone(),
-        older,
+        chain: plan.chain.clone(),
+        older: plan.older,
         target: target.clone(),
-        tablespaces,
+        tablespaces: plan
+            .tablespaces
+            .iter()
+            .map(|t| (t.oid.clone(), t.dest.clone()))
+            .collect(),
         progress: Progress::new(&format!("restore {}", newest.id), total),
         chunk_blocks: (rebuild::CHUNK_BYTES / newest.block_size.max(1) as u64) as u32,
         window_blocks: (rebuild::WINDOW_BYTES / newest.block_size.max(1) as u64) as u32,
     };
+    let entries = plan.entries;
     // Files are put in place without per-file fsyncs; one syncfs per filesystem written to
     // (handles opened before any write, see durable::FsSync) runs before pg_control.
     let mut fs_syncs = vec![durable::FsSync::open(target)?];
     for d in r.tablespaces.values() {
         fs_syncs.push(durable::FsSync::open(d)?);
     }
-    for e in entries.iter().filter(|e| e.storage == Storage::Dir) {
-        if let Some(d) = r.dest(&e.path)? {
-            durable::create_dir_all_durable(&d)?;
-            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))
-                .ctx("chmod", &d)?;
-        }
-    }
+    r.create_dirs(&entries)?;
     let files: Vec<&FileEntry> = entries
         .iter()
-        .filter(|e| e.storage != Storage::Dir && e.path != "global/pg_control")
+        .filter(|e| is_file(e) && e.path != "global/pg_control")
         .collect();
-    // Big files first, so that the end of the restore is small files, and a big file split
-    // into chunks is shared by all threads.
-    let mut order: Vec<usize> = (0..files.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(files[i].size));
-    let mut shared = Vec::new();
-    let mut tasks = Vec::with_capacity(files.len());
-    for i in order {
-        let chunks = if files[i].size > rebuild::CHUNK_BYTES {
-            r.plan(files[i])
-                .map_err(|err| err.context(format!("restoring \"{}\"", files[i].path)))?
-                .chunks
-        } else {
-            1
-        };
-        if chunks > 1 {
-            for k in 0..chunks {
-                tasks.push(Task::Chunk(shared.len(), k));
-            }
-            shared.push(SharedFile {
-                entry: files[i],
-                chunks,
-                state: Mutex::new(SharedState::default()),
-            });
-        } else {
-            tasks.push(Task::Whole(i));
-        }
-    }
-    let next = AtomicUsize::new(0);
-    let first_err: Mutex<Option<Error>> = Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..opts.jobs.max(1) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(task) = tasks.get(i) else { break };
-                if first_err.lock().map(|g| g.is_some()).unwrap_or(true) {
-                    break;
-                }
-                let (e, res) = match *task {
-                    Task::Whole(f) => (
-                        files[f],
-                        r.restore_entry(files[f])
-                            .and_then(|o| o.map_or(Ok(()), |df| df.commit_deferred(Replace::No))),
-                    ),
-                    Task::Chunk(sf, k) => (shared[sf].entry, r.run_chunk_task(&shared[sf], k)),
-                };
-                if let Err(err) = res {
-                    let err = err.context(format!("restoring \"{}\"", e.path));
-                    if let Ok(mut g) = first_err.lock() {
-                        g.get_or_insert(err);
-                    }
-                    break;
-                }
-            });
-        }
-    });
-    if let Some(e) = first_err.into_inner().ok().flatten() {
-        return Err(e);
-    }
+    r.restore_files(&files, jobs)?;
+    r.create_other_entries(&entries)?;
     // pg_control: prepared under a temp name, renamed into place at the very end.
     let pc = entries
         .iter()
@@ -634,7 +507,7 @@ pub fn restore(catalog: &Catalog, instance: &str, opts: &RestoreOptions) -> Resu
 
     durable::write_file(
         &target.join("backup_label"),
-        &std::fs::read(bdir.join("backup_label")).ctx("read", &bdir.join("backup_label"))?,
+        &plan.backup_label,
         Replace::Yes,
     )?;
     if !new_map.is_empty() {
@@ -644,65 +517,17 @@ pub fn restore(catalog: &Catalog, instance: &str, opts: &RestoreOptions) -> Resu
             Replace::Yes,
         )?;
     }
-    let fetch = fetch_binary()?;
-    let cat_abs =
-        std::fs::canonicalize(catalog.root()).unwrap_or_else(|_| catalog.root().to_path_buf());
-    let fetch_cmd = format!(
-        "{} -B {} --instance {}",
-        fetch.display(),
-        cat_abs.display(),
-        instance
-    );
-    let mut settings: Vec<(&str, String)> = vec![
-        ("restore_command", quote_conf(&format!("{fetch_cmd} %f %p"))),
-        // removes walnut-fetch's prefetch spool from pg_wal once recovery is over
-        (
-            "recovery_end_command",
-            quote_conf(&format!("{fetch_cmd} --cleanup")),
-        ),
-    ];
-    let rt = &opts.recovery;
-    let n_targets = [&rt.time, &rt.xid, &rt.lsn, &rt.name, &rt.target]
-        .iter()
-        .filter(|t| t.is_some())
-        .count();
-    if n_targets > 1 {
-        return Err(Error::invalid("give at most one recovery target"));
-    }
-    if let Some(t) = &rt.time {
-        settings.push(("recovery_target_time", quote_conf(t)));
-    }
-    if let Some(t) = &rt.xid {
-        settings.push(("recovery_target_xid", quote_conf(t)));
-    }
-    if let Some(t) = &rt.lsn {
-        settings.push(("recovery_target_lsn", quote_conf(t)));
-    }
-    if let Some(t) = &rt.name {
-        settings.push(("recovery_target_name", quote_conf(t)));
-    }
-    if let Some(t) = &rt.target {
-        if t == "immediate" {
-            settings.push(("recovery_target", quote_conf(t)));
-        }
-    }
-    if let Some(i) = rt.inclusive {
-        settings.push((
-            "recovery_target_inclusive",
-            quote_conf(if i { "on" } else { "off" }),
-        ));
-    }
-    if let Some(t) = &rt.timeline {
-        settings.push(("recovery_target_timeline", quote_conf(t)));
-    }
-    if let Some(a) = &rt.action {
-        settings.push(("recovery_target_action", quote_conf(a)));
-    }
+    // postgresql.auto.conf as restored, merged with the recovery settings; only its
+    // absence means "nothing to merge"
     let auto = target.join("postgresql.auto.conf");
-    let existing = std::fs::read_to_string(&auto).unwrap_or_default();
+    let existing = match std::fs::read_to_string(&auto) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(Error::io("read", &auto, e)),
+    };
     durable::write_file(
         &auto,
-        recovery_conf(&existing, &settings).as_bytes(),
+        recovery_conf(&existing, settings).as_bytes(),
         Replace::Yes,
     )?;
     durable::write_file(&target.join("recovery.signal"), b"", Replace::Yes)?;
@@ -713,7 +538,122 @@ pub fn restore(catalog: &Catalog, instance: &str, opts: &RestoreOptions) -> Resu
     pc_file.commit(Replace::Yes)?;
     durable::fsync_dir(target)?;
     r.progress.finish();
-    Ok(newest.id.clone())
+    Ok(())
+}
+
+impl Restorer<'_> {
+    /// Where a logical path goes, as (root, path below it); `None` for `pg_tblspc/<oid>`
+    /// of a tablespace (PostgreSQL makes that link from tablespace_map).
+    fn dest_rel<'p>(&self, logical: &'p str) -> Option<(&Path, &'p str)> {
+        if let Some(rest) = logical.strip_prefix("pg_tblspc/") {
+            let (oid, tail) = match rest.split_once('/') {
+                Some((o, t)) => (o, Some(t)),
+                None => (rest, None),
+            };
+            if let Some(loc) = self.tablespaces.get(oid) {
+                return tail.map(|t| (loc.as_path(), t));
+            }
+        }
+        Some((self.target.as_path(), logical))
+    }
+
+    /// Creates every directory of the manifest and every parent of a file, below its root
+    /// and without following links ([`safepath::create_dirs_under`]).
+    fn create_dirs(&self, entries: &[FileEntry]) -> Result<()> {
+        let mut want: BTreeSet<(&Path, &str)> = BTreeSet::new();
+        for e in entries {
+            let Some((root, rel)) = self.dest_rel(&e.path) else {
+                continue;
+            };
+            if e.storage == Storage::Dir {
+                want.insert((root, rel));
+            } else if let Some((parent, _)) = rel.rsplit_once('/') {
+                want.insert((root, parent));
+            }
+        }
+        for (root, rel) in want {
+            safepath::create_dirs_under(root, rel, 0o700)?;
+        }
+        Ok(())
+    }
+
+    /// Entries that are neither directories nor files (none yet; symlinks will be): the
+    /// one place that creates them, after every directory and file, so that nothing is
+    /// ever written through them.
+    fn create_other_entries(&self, entries: &[FileEntry]) -> Result<()> {
+        for e in entries {
+            match e.storage {
+                Storage::Dir | Storage::Full | Storage::FullLz4 | Storage::Incremental => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Restores `files` on `jobs` threads; the first error stops every thread.
+    fn restore_files(&self, files: &[&FileEntry], jobs: usize) -> Result<()> {
+        // Big files first, so that the end of the restore is small files, and a big file
+        // split into chunks is shared by all threads.
+        let mut order: Vec<usize> = (0..files.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(files[i].size));
+        let mut shared = Vec::new();
+        let mut tasks = Vec::with_capacity(files.len());
+        for i in order {
+            let chunks = if files[i].size > rebuild::CHUNK_BYTES {
+                self.plan(files[i])
+                    .map_err(|err| err.context(format!("restoring \"{}\"", files[i].path)))?
+                    .chunks
+            } else {
+                1
+            };
+            if chunks > 1 {
+                for k in 0..chunks {
+                    tasks.push(Task::Chunk(shared.len(), k));
+                }
+                shared.push(SharedFile {
+                    entry: files[i],
+                    chunks,
+                    state: Mutex::new(SharedState::default()),
+                });
+            } else {
+                tasks.push(Task::Whole(i));
+            }
+        }
+        let next = AtomicUsize::new(0);
+        let first_err: Mutex<Option<Error>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..jobs.max(1) {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(task) = tasks.get(i) else { break };
+                    if first_err.lock().map(|g| g.is_some()).unwrap_or(true) {
+                        break;
+                    }
+                    let (e, res) = match *task {
+                        Task::Whole(f) => (
+                            files[f],
+                            self.restore_entry(files[f]).and_then(|o| {
+                                o.map_or(Ok(()), |df| df.commit_deferred(Replace::No))
+                            }),
+                        ),
+                        Task::Chunk(sf, k) => {
+                            (shared[sf].entry, self.run_chunk_task(&shared[sf], k))
+                        }
+                    };
+                    if let Err(err) = res {
+                        let err = err.context(format!("restoring \"{}\"", e.path));
+                        if let Ok(mut g) = first_err.lock() {
+                            g.get_or_insert(err);
+                        }
+                        break;
+                    }
+                });
+            }
+        });
+        match first_err.into_inner().ok().flatten() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -736,25 +676,15 @@ mod tests {
         assert!(s.contains("restore_command = 'walnut-fetch %f %p'\nrecovery_target_name = 'p1'\n"));
         assert_eq!(quote_conf("it's"), "'it''s'");
     }
-
-    #[test]
-    fn tablespace_map_unescapes() {
-        let v = parse_tablespace_map("16400 /srv/ts one\n16401 /a\\\\b\n");
-        assert_eq!(
-            v,
-            vec![
-                ("16400".into(), "/srv/ts one".into()),
-                ("16401".into(), "/a\\b".into())
-            ]
-        );
-    }
 }
 
 #[cfg(test)]
 mod chain_tests {
     use super::*;
     use crate::backup::incfile::IncWriter;
+    use crate::backup::manifest;
     use crate::backup::meta::Mode;
+    use crate::types::Lsn;
 
     const BS: usize = 8192;
 
@@ -865,6 +795,8 @@ mod chain_tests {
         target: &Path,
         (chunk_blocks, window_blocks): (u32, u32),
     ) -> Restorer<'a> {
+        // restore creates the parents of files up front (create_dirs)
+        std::fs::create_dir_all(target.join("base/5")).unwrap();
         Restorer {
             catalog,
             chain,

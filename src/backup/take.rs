@@ -291,11 +291,20 @@ fn run(
         Replace::No,
     )?;
     if !stop.spcmapfile.is_empty() {
-        durable::write_file(
-            &dir.join("tablespace_map"),
-            stop.spcmapfile.as_bytes(),
-            Replace::No,
-        )?;
+        // Covered by the manifest (size and CRC, like every stored file) so that validate
+        // and restore detect damage; the copy beside the manifest is what older walnut
+        // versions read.
+        let map = stop.spcmapfile.as_bytes();
+        let e = FileEntry {
+            storage: Storage::Full,
+            size: map.len() as u64,
+            stored_size: map.len() as u64,
+            crc32c: crc32c::crc32c(map),
+            ..FileEntry::dir(super::restore::plan::SPCMAP_ENTRY.to_string())
+        };
+        durable::write_file(&dir.join(e.stored_path()), map, Replace::No)?;
+        add(e, &mut mw)?;
+        durable::write_file(&dir.join("tablespace_map"), map, Replace::No)?;
     }
     let (rt, xid) = sess.now_and_next_xid()?;
     // Every segment from the start to the one holding the last byte before the stop LSN

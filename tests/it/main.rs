@@ -6,6 +6,7 @@ mod backup;
 mod pgcontrol;
 mod take_hardening;
 mod validate_hardening;
+mod restore_hardening;
 mod wal_decoder;
 
 mod smoke {
