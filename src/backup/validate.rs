@@ -82,7 +82,7 @@ pub fn check_backup(catalog: &Catalog, archive: &WalArchive, b: &BackupMeta) -> 
         let last = Lsn(stop.0.saturating_sub(1)).segno(seg);
         for segno in b.start_lsn.segno(seg)..=last {
             let name = WalFileName::segment(b.timeline, segno, seg);
-            if !archive.contains(&name) {
+            if !archive.is_archived(&name)? {
                 return Err(Error::not_found(format!(
                     "backup {}: WAL segment {name} (needed from start {} to stop {stop}) is not in the archive",
                     b.id, b.start_lsn

@@ -3,6 +3,7 @@ mod harness;
 
 mod archive;
 mod backup;
+mod fetch_hardening;
 mod pgcontrol;
 mod wal_decoder;
 
