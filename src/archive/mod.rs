@@ -21,7 +21,8 @@
 //!     <segment>.ok                        JSON {name, size, crc32c, compressed_size, source}
 //!     <segment>.failed                    the background pusher failed on it (error text)
 //!     .look-ahead.lock                    held by the one background pusher; holds the
-//!                                         name its caller archives itself
+//!                                         name its caller archives itself and its pid;
+//!                                         its mtime is the pusher's progress stamp
 //! PGDATA/pg_wal/walnut-prefetch/          walnut-fetch's prefetch spool (at most K entries)
 //!   <segment>                             decompressed, verified segment
 //!   <segment>.json                        {name, size, crc32c}, written after the data

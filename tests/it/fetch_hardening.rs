@@ -97,6 +97,17 @@ fn fetch_says_absent_only_when_definitely_absent() {
         "show of an unreadable archive: {out:?}"
     );
 
+    // an unreadable archive directory: a history file is not "absent" either
+    chmod(&wal, 0o000);
+    let out = fetch(&cat, "00000002.history", &dest);
+    chmod(&wal, 0o755);
+    assert_fatal(
+        &out,
+        "00000002.history",
+        &dest,
+        "unreadable archive dir, history",
+    );
+
     // a timeline "directory" that is a file (ENOTDIR), for a history file
     std::fs::write(wal.join("00000002"), b"not a directory").unwrap();
     let out = fetch(&cat, "00000002.history", &dest);
