@@ -93,7 +93,7 @@ pub fn run(args: PushArgs) -> Result<i32> {
 const ACK_WAIT: Duration = Duration::from_secs(60);
 /// A running pusher that has shown no progress for this long is treated as stalled
 /// (stopped, hung on I/O): calls push their segment themselves instead of waiting.
-const PUSHER_STALL: Duration = Duration::from_secs(3);
+const PUSHER_STALL: Duration = Duration::from_secs(5);
 /// How often an idle pusher (waiting for PostgreSQL to consume acknowledgements) still
 /// stamps its progress, to show it is alive.
 const PROGRESS_STAMP: Duration = Duration::from_millis(250);

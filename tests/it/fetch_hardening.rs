@@ -529,7 +529,7 @@ fn stalled_pusher_does_not_hold_later_calls() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
 
     let ar = archive_of(&cat);
-    for (i, limit) in [(3, 10), (4, 3)] {
+    for (i, limit) in [(3, 12), (4, 3)] {
         let t0 = Instant::now();
         ok(
             archive_call(&cat, &pg_wal, &names[i]),
