@@ -190,7 +190,11 @@ impl WalArchive {
                 if path.extension().and_then(|e| e.to_str()) != Some("idx") {
                     continue;
                 }
-                let Ok(bytes) = fs::read(&path) else { continue };
+                // Without following links, like every read of the archive.
+                let fname = f.file_name().to_string_lossy().into_owned();
+                let Ok(Some(bytes)) = self.read_small_opt(tli, &fname) else {
+                    continue;
+                };
                 let Ok(ix) = crate::index::format::decode(&bytes, &path.display().to_string())
                 else {
                     continue;
