@@ -58,6 +58,60 @@ pub struct InstanceConfig {
     pub dbname: Option<String>,
 }
 
+impl InstanceConfig {
+    /// Checks what was read from `instance.json` (catalog content is untrusted: a bad value
+    /// must be a clear error, never a division by zero or a wrong answer later). `name` is the
+    /// instance it was read for.
+    pub fn check(&self, name: &str) -> std::result::Result<(), String> {
+        let pow2_in = |v: u32, lo: u32, hi: u32| v.is_power_of_two() && (lo..=hi).contains(&v);
+        if self.name != name {
+            return Err(format!(
+                "names instance \"{}\", expected \"{name}\"",
+                self.name
+            ));
+        }
+        if self.system_id == 0 {
+            return Err("system_id 0 is not a database system identifier".into());
+        }
+        if crate::types::PgVersion::from_major(self.pg_major).is_none() {
+            return Err(format!(
+                "pg_major {} is not a supported PostgreSQL version (13 to 18)",
+                self.pg_major
+            ));
+        }
+        if !crate::types::valid_segment_size(self.wal_segment_size) {
+            return Err(format!(
+                "wal_segment_size {} is not a power of two from 1 MiB to 1 GiB",
+                self.wal_segment_size
+            ));
+        }
+        if !pow2_in(self.wal_page_size, 1024, 65536) {
+            return Err(format!(
+                "wal_page_size {} is not a power of two from 1 kB to 64 kB",
+                self.wal_page_size
+            ));
+        }
+        if !pow2_in(self.block_size, 1024, 32768) {
+            return Err(format!(
+                "block_size {} is not a power of two from 1 kB to 32 kB",
+                self.block_size
+            ));
+        }
+        if self.relseg_size == 0
+            || u64::from(self.relseg_size) * u64::from(self.block_size) > 1 << 40
+        {
+            return Err(format!("relseg_size {} is invalid", self.relseg_size));
+        }
+        if !self.pgdata.is_absolute() {
+            return Err(format!(
+                "pgdata \"{}\" is not an absolute path",
+                self.pgdata.display()
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Catalog {
     root: PathBuf,
@@ -142,8 +196,11 @@ impl Catalog {
                 Error::io("read", &p, e)
             }
         })?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| Error::corruption(format!("{}: {e}", p.display())))
+        let cfg: InstanceConfig = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::corruption(format!("{}: {e}", p.display())))?;
+        cfg.check(name)
+            .map_err(|why| Error::corruption(format!("{}: {why}", p.display())))?;
+        Ok(cfg)
     }
 
     /// Names of all instances.

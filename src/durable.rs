@@ -284,9 +284,32 @@ pub fn remove_file(path: &Path) -> Result<()> {
     }
 }
 
-/// Whether a directory entry name is one of our temp files.
+/// Whether a directory entry name is one of our temp files, exactly as [`temp_path_for`]
+/// makes them: `.<final>.walnut-tmp.<pid>.<nanos>`.
 pub fn is_temp_name(name: &str) -> bool {
-    name.starts_with('.') && name.contains(TMP_MARK)
+    temp_writer_pid(name).is_some()
+}
+
+/// The writer's pid in one of our temp file names; `None` for any other name.
+fn temp_writer_pid(name: &str) -> Option<i32> {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let (head, rest) = name.rsplit_once(TMP_MARK)?;
+    let (pid, nanos) = rest.split_once('.')?;
+    if head.len() < 2 || !head.starts_with('.') || !digits(pid) || !digits(nanos) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Whether process `pid` exists (`EPERM`: it does, owned by another user).
+fn process_exists(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) => true,
+        Err(e) => e == nix::errno::Errno::EPERM,
+    }
 }
 
 /// Removes temp files in `dir` left by writers that no longer run. Returns how many.
@@ -300,22 +323,12 @@ pub fn remove_stale_temps(dir: &Path) -> Result<usize> {
     for entry in rd {
         let entry = entry.ctx("read directory", dir)?;
         let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if !is_temp_name(&name) {
+        let Some(pid) = temp_writer_pid(&name.to_string_lossy()) else {
             continue;
-        }
-        let pid = name
-            .rsplit(TMP_MARK)
-            .next()
-            .and_then(|rest| rest.split('.').next())
-            .and_then(|p| p.parse::<i32>().ok());
-        let alive = match pid {
-            Some(pid) => {
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() && pid != 0
-            }
-            None => false,
         };
-        if !alive && fs::remove_file(entry.path()).is_ok() {
+        // Only files: a directory or link of that name is not ours to remove.
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if is_file && !process_exists(pid) && fs::remove_file(entry.path()).is_ok() {
             removed += 1;
         }
     }
@@ -400,5 +413,21 @@ mod tests {
         assert_eq!(remove_stale_temps(d.path()).unwrap(), 1);
         assert!(!stale.exists());
         assert!(live.exists());
+        // only walnut's exact temp names, never other files
+        for other in [
+            format!("x{TMP_MARK}2147483646.1"),
+            format!(".{TMP_MARK}2147483646.1"),
+            format!(".x{TMP_MARK}2147483646"),
+            format!(".x{TMP_MARK}2147483646.1.gz"),
+            format!(".x{TMP_MARK}abc.1"),
+            ".RECOVERYXLOG".to_string(),
+        ] {
+            fs::write(d.path().join(&other), b"keep").unwrap();
+            assert!(!is_temp_name(&other), "{other}");
+        }
+        fs::create_dir(d.path().join(format!(".dir{TMP_MARK}2147483646.1"))).unwrap();
+        assert_eq!(remove_stale_temps(d.path()).unwrap(), 0);
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 8);
+        assert!(is_temp_name(&format!(".RECOVERYXLOG{TMP_MARK}12.345")));
     }
 }

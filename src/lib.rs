@@ -10,10 +10,11 @@
 //! # Exit codes (a contract)
 //! - `walnut-archive`: 0 only when the file is durable in the archive (or was already there
 //!   with identical content); 1 on any failure, so PostgreSQL keeps the segment and retries.
-//! - `walnut-fetch`: 0 when `%p` was written and verified; 1 when the file is not in the
-//!   archive (recovery then ends normally); [`EXIT_FETCH_FATAL`] when the file is present but
-//!   corrupt, or on any error that must stop recovery: PostgreSQL treats statuses above 125 as
-//!   fatal, so recovery never proceeds past a damaged segment.
+//! - `walnut-fetch`: 0 when `%p` was written and verified; 1 only when the file and every
+//!   candidate name are definitely absent (`ENOENT` in a readable directory; recovery then
+//!   ends normally); [`EXIT_FETCH_FATAL`] when the file is present but corrupt or foreign, or
+//!   on any other error, usage error or panic that must stop recovery: PostgreSQL treats
+//!   statuses above 125 as fatal, so recovery never proceeds past a damaged segment.
 //! - `walnut`: 0 on success, 1 on error, 2 on bad usage.
 
 pub mod archive;

@@ -175,6 +175,60 @@ pub fn open_under(root: &Path, rel: &str) -> Result<File> {
     Ok(f)
 }
 
+/// Like [`open_under`], but `Ok(None)` when the file is *definitely* absent: `ENOENT` for a
+/// component below `root`, looked up in a directory that was itself opened for reading. Any
+/// other failure (a missing or unreadable `root` or directory, `EIO`, a link, a non-regular
+/// file) is an error, so that damage is never mistaken for absence. The file is left in
+/// `O_NONBLOCK` mode, which reads of a regular file ignore (it only keeps a planted FIFO from
+/// hanging the open).
+pub fn open_under_if_exists(root: &Path, rel: &str) -> Result<Option<File>> {
+    check_rel_path(rel, "stored file")?;
+    let full = root.join(rel);
+    let absent = |e: Error| {
+        if e.kind() == crate::ErrorKind::NotFound {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    };
+    let (parent, name) = match rel.rsplit_once('/') {
+        Some((d, n)) => (d, n),
+        None => ("", rel),
+    };
+    let mut dir = openat(None, root, libc::O_RDONLY | libc::O_DIRECTORY, root)?;
+    let mut at = root.to_path_buf();
+    for c in parent.split('/').filter(|c| !c.is_empty()) {
+        at.push(c);
+        dir = match openat(
+            Some(&dir),
+            Path::new(c),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            &at,
+        ) {
+            Ok(d) => d,
+            Err(e) => return absent(e),
+        };
+    }
+    let fd = match openat(
+        Some(&dir),
+        Path::new(name),
+        libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+        &full,
+    ) {
+        Ok(fd) => fd,
+        Err(e) => return absent(e),
+    };
+    let f = File::from(fd);
+    let md = f.metadata().map_err(|e| Error::io("stat", &full, e))?;
+    if !md.file_type().is_file() {
+        return Err(Error::corruption(format!(
+            "\"{}\" is not a regular file",
+            full.display()
+        )));
+    }
+    Ok(Some(f))
+}
+
 /// Opens the directory `root/rel` (empty `rel`: `root` itself) without following links below
 /// `root`; a link or a non-directory is corruption.
 pub fn open_dir_under(root: &Path, rel: &str) -> Result<File> {
@@ -276,6 +330,24 @@ mod tests {
         open_dir_under(root, "database/base").unwrap();
         assert!(open_dir_under(root, "db2").is_err());
 
+        // absent only when a readable directory says so
+        assert!(open_under_if_exists(root, "database/base/9")
+            .unwrap()
+            .is_none());
+        assert!(open_under_if_exists(root, "nodir/x").unwrap().is_none());
+        assert!(open_under_if_exists(root, "database/base/1")
+            .unwrap()
+            .is_some());
+        for damaged in [
+            "database/base/2",
+            "db2/base/1",
+            "database/base",
+            "database/base/1/x",
+        ] {
+            let e = open_under_if_exists(root, damaged).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Corruption, "{damaged}: {e}");
+        }
+        assert!(open_under_if_exists(&root.join("missing-root"), "x").is_err());
         create_dirs_under(root, "t/a/b", 0o700).unwrap();
         assert!(root.join("t/a/b").is_dir());
         std::os::unix::fs::symlink(d.path(), root.join("t/link")).unwrap();

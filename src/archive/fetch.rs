@@ -11,9 +11,15 @@
 //!   following a later timeline never asks for the old timeline's name of that segment
 //!   (it asks for the newer timeline's name first). Without it such a recovery would stop one
 //!   segment early. Serving is logged.
-//! - Absent: exit 1 (PostgreSQL: "not available"). Present but damaged, or any error that
-//!   prevents an answer: exit [`crate::EXIT_FETCH_FATAL`], so recovery stops loudly instead
-//!   of ending early at a wrong point. Nothing is written to `%p` then.
+//! - Absent: exit 1 (PostgreSQL: "not available"), only when the name and every candidate
+//!   for it (`.partial`) are definitely absent: `ENOENT` in a readable timeline directory.
+//!   Present but damaged (checksums, a link or non-regular file, another cluster's system
+//!   identifier or another segment's name in its headers), an unreadable directory, any I/O
+//!   error, a bad `instance.json`, even a panic: exit [`crate::EXIT_FETCH_FATAL`], so
+//!   recovery stops loudly instead of ending early at a wrong point. Nothing is written to
+//!   `%p` then.
+//! - Temp files of a killed fetch (`pg_wal/.RECOVERYXLOG.walnut-tmp.PID.N`) are removed by
+//!   the next fetch that reads the archive, by the prefetch worker and by `--cleanup`.
 //! - Prefetch: a request for segment N starts (when none is running) one detached background
 //!   worker that fetches, verifies and decompresses N+1, N+2, ... on all cores into
 //!   `pg_wal/walnut-prefetch/`, with a `.json` checksum written after each file, keeping at
@@ -39,7 +45,7 @@ use super::WalArchive;
 use crate::catalog::Catalog;
 use crate::cli::InstanceArgs;
 use crate::durable::{self, Replace};
-use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::types::WalFileName;
 
 /// Directory name of the prefetch spool inside `pg_wal`.
@@ -117,6 +123,7 @@ pub fn run(args: FetchArgs) -> Result<FetchOutcome> {
         .unwrap_or_else(|| Path::new("pg_wal").join("RECOVERYXLOG"));
     if args.cleanup {
         remove_spool(&spool_dir(&dest))?;
+        remove_stale_fetch_temps(&dest);
         return Ok(FetchOutcome::Cleaned);
     }
     let name: WalFileName = args.name.as_deref().unwrap_or_default().parse()?;
@@ -172,43 +179,58 @@ pub fn fetch(ar: &WalArchive, name: &WalFileName, dest: &Path) -> Result<FetchOu
             }
         }
     }
-    let wanted = if ar.contains(name) {
-        *name
-    } else {
-        match *name {
+    // "Not archived" only when every candidate name is definitely absent; any error reading
+    // one (an unreadable directory, a link, damage, another cluster's file) is fatal.
+    let data = match ar.read_opt(name)? {
+        Some(d) => d,
+        None => match *name {
             WalFileName::Segment { tli, log, seg } => {
                 let partial = WalFileName::Partial { tli, log, seg };
-                if ar.contains(&partial) {
-                    log::info!("{name} is not archived; serving {partial} in its place");
-                    partial
-                } else {
-                    return Ok(FetchOutcome::NotInArchive);
+                match ar.read_opt(&partial)? {
+                    Some(d) => {
+                        log::info!("{name} is not archived; serving {partial} in its place");
+                        d
+                    }
+                    None => return Ok(FetchOutcome::NotInArchive),
                 }
             }
             _ => return Ok(FetchOutcome::NotInArchive),
-        }
+        },
     };
-    match ar.read(&wanted) {
-        Ok(data) => {
-            durable::write_file(dest, &data, Replace::Yes)?;
-            Ok(FetchOutcome::Restored)
-        }
-        // Vanished between the check and the read (it never is removed by walnut, but an
-        // operator may): absence, not corruption.
-        Err(e) if e.kind() == ErrorKind::NotFound && !ar.contains(&wanted) => {
-            Ok(FetchOutcome::NotInArchive)
-        }
-        Err(e) => Err(e),
+    // Reading the archive costs a decompression, which dwarfs listing pg_wal: tidy up temp
+    // files of killed runs here (a fetch served from the spool skips it; the prefetch
+    // worker does it when it starts).
+    remove_stale_fetch_temps(dest);
+    durable::write_file(dest, &data, Replace::Yes)?;
+    Ok(FetchOutcome::Restored)
+}
+
+/// Removes walnut's temp files left in `dest`'s directory (`pg_wal`) by a killed fetch (a
+/// 16 MiB `.RECOVERYXLOG.walnut-tmp.PID.N` each): only walnut's own temp names whose writer
+/// no longer runs. Failures are only logged: tidying up must not fail a fetch.
+fn remove_stale_fetch_temps(dest: &Path) {
+    let dir = pg_wal_dir(dest);
+    match durable::remove_stale_temps(&dir) {
+        Ok(0) => {}
+        Ok(n) => log::info!(
+            "removed {n} temp file(s) left in \"{}\" by killed runs",
+            dir.display()
+        ),
+        Err(e) => log::warn!("could not tidy up temp files: {e}"),
+    }
+}
+
+/// The directory of a destination `%p` (`pg_wal`).
+fn pg_wal_dir(dest: &Path) -> PathBuf {
+    match dest.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
     }
 }
 
 /// The spool directory for a destination `%p` (which lives in `pg_wal`).
 fn spool_dir(dest: &Path) -> PathBuf {
-    let pg_wal = match dest.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    pg_wal.join(PREFETCH_DIR)
+    pg_wal_dir(dest).join(PREFETCH_DIR)
 }
 
 /// The path of a verified prefetched copy of `name` (its checksum entry is consumed);
@@ -329,10 +351,16 @@ fn prefetch_worker(ar: &WalArchive, name: &WalFileName, dest: &Path, k: u64) -> 
         .segno(seg_size)
         .ok_or_else(|| Error::invalid(format!("{name}: not a segment")))?;
     let spool = spool_dir(dest);
-    durable::create_dir_all_durable(&spool)?;
+    // Below pg_wal only: never create pg_wal itself.
+    match fs::create_dir(&spool) {
+        Ok(()) => durable::fsync_dir(&pg_wal_dir(dest))?,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(Error::io("create directory", &spool, e)),
+    }
     let Some(lock) = super::try_lock_file(&lock_path(&spool))? else {
         return Ok(()); // another worker is filling the spool
     };
+    remove_stale_fetch_temps(dest);
     let tli = name.tli();
     let window: Vec<WalFileName> = (segno + 1..=segno + k)
         .map(|s| WalFileName::segment(tli, s, seg_size))
@@ -382,8 +410,10 @@ fn prefetch_worker(ar: &WalArchive, name: &WalFileName, dest: &Path, k: u64) -> 
                 }
                 if r.next - r.lo < k {
                     let s = r.next;
-                    if !ar.contains(&entry(s)) {
-                        r.stop = true; // the end of the archive, for now
+                    // The end of the archive, for now; or an error, which the request for
+                    // that segment reports.
+                    if !ar.is_archived(&entry(s)).unwrap_or(false) {
+                        r.stop = true;
                         return None;
                     }
                     r.next += 1;

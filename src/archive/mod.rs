@@ -21,7 +21,8 @@
 //!     <segment>.ok                        JSON {name, size, crc32c, compressed_size, source}
 //!     <segment>.failed                    the background pusher failed on it (error text)
 //!     .look-ahead.lock                    held by the one background pusher; holds the
-//!                                         name its caller archives itself
+//!                                         name its caller archives itself and its pid;
+//!                                         its mtime is the pusher's progress stamp
 //! PGDATA/pg_wal/walnut-prefetch/          walnut-fetch's prefetch spool (at most K entries)
 //!   <segment>                             decompressed, verified segment
 //!   <segment>.json                        {name, size, crc32c}, written after the data
@@ -61,7 +62,7 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::{Catalog, InstanceConfig};
 use crate::cli::ShowArgs;
 use crate::durable::{self, Replace};
-use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::index::SegmentIndex;
 use crate::types::{Lsn, TimeLineId, WalFileName};
 
@@ -98,6 +99,8 @@ pub struct WalArchive {
     cfg: InstanceConfig,
     dir: PathBuf,
     spool: PathBuf,
+    /// The catalog's marker file: directories are created only while it exists.
+    marker: PathBuf,
 }
 
 impl WalArchive {
@@ -106,6 +109,7 @@ impl WalArchive {
         Ok(WalArchive {
             dir: catalog.wal_dir(instance),
             spool: catalog.instance_dir(instance).join("spool"),
+            marker: catalog.root().join(crate::catalog::CATALOG_MARKER),
             cfg,
         })
     }
@@ -126,6 +130,36 @@ impl WalArchive {
 
     pub(crate) fn spool_dir(&self) -> PathBuf {
         self.spool.join("push")
+    }
+
+    /// Creates the look-ahead spool if missing (see [`ensure_dir`](Self::ensure_dir)).
+    pub(crate) fn ensure_spool_dir(&self) -> Result<PathBuf> {
+        self.ensure_dir(&self.spool)?;
+        let d = self.spool_dir();
+        self.ensure_dir(&d)?;
+        Ok(d)
+    }
+
+    /// Creates directory `d` of the archive (a timeline's, its `.tmp`, the spool) when it is
+    /// missing: one level only, below a parent that exists, and only while the catalog's
+    /// marker exists. A process that outlived its catalog (a detached pusher whose catalog
+    /// was deleted) thus never recreates it. The common case, `d` exists, costs one stat.
+    pub(crate) fn ensure_dir(&self, d: &Path) -> Result<()> {
+        if d.is_dir() {
+            return Ok(());
+        }
+        if !self.marker.is_file() {
+            return Err(Error::not_found(format!(
+                "the catalog of \"{}\" is gone (no \"{}\"); not recreating it",
+                d.display(),
+                self.marker.display()
+            )));
+        }
+        match fs::create_dir(d) {
+            Ok(()) => durable::fsync_dir(d.parent().unwrap_or(Path::new("."))),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => Ok(()),
+            Err(e) => Err(Error::io("create directory", d, e)),
+        }
     }
 
     /// The newest restore point named `name` (`pg_create_restore_point`) recorded in the
@@ -156,11 +190,18 @@ impl WalArchive {
                 if path.extension().and_then(|e| e.to_str()) != Some("idx") {
                     continue;
                 }
-                let Ok(bytes) = fs::read(&path) else { continue };
+                // Without following links, like every read of the archive.
+                let fname = f.file_name().to_string_lossy().into_owned();
+                let Ok(Some(bytes)) = self.read_small_opt(tli, &fname) else {
+                    continue;
+                };
                 let Ok(ix) = crate::index::format::decode(&bytes, &path.display().to_string())
                 else {
                     continue;
                 };
+                if ix.system_id != self.cfg.system_id {
+                    continue; // another cluster's index
+                }
                 for ev in &ix.other_events {
                     if let crate::index::OtherEvent::RestorePoint { lsn, name: n, .. } = ev {
                         if n == name && best.is_none_or(|(_, b)| *lsn > b) {
@@ -181,8 +222,12 @@ impl WalArchive {
     /// directory beside them (same filesystem), so that removing temp files left by killed
     /// runs never lists the timeline directory, which grows with the archive.
     pub(crate) fn tmp_dir(&self, tli: TimeLineId) -> Result<PathBuf> {
-        let d = self.tli_dir(tli).join(".tmp");
-        durable::create_dir_all_durable(&d)?;
+        let t = self.tli_dir(tli);
+        let d = t.join(".tmp");
+        if !d.is_dir() {
+            self.ensure_dir(&t)?;
+            self.ensure_dir(&d)?;
+        }
         Ok(d)
     }
 
@@ -205,9 +250,22 @@ impl WalArchive {
         self.tli_dir(tli).join(format!("{n}.idx-missing"))
     }
 
-    /// Whether a file (segment, .history, .partial, .backup) is archived.
-    pub fn contains(&self, name: &WalFileName) -> bool {
-        self.data_path(name).is_file()
+    /// Path of `name`'s archived file relative to the archive directory.
+    fn rel_path(name: &WalFileName, ext: &str) -> String {
+        format!("{:08X}/{name}{ext}", name.tli())
+    }
+
+    /// Opens the archived file of `name`: `Ok(None)` only when it is definitely absent
+    /// (`ENOENT` in a readable directory). A symlink or other non-regular file, an
+    /// unreadable timeline directory or any I/O error is an error, never "absent".
+    fn open_archived(&self, name: &WalFileName) -> Result<Option<fs::File>> {
+        crate::safepath::open_under_if_exists(&self.dir, &Self::rel_path(name, ".lz4"))
+    }
+
+    /// Whether a file (segment, .history, .partial, .backup) is archived: `Ok(false)` only
+    /// when it is definitely absent (see [`open_archived`](Self::open_archived)).
+    pub fn is_archived(&self, name: &WalFileName) -> Result<bool> {
+        self.open_archived(name).map(|f| f.is_some())
     }
 
     /// Reads, decompresses and verifies an archived file. Corruption is
@@ -217,81 +275,178 @@ impl WalArchive {
     }
 
     pub(crate) fn read_with_meta(&self, name: &WalFileName) -> Result<(store::FileMeta, Vec<u8>)> {
-        let p = self.data_path(name);
-        let bytes = match fs::read(&p) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(Error::not_found(format!(
-                    "{name} is not in the archive ({})",
-                    p.display()
-                )))
-            }
-            Err(e) => return Err(Error::io("read", &p, e)),
+        self.read_opt_with_meta(name)?.ok_or_else(|| {
+            Error::not_found(format!(
+                "{name} is not in the archive ({})",
+                self.data_path(name).display()
+            ))
+        })
+    }
+
+    /// Reads and verifies an archived file; `Ok(None)` only when it is definitely absent.
+    /// Besides the checksums, the file must be `name`'s and this instance's: the name and
+    /// system identifier in its header and, for a segment, in its WAL page header.
+    pub(crate) fn read_opt_with_meta(
+        &self,
+        name: &WalFileName,
+    ) -> Result<Option<(store::FileMeta, Vec<u8>)>> {
+        use std::io::Read;
+        let Some(mut f) = self.open_archived(name)? else {
+            return Ok(None);
         };
-        let (meta, data) = store::decode(&bytes, &p.display().to_string())?;
+        let p = self.data_path(name);
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).ctx("read", &p)?;
+        let what = p.display().to_string();
+        let (meta, data) = store::decode(&bytes, &what)?;
+        self.check_meta(&meta, name, &what)?;
+        self.check_wal_header(name, &data, &what)?;
+        Ok(Some((meta, data)))
+    }
+
+    /// The archive header must name `name` and this instance's system.
+    fn check_meta(&self, meta: &store::FileMeta, name: &WalFileName, what: &str) -> Result<()> {
         if meta.name != name.to_string() {
             return Err(Error::corruption(format!(
-                "{}: header names \"{}\", expected {name}",
-                p.display(),
+                "{name}: {what}: header names \"{}\", expected {name}",
                 meta.name
             )));
         }
-        Ok((meta, data))
+        if meta.system_id != self.cfg.system_id {
+            return Err(Error::corruption(format!(
+                "{name}: {what}: archived by database system {}, not instance \"{}\"'s ({}): \
+                 a file of another cluster",
+                meta.system_id, self.cfg.name, self.cfg.system_id
+            )));
+        }
+        Ok(())
     }
 
-    /// Like [`read`](Self::read) but `Ok(None)` when absent.
-    pub fn read_opt(&self, name: &WalFileName) -> Result<Option<Vec<u8>>> {
-        match self.read(name) {
-            Ok(d) => Ok(Some(d)),
-            Err(e) if e.kind() == ErrorKind::NotFound && !self.contains(name) => Ok(None),
-            Err(e) => Err(e),
+    /// A segment's (or `.partial`'s) first page header must carry this instance's system
+    /// identifier and segment size, and the address its name says.
+    fn check_wal_header(&self, name: &WalFileName, data: &[u8], what: &str) -> Result<()> {
+        if !matches!(
+            name,
+            WalFileName::Segment { .. } | WalFileName::Partial { .. }
+        ) {
+            return Ok(());
+        }
+        let h =
+            crate::wal::read_long_header(data).map_err(|e| e.context(format!("{name}: {what}")))?;
+        let mut bad = None;
+        if h.system_id != self.cfg.system_id {
+            bad = Some(format!(
+                "WAL of database system {}, not instance \"{}\"'s ({}): a segment of another cluster",
+                h.system_id, self.cfg.name, self.cfg.system_id
+            ));
+        } else if h.seg_size != self.cfg.wal_segment_size {
+            bad = Some(format!(
+                "segment size {} in its page header, the instance has {}",
+                h.seg_size, self.cfg.wal_segment_size
+            ));
+        } else if let Some(start) = name.start_lsn(self.cfg.wal_segment_size) {
+            if h.pageaddr != start {
+                bad = Some(format!(
+                    "its first page is at {}, the name says {start}",
+                    h.pageaddr
+                ));
+            }
+        }
+        match bad {
+            Some(why) => Err(Error::corruption(format!("{name}: {what}: {why}"))),
+            None => Ok(()),
         }
     }
 
-    /// Reads only the metadata header of an archived file (cheap: a few hundred bytes).
+    /// Like [`read`](Self::read) but `Ok(None)` when definitely absent.
+    pub fn read_opt(&self, name: &WalFileName) -> Result<Option<Vec<u8>>> {
+        Ok(self.read_opt_with_meta(name)?.map(|(_, d)| d))
+    }
+
+    /// Reads only the metadata header of an archived file (cheap: a few hundred bytes) and
+    /// checks that it is `name`'s and this instance's.
     pub fn read_meta(&self, name: &WalFileName) -> Result<store::FileMeta> {
         use std::io::Read;
         let p = self.data_path(name);
-        let f = fs::File::open(&p).ctx("open", &p)?;
+        let f = self.open_archived(name)?.ok_or_else(|| {
+            Error::not_found(format!("{name} is not in the archive ({})", p.display()))
+        })?;
         let mut head = Vec::with_capacity(512);
         f.take(64 * 1024 + 8)
             .read_to_end(&mut head)
             .ctx("read", &p)?;
-        store::decode_meta(&head, &p.display().to_string()).map(|(m, _)| m)
+        let what = p.display().to_string();
+        let (meta, _) = store::decode_meta(&head, &what)?;
+        self.check_meta(&meta, name, &what)?;
+        Ok(meta)
+    }
+
+    /// Reads a small file of the archive beside the segments (an index, a marker) without
+    /// following links; `Ok(None)` only when definitely absent.
+    fn read_small_opt(&self, tli: TimeLineId, file: &str) -> Result<Option<Vec<u8>>> {
+        use std::io::Read;
+        let rel = format!("{tli:08X}/{file}");
+        let Some(mut f) = crate::safepath::open_under_if_exists(&self.dir, &rel)? else {
+            return Ok(None);
+        };
+        let mut v = Vec::new();
+        f.read_to_end(&mut v).ctx("read", &self.dir.join(&rel))?;
+        Ok(Some(v))
+    }
+
+    /// Why a decoded index is not segment `segno` of timeline `tli` of this instance (an
+    /// index copied from elsewhere); `None` when it is.
+    fn foreign_index(&self, ix: &SegmentIndex, tli: TimeLineId, segno: u64) -> Option<String> {
+        if ix.system_id != self.cfg.system_id {
+            Some(format!(
+                "the index is of database system {}, not {}",
+                ix.system_id, self.cfg.system_id
+            ))
+        } else if ix.timeline != tli || ix.segno != segno || ix.seg_size != self.seg_size() {
+            Some(format!(
+                "the index describes timeline {} segment {:X} ({} byte segments)",
+                ix.timeline, ix.segno, ix.seg_size
+            ))
+        } else {
+            None
+        }
     }
 
     /// The index state of segment `segno` on timeline `tli`.
     pub fn index_state(&self, tli: TimeLineId, segno: u64) -> Result<IndexState> {
         let name = self.segment_name(tli, segno);
-        if !self.contains(&name) {
+        if !self.is_archived(&name)? {
             return Ok(IndexState::NotArchived);
         }
         let ip = self.index_path(tli, segno);
-        match fs::read(&ip) {
-            Ok(bytes) => {
-                return Ok(
-                    match crate::index::format::decode(&bytes, &ip.display().to_string()) {
-                        Ok(ix) if ix.pending => IndexState::Pending(ix),
-                        Ok(ix) => IndexState::Indexed(ix),
-                        Err(e) => IndexState::Missing(format!("index file unreadable: {e}")),
+        if let Some(bytes) = self.read_small_opt(tli, &format!("{name}.idx"))? {
+            // A damaged or foreign index reads as missing: ensure_index rebuilds it from the
+            // (verified) segment, so PAGE never merges an index that is not this segment's.
+            return Ok(
+                match crate::index::format::decode(&bytes, &ip.display().to_string()) {
+                    Ok(ix) => match self.foreign_index(&ix, tli, segno) {
+                        Some(why) => IndexState::Missing(format!(
+                            "index file {} is not this segment's: {why}",
+                            ip.display()
+                        )),
+                        None if ix.pending => IndexState::Pending(ix),
+                        None => IndexState::Indexed(ix),
                     },
-                )
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("read", &ip, e)),
+                    Err(e) => IndexState::Missing(format!("index file unreadable: {e}")),
+                },
+            );
         }
         let mp = self.missing_path(tli, segno);
-        match fs::read(&mp) {
-            Ok(bytes) => {
+        match self.read_small_opt(tli, &format!("{name}.idx-missing"))? {
+            Some(bytes) => {
                 let reason = serde_json::from_slice::<MissingMarker>(&bytes)
                     .map(|m| m.reason)
                     .unwrap_or_else(|e| format!("marker {} unreadable: {e}", mp.display()));
                 Ok(IndexState::Missing(reason))
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(IndexState::Missing(
+            None => Ok(IndexState::Missing(
                 "not indexed yet (archiving was interrupted before indexing)".into(),
             )),
-            Err(e) => Err(Error::io("read", &mp, e)),
         }
     }
 
@@ -336,7 +491,11 @@ impl WalArchive {
                 }
                 // The writer of segno+1 may have looked for our index before it existed:
                 // whoever comes second completes it (see the module docs).
-                if pending && self.contains(&self.segment_name(tli, segno + 1)) {
+                if pending
+                    && self
+                        .is_archived(&self.segment_name(tli, segno + 1))
+                        .unwrap_or(false)
+                {
                     self.complete_pending(tli, segno, None);
                 }
             }
@@ -471,7 +630,7 @@ impl WalArchive {
         if ix.pending {
             if let Ok(bytes) = fs::read(&ip) {
                 if let Ok(old) = crate::index::format::decode(&bytes, "") {
-                    if !old.pending {
+                    if !old.pending && self.foreign_index(&old, tli, segno).is_none() {
                         return Ok(());
                     }
                 }

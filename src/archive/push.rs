@@ -88,8 +88,15 @@ pub fn run(args: PushArgs) -> Result<i32> {
 }
 
 /// How long a call waits for the background pusher to acknowledge its segment before
-/// archiving it itself.
+/// archiving it itself, at most: a backstop only; what normally decides is the pusher's
+/// progress ([`PUSHER_STALL`]).
 const ACK_WAIT: Duration = Duration::from_secs(60);
+/// A running pusher that has shown no progress for this long is treated as stalled
+/// (stopped, hung on I/O): calls push their segment themselves instead of waiting.
+const PUSHER_STALL: Duration = Duration::from_secs(5);
+/// How often an idle pusher (waiting for PostgreSQL to consume acknowledgements) still
+/// stamps its progress, to show it is alive.
+const PROGRESS_STAMP: Duration = Duration::from_millis(250);
 /// How long the background pusher waits for PostgreSQL to consume acknowledgements when
 /// it is N segments ahead, before it exits.
 const AHEAD_IDLE: Duration = Duration::from_secs(2);
@@ -183,6 +190,15 @@ fn wait_for_ack(
                 }
                 PusherState::Running(_) => {}
             }
+            // Judged by its progress, not by a fixed wait: a stopped or hung pusher would
+            // otherwise hold every call for ACK_WAIT.
+            if let Some(idle) = pusher_stalled(spool) {
+                log::warn!(
+                    "{name}: the background pusher has made no progress for {:.1}s; pushing it",
+                    idle.as_secs_f64()
+                );
+                return Ok(taken(false, Some(true)));
+            }
             if Instant::now() >= deadline {
                 log::warn!(
                     "{name}: the background pusher did not acknowledge it within {}s; pushing it",
@@ -206,11 +222,30 @@ fn lock_path(spool: &Path) -> PathBuf {
     spool.join(".look-ahead.lock")
 }
 
+/// The pusher's lock file holds `<own segment>\n<pid>\n`; its mtime is the pusher's
+/// progress stamp (see [`stamp_progress`]).
 fn pusher_state(spool: &Path) -> PusherState {
     match super::lock_holder(&lock_path(spool)) {
         None => PusherState::Idle,
-        Some(own) => PusherState::Running(own),
+        Some(s) => PusherState::Running(s.lines().next().unwrap_or_default().to_string()),
     }
+}
+
+/// How long the running pusher has shown no progress, when that is more than
+/// [`PUSHER_STALL`]; `None` while it progresses (or cannot be judged: then the wait's
+/// backstop applies).
+fn pusher_stalled(spool: &Path) -> Option<Duration> {
+    let stamp = fs::metadata(lock_path(spool))
+        .and_then(|m| m.modified())
+        .ok()?;
+    // A stamp in the future (clock stepped back) reads as fresh.
+    let idle = stamp.elapsed().ok()?;
+    (idle > PUSHER_STALL).then_some(idle)
+}
+
+/// Records progress: the lock file's mtime (one `futimens`).
+fn stamp_progress(lock: &fs::File) {
+    let _ = lock.set_modified(SystemTime::now());
 }
 
 fn pusher_running(spool: &Path) -> bool {
@@ -246,8 +281,7 @@ fn background_pusher(
     own: &WalFileName,
     ahead: usize,
 ) -> Result<()> {
-    let spool = ar.spool_dir();
-    durable::create_dir_all_durable(&spool)?;
+    let spool = ar.ensure_spool_dir()?;
     let lock_p = lock_path(&spool);
     // The caller may be probing the lock right now: retry briefly before giving up.
     let t0 = Instant::now();
@@ -265,9 +299,10 @@ fn background_pusher(
         lock.set_len(0).ctx("truncate", &lock_p)?;
         lock.seek(std::io::SeekFrom::Start(0))
             .ctx("seek", &lock_p)?;
-        lock.write_all(own.to_string().as_bytes())
+        lock.write_all(format!("{own}\n{}\n", std::process::id()).as_bytes())
             .ctx("write", &lock_p)?;
     }
+    stamp_progress(&lock);
     let _ = durable::remove_stale_temps(&spool);
     clean_stale_acks(&spool, pg_wal);
 
@@ -277,6 +312,7 @@ fn background_pusher(
         acked: Vec<WalFileName>,
         failed: HashSet<WalFileName>,
         last_progress: Instant,
+        last_stamp: Instant,
         done: bool,
     }
     let state = Mutex::new(State {
@@ -285,6 +321,7 @@ fn background_pusher(
         acked: Vec::new(),
         failed: HashSet::new(),
         last_progress: Instant::now(),
+        last_stamp: Instant::now(),
         done: false,
     });
     let next_job = || -> Option<WalFileName> {
@@ -293,6 +330,11 @@ fn background_pusher(
                 let mut st = state.lock().ok()?;
                 if st.done {
                     return None;
+                }
+                // Alive and scheduling: callers waiting for an acknowledgement see it.
+                if st.last_stamp.elapsed() >= PROGRESS_STAMP {
+                    stamp_progress(&lock);
+                    st.last_stamp = Instant::now();
                 }
                 let before = st.acked.len();
                 st.acked.retain(|n| ack_path(&spool, n).exists());
@@ -319,6 +361,8 @@ fn background_pusher(
                     }
                     if let Some(n) = st.queue.pop_front() {
                         st.in_flight.insert(n);
+                        stamp_progress(&lock);
+                        st.last_stamp = Instant::now();
                         return Some(n);
                     }
                 } else if st.in_flight.is_empty() && st.last_progress.elapsed() > AHEAD_IDLE {
@@ -338,6 +382,8 @@ fn background_pusher(
                 st.failed.insert(n);
             }
             st.last_progress = Instant::now();
+            stamp_progress(&lock);
+            st.last_stamp = Instant::now();
         }
     };
     let workers = super::worker_threads();
@@ -525,8 +571,7 @@ pub fn push_file(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<Push
         }
         WalFileName::History { .. } | WalFileName::Backup { .. } => {}
     }
-    let tli_dir = ar.tli_dir(name.tli());
-    durable::create_dir_all_durable(&tli_dir)?;
+    // Creates the timeline directory when missing, never the catalog's own directories.
     // Temp files of killed runs have unique names and never look finished; tidy them up.
     // They live in a small directory of their own, so this never lists the timeline's.
     let tmp_dir = ar.tmp_dir(name.tli())?;

@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::{IndexState, WalArchive};
 use crate::catalog::Catalog;
 use crate::cli::{OutputFormat, ShowArgs};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::types::{TimeLineId, WalFileName};
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -42,10 +42,26 @@ pub struct TimelineReport {
     pub pending: u64,
     /// Segments with no usable index, with the reason.
     pub index_missing: Vec<(String, String)>,
-    /// Files whose header (or, with --verify, content) fails verification.
+    /// Files whose header (or, with --verify, content) fails verification: damaged, a
+    /// link or non-regular file, or another cluster's or another segment's file.
     pub corrupt: Vec<(String, String)>,
+    /// Files that could not be read (I/O errors, permissions): neither absent nor known
+    /// damaged.
+    pub unreadable: Vec<(String, String)>,
     /// Commit time of the last commit/abort record in the indexes (ISO 8601 UTC).
     pub latest_restorable_time: Option<String>,
+}
+
+impl TimelineReport {
+    /// Files as [`corrupt`](Self::corrupt) or [`unreadable`](Self::unreadable) by the
+    /// kind of error.
+    fn problem(&mut self, n: &WalFileName, e: Error) {
+        let entry = (n.to_string(), e.to_string());
+        match e.kind() {
+            ErrorKind::Corruption | ErrorKind::NotFound => self.corrupt.push(entry),
+            _ => self.unreadable.push(entry),
+        }
+    }
 }
 
 /// Builds the report; `verify` decompresses and checks every file.
@@ -60,13 +76,16 @@ pub fn report(ar: &WalArchive, instance: &str, verify: bool) -> Result<ArchiveRe
         timelines: Vec::new(),
     };
     let mut tlis: Vec<TimeLineId> = Vec::new();
-    if let Ok(rd) = fs::read_dir(ar.dir()) {
-        for e in rd.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if n.len() == 8 && e.path().is_dir() {
-                if let Ok(t) = u32::from_str_radix(&n, 16) {
-                    tlis.push(t);
-                }
+    // An unreadable archive is an error, never an empty one.
+    for e in fs::read_dir(ar.dir()).ctx("read directory", ar.dir())? {
+        let e = e.ctx("read directory", ar.dir())?;
+        let n = e.file_name().to_string_lossy().into_owned();
+        // A timeline directory that is a link is listed: each of its files then reports
+        // as damaged (they are read without following links).
+        let kind = e.file_type().ctx("stat", &e.path())?;
+        if n.len() == 8 && (kind.is_dir() || kind.is_symlink()) {
+            if let Ok(t) = u32::from_str_radix(&n, 16) {
+                tlis.push(t);
             }
         }
     }
@@ -92,7 +111,7 @@ pub fn report(ar: &WalArchive, instance: &str, verify: bool) -> Result<ArchiveRe
         let mut last_commit: Option<i64> = None;
         for n in &names {
             let p = ar.data_path(n);
-            t.compressed_bytes += fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+            t.compressed_bytes += fs::symlink_metadata(&p).map(|m| m.len()).unwrap_or(0);
             let meta = if verify {
                 ar.read_with_meta(n).map(|(m, _)| m)
             } else {
@@ -100,13 +119,20 @@ pub fn report(ar: &WalArchive, instance: &str, verify: bool) -> Result<ArchiveRe
             };
             match meta {
                 Ok(m) => t.original_bytes += m.size,
-                Err(e) => t.corrupt.push((n.to_string(), e.to_string())),
+                Err(e) => t.problem(n, e),
             }
             match n {
                 WalFileName::Segment { .. } => {
                     if let Some(s) = n.segno(seg_size) {
                         segnos.insert(s, *n);
-                        match ar.index_state(tli, s)? {
+                        let state = match ar.index_state(tli, s) {
+                            Ok(st) => st,
+                            Err(e) => {
+                                t.problem(n, e);
+                                continue;
+                            }
+                        };
+                        match state {
                             IndexState::Indexed(ix) => {
                                 t.indexed += 1;
                                 last_commit = last_commit.max(ix.last_commit_time);
@@ -219,6 +245,9 @@ pub fn render_text(r: &ArchiveReport) -> String {
         for (n, why) in &t.corrupt {
             let _ = writeln!(s, "timeline {}: CORRUPT {n}: {why}", t.timeline);
         }
+        for (n, why) in &t.unreadable {
+            let _ = writeln!(s, "timeline {}: UNREADABLE {n}: {why}", t.timeline);
+        }
         for n in &t.partial_files {
             let _ = writeln!(s, "timeline {}: partial {n}", t.timeline);
         }
@@ -238,7 +267,10 @@ pub fn run(args: ShowArgs) -> Result<i32> {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&r)?),
         OutputFormat::Text => print!("{}", render_text(&r)),
     }
-    let corrupt = r.timelines.iter().any(|t| !t.corrupt.is_empty());
+    let corrupt = r
+        .timelines
+        .iter()
+        .any(|t| !t.corrupt.is_empty() || !t.unreadable.is_empty());
     Ok(if corrupt { 1 } else { 0 })
 }
 

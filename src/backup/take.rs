@@ -352,7 +352,7 @@ fn run(
 fn wait_archived(archive: &WalArchive, seg: &WalFileName, timeout: Duration) -> Result<()> {
     let t0 = Instant::now();
     loop {
-        if archive.contains(seg) {
+        if archive.is_archived(seg)? {
             return Ok(());
         }
         if t0.elapsed() >= timeout {

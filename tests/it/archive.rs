@@ -5,14 +5,14 @@ use std::time::{Duration, Instant};
 
 use super::harness::*;
 
-fn push(cat: &Path, path: &Path, name: &str, extra: &[&str]) -> Output {
+pub(crate) fn push(cat: &Path, path: &Path, name: &str, extra: &[&str]) -> Output {
     let mut c = as_pg(walnut_bin("walnut-archive"));
     c.arg("-B").arg(cat).args(["--instance", "db"]).args(extra);
     c.arg(path).arg(name);
     run(&mut c)
 }
 
-fn fetch(cat: &Path, name: &str, dest: &Path) -> Output {
+pub(crate) fn fetch(cat: &Path, name: &str, dest: &Path) -> Output {
     let mut c = as_pg(walnut_bin("walnut-fetch"));
     c.arg("-B")
         .arg(cat)
@@ -21,7 +21,7 @@ fn fetch(cat: &Path, name: &str, dest: &Path) -> Output {
     run(&mut c)
 }
 
-fn show_json(cat: &Path, verify: bool) -> (bool, serde_json::Value) {
+pub(crate) fn show_json(cat: &Path, verify: bool) -> (bool, serde_json::Value) {
     let mut args = vec![
         "show",
         "-B",
@@ -97,7 +97,7 @@ fn lz4_decompress(file: &Path) -> Vec<u8> {
 
 /// A stopped 1 MiB-segment cluster that produced `n` complete segments, copied (readable by
 /// the cluster owner) to DIR/segs; returns the cluster and the copies, oldest first.
-fn make_segments(dir: &Path, name: &str, n: usize) -> (Pg, Vec<PathBuf>) {
+pub(crate) fn make_segments(dir: &Path, name: &str, n: usize) -> (Pg, Vec<PathBuf>) {
     let mut pg = Pg::init(&pg_bin(), dir, name, &["--wal-segsize=1"]);
     pg.append_conf("wal_keep_size = '1GB'");
     pg.start();
@@ -133,7 +133,7 @@ fn make_segments(dir: &Path, name: &str, n: usize) -> (Pg, Vec<PathBuf>) {
     (pg, out)
 }
 
-fn fname(p: &Path) -> String {
+pub(crate) fn fname(p: &Path) -> String {
     p.file_name().unwrap().to_string_lossy().into_owned()
 }
 
@@ -567,7 +567,7 @@ fn archive_rules_duplicates_history_foreign_and_undecodable() {
         String::from_utf8_lossy(&out.stderr).contains("size"),
         "{out:?}"
     );
-    assert!(!ar.contains(&fname(&segs[1]).parse().unwrap()));
+    assert!(!ar.is_archived(&fname(&segs[1]).parse().unwrap()).unwrap());
 
     // undecodable: garbage after a valid first page; archived, index marked missing
     let mut garbage = good.clone();
@@ -590,7 +590,7 @@ fn archive_rules_duplicates_history_foreign_and_undecodable() {
     assert!(std::fs::read(&dest).unwrap() == garbage);
 }
 
-fn wait_for(p: &Path, secs: u64) -> bool {
+pub(crate) fn wait_for(p: &Path, secs: u64) -> bool {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline {
         if p.exists() {
@@ -665,7 +665,7 @@ fn look_ahead_acknowledgements_and_prefetch_spool() {
             .unwrap();
     for (i, n) in names.iter().enumerate() {
         let acked = spool.join(format!("{n}.ok")).exists();
-        let archived = ar.contains(&n.parse().unwrap());
+        let archived = ar.is_archived(&n.parse().unwrap()).unwrap();
         assert_eq!(acked, (1..=4).contains(&i), "{n} ack");
         assert_eq!(archived, i <= 4, "{n} archived");
     }

@@ -434,6 +434,27 @@ impl Pg {
     }
 }
 
+/// Forces a WAL switch on `pg` and waits (up to 120 s) until the finished segment is in the
+/// archive of instance "db" in catalog `cat`; returns the segment.
+pub fn switch_and_wait_in_catalog(pg: &Pg, cat: &Path) -> walnut::WalFileName {
+    let seg: walnut::WalFileName = pg
+        .psql("postgres", "select pg_walfile_name(pg_switch_wal())")
+        .parse()
+        .unwrap();
+    let catalog = walnut::catalog::Catalog::open(cat).unwrap();
+    let ar = walnut::archive::WalArchive::open(&catalog, "db").unwrap();
+    let t0 = std::time::Instant::now();
+    while !ar.is_archived(&seg).unwrap() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(120),
+            "segment {seg} not archived\n{}",
+            pg.server_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    seg
+}
+
 impl Drop for Pg {
     fn drop(&mut self) {
         if self.running {

@@ -3,10 +3,11 @@ mod harness;
 
 mod archive;
 mod backup;
+mod fetch_hardening;
 mod pgcontrol;
+mod restore_hardening;
 mod take_hardening;
 mod validate_hardening;
-mod restore_hardening;
 mod wal_decoder;
 
 mod smoke {

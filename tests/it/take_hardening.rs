@@ -87,22 +87,7 @@ impl Env {
 
     /// Switches WAL and waits until the finished segment is in the catalog's archive.
     fn switch_and_wait(&self) {
-        let seg: walnut::WalFileName = self
-            .pg
-            .psql("postgres", "select pg_walfile_name(pg_switch_wal())")
-            .parse()
-            .unwrap();
-        let catalog = walnut::catalog::Catalog::open(&self.cat).unwrap();
-        let ar = walnut::archive::WalArchive::open(&catalog, "db").unwrap();
-        let t0 = Instant::now();
-        while !ar.contains(&seg) {
-            assert!(
-                t0.elapsed() < Duration::from_secs(120),
-                "segment {seg} not archived\n{}",
-                self.pg.server_log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        switch_and_wait_in_catalog(&self.pg, &self.cat);
     }
 }
 

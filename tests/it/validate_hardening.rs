@@ -4,7 +4,6 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::{Duration, Instant};
 
 use super::harness::*;
 
@@ -91,22 +90,7 @@ impl Env {
 
     /// Switches WAL and waits until the finished segment is in the archive; returns it.
     fn switch_and_wait(&self) -> walnut::WalFileName {
-        let seg: walnut::WalFileName = self
-            .pg
-            .psql("postgres", "select pg_walfile_name(pg_switch_wal())")
-            .parse()
-            .unwrap();
-        let ar = self.archive();
-        let t0 = Instant::now();
-        while !ar.contains(&seg) {
-            assert!(
-                t0.elapsed() < Duration::from_secs(120),
-                "segment {seg} not archived\n{}",
-                self.pg.server_log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        seg
+        switch_and_wait_in_catalog(&self.pg, &self.cat)
     }
 
     /// The WAL segments (1 MiB) from a backup's start to its stop.
