@@ -19,6 +19,35 @@ use crate::durable::{self, Replace};
 use crate::error::{Error, IoContext, Result};
 
 pub const CATALOG_MARKER: &str = "walnut-catalog.json";
+/// The catalog format this walnut reads and writes.
+pub const CATALOG_FORMAT: u64 = 1;
+/// What [`Catalog::init`] writes into the marker.
+const MARKER_CONTENT: &[u8] = b"{\"format\": 1}\n";
+
+/// Checks the marker's content: a JSON object whose `format` is [`CATALOG_FORMAT`] (other
+/// members are ignored). Returns why not, for the caller's one-line error.
+fn check_marker(bytes: &[u8]) -> std::result::Result<(), String> {
+    if bytes.len() > 4096 {
+        return Err("larger than 4096 bytes".into());
+    }
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err("empty".into());
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("not JSON ({e})"))?;
+    let format = v
+        .as_object()
+        .ok_or("not a JSON object")?
+        .get("format")
+        .ok_or("no \"format\" member")?;
+    match format.as_u64() {
+        Some(CATALOG_FORMAT) => Ok(()),
+        Some(f) => Err(format!(
+            "catalog format {f} is not supported (this walnut reads format {CATALOG_FORMAT})"
+        )),
+        None => Err(format!("\"format\" is {format}, not a format number")),
+    }
+}
 
 #[derive(Args, Debug, Clone)]
 pub struct InitArgs {
@@ -118,16 +147,35 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Opens an existing catalog, checking its marker file.
+    /// Opens an existing catalog, checking its marker file: it must be a regular file (not a
+    /// symlink) holding `{"format": 1}`, as [`Catalog::init`] writes it.
     pub fn open(root: &Path) -> Result<Catalog> {
         let marker = root.join(CATALOG_MARKER);
-        if !marker.is_file() {
-            return Err(Error::invalid(format!(
-                "\"{}\" is not a walnut catalog (no {CATALOG_MARKER}; run 'walnut init -B {}')",
-                root.display(),
-                root.display()
-            )));
-        }
+        let f = match crate::safepath::open_under(root, CATALOG_MARKER) {
+            Ok(f) => f,
+            Err(e) if e.kind() == crate::ErrorKind::NotFound => {
+                return Err(Error::invalid(format!(
+                    "\"{}\" is not a walnut catalog (no {CATALOG_MARKER}; run 'walnut init -B {}')",
+                    root.display(),
+                    root.display()
+                )))
+            }
+            Err(e) => {
+                return Err(Error::new(
+                    e.kind(),
+                    format!("catalog marker \"{}\": {e}", marker.display()),
+                ))
+            }
+        };
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(f, 4097), &mut bytes)
+            .ctx("read", &marker)?;
+        check_marker(&bytes).map_err(|why| {
+            Error::corruption(format!(
+                "\"{}\" is not a valid walnut catalog marker: {why}",
+                marker.display()
+            ))
+        })?;
         Ok(Catalog {
             root: root.to_path_buf(),
         })
@@ -154,11 +202,7 @@ impl Catalog {
             )));
         }
         durable::create_dir_all_durable(&root.join("instances"))?;
-        durable::write_file(
-            &root.join(CATALOG_MARKER),
-            b"{\"format\": 1}\n",
-            Replace::No,
-        )?;
+        durable::write_file(&root.join(CATALOG_MARKER), MARKER_CONTENT, Replace::No)?;
         Ok(Catalog {
             root: root.to_path_buf(),
         })
@@ -329,4 +373,74 @@ pub fn instance_config_from_pgdata(
         user: conn.user.clone().or_else(|| env("PGUSER")),
         dbname: conn.dbname.clone().or_else(|| env("PGDATABASE")),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    #[test]
+    fn init_writes_a_marker_that_open_accepts() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("cat");
+        Catalog::init(&root).unwrap();
+        assert_eq!(
+            std::fs::read(root.join(CATALOG_MARKER)).unwrap(),
+            b"{\"format\": 1}\n"
+        );
+        Catalog::open(&root).unwrap();
+        // compact and with extra members: still format 1
+        for ok in [
+            &b"{\"format\":1}"[..],
+            b" {\"format\": 1, \"note\": \"x\"}\n",
+        ] {
+            std::fs::write(root.join(CATALOG_MARKER), ok).unwrap();
+            Catalog::open(&root).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_bad_marker_is_refused_naming_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("cat");
+        Catalog::init(&root).unwrap();
+        let marker = root.join(CATALOG_MARKER);
+        let cases: [(&[u8], &str); 7] = [
+            (b"", "empty"),
+            (b"\n", "empty"),
+            (b"garbage", "not JSON"),
+            (b"{\"format\":99}", "format 99 is not supported"),
+            (b"{\"format\":\"1\"}", "not a format number"),
+            (b"[1]", "not a JSON object"),
+            (b"{}", "no \"format\""),
+        ];
+        for (content, why) in cases {
+            std::fs::write(&marker, content).unwrap();
+            let e = Catalog::open(&root).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Corruption, "{content:?}: {e}");
+            let msg = e.to_string();
+            assert!(msg.contains(why), "{content:?}: {msg}");
+            assert!(msg.contains(&marker.display().to_string()), "{msg}");
+            assert!(!msg.contains('\n'), "{msg}");
+        }
+        std::fs::write(&marker, vec![b' '; 5000]).unwrap();
+        assert!(Catalog::open(&root).is_err());
+        // a symlink to a good marker, and a directory, are refused too
+        let good = d.path().join("good.json");
+        std::fs::write(&good, b"{\"format\": 1}\n").unwrap();
+        std::fs::remove_file(&marker).unwrap();
+        std::os::unix::fs::symlink(&good, &marker).unwrap();
+        let e = Catalog::open(&root).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corruption, "{e}");
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        std::fs::remove_file(&marker).unwrap();
+        std::fs::create_dir(&marker).unwrap();
+        let e = Catalog::open(&root).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        std::fs::remove_dir(&marker).unwrap();
+        let e = Catalog::open(&root).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
+        assert!(e.to_string().contains("is not a walnut catalog"), "{e}");
+    }
 }

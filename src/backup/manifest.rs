@@ -14,15 +14,23 @@
 //! (`lz4_frames`). A reader of version 1 would stop at the end of the first frame, so such
 //! manifests say 2, and a walnut that reads only 1 refuses them clearly. Uncompressed
 //! backups still write 1.
+//!
+//! The manifest is untrusted input (whoever can write the catalog can write it): every entry
+//! is checked as it is read ([`check_entry`]), so no reader ever joins an absolute, `..` or
+//! otherwise unnormalised path to a directory. Entries are logical paths relative to PGDATA;
+//! one below `pg_tblspc/` must name a tablespace by its numeric OID.
 
 use std::io::{BufRead, Write};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
+use crate::safepath;
 
 pub const MAGIC_LINE: &str = "WALNUT-MANIFEST";
+/// The manifest's name in a backup directory.
+pub const FILE_NAME: &str = "manifest";
 /// The newest version; [`ManifestWriter::new`] writes 1 unless asked for frames.
 pub const VERSION: u32 = 2;
 
@@ -197,17 +205,57 @@ pub fn read(
         let e: FileEntry =
             serde_json::from_slice(&line).map_err(|e| bad(format!("entry {}: {e}", n + 1)))?;
         n += 1;
+        check_entry(&e, &format!("{what}: entry {n}"))?;
         f(e)?;
     }
     Err(bad("truncated (no END line)".into()))
 }
 
-/// Reads a manifest file into memory.
+/// Checks one entry read from a manifest: its path must be a normalised relative path (see
+/// [`safepath::check_rel_path`]), and one below `pg_tblspc/` must start with a numeric OID.
+/// Refused entries are corruption; `what` names the manifest and the entry.
+pub fn check_entry(e: &FileEntry, what: &str) -> Result<()> {
+    safepath::check_rel_path(&e.path, what)?;
+    if let Some(rest) = e.path.strip_prefix("pg_tblspc/") {
+        let oid = rest.split('/').next().unwrap_or("");
+        if oid.is_empty() || oid.len() > 10 || !oid.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(Error::corruption(format!(
+                "{what}: unsafe path {:?}: a tablespace entry must start with pg_tblspc/<numeric oid>",
+                e.path
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Reads the manifest of the backup in `backup_dir`, calling `f` per entry (see [`read`]).
+/// The file is opened without following a symlink and must be a regular file.
+pub fn read_in(backup_dir: &Path, f: impl FnMut(FileEntry) -> Result<()>) -> Result<u64> {
+    let path = backup_dir.join(FILE_NAME);
+    let file = safepath::open_under(backup_dir, FILE_NAME)?;
+    read(
+        std::io::BufReader::new(file),
+        &path.display().to_string(),
+        f,
+    )
+}
+
+/// Reads a manifest file into memory. `path` is a backup directory's `manifest`; the file
+/// itself is opened as [`read_in`] does.
 pub fn read_file(path: &Path) -> Result<Vec<FileEntry>> {
-    let f = std::fs::File::open(path).ctx("open", path)?;
+    let (dir, name) = match (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+        (Some(d), Some(n)) => (d, n),
+        _ => {
+            return Err(Error::invalid(format!(
+                "\"{}\" is not a manifest file path",
+                path.display()
+            )))
+        }
+    };
+    let file = safepath::open_under(dir, name)?;
     let mut v = Vec::new();
     read(
-        std::io::BufReader::new(f),
+        std::io::BufReader::new(file),
         &path.display().to_string(),
         |e| {
             v.push(e);
@@ -318,5 +366,64 @@ mod tests {
         b[16] = b'7';
         let e = read_back(&b).unwrap_err();
         assert!(e.to_string().contains("version 7 is not supported"), "{e}");
+    }
+
+    #[test]
+    fn unsafe_paths_are_refused_when_read() {
+        let file = |p: &str| FileEntry {
+            path: p.into(),
+            storage: Storage::Full,
+            size: 1,
+            stored_size: 1,
+            crc32c: 0,
+            changed_blocks: None,
+            file_blocks: None,
+            limit_block: None,
+            lz4_frames: None,
+        };
+        for bad in [
+            file("/etc/cron.d/x"),
+            file("../../x"),
+            file("base/../../x"),
+            file("base//1"),
+            file("./PG_VERSION"),
+            file(""),
+            file("pg_tblspc/abc/PG_15/1/2"),
+            file("pg_tblspc//x"),
+            FileEntry::dir("/tmp/victim".into()),
+            FileEntry::dir("pg_tblspc/..".into()),
+        ] {
+            let b = write(&[sample()[0].clone(), bad.clone()]);
+            let e = read_back(&b).unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Corruption, "{bad:?}: {e}");
+            assert!(e.to_string().contains("entry 2"), "{e}");
+            assert!(e.to_string().contains(&format!("{:?}", bad.path)), "{e}");
+        }
+        for good in [
+            "PG_VERSION",
+            "pg_tblspc",
+            "pg_tblspc/16400",
+            "pg_tblspc/16400/PG_15_202209061/5/16401",
+            "base/5/16384.1",
+        ] {
+            read_back(&write(&[file(good)])).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_manifest_that_is_a_symlink_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let bdir = d.path().join("B1");
+        std::fs::create_dir(&bdir).unwrap();
+        std::fs::write(d.path().join("elsewhere"), write(&sample())).unwrap();
+        std::os::unix::fs::symlink(d.path().join("elsewhere"), bdir.join(FILE_NAME)).unwrap();
+        let e = read_file(&bdir.join(FILE_NAME)).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Corruption, "{e}");
+        let e = read_in(&bdir, |_| Ok(())).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Corruption, "{e}");
+        std::fs::remove_file(bdir.join(FILE_NAME)).unwrap();
+        std::fs::write(bdir.join(FILE_NAME), write(&sample())).unwrap();
+        assert_eq!(read_file(&bdir.join(FILE_NAME)).unwrap(), sample());
+        assert_eq!(read_in(&bdir, |_| Ok(())).unwrap(), 3);
     }
 }

@@ -20,14 +20,28 @@
 //! The whole is still one JSON object that other tools can read. Format 1 files, written
 //! before the checksum existed, have no `crc32c` member and are read unchecked; a format 2
 //! file without a valid trailer is refused as damaged.
+//!
+//! backup.json is untrusted input. Its `id` and `instance` (and `parent_id`) must be plain
+//! names ([`safepath::check_name`]), and a backup is listed only when its `id` is the name of
+//! its directory and its `instance` the instance it is listed under: the id decides where
+//! [`BackupMeta::save`] writes, so it must never point anywhere else. Everything below the
+//! catalog root is opened without following symbolic links: a backup directory, an instance
+//! directory or a `backups` directory that is a symlink is refused, not read (only the `-B`
+//! path itself may be a link, as the operator gave it).
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+
+use nix::libc;
+
 use crate::catalog::Catalog;
-use crate::durable::{self, Replace};
 use crate::error::{Error, IoContext, Result};
+use crate::safepath;
 use crate::types::{Lsn, TimeLineId};
 
 pub const META_FILE: &str = "backup.json";
@@ -121,13 +135,15 @@ impl BackupMeta {
         catalog.backups_dir(&self.instance).join(&self.id)
     }
 
-    /// Writes backup.json atomically and durably.
+    /// Writes backup.json atomically and durably into the backup's own directory, which
+    /// must exist (created by the backup, or the one the metadata was listed from: see
+    /// [`list`]). The id and instance are checked to be plain names, and the directory is
+    /// opened without following links and written through its descriptor, so a hostile id
+    /// or a directory swapped for a symlink can never make this write elsewhere.
     pub fn save(&self, catalog: &Catalog) -> Result<()> {
-        durable::write_file(
-            &self.dir(catalog).join(META_FILE),
-            &encode(self)?,
-            Replace::Yes,
-        )
+        let rel = backup_rel(&self.instance, &self.id)?;
+        let dir = safepath::open_dir_under(catalog.root(), &rel)?;
+        write_at(&dir, &self.dir(catalog), META_FILE, &encode(self)?)
     }
 
     /// The status to show and to decide on: RUNNING without a live process is ERROR.
@@ -158,7 +174,8 @@ pub fn encode(m: &BackupMeta) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Parses backup.json's bytes; `what` names the file in errors.
+/// Parses backup.json's bytes; `what` names the file in errors. Ids and the instance name
+/// that are not plain names are refused as corruption.
 pub fn decode(b: &[u8], what: &str) -> Result<BackupMeta> {
     let bad = |m: String| Error::corruption(format!("{what}: {m}"));
     let trailer_len = CRC_KEY.len() + 8 + CRC_END.len();
@@ -182,7 +199,10 @@ pub fn decode(b: &[u8], what: &str) -> Result<BackupMeta> {
     }
     let m: BackupMeta = serde_json::from_slice(b).map_err(|e| bad(e.to_string()))?;
     match (m.format, trailer.is_some()) {
-        (META_FORMAT, true) | (META_FORMAT_NO_CRC, false) => Ok(m),
+        (META_FORMAT, true) | (META_FORMAT_NO_CRC, false) => {
+            check_names(&m, what)?;
+            Ok(m)
+        }
         (META_FORMAT, false) => Err(bad(
             "backup metadata has no valid checksum trailer (damaged or truncated)".into(),
         )),
@@ -192,32 +212,203 @@ pub fn decode(b: &[u8], what: &str) -> Result<BackupMeta> {
     }
 }
 
-pub fn load(path: &Path) -> Result<BackupMeta> {
-    let b = std::fs::read(path).ctx("read", path)?;
-    decode(&b, &path.display().to_string())
+/// Checks the names in metadata just read: `id`, `instance` and `parent_id` become path
+/// components, so each must be one plain name.
+fn check_names(m: &BackupMeta, what: &str) -> Result<()> {
+    safepath::check_name(&m.id, &format!("{what}: id"))?;
+    safepath::check_name(&m.instance, &format!("{what}: instance"))?;
+    if let Some(p) = &m.parent_id {
+        safepath::check_name(p, &format!("{what}: parent_id"))?;
+    }
+    Ok(())
 }
 
-/// Every backup of an instance, oldest first (by start LSN, then id).
+/// backup.json larger than this is not ours (a real one is under 2 KiB).
+const MAX_META_BYTES: u64 = 1 << 20;
+
+fn read_meta(f: File, path: &Path) -> Result<BackupMeta> {
+    let mut b = Vec::new();
+    f.take(MAX_META_BYTES + 1)
+        .read_to_end(&mut b)
+        .ctx("read", path)?;
+    let what = path.display().to_string();
+    if b.len() as u64 > MAX_META_BYTES {
+        return Err(Error::corruption(format!(
+            "{what}: larger than {MAX_META_BYTES} bytes: not backup metadata"
+        )));
+    }
+    decode(&b, &what)
+}
+
+/// Loads a backup.json by path. The file itself must not be a symlink and must be a regular
+/// file (its directory is the caller's to trust; [`load_in`] checks it too).
+pub fn load(path: &Path) -> Result<BackupMeta> {
+    let (dir, name) = match (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+        (Some(d), Some(n)) => (d, n),
+        _ => {
+            return Err(Error::invalid(format!(
+                "\"{}\" is not a backup metadata path",
+                path.display()
+            )))
+        }
+    };
+    read_meta(safepath::open_under(dir, name)?, path)
+}
+
+/// A backup directory relative to the catalog root, from checked names.
+fn backup_rel(instance: &str, id: &str) -> Result<String> {
+    safepath::check_name(instance, "instance name")?;
+    safepath::check_name(id, "backup id")?;
+    Ok(format!("instances/{instance}/backups/{id}"))
+}
+
+/// Loads the metadata of backup `id` of `instance`: opened below the catalog root without
+/// following links, and refused unless it says it is that backup of that instance.
+pub fn load_in(catalog: &Catalog, instance: &str, id: &str) -> Result<BackupMeta> {
+    let rel = backup_rel(instance, id)?;
+    let path = catalog.root().join(&rel).join(META_FILE);
+    let m = read_meta(
+        safepath::open_under(catalog.root(), &format!("{rel}/{META_FILE}"))?,
+        &path,
+    )?;
+    if m.id != id || m.instance != instance {
+        return Err(Error::corruption(format!(
+            "{}: says it is backup {:?} of instance {:?}, but it is stored as backup {id:?} of instance {instance:?}",
+            path.display(),
+            m.id,
+            m.instance
+        )));
+    }
+    Ok(m)
+}
+
+/// Every backup of an instance, oldest first (by start LSN, then id). Backups that cannot be
+/// read or are refused (see [`scan`]) are skipped with a warning.
 pub fn list(catalog: &Catalog, instance: &str) -> Result<Vec<BackupMeta>> {
+    let (v, skipped) = scan(catalog, instance)?;
+    for err in skipped {
+        log::warn!("skipping backup: {err}");
+    }
+    Ok(v)
+}
+
+/// Every readable backup of an instance, oldest first, and an error for each backup
+/// directory that was skipped: a symlink, a name that is not a plain name, a backup.json
+/// that cannot be read, is damaged, or names another backup or instance. A directory
+/// without backup.json (a backup being created) is not a backup and is left out silently.
+/// An instance or `backups` directory that is a symlink is an error, as is one that cannot
+/// be read; a missing one has no backups.
+pub fn scan(catalog: &Catalog, instance: &str) -> Result<(Vec<BackupMeta>, Vec<Error>)> {
+    crate::catalog::check_instance_name(instance)?;
+    let rel = format!("instances/{instance}/backups");
     let dir = catalog.backups_dir(instance);
     let mut v = Vec::new();
+    let mut skipped = Vec::new();
+    match safepath::open_dir_under(catalog.root(), &rel) {
+        Ok(_) => {}
+        Err(e) if e.kind() == crate::ErrorKind::NotFound => return Ok((v, skipped)),
+        Err(e) => return Err(e),
+    }
     let rd = match std::fs::read_dir(&dir) {
         Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(v),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((v, skipped)),
         Err(e) => return Err(Error::io("read directory", &dir, e)),
     };
     for e in rd {
         let e = e.ctx("read directory", &dir)?;
-        let p = e.path().join(META_FILE);
-        if p.is_file() {
-            match load(&p) {
-                Ok(m) => v.push(m),
-                Err(err) => log::warn!("skipping backup: {err}"),
-            }
+        let path = e.path();
+        // file_type() does not follow links
+        let ft = e.file_type().ctx("stat", &path)?;
+        if ft.is_symlink() {
+            skipped.push(Error::corruption(format!(
+                "\"{}\" is a symbolic link; a backup must be a real directory (refused, not read)",
+                path.display()
+            )));
+            continue;
+        }
+        if !ft.is_dir() {
+            continue;
+        }
+        let Some(name) = e.file_name().to_str().map(str::to_string) else {
+            skipped.push(Error::corruption(format!(
+                "\"{}\": backup directory name is not UTF-8",
+                path.display()
+            )));
+            continue;
+        };
+        match load_in(catalog, instance, &name) {
+            Ok(m) => v.push(m),
+            Err(err) if err.kind() == crate::ErrorKind::NotFound => {}
+            Err(err) => skipped.push(err),
         }
     }
     v.sort_by(|a, b| (a.start_lsn, &a.start_time, &a.id).cmp(&(b.start_lsn, &b.start_time, &b.id)));
-    Ok(v)
+    Ok((v, skipped))
+}
+
+/// Writes `name` in the directory open as `dir` (shown as `dir_path`) durably and
+/// atomically: a new temp file (never following a link), fsync, rename over `name`, fsync
+/// the directory. All through the descriptor, so the directory cannot be swapped meanwhile.
+fn write_at(dir: &File, dir_path: &Path, name: &str, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let tmp = format!(".{name}.walnut-tmp.{}.{nanos}", std::process::id());
+    let tmp_path = dir_path.join(&tmp);
+    let path = dir_path.join(name);
+    let c = |s: &str| {
+        std::ffi::CString::new(s).map_err(|_| Error::invalid(format!("name {s:?} contains NUL")))
+    };
+    let (ctmp, cname) = (c(&tmp)?, c(name)?);
+    // SAFETY: valid descriptor, NUL-terminated name, plain flags and mode.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            ctmp.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o600 as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(Error::io(
+            "create",
+            &tmp_path,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: `fd` was just returned by openat and is owned by nobody else.
+    let mut f = unsafe { File::from_raw_fd(fd) };
+    let unlink_tmp = || {
+        // SAFETY: valid descriptor and NUL-terminated name.
+        unsafe { libc::unlinkat(dir.as_raw_fd(), ctmp.as_ptr(), 0) };
+    };
+    let written = f
+        .write_all(data)
+        .ctx("write", &tmp_path)
+        .and_then(|()| f.sync_all().ctx("fsync", &tmp_path));
+    drop(f);
+    if let Err(e) = written {
+        unlink_tmp();
+        return Err(e);
+    }
+    // SAFETY: valid descriptors and NUL-terminated names.
+    let r = unsafe {
+        libc::renameat(
+            dir.as_raw_fd(),
+            ctmp.as_ptr(),
+            dir.as_raw_fd(),
+            cname.as_ptr(),
+        )
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        unlink_tmp();
+        return Err(Error::io("rename into", &path, e));
+    }
+    dir.sync_all().ctx("fsync directory", dir_path)
 }
 
 pub fn find<'a>(list: &'a [BackupMeta], id: &str) -> Result<&'a BackupMeta> {
@@ -570,5 +761,187 @@ mod tests {
         );
         assert!(parse_time("yesterday").is_err());
         assert!(parse_time("2026-13-01 00:00:00").is_err());
+    }
+
+    #[test]
+    fn meta_with_unsafe_names_is_refused() {
+        for m in [
+            BackupMeta {
+                id: "../../x".into(),
+                ..sample()
+            },
+            BackupMeta {
+                id: "a/b".into(),
+                ..sample()
+            },
+            BackupMeta {
+                instance: "../db".into(),
+                ..sample()
+            },
+            BackupMeta {
+                parent_id: Some("../../y".into()),
+                ..sample()
+            },
+            BackupMeta {
+                format: 1,
+                id: "..".into(),
+                ..sample()
+            },
+        ] {
+            let b = if m.format == 1 {
+                serde_json::to_vec_pretty(&m).unwrap()
+            } else {
+                encode(&m).unwrap()
+            };
+            let e = decode(&b, "/cat/backups/X/backup.json").unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Corruption, "{m:?}: {e}");
+            assert!(e.to_string().contains("/cat/backups/X/backup.json"), "{e}");
+        }
+    }
+
+    /// A catalog with instance "db" and the given backups written as they are.
+    fn catalog_with(d: &Path, backups: &[(&str, &BackupMeta)]) -> Catalog {
+        let root = d.join("cat");
+        let c = Catalog::init(&root).unwrap();
+        let bdir = c.backups_dir("db");
+        std::fs::create_dir_all(&bdir).unwrap();
+        for (dir, m) in backups {
+            std::fs::create_dir(bdir.join(dir)).unwrap();
+            std::fs::write(bdir.join(dir).join(META_FILE), encode(m).unwrap()).unwrap();
+        }
+        c
+    }
+
+    fn meta(id: &str) -> BackupMeta {
+        BackupMeta {
+            id: id.into(),
+            mode: Mode::Full,
+            parent_id: None,
+            ..sample()
+        }
+    }
+
+    #[test]
+    fn list_refuses_symlinks_and_mismatched_ids() {
+        let d = tempfile::tempdir().unwrap();
+        let other = BackupMeta {
+            instance: "other".into(),
+            ..meta("C")
+        };
+        let c = catalog_with(
+            d.path(),
+            &[("A", &meta("A")), ("B", &meta("../../x")), ("C", &other)],
+        );
+        let bdir = c.backups_dir("db");
+        // format 1 (no checksum) is still listed
+        let mut old = serde_json::to_vec_pretty(&BackupMeta {
+            format: 1,
+            ..meta("OLD")
+        })
+        .unwrap();
+        old.push(b'\n');
+        std::fs::create_dir(bdir.join("OLD")).unwrap();
+        std::fs::write(bdir.join("OLD").join(META_FILE), old).unwrap();
+        // a backup directory that is a symlink to a real backup elsewhere
+        let elsewhere = d.path().join("elsewhere/L");
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        std::fs::write(elsewhere.join(META_FILE), encode(&meta("L")).unwrap()).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, bdir.join("L")).unwrap();
+        // a backup.json that is a symlink
+        std::fs::create_dir(bdir.join("S")).unwrap();
+        std::fs::write(d.path().join("s.json"), encode(&meta("S")).unwrap()).unwrap();
+        std::os::unix::fs::symlink(d.path().join("s.json"), bdir.join("S").join(META_FILE))
+            .unwrap();
+        // a directory without backup.json yet, and a stray file: not backups, no complaint
+        std::fs::create_dir(bdir.join("NEW")).unwrap();
+        std::fs::write(bdir.join(".x.walnut-tmp.1.2"), b"").unwrap();
+
+        let (v, skipped) = scan(&c, "db").unwrap();
+        let ids: Vec<&str> = v.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, ["A", "OLD"], "{skipped:?}");
+        let text: Vec<String> = skipped.iter().map(|e| e.to_string()).collect();
+        assert_eq!(skipped.len(), 4, "{text:?}");
+        assert!(skipped
+            .iter()
+            .all(|e| e.kind() == crate::ErrorKind::Corruption));
+        for needle in ["backups/B", "backups/C", "backups/L", "backups/S"] {
+            assert!(
+                text.iter().any(|t| t.contains(needle)),
+                "{needle}: {text:?}"
+            );
+        }
+        assert_eq!(list(&c, "db").unwrap().len(), 2);
+        assert!(load_in(&c, "db", "B").is_err());
+        assert!(load_in(&c, "db", "../db/backups/A").is_err());
+        assert_eq!(load_in(&c, "db", "A").unwrap(), meta("A"));
+
+        // an instance directory (or its backups directory) that is a symlink is an error
+        let moved = d.path().join("moved-db");
+        std::fs::rename(c.instance_dir("db"), &moved).unwrap();
+        std::os::unix::fs::symlink(&moved, c.instance_dir("db")).unwrap();
+        let e = list(&c, "db").unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Corruption, "{e}");
+        std::fs::remove_file(c.instance_dir("db")).unwrap();
+        std::fs::create_dir(c.instance_dir("db")).unwrap();
+        std::os::unix::fs::symlink(moved.join("backups"), c.backups_dir("db")).unwrap();
+        assert!(list(&c, "db").is_err());
+        // no backups directory at all: no backups
+        std::fs::remove_file(c.backups_dir("db")).unwrap();
+        assert!(list(&c, "db").unwrap().is_empty());
+    }
+
+    #[test]
+    fn save_writes_only_into_the_backups_own_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let c = catalog_with(d.path(), &[("A", &meta("A"))]);
+        let mut m = load_in(&c, "db", "A").unwrap();
+        m.status = Status::Corrupt;
+        m.save(&c).unwrap();
+        assert_eq!(load_in(&c, "db", "A").unwrap().status, Status::Corrupt);
+        let names: Vec<_> = std::fs::read_dir(c.backups_dir("db").join("A"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [META_FILE], "no temp file left");
+
+        // an id that leaves the directory is refused before anything is written
+        let before = tree(d.path());
+        for bad in [meta("../../x"), meta("..")] {
+            let e = bad.save(&c).unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Corruption, "{e}");
+        }
+        let bad_inst = BackupMeta {
+            instance: "../../..".into(),
+            ..meta("A")
+        };
+        assert!(bad_inst.save(&c).is_err());
+        // a backup directory replaced by a symlink is not written through
+        let elsewhere = d.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, c.backups_dir("db").join("Z")).unwrap();
+        assert!(meta("Z").save(&c).is_err());
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+        // a missing backup directory is not created
+        assert!(meta("NOPE").save(&c).is_err());
+        std::fs::remove_dir(&elsewhere).unwrap();
+        std::fs::remove_file(c.backups_dir("db").join("Z")).unwrap();
+        assert_eq!(tree(d.path()), before);
+    }
+
+    /// Every path below `d` with its length.
+    fn tree(d: &Path) -> Vec<(PathBuf, u64)> {
+        let mut v = Vec::new();
+        let mut stack = vec![d.to_path_buf()];
+        while let Some(p) = stack.pop() {
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            v.push((p.clone(), md.len()));
+            if md.is_dir() {
+                for e in std::fs::read_dir(&p).unwrap() {
+                    stack.push(e.unwrap().path());
+                }
+            }
+        }
+        v.sort();
+        v
     }
 }
