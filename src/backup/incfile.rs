@@ -243,10 +243,14 @@ pub fn parse_trailer(t: &[u8]) -> IncInfo {
     }
 }
 
-/// Reads only the trailer (not checksum-verified: [`read_stream`] verifies).
-pub fn read_info(path: &Path, what: &str, block_size: u32) -> Result<IncInfo> {
+/// Reads only the trailer (not checksum-verified: [`read_stream`] verifies) of the stored
+/// file `rel` of the backup in `dir`, opened without following links (see
+/// [`safepath::open_under`](crate::safepath::open_under)).
+pub fn read_info(dir: &Path, rel: &str, block_size: u32) -> Result<IncInfo> {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(path).ctx("open", path)?;
+    let f = crate::safepath::open_under(dir, rel)?;
+    let path = &dir.join(rel);
+    let what = &path.display().to_string();
     let len = f.metadata().ctx("stat", path)?.len();
     if len < (HEADER_LEN + TRAILER_LEN) as u64 {
         return Err(Error::corruption(format!(

@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use crate::durable;
 use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
+use crate::safepath;
 
 use super::incfile::{self, IncInfo};
 use super::manifest::Lz4Frames;
@@ -57,7 +58,10 @@ pub enum Stored {
 /// One stored file that supplies blocks.
 #[derive(Clone, Debug)]
 pub struct Source {
-    pub path: PathBuf,
+    /// The backup's directory, and the stored file's path relative to it (from a checked
+    /// manifest entry): the file is opened below `dir` without following links.
+    pub dir: PathBuf,
+    pub rel: String,
     pub backup: String,
     pub stored: Stored,
     /// Manifest: bytes of the file (decoded), and bytes and CRC-32C of the stored file.
@@ -66,6 +70,19 @@ pub struct Source {
     pub crc32c: u32,
     /// Blocks at or above `cap` are never taken from this source.
     pub cap: u32,
+}
+
+impl Source {
+    /// The stored file's path, for messages.
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(&self.rel)
+    }
+
+    /// Opens the stored file: no component below the backup directory may be a symlink,
+    /// and the file must be a regular file (see [`safepath::open_under`]).
+    fn open(&self) -> Result<File> {
+        safepath::open_under(&self.dir, &self.rel)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -301,9 +318,10 @@ impl IncReader {
             return Err(Error::invalid("not an incremental source"));
         };
         let bs = plan.block_size;
-        let w = what(&src.path);
-        let f = File::open(&src.path).ctx("open", &src.path)?;
-        let flen = f.metadata().ctx("stat", &src.path)?.len();
+        let path = src.path();
+        let w = what(&path);
+        let f = src.open()?;
+        let flen = f.metadata().ctx("stat", &path)?.len();
         let min = (incfile::HEADER_LEN + incfile::TRAILER_LEN) as u64;
         if flen < min {
             return Err(Error::corruption(format!(
@@ -327,10 +345,10 @@ impl IncReader {
             let r_lo = if first {
                 0
             } else {
-                first_record_at(&f, &src.path, n, bs, lo)?
+                first_record_at(&f, &path, n, bs, lo)?
             };
             let r_hi = match (last, hi) {
-                (false, Some(h)) => first_record_at(&f, &src.path, n, bs, h)?,
+                (false, Some(h)) => first_record_at(&f, &path, n, bs, h)?,
                 _ => n,
             };
             if r_hi < r_lo {
@@ -349,7 +367,7 @@ impl IncReader {
             }
         };
         will_need(&f, start, end - start);
-        let mut r = RangeReader::new(f, &src.path, start, end);
+        let mut r = RangeReader::new(f, &path, start, end);
         if first {
             let h = r.take(incfile::HEADER_LEN)?;
             incfile::check_header(h, &w, bs)?;
@@ -492,7 +510,8 @@ type Lz4Decoder = lz4_flex::frame::FrameDecoder<CrcReader<std::io::Take<std::io:
 
 impl WholeReader {
     fn open(plan: &Plan, src: &Source, k: u32) -> Result<WholeReader> {
-        let f = File::open(&src.path).ctx("open", &src.path)?;
+        let path = src.path();
+        let f = src.open()?;
         let bs = plan.block_size as u64;
         let (lo, hi) = plan.range(k);
         let last = k + 1 >= plan.chunks;
@@ -521,8 +540,7 @@ impl WholeReader {
                     stored_len.min(src.stored_size.saturating_sub(offset)),
                 );
                 let mut f = f;
-                std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset))
-                    .ctx("seek", &src.path)?;
+                std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset)).ctx("seek", &path)?;
                 WholeReader::Lz4 {
                     dec: Box::new(lz4_flex::frame::FrameDecoder::new(CrcReader {
                         inner: std::io::Read::take(
@@ -532,7 +550,7 @@ impl WholeReader {
                         crc: 0,
                         n: 0,
                     })),
-                    path: src.path.clone(),
+                    path: path.clone(),
                     pos,
                     end,
                 }
@@ -546,7 +564,7 @@ impl WholeReader {
                 will_need(&f, from, to.saturating_sub(from));
                 WholeReader::Plain {
                     file: f,
-                    path: src.path.clone(),
+                    path: path.clone(),
                     pos: lo as u64 * bs,
                     end: if last {
                         None
@@ -841,7 +859,7 @@ pub fn finish(plan: &Plan, parts: &[Vec<Part>], out: &File, dest: &Path) -> Resu
         )));
     }
     for (i, src) in plan.sources.iter().enumerate() {
-        let w = what(&src.path);
+        let w = what(&src.path());
         let (mut crc, mut len, mut records, mut trailer) = (0u32, 0u64, 0u32, None);
         for chunk in parts {
             let p = chunk
@@ -914,5 +932,51 @@ mod tests {
             }
             assert_eq!(crc, whole);
         }
+    }
+
+    /// Stored files are opened below their backup directory without following links: a
+    /// stored file that is a symlink, or a `database/base` that is one, is refused and
+    /// nothing of the link's target is read.
+    #[test]
+    fn stored_files_behind_symlinks_are_refused() {
+        use super::*;
+        let d = tempfile::tempdir().unwrap();
+        let bdir = d.path().join("B1");
+        std::fs::create_dir_all(bdir.join("database/base/5")).unwrap();
+        let page = vec![7u8; 8192];
+        std::fs::write(bdir.join("database/base/5/1"), &page).unwrap();
+        let secret = d.path().join("secret");
+        std::fs::write(&secret, vec![9u8; 8192]).unwrap();
+        std::os::unix::fs::symlink(&secret, bdir.join("database/base/5/2")).unwrap();
+        // a second backup whose database/base is a link to the first one's
+        let b2 = d.path().join("B2");
+        std::fs::create_dir_all(b2.join("database")).unwrap();
+        std::os::unix::fs::symlink(bdir.join("database/base"), b2.join("database/base")).unwrap();
+        let src = |dir: &Path, rel: &str| Source {
+            dir: dir.to_path_buf(),
+            rel: rel.into(),
+            backup: "B".into(),
+            stored: Stored::Plain,
+            size: 8192,
+            stored_size: 8192,
+            crc32c: crc32c::crc32c(&page),
+            cap: u32::MAX,
+        };
+        let restore = |s: Source| -> Result<Vec<u8>> {
+            let plan = Plan::new(Shape::Copy, vec![s], 8192, 16, 4);
+            let dest = d.path().join("out");
+            let out = File::create(&dest).unwrap();
+            let parts = run_chunk(&plan, 0, &out, &dest, &Progress::new("t", 8192))?;
+            finish(&plan, &[parts], &out, &dest)?;
+            Ok(std::fs::read(&dest).unwrap())
+        };
+        assert_eq!(restore(src(&bdir, "database/base/5/1")).unwrap(), page);
+        for (dir, rel) in [(&bdir, "database/base/5/2"), (&b2, "database/base/5/1")] {
+            let e = restore(src(dir, rel)).unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Corruption, "{rel}: {e}");
+            assert!(e.to_string().contains("symbolic link"), "{e}");
+        }
+        let e = incfile::read_info(&bdir, "database/base/5/2", 8192).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Corruption, "{e}");
     }
 }

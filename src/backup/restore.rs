@@ -176,10 +176,6 @@ impl Restorer<'_> {
         Ok(self.dest_rel(logical).map(|(root, rel)| root.join(rel)))
     }
 
-    fn stored(&self, b: &BackupMeta, e: &FileEntry) -> PathBuf {
-        b.dir(self.catalog).join(e.stored_path())
-    }
-
     /// Where a backup's manifest entry says an incremental file stands: from the manifest
     /// when it records it (every backup written by this walnut), else from the trailer
     /// (checked against the trailer's checksum when the file is read).
@@ -191,8 +187,7 @@ impl Restorer<'_> {
                 limit_block: e.limit_block,
             });
         }
-        let p = self.stored(b, e);
-        incfile::read_info(&p, &p.display().to_string(), b.block_size)
+        incfile::read_info(&b.dir(self.catalog), &e.stored_path(), b.block_size)
     }
 
     fn source(&self, b: &BackupMeta, e: &FileEntry, cap: u32) -> Result<rebuild::Source> {
@@ -212,7 +207,8 @@ impl Restorer<'_> {
             Storage::Dir => return Err(Error::invalid(format!("\"{}\" is a directory", e.path))),
         };
         Ok(rebuild::Source {
-            path: self.stored(b, e),
+            dir: b.dir(self.catalog),
+            rel: e.stored_path(),
             backup: b.id.clone(),
             stored,
             size: e.size,
