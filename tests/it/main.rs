@@ -3,6 +3,7 @@ mod harness;
 
 mod archive;
 mod backup;
+mod catalog_hardening;
 mod fetch_hardening;
 mod pgcontrol;
 mod restore_hardening;
