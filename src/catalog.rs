@@ -3,11 +3,14 @@
 //! Layout (readable by a human in an emergency; metadata is JSON):
 //! ```text
 //! CATALOG/
-//!   walnut-catalog.json                 {"format": 1}
+//!   walnut-catalog.json                 {"format": 1}  (checked by Catalog::open)
 //!   instances/NAME/instance.json        InstanceConfig
 //!   instances/NAME/wal/                 the WAL archive (see crate::archive)
 //!   instances/NAME/backups/ID/          one backup (see crate::backup)
 //! ```
+//! Everything below the catalog root is untrusted (the postgres OS user can write it): the
+//! marker must be a regular file, not a link, holding a known format; backups are read
+//! through crate::safepath (no links below the root, see backup::meta).
 
 use std::path::{Path, PathBuf};
 

@@ -299,6 +299,35 @@ fn hostile_catalog_is_refused_and_nothing_outside_changes() {
     std::fs::rename(&moved, &base).unwrap();
     put_back();
 
+    // 5b. the backup directory itself is a symlink to a copy of it outside the catalog:
+    //     refused (not listed), not read
+    let away = env.dir.path().join("backup-copy");
+    run_ok(
+        std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&bdir)
+            .arg(&away),
+    );
+    let parked = env.cat.join("instances/db/parked");
+    std::fs::rename(&bdir, &parked).unwrap();
+    std::os::unix::fs::symlink(&away, &bdir).unwrap();
+    let before = env.outside_state();
+    let target = env.dir.path().join("target-bdir-link");
+    let r = env.restore(&target);
+    assert!(
+        !r.status.success(),
+        "restore read a symlinked backup directory"
+    );
+    assert_eq!(files_below(&target), Vec::<PathBuf>::new());
+    let v = env.validate(Some(&env.id));
+    assert!(!v.status.success(), "{}", stderr(&v));
+    let show = ok(walnut(&["show", "-B", env.c(), "--format", "json"]), "show");
+    assert!(!show.contains(&env.id), "{show}");
+    assert!(env.outside_state() == before);
+    std::fs::remove_file(&bdir).unwrap();
+    std::fs::rename(&parked, &bdir).unwrap();
+    put_back();
+
     // 6. backup.json whose id leads out of the catalog: validate writes nothing there
     let good = meta::decode(&good_meta, "backup.json").unwrap();
     for bad_id in ["../../x", "../../../../outside"] {
