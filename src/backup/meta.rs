@@ -40,6 +40,7 @@ use std::os::fd::AsRawFd;
 use nix::libc;
 
 use crate::catalog::Catalog;
+use crate::durable;
 use crate::error::{Error, IoContext, Result};
 use crate::safepath;
 use crate::types::{Lsn, TimeLineId};
