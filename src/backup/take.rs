@@ -208,9 +208,7 @@ fn run(
         m.parent_id = Some(parent.id.clone());
         m.parent_start_lsn = Some(parent.start_lsn);
         parent_start = parent.start_lsn;
-        let pm = parent.dir(catalog).join("manifest");
-        let f = std::fs::File::open(&pm).ctx("open", &pm)?;
-        super::manifest::read(std::io::BufReader::new(f), &pm.display().to_string(), |e| {
+        super::manifest::read_in(&parent.dir(catalog), |e| {
             if e.storage != Storage::Dir {
                 parent_files.insert(e.path);
             }

@@ -1276,11 +1276,24 @@ mod tests {
             )
             .unwrap();
         };
+        // a segment's first bytes: the long page header the archive checks on every read
+        let seg = |tli: u32, segno: u64| {
+            let mut b = Vec::with_capacity(40);
+            b.extend_from_slice(&0xD110u16.to_le_bytes()); // PG15 page magic
+            b.extend_from_slice(&2u16.to_le_bytes()); // XLP_LONG_HEADER
+            b.extend_from_slice(&tli.to_le_bytes());
+            b.extend_from_slice(&(segno * SEG as u64).to_le_bytes());
+            b.extend_from_slice(&[0; 8]); // rem_len, padding
+            b.extend_from_slice(&7u64.to_le_bytes());
+            b.extend_from_slice(&SEG.to_le_bytes());
+            b.extend_from_slice(&8192u32.to_le_bytes());
+            b
+        };
         for s in 1..=6 {
-            put(WalFileName::segment(1, s, SEG), b"seg");
+            put(WalFileName::segment(1, s, SEG), &seg(1, s));
         }
         for s in 4..=7 {
-            put(WalFileName::segment(2, s, SEG), b"seg");
+            put(WalFileName::segment(2, s, SEG), &seg(2, s));
         }
         put(
             WalFileName::History { tli: 2 },
