@@ -78,6 +78,8 @@ pub enum Command {
     Show(ShowArgs),
     /// Verify a backup and its chain against stored checksums.
     Validate(crate::backup::ValidateArgs),
+    /// Check that the server's settings and archiving work with this catalog.
+    Check(crate::check::CheckArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -111,6 +113,7 @@ pub fn run_walnut(cli: WalnutCli) -> crate::Result<i32> {
         Command::Show(a) if a.archive => crate::archive::run_show_archive(a),
         Command::Show(a) => crate::backup::run_show(a),
         Command::Validate(a) => crate::backup::run_validate(a),
+        Command::Check(a) => crate::check::run(a),
     }
 }
 

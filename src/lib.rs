@@ -19,6 +19,7 @@
 pub mod archive;
 pub mod backup;
 pub mod catalog;
+pub mod check;
 pub mod cli;
 pub mod cmd;
 pub mod durable;

@@ -3,6 +3,8 @@ mod harness;
 
 mod archive;
 mod backup;
+mod check_metrics;
+mod matrix;
 mod pgcontrol;
 mod wal_decoder;
 
