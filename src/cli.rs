@@ -80,6 +80,8 @@ pub enum Command {
     Validate(crate::backup::ValidateArgs),
     /// Check that the server's settings and archiving work with this catalog.
     Check(crate::check::CheckArgs),
+    /// Write Prometheus metrics (node_exporter textfile format).
+    Metrics(crate::metrics::MetricsArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -114,6 +116,7 @@ pub fn run_walnut(cli: WalnutCli) -> crate::Result<i32> {
         Command::Show(a) => crate::backup::run_show(a),
         Command::Validate(a) => crate::backup::run_validate(a),
         Command::Check(a) => crate::check::run(a),
+        Command::Metrics(a) => crate::metrics::run(a),
     }
 }
 

@@ -175,6 +175,12 @@ pub fn run_show(a: ShowArgs) -> Result<i32> {
 pub fn run_validate(a: ValidateArgs) -> Result<i32> {
     let catalog = Catalog::open(&a.instance.catalog.catalog)?;
     let problems = validate::validate(&catalog, &a.instance.instance, a.backup_id.as_deref())?;
+    crate::verify_record::record_validate(
+        &catalog,
+        &a.instance.instance,
+        a.backup_id.as_deref(),
+        &problems,
+    );
     if problems.is_empty() {
         log::info!("all checked backups are valid");
         Ok(0)

@@ -187,3 +187,251 @@ fn check_fails_on_a_wrong_system_identifier() {
         "{c}"
     );
 }
+
+/// `walnut metrics --output FILE` as the cluster owner; returns the file's samples by
+/// "name{labels}" and the raw text.
+fn metrics(env: &Env, extra: &[&str]) -> (std::collections::BTreeMap<String, f64>, String) {
+    let out_dir = pg_mkdir(&env.dir.path().join("textfile"));
+    let file = out_dir.join("walnut.prom");
+    let conn = env.pg.conn_args();
+    let f = file.to_str().unwrap();
+    let mut args = vec![
+        "metrics",
+        "-B",
+        env.cat(),
+        "--instance",
+        "db",
+        "--output",
+        f,
+    ];
+    args.extend(conn.iter().map(String::as_str));
+    args.extend_from_slice(extra);
+    let out = walnut(&args);
+    assert!(out.status.success(), "metrics: {}", stderr(&out));
+    assert!(stdout(&out).is_empty(), "--output writes nothing to stdout");
+    let names: Vec<_> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, ["walnut.prom"], "a temporary file was left behind");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.ends_with('\n'), "no trailing newline");
+    let mut samples = std::collections::BTreeMap::new();
+    for l in text.lines().filter(|l| !l.starts_with('#')) {
+        let w: Vec<&str> = l.split(' ').collect();
+        // name{labels} value, and no timestamp
+        assert_eq!(w.len(), 2, "sample line {l:?}");
+        assert!(w[0].contains("instance=\"db\""), "{l}");
+        let lower = w[0].split_once('{').unwrap().1;
+        assert_eq!(
+            lower,
+            lower.to_lowercase(),
+            "label values are lower case: {l}"
+        );
+        samples.insert(w[0].to_string(), w[1].parse::<f64>().unwrap());
+    }
+    promtool_check(&text);
+    (samples, text)
+}
+
+/// `promtool check metrics` must accept the text without a remark. Without promtool (a
+/// developer machine) the check is skipped with a message; in CI it must be there.
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    let Ok(mut child) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "promtool is not installed (.ci/run installs Debian's prometheus package)"
+        );
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED promtool check: promtool not installed (apt-get install prometheus)"
+        );
+        return;
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}\n{}{}\n{text}",
+        out.status,
+        stdout(&out),
+        stderr(&out)
+    );
+}
+
+fn get(s: &std::collections::BTreeMap<String, f64>, key: &str) -> f64 {
+    *s.get(key)
+        .unwrap_or_else(|| panic!("no {key} in {:#?}", s.keys().collect::<Vec<_>>()))
+}
+
+fn epoch(s: &Value) -> f64 {
+    walnut::backup::meta::parse_time(s.as_str().unwrap()).unwrap() as f64
+}
+
+/// A catalog in a known state (a FULL and a PAGE, a validated chain, an archive with a
+/// known number of segments) gives exactly the expected values; after damage (a corrupt
+/// FULL, a lost segment, a lost index) the counts follow; promtool accepts every output.
+#[test]
+fn metrics_report_the_catalog_state() {
+    let env = Env::new("mx-metrics");
+    let pg = &env.pg;
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as f64;
+    pg.pgbench(&["-i", "-s", "1", "-q", "postgres"]);
+    let full = env.backup("full", &["--compress", "lz4"]);
+    pg.pgbench(&["-t", "200", "-n", "postgres"]);
+    let page = env.backup("page", &[]);
+    pg.pgbench(&["-t", "50", "-n", "postgres"]);
+    env.switch_and_wait(pg);
+    ok(
+        walnut(&["validate", "-B", env.cat(), "--instance", "db"]),
+        "validate",
+    );
+    let rows = env.show();
+    let row = |id: &str| rows.iter().find(|b| b["id"] == id).unwrap().clone();
+    let arch: Value = serde_json::from_str(&ok(
+        walnut(&[
+            "show",
+            "-B",
+            env.cat(),
+            "--instance",
+            "db",
+            "--archive",
+            "--format",
+            "json",
+        ]),
+        "show --archive",
+    ))
+    .unwrap();
+    let tl = &arch["timelines"][0];
+    let segments = tl["segments"].as_f64().unwrap();
+
+    let (s, _) = metrics(&env, &[]);
+    let l = |name: &str, extra: &str| format!("{name}{{instance=\"db\"{extra}}}");
+    for (mode, id) in [("full", &full), ("page", &page)] {
+        let b = row(id);
+        let m = format!(",mode=\"{mode}\"");
+        assert_eq!(
+            get(&s, &l("walnut_backup_last_success_timestamp_seconds", &m)),
+            epoch(&b["end_time"])
+        );
+        assert_eq!(
+            get(&s, &l("walnut_backup_last_duration_seconds", &m)),
+            epoch(&b["end_time"]) - epoch(&b["start_time"])
+        );
+        assert_eq!(
+            get(&s, &l("walnut_backup_last_size_bytes", &m)),
+            b["data_bytes"].as_f64().unwrap()
+        );
+    }
+    assert!(
+        !s.keys().any(|k| k.contains("mode=\"delta\"")),
+        "no DELTA was taken"
+    );
+    assert_eq!(get(&s, &l("walnut_backups", ",status=\"ok\"")), 2.0);
+    for st in ["running", "error", "corrupt", "orphan"] {
+        assert_eq!(
+            get(&s, &l("walnut_backups", &format!(",status=\"{st}\""))),
+            0.0
+        );
+    }
+    assert_eq!(get(&s, &l("walnut_archive_segments", "")), segments);
+    assert_eq!(get(&s, &l("walnut_archive_segments_unindexed", "")), 0.0);
+    assert_eq!(get(&s, &l("walnut_archive_gaps", "")), 0.0);
+    let now = t0 + 3600.0;
+    let last = get(&s, &l("walnut_archive_last_segment_timestamp_seconds", ""));
+    assert!(last >= t0 && last < now, "{last}");
+    // Just after a switch that was archived, the server is less than a segment ahead.
+    assert_eq!(get(&s, &l("walnut_server_up", "")), 1.0);
+    let lag = get(&s, &l("walnut_archive_lag_bytes", ""));
+    assert!(lag < (1 << 20) as f64, "lag {lag}");
+    assert_eq!(
+        get(&s, &l("walnut_pitr_earliest_timestamp_seconds", "")),
+        epoch(&row(&full)["recovery_time"])
+    );
+    let latest = get(&s, &l("walnut_pitr_latest_timestamp_seconds", ""));
+    assert!(
+        latest >= epoch(&row(&page)["end_time"]) - 1.0 && latest < now,
+        "{latest}"
+    );
+    assert_eq!(
+        get(&s, &l("walnut_verify_last_success", ",kind=\"validate\"")),
+        1.0
+    );
+    let vt = get(
+        &s,
+        &l("walnut_verify_last_timestamp_seconds", ",kind=\"validate\""),
+    );
+    assert!(vt >= t0 && vt < now);
+    assert!(
+        !s.keys().any(|k| k.contains("verify-restore")),
+        "no verify-restore runs yet"
+    );
+    let bytes = get(&s, &l("walnut_catalog_bytes", ""));
+    assert!(
+        bytes > row(&full)["data_bytes"].as_f64().unwrap() / 10.0,
+        "{bytes}"
+    );
+
+    // Damage: a stored FULL file (validate fails, FULL corrupt, PAGE orphan), an archived
+    // segment in the middle (a gap), another's index (unindexed).
+    let rel = pg.psql(
+        "postgres",
+        "select pg_relation_filepath('pgbench_accounts')",
+    );
+    let stored = env
+        .cat
+        .join(format!("instances/db/backups/{full}/database/{rel}.lz4"));
+    let mut b = std::fs::read(&stored).unwrap();
+    let mid = b.len() / 2;
+    b[mid] ^= 1;
+    std::fs::write(&stored, &b).unwrap();
+    let v = walnut(&["validate", "-B", env.cat(), "--instance", "db"]);
+    assert_eq!(v.status.code(), Some(1));
+    let first: walnut::WalFileName = tl["first_segment"].as_str().unwrap().parse().unwrap();
+    let catalog = walnut::catalog::Catalog::open(&env.cat).unwrap();
+    let ar = walnut::archive::WalArchive::open(&catalog, "db").unwrap();
+    let seg = ar.seg_size();
+    let n = first.segno(seg).unwrap();
+    let gap = walnut::WalFileName::segment(1, n + 1, seg);
+    std::fs::remove_file(ar.data_path(&gap)).unwrap();
+    let unidx = walnut::WalFileName::segment(1, n + 3, seg);
+    let idx = ar.data_path(&unidx).with_extension("idx");
+    std::fs::remove_file(&idx).unwrap_or_else(|e| panic!("{}: {e}", idx.display()));
+
+    let (s, _) = metrics(&env, &["--no-connect"]);
+    assert_eq!(
+        get(&s, &l("walnut_verify_last_success", ",kind=\"validate\"")),
+        0.0
+    );
+    assert_eq!(get(&s, &l("walnut_backups", ",status=\"ok\"")), 0.0);
+    assert_eq!(get(&s, &l("walnut_backups", ",status=\"corrupt\"")), 1.0);
+    assert_eq!(get(&s, &l("walnut_backups", ",status=\"orphan\"")), 1.0);
+    assert!(
+        !s.keys().any(|k| k.starts_with("walnut_backup_last")),
+        "no valid backup left"
+    );
+    assert!(!s.keys().any(|k| k.starts_with("walnut_pitr_earliest")));
+    assert_eq!(get(&s, &l("walnut_archive_gaps", "")), 1.0);
+    assert_eq!(get(&s, &l("walnut_archive_segments", "")), segments - 1.0);
+    assert_eq!(get(&s, &l("walnut_archive_segments_unindexed", "")), 1.0);
+    assert!(
+        !s.keys().any(|k| k.starts_with("walnut_archive_lag")),
+        "--no-connect"
+    );
+    assert!(!s.keys().any(|k| k.starts_with("walnut_server_up")));
+}
