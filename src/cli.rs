@@ -82,6 +82,10 @@ pub enum Command {
     Check(crate::check::CheckArgs),
     /// Write Prometheus metrics (node_exporter textfile format).
     Metrics(crate::metrics::MetricsArgs),
+    /// Print a shell completion script (bash, zsh or fish).
+    Completions(crate::cmd::docs::CompletionsArgs),
+    /// Write man pages for walnut, its subcommands, walnut-archive and walnut-fetch.
+    Man(crate::cmd::docs::ManArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -117,6 +121,8 @@ pub fn run_walnut(cli: WalnutCli) -> crate::Result<i32> {
         Command::Validate(a) => crate::backup::run_validate(a),
         Command::Check(a) => crate::check::run(a),
         Command::Metrics(a) => crate::metrics::run(a),
+        Command::Completions(a) => crate::cmd::docs::run_completions(a),
+        Command::Man(a) => crate::cmd::docs::run_man(a),
     }
 }
 

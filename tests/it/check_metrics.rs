@@ -435,3 +435,57 @@ fn metrics_report_the_catalog_state() {
     );
     assert!(!s.keys().any(|k| k.starts_with("walnut_server_up")));
 }
+
+/// contrib/install.sh puts stripped binaries (debug information in .debug/, linked),
+/// man pages, completions, systemd units and the cron example under a prefix, and the
+/// installed binaries run.
+#[test]
+fn install_sh_installs_into_a_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("usr");
+    let bins = std::path::Path::new(env!("CARGO_BIN_EXE_walnut"))
+        .parent()
+        .unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/install.sh");
+    run_ok(Command::new(script).arg("--bindir").arg(bins).arg(&prefix));
+    for b in ["walnut", "walnut-archive", "walnut-fetch"] {
+        let bin = prefix.join("bin").join(b);
+        let dbg = prefix.join("bin/.debug").join(format!("{b}.debug"));
+        let (bs, ds) = (
+            std::fs::metadata(&bin).unwrap().len(),
+            std::fs::metadata(&dbg).unwrap().len(),
+        );
+        assert!(bs < ds, "{b}: stripped {bs} bytes, debug file {ds} bytes");
+        let sections = run_ok(Command::new("readelf").arg("-S").arg(&bin));
+        assert!(sections.contains(".gnu_debuglink"), "{b} has no debug link");
+        assert!(
+            !sections.contains(".debug_info"),
+            "{b} still has debug info"
+        );
+        // (walnut-fetch exits 200 even for --version: any parse outcome stops recovery.)
+        let v = run(Command::new(&bin).arg("--version"));
+        let v = String::from_utf8_lossy(&v.stdout);
+        assert!(v.starts_with(&format!("{b} ")), "{v}");
+    }
+    for f in [
+        "share/man/man1/walnut.1",
+        "share/man/man1/walnut-check.1",
+        "share/man/man1/walnut-archive.1",
+        "share/bash-completion/completions/walnut",
+        "share/zsh/site-functions/_walnut",
+        "share/fish/vendor_completions.d/walnut.fish",
+        "lib/systemd/system/walnut-metrics.service",
+        "lib/systemd/system/walnut-metrics.timer",
+        "lib/systemd/system/walnut-backup.timer",
+        "share/doc/walnut/walnut.cron",
+    ] {
+        let p = prefix.join(f);
+        assert!(std::fs::metadata(&p).unwrap().len() > 0, "{f} missing");
+    }
+    let bash =
+        std::fs::read_to_string(prefix.join("share/bash-completion/completions/walnut")).unwrap();
+    assert!(bash.contains("metrics") && bash.contains("--archive-timeout"));
+    // A relative prefix is refused before anything is written.
+    let out = run(Command::new(script).arg("relative/prefix"));
+    assert_eq!(out.status.code(), Some(2));
+}
