@@ -70,6 +70,17 @@ const FAMILIES: [(&str, &str, &str); 15] = [
     ("walnut_server_up", "gauge", "1 when the server could be reached for walnut_archive_lag_bytes, 0 when not."),
 ];
 
+/// The names of every metric `walnut metrics` can write.
+pub const METRIC_NAMES: [&str; FAMILIES.len()] = {
+    let mut n = [""; FAMILIES.len()];
+    let mut i = 0;
+    while i < FAMILIES.len() {
+        n[i] = FAMILIES[i].0;
+        i += 1;
+    }
+    n
+};
+
 /// Metric families being collected.
 struct Out {
     families: BTreeMap<&'static str, Family>,

@@ -489,3 +489,32 @@ fn install_sh_installs_into_a_prefix() {
     let out = run(Command::new(script).arg("relative/prefix"));
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// The README's example alert rules are valid (`promtool check rules`) and name only
+/// metrics that `walnut metrics` writes.
+#[test]
+fn readme_alert_rules_pass_promtool() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme.find("```yaml\n").expect("alert rules in README") + 8;
+    let rules = &readme[start..start + readme[start..].find("```").unwrap()];
+    for w in rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if w.starts_with("walnut_") {
+            assert!(
+                walnut::metrics::METRIC_NAMES.contains(&w),
+                "README rule uses unknown metric {w}"
+            );
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("walnut-rules.yml");
+    std::fs::write(&f, rules).unwrap();
+    if Command::new("promtool").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "promtool is not installed"
+        );
+        return;
+    }
+    run_ok(Command::new("promtool").arg("check").arg("rules").arg(&f));
+}
