@@ -205,17 +205,8 @@ fn instance_metrics(
     backup_metrics(out, &cfg.name, &backups)?;
 
     let ar = WalArchive::open(catalog, &cfg.name)?;
-    let rep = crate::archive::show::report(&ar, &cfg.name, false)?;
-    let mut last_archived: Option<u64> = None;
-    let mut newest: Option<WalFileName> = None;
-    for t in &rep.timelines {
-        if let Some(n) = &t.last_segment {
-            let n: WalFileName = n.parse()?;
-            last_archived = last_archived.max(Some(ar.read_meta(&n)?.archived_at));
-            newest = newest.max(Some(n));
-        }
-    }
-    if let Some(t) = last_archived {
+    let scan = scan_archive(&ar)?;
+    if let Some(t) = scan.last_archived_at {
         out.add(
             "walnut_archive_last_segment_timestamp_seconds",
             vec![inst()],
@@ -226,10 +217,7 @@ fn instance_metrics(
         match current_wal_lsn(c, cfg) {
             Ok(lsn) => {
                 out.add("walnut_server_up", vec![inst()], 1.0);
-                let seg = u64::from(cfg.wal_segment_size);
-                let end = newest
-                    .and_then(|n| n.segno(cfg.wal_segment_size))
-                    .map_or(0, |s| (s + 1) * seg);
+                let end = scan.newest_end.unwrap_or(0);
                 out.add(
                     "walnut_archive_lag_bytes",
                     vec![inst()],
@@ -245,31 +233,24 @@ fn instance_metrics(
             }
         }
     }
-    let sum = |f: fn(&crate::archive::show::TimelineReport) -> u64| -> f64 {
-        rep.timelines.iter().map(f).sum::<u64>() as f64
-    };
-    out.add("walnut_archive_segments", vec![inst()], sum(|t| t.segments));
+    out.add(
+        "walnut_archive_segments",
+        vec![inst()],
+        scan.segments as f64,
+    );
     out.add(
         "walnut_archive_segments_unindexed",
         vec![inst()],
-        sum(|t| t.index_missing.len() as u64),
+        scan.unindexed as f64,
     );
-    out.add(
-        "walnut_archive_gaps",
-        vec![inst()],
-        sum(|t| t.gaps.len() as u64),
-    );
-    let latest = rep
-        .timelines
-        .iter()
-        .filter_map(|t| t.latest_restorable_time.as_deref())
-        .map(meta::parse_time)
-        .collect::<Result<Vec<i64>>>()?;
-    if let Some(t) = latest.into_iter().max() {
+    out.add("walnut_archive_gaps", vec![inst()], scan.gaps as f64);
+    if let Some(us) = scan.latest_commit {
+        // PostgreSQL timestamps count microseconds from 2000-01-01 00:00:00 UTC.
+        let unix = us.div_euclid(1_000_000) + PG_EPOCH_OFFSET;
         out.add(
             "walnut_pitr_latest_timestamp_seconds",
             vec![inst()],
-            t as f64,
+            unix as f64,
         );
     }
 
@@ -296,6 +277,107 @@ fn instance_metrics(
         tree_bytes(&dir)? as f64,
     );
     Ok(())
+}
+
+/// Seconds from the Unix epoch to PostgreSQL's (2000-01-01 00:00:00 UTC).
+const PG_EPOCH_OFFSET: i64 = 946_684_800;
+
+/// How far back from a timeline's newest segment to look for the latest commit time
+/// (segments with no commit, e.g. after `walnut check`'s switches, have none).
+const COMMIT_LOOKBACK: usize = 256;
+
+/// What the metrics need from the WAL archive.
+#[derive(Debug, Default)]
+struct ArchiveScan {
+    segments: u64,
+    /// Segments without an index file.
+    unindexed: u64,
+    gaps: u64,
+    /// When the newest segment of any timeline was archived (Unix seconds).
+    last_archived_at: Option<u64>,
+    /// End LSN of the newest segment of the newest timeline.
+    newest_end: Option<u64>,
+    /// Newest commit time in the indexes (PostgreSQL microseconds).
+    latest_commit: Option<i64>,
+}
+
+/// Scans the archive from its directory listings, reading only the newest segment's
+/// header and the newest indexes of each timeline: the timer runs it every minute, so it
+/// must not read every archived file (`walnut show --archive` does that, and also finds
+/// damaged index files, which count as indexed here).
+fn scan_archive(ar: &WalArchive) -> Result<ArchiveScan> {
+    let seg_size = ar.seg_size();
+    let mut scan = ArchiveScan::default();
+    let mut tlis: Vec<u32> = Vec::new();
+    match std::fs::read_dir(ar.dir()) {
+        Ok(rd) => {
+            for e in rd {
+                let e = e.ctx("read directory", ar.dir())?;
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.len() == 8 && e.file_type().is_ok_and(|t| t.is_dir()) {
+                    if let Ok(t) = u32::from_str_radix(&n, 16) {
+                        tlis.push(t);
+                    }
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(scan),
+        Err(e) => return Err(Error::io("read directory", ar.dir(), e)),
+    }
+    tlis.sort_unstable();
+    for tli in tlis {
+        let dir = ar.dir().join(format!("{tli:08X}"));
+        let mut segs: BTreeMap<u64, WalFileName> = BTreeMap::new();
+        let mut indexed: std::collections::BTreeSet<u64> = Default::default();
+        for e in std::fs::read_dir(&dir).ctx("read directory", &dir)? {
+            let e = e.ctx("read directory", &dir)?;
+            let f = e.file_name().to_string_lossy().into_owned();
+            let (stem, is_index) = match (f.strip_suffix(".lz4"), f.strip_suffix(".idx")) {
+                (Some(s), _) => (s, false),
+                (_, Some(s)) => (s, true),
+                _ => continue,
+            };
+            let Ok(n) = stem.parse::<WalFileName>() else {
+                continue;
+            };
+            let Some(segno) = n
+                .segno(seg_size)
+                .filter(|_| n.is_segment() && n.tli() == tli)
+            else {
+                continue;
+            };
+            if is_index {
+                indexed.insert(segno);
+            } else {
+                segs.insert(segno, n);
+            }
+        }
+        scan.segments += segs.len() as u64;
+        scan.unindexed += segs.keys().filter(|s| !indexed.contains(s)).count() as u64;
+        scan.gaps += segs
+            .keys()
+            .zip(segs.keys().skip(1))
+            .filter(|(a, b)| **b > **a + 1)
+            .count() as u64;
+        let Some((&last, name)) = segs.iter().next_back() else {
+            continue;
+        };
+        let at = ar.read_meta(name)?.archived_at;
+        scan.last_archived_at = scan.last_archived_at.max(Some(at));
+        // Timelines are in ascending order: the last one with segments is the newest.
+        scan.newest_end = Some((last + 1) * u64::from(seg_size));
+        for &segno in segs.keys().rev().take(COMMIT_LOOKBACK) {
+            if let crate::archive::IndexState::Indexed(ix)
+            | crate::archive::IndexState::Pending(ix) = ar.index_state(tli, segno)?
+            {
+                if let Some(t) = ix.last_commit_time {
+                    scan.latest_commit = scan.latest_commit.max(Some(t));
+                    break;
+                }
+            }
+        }
+    }
+    Ok(scan)
 }
 
 /// Per-mode newest successful backup, counts by status, and the earliest PITR point.

@@ -369,6 +369,11 @@ fn metrics_report_the_catalog_state() {
         "{latest}"
     );
     assert_eq!(
+        latest,
+        epoch(&tl["latest_restorable_time"]),
+        "show --archive disagrees"
+    );
+    assert_eq!(
         get(&s, &l("walnut_verify_last_success", ",kind=\"validate\"")),
         1.0
     );
