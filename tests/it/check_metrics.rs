@@ -523,3 +523,44 @@ fn readme_alert_rules_pass_promtool() {
     }
     run_ok(Command::new("promtool").arg("check").arg("rules").arg(&f));
 }
+
+/// On a standby: archive_mode = on is a failure (a standby archives only with 'always'),
+/// the WAL switch is not attempted (a standby cannot switch), and with 'always' it passes.
+#[test]
+fn check_on_a_standby_wants_archive_mode_always() {
+    let env = Env::new("ck-standby");
+    let data = env.dir.path().join("standby");
+    run_ok(
+        env.pg
+            .client("pg_basebackup")
+            .arg("-D")
+            .arg(&data)
+            .args(["-R", "-X", "stream", "-c", "fast"]),
+    );
+    let sock = pg_mkdir(&env.dir.path().join("standby-sock"));
+    let mut sb = env.pg.existing_like(&data, &sock);
+    sb.start();
+    assert_eq!(sb.psql("postgres", "select pg_is_in_recovery()"), "t");
+    let on_standby = |sb: &Pg| {
+        let conn = sb.conn_args();
+        let mut args = vec!["check", "-B", env.cat(), "--instance", "db"];
+        args.extend(conn.iter().map(String::as_str));
+        walnut(&args)
+    };
+    let out = on_standby(&sb);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let (tag, l) = line(&text, "archive_mode");
+    assert_eq!(tag, "FAIL", "{text}");
+    assert!(l.contains("standby") && l.contains("always"), "{l}");
+    assert_eq!(line(&text, "archive").0, "NOTICE", "{text}");
+
+    sb.stop();
+    sb.append_conf("archive_mode = always");
+    sb.start();
+    let out = on_standby(&sb);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert_eq!(line(&text, "archive_mode").0, "OK");
+    assert!(line(&text, "archive").1.contains("standby"), "{text}");
+}
