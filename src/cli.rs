@@ -78,6 +78,14 @@ pub enum Command {
     Show(ShowArgs),
     /// Verify a backup and its chain against stored checksums.
     Validate(crate::backup::ValidateArgs),
+    /// Check that the server's settings and archiving work with this catalog.
+    Check(crate::check::CheckArgs),
+    /// Write Prometheus metrics (node_exporter textfile format).
+    Metrics(crate::metrics::MetricsArgs),
+    /// Print a shell completion script (bash, zsh or fish).
+    Completions(crate::cmd::docs::CompletionsArgs),
+    /// Write man pages for walnut, its subcommands, walnut-archive and walnut-fetch.
+    Man(crate::cmd::docs::ManArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -111,6 +119,10 @@ pub fn run_walnut(cli: WalnutCli) -> crate::Result<i32> {
         Command::Show(a) if a.archive => crate::archive::run_show_archive(a),
         Command::Show(a) => crate::backup::run_show(a),
         Command::Validate(a) => crate::backup::run_validate(a),
+        Command::Check(a) => crate::check::run(a),
+        Command::Metrics(a) => crate::metrics::run(a),
+        Command::Completions(a) => crate::cmd::docs::run_completions(a),
+        Command::Man(a) => crate::cmd::docs::run_man(a),
     }
 }
 

@@ -20,15 +20,18 @@
 pub mod archive;
 pub mod backup;
 pub mod catalog;
+pub mod check;
 pub mod cli;
 pub mod cmd;
 pub mod durable;
 pub mod error;
 pub mod index;
+pub mod metrics;
 pub mod pgcontrol;
 pub mod progress;
 pub mod safepath;
 pub mod types;
+pub mod verify_record;
 pub mod wal;
 
 pub use error::{Error, ErrorKind, Result};

@@ -214,10 +214,18 @@ pub fn run_validate(a: ValidateArgs) -> Result<i32> {
     let catalog = Catalog::open(&a.instance.catalog.catalog)?;
     let report = validate::validate(&catalog, &a.instance.instance, &opts)?;
     print!("{}", validate::render_text(&report));
-    for p in validate::problems(&report) {
+    let problems = validate::problems(&report);
+    for p in &problems {
         eprintln!("walnut: {p}");
     }
     let (success, checked, failed) = (report.success(), report.checked(), report.failed());
+    crate::verify_record::record_validate(
+        &catalog,
+        &a.instance.instance,
+        opts.backup_id.as_deref(),
+        success,
+        &problems,
+    );
     log::info!("validate: {checked} checked, {failed} failed");
     Ok(if success { 0 } else { 1 })
 }

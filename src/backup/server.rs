@@ -85,6 +85,11 @@ pub struct StopResult {
 }
 
 impl Session {
+    /// The open connection, for callers with their own queries (`walnut check`).
+    pub fn client(&mut self) -> &mut postgres::Client {
+        &mut self.client
+    }
+
     pub fn setting(&mut self, name: &str) -> Result<String> {
         let r = self
             .client

