@@ -11,11 +11,8 @@ use std::process::Output;
 use walnut::backup::manifest::{self, FileEntry, ManifestWriter, Storage};
 use walnut::backup::meta;
 
+use super::env::{stderr, Env as Cluster};
 use super::harness::*;
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 /// What a tree looks like: per path, its kind, mode and content (or link target).
 type Snapshot = BTreeMap<PathBuf, (char, u32, Vec<u8>)>;
@@ -57,38 +54,33 @@ fn files_below(dir: &Path) -> Vec<PathBuf> {
 /// A cluster archiving into a catalog, with one FULL backup, stopped; sentinels in
 /// `outside/` (beside the restore targets and the catalog).
 struct Env {
-    pg: Pg,
-    cat: PathBuf,
+    // Fields drop in order: the server must stop before its directory is removed.
+    base: Cluster,
     id: String,
     outside: PathBuf,
     /// A sentinel file whose size and CRC must never end up in the catalog.
     secret: Vec<u8>,
-    dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Env {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.base
+    }
 }
 
 impl Env {
     fn new() -> Env {
-        let dir = pg_tempdir("cat-hard");
-        let mut pg = Pg::init(&pg_bin(), dir.path(), "primary", &["-k", "--wal-segsize=1"]);
-        let cat = catalog_for(dir.path(), &pg);
-        pg.append_conf(&format!(
-            "archive_mode = on\narchive_command = '{} -B {} --instance db %p %f'",
-            walnut_bin("walnut-archive").display(),
-            cat.display()
-        ));
-        pg.start();
-        pg.psql(
+        let mut base = Cluster::new("cat-hard");
+        base.pg.psql(
             "postgres",
             "create table t(i int); insert into t select generate_series(1, 1000)",
         );
-        let c = cat.to_str().unwrap().to_string();
-        let mut args = vec!["backup", "-B", &c, "--instance", "db", "-b", "full"];
-        let conn = pg.conn_args();
-        args.extend(conn.iter().map(String::as_str));
-        let id = ok(walnut(&args), "full backup").trim().to_string();
-        pg.stop();
+        let id = base.backup1("full");
+        base.pg.stop();
+        let dir = base.dir.path();
 
-        let outside = dir.path().join("outside");
+        let outside = dir.join("outside");
         std::fs::create_dir_all(outside.join("victim-dir")).unwrap();
         std::fs::write(outside.join("sentinel"), b"do not touch\n").unwrap();
         let secret: Vec<u8> = (0..12_345u32).map(|i| (i * 31 % 253) as u8).collect();
@@ -100,24 +92,18 @@ impl Env {
             .unwrap();
         std::fs::set_permissions(outside.join("secret"), PermissionsExt::from_mode(0o600)).unwrap();
         // and one right beside the catalog
-        std::fs::write(dir.path().join("beside-catalog"), b"sentinel\n").unwrap();
-        chown_pg(&dir.path().join("beside-catalog"));
+        std::fs::write(dir.join("beside-catalog"), b"sentinel\n").unwrap();
+        chown_pg(&dir.join("beside-catalog"));
         Env {
-            pg,
-            cat,
+            base,
             id,
             outside,
             secret,
-            dir,
         }
     }
 
-    fn c(&self) -> &str {
-        self.cat.to_str().unwrap()
-    }
-
     fn bdir(&self) -> PathBuf {
-        self.cat.join("instances/db/backups").join(&self.id)
+        self.backup_dir(&self.id)
     }
 
     /// Everything in the temp dir that is neither the catalog, a restore target, nor the
@@ -132,7 +118,7 @@ impl Env {
         walnut(&[
             "restore",
             "-B",
-            self.c(),
+            self.cat(),
             "--instance",
             "db",
             "-i",
@@ -143,11 +129,10 @@ impl Env {
     }
 
     fn validate(&self, id: Option<&str>) -> Output {
-        let mut a = vec!["validate", "-B", self.c(), "--instance", "db"];
-        if let Some(id) = id {
-            a.extend(["-i", id]);
+        match id {
+            Some(id) => self.base.validate(&["-i", id]),
+            None => self.base.validate(&[]),
         }
-        walnut(&a)
     }
 
     /// Writes the backup's manifest with these entries (a valid manifest: right count and
@@ -321,7 +306,10 @@ fn hostile_catalog_is_refused_and_nothing_outside_changes() {
     assert_eq!(files_below(&target), Vec::<PathBuf>::new());
     let v = env.validate(Some(&env.id));
     assert!(!v.status.success(), "{}", stderr(&v));
-    let show = ok(walnut(&["show", "-B", env.c(), "--format", "json"]), "show");
+    let show = ok(
+        walnut(&["show", "-B", env.cat(), "--format", "json"]),
+        "show",
+    );
     assert!(!show.contains(&env.id), "{show}");
     assert!(env.outside_state() == before);
     std::fs::remove_file(&bdir).unwrap();
@@ -343,7 +331,10 @@ fn hostile_catalog_is_refused_and_nothing_outside_changes() {
         assert!(env.outside_state() == before, "{bad_id}");
         assert!(!env.cat.join("instances/x").exists(), "{bad_id}");
         assert!(!env.outside.join("backup.json").exists(), "{bad_id}");
-        let show = ok(walnut(&["show", "-B", env.c(), "--format", "json"]), "show");
+        let show = ok(
+            walnut(&["show", "-B", env.cat(), "--format", "json"]),
+            "show",
+        );
         assert!(!show.contains(bad_id), "{bad_id}: {show}");
         put_back();
     }

@@ -3,12 +3,8 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-use super::backup::{stderr, Env};
+use super::env::{stderr, stdout, Env};
 use super::harness::*;
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 /// `walnut check -B CAT --instance INST` with the server's connection options.
 fn check(env: &Env, cat: &str, instance: &str, extra: &[&str]) -> Output {

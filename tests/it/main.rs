@@ -1,4 +1,5 @@
 //! Integration tests: real PostgreSQL servers, real archive_command / restore_command.
+mod env;
 mod harness;
 
 mod archive;

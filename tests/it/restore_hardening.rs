@@ -6,72 +6,9 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::{Duration, Instant};
 
+use super::env::*;
 use super::harness::*;
-
-/// A cluster (checksums on, 1 MiB WAL segments) archiving into a fresh catalog.
-struct Env {
-    // Fields drop in order: the server must stop before its directory is removed.
-    pg: Pg,
-    cat: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn new(name: &str) -> Env {
-        let dir = pg_tempdir(name);
-        let mut pg = Pg::init(&pg_bin(), dir.path(), "primary", &["-k", "--wal-segsize=1"]);
-        let cat = catalog_for(dir.path(), &pg);
-        pg.append_conf(&format!(
-            "archive_mode = on\narchive_command = '{} -B {} --instance db %p %f'\nmax_wal_size = '1GB'\ncheckpoint_timeout = '1h'",
-            walnut_bin("walnut-archive").display(),
-            cat.display()
-        ));
-        pg.start();
-        Env { pg, cat, dir }
-    }
-
-    fn cat(&self) -> &str {
-        self.cat.to_str().unwrap()
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn backup_on(&self, pg: &Pg) -> String {
-        let mut args = vec!["backup", "-B", self.cat(), "--instance", "db", "-b", "full"];
-        let conn = pg.conn_args();
-        args.extend(conn.iter().map(String::as_str));
-        ok(walnut(&args), "FULL backup").trim().to_string()
-    }
-
-    fn restore(&self, target: &Path, extra: &[&str]) -> Output {
-        let mut args = vec![
-            "restore",
-            "-B",
-            self.cat(),
-            "--instance",
-            "db",
-            "-D",
-            target.to_str().unwrap(),
-            "-j",
-            "2",
-        ];
-        args.extend_from_slice(extra);
-        walnut(&args)
-    }
-
-    fn backup_dir(&self, id: &str) -> PathBuf {
-        self.cat.join("instances/db/backups").join(id)
-    }
-
-    /// Switches WAL on `pg` and waits until the finished segment is in the archive.
-    fn switch_and_wait(&self, pg: &Pg) {
-        switch_and_wait_in_catalog(pg, &self.cat);
-    }
-}
 
 fn refused(out: Output, what: &str, needles: &[&str]) {
     let e = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -138,22 +75,22 @@ fn live_tablespace_is_never_overwritten() {
         "postgres",
         "create table in_ts(i int) tablespace ts1; insert into in_ts select generate_series(1, 5000)",
     );
-    let id = env.backup_on(&env.pg);
+    let id = env.backup1("full");
     let before = snapshot(&[&ts]);
     let new = env.path("new");
     refused(
-        env.restore(&new, &["--force"]),
+        env.restore_cmd(&new, &["--force"]),
         "restore without -T over the live tablespace",
         &["tablespace", &ts.display().to_string()],
     );
     refused(
-        env.restore(&new, &["-i", &id, "--force"]),
+        env.restore_cmd(&new, &["-i", &id, "--force"]),
         "the same with -i",
         &["tablespace"],
     );
     let elsewhere = env.path("ts-new");
     refused(
-        env.restore(
+        env.restore_cmd(
             &new,
             &["-T", &format!("/no/such/ts={}", elsewhere.display())],
         ),
@@ -161,7 +98,7 @@ fn live_tablespace_is_never_overwritten() {
         &["matches no tablespace"],
     );
     refused(
-        env.restore(&new, &["-T", &format!("{}=relative/ts", ts.display())]),
+        env.restore_cmd(&new, &["-T", &format!("{}=relative/ts", ts.display())]),
         "relative -T",
         &["absolute"],
     );
@@ -169,7 +106,7 @@ fn live_tablespace_is_never_overwritten() {
     sentinel(&full, "keep");
     let full_before = snapshot(&[&full]);
     refused(
-        env.restore(
+        env.restore_cmd(
             &new,
             &["-T", &format!("{}={}", ts.display(), full.display())],
         ),
@@ -192,7 +129,7 @@ fn live_tablespace_is_never_overwritten() {
     env.pg.set_running(false);
     // stopped, its tablespace is still not cleared by --force alone
     refused(
-        env.restore(&new, &["--force"]),
+        env.restore_cmd(&new, &["--force"]),
         "restore without -T over the stopped source's tablespace",
         &["not empty", "-T"],
     );
@@ -206,7 +143,7 @@ fn live_tablespace_is_never_overwritten() {
 
     // mapped to an empty directory it restores, and the live tablespace is still untouched
     ok(
-        env.restore(
+        env.restore_cmd(
             &new,
             &["-T", &format!("{}={}", ts.display(), elsewhere.display())],
         ),
@@ -225,7 +162,7 @@ fn live_tablespace_is_never_overwritten() {
     let again: Vec<&str> = again.iter().map(String::as_str).collect();
     sentinel(&elsewhere, "stale");
     ok(
-        env.restore(&new, &again),
+        env.restore_cmd(&new, &again),
         "restore again with --force and -T",
     );
     assert!(!elsewhere.join("stale").exists());
@@ -251,7 +188,7 @@ fn live_tablespace_is_never_overwritten() {
 #[test]
 fn running_clusters_and_the_catalog_are_refused() {
     let env = Env::new("rh-running");
-    env.backup_on(&env.pg);
+    env.backup1("full");
     // another cluster, not registered anywhere, running inside a directory X
     let x = pg_mkdir(&env.path("x"));
     let mut other = Pg::init(&pg_bin(), &x, "other", &["-k"]);
@@ -292,7 +229,7 @@ fn running_clusters_and_the_catalog_are_refused() {
     ];
     for (target, what, needles) in &cases {
         let existed = target.exists();
-        refused(env.restore(target, &["--force"]), what, needles);
+        refused(env.restore_cmd(target, &["--force"]), what, needles);
         assert_eq!(target.exists(), existed, "{what}: created -D");
     }
     assert_eq!(snapshot(&sentinels), before, "a sentinel changed");
@@ -311,7 +248,7 @@ fn running_clusters_and_the_catalog_are_refused() {
     let y = pg_mkdir(&env.path("y"));
     std::fs::create_dir_all(y.join("d/postmaster.pid")).unwrap();
     refused(
-        env.restore(&y, &["--force"]),
+        env.restore_cmd(&y, &["--force"]),
         "unreadable postmaster.pid",
         &["postmaster.pid"],
     );
@@ -320,13 +257,13 @@ fn running_clusters_and_the_catalog_are_refused() {
     let m = pg_mkdir(&env.path("mnt"));
     pg_mkdir(&m.join("lost+found"));
     sentinel(&m.join("lost+found"), "found");
-    ok(env.restore(&m, &[]), "restore into a fresh mount point");
+    ok(env.restore_cmd(&m, &[]), "restore into a fresh mount point");
     assert!(m.join("lost+found/found").is_file());
     assert!(m.join("global/pg_control").is_file());
     // a non-empty -D without --force: the message does not start with --force
     let n = pg_mkdir(&env.path("nonempty"));
     sentinel(&n, "data");
-    let out = env.restore(&n, &[]);
+    let out = env.restore_cmd(&n, &[]);
     refused(out, "non-empty -D", &["not empty", "\"data\""]);
 }
 
@@ -335,7 +272,7 @@ fn running_clusters_and_the_catalog_are_refused() {
 #[test]
 fn bad_options_are_refused_before_any_write() {
     let env = Env::new("rh-options");
-    let id = env.backup_on(&env.pg);
+    let id = env.backup1("full");
     let d = pg_mkdir(&env.path("d"));
     let missing = env.path("missing");
     let bad: Vec<Vec<&str>> = vec![
@@ -366,14 +303,14 @@ fn bad_options_are_refused_before_any_write() {
             if with_id {
                 a.extend(["-i", &id]);
             }
-            refused(env.restore(&d, &a), &format!("{a:?}"), &[]);
+            refused(env.restore_cmd(&d, &a), &format!("{a:?}"), &[]);
             assert!(is_empty_dir(&d), "{a:?}: a file was written in -D");
-            refused(env.restore(&missing, &a), &format!("{a:?}"), &[]);
+            refused(env.restore_cmd(&missing, &a), &format!("{a:?}"), &[]);
             assert!(!missing.exists(), "{a:?}: -D was created");
         }
     }
     refused(
-        env.restore(
+        env.restore_cmd(
             &d,
             &[
                 "-i",
@@ -425,7 +362,7 @@ fn plain_entry(path: &str, content: &[u8]) -> walnut::backup::manifest::FileEntr
 #[test]
 fn hostile_manifest_paths_are_refused() {
     let env = Env::new("rh-manifest");
-    let id = env.backup_on(&env.pg);
+    let id = env.backup1("full");
     let bdir = env.backup_dir(&id);
     let outside = pg_mkdir(&env.path("outside"));
     std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -473,7 +410,11 @@ fn hostile_manifest_paths_are_refused() {
                 v.insert(i, e);
             }
         });
-        refused(env.restore(&target, &["-i", &id]), what, &["unsafe path"]);
+        refused(
+            env.restore_cmd(&target, &["-i", &id]),
+            what,
+            &["unsafe path"],
+        );
         assert!(!target.exists(), "{what}: -D was created");
         assert_eq!(
             snapshot(&watch),
@@ -499,7 +440,7 @@ fn tablespace_map_damage_is_detected() {
         "postgres",
         "create table t(i int) tablespace ts1; insert into t values (1)",
     );
-    let id = env.backup_on(&env.pg);
+    let id = env.backup1("full");
     let bdir = env.backup_dir(&id);
     let target = env.path("r");
     let newts = env.path("ts-r");
@@ -511,7 +452,7 @@ fn tablespace_map_damage_is_detected() {
     bad[last] ^= 0x01;
     std::fs::write(&stored, &bad).unwrap();
     refused(
-        env.restore(&target, &["-i", &id, "-T", &map_arg]),
+        env.restore_cmd(&target, &["-i", &id, "-T", &map_arg]),
         "damaged tablespace_map",
         &["tablespace_map", "manifest"],
     );
@@ -523,7 +464,7 @@ fn tablespace_map_damage_is_detected() {
     std::fs::remove_file(&legacy).unwrap();
     std::fs::create_dir(&legacy).unwrap();
     refused(
-        env.restore(&target, &["-i", &id, "-T", &map_arg]),
+        env.restore_cmd(&target, &["-i", &id, "-T", &map_arg]),
         "unreadable tablespace_map",
         &["tablespace_map"],
     );
@@ -533,26 +474,10 @@ fn tablespace_map_damage_is_detected() {
     let beside = good.clone();
     std::fs::write(&legacy, &beside).unwrap();
     ok(
-        env.restore(&target, &["-i", &id, "-T", &map_arg]),
+        env.restore_cmd(&target, &["-i", &id, "-T", &map_arg]),
         "restore of a backup with its map beside the manifest",
     );
     assert!(!is_empty_dir(&newts));
-}
-
-fn wait_paused(pg: &Pg) {
-    let t0 = Instant::now();
-    loop {
-        let s = pg.psql("postgres", "select pg_get_wal_replay_pause_state()");
-        if s == "paused" {
-            return;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "recovery did not pause at the target (state {s})\n{}",
-            pg.server_log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// §6a: a named restore point on timeline 1, beyond the point where timeline 2 (the newest)
@@ -565,7 +490,7 @@ fn target_on_an_older_timeline_is_reached() {
         "postgres",
         "create table t(i int); insert into t select generate_series(1, 100)",
     );
-    let b1 = env.backup_on(&env.pg);
+    let b1 = env.backup1("full");
     env.pg.psql(
         "postgres",
         "insert into t select generate_series(101, 1000)",
@@ -588,7 +513,7 @@ fn target_on_an_older_timeline_is_reached() {
     // timeline 2: the backup restored to its end and promoted, archiving into the catalog
     let p2dir = env.path("p2");
     ok(
-        env.restore(
+        env.restore_cmd(
             &p2dir,
             &[
                 "-i",
@@ -604,50 +529,23 @@ fn target_on_an_older_timeline_is_reached() {
     let sock2 = pg_mkdir(&env.path("p2-sock"));
     let mut p2 = Pg::existing(&pg_bin(), &p2dir, &sock2);
     p2.start();
-    let t0 = Instant::now();
-    while p2.psql("postgres", "select pg_is_in_recovery()") != "f" {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "no promotion\n{}",
-            p2.server_log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_promoted(&p2);
     assert_eq!(p2.psql("postgres", "select count(*) from t"), "100");
     p2.psql(
         "postgres",
         "insert into t select generate_series(5001, 5010)",
     );
-    let b2 = env.backup_on(&p2);
+    let b2 = env.backup1_on(&p2, "full");
     env.switch_and_wait(&p2);
     p2.stop();
-    let shown = ok(
-        walnut(&[
-            "show",
-            "-B",
-            env.cat(),
-            "--instance",
-            "db",
-            "--format",
-            "json",
-        ]),
-        "show",
-    );
-    let rows: serde_json::Value = serde_json::from_str(&shown).unwrap();
-    let row = |id: &str| {
-        rows.as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["id"] == id)
-            .unwrap()
-            .clone()
-    };
-    assert_eq!(row(&b2)["timeline"], 2);
+    let row = env.row(&b2);
+    assert!(!row.is_null(), "backup {b2} not shown");
+    assert_eq!(row["timeline"], 2);
 
     // restore to A without -i: the timeline-1 backup, recovery on timeline 1
     let rdir = env.path("r");
     ok(
-        env.restore(
+        env.restore_cmd(
             &rdir,
             &[
                 "--recovery-target-name",

@@ -2,112 +2,12 @@
 //! get their own directories, symbolic links are never followed into loops, pages whose
 //! LSN lies beyond anything the server wrote fail the backup, and a failed backup keeps no
 //! data in the catalog.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use super::env::*;
 use super::harness::*;
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A cluster (1 MiB WAL segments, initdb `args`) archiving into a fresh catalog.
-struct Env {
-    // Fields drop in order: the server must stop before its directory is removed.
-    pg: Pg,
-    cat: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn new(name: &str, initdb: &[&str], conf: &str) -> Env {
-        let dir = pg_tempdir(name);
-        let mut args = vec!["--wal-segsize=1"];
-        args.extend_from_slice(initdb);
-        let mut pg = Pg::init(&pg_bin(), dir.path(), "primary", &args);
-        let cat = catalog_for(dir.path(), &pg);
-        pg.append_conf(&format!(
-            "archive_mode = on\narchive_command = '{} -B {} --instance db %p %f'\nmax_wal_size = '1GB'\ncheckpoint_timeout = '1h'\n{conf}",
-            walnut_bin("walnut-archive").display(),
-            cat.display()
-        ));
-        pg.start();
-        Env { pg, cat, dir }
-    }
-
-    fn cat(&self) -> &str {
-        self.cat.to_str().unwrap()
-    }
-
-    fn backup_args(&self, mode: &str) -> Vec<String> {
-        let mut a: Vec<String> = ["backup", "-B", self.cat(), "--instance", "db", "-b", mode]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        a.extend(self.pg.conn_args());
-        a
-    }
-
-    fn backup_cmd(&self, mode: &str) -> Output {
-        let a = self.backup_args(mode);
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        walnut(&a)
-    }
-
-    fn backup(&self, mode: &str) -> String {
-        ok(self.backup_cmd(mode), &format!("{mode} backup"))
-            .trim()
-            .to_string()
-    }
-
-    fn show(&self) -> Vec<serde_json::Value> {
-        let out = ok(
-            walnut(&[
-                "show",
-                "-B",
-                self.cat(),
-                "--instance",
-                "db",
-                "--format",
-                "json",
-            ]),
-            "show",
-        );
-        serde_json::from_str::<serde_json::Value>(&out)
-            .expect("show json")
-            .as_array()
-            .expect("array")
-            .clone()
-    }
-
-    fn backups_dir(&self) -> PathBuf {
-        self.cat.join("instances/db/backups")
-    }
-
-    /// Switches WAL and waits until the finished segment is in the catalog's archive.
-    fn switch_and_wait(&self) {
-        switch_and_wait_in_catalog(&self.pg, &self.cat);
-    }
-}
-
-/// pg_dumpall without the random `\restrict` keys.
-fn dumpall(pg: &Pg) -> String {
-    let out = run_ok(pg.client("pg_dumpall").arg("--no-unlogged-table-data"));
-    out.lines()
-        .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-fn fails_with(out: Output, what: &str, needles: &[&str]) -> String {
-    let e = stderr(&out);
-    assert!(!out.status.success(), "{what} should fail\n{e}");
-    for n in needles {
-        assert!(e.contains(n), "{what}: error should mention {n:?}:\n{e}");
-    }
-    e
-}
 
 /// Bytes of the regular files below `p` (links not followed).
 fn du(p: &Path) -> u64 {
@@ -182,7 +82,7 @@ fn walnut_at_once(n: usize, args: &[String], out_dir: &Path) -> Vec<(i32, String
 /// (which `exists()` calls absent): the backups must still each get a fresh directory.
 #[test]
 fn concurrent_backups_get_their_own_directories() {
-    let env = Env::new("tk-concurrent", &[], "max_connections = 40");
+    let env = Env::with("tk-concurrent", &[], "max_connections = 40");
     env.pg.psql(
         "postgres",
         "create table t(i int primary key); insert into t select generate_series(1, 1000)",
@@ -203,7 +103,7 @@ fn concurrent_backups_get_their_own_directories() {
     let mut ids = Vec::new();
     for round in 0..2 {
         let d = pg_mkdir(&outs.join(round.to_string()));
-        for (rc, id, err) in walnut_at_once(8, &env.backup_args("full"), &d) {
+        for (rc, id, err) in walnut_at_once(8, &env.backup_args_on(&env.pg, "full", &[]), &d) {
             assert_eq!(
                 rc, 0,
                 "concurrent FULL backup (round {round}) failed:\n{err}"
@@ -229,7 +129,7 @@ fn concurrent_backups_get_their_own_directories() {
     for r in &rows {
         assert_eq!(r["status"], "OK", "{r}");
     }
-    env.switch_and_wait();
+    env.switch_and_wait(&env.pg);
     for id in &ids {
         ok(
             walnut(&["validate", "-B", env.cat(), "--instance", "db", "-i", id]),
@@ -268,7 +168,7 @@ fn run_limited(mut cmd: Command, limit: Duration) -> (Output, bool) {
 fn symlinks_are_not_followed() {
     let dir_probe = pg_tempdir("tk-links-outside");
     let waldir = pg_mkdir(&dir_probe.path().join("wal"));
-    let env = Env::new("tk-links", &["-X", waldir.to_str().unwrap()], "");
+    let env = Env::with("tk-links", &["-X", waldir.to_str().unwrap()], "");
     let pg = &env.pg;
     let ts = pg_mkdir(&env.dir.path().join("ts1"));
     pg.psql(
@@ -299,7 +199,7 @@ fn symlinks_are_not_followed() {
     let pgdata_bytes = du(data);
 
     let mut cmd = as_pg(walnut_bin("walnut"));
-    cmd.args(env.backup_args("full"));
+    cmd.args(env.backup_args_on(&env.pg, "full", &[]));
     let (out, in_time) = run_limited(cmd, Duration::from_secs(120));
     let err = stderr(&out);
     assert!(in_time, "the backup did not finish within 120 s\n{err}");
@@ -353,8 +253,8 @@ fn symlinks_are_not_followed() {
     );
 
     pg.psql("postgres", "select pg_create_restore_point('after')");
-    let want = dumpall(pg);
-    env.switch_and_wait();
+    let want = Env::dumpall(pg);
+    env.switch_and_wait(&env.pg);
     let target = env.dir.path().join("r");
     let newts = env.dir.path().join("ts-r");
     let map = format!("{}={}", ts.display(), newts.display());
@@ -405,7 +305,7 @@ fn symlinks_are_not_followed() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let got = dumpall(&r).replace(&newts.display().to_string(), &ts.display().to_string());
+    let got = Env::dumpall(&r).replace(&newts.display().to_string(), &ts.display().to_string());
     r.stop();
     assert!(got == want, "the restored cluster's dump differs");
 }
@@ -436,12 +336,12 @@ fn set_page_lsn(path: &Path, blk: u64, lsn: u64, damage_header: bool) {
 /// and keep no data in the catalog.
 #[test]
 fn page_lsn_beyond_the_server_fails_the_backup() {
-    let mut env = Env::new("tk-future-lsn", &[], "autovacuum = off");
+    let mut env = Env::with("tk-future-lsn", &[], "autovacuum = off");
     env.pg.psql(
         "postgres",
         "create table c(i int, t text); insert into c select g, md5(g::text) from generate_series(1, 3000) g",
     );
-    let full = env.backup("full");
+    let full = env.backup1("full");
     let rel = env.pg.psql("postgres", "select pg_relation_filepath('c')");
     env.pg.stop();
     let path = env.pg.data.join(&rel);
@@ -450,7 +350,7 @@ fn page_lsn_beyond_the_server_fails_the_backup() {
     set_page_lsn(&path, 2, 0x7E_0000_0000, true);
     env.pg.start();
     let e = fails_with(
-        env.backup_cmd("full"),
+        env.backup1_cmd("full"),
         "FULL with a damaged page of a future LSN",
         &[&format!("file \"{rel}\" block 2"), "7E/0", "beyond"],
     );
@@ -461,12 +361,12 @@ fn page_lsn_beyond_the_server_fails_the_backup() {
     set_page_lsn(&path, 1, 0x7F_0000_0010, false);
     env.pg.start();
     fails_with(
-        env.backup_cmd("delta"),
+        env.backup1_cmd("delta"),
         "DELTA with a page of a future LSN",
         &[&format!("file \"{rel}\" block 1"), "7F/10", "beyond"],
     );
     fails_with(
-        env.backup_cmd("full"),
+        env.backup1_cmd("full"),
         "FULL with a page of a future LSN",
         &[&format!("file \"{rel}\" block 1"), "7F/10"],
     );

@@ -2,107 +2,20 @@
 //! inside a backup's range and after it, "could not read" kept apart from "damaged", and
 //! stored files that are links.
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
-use super::harness::*;
+use super::env::{stderr, stdout, Env};
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// A cluster (checksums on, 1 MiB WAL segments) archiving into a fresh catalog.
-struct Env {
-    // Fields drop in order: the server must stop before its directory is removed.
-    pg: Pg,
-    cat: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn new(name: &str) -> Env {
-        let dir = pg_tempdir(name);
-        let mut pg = Pg::init(&pg_bin(), dir.path(), "primary", &["-k", "--wal-segsize=1"]);
-        let cat = catalog_for(dir.path(), &pg);
-        pg.append_conf(&format!(
-            "archive_mode = on\narchive_command = '{} -B {} --instance db %p %f'\nmax_wal_size = '1GB'\ncheckpoint_timeout = '1h'",
-            walnut_bin("walnut-archive").display(),
-            cat.display()
-        ));
-        pg.start();
-        Env { pg, cat, dir }
-    }
-
-    fn cat(&self) -> &str {
-        self.cat.to_str().unwrap()
-    }
-
-    fn backup(&self, mode: &str) -> String {
-        let conn = self.pg.conn_args();
-        let mut args = vec!["backup", "-B", self.cat(), "--instance", "db", "-b", mode];
-        args.extend(conn.iter().map(String::as_str));
-        ok(walnut(&args), &format!("{mode} backup"))
-            .trim()
-            .to_string()
-    }
-
-    fn validate(&self, extra: &[&str]) -> Output {
-        let mut args = vec!["validate", "-B", self.cat(), "--instance", "db"];
-        args.extend_from_slice(extra);
-        walnut(&args)
-    }
-
-    fn row(&self, id: &str) -> serde_json::Value {
-        let out = ok(
-            walnut(&[
-                "show",
-                "-B",
-                self.cat(),
-                "--instance",
-                "db",
-                "--format",
-                "json",
-            ]),
-            "show",
-        );
-        let rows: Vec<serde_json::Value> = serde_json::from_str(&out).expect("show json");
-        rows.into_iter()
-            .find(|b| b["id"] == id)
-            .unwrap_or(serde_json::Value::Null)
-    }
-
-    fn status(&self, id: &str) -> String {
-        self.row(id)["status"].as_str().unwrap_or("").to_string()
-    }
-
-    fn backup_dir(&self, id: &str) -> PathBuf {
-        self.cat.join("instances/db/backups").join(id)
-    }
-
-    fn archive(&self) -> walnut::archive::WalArchive {
-        let catalog = walnut::catalog::Catalog::open(&self.cat).unwrap();
-        walnut::archive::WalArchive::open(&catalog, "db").unwrap()
-    }
-
-    /// Switches WAL and waits until the finished segment is in the archive; returns it.
-    fn switch_and_wait(&self) -> walnut::WalFileName {
-        switch_and_wait_in_catalog(&self.pg, &self.cat)
-    }
-
-    /// The WAL segments (1 MiB) from a backup's start to its stop.
-    fn backup_segments(&self, id: &str) -> Vec<walnut::WalFileName> {
-        let row = self.row(id);
-        let lsn = |k: &str| -> walnut::Lsn { row[k].as_str().unwrap().parse().unwrap() };
-        let (start, stop) = (lsn("start_lsn"), lsn("stop_lsn"));
-        let tli = row["timeline"].as_u64().unwrap() as u32;
-        (start.segno(1 << 20)..=walnut::Lsn(stop.0 - 1).segno(1 << 20))
-            .map(|s| walnut::WalFileName::segment(tli, s, 1 << 20))
-            .collect()
-    }
+/// The WAL segments (1 MiB) from a backup's start to its stop.
+fn backup_segments(env: &Env, id: &str) -> Vec<walnut::WalFileName> {
+    let row = env.row(id);
+    let lsn = |k: &str| -> walnut::Lsn { row[k].as_str().unwrap().parse().unwrap() };
+    let (start, stop) = (lsn("start_lsn"), lsn("stop_lsn"));
+    let tli = row["timeline"].as_u64().unwrap() as u32;
+    (start.segno(1 << 20)..=walnut::Lsn(stop.0 - 1).segno(1 << 20))
+        .map(|s| walnut::WalFileName::segment(tli, s, 1 << 20))
+        .collect()
 }
 
 fn succeeds(out: Output, what: &str) -> String {
@@ -160,9 +73,9 @@ fn damage_archived(p: &Path) {
 fn validate_checks_chains_through_damaged_metadata() {
     let env = Env::new("val-chain");
     env.pg.pgbench(&["-i", "-s", "1", "-q", "postgres"]);
-    let full = env.backup("full");
+    let full = env.backup1("full");
     env.pg.pgbench(&["-t", "50", "-n", "postgres"]);
-    let page = env.backup("page");
+    let page = env.backup1("page");
     succeeds(env.validate(&[]), "validate of an intact chain");
 
     let meta = env.backup_dir(&full).join("backup.json");
@@ -206,9 +119,9 @@ fn validate_checks_chains_through_damaged_metadata() {
 fn validate_checks_wal_to_consistency() {
     let env = Env::new("val-wal-range");
     env.pg.pgbench(&["-i", "-s", "1", "-q", "postgres"]);
-    let full = env.backup("full");
+    let full = env.backup1("full");
     succeeds(env.validate(&["-i", &full]), "validate of an intact backup");
-    let seg = env.backup_segments(&full)[0];
+    let seg = backup_segments(&env, &full)[0];
     let path = env.archive().data_path(&seg);
     let original = std::fs::read(&path).unwrap();
     damage_archived(&path);
@@ -237,11 +150,11 @@ fn validate_checks_wal_to_consistency() {
 fn validate_wal_reports_gaps_and_damage() {
     let env = Env::new("val-wal-gap");
     env.pg.pgbench(&["-i", "-s", "1", "-q", "postgres"]);
-    let full = env.backup("full");
+    let full = env.backup1("full");
     let mut segs = Vec::new();
     for _ in 0..4 {
         env.pg.pgbench(&["-t", "50", "-n", "postgres"]);
-        segs.push(env.switch_and_wait());
+        segs.push(env.switch_and_wait(&env.pg));
     }
     let out = succeeds(env.validate(&["--wal"]), "validate --wal, nothing missing");
     assert!(out.contains("segments verified"), "{out}");
@@ -316,9 +229,9 @@ fn validate_wal_reports_gaps_and_damage() {
 fn validate_keeps_io_errors_apart_from_damage() {
     let env = Env::new("val-io");
     env.pg.pgbench(&["-i", "-s", "1", "-q", "postgres"]);
-    let full = env.backup("full");
+    let full = env.backup1("full");
     env.pg.pgbench(&["-t", "50", "-n", "postgres"]);
-    let page = env.backup("page");
+    let page = env.backup1("page");
     succeeds(env.validate(&[]), "validate of an intact chain");
 
     // walnut runs as the postgres user, so a mode of 000 denies it the directory.
@@ -381,7 +294,7 @@ fn validate_refuses_linked_stored_files() {
         "postgres",
         "create table t as select g from generate_series(1, 1000) g",
     );
-    let full = env.backup("full");
+    let full = env.backup1("full");
     let secret = env.dir.path().join("secret");
     let body: Vec<u8> = (0..12_345u32).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(&secret, &body).unwrap();
