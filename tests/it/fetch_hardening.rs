@@ -8,11 +8,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use super::archive::{fetch, fname, make_segments, push, show_json, wait_for};
+use super::env::{stderr, wait_promoted};
 use super::harness::*;
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 fn chmod(p: &Path, mode: u32) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
@@ -202,19 +199,7 @@ fn walfile_now(pg: &Pg) -> String {
 }
 
 fn switch_archived(pg: &Pg, cat: &Path) -> String {
-    let seg = pg.psql("postgres", "select pg_walfile_name(pg_switch_wal())");
-    let ar = archive_of(cat);
-    let name: walnut::WalFileName = seg.parse().unwrap();
-    let t0 = Instant::now();
-    while !ar.is_archived(&name).unwrap() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "{seg} not archived\n{}",
-            pg.server_log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    seg
+    switch_and_wait_in_catalog(pg, cat).to_string()
 }
 
 fn full_backup(pg: &Pg, cat: &Path) -> String {
@@ -238,6 +223,33 @@ fn restore_to(cat: &Path, target: &Path) {
         ]),
         "restore",
     );
+}
+
+/// The server restored at `target`, set up to run beside the others without archiving.
+fn restored_server(dir: &Path, target: &Path) -> Pg {
+    let sock = pg_mkdir(&dir.join("r-sock"));
+    let r = Pg::existing(&pg_bin(), target, &sock);
+    r.append_conf("archive_mode = off");
+    r
+}
+
+/// Asserts that recovery stopped (`exited`, walnut-fetch exited 200) instead of ending and
+/// promoting; returns the server log.
+fn recovery_stopped(r: &mut Pg, exited: bool, what: &str) -> String {
+    let log = r.server_log();
+    assert!(exited, "{what} and promoted:\n{log}");
+    r.set_running(false);
+    assert!(log.contains("exit code 200"), "{log}");
+    log
+}
+
+/// Starts the restored server again, waits until it has recovered everything and promoted,
+/// checks that `t` has all `rows` and stops it.
+fn recovers_all(r: &mut Pg, rows: &str) {
+    r.start();
+    wait_promoted(r);
+    assert_eq!(r.psql("postgres", "select count(*) from t"), rows);
+    r.stop();
 }
 
 /// Waits until the restored server has exited by itself (recovery FATAL) or has promoted;
@@ -293,33 +305,17 @@ fn unreadable_timeline_dir_stops_recovery_instead_of_promoting() {
         .unwrap();
     }
     chown_pg(&target.join("pg_wal"));
-    let sock = pg_mkdir(&dir.path().join("r-sock"));
-    let mut r = Pg::existing(&pg_bin(), &target, &sock);
-    r.append_conf("archive_mode = off");
+    let mut r = restored_server(dir.path(), &target);
     let tli1 = cat.join("instances/db/wal/00000001");
     chmod(&tli1, 0o000);
     r.start_nowait();
     let exited = wait_exit_or_promotion(&r, 120);
     chmod(&tli1, 0o755);
-    let log = r.server_log();
-    assert!(exited, "recovery ended early and promoted:\n{log}");
-    r.set_running(false);
-    assert!(log.contains("exit code 200"), "{log}");
+    let log = recovery_stopped(&mut r, exited, "recovery ended early");
     assert!(log.contains("walnut-fetch: FATAL"), "{log}");
 
     // readable again: the same restore recovers everything
-    r.start();
-    let t0 = Instant::now();
-    while r.psql("postgres", "select pg_is_in_recovery()") == "t" {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "{}",
-            r.server_log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert_eq!(r.psql("postgres", "select count(*) from t"), "30000");
-    r.stop();
+    recovers_all(&mut r, "30000");
 }
 
 /// A bad `instance.json` is a clear corruption error (wal_segment_size 0 used to divide by
@@ -744,32 +740,13 @@ fn foreign_segment_is_never_served() {
     // restore the FULL: recovery must stop at the foreign segment, not promote
     let target = dir.path().join("restored");
     restore_to(&cat_a, &target);
-    let sock = pg_mkdir(&dir.path().join("r-sock"));
-    let mut r = Pg::existing(&pg_bin(), &target, &sock);
-    r.append_conf("archive_mode = off");
+    let mut r = restored_server(dir.path(), &target);
     r.start_nowait();
     let exited = wait_exit_or_promotion(&r, 120);
-    let log = r.server_log();
-    assert!(
-        exited,
-        "recovery ended at the foreign segment and promoted:\n{log}"
-    );
-    r.set_running(false);
-    assert!(log.contains("exit code 200"), "{log}");
+    let log = recovery_stopped(&mut r, exited, "recovery ended at the foreign segment");
     assert!(log.contains(&victim), "{log}");
 
     // with the real segment back, the restore completes
     std::fs::copy(&own_copy, &victim_lz4).unwrap();
-    r.start();
-    let t0 = Instant::now();
-    while r.psql("postgres", "select pg_is_in_recovery()") == "t" {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "{}",
-            r.server_log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert_eq!(r.psql("postgres", "select count(*) from t"), "30000");
-    r.stop();
+    recovers_all(&mut r, "30000");
 }
