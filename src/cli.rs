@@ -133,3 +133,47 @@ pub fn init_logging() {
         .format_target(false)
         .try_init();
 }
+
+/// Parses the command line of a binary PostgreSQL runs (archive_command, restore_command):
+/// `--help` and `--version` print and exit 0; a usage error prints and exits `usage_exit`
+/// (what that binary's caller reads as a failure, never clap's 2).
+pub fn parse_or_exit<P: Parser>(usage_exit: i32) -> P {
+    match P::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            std::process::exit(if e.use_stderr() { usage_exit } else { 0 });
+        }
+    }
+}
+
+/// Runs `f` with panics caught, for binaries whose exit code PostgreSQL interprets (a panic
+/// must not exit 101). A panic prints one line, as PostgreSQL logs it:
+/// `{prefix}: {what}: internal error: panic at FILE:LINE: MESSAGE`, and gives `None`.
+/// Test hook: `WALNUT_TEST_PANIC` panics before `f` runs.
+pub fn catch_panics<T>(
+    prefix: &'static str,
+    what: String,
+    f: impl FnOnce() -> T + std::panic::UnwindSafe,
+) -> Option<T> {
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let at = info.location().map(|l| l.to_string()).unwrap_or_default();
+        eprintln!(
+            "{prefix}: {what}: internal error: panic at {at}: {}",
+            msg.replace('\n', " ")
+        );
+    }));
+    std::panic::catch_unwind(move || {
+        if std::env::var_os("WALNUT_TEST_PANIC").is_some() {
+            panic!("panic requested by WALNUT_TEST_PANIC");
+        }
+        f()
+    })
+    .ok()
+}
