@@ -124,6 +124,19 @@ pub struct DamagedDir {
     pub unreadable: bool,
 }
 
+impl std::fmt::Display for DamagedDir {
+    /// The report line: "backup directory DIR could not be read: WHY" (or "is a damaged
+    /// backup").
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = if self.unreadable {
+            "could not be read"
+        } else {
+            "is a damaged backup"
+        };
+        write!(f, "backup directory {} {what}: {}", self.dir, self.reason)
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct WalReport {
     pub segments_checked: u64,
@@ -981,16 +994,7 @@ pub fn render_text(r: &Report) -> String {
         ));
     }
     for d in &r.damaged {
-        s.push_str(&format!(
-            "backup directory {} {}: {}\n",
-            d.dir,
-            if d.unreadable {
-                "could not be read"
-            } else {
-                "is a damaged backup"
-            },
-            d.reason
-        ));
+        s.push_str(&format!("{d}\n"));
     }
     if let Some(w) = &r.wal {
         for p in &w.problems {
@@ -1043,18 +1047,7 @@ pub fn problems(r: &Report) -> Vec<String> {
             Outcome::Valid | Outcome::Skipped(_) => {}
         }
     }
-    for d in &r.damaged {
-        v.push(format!(
-            "backup directory {} {}: {}",
-            d.dir,
-            if d.unreadable {
-                "could not be read"
-            } else {
-                "is a damaged backup"
-            },
-            d.reason
-        ));
-    }
+    v.extend(r.damaged.iter().map(DamagedDir::to_string));
     if let Some(w) = &r.wal {
         v.extend(w.problems.iter().cloned());
     }
