@@ -133,6 +133,17 @@ pub(crate) fn make_segments(dir: &Path, name: &str, n: usize) -> (Pg, Vec<PathBu
     (pg, out)
 }
 
+/// `make_segments` with every segment pushed into a fresh catalog DIR/cat; returns the
+/// segments and the catalog.
+pub(crate) fn archived_segments(dir: &Path, name: &str, n: usize) -> (Vec<PathBuf>, PathBuf) {
+    let (pg, segs) = make_segments(dir, name, n);
+    let cat = catalog_for(dir, &pg);
+    for s in &segs {
+        ok(push(&cat, s, &fname(s), &[]), "push");
+    }
+    (segs, cat)
+}
+
 pub(crate) fn fname(p: &Path) -> String {
     p.file_name().unwrap().to_string_lossy().into_owned()
 }
@@ -443,11 +454,7 @@ fn concurrent_pushes_of_one_segment() {
 #[test]
 fn fetch_corrupt_and_missing() {
     let dir = pg_tempdir("arch-corrupt");
-    let (pg, segs) = make_segments(dir.path(), "x", 3);
-    let cat = catalog_for(dir.path(), &pg);
-    for s in &segs {
-        ok(push(&cat, s, &fname(s), &[]), "push");
-    }
+    let (segs, cat) = archived_segments(dir.path(), "x", 3);
     let name = fname(&segs[1]);
     let f = cat.join(format!("instances/db/wal/00000001/{name}.lz4"));
     let mut bytes = std::fs::read(&f).unwrap();

@@ -233,14 +233,10 @@ fn page_and_delta_chain_restores_every_point() {
 pub(crate) fn chain_scenario(server: &Server, tools: Option<&Server>, name: &str, conf: &str) {
     let env = Env::on(name, server, tools, conf);
     let pg = &env.pg;
-    let ts = pg_mkdir(&env.dir.path().join("ts1"));
     pg.psql("postgres", "create extension amcheck");
     pg.psql("template1", "create extension amcheck");
     pg.pgbench(&["-i", "-s", "2", "-q", "postgres"]);
-    pg.psql(
-        "postgres",
-        &format!("create tablespace ts1 location '{}'", ts.display()),
-    );
+    let ts = env.tablespace_on(pg, "ts1");
     pg.psql(
         "postgres",
         "create table tt(i int, pad text) with (autovacuum_enabled = off); \
@@ -478,17 +474,7 @@ fn validate_marks_corrupt_and_orphan() {
     );
     assert_eq!(env.status(&full), "OK");
 
-    let rel = pg.psql(
-        "postgres",
-        "select pg_relation_filepath('pgbench_accounts')",
-    );
-    let stored = env
-        .cat
-        .join(format!("instances/db/backups/{full}/database/{rel}.lz4"));
-    let mut b = std::fs::read(&stored).unwrap();
-    let mid = b.len() / 2;
-    b[mid] ^= 0x01;
-    std::fs::write(&stored, &b).unwrap();
+    let rel = env.damage_stored(pg, &full, "pgbench_accounts");
     // a restore that meets the damage fails and leaves no startable data directory
     let half = env.dir.path().join("half");
     fails_with(

@@ -390,17 +390,7 @@ fn metrics_report_the_catalog_state() {
 
     // Damage: a stored FULL file (validate fails, FULL corrupt, PAGE orphan), an archived
     // segment in the middle (a gap), another's index (unindexed).
-    let rel = pg.psql(
-        "postgres",
-        "select pg_relation_filepath('pgbench_accounts')",
-    );
-    let stored = env
-        .cat
-        .join(format!("instances/db/backups/{full}/database/{rel}.lz4"));
-    let mut b = std::fs::read(&stored).unwrap();
-    let mid = b.len() / 2;
-    b[mid] ^= 1;
-    std::fs::write(&stored, &b).unwrap();
+    env.damage_stored(pg, &full, "pgbench_accounts");
     let v = walnut(&["validate", "-B", env.cat(), "--instance", "db"]);
     assert_eq!(v.status.code(), Some(1));
     let first: walnut::WalFileName = tl["first_segment"].as_str().unwrap().parse().unwrap();

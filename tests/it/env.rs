@@ -220,6 +220,31 @@ impl Env {
         r
     }
 
+    /// Tablespace `name` of `pg` in directory `name` of the fixture; returns the directory.
+    pub(crate) fn tablespace_on(&self, pg: &Pg, name: &str) -> PathBuf {
+        let ts = pg_mkdir(&self.path(name));
+        pg.psql(
+            "postgres",
+            &format!("create tablespace {name} location '{}'", ts.display()),
+        );
+        ts
+    }
+
+    /// Flips one bit in the middle of backup `id`'s stored copy of `table` (in database
+    /// postgres of `pg`); returns the relation's path (as the errors name it).
+    pub(crate) fn damage_stored(&self, pg: &Pg, id: &str, table: &str) -> String {
+        let rel = pg.psql(
+            "postgres",
+            &format!("select pg_relation_filepath('{table}')"),
+        );
+        let stored = self.backup_dir(id).join(format!("database/{rel}.lz4"));
+        let mut b = std::fs::read(&stored).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0x01;
+        std::fs::write(&stored, &b).unwrap();
+        rel
+    }
+
     /// Switches WAL on `pg` and waits until the finished segment is in the catalog's
     /// archive; returns it. (The harness's wait compares `last_archived_wal`, which after a
     /// backup can be an older segment's `.backup` file and then waits for the next

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::archive::{fetch, fname, make_segments, push, show_json, wait_for};
+use super::archive::{archived_segments, fetch, fname, make_segments, push, show_json, wait_for};
 use super::env::{stderr, wait_promoted};
 use super::harness::*;
 
@@ -41,11 +41,7 @@ fn assert_fatal(out: &Output, what: &str, dest: &Path, case: &str) {
 #[test]
 fn fetch_says_absent_only_when_definitely_absent() {
     let dir = pg_tempdir("fh-absent");
-    let (pg, segs) = make_segments(dir.path(), "x", 3);
-    let cat = catalog_for(dir.path(), &pg);
-    for s in &segs {
-        ok(push(&cat, s, &fname(s), &[]), "push");
-    }
+    let (segs, cat) = archived_segments(dir.path(), "x", 3);
     let wal = cat.join("instances/db/wal");
     let tli1 = wal.join("00000001");
     let dest = pg_mkdir(&dir.path().join("rec/pg_wal")).join("RECOVERYXLOG");
@@ -125,16 +121,7 @@ fn fetch_says_absent_only_when_definitely_absent() {
     std::os::unix::fs::symlink(&elsewhere, &lz4).unwrap();
     let out = fetch(&cat, &seg, &dest);
     assert_fatal(&out, &seg, &dest, "symlinked segment");
-    let (clean, report) = show_json(&cat, true);
-    assert!(!clean, "{report}");
-    assert!(
-        report["timelines"][0]["corrupt"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|c| c[0].as_str() == Some(seg.as_str())),
-        "{report}"
-    );
+    show_flags_corrupt(&cat, &seg);
     let ar = archive_of(&cat);
     let name: walnut::WalFileName = seg.parse().unwrap();
     let segno = name.segno(1 << 20).unwrap();
@@ -222,6 +209,20 @@ fn restore_to(cat: &Path, target: &Path) {
             target.to_str().unwrap(),
         ]),
         "restore",
+    );
+}
+
+/// `show --archive --verify` is not clean and lists `seg` as corrupt.
+fn show_flags_corrupt(cat: &Path, seg: &str) {
+    let (clean, report) = show_json(cat, true);
+    assert!(!clean, "{report}");
+    assert!(
+        report["timelines"][0]["corrupt"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c[0].as_str() == Some(seg)),
+        "{report}"
     );
 }
 
@@ -393,11 +394,7 @@ fn bad_instance_json_and_panics_are_fatal_not_absent() {
 #[test]
 fn killed_fetch_leftovers_are_removed() {
     let dir = pg_tempdir("fh-temps");
-    let (pg, segs) = make_segments(dir.path(), "x", 2);
-    let cat = catalog_for(dir.path(), &pg);
-    for s in &segs {
-        ok(push(&cat, s, &fname(s), &[]), "push");
-    }
+    let (segs, cat) = archived_segments(dir.path(), "x", 2);
     let pg_wal = pg_mkdir(&dir.path().join("rec/pg_wal"));
     let dest = pg_wal.join("RECOVERYXLOG");
     // a killed fetch's file (pid 2147483646 never runs), and files that must stay: other
@@ -707,16 +704,7 @@ fn foreign_segment_is_never_served() {
     .unwrap();
     chown_pg(&tli(&cat_a));
     assert_fatal(&fetch(&cat_a, &victim, &dest), &victim, &dest, "B's file");
-    let (clean, report) = show_json(&cat_a, true);
-    assert!(!clean, "{report}");
-    assert!(
-        report["timelines"][0]["corrupt"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|c| c[0].as_str() == Some(victim.as_str())),
-        "{report}"
-    );
+    show_flags_corrupt(&cat_a, &victim);
     // B's index is never merged: it reads as not this segment's
     let segno = vname.segno(1 << 20).unwrap();
     let st = ar_a.index_state(1, segno).unwrap();

@@ -134,13 +134,9 @@ fn short_scenario(server: &Server, tools: &Server) -> String {
     }
     let env = Env::on(&format!("mx-pg{major}"), server, Some(tools), &conf);
     let pg = &env.pg;
-    let ts = pg_mkdir(&env.dir.path().join("ts1"));
     pg.psql("postgres", "create extension amcheck");
     pg.pgbench(&["-i", "-s", "1", "-q", "postgres"]);
-    pg.psql(
-        "postgres",
-        &format!("create tablespace ts1 location '{}'", ts.display()),
-    );
+    let ts = env.tablespace_on(pg, "ts1");
     pg.psql(
         "postgres",
         "create table vf(i int primary key, t text); \
