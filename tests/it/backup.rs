@@ -667,15 +667,7 @@ fn page_backup_after_promotion_on_new_timeline() {
         ],
         true,
     );
-    let t0 = Instant::now();
-    while p2.psql("postgres", "select pg_is_in_recovery()") != "f" {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "no promotion\n{}",
-            p2.server_log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_promoted(&p2);
     assert_eq!(
         p2.psql(
             "postgres",

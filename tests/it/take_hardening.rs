@@ -296,15 +296,7 @@ fn symlinks_are_not_followed() {
     let mut r = Pg::existing(&pg_bin(), &target, &sock);
     r.append_conf("archive_mode = off");
     r.start();
-    let t0 = Instant::now();
-    while r.psql("postgres", "select pg_get_wal_replay_pause_state()") != "paused" {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "recovery did not pause\n{}",
-            r.server_log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_paused(&r);
     let got = Env::dumpall(&r).replace(&newts.display().to_string(), &ts.display().to_string());
     r.stop();
     assert!(got == want, "the restored cluster's dump differs");
