@@ -195,18 +195,55 @@ fn walk_dirs(root: &Path, rel: &Path) -> Result<OwnedFd> {
 /// or a non-regular file is corruption.
 pub fn open_under(root: &Path, rel: &str) -> Result<File> {
     check_rel_path(rel, "stored file")?;
-    let relp = Path::new(rel);
-    let full = root.join(relp);
+    let rootfd = openat(None, root, libc::O_RDONLY | libc::O_DIRECTORY, root)?;
+    open_below(&rootfd, root, rel)
+}
+
+/// Like [`open_under`], but `Ok(None)` when the file is *definitely* absent: `ENOENT` for a
+/// component below `root`, looked up in a directory that was itself opened for reading. Any
+/// other failure (a missing or unreadable `root` or directory, `EIO`, a link, a non-regular
+/// file) is an error, so that damage is never mistaken for absence.
+pub fn open_under_if_exists(root: &Path, rel: &str) -> Result<Option<File>> {
+    check_rel_path(rel, "stored file")?;
+    // `root` itself must open: a missing root is damage, not absence.
+    let rootfd = openat(None, root, libc::O_RDONLY | libc::O_DIRECTORY, root)?;
+    match open_below(&rootfd, root, rel) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == crate::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens the checked relative path `rel` below the opened directory `rootfd` (`root`'s):
+/// one `openat2` that refuses links and escapes, or a component walk with `O_NOFOLLOW` where
+/// the kernel lacks it. `ENOENT` anywhere below `rootfd` is [`ErrorKind::NotFound`](crate::ErrorKind);
+/// a link or a non-regular file is corruption.
+fn open_below(rootfd: &OwnedFd, root: &Path, rel: &str) -> Result<File> {
+    let full = root.join(rel);
     let (parent, name) = match rel.rsplit_once('/') {
-        Some((d, n)) => (Path::new(d), n),
-        None => (Path::new(""), rel),
+        Some((d, n)) => (d, n),
+        None => ("", rel),
     };
     let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK;
-    let rootfd = openat(None, root, libc::O_RDONLY | libc::O_DIRECTORY, root)?;
-    let fd = match openat2_beneath(&rootfd, rel, flags, &full) {
+    let fd = match openat2_beneath(rootfd, rel, flags, &full) {
         Some(r) => r?,
         None => {
-            let dir = walk_dirs(root, parent)?;
+            let mut dir = openat(
+                Some(rootfd),
+                Path::new("."),
+                libc::O_RDONLY | libc::O_DIRECTORY,
+                root,
+            )?;
+            let mut at = root.to_path_buf();
+            for c in parent.split('/').filter(|c| !c.is_empty()) {
+                at.push(c);
+                dir = openat(
+                    Some(&dir),
+                    Path::new(c),
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                    &at,
+                )?;
+            }
             openat(Some(&dir), Path::new(name), flags, &full)?
         }
     };
@@ -227,60 +264,6 @@ pub fn open_under(root: &Path, rel: &str) -> Result<File> {
         }
     }
     Ok(f)
-}
-
-/// Like [`open_under`], but `Ok(None)` when the file is *definitely* absent: `ENOENT` for a
-/// component below `root`, looked up in a directory that was itself opened for reading. Any
-/// other failure (a missing or unreadable `root` or directory, `EIO`, a link, a non-regular
-/// file) is an error, so that damage is never mistaken for absence. The file is left in
-/// `O_NONBLOCK` mode, which reads of a regular file ignore (it only keeps a planted FIFO from
-/// hanging the open).
-pub fn open_under_if_exists(root: &Path, rel: &str) -> Result<Option<File>> {
-    check_rel_path(rel, "stored file")?;
-    let full = root.join(rel);
-    let absent = |e: Error| {
-        if e.kind() == crate::ErrorKind::NotFound {
-            Ok(None)
-        } else {
-            Err(e)
-        }
-    };
-    let (parent, name) = match rel.rsplit_once('/') {
-        Some((d, n)) => (d, n),
-        None => ("", rel),
-    };
-    let mut dir = openat(None, root, libc::O_RDONLY | libc::O_DIRECTORY, root)?;
-    let mut at = root.to_path_buf();
-    for c in parent.split('/').filter(|c| !c.is_empty()) {
-        at.push(c);
-        dir = match openat(
-            Some(&dir),
-            Path::new(c),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-            &at,
-        ) {
-            Ok(d) => d,
-            Err(e) => return absent(e),
-        };
-    }
-    let fd = match openat(
-        Some(&dir),
-        Path::new(name),
-        libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
-        &full,
-    ) {
-        Ok(fd) => fd,
-        Err(e) => return absent(e),
-    };
-    let f = File::from(fd);
-    let md = f.metadata().map_err(|e| Error::io("stat", &full, e))?;
-    if !md.file_type().is_file() {
-        return Err(Error::corruption(format!(
-            "\"{}\" is not a regular file",
-            full.display()
-        )));
-    }
-    Ok(Some(f))
 }
 
 /// Opens the directory `root/rel` (empty `rel`: `root` itself) without following links below
