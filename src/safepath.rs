@@ -168,7 +168,14 @@ fn openat2_beneath(dir: &OwnedFd, rel: &str, flags: i32, full: &Path) -> Option<
 /// Opens the directory `root` itself (following links in `root`, which the operator gave)
 /// and then each component of `rel` without following links.
 fn walk_dirs(root: &Path, rel: &Path) -> Result<OwnedFd> {
-    let mut cur = openat(None, root, libc::O_RDONLY | libc::O_DIRECTORY, root)?;
+    let rootfd = openat(None, root, libc::O_RDONLY | libc::O_DIRECTORY, root)?;
+    walk_dirs_from(rootfd, root, rel)
+}
+
+/// From the opened directory `start` (`root`'s), each component of `rel` without following
+/// links; every one must be a real directory.
+fn walk_dirs_from(start: OwnedFd, root: &Path, rel: &Path) -> Result<OwnedFd> {
+    let mut cur = start;
     let mut full = root.to_path_buf();
     for c in rel.components() {
         let Component::Normal(name) = c else {
@@ -228,22 +235,8 @@ fn open_below(rootfd: &OwnedFd, root: &Path, rel: &str) -> Result<File> {
     let fd = match openat2_beneath(rootfd, rel, flags, &full) {
         Some(r) => r?,
         None => {
-            let mut dir = openat(
-                Some(rootfd),
-                Path::new("."),
-                libc::O_RDONLY | libc::O_DIRECTORY,
-                root,
-            )?;
-            let mut at = root.to_path_buf();
-            for c in parent.split('/').filter(|c| !c.is_empty()) {
-                at.push(c);
-                dir = openat(
-                    Some(&dir),
-                    Path::new(c),
-                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-                    &at,
-                )?;
-            }
+            let start = rootfd.try_clone().map_err(|e| Error::io("dup", root, e))?;
+            let dir = walk_dirs_from(start, root, Path::new(parent))?;
             openat(Some(&dir), Path::new(name), flags, &full)?
         }
     };
