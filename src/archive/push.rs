@@ -324,6 +324,11 @@ fn background_pusher(
         last_stamp: Instant::now(),
         done: false,
     });
+    // Progress the waiting calls can see: the lock file's mtime, and when it was last set.
+    let stamp = |st: &mut State| {
+        stamp_progress(&lock);
+        st.last_stamp = Instant::now();
+    };
     let next_job = || -> Option<WalFileName> {
         loop {
             {
@@ -333,8 +338,7 @@ fn background_pusher(
                 }
                 // Alive and scheduling: callers waiting for an acknowledgement see it.
                 if st.last_stamp.elapsed() >= PROGRESS_STAMP {
-                    stamp_progress(&lock);
-                    st.last_stamp = Instant::now();
+                    stamp(&mut st);
                 }
                 let before = st.acked.len();
                 st.acked.retain(|n| ack_path(&spool, n).exists());
@@ -361,8 +365,7 @@ fn background_pusher(
                     }
                     if let Some(n) = st.queue.pop_front() {
                         st.in_flight.insert(n);
-                        stamp_progress(&lock);
-                        st.last_stamp = Instant::now();
+                        stamp(&mut st);
                         return Some(n);
                     }
                 } else if st.in_flight.is_empty() && st.last_progress.elapsed() > AHEAD_IDLE {
@@ -382,8 +385,7 @@ fn background_pusher(
                 st.failed.insert(n);
             }
             st.last_progress = Instant::now();
-            stamp_progress(&lock);
-            st.last_stamp = Instant::now();
+            stamp(&mut st);
         }
     };
     let workers = super::worker_threads();
