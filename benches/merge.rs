@@ -14,7 +14,7 @@
 
 use std::time::Instant;
 
-use walnut::index::format::{decode, encode};
+use walnut::format::index::{decode, encode};
 use walnut::index::merge::merge;
 use walnut::index::{RelFork, SegmentIndex, MAIN_FORKNUM, VM_FORKNUM};
 

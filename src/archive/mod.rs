@@ -12,7 +12,7 @@
 //!     .index.lock                         fs2 lock serialising index (re)writes
 //!     TTTTTTTT/                           one directory per timeline (8 hex digits)
 //!       <segment>.lz4                     archived segment (see below)
-//!       <segment>.idx                     its block index (crate::index::format)
+//!       <segment>.idx                     its block index (crate::format::index)
 //!       <segment>.idx-missing             JSON {"reason": ...}: archived, but not indexable
 //!       <segment>.partial.lz4             last, incomplete segment of a timeline
 //!       <segment>.OOOOOOOO.backup.lz4     backup history file
@@ -51,7 +51,6 @@ pub mod fetch;
 pub mod mapped;
 pub mod push;
 pub mod show;
-pub mod store;
 
 use std::fs;
 use std::io;
@@ -195,7 +194,7 @@ impl WalArchive {
                 let Ok(Some(bytes)) = self.read_small_opt(tli, &fname) else {
                     continue;
                 };
-                let Ok(ix) = crate::index::format::decode(&bytes, &path.display().to_string())
+                let Ok(ix) = crate::format::index::decode(&bytes, &path.display().to_string())
                 else {
                     continue;
                 };
@@ -274,7 +273,10 @@ impl WalArchive {
         self.read_with_meta(name).map(|(_, d)| d)
     }
 
-    pub(crate) fn read_with_meta(&self, name: &WalFileName) -> Result<(store::FileMeta, Vec<u8>)> {
+    pub(crate) fn read_with_meta(
+        &self,
+        name: &WalFileName,
+    ) -> Result<(crate::format::segment::FileMeta, Vec<u8>)> {
         self.read_opt_with_meta(name)?.ok_or_else(|| {
             Error::not_found(format!(
                 "{name} is not in the archive ({})",
@@ -289,7 +291,7 @@ impl WalArchive {
     pub(crate) fn read_opt_with_meta(
         &self,
         name: &WalFileName,
-    ) -> Result<Option<(store::FileMeta, Vec<u8>)>> {
+    ) -> Result<Option<(crate::format::segment::FileMeta, Vec<u8>)>> {
         use std::io::Read;
         let Some(mut f) = self.open_archived(name)? else {
             return Ok(None);
@@ -298,14 +300,19 @@ impl WalArchive {
         let mut bytes = Vec::new();
         f.read_to_end(&mut bytes).ctx("read", &p)?;
         let what = p.display().to_string();
-        let (meta, data) = store::decode(&bytes, &what)?;
+        let (meta, data) = crate::format::segment::decode(&bytes, &what)?;
         self.check_meta(&meta, name, &what)?;
         self.check_wal_header(name, &data, &what)?;
         Ok(Some((meta, data)))
     }
 
     /// The archive header must name `name` and this instance's system.
-    fn check_meta(&self, meta: &store::FileMeta, name: &WalFileName, what: &str) -> Result<()> {
+    fn check_meta(
+        &self,
+        meta: &crate::format::segment::FileMeta,
+        name: &WalFileName,
+        what: &str,
+    ) -> Result<()> {
         if meta.name != name.to_string() {
             return Err(Error::corruption(format!(
                 "{name}: {what}: header names \"{}\", expected {name}",
@@ -365,7 +372,7 @@ impl WalArchive {
 
     /// Reads only the metadata header of an archived file (cheap: a few hundred bytes) and
     /// checks that it is `name`'s and this instance's.
-    pub fn read_meta(&self, name: &WalFileName) -> Result<store::FileMeta> {
+    pub fn read_meta(&self, name: &WalFileName) -> Result<crate::format::segment::FileMeta> {
         use std::io::Read;
         let p = self.data_path(name);
         let f = self.open_archived(name)?.ok_or_else(|| {
@@ -376,7 +383,7 @@ impl WalArchive {
             .read_to_end(&mut head)
             .ctx("read", &p)?;
         let what = p.display().to_string();
-        let (meta, _) = store::decode_meta(&head, &what)?;
+        let (meta, _) = crate::format::segment::decode_meta(&head, &what)?;
         self.check_meta(&meta, name, &what)?;
         Ok(meta)
     }
@@ -423,7 +430,7 @@ impl WalArchive {
             // A damaged or foreign index reads as missing: ensure_index rebuilds it from the
             // (verified) segment, so PAGE never merges an index that is not this segment's.
             return Ok(
-                match crate::index::format::decode(&bytes, &ip.display().to_string()) {
+                match crate::format::index::decode(&bytes, &ip.display().to_string()) {
                     Ok(ix) => match self.foreign_index(&ix, tli, segno) {
                         Some(why) => IndexState::Missing(format!(
                             "index file {} is not this segment's: {why}",
@@ -629,7 +636,7 @@ impl WalArchive {
         let ip = self.index_path(tli, segno);
         if ix.pending {
             if let Ok(bytes) = fs::read(&ip) {
-                if let Ok(old) = crate::index::format::decode(&bytes, "") {
+                if let Ok(old) = crate::format::index::decode(&bytes, "") {
                     if !old.pending && self.foreign_index(&old, tli, segno).is_none() {
                         return Ok(());
                     }
@@ -639,7 +646,7 @@ impl WalArchive {
         durable::write_file_in(
             &ip,
             &self.tmp_dir(tli)?,
-            &crate::index::format::encode(ix),
+            &crate::format::index::encode(ix),
             Replace::Yes,
         )?;
         durable::remove_file(&self.missing_path(tli, segno))

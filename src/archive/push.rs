@@ -10,12 +10,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::{Args, Parser};
 use serde::{Deserialize, Serialize};
 
-use super::store::{self, FileMeta};
 use super::WalArchive;
 use crate::catalog::Catalog;
 use crate::cli::InstanceArgs;
 use crate::durable::{self, Replace};
 use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::format::segment::FileMeta;
 use crate::index::SegmentIndex;
 use crate::types::{PgVersion, WalFileName};
 
@@ -614,16 +614,16 @@ pub fn push_file(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<Push
             .map(|segno| s.spawn(move || ar.build_index_on_arrival(name.tli(), segno, bytes, src)));
         let (first, second) = bytes.split_at(bytes.len() / 2);
         let what2 = what.clone();
-        let second_frame = s.spawn(move || store::compress_frame(second, &what2));
+        let second_frame = s.spawn(move || crate::format::segment::compress_frame(second, &what2));
         let mut meta = meta;
         meta.crc32c = crc32c::crc32c(bytes);
-        let enc = store::compress_frame(first, &what).and_then(|f1| {
+        let enc = crate::format::segment::compress_frame(first, &what).and_then(|f1| {
             let f2 = second_frame.join().unwrap_or_else(|_| {
                 Err(Error::invalid(format!(
                     "{what}: compression thread panicked"
                 )))
             })?;
-            Ok((store::header(&meta)?, f1, f2))
+            Ok((crate::format::segment::header(&meta)?, f1, f2))
         });
         let built = ix.map(|h| {
             h.join().unwrap_or_else(|_| {

@@ -20,11 +20,11 @@ use crate::index::MAIN_FORKNUM;
 use crate::progress::Progress;
 use crate::types::Lsn;
 
-use super::incfile::IncWriter;
-use super::manifest::{stored_path, FileEntry, Lz4Frames, Storage};
 use super::meta::Mode;
 use super::page::{check_page, is_all_zero, page_lsn, PageCheck};
 use super::relfile::{self, RelFile};
+use crate::format::incfile::IncWriter;
+use crate::format::manifest::{stored_path, FileEntry, Lz4Frames, Storage};
 
 /// How many times a page that fails verification is re-read (a concurrent write may have
 /// torn it) before it counts as corrupt.
@@ -863,14 +863,14 @@ mod tests {
             assert_eq!(stored.len(), (len as u64).div_ceil(frame).max(1) as usize);
             assert_eq!(stored.iter().sum::<u64>(), out.len() as u64);
             let mut whole = Vec::new();
-            let mut dec = lz4_flex::frame::FrameDecoder::new(crate::backup::rebuild::CrcReader {
+            let mut dec = lz4_flex::frame::FrameDecoder::new(crate::restore::rebuild::CrcReader {
                 inner: &out[..],
                 crc: 0,
                 n: 0,
             });
             let mut buf = vec![0u8; 4096];
             loop {
-                let n = crate::backup::rebuild::read_frames(&mut dec, &mut buf).unwrap();
+                let n = crate::restore::rebuild::read_frames(&mut dec, &mut buf).unwrap();
                 if n == 0 {
                     break;
                 }

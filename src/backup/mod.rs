@@ -13,14 +13,10 @@
 //!   files of databases created or dropped in the range are always copied whole.
 
 pub mod copy;
-pub mod incfile;
-pub mod manifest;
 pub mod meta;
 pub mod page;
 pub mod plan;
-pub mod rebuild;
 pub mod relfile;
-pub mod restore;
 pub mod server;
 pub mod show;
 pub mod take;
@@ -159,12 +155,12 @@ pub fn run_restore(a: RestoreArgs) -> Result<i32> {
         }
         mappings.push((old, new));
     }
-    let opts = restore::RestoreOptions {
+    let opts = crate::restore::RestoreOptions {
         backup_id: a.backup_id,
         target: std::path::absolute(&a.pgdata).map_err(|e| Error::io("resolve", &a.pgdata, e))?,
         jobs: a.jobs.max(1),
         mappings,
-        recovery: restore::RecoveryTarget {
+        recovery: crate::restore::RecoveryTarget {
             time: a.recovery_target_time,
             xid: a.recovery_target_xid,
             lsn: a.recovery_target_lsn,
@@ -176,7 +172,7 @@ pub fn run_restore(a: RestoreArgs) -> Result<i32> {
         },
         force: a.force,
     };
-    let id = restore::restore(&catalog, &a.instance.instance, &opts)?;
+    let id = crate::restore::restore(&catalog, &a.instance.instance, &opts)?;
     log::info!(
         "backup {id} restored into \"{}\"; start the server to recover",
         opts.target.display()

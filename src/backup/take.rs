@@ -16,9 +16,9 @@ use crate::progress::Progress;
 use crate::types::{Lsn, WalFileName};
 
 use super::copy::{copy_tree, copy_whole, CopyCtx};
-use super::manifest::{FileEntry, ManifestWriter, Storage};
 use super::meta::{self, BackupMeta, Mode, Status};
 use super::{plan, server};
+use crate::format::manifest::{FileEntry, ManifestWriter, Storage};
 
 pub struct BackupOptions {
     pub mode: Mode,
@@ -208,7 +208,7 @@ fn run(
         m.parent_id = Some(parent.id.clone());
         m.parent_start_lsn = Some(parent.start_lsn);
         parent_start = parent.start_lsn;
-        super::manifest::read_in(&parent.dir(catalog), |e| {
+        crate::format::manifest::read_in(&parent.dir(catalog), |e| {
             if e.storage != Storage::Dir {
                 parent_files.insert(e.path);
             }
@@ -298,7 +298,7 @@ fn run(
             size: map.len() as u64,
             stored_size: map.len() as u64,
             crc32c: crc32c::crc32c(map),
-            ..FileEntry::dir(super::restore::plan::SPCMAP_ENTRY.to_string())
+            ..FileEntry::dir(crate::restore::plan::SPCMAP_ENTRY.to_string())
         };
         durable::write_file(&dir.join(e.stored_path()), map, Replace::No)?;
         add(e, &mut mw)?;

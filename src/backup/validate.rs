@@ -40,10 +40,10 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::safepath;
 use crate::types::{valid_segment_size, Lsn, TimeLineId, WalFileName};
 
-use super::incfile;
-use super::manifest::{self, FileEntry, Storage};
 use super::meta::{self, BackupMeta, Mode, Status};
 use super::plan;
+use crate::format::incfile;
+use crate::format::manifest::{self, FileEntry, Storage};
 
 /// What to validate.
 #[derive(Clone, Debug, Default)]
@@ -1058,9 +1058,9 @@ pub fn problems(r: &Report) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::archive::store::{self, FileMeta};
     use crate::catalog::InstanceConfig;
     use crate::durable::Replace;
+    use crate::format::segment::{self as store, FileMeta};
 
     const SEG: u32 = 1 << 20;
 

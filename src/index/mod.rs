@@ -13,7 +13,6 @@
 
 pub mod blockset;
 pub mod build;
-pub mod format;
 pub mod merge;
 
 use std::collections::BTreeMap;

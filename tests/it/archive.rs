@@ -315,7 +315,7 @@ fn archive_survives_sigkill_at_random_points() {
         }
         // never a damaged file under a final name
         if let Ok(bytes) = std::fs::read(tli_dir.join(format!("{}.lz4", fname(seg)))) {
-            let (_, data) = walnut::archive::store::decode(&bytes, &fname(seg))
+            let (_, data) = walnut::format::segment::decode(&bytes, &fname(seg))
                 .unwrap_or_else(|e| panic!("after a kill: {e}"));
             assert!(data == std::fs::read(seg).unwrap());
         }

@@ -8,8 +8,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use walnut::backup::manifest::{self, FileEntry, ManifestWriter, Storage};
 use walnut::backup::meta;
+use walnut::format::manifest::{self, FileEntry, ManifestWriter, Storage};
 
 use super::env::{stderr, Env as Cluster};
 use super::harness::*;

@@ -657,7 +657,7 @@ fn foreign_segment_is_never_served() {
     // (1) this cluster's archive header, B's WAL: the page header gives it away
     let ar_a = archive_of(&cat_a);
     let b_wal = archive_of(&cat_b).read(&vname).unwrap();
-    let meta = walnut::archive::store::FileMeta {
+    let meta = walnut::format::segment::FileMeta {
         format: 1,
         name: victim.clone(),
         size: b_wal.len() as u64,
@@ -667,7 +667,7 @@ fn foreign_segment_is_never_served() {
     };
     std::fs::write(
         &victim_lz4,
-        walnut::archive::store::encode(&meta, &b_wal).unwrap(),
+        walnut::format::segment::encode(&meta, &b_wal).unwrap(),
     )
     .unwrap();
     assert_fatal(
@@ -678,14 +678,14 @@ fn foreign_segment_is_never_served() {
     );
     // (2) another segment of this cluster under the victim's name
     let other = archive_of(&cat_a).read(&next.parse().unwrap()).unwrap();
-    let meta = walnut::archive::store::FileMeta {
+    let meta = walnut::format::segment::FileMeta {
         size: other.len() as u64,
         crc32c: crc32c::crc32c(&other),
         ..meta
     };
     std::fs::write(
         &victim_lz4,
-        walnut::archive::store::encode(&meta, &other).unwrap(),
+        walnut::format::segment::encode(&meta, &other).unwrap(),
     )
     .unwrap();
     assert_fatal(

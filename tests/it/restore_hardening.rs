@@ -321,8 +321,8 @@ fn bad_options_are_refused_before_any_write() {
 
 /// Rewrites backup `bdir`'s manifest with `f` applied to its entries (a valid manifest,
 /// as whoever can write the catalog could make).
-fn forge_manifest(bdir: &Path, f: impl FnOnce(&mut Vec<walnut::backup::manifest::FileEntry>)) {
-    use walnut::backup::manifest::{read_file, ManifestWriter};
+fn forge_manifest(bdir: &Path, f: impl FnOnce(&mut Vec<walnut::format::manifest::FileEntry>)) {
+    use walnut::format::manifest::{read_file, ManifestWriter};
     let p = bdir.join("manifest");
     let mut entries = read_file(&p).unwrap();
     f(&mut entries);
@@ -334,10 +334,10 @@ fn forge_manifest(bdir: &Path, f: impl FnOnce(&mut Vec<walnut::backup::manifest:
     std::fs::write(&p, w.finish().unwrap()).unwrap();
 }
 
-fn plain_entry(path: &str, content: &[u8]) -> walnut::backup::manifest::FileEntry {
-    walnut::backup::manifest::FileEntry {
+fn plain_entry(path: &str, content: &[u8]) -> walnut::format::manifest::FileEntry {
+    walnut::format::manifest::FileEntry {
         path: path.to_string(),
-        storage: walnut::backup::manifest::Storage::Full,
+        storage: walnut::format::manifest::Storage::Full,
         size: content.len() as u64,
         stored_size: content.len() as u64,
         crc32c: crc32c::crc32c(content),
@@ -377,18 +377,18 @@ fn hostile_manifest_paths_are_refused() {
     .map(Path::to_path_buf);
     let watch: Vec<&Path> = watch.iter().map(PathBuf::as_path).collect();
     let before = snapshot(&watch);
-    let cases: Vec<(&str, Vec<walnut::backup::manifest::FileEntry>)> = vec![
+    let cases: Vec<(&str, Vec<walnut::format::manifest::FileEntry>)> = vec![
         ("absolute file", vec![plain_entry(&abs_rel, evil)]),
         ("../ file", vec![plain_entry("../escaped-dotdot", evil)]),
         (
             "absolute directory",
-            vec![walnut::backup::manifest::FileEntry::dir(
+            vec![walnut::format::manifest::FileEntry::dir(
                 outside.to_str().unwrap().to_string(),
             )],
         ),
         (
             "../ directory",
-            vec![walnut::backup::manifest::FileEntry::dir(
+            vec![walnut::format::manifest::FileEntry::dir(
                 "base/../../outside".into(),
             )],
         ),

@@ -492,7 +492,7 @@ fn pg15_block_index_matches_pg_waldump() {
         };
         let full = index_segment(1, s, &data, &mut next).unwrap();
         assert_eq!(
-            walnut::cmd::wal_index::segment_json(&full),
+            walnut::cli::wal_index::segment_json(&full),
             ours[i],
             "index_segment of {}",
             p.display()
@@ -533,7 +533,7 @@ fn pg15_block_index_matches_pg_waldump() {
     got.extend(ix.finish().unwrap());
     let got: Vec<Value> = got
         .iter()
-        .map(walnut::cmd::wal_index::segment_json)
+        .map(walnut::cli::wal_index::segment_json)
         .collect();
     assert_eq!(got, ours);
 }
@@ -633,7 +633,7 @@ fn check_version(s: &Server, dir: &Path) {
     idx.extend(ix.finish().unwrap());
     let ours: Vec<Value> = idx
         .iter()
-        .map(walnut::cmd::wal_index::segment_json)
+        .map(walnut::cli::wal_index::segment_json)
         .collect();
     let records: u64 = idx.iter().map(|i| i.records).sum();
     eprintln!("{name}: {} segments, {records} records", segs.len());
@@ -761,7 +761,7 @@ fn pg15_one_megabyte_segments() {
             Ok(files.get((k - first) as usize).cloned())
         };
         let full = index_segment(1, s, &files[i], &mut next).unwrap();
-        assert_eq!(walnut::cmd::wal_index::segment_json(&full), ours[i]);
+        assert_eq!(walnut::cli::wal_index::segment_json(&full), ours[i]);
         if alone.pending {
             pending += 1;
             assert_eq!(alone.records + 1, full.records);

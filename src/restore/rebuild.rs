@@ -31,8 +31,8 @@ use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
 use crate::safepath;
 
-use super::incfile::{self, IncInfo};
-use super::manifest::Lz4Frames;
+use crate::format::incfile::{self, IncInfo};
+use crate::format::manifest::Lz4Frames;
 
 /// Bytes of the result per chunk: long sequential reads, yet a 1 GiB segment file is shared
 /// evenly between threads.

@@ -21,6 +21,7 @@
 
 pub mod dirs;
 pub mod plan;
+pub mod rebuild;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -35,10 +36,9 @@ use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
 use crate::safepath;
 
-use super::incfile;
-use super::manifest::{FileEntry, Storage};
-use super::meta::{self, BackupMeta, Status};
-use super::rebuild;
+use crate::backup::meta::{self, BackupMeta, Status};
+use crate::format::incfile;
+use crate::format::manifest::{FileEntry, Storage};
 use plan::{Plan, Target};
 
 /// Recovery target settings as given (at most one target); checked by
@@ -677,9 +677,9 @@ mod tests {
 #[cfg(test)]
 mod chain_tests {
     use super::*;
-    use crate::backup::incfile::IncWriter;
-    use crate::backup::manifest;
     use crate::backup::meta::Mode;
+    use crate::format::incfile::IncWriter;
+    use crate::format::manifest;
     use crate::types::Lsn;
 
     const BS: usize = 8192;

@@ -15,10 +15,10 @@ use crate::error::{Error, IoContext, Result};
 use crate::safepath;
 use crate::types::{Lsn, TimeLineId};
 
-use super::super::manifest::{self, FileEntry, Storage};
-use super::super::meta::{self, BackupMeta};
 use super::dirs::{self, Dest, DirState, Registered};
 use super::{choose_backup_on, quote_conf, RecoveryTarget, RestoreOptions};
+use crate::backup::meta::{self, BackupMeta};
+use crate::format::manifest::{self, FileEntry, Storage};
 
 /// The manifest path under which a backup's `tablespace_map` is recorded (stored as
 /// `database/tablespace_map`, with its CRC like every other file). PostgreSQL never has a

@@ -4,6 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+pub mod docs;
+pub mod wal_index;
+
 /// Where the catalog is. `WALNUT_CATALOG` may stand in for `-B`.
 #[derive(Args, Debug, Clone)]
 pub struct CatalogArgs {
@@ -69,7 +72,7 @@ pub enum Command {
     /// Register a PostgreSQL instance in the catalog.
     AddInstance(crate::catalog::AddInstanceArgs),
     /// Decode WAL segment files and print their block indexes.
-    WalIndex(crate::cmd::wal_index::WalIndexArgs),
+    WalIndex(crate::cli::wal_index::WalIndexArgs),
     /// Take a FULL, PAGE or DELTA backup.
     Backup(crate::backup::BackupArgs),
     /// Restore a backup into a data directory, with recovery settings.
@@ -83,9 +86,9 @@ pub enum Command {
     /// Write Prometheus metrics (node_exporter textfile format).
     Metrics(crate::metrics::MetricsArgs),
     /// Print a shell completion script (bash, zsh or fish).
-    Completions(crate::cmd::docs::CompletionsArgs),
+    Completions(crate::cli::docs::CompletionsArgs),
     /// Write man pages for walnut, its subcommands, walnut-archive and walnut-fetch.
-    Man(crate::cmd::docs::ManArgs),
+    Man(crate::cli::docs::ManArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -113,7 +116,7 @@ pub fn run_walnut(cli: WalnutCli) -> crate::Result<i32> {
     match cli.command {
         Command::Init(a) => crate::catalog::run_init(a),
         Command::AddInstance(a) => crate::catalog::run_add_instance(a),
-        Command::WalIndex(a) => crate::cmd::wal_index::run(a),
+        Command::WalIndex(a) => crate::cli::wal_index::run(a),
         Command::Backup(a) => crate::backup::run_backup(a),
         Command::Restore(a) => crate::backup::run_restore(a),
         Command::Show(a) if a.archive => crate::archive::run_show_archive(a),
@@ -121,8 +124,8 @@ pub fn run_walnut(cli: WalnutCli) -> crate::Result<i32> {
         Command::Validate(a) => crate::backup::run_validate(a),
         Command::Check(a) => crate::check::run(a),
         Command::Metrics(a) => crate::metrics::run(a),
-        Command::Completions(a) => crate::cmd::docs::run_completions(a),
-        Command::Man(a) => crate::cmd::docs::run_man(a),
+        Command::Completions(a) => crate::cli::docs::run_completions(a),
+        Command::Man(a) => crate::cli::docs::run_man(a),
     }
 }
 
