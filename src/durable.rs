@@ -213,6 +213,7 @@ pub fn write_file_in(path: &Path, tmp_dir: &Path, data: &[u8], replace: Replace)
 /// Open it **before** writing: the kernel reports a writeback error to `syncfs` only if it
 /// happened after the descriptor was opened (Linux 5.8+ errseq semantics), so a handle
 /// opened at the end could miss an EIO from background writeback during the copy.
+#[derive(Debug)]
 pub struct FsSync {
     file: File,
     path: PathBuf,

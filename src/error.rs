@@ -25,6 +25,9 @@ pub enum ErrorKind {
     Conflict,
     /// The PostgreSQL server refused, or is in a state we cannot work with.
     Server,
+    /// The store or the catalog refuses the operation on purpose (a delete on a WORM
+    /// store, a restore into a running cluster): retrying will not help.
+    Refused,
 }
 
 #[derive(Debug)]
@@ -65,6 +68,10 @@ impl Error {
 
     pub fn conflict(msg: impl Into<String>) -> Error {
         Error::new(ErrorKind::Conflict, msg)
+    }
+
+    pub fn refused(msg: impl Into<String>) -> Error {
+        Error::new(ErrorKind::Refused, msg)
     }
 
     pub fn server(msg: impl Into<String>) -> Error {

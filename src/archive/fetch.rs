@@ -241,7 +241,7 @@ fn take_from_spool(spool: &Path, name: &WalFileName) -> Option<PathBuf> {
     let meta_p = spool.join(format!("{name}.json"));
     let meta: SpoolMeta = serde_json::from_slice(&fs::read(&meta_p).ok()?).ok()?;
     // Mapped, not read: verifying needs no copy of the 16 MiB.
-    let data = super::mapped::FileBytes::open(&data_p).ok();
+    let data = crate::repo::mapped::FileBytes::open(&data_p).ok();
     let _ = fs::remove_file(&meta_p);
     let data = data?;
     if meta.name == name.to_string()

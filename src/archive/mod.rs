@@ -48,7 +48,6 @@
 //!   to recovery, never "not found".
 
 pub mod fetch;
-pub mod mapped;
 pub mod push;
 pub mod show;
 

@@ -550,7 +550,7 @@ pub fn push_file(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<Push
             seg_size >> 20
         )));
     }
-    let data = super::mapped::FileBytes::open(src)?;
+    let data = crate::repo::mapped::FileBytes::open(src)?;
     match name {
         WalFileName::Segment { .. } => {
             if data.len() as u64 != seg_size as u64 {

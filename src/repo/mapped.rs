@@ -37,6 +37,11 @@ pub enum FileBytes {
 impl FileBytes {
     pub fn open(path: &Path) -> Result<FileBytes> {
         let f = File::open(path).ctx("open", path)?;
+        FileBytes::from_file(f, path)
+    }
+
+    /// The bytes of the opened file `f` (`path` names it in errors).
+    pub fn from_file(f: File, path: &Path) -> Result<FileBytes> {
         let len = f.metadata().ctx("stat", path)?.len();
         if len >= MAP_MIN {
             if let (Ok(ulen), Some(nz)) = (usize::try_from(len), NonZeroUsize::new(len as usize)) {

@@ -1,0 +1,409 @@
+//! [`LocalRepo`]: a catalog in a local directory, one file per object.
+//!
+//! - Reads go through [`crate::safepath`]: no symlink below the root is followed, and an
+//!   object must be a regular file (anything else is damage, never absence).
+//! - Writes go through [`crate::durable`]: a unique temp file in `.tmp/` beside the object
+//!   (a small directory, so tidying stale temps never lists a large one), fsync, a
+//!   no-replace link under the final name, fsync of the directory.
+//! - Directories are created on demand, without following links, and only while the guard
+//!   object (the catalog marker) exists: a deleted catalog is never recreated piecemeal.
+//! - Locks are `flock`s on dot-named files, which never appear in listings.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+
+use super::{
+    check_key, check_prefix, Blob, Durability, Listing, LockMode, ObjectInfo, ObjectWriter, Repo,
+    RepoLock,
+};
+use crate::durable::{self, DurableFile, FsSync, Replace};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::safepath;
+
+const TMP_DIR: &str = ".tmp";
+
+#[derive(Debug)]
+pub struct LocalRepo {
+    root: PathBuf,
+    /// Directories are created only while this object exists (`None`: always).
+    guard: Option<String>,
+    /// Refuse [`Repo::delete`] (a WORM store, for tests of the append-only rule).
+    refuse_delete: bool,
+    /// `.tmp` directories already tidied by this process.
+    tidied: Mutex<HashSet<PathBuf>>,
+    sync: Mutex<Option<FsSync>>,
+}
+
+impl LocalRepo {
+    /// A repository rooted at the existing directory `root`.
+    pub fn open(root: &Path) -> Result<LocalRepo> {
+        let md = fs::metadata(root).ctx("open catalog directory", root)?;
+        if !md.is_dir() {
+            return Err(Error::invalid(format!(
+                "\"{}\" is not a directory",
+                root.display()
+            )));
+        }
+        Ok(LocalRepo {
+            root: root.to_path_buf(),
+            guard: None,
+            refuse_delete: false,
+            tidied: Mutex::new(HashSet::new()),
+            sync: Mutex::new(None),
+        })
+    }
+
+    /// Creates directories only while `key` exists.
+    pub fn with_guard(mut self, key: &str) -> LocalRepo {
+        self.guard = Some(key.to_string());
+        self
+    }
+
+    /// Refuses deletes (as an Object Lock / WORM bucket would).
+    pub fn refusing_delete(mut self, refuse: bool) -> LocalRepo {
+        self.refuse_delete = refuse;
+        self
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The local path of `key` (for messages and for the few local-only operations, such
+    /// as restore's overlap checks). Reads and writes go through the trait.
+    pub fn path_of(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    fn parent_key(key: &str) -> &str {
+        key.rsplit_once('/').map(|(d, _)| d).unwrap_or("")
+    }
+
+    /// Opens (creating when missing) the directory of `key`'s parent, without links.
+    fn ensure_parent(&self, key: &str) -> Result<PathBuf> {
+        let parent = Self::parent_key(key);
+        let dir = self.root.join(parent);
+        if parent.is_empty() || dir.is_dir() {
+            // is_dir follows links: verify without following them.
+            safepath::open_dir_under(&self.root, parent)?;
+            return Ok(dir);
+        }
+        if let Some(g) = &self.guard {
+            if self.head(g)?.is_none() {
+                return Err(Error::not_found(format!(
+                    "the catalog \"{}\" is gone (no {g}); not recreating \"{}\"",
+                    self.root.display(),
+                    dir.display()
+                )));
+            }
+        }
+        // Create each missing level durably (its parent's entry fsynced).
+        let mut cur = String::new();
+        for c in parent.split('/') {
+            let next = super::join(&cur, c);
+            let p = self.root.join(&next);
+            match fs::symlink_metadata(&p) {
+                Ok(md) if md.is_dir() => {}
+                Ok(_) => {
+                    return Err(Error::corruption(format!(
+                        "\"{}\" is not a directory",
+                        p.display()
+                    )))
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    safepath::create_dirs_under(&self.root, &next, 0o750)?;
+                    durable::fsync_dir(&self.root.join(&cur))?;
+                }
+                Err(e) => return Err(Error::io("stat", &p, e)),
+            }
+            cur = next;
+        }
+        Ok(dir)
+    }
+
+    fn tmp_dir(&self, dir: &Path) -> Result<PathBuf> {
+        let t = dir.join(TMP_DIR);
+        match fs::create_dir(&t) {
+            Ok(()) => durable::fsync_dir(dir)?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io("create directory", &t, e)),
+        }
+        let first = self
+            .tidied
+            .lock()
+            .map(|mut s| s.insert(t.clone()))
+            .unwrap_or(false);
+        if first {
+            let _ = durable::remove_stale_temps(&t);
+        }
+        Ok(t)
+    }
+
+    fn lock_file(&self, key: &str) -> Result<File> {
+        let dir = self.ensure_parent(key)?;
+        let name = key.rsplit('/').next().unwrap_or(key);
+        let p = dir.join(name);
+        fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .custom_flags_nofollow()
+            .open(&p)
+            .ctx("open lock file", &p)
+    }
+}
+
+/// `O_NOFOLLOW` on an `OpenOptions` (a lock file must not be a link).
+trait NoFollow {
+    fn custom_flags_nofollow(&mut self) -> &mut Self;
+}
+
+impl NoFollow for fs::OpenOptions {
+    fn custom_flags_nofollow(&mut self) -> &mut Self {
+        std::os::unix::fs::OpenOptionsExt::custom_flags(self, nix::libc::O_NOFOLLOW)
+    }
+}
+
+struct LocalWriter {
+    file: DurableFile,
+    what: String,
+}
+
+impl Write for LocalWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write(buf)
+    }
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.file.write_all(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl ObjectWriter for LocalWriter {
+    fn commit(self: Box<Self>, durability: Durability) -> Result<()> {
+        match durability {
+            Durability::Now => self.file.commit(Replace::No),
+            Durability::Deferred => self.file.commit_deferred(Replace::No),
+        }
+    }
+    fn describe(&self) -> String {
+        self.what.clone()
+    }
+}
+
+impl Repo for LocalRepo {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn create(&self, key: &str) -> Result<Box<dyn ObjectWriter>> {
+        check_key(key, false)?;
+        let dir = self.ensure_parent(key)?;
+        let tmp = self.tmp_dir(&dir)?;
+        let path = self.root.join(key);
+        {
+            // Open the barrier's handle before the first deferred write (see FsSync).
+            let mut s = self.sync.lock().map_err(|_| Error::invalid("poisoned"))?;
+            if s.is_none() {
+                *s = Some(FsSync::open(&self.root)?);
+            }
+        }
+        Ok(Box::new(LocalWriter {
+            what: path.display().to_string(),
+            file: DurableFile::create_in(&path, &tmp)?,
+        }))
+    }
+
+    fn get(&self, key: &str) -> Result<Blob> {
+        check_key(key, false)?;
+        let f = safepath::open_under(&self.root, key)?;
+        Ok(Blob::Mapped(super::mapped::FileBytes::from_file(
+            f,
+            &self.root.join(key),
+        )?))
+    }
+
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        check_key(key, false)?;
+        let path = self.root.join(key);
+        let f = safepath::open_under(&self.root, key)?;
+        let n = usize::try_from(len)
+            .map_err(|_| Error::invalid(format!("\"{}\": range too large", path.display())))?;
+        let mut buf = vec![0u8; n];
+        match f.read_exact_at(&mut buf, offset) {
+            Ok(()) => Ok(buf),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(Error::corruption(format!(
+                "\"{}\": shorter than {} bytes at offset {offset}",
+                path.display(),
+                len
+            ))),
+            Err(e) => Err(Error::io("read", &path, e)),
+        }
+    }
+
+    fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        check_key(key, false)?;
+        let Some(f) = safepath::open_under_if_exists(&self.root, key)? else {
+            return Ok(None);
+        };
+        let size = f.metadata().ctx("stat", &self.root.join(key))?.len();
+        Ok(Some(ObjectInfo {
+            name: key.rsplit('/').next().unwrap_or(key).to_string(),
+            size,
+        }))
+    }
+
+    fn list(&self, prefix: &str) -> Result<Listing> {
+        check_prefix(prefix)?;
+        let dir = self.root.join(prefix);
+        let d = match safepath::open_dir_under(&self.root, prefix) {
+            Ok(d) => d,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Listing::default()),
+            Err(e) => return Err(e),
+        };
+        drop(d);
+        let mut out = Listing::default();
+        for ent in fs::read_dir(&dir).ctx("list", &dir)? {
+            let ent = ent.ctx("list", &dir)?;
+            let Some(name) = ent.file_name().to_str().map(str::to_string) else {
+                return Err(Error::corruption(format!(
+                    "\"{}\": a name that is not UTF-8: {:?}",
+                    dir.display(),
+                    ent.file_name()
+                )));
+            };
+            if name.starts_with('.') {
+                continue;
+            }
+            let ft = ent.file_type().ctx("stat", &ent.path())?;
+            if ft.is_dir() {
+                out.prefixes.push(name);
+            } else if ft.is_file() {
+                let size = ent.metadata().ctx("stat", &ent.path())?.len();
+                out.objects.push(ObjectInfo { name, size });
+            } else {
+                out.damaged.push(name);
+            }
+        }
+        out.objects.sort_by(|a, b| a.name.cmp(&b.name));
+        out.prefixes.sort();
+        out.damaged.sort();
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        check_key(key, false)?;
+        let path = self.root.join(key);
+        if self.refuse_delete {
+            return Err(Error::refused(format!(
+                "\"{}\": this catalog refuses deletes",
+                path.display()
+            )));
+        }
+        // The parent must be a real directory below the root.
+        let parent = Self::parent_key(key);
+        match safepath::open_dir_under(&self.root, parent) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => durable::fsync_dir(&self.root.join(parent)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove", &path, e)),
+        }
+    }
+
+    fn lock(&self, key: &str, mode: LockMode, wait: bool) -> Result<Option<RepoLock>> {
+        check_key(key, true)?;
+        let f = self.lock_file(key)?;
+        let path = self.root.join(key);
+        let r = match (mode, wait) {
+            (LockMode::Exclusive, true) => fs2::FileExt::lock_exclusive(&f),
+            (LockMode::Exclusive, false) => fs2::FileExt::try_lock_exclusive(&f),
+            (LockMode::Shared, true) => fs2::FileExt::lock_shared(&f),
+            (LockMode::Shared, false) => fs2::FileExt::try_lock_shared(&f),
+        };
+        match r {
+            Ok(()) => Ok(Some(RepoLock::new(Box::new(f)))),
+            Err(e) if !wait && e.raw_os_error() == fs2::lock_contended_error().raw_os_error() => {
+                Ok(None)
+            }
+            Err(e) => Err(Error::io("lock", &path, e)),
+        }
+    }
+
+    fn barrier(&self) -> Result<()> {
+        let s = self.sync.lock().map_err(|_| Error::invalid("poisoned"))?;
+        match &*s {
+            Some(fs) => fs.sync(),
+            None => Ok(()),
+        }
+    }
+
+    fn local_root(&self) -> Option<&Path> {
+        Some(&self.root)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_repo_keeps_the_rules() {
+        let d = tempfile::tempdir().unwrap();
+        let r = LocalRepo::open(d.path()).unwrap();
+        super::super::conformance::run(&r);
+        // temp files and locks never list
+        assert!(d.path().join("a/.tmp").is_dir());
+        assert!(r
+            .list("a")
+            .unwrap()
+            .objects
+            .iter()
+            .all(|o| o.name != ".lock"));
+    }
+
+    #[test]
+    fn links_and_odd_files_are_damage_not_absence() {
+        let d = tempfile::tempdir().unwrap();
+        let r = LocalRepo::open(d.path()).unwrap();
+        r.put_new("x/real", b"1").unwrap();
+        std::os::unix::fs::symlink(d.path().join("x/real"), d.path().join("x/link")).unwrap();
+        assert_eq!(r.get("x/link").unwrap_err().kind(), ErrorKind::Corruption);
+        assert_eq!(r.head("x/link").unwrap_err().kind(), ErrorKind::Corruption);
+        std::os::unix::fs::symlink(d.path().join("x"), d.path().join("y")).unwrap();
+        assert_eq!(r.get("y/real").unwrap_err().kind(), ErrorKind::Corruption);
+        assert!(r.put_new("y/new", b"1").is_err());
+        assert!(!d.path().join("x/new").exists());
+        assert_eq!(r.list("x").unwrap().damaged, ["link"]);
+    }
+
+    #[test]
+    fn guard_and_refused_delete() {
+        let d = tempfile::tempdir().unwrap();
+        let r = LocalRepo::open(d.path()).unwrap().with_guard("marker");
+        assert_eq!(
+            r.put_new("i/w/x", b"1").unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+        assert!(!d.path().join("i").exists());
+        r.put_new("marker", b"m").unwrap();
+        r.put_new("i/w/x", b"1").unwrap();
+        r.delete("i/w/x").unwrap();
+        r.delete("i/w/x").unwrap();
+        let worm = LocalRepo::open(d.path()).unwrap().refusing_delete(true);
+        worm.put_new("i/w/y", b"1").unwrap();
+        assert_eq!(worm.delete("i/w/y").unwrap_err().kind(), ErrorKind::Refused);
+        assert!(worm.head("i/w/y").unwrap().is_some());
+    }
+}

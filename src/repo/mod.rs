@@ -1,0 +1,290 @@
+//! The repository layer: the only code that touches the catalog's storage.
+//!
+//! A catalog is a set of *objects* named by keys (`instances/db/wal/00000001/…lz4`), as on
+//! object storage. [`Repo`] is the narrow interface every catalog read and write goes
+//! through; the data directory, the restore target and `pg_wal` stay local and outside it.
+//!
+//! The rules every implementation keeps:
+//! - **Create-only.** [`Repo::put_new`] and [`Repo::create`] never replace an object: an
+//!   existing key is [`ErrorKind::Conflict`] and leaves it untouched. An object is visible
+//!   under its key only complete (and, unless deferred, durable).
+//! - **Append-only catalog.** Nothing is rewritten; [`Repo::delete`] is for the explicit
+//!   lifecycle commands only. A store may refuse it ([`ErrorKind::Refused`]).
+//! - **Clear error kinds**, so callers can branch: absent ([`ErrorKind::NotFound`], only
+//!   when the object is *definitely* not there), unavailable ([`ErrorKind::Io`],
+//!   [`ErrorKind::StorageFull`]: retrying may help), damaged ([`ErrorKind::Corruption`]: a
+//!   link, a non-regular file, a short object), refused ([`ErrorKind::Refused`]).
+//! - Keys are `/`-separated relative paths checked by [`check_key`]; no component starts
+//!   with `.` (those names are the store's own: temp files, lock files).
+//!
+//! Implementations: [`local::LocalRepo`] (a directory, built on [`crate::durable`]) and
+//! [`mem::MemRepo`] (memory, for unit tests; it can also refuse deletes, as a WORM bucket).
+
+pub mod local;
+pub mod mapped;
+pub mod mem;
+
+use std::io::Write;
+use std::ops::Deref;
+use std::path::Path;
+
+use crate::error::{Error, ErrorKind, Result};
+
+pub use local::LocalRepo;
+pub use mem::MemRepo;
+
+/// One object in a listing or a [`Repo::head`] answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// The object's name within the listed prefix (its last key component).
+    pub name: String,
+    pub size: u64,
+}
+
+/// The immediate children of a prefix, as an S3 listing with delimiter `/` gives them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// Objects directly under the prefix, sorted by name.
+    pub objects: Vec<ObjectInfo>,
+    /// Names of the sub-prefixes ("directories") directly under it, sorted.
+    pub prefixes: Vec<String>,
+    /// Names that are neither (a symlink or a device in a local store): damage the caller
+    /// reports, sorted.
+    pub damaged: Vec<String>,
+}
+
+/// An object's bytes: memory-mapped where the store can, else owned.
+pub enum Blob {
+    Mapped(mapped::FileBytes),
+    Owned(Vec<u8>),
+}
+
+impl Deref for Blob {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Blob::Mapped(m) => m,
+            Blob::Owned(v) => v,
+        }
+    }
+}
+
+impl std::fmt::Debug for Blob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Blob({} bytes)", self.len())
+    }
+}
+
+impl Blob {
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            Blob::Mapped(m) => m.to_vec(),
+            Blob::Owned(v) => v,
+        }
+    }
+}
+
+/// When a committed object must be durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// Durable when `commit` returns.
+    Now,
+    /// Visible at once, durable only after the next [`Repo::barrier`]: for trees of many
+    /// objects (a backup's files) whose completeness a later record declares.
+    Deferred,
+}
+
+/// An object being written; it becomes visible under its key only on [`ObjectWriter::commit`].
+/// Dropping it uncommitted discards it.
+pub trait ObjectWriter: Write + Send {
+    /// Makes the object visible under its key, create-only ([`ErrorKind::Conflict`] when
+    /// the key exists, and the existing object stays).
+    fn commit(self: Box<Self>, durability: Durability) -> Result<()>;
+    /// Where the bytes go locally, for error messages.
+    fn describe(&self) -> String;
+}
+
+/// A held lock; released on drop.
+pub struct RepoLock {
+    _held: Box<dyn Send>,
+}
+
+impl RepoLock {
+    pub fn new(held: Box<dyn Send>) -> RepoLock {
+        RepoLock { _held: held }
+    }
+}
+
+impl std::fmt::Debug for RepoLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RepoLock")
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockMode {
+    Shared,
+    Exclusive,
+}
+
+/// The storage interface of a catalog (see the module docs for the rules).
+pub trait Repo: Send + Sync + std::fmt::Debug {
+    /// Where the repository is, for messages: a directory path or an URL.
+    fn location(&self) -> String;
+    /// Writes a small object, create-only, durable when it returns `Ok`.
+    fn put_new(&self, key: &str, data: &[u8]) -> Result<()> {
+        let mut w = self.create(key)?;
+        let what = w.describe();
+        w.write_all(data)
+            .map_err(|e| Error::io("write", Path::new(&what), e))?;
+        w.commit(Durability::Now)
+    }
+    /// Starts writing an object of any size (see [`ObjectWriter`]).
+    fn create(&self, key: &str) -> Result<Box<dyn ObjectWriter>>;
+    /// The whole object. [`ErrorKind::NotFound`] only when it is definitely absent.
+    fn get(&self, key: &str) -> Result<Blob>;
+    /// `len` bytes from `offset`; a range past the end is [`ErrorKind::Corruption`] (the
+    /// caller asked for what its metadata promised).
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>>;
+    /// `Ok(None)` only when the object is definitely absent.
+    fn head(&self, key: &str) -> Result<Option<ObjectInfo>>;
+    /// The immediate children of `prefix` (a key prefix naming a "directory"; `""` is the
+    /// root). A prefix with nothing under it lists empty.
+    fn list(&self, prefix: &str) -> Result<Listing>;
+    /// Removes an object (lifecycle commands only). Absent is success.
+    fn delete(&self, key: &str) -> Result<()>;
+    /// Takes the lock named `key` (not an object: it never lists). With `wait` false, `None`
+    /// when another holder has it.
+    fn lock(&self, key: &str, mode: LockMode, wait: bool) -> Result<Option<RepoLock>>;
+    /// Makes every object committed with [`Durability::Deferred`] so far durable.
+    fn barrier(&self) -> Result<()>;
+    /// The local directory, for a store that is one: lets restore refuse targets that
+    /// overlap the catalog. `None` for remote stores.
+    fn local_root(&self) -> Option<&Path> {
+        None
+    }
+}
+
+/// Checks a key: a normalised relative `/` path ([`crate::safepath::check_rel_path`]) whose
+/// components are plain names not starting with `.`. For a lock key the last component may
+/// start with `.`.
+pub fn check_key(key: &str, lock: bool) -> Result<()> {
+    crate::safepath::check_rel_path(key, "catalog key")?;
+    let n = key.split('/').count();
+    for (i, c) in key.split('/').enumerate() {
+        if c.starts_with('.') && !(lock && i + 1 == n) {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!("catalog key {key:?}: component {c:?} starts with '.'"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a listing prefix: `""` or a valid key.
+pub fn check_prefix(prefix: &str) -> Result<()> {
+    if prefix.is_empty() {
+        Ok(())
+    } else {
+        check_key(prefix, false)
+    }
+}
+
+/// `a/b` joined: the key of `name` under `prefix`.
+pub fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}/{name}")
+    }
+}
+
+/// Puts `data` at `key` unless it is there already with the same bytes: `Ok(true)` when
+/// written, `Ok(false)` when identical bytes were there; different bytes are
+/// [`ErrorKind::Conflict`]. The create-only way to make a write idempotent.
+pub fn put_or_same(repo: &dyn Repo, key: &str, data: &[u8]) -> Result<bool> {
+    match repo.put_new(key, data) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::Conflict => {
+            let have = repo.get(key)?;
+            if *have == *data {
+                Ok(false)
+            } else {
+                Err(Error::conflict(format!(
+                    "{}: {key} exists with different content",
+                    repo.location()
+                )))
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod conformance {
+    //! The same behaviour asked of every implementation.
+    use super::*;
+
+    pub fn run(r: &dyn Repo) {
+        // create-only
+        r.put_new("a/b/c", b"one").unwrap();
+        let e = r.put_new("a/b/c", b"two").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+        assert_eq!(&*r.get("a/b/c").unwrap(), b"one");
+        assert!(put_or_same(r, "a/b/c", b"one").is_ok());
+        assert_eq!(
+            put_or_same(r, "a/b/c", b"x").unwrap_err().kind(),
+            ErrorKind::Conflict
+        );
+        // absent is NotFound / None
+        assert_eq!(r.get("a/b/zz").unwrap_err().kind(), ErrorKind::NotFound);
+        assert_eq!(r.get("q/r").unwrap_err().kind(), ErrorKind::NotFound);
+        assert_eq!(r.head("a/b/zz").unwrap(), None);
+        assert_eq!(
+            r.head("a/b/c").unwrap(),
+            Some(ObjectInfo {
+                name: "c".into(),
+                size: 3
+            })
+        );
+        // ranges
+        r.put_new("a/big", &(0..=255u8).collect::<Vec<_>>())
+            .unwrap();
+        assert_eq!(r.get_range("a/big", 10, 3).unwrap(), vec![10, 11, 12]);
+        assert_eq!(
+            r.get_range("a/big", 250, 10).unwrap_err().kind(),
+            ErrorKind::Corruption
+        );
+        // streamed, uncommitted writers leave nothing
+        let mut w = r.create("a/s").unwrap();
+        w.write_all(b"partial").unwrap();
+        drop(w);
+        assert_eq!(r.head("a/s").unwrap(), None);
+        let mut w = r.create("a/s").unwrap();
+        w.write_all(b"whole").unwrap();
+        w.commit(Durability::Deferred).unwrap();
+        r.barrier().unwrap();
+        assert_eq!(&*r.get("a/s").unwrap(), b"whole");
+        // listing: immediate children only, sorted
+        let l = r.list("a").unwrap();
+        let names: Vec<_> = l.objects.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(names, ["big", "s"]);
+        assert_eq!(l.prefixes, ["b"]);
+        assert_eq!(r.list("").unwrap().prefixes, ["a"]);
+        assert_eq!(r.list("nothing/here").unwrap(), Listing::default());
+        // bad keys
+        for k in ["", "/a", "a/../b", "a//b", "a/.hidden", "a/"] {
+            assert!(r.put_new(k, b"x").is_err(), "{k:?} accepted");
+            assert!(r.get(k).is_err(), "{k:?} accepted");
+        }
+        // locks
+        let l1 = r.lock("a/.lock", LockMode::Exclusive, false).unwrap();
+        assert!(l1.is_some());
+        drop(l1);
+        assert!(r
+            .lock("a/.lock", LockMode::Shared, false)
+            .unwrap()
+            .is_some());
+    }
+}
