@@ -13,6 +13,7 @@
 //! through crate::safepath (no links below the root, see backup::meta).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use clap::Args;
 use serde::{Deserialize, Serialize};
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::cli::{CatalogArgs, ConnArgs};
 use crate::durable::{self, Replace};
 use crate::error::{Error, IoContext, Result};
+use crate::repo::{LocalRepo, Repo};
 
 pub const CATALOG_MARKER: &str = "walnut-catalog.json";
 /// The catalog format this walnut reads and writes.
@@ -147,6 +149,20 @@ impl InstanceConfig {
 #[derive(Clone, Debug)]
 pub struct Catalog {
     root: PathBuf,
+    /// The storage every catalog read and write goes through.
+    repo: Arc<dyn Repo>,
+}
+
+/// Test hook: with this variable set, the catalog's store refuses deletes, as a WORM bucket
+/// (Object Lock) does; the append-only test runs every command that way.
+pub const REFUSE_DELETE_ENV: &str = "WALNUT_TEST_REFUSE_DELETE";
+
+fn local_repo(root: &Path) -> Result<Arc<dyn Repo>> {
+    Ok(Arc::new(
+        LocalRepo::open(root)?
+            .with_guard(CATALOG_MARKER)
+            .refusing_delete(std::env::var_os(REFUSE_DELETE_ENV).is_some()),
+    ))
 }
 
 impl Catalog {
@@ -181,7 +197,47 @@ impl Catalog {
         })?;
         Ok(Catalog {
             root: root.to_path_buf(),
+            repo: local_repo(root)?,
         })
+    }
+
+    /// A catalog over any store (tests use [`crate::repo::MemRepo`]); `root` names it in
+    /// messages and is the local directory for a local store.
+    pub fn with_repo(root: &Path, repo: Arc<dyn Repo>) -> Catalog {
+        Catalog {
+            root: root.to_path_buf(),
+            repo,
+        }
+    }
+
+    /// The store of this catalog.
+    pub fn repo(&self) -> &dyn Repo {
+        &*self.repo
+    }
+
+    /// The store, shared (for threads).
+    pub fn repo_arc(&self) -> Arc<dyn Repo> {
+        self.repo.clone()
+    }
+
+    /// Key of an instance's directory: `instances/NAME`.
+    pub fn instance_key(name: &str) -> String {
+        format!("instances/{name}")
+    }
+
+    /// Key prefix of an instance's WAL archive: `instances/NAME/wal`.
+    pub fn wal_key(name: &str) -> String {
+        format!("instances/{name}/wal")
+    }
+
+    /// Key prefix of an instance's backups: `instances/NAME/backups`.
+    pub fn backups_key(name: &str) -> String {
+        format!("instances/{name}/backups")
+    }
+
+    /// Key prefix of one backup: `instances/NAME/backups/ID`.
+    pub fn backup_key(name: &str, id: &str) -> String {
+        format!("instances/{name}/backups/{id}")
     }
 
     /// Creates a catalog in an empty or missing directory.
@@ -208,6 +264,7 @@ impl Catalog {
         durable::write_file(&root.join(CATALOG_MARKER), MARKER_CONTENT, Replace::No)?;
         Ok(Catalog {
             root: root.to_path_buf(),
+            repo: local_repo(root)?,
         })
     }
 
@@ -315,7 +372,7 @@ pub fn run_init(args: InitArgs) -> Result<i32> {
 pub fn run_add_instance(args: AddInstanceArgs) -> Result<i32> {
     let catalog = Catalog::open(&args.catalog.catalog)?;
     check_instance_name(&args.instance)?;
-    let cfg = instance_config_from_pgdata(&args.instance, &args.pgdata, &args.conn)?;
+    let cfg = instance_config_from_pgdata(&args.instance, &args.pgdata, &args.conn.params())?;
     catalog.save_instance(&cfg, Replace::No)?;
     log::info!(
         "instance \"{}\" added: system id {}, PostgreSQL {}, {} MiB WAL segments, data checksums {}",
@@ -332,7 +389,7 @@ pub fn run_add_instance(args: AddInstanceArgs) -> Result<i32> {
 pub fn instance_config_from_pgdata(
     name: &str,
     pgdata: &Path,
-    conn: &ConnArgs,
+    conn: &crate::server::ConnParams,
 ) -> Result<InstanceConfig> {
     let control = crate::pgcontrol::ControlFile::read_from_pgdata(pgdata)?;
     let pg_major = crate::pgcontrol::read_pg_version_file(pgdata)?;

@@ -15,10 +15,10 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::archive::{IndexState, WalArchive};
-use crate::backup::server::{self, Session};
 use crate::catalog::{Catalog, InstanceConfig};
 use crate::cli::{ConnArgs, InstanceArgs, OutputFormat};
 use crate::error::Result;
+use crate::server::{self, Session};
 use crate::types::WalFileName;
 
 #[derive(Args, Debug, Clone)]
@@ -115,7 +115,7 @@ pub fn run(a: CheckArgs) -> Result<i32> {
     let catalog = Catalog::open(&a.instance.catalog.catalog)?;
     let cfg = catalog.instance(&a.instance.instance)?;
     let timeout = Duration::from_secs(a.archive_timeout);
-    let report = check(&catalog, &cfg, &a.conn, timeout);
+    let report = check(&catalog, &cfg, &a.conn.params(), timeout);
     match a.format {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         OutputFormat::Text => print!("{}", report.render_text()),
@@ -128,7 +128,7 @@ pub fn run(a: CheckArgs) -> Result<i32> {
 pub fn check(
     catalog: &Catalog,
     cfg: &InstanceConfig,
-    conn: &ConnArgs,
+    conn: &crate::server::ConnParams,
     timeout: Duration,
 ) -> Report {
     let mut r = Report {

@@ -32,6 +32,7 @@ pub mod progress;
 pub mod repo;
 pub mod restore;
 pub mod safepath;
+pub mod server;
 pub mod types;
 pub mod verify_record;
 pub mod wal;

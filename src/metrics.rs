@@ -156,7 +156,8 @@ pub fn run(a: MetricsArgs) -> Result<i32> {
         Some(i) => vec![i.clone()],
         None => catalog.instances()?,
     };
-    let conn = (!a.no_connect).then_some(&a.conn);
+    let params = a.conn.params();
+    let conn = (!a.no_connect).then_some(&params);
     let text = collect(&catalog, &names, conn)?;
     match &a.output {
         Some(p) => durable::write_file(p, text.as_bytes(), Replace::Yes)?,
@@ -167,7 +168,11 @@ pub fn run(a: MetricsArgs) -> Result<i32> {
 
 /// The metrics of `instances` as text; with `conn`, each server is asked for its WAL
 /// position.
-pub fn collect(catalog: &Catalog, instances: &[String], conn: Option<&ConnArgs>) -> Result<String> {
+pub fn collect(
+    catalog: &Catalog,
+    instances: &[String],
+    conn: Option<&crate::server::ConnParams>,
+) -> Result<String> {
     let mut out = Out::new();
     for name in instances {
         let cfg = catalog.instance(name)?;
@@ -198,7 +203,7 @@ fn instance_metrics(
     out: &mut Out,
     catalog: &Catalog,
     cfg: &InstanceConfig,
-    conn: Option<&ConnArgs>,
+    conn: Option<&crate::server::ConnParams>,
 ) -> Result<()> {
     let inst = || ("instance", cfg.name.clone());
     let backups = meta::list(catalog, &cfg.name)?;
@@ -443,8 +448,8 @@ fn backup_metrics(out: &mut Out, instance: &str, backups: &[BackupMeta]) -> Resu
 }
 
 /// The server's current WAL position (on a standby, the last WAL received).
-fn current_wal_lsn(conn: &ConnArgs, cfg: &InstanceConfig) -> Result<Lsn> {
-    let mut s = crate::backup::server::connect(conn, cfg)?;
+fn current_wal_lsn(conn: &crate::server::ConnParams, cfg: &InstanceConfig) -> Result<Lsn> {
+    let mut s = crate::server::connect(conn, cfg)?;
     let sysid = s.system_identifier()?;
     if sysid != cfg.system_id {
         return Err(Error::server(format!(

@@ -17,7 +17,6 @@ pub mod meta;
 pub mod page;
 pub mod plan;
 pub mod relfile;
-pub mod server;
 pub mod show;
 pub mod take;
 pub mod validate;
@@ -130,7 +129,7 @@ pub fn run_backup(a: BackupArgs) -> Result<i32> {
         compress: a.compress == Compress::Lz4,
         parent: a.parent,
         archive_timeout: Duration::from_secs(a.archive_timeout),
-        conn: a.conn,
+        conn: a.conn.params(),
     };
     let m = take::take_backup(&catalog, &a.instance.instance, &opts)?;
     println!("{}", m.id);

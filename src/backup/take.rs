@@ -8,7 +8,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::archive::WalArchive;
 use crate::catalog::Catalog;
-use crate::cli::ConnArgs;
 use crate::durable::{self, DurableFile, Replace};
 use crate::error::{Error, IoContext, Result};
 use crate::pgcontrol::ControlFile;
@@ -17,8 +16,9 @@ use crate::types::{Lsn, WalFileName};
 
 use super::copy::{copy_tree, copy_whole, CopyCtx};
 use super::meta::{self, BackupMeta, Mode, Status};
-use super::{plan, server};
+use super::plan;
 use crate::format::manifest::{FileEntry, ManifestWriter, Storage};
+use crate::server;
 
 pub struct BackupOptions {
     pub mode: Mode,
@@ -26,7 +26,7 @@ pub struct BackupOptions {
     pub compress: bool,
     pub parent: Option<String>,
     pub archive_timeout: Duration,
-    pub conn: ConnArgs,
+    pub conn: crate::server::ConnParams,
 }
 
 fn now_secs() -> i64 {

@@ -43,6 +43,18 @@ pub struct ConnArgs {
     pub dbname: Option<String>,
 }
 
+impl ConnArgs {
+    /// The library's connection settings.
+    pub fn params(&self) -> crate::server::ConnParams {
+        crate::server::ConnParams {
+            host: self.host.clone(),
+            port: self.port,
+            user: self.user.clone(),
+            dbname: self.dbname.clone(),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
 pub enum OutputFormat {
     #[default]

@@ -6,9 +6,19 @@
 use std::time::Duration;
 
 use crate::catalog::InstanceConfig;
-use crate::cli::ConnArgs;
 use crate::error::{Error, Result};
 use crate::types::{Lsn, TimeLineId};
+
+/// libpq-style connection settings; unset ones fall back to PGHOST, PGPORT, PGUSER,
+/// PGDATABASE and then to the instance's stored configuration (see [`connect`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnParams {
+    /// Host name, or socket directory when it starts with `/`.
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub user: Option<String>,
+    pub dbname: Option<String>,
+}
 
 pub struct Session {
     client: postgres::Client,
@@ -17,7 +27,7 @@ pub struct Session {
 
 /// Connection settings: arguments first, then PG* environment variables, then the
 /// instance's stored configuration.
-pub fn connect(args: &ConnArgs, cfg: &InstanceConfig) -> Result<Session> {
+pub fn connect(args: &ConnParams, cfg: &InstanceConfig) -> Result<Session> {
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let host = args
         .host
