@@ -2,6 +2,7 @@
 mod env;
 mod harness;
 
+mod append_only;
 mod archive;
 mod backup;
 mod catalog_hardening;
