@@ -134,6 +134,7 @@ pub fn read_long_header(segment_start: &[u8]) -> Result<LongPageHeader> {
     Ok(lh)
 }
 
+#[cfg(any(test, feature = "test-synth"))]
 #[allow(clippy::indexing_slicing)] // test-only code
 pub mod synth;
 #[cfg(test)]
