@@ -7,8 +7,8 @@
 //! WAL switch and waits for that very segment to be durable in the catalog and indexed,
 //! so a broken `archive_command` shows up now and not at the next restore.
 //!
-//! Each check gives one line: `OK`, `NOTICE` (worth knowing, not a failure) or `FAIL`. The
-//! exit status is 0 only when nothing failed, 1 otherwise (2 is clap's bad usage).
+//! Each check gives one [`CheckLine`]: `Ok`, `Notice` (worth knowing, not a failure) or
+//! `Fail`; [`Report::ok`] is true only when nothing failed.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
