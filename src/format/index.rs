@@ -236,7 +236,9 @@ pub fn decode(bytes: &[u8], what: &str) -> Result<SegmentIndex> {
     // The checked split also proves the length: header, body (maybe empty), trailer.
     let split = bytes
         .split_last_chunk::<TRAILER_LEN>()
-        .and_then(|(covered, trailer)| Some((covered, covered.split_first_chunk()?, trailer)));
+        .and_then(|(covered, trailer)| {
+            Some((covered, covered.split_first_chunk::<HEADER_LEN>()?, trailer))
+        });
     let Some((covered, (header, body), trailer)) = split else {
         return Err(Error::corruption(format!(
             "block index file {what} is too short ({} bytes, at least {} needed): truncated",
@@ -244,7 +246,6 @@ pub fn decode(bytes: &[u8], what: &str) -> Result<SegmentIndex> {
             HEADER_LEN + TRAILER_LEN
         )));
     };
-    let header: &[u8; HEADER_LEN] = header;
     let [m0, m1, m2, m3, v0, v1, r0, r1, l0, l1, l2, l3] = *header;
     if [m0, m1, m2, m3] != MAGIC {
         return Err(Error::corruption(format!(
@@ -679,6 +680,7 @@ impl<'a> Reader<'a> {
 
     fn array<const N: usize>(&mut self, field: &str) -> Result<[u8; N]> {
         let b = self.bytes(N as u64, field)?;
+        // `bytes` gave exactly N bytes.
         Ok(b.try_into().unwrap_or([0; N]))
     }
 
