@@ -1,37 +1,35 @@
-//! `walnut check --instance NAME`: proves that a server archives into this catalog.
+//! The checks behind `walnut check --instance NAME`: proves that a server archives into
+//! this catalog. The library part: [`run`] returns a [`Report`]; `crate::cli::check`
+//! parses the options and prints it.
 //!
 //! What people run after setup and after every configuration change (pgBackRest's
 //! `check`). It verifies the settings that backups and recovery depend on, then forces a
 //! WAL switch and waits for that very segment to be durable in the catalog and indexed,
 //! so a broken `archive_command` shows up now and not at the next restore.
 //!
-//! Each check gives one line: `OK`, `NOTICE` (worth knowing, not a failure) or `FAIL`. The
-//! exit status is 0 only when nothing failed, 1 otherwise (2 is clap's bad usage).
+//! Each check gives one [`CheckLine`]: `Ok`, `Notice` (worth knowing, not a failure) or
+//! `Fail`; [`Report::ok`] is true only when nothing failed.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use clap::Args;
 use serde::Serialize;
 
 use crate::archive::{IndexState, WalArchive};
 use crate::catalog::{Catalog, InstanceConfig};
-use crate::cli::{ConnArgs, InstanceArgs, OutputFormat};
 use crate::error::Result;
-use crate::server::{self, Session};
+use crate::server::{self, ConnParams, Session};
 use crate::types::WalFileName;
 
-#[derive(Args, Debug, Clone)]
-pub struct CheckArgs {
-    #[command(flatten)]
-    pub instance: InstanceArgs,
-    #[command(flatten)]
-    pub conn: ConnArgs,
-    /// Seconds to wait for the switched segment to be archived and indexed.
-    #[arg(long, default_value_t = 60)]
-    pub archive_timeout: u64,
-    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
-    pub format: OutputFormat,
+/// What to check.
+#[derive(Clone, Debug)]
+pub struct CheckOptions {
+    /// The instance, as registered in the catalog.
+    pub instance: String,
+    /// How to reach its server (unset fields: the environment, then the stored ones).
+    pub conn: ConnParams,
+    /// How long to wait for the switched segment to be archived and indexed.
+    pub archive_timeout: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -81,46 +79,20 @@ impl Report {
         self.push(check, s, detail)
     }
 
-    pub fn render_text(&self) -> String {
-        let mut out = String::new();
-        for c in &self.checks {
-            let tag = match c.status {
-                Status::Ok => "OK",
-                Status::Notice => "NOTICE",
-                Status::Fail => "FAIL",
-            };
-            out.push_str(&format!("{tag:<7}{}: {}\n", c.check, c.detail));
-        }
-        let failed = self
-            .checks
+    /// How many checks failed.
+    pub fn failed(&self) -> usize {
+        self.checks
             .iter()
             .filter(|c| c.status == Status::Fail)
-            .count();
-        if failed == 0 {
-            out.push_str(&format!(
-                "instance \"{}\": all checks passed\n",
-                self.instance
-            ));
-        } else {
-            out.push_str(&format!(
-                "instance \"{}\": {failed} check(s) failed\n",
-                self.instance
-            ));
-        }
-        out
+            .count()
     }
 }
 
-pub fn run(a: CheckArgs) -> Result<i32> {
-    let catalog = Catalog::open(&a.instance.catalog.catalog)?;
-    let cfg = catalog.instance(&a.instance.instance)?;
-    let timeout = Duration::from_secs(a.archive_timeout);
-    let report = check(&catalog, &cfg, &a.conn.params(), timeout);
-    match a.format {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        OutputFormat::Text => print!("{}", report.render_text()),
-    }
-    Ok(if report.ok { 0 } else { 1 })
+/// Checks `opts.instance` of `catalog`. An error only when the instance cannot be read
+/// from the catalog; everything about the server is in the report.
+pub fn run(catalog: &Catalog, opts: &CheckOptions) -> Result<Report> {
+    let cfg = catalog.instance(&opts.instance)?;
+    Ok(check(catalog, &cfg, &opts.conn, opts.archive_timeout))
 }
 
 /// Runs every check against the server; never stops at the first failure, so one run shows
@@ -128,7 +100,7 @@ pub fn run(a: CheckArgs) -> Result<i32> {
 pub fn check(
     catalog: &Catalog,
     cfg: &InstanceConfig,
-    conn: &crate::server::ConnParams,
+    conn: &ConnParams,
     timeout: Duration,
 ) -> Report {
     let mut r = Report {

@@ -1,47 +1,32 @@
-//! `walnut metrics`: the catalog's state in Prometheus' text format, for node_exporter's
-//! textfile collector (or any scraper reading a file).
+//! The metrics behind `walnut metrics`: the catalog's state in Prometheus' text format, for
+//! node_exporter's textfile collector (or any scraper reading a file). [`run`] returns the
+//! text; `crate::cli::metrics` parses the options and writes it.
 //!
 //! The names follow the Prometheus conventions (base units, `_seconds`, `_bytes`,
 //! `_timestamp_seconds` for points in time) as `pgbackrest_exporter` and WAL-G do. Every
 //! sample carries `instance`; per-mode, per-status and per-kind samples carry `mode`,
 //! `status` and `kind`, whose values are lower case. There are no timestamps (the textfile
 //! collector refuses them) and the output ends with a newline.
-//!
-//! With `--output FILE`, the text is written to a temporary file in FILE's directory and
-//! renamed over FILE, so the collector never reads half a file (the temporary name starts
-//! with a dot and does not end in `.prom`, so the collector ignores it).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
-
-use clap::Args;
+use std::path::Path;
 
 use crate::archive::WalArchive;
 use crate::backup::meta::{self, BackupMeta, Mode, Status};
 use crate::catalog::{Catalog, InstanceConfig};
-use crate::cli::{CatalogArgs, ConnArgs};
-use crate::durable::{self, Replace};
 use crate::error::{Error, IoContext, Result};
+use crate::server::ConnParams;
 use crate::types::{Lsn, WalFileName};
 
-#[derive(Args, Debug, Clone)]
-pub struct MetricsArgs {
-    #[command(flatten)]
-    pub catalog: CatalogArgs,
-    /// Only this instance (all of the catalog's when omitted).
-    #[arg(long)]
+/// What to collect.
+#[derive(Clone, Debug, Default)]
+pub struct MetricsOptions {
+    /// Only this instance (all of the catalog's when `None`).
     pub instance: Option<String>,
-    /// Write to this file (atomically) instead of standard output; node_exporter reads
-    /// `*.prom` files from its --collector.textfile.directory.
-    #[arg(long, short = 'o')]
-    pub output: Option<PathBuf>,
-    /// Do not connect to the servers (no walnut_archive_lag_bytes).
-    #[arg(long)]
-    pub no_connect: bool,
-    /// Connection options for walnut_archive_lag_bytes (default: each instance's stored ones).
-    #[command(flatten)]
-    pub conn: ConnArgs,
+    /// Ask each server for its WAL position with these settings (unset fields: each
+    /// instance's stored ones); `None`: do not connect (no `walnut_archive_lag_bytes`).
+    pub conn: Option<ConnParams>,
 }
 
 /// One metric family: help text, type and samples (labels, value).
@@ -150,20 +135,13 @@ fn number(v: f64) -> String {
     }
 }
 
-pub fn run(a: MetricsArgs) -> Result<i32> {
-    let catalog = Catalog::open(&a.catalog.catalog)?;
-    let names = match &a.instance {
+/// The metrics of `opts.instance` (or of every instance) of `catalog`, as text.
+pub fn run(catalog: &Catalog, opts: &MetricsOptions) -> Result<String> {
+    let names = match &opts.instance {
         Some(i) => vec![i.clone()],
         None => catalog.instances()?,
     };
-    let params = a.conn.params();
-    let conn = (!a.no_connect).then_some(&params);
-    let text = collect(&catalog, &names, conn)?;
-    match &a.output {
-        Some(p) => durable::write_file(p, text.as_bytes(), Replace::Yes)?,
-        None => print!("{text}"),
-    }
-    Ok(0)
+    collect(catalog, &names, opts.conn.as_ref())
 }
 
 /// The metrics of `instances` as text; with `conn`, each server is asked for its WAL
@@ -171,7 +149,7 @@ pub fn run(a: MetricsArgs) -> Result<i32> {
 pub fn collect(
     catalog: &Catalog,
     instances: &[String],
-    conn: Option<&crate::server::ConnParams>,
+    conn: Option<&ConnParams>,
 ) -> Result<String> {
     let mut out = Out::new();
     for name in instances {
@@ -203,7 +181,7 @@ fn instance_metrics(
     out: &mut Out,
     catalog: &Catalog,
     cfg: &InstanceConfig,
-    conn: Option<&crate::server::ConnParams>,
+    conn: Option<&ConnParams>,
 ) -> Result<()> {
     let inst = || ("instance", cfg.name.clone());
     let backups = meta::list(catalog, &cfg.name)?;
@@ -448,7 +426,7 @@ fn backup_metrics(out: &mut Out, instance: &str, backups: &[BackupMeta]) -> Resu
 }
 
 /// The server's current WAL position (on a standby, the last WAL received).
-fn current_wal_lsn(conn: &crate::server::ConnParams, cfg: &InstanceConfig) -> Result<Lsn> {
+fn current_wal_lsn(conn: &ConnParams, cfg: &InstanceConfig) -> Result<Lsn> {
     let mut s = crate::server::connect(conn, cfg)?;
     let sysid = s.system_identifier()?;
     if sysid != cfg.system_id {

@@ -20,6 +20,8 @@
 //! ```
 //! The CRC-32C covers every byte before `crc`; a match confirms both the file and the layout.
 
+#![deny(clippy::indexing_slicing)]
+
 use std::path::Path;
 
 use crate::error::{Error, IoContext, Result};
@@ -182,6 +184,7 @@ pub fn read_pg_version_file(pgdata: &Path) -> Result<u32> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

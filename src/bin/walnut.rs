@@ -1,13 +1,5 @@
-use clap::Parser;
-
+//! `walnut`: init, add-instance, backup, restore, show, validate, check, metrics, ...
+//! Exit 0 on success, 1 on error, 2 on bad usage (see `walnut::cli::walnut_main`).
 fn main() {
-    walnut::cli::init_logging();
-    let cli = walnut::cli::WalnutCli::parse();
-    match walnut::cli::run_walnut(cli) {
-        Ok(code) => std::process::exit(code),
-        Err(e) => {
-            eprintln!("walnut: error: {e}");
-            std::process::exit(1);
-        }
-    }
+    std::process::exit(walnut::cli::walnut_main());
 }

@@ -1,10 +1,16 @@
-//! Options shared by the binaries, each defined once (clap `Args` structs).
+//! The command-line layer: every clap struct, the dispatch, the printing and the exit
+//! codes. The binaries in `src/bin/` only call [`walnut_main`], [`archive_main`] or
+//! [`fetch_main`]; nothing below this module imports it, and the library never prints.
+//!
+//! Options shared by the binaries are defined once here (clap `Args` structs).
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+pub mod check;
 pub mod docs;
+pub mod metrics;
 pub mod wal_index;
 
 /// Where the catalog is. `WALNUT_CATALOG` may stand in for `-B`.
@@ -94,9 +100,9 @@ pub enum Command {
     /// Verify a backup and its chain against stored checksums.
     Validate(crate::backup::ValidateArgs),
     /// Check that the server's settings and archiving work with this catalog.
-    Check(crate::check::CheckArgs),
+    Check(crate::cli::check::CheckArgs),
     /// Write Prometheus metrics (node_exporter textfile format).
-    Metrics(crate::metrics::MetricsArgs),
+    Metrics(crate::cli::metrics::MetricsArgs),
     /// Print a shell completion script (bash, zsh or fish).
     Completions(crate::cli::docs::CompletionsArgs),
     /// Write man pages for walnut, its subcommands, walnut-archive and walnut-fetch.
@@ -134,10 +140,75 @@ pub fn run_walnut(cli: WalnutCli) -> crate::Result<i32> {
         Command::Show(a) if a.archive => crate::archive::run_show_archive(a),
         Command::Show(a) => crate::backup::run_show(a),
         Command::Validate(a) => crate::backup::run_validate(a),
-        Command::Check(a) => crate::check::run(a),
-        Command::Metrics(a) => crate::metrics::run(a),
+        Command::Check(a) => crate::cli::check::run(a),
+        Command::Metrics(a) => crate::cli::metrics::run(a),
         Command::Completions(a) => crate::cli::docs::run_completions(a),
         Command::Man(a) => crate::cli::docs::run_man(a),
+    }
+}
+
+/// `walnut`: parses the command line (bad usage exits 2, clap's), runs the command and
+/// returns the exit code: the command's, or 1 after printing `walnut: error: ...`.
+pub fn walnut_main() -> i32 {
+    init_logging();
+    let cli = WalnutCli::parse();
+    match run_walnut(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("walnut: error: {e}");
+            1
+        }
+    }
+}
+
+/// `walnut-archive` (archive_command): 0 only when the file is durable in the archive
+/// (also `--help`, `--version`); 1 on any failure, a usage error or a panic.
+pub fn archive_main() -> i32 {
+    init_logging();
+    let cli: crate::archive::push::PushCli = parse_or_exit(1);
+    let name = cli.args.name.clone();
+    // Panics caught inside (a WAL decoder thread's, which only costs the index) are
+    // reported as warnings there; one that reaches here fails the call with exit 1.
+    let result = catch_panics("walnut-archive", name.clone(), move || {
+        crate::archive::push::run(cli.args)
+    });
+    match result {
+        Some(Ok(code)) => code,
+        Some(Err(e)) => {
+            eprintln!("walnut-archive: ERROR: {name}: {e}");
+            1
+        }
+        // The hook printed what panicked.
+        None => 1,
+    }
+}
+
+/// `walnut-fetch` (restore_command): 0 when written and verified (also `--help`,
+/// `--version`); 1 only when definitely not in the archive; [`crate::EXIT_FETCH_FATAL`] on
+/// corruption, any other error, a usage error or a panic (fatal to recovery, so it never
+/// ends early at a wrong point; a panic must not exit 101, which PostgreSQL would read as
+/// "not found").
+pub fn fetch_main() -> i32 {
+    use crate::archive::fetch::FetchOutcome;
+    use crate::EXIT_FETCH_FATAL;
+    init_logging();
+    let cli: crate::archive::fetch::FetchCli = parse_or_exit(EXIT_FETCH_FATAL);
+    let name = cli.args.name.clone().unwrap_or_else(|| "--cleanup".into());
+    let result = catch_panics("walnut-fetch: FATAL", name.clone(), move || {
+        crate::archive::fetch::run(cli.args)
+    });
+    match result {
+        Some(Ok(FetchOutcome::NotInArchive)) => {
+            log::info!("{name} is not in the archive");
+            1
+        }
+        Some(Ok(_)) => 0,
+        Some(Err(e)) => {
+            eprintln!("walnut-fetch: FATAL: {name}: {e}");
+            EXIT_FETCH_FATAL
+        }
+        // The hook printed what panicked.
+        None => EXIT_FETCH_FATAL,
     }
 }
 

@@ -16,6 +16,8 @@
 //!   small constant times the input size (a block set is kept as runs, and one input byte
 //!   yields at most four runs).
 
+#![deny(clippy::indexing_slicing)]
+
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
@@ -231,23 +233,29 @@ pub fn encode(index: &SegmentIndex) -> Vec<u8> {
 /// body length, then the body's structure. Every failure is [`crate::ErrorKind::Corruption`]
 /// and names `what`.
 pub fn decode(bytes: &[u8], what: &str) -> Result<SegmentIndex> {
-    if bytes.len() < HEADER_LEN + TRAILER_LEN {
+    // The checked split also proves the length: header, body (maybe empty), trailer.
+    let split = bytes
+        .split_last_chunk::<TRAILER_LEN>()
+        .and_then(|(covered, trailer)| {
+            Some((covered, covered.split_first_chunk::<HEADER_LEN>()?, trailer))
+        });
+    let Some((covered, (header, body), trailer)) = split else {
         return Err(Error::corruption(format!(
             "block index file {what} is too short ({} bytes, at least {} needed): truncated",
             bytes.len(),
             HEADER_LEN + TRAILER_LEN
         )));
-    }
-    let (covered, trailer) = bytes.split_at(bytes.len() - TRAILER_LEN);
-    if covered[..4] != MAGIC {
+    };
+    let [m0, m1, m2, m3, v0, v1, r0, r1, l0, l1, l2, l3] = *header;
+    if [m0, m1, m2, m3] != MAGIC {
         return Err(Error::corruption(format!(
             "{what} is not a walnut block index file (bad magic {:02x?})",
-            &covered[..4]
+            [m0, m1, m2, m3]
         )));
     }
-    let stored = u32::from_le_bytes([trailer[0], trailer[1], trailer[2], trailer[3]]);
+    let stored = u32::from_le_bytes(*trailer);
     let computed = crc32c::crc32c(covered);
-    let body_len = u32::from_le_bytes([covered[8], covered[9], covered[10], covered[11]]) as u64;
+    let body_len = u32::from_le_bytes([l0, l1, l2, l3]) as u64;
     if stored != computed {
         let expect = HEADER_LEN as u64 + body_len + TRAILER_LEN as u64;
         let hint = if expect != bytes.len() as u64 {
@@ -263,20 +271,19 @@ pub fn decode(bytes: &[u8], what: &str) -> Result<SegmentIndex> {
              computed {computed:08x}{hint}"
         )));
     }
-    let version = u16::from_le_bytes([covered[4], covered[5]]);
+    let version = u16::from_le_bytes([v0, v1]);
     if version != VERSION {
         return Err(Error::corruption(format!(
             "unsupported index format version {version} in {what} (this walnut reads \
              version {VERSION})"
         )));
     }
-    let reserved = u16::from_le_bytes([covered[6], covered[7]]);
+    let reserved = u16::from_le_bytes([r0, r1]);
     if reserved != 0 {
         return Err(Error::corruption(format!(
             "block index file {what}: reserved header field is {reserved}, expected 0"
         )));
     }
-    let body = &covered[HEADER_LEN..];
     if body.len() as u64 != body_len {
         return Err(Error::corruption(format!(
             "block index file {what}: header says {body_len} body bytes, found {}",
@@ -478,9 +485,8 @@ fn plan_items(runs: &[(u32, u32)]) -> Vec<Item> {
     // The block after the previous item's last (what gaps are measured from).
     let mut next: u64 = 0;
     let mut i = 0;
-    while i < runs.len() {
-        let first = runs[i].0;
-        let (mut best_j, mut best_saving) = (i, 0i64);
+    while let Some(&(first, first_last)) = runs.get(i) {
+        let (mut best_j, mut best_last, mut best_saving) = (i, first_last, 0i64);
         let mut items_cost = 0i64;
         let mut cursor = next;
         for (j, &(f, l)) in runs.iter().enumerate().skip(i) {
@@ -488,17 +494,17 @@ fn plan_items(runs: &[(u32, u32)]) -> Vec<Item> {
             cursor = l as u64 + 1;
             let saving = items_cost - bitmap_cost(next, first, l);
             if saving > best_saving {
-                (best_j, best_saving) = (j, saving);
+                (best_j, best_last, best_saving) = (j, l, saving);
             } else if saving < best_saving - BITMAP_SLACK || j - best_j > BITMAP_LOOKAHEAD {
                 break;
             }
         }
         if best_saving > 0 {
-            items.push(Item::Bitmap(first, runs[best_j].1, i..best_j + 1));
-            next = runs[best_j].1 as u64 + 1;
+            items.push(Item::Bitmap(first, best_last, i..best_j + 1));
+            next = best_last as u64 + 1;
             i = best_j + 1;
         } else {
-            let (f, l) = runs[i];
+            let (f, l) = (first, first_last);
             items.push(if f == l {
                 Item::Single(f)
             } else {
@@ -533,10 +539,13 @@ fn encode_blocks(out: &mut Vec<u8>, set: &BlockSet) {
                 put_v(out, nbits);
                 let start = out.len();
                 out.resize(start + nbits.div_ceil(8) as usize, 0);
-                for &(rf, rl) in &runs[held] {
+                let bitmap = out.get_mut(start..).unwrap_or_default();
+                for &(rf, rl) in runs.get(held).unwrap_or_default() {
                     for b in rf..=rl {
                         let bit = (b - f) as usize;
-                        out[start + bit / 8] |= 1 << (bit % 8);
+                        if let Some(byte) = bitmap.get_mut(bit / 8) {
+                            *byte |= 1 << (bit % 8);
+                        }
                     }
                 }
                 next = l as u64 + 1;
@@ -654,27 +663,34 @@ impl<'a> Reader<'a> {
     }
 
     fn bytes(&mut self, n: u64, field: &str) -> Result<&'a [u8]> {
-        let avail = (self.buf.len() - self.pos) as u64;
-        if n > avail {
-            return Err(self.err(format!(
-                "{field}: needs {n} bytes, only {avail} left (truncated body)"
-            )));
-        }
         let buf: &'a [u8] = self.buf;
-        let s = &buf[self.pos..self.pos + n as usize];
-        self.pos += n as usize;
+        let rest = buf.get(self.pos..).unwrap_or_default();
+        let Some((s, _)) = usize::try_from(n)
+            .ok()
+            .and_then(|n| rest.split_at_checked(n))
+        else {
+            return Err(self.err(format!(
+                "{field}: needs {n} bytes, only {} left (truncated body)",
+                rest.len()
+            )));
+        };
+        self.pos += s.len();
         Ok(s)
     }
 
+    fn array<const N: usize>(&mut self, field: &str) -> Result<[u8; N]> {
+        let b = self.bytes(N as u64, field)?;
+        // `bytes` gave exactly N bytes.
+        Ok(b.try_into().unwrap_or([0; N]))
+    }
+
     fn u8(&mut self, field: &str) -> Result<u8> {
-        Ok(self.bytes(1, field)?[0])
+        let [b] = self.array(field)?;
+        Ok(b)
     }
 
     fn u64_le(&mut self, field: &str) -> Result<u64> {
-        let b = self.bytes(8, field)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        Ok(u64::from_le_bytes(a))
+        Ok(u64::from_le_bytes(self.array(field)?))
     }
 
     fn v(&mut self, field: &str) -> Result<u64> {
@@ -704,6 +720,7 @@ impl<'a> Reader<'a> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use crate::error::ErrorKind;

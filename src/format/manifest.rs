@@ -20,6 +20,8 @@
 //! otherwise unnormalised path to a directory. Entries are logical paths relative to PGDATA;
 //! one below `pg_tblspc/` must name a tablespace by its numeric OID.
 
+#![deny(clippy::indexing_slicing)]
+
 use std::io::{BufRead, Write};
 use std::path::Path;
 
@@ -266,6 +268,7 @@ pub fn read_file(path: &Path) -> Result<Vec<FileEntry>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

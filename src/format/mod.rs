@@ -2,6 +2,9 @@
 //! [`manifest`] (a backup's file list), [`incfile`] (an incremental data file),
 //! [`index`] (a WAL segment's block index) and [`segment`] (an archived WAL file's header and
 //! LZ4 frames).
+#[cfg(test)]
+#[allow(clippy::indexing_slicing)]
+mod golden;
 pub mod incfile;
 pub mod index;
 pub mod manifest;

@@ -21,6 +21,8 @@
 //! - Two independent checks guard every read: LZ4's xxh32 content checksum (verified while
 //!   decoding) and our CRC-32C + size from the header.
 
+#![deny(clippy::indexing_slicing)]
+
 use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
@@ -164,6 +166,7 @@ pub fn decode(bytes: &[u8], what: &str) -> Result<(FileMeta, Vec<u8>)> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

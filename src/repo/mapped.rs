@@ -90,8 +90,9 @@ impl Drop for FileBytes {
     }
 }
 
-// The mapping is read-only and owned: sharing the slice across threads is sound.
+// SAFETY: the mapping is read-only and owned: moving it to another thread is sound.
 unsafe impl Send for FileBytes {}
+// SAFETY: the mapping is read-only and owned: sharing the slice across threads is sound.
 unsafe impl Sync for FileBytes {}
 
 #[cfg(test)]

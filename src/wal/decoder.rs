@@ -18,6 +18,8 @@
 //! boundary are copied, once, into a reassembly buffer that grows geometrically (a 60 MB
 //! record costs one copy plus amortised growth).
 
+#![deny(clippy::indexing_slicing)]
+
 use crate::error::{Error, Result};
 use crate::types::{valid_segment_size, Lsn, PgVersion, TimeLineId};
 use crate::wal::record::{
@@ -616,7 +618,7 @@ impl WalStreamDecoder {
         if here.len() < SIZE_OF_SHORT_PHD {
             return Ok(Some(Step::NeedMore));
         }
-        if here[..SIZE_OF_SHORT_PHD].iter().all(|&b| b == 0) {
+        if here.iter().take(SIZE_OF_SHORT_PHD).all(|&b| b == 0) {
             if self.first_page {
                 return Err(self.corrupt(self.lsn, "the first page is all zeros"));
             }

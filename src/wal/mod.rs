@@ -5,6 +5,8 @@
 //! - [`record`]: block references and the special records modelled as [`RelEvent`]s;
 //! - [`version`]: the few numbers that differ between majors.
 
+#![deny(clippy::indexing_slicing)]
+
 pub mod decoder;
 pub mod record;
 pub mod version;
@@ -132,6 +134,9 @@ pub fn read_long_header(segment_start: &[u8]) -> Result<LongPageHeader> {
     Ok(lh)
 }
 
+#[cfg(any(test, feature = "test-synth"))]
+#[allow(clippy::indexing_slicing)] // test-only code
 pub mod synth;
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod tests;

@@ -1,6 +1,8 @@
 //! One reassembled WAL record: its header, block references and special events
 //! (WAL-FORMAT.md §2.1, §2.4–2.8, §3.1–3.2).
 
+#![deny(clippy::indexing_slicing)]
+
 use crate::error::{Error, Result};
 use crate::types::Lsn;
 use crate::wal::version::VersionTable;
@@ -237,21 +239,19 @@ impl<'a> DecodedRecord<'a> {
 #[inline]
 pub(crate) fn le_u16(b: &[u8], at: usize) -> Option<u16> {
     let s = b.get(at..at.checked_add(2)?)?;
-    Some(u16::from_le_bytes([s[0], s[1]]))
+    Some(u16::from_le_bytes(s.try_into().ok()?))
 }
 
 #[inline]
 pub(crate) fn le_u32(b: &[u8], at: usize) -> Option<u32> {
     let s = b.get(at..at.checked_add(4)?)?;
-    Some(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    Some(u32::from_le_bytes(s.try_into().ok()?))
 }
 
 #[inline]
 pub(crate) fn le_u64(b: &[u8], at: usize) -> Option<u64> {
     let s = b.get(at..at.checked_add(8)?)?;
-    let mut a = [0u8; 8];
-    a.copy_from_slice(s);
-    Some(u64::from_le_bytes(a))
+    Some(u64::from_le_bytes(s.try_into().ok()?))
 }
 
 fn rel_at(b: &[u8], at: usize) -> Option<RelFileLocator> {
@@ -764,6 +764,7 @@ fn parse_xact_end(
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod crc_tests {
     #[test]
     fn short_crc_equals_the_crate() {

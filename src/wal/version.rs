@@ -3,6 +3,8 @@
 //! The page, record and block-reference layout is the same in 13–18; only these few numbers
 //! and offsets move. Everything version-dependent in the decoder reads this table.
 
+#![deny(clippy::indexing_slicing)]
+
 use crate::types::PgVersion;
 
 /// Per-major facts the decoder needs.
@@ -95,6 +97,7 @@ pub fn table(v: PgVersion) -> &'static VersionTable {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

@@ -7,6 +7,8 @@ mod archive;
 mod backup;
 mod catalog_hardening;
 mod check_metrics;
+mod cli_layers;
+mod cli_synth;
 mod fetch_hardening;
 mod matrix;
 mod pgcontrol;
