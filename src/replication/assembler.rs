@@ -124,10 +124,8 @@ impl SegmentAssembler {
             self.buf.extend_from_slice(&bytes[..n]);
             bytes = &bytes[n..];
             if self.buf.len() == self.seg_size as usize {
-                let data = std::mem::replace(
-                    &mut self.buf,
-                    Vec::with_capacity(self.seg_size as usize),
-                );
+                let data =
+                    std::mem::replace(&mut self.buf, Vec::with_capacity(self.seg_size as usize));
                 done.push(CompleteSegment {
                     name: WalFileName::segment(self.tli, self.segno, self.seg_size),
                     data,
@@ -280,7 +278,10 @@ mod tests {
         a.push(Lsn(0), &data).unwrap();
         assert!(a.switch_timeline(2, Lsn(SEG as u64 + 499)).is_err());
         assert!(a.switch_timeline(1, Lsn(SEG as u64 + 500)).is_err());
-        let (name, tail) = a.switch_timeline(2, Lsn(SEG as u64 + 500)).unwrap().unwrap();
+        let (name, tail) = a
+            .switch_timeline(2, Lsn(SEG as u64 + 500))
+            .unwrap()
+            .unwrap();
         assert_eq!(name.to_string(), "000000010000000000000001.partial");
         assert_eq!(tail, &data[SEG as usize..]);
         assert_eq!(a.timeline(), 2);

@@ -319,6 +319,20 @@ fn parse_major(v: &str) -> Option<u32> {
     }
 }
 
+/// A memory size as `SHOW` prints it: "16MB", "1GB", "512kB" or plain bytes.
+fn parse_size(v: &str) -> Option<u32> {
+    let digits = v.bytes().take_while(|b| b.is_ascii_digit()).count();
+    let n: u64 = v.get(..digits)?.parse().ok()?;
+    let mult: u64 = match v.get(digits..)?.trim() {
+        "" | "B" => 1,
+        "kB" => 1 << 10,
+        "MB" => 1 << 20,
+        "GB" => 1 << 30,
+        _ => return None,
+    };
+    u32::try_from(n.checked_mul(mult)?).ok()
+}
+
 fn text(v: &Option<Bytes>, what: &str) -> Result<String> {
     match v {
         Some(b) => String::from_utf8(b.to_vec())
@@ -424,14 +438,18 @@ impl ReplConnection {
                     scram = Some(s);
                 }
                 Message::AuthenticationSaslContinue(body) => {
-                    let s = scram.as_mut().ok_or_else(|| self.unexpected("SASL continue"))?;
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| self.unexpected("SASL continue"))?;
                     s.update(body.data()).map_err(|e| self.auth_failed(e))?;
                     let out = s.message().to_vec();
                     frontend::sasl_response(&out, &mut self.wbuf).map_err(|e| self.proto(e))?;
                     self.flush_wbuf()?;
                 }
                 Message::AuthenticationSaslFinal(body) => {
-                    let s = scram.as_mut().ok_or_else(|| self.unexpected("SASL final"))?;
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| self.unexpected("SASL final"))?;
                     // Verifies the server's signature: a server that does not know the
                     // password cannot pretend to.
                     s.finish(body.data()).map_err(|e| self.auth_failed(e))?;
@@ -451,13 +469,19 @@ impl ReplConnection {
                 Message::ParameterStatus(p) => self.remember_param(&p),
                 Message::NoticeResponse(n) => self.log_notice(n.fields()),
                 Message::ErrorResponse(e) => {
-                    return Err(ServerError::from_fields(e.fields()).into_error(&self.endpoint, &during))
+                    return Err(
+                        ServerError::from_fields(e.fields()).into_error(&self.endpoint, &during)
+                    )
                 }
                 Message::ReadyForQuery(_) => break,
                 _ => return Err(self.unexpected("startup")),
             }
         }
-        let v = self.params.get("server_version").cloned().unwrap_or_default();
+        let v = self
+            .params
+            .get("server_version")
+            .cloned()
+            .unwrap_or_default();
         self.server_major = parse_major(&v).unwrap_or(0);
         log::debug!(
             "replication connection to {} (server {v}) ready",
@@ -542,7 +566,10 @@ impl ReplConnection {
         self.wbuf.clear();
         r.map_err(|e| {
             self.state = ConnState::Broken;
-            Error::server(format!("could not send to server at {}: {e}", self.endpoint))
+            Error::server(format!(
+                "could not send to server at {}: {e}",
+                self.endpoint
+            ))
         })
     }
 
@@ -809,6 +836,32 @@ impl ReplConnection {
         })
     }
 
+    /// `SHOW name` (the walsender accepts `SHOW` since PostgreSQL 10).
+    pub fn show(&mut self, name: &str) -> Result<String> {
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+        {
+            return Err(Error::invalid(format!("invalid setting name '{name}'")));
+        }
+        let sql = format!("SHOW {name}");
+        let r = self.one_row(&sql, 1)?;
+        text(&r[0], &sql)
+    }
+
+    /// The server's WAL segment size in bytes (`SHOW wal_segment_size`, e.g. "16MB").
+    pub fn wal_segment_size(&mut self) -> Result<u32> {
+        let v = self.show("wal_segment_size")?;
+        parse_size(&v)
+            .filter(|s| crate::types::valid_segment_size(*s))
+            .ok_or_else(|| {
+                Error::server(format!(
+                    "server at {} reports an invalid wal_segment_size '{v}'",
+                    self.endpoint
+                ))
+            })
+    }
+
     /// `TIMELINE_HISTORY tli`. A timeline without a history file (timeline 1, or one the
     /// server does not have) is an error of kind `NotFound`.
     pub fn timeline_history(&mut self, tli: TimeLineId) -> Result<TimelineHistory> {
@@ -887,9 +940,10 @@ impl ReplConnection {
             None => None,
         };
         let restart_tli = match opt_text(&r[2], "restart_tli")? {
-            Some(s) => Some(s.parse::<TimeLineId>().map_err(|_| {
-                Error::server(format!("{sql}: invalid restart_tli '{s}'"))
-            })?),
+            Some(s) => Some(
+                s.parse::<TimeLineId>()
+                    .map_err(|_| Error::server(format!("{sql}: invalid restart_tli '{s}'")))?,
+            ),
             None => None,
         };
         Ok(Some(SlotState {
@@ -1021,6 +1075,16 @@ mod tests {
         assert_eq!(parse_major("18.6"), Some(18));
         assert_eq!(parse_major("19devel"), Some(19));
         assert_eq!(parse_major(""), None);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("16MB"), Some(16 << 20));
+        assert_eq!(parse_size("1GB"), Some(1 << 30));
+        assert_eq!(parse_size("512kB"), Some(512 << 10));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("16 TB"), None);
+        assert_eq!(parse_size("MB"), None);
     }
 
     #[test]

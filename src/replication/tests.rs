@@ -122,10 +122,19 @@ fn fake_server(
         let (_, startup) = read_msg(&mut s, false);
         let text = String::from_utf8_lossy(&startup[4..]).into_owned();
         let kv: Vec<&str> = text.split('\0').collect();
-        assert!(kv.windows(2).any(|w| w == ["replication", "true"]), "{kv:?}");
-        assert!(kv.windows(2).any(|w| w == ["application_name", "test_app"]), "{kv:?}");
+        assert!(
+            kv.windows(2).any(|w| w == ["replication", "true"]),
+            "{kv:?}"
+        );
+        assert!(
+            kv.windows(2).any(|w| w == ["application_name", "test_app"]),
+            "{kv:?}"
+        );
         let mut out = frame(b'R', &0i32.to_be_bytes());
-        out.extend(frame(b'S', &[cstr("server_version"), cstr("15.4")].concat()));
+        out.extend(frame(
+            b'S',
+            &[cstr("server_version"), cstr("15.4")].concat(),
+        ));
         out.extend(ready());
         s.write_all(&out).unwrap();
         script(&mut s);
@@ -160,7 +169,11 @@ fn streaming_exchange_against_a_scripted_server() {
             assert_eq!(b.len(), 34);
             flushes.push(u64::from_be_bytes(b[9..17].try_into().unwrap()));
         }
-        assert_eq!(flushes[1], 0x300_0000 + 3000, "reply carries the reported flush");
+        assert_eq!(
+            flushes[1],
+            0x300_0000 + 3000,
+            "reply carries the reported flush"
+        );
         s.write_all(&frame(b'c', &[])).unwrap();
         // After the client's CopyDone: the next-timeline row.
         loop {
@@ -276,7 +289,10 @@ fn server_errors_name_the_server_and_the_fields() {
     let e = conn.timeline_history(1).unwrap_err();
     assert_eq!(e.kind(), crate::ErrorKind::NotFound);
     let m = e.message();
-    assert!(m.contains("58P01") && m.contains("ERROR") && m.contains(".s.PGSQL.5999"), "{m}");
+    assert!(
+        m.contains("58P01") && m.contains("ERROR") && m.contains(".s.PGSQL.5999"),
+        "{m}"
+    );
     // Data that does not follow on is a protocol error, and breaks the connection.
     {
         let mut st = conn.start_replication(None, Lsn(0x100), 1).unwrap();

@@ -9,6 +9,7 @@ mod check_metrics;
 mod fetch_hardening;
 mod matrix;
 mod pgcontrol;
+mod replication;
 mod restore_hardening;
 mod take_hardening;
 mod validate_hardening;
