@@ -67,6 +67,7 @@ pub struct ReplicationStream<'c> {
     written: Lsn,
     flushed: Lsn,
     server_wal_end: Lsn,
+    last_server_time: Option<PgTime>,
     last_status: Option<Instant>,
     /// Longest time between two status updates (default 10 s).
     pub status_interval: Duration,
@@ -131,6 +132,7 @@ impl<'c> ReplicationStream<'c> {
             written: Lsn::INVALID,
             flushed: Lsn::INVALID,
             server_wal_end: Lsn::INVALID,
+            last_server_time: None,
             last_status: None,
             status_interval: Duration::from_secs(10),
         }
@@ -154,6 +156,11 @@ impl<'c> ReplicationStream<'c> {
     /// The server's end of WAL, as of its last message.
     pub fn server_wal_end(&self) -> Lsn {
         self.server_wal_end
+    }
+
+    /// The send time of the server's last XLogData or keepalive (its clock).
+    pub fn last_server_time(&self) -> Option<PgTime> {
+        self.last_server_time
     }
 
     fn check_reported(&self, lsn: Lsn, what: &str) -> Result<()> {
@@ -229,7 +236,10 @@ impl<'c> ReplicationStream<'c> {
         loop {
             let now = Instant::now();
             if self.status_due().is_none_or(|t| t <= now) {
-                self.send_status()?;
+                if let Err(e) = self.send_status() {
+                    self.state = State::Ended;
+                    return Err(e);
+                }
             }
             let wake = match self.status_due() {
                 Some(t) => t.min(deadline),
@@ -311,6 +321,7 @@ impl<'c> ReplicationStream<'c> {
                 }
                 self.received = Lsn(start.0 + data.len() as u64);
                 self.server_wal_end = self.server_wal_end.max(wal_end);
+                self.last_server_time = Some(send_time);
                 Ok(Event::Data {
                     start,
                     wal_end,
@@ -324,6 +335,7 @@ impl<'c> ReplicationStream<'c> {
                 reply_requested,
             } => {
                 self.server_wal_end = self.server_wal_end.max(wal_end);
+                self.last_server_time = Some(send_time);
                 if reply_requested {
                     self.send_status()?;
                 }

@@ -115,6 +115,14 @@ fn dribble(s: &mut UnixStream, bytes: &[u8]) {
 fn fake_server(
     script: impl FnOnce(&mut UnixStream) + Send + 'static,
 ) -> (tempfile::TempDir, ReplConfig, thread::JoinHandle<()>) {
+    fake_server_auth(|_| {}, script)
+}
+
+/// Same, with `auth` run before AuthenticationOk.
+fn fake_server_auth(
+    auth: impl FnOnce(&mut UnixStream) + Send + 'static,
+    script: impl FnOnce(&mut UnixStream) + Send + 'static,
+) -> (tempfile::TempDir, ReplConfig, thread::JoinHandle<()>) {
     let dir = tempfile::tempdir().unwrap();
     let l = UnixListener::bind(dir.path().join(".s.PGSQL.5999")).unwrap();
     let h = thread::spawn(move || {
@@ -130,13 +138,17 @@ fn fake_server(
             kv.windows(2).any(|w| w == ["application_name", "test_app"]),
             "{kv:?}"
         );
+        auth(&mut s);
         let mut out = frame(b'R', &0i32.to_be_bytes());
         out.extend(frame(
             b'S',
             &[cstr("server_version"), cstr("15.4")].concat(),
         ));
         out.extend(ready());
-        s.write_all(&out).unwrap();
+        // A client that gave up during authentication has closed the socket.
+        if s.write_all(&out).is_err() {
+            return;
+        }
         script(&mut s);
     });
     let mut cfg = ReplConfig::new(dir.path().to_str().unwrap(), 5999, "postgres");
@@ -304,6 +316,69 @@ fn server_errors_name_the_server_and_the_fields() {
         assert!(e.message().contains("expected 0/102"), "{e}");
     }
     assert!(conn.identify_system().is_err());
+    drop(conn);
+    h.join().unwrap();
+}
+
+#[test]
+fn md5_and_cleartext_passwords_are_answered() {
+    let (_d, mut cfg, h) = fake_server_auth(
+        |s| {
+            let mut m = 5i32.to_be_bytes().to_vec();
+            m.extend_from_slice(&[1, 2, 3, 4]);
+            s.write_all(&frame(b'R', &m)).unwrap();
+            let (t, b) = read_msg(s, true);
+            assert_eq!(t, b'p');
+            let want =
+                postgres_protocol::authentication::md5_hash(b"postgres", b"s3cret", [1, 2, 3, 4]);
+            assert_eq!(b, cstr(&want));
+            s.write_all(&frame(b'R', &3i32.to_be_bytes())).unwrap();
+            let (t, b) = read_msg(s, true);
+            assert_eq!((t, b), (b'p', cstr("s3cret")));
+        },
+        |s| {
+            read_msg(s, true);
+        },
+    );
+    cfg.password = Some("s3cret".into());
+    let conn = ReplConnection::connect(&cfg).unwrap();
+    drop(conn);
+    h.join().unwrap();
+}
+
+#[test]
+fn a_password_request_without_a_password_is_a_clear_error() {
+    let (_d, mut cfg, h) = fake_server_auth(
+        |s| {
+            s.write_all(&frame(b'R', &3i32.to_be_bytes())).unwrap();
+        },
+        |_| {},
+    );
+    cfg.password = None;
+    let e = ReplConnection::connect(&cfg).err().unwrap();
+    assert!(
+        e.message().contains("password authentication") && e.message().contains("PGPASSWORD"),
+        "{e}"
+    );
+    h.join().unwrap();
+}
+
+#[test]
+fn an_absurd_message_length_is_refused_before_allocating() {
+    let (_d, cfg, h) = fake_server(|s| {
+        read_msg(s, true);
+        let mut out = vec![b'D'];
+        out.extend_from_slice(&0x7fff_0000i32.to_be_bytes());
+        s.write_all(&out).unwrap();
+        thread::sleep(Duration::from_millis(200));
+    });
+    let mut conn = ReplConnection::connect(&cfg).unwrap();
+    let e = conn.identify_system().unwrap_err();
+    assert!(e.message().contains("exceeds"), "{e}");
+    assert!(
+        conn.identify_system().is_err(),
+        "the connection is broken after it"
+    );
     drop(conn);
     h.join().unwrap();
 }
