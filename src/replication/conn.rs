@@ -38,8 +38,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Where and as whom to connect. A `host` starting with `/` is a socket directory
-/// (`<host>/.s.PGSQL.<port>`), as in libpq.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// (`<host>/.s.PGSQL.<port>`), as in libpq. Its `Debug` output hides the password.
+#[derive(Clone, PartialEq, Eq)]
 pub struct ReplConfig {
     pub host: String,
     pub port: u16,
@@ -100,6 +100,19 @@ impl ReplConfig {
 
     fn socket_path(&self) -> PathBuf {
         PathBuf::from(&self.host).join(format!(".s.PGSQL.{}", self.port))
+    }
+}
+
+impl std::fmt::Debug for ReplConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "********"))
+            .field("application_name", &self.application_name)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
     }
 }
 
@@ -1091,7 +1104,9 @@ mod tests {
     fn endpoints() {
         let c = ReplConfig::new("/tmp/sock", 5433, "u");
         assert_eq!(c.endpoint(), "socket \"/tmp/sock/.s.PGSQL.5433\"");
-        let c = ReplConfig::new("127.0.0.1", 5433, "u");
+        let mut c = ReplConfig::new("127.0.0.1", 5433, "u");
         assert_eq!(c.endpoint(), "host \"127.0.0.1\" port 5433");
+        c.password = Some("hunter2".into());
+        assert!(!format!("{c:?}").contains("hunter2"));
     }
 }
