@@ -28,15 +28,16 @@
 //! ```
 
 mod assembler;
+mod commands;
 mod conn;
 mod msg;
 mod stream;
 
 pub use assembler::{CompleteSegment, PartialTail, SegmentAssembler};
-pub use conn::{
-    check_slot_name, create_slot_command, CreatedSlot, QueryResult, ReplConfig, ReplConnection,
-    ServerError, SlotState, SystemIdentity, TimelineHistory,
+pub use commands::{
+    check_slot_name, create_slot_command, CreatedSlot, SlotState, SystemIdentity, TimelineHistory,
 };
+pub use conn::{QueryResult, ReplConfig, ReplConnection, ServerError};
 pub use msg::{parse_server_copy_data, PgTime, ServerCopyData, StatusUpdate};
 pub use stream::{Event, ReplicationStream};
 
