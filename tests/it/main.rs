@@ -12,6 +12,7 @@ mod cli_synth;
 mod fetch_hardening;
 mod matrix;
 mod pgcontrol;
+mod replication;
 mod restore_hardening;
 mod take_hardening;
 mod validate_hardening;
