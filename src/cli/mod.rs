@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+pub mod archive;
+pub mod catalog;
 pub mod docs;
 pub mod wal_index;
 
@@ -80,9 +82,9 @@ pub struct WalnutCli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Create a catalog.
-    Init(crate::catalog::InitArgs),
+    Init(crate::cli::catalog::InitArgs),
     /// Register a PostgreSQL instance in the catalog.
-    AddInstance(crate::catalog::AddInstanceArgs),
+    AddInstance(crate::cli::catalog::AddInstanceArgs),
     /// Decode WAL segment files and print their block indexes.
     WalIndex(crate::cli::wal_index::WalIndexArgs),
     /// Take a FULL, PAGE or DELTA backup.
@@ -126,12 +128,12 @@ pub struct ShowArgs {
 /// Runs `walnut`; returns the process exit code.
 pub fn run_walnut(cli: WalnutCli) -> crate::Result<i32> {
     match cli.command {
-        Command::Init(a) => crate::catalog::run_init(a),
-        Command::AddInstance(a) => crate::catalog::run_add_instance(a),
+        Command::Init(a) => crate::cli::catalog::run_init(a),
+        Command::AddInstance(a) => crate::cli::catalog::run_add_instance(a),
         Command::WalIndex(a) => crate::cli::wal_index::run(a),
         Command::Backup(a) => crate::backup::run_backup(a),
         Command::Restore(a) => crate::backup::run_restore(a),
-        Command::Show(a) if a.archive => crate::archive::run_show_archive(a),
+        Command::Show(a) if a.archive => crate::cli::archive::run_show(a),
         Command::Show(a) => crate::backup::run_show(a),
         Command::Validate(a) => crate::backup::run_validate(a),
         Command::Check(a) => crate::check::run(a),

@@ -3,6 +3,7 @@ mod env;
 mod harness;
 
 mod archive;
+mod archive_append_only;
 mod backup;
 mod catalog_hardening;
 mod check_metrics;
