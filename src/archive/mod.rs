@@ -124,6 +124,15 @@ const IDX_PENDING: &str = ".idx-pending";
 const IDX_REBUILT: &str = ".idx-rebuilt";
 const IDX_MISSING: &str = ".idx-missing";
 
+/// The segment name an index object's file name (`<segment>.idx`, `.idx-pending`,
+/// `.idx-rebuilt`) is for; `None` for any other name (`.idx-missing` is a marker, not an
+/// index). For cheap scans that count indexed segments without reading them.
+pub fn index_object_stem(file: &str) -> Option<&str> {
+    [IDX, IDX_PENDING, IDX_REBUILT]
+        .iter()
+        .find_map(|s| file.strip_suffix(s))
+}
+
 /// What a segment's index objects say, before the reader's rule picks one.
 enum Found {
     Complete(SegmentIndex),
@@ -172,8 +181,13 @@ impl WalArchive {
         if l.prefixes.iter().any(|p| p == "wal") {
             return Ok(());
         }
+        let why = if l.damaged.iter().any(|p| p == "wal") {
+            "is a symbolic link or not a directory (no link below the catalog root is followed)"
+        } else {
+            "is missing"
+        };
         Err(Error::corruption(format!(
-            "the WAL archive directory \"{}\" is missing or not a directory",
+            "the WAL archive directory \"{}\" {why}",
             self.dir().display()
         )))
     }
@@ -271,11 +285,7 @@ impl WalArchive {
             let mut segnos: Vec<u64> = l
                 .objects
                 .iter()
-                .filter_map(|o| {
-                    [IDX, IDX_PENDING, IDX_REBUILT]
-                        .iter()
-                        .find_map(|s| o.name.strip_suffix(s))
-                })
+                .filter_map(|o| index_object_stem(&o.name))
                 .filter_map(|stem| stem.parse::<WalFileName>().ok())
                 .filter(|n| n.is_segment() && n.tli() == tli)
                 .filter_map(|n| n.segno(self.seg_size()))
