@@ -1,10 +1,13 @@
 //! The catalog: a directory that holds instances, their WAL archive and their backups.
+//! Every read and write goes through its repository ([`Catalog::repo`]), by key.
 //!
 //! Layout (readable by a human in an emergency; metadata is JSON):
 //! ```text
 //! CATALOG/
 //!   walnut-catalog.json                 {"format": 1}  (checked by Catalog::open)
-//!   instances/NAME/instance.json        InstanceConfig
+//!   instances/NAME/instance.json        {"format": 1, ...InstanceConfig}, written once by
+//!                                       add-instance, never rewritten (files without
+//!                                       "format", from earlier releases, read as format 1)
 //!   instances/NAME/wal/                 the WAL archive (see crate::archive)
 //!   instances/NAME/backups/ID/          one backup (see crate::backup)
 //! ```
@@ -15,12 +18,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::{CatalogArgs, ConnArgs};
-use crate::durable::{self, Replace};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::repo::{LocalRepo, Repo};
 
 pub const CATALOG_MARKER: &str = "walnut-catalog.json";
@@ -54,24 +54,8 @@ fn check_marker(bytes: &[u8]) -> std::result::Result<(), String> {
     }
 }
 
-#[derive(Args, Debug, Clone)]
-pub struct InitArgs {
-    #[command(flatten)]
-    pub catalog: CatalogArgs,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct AddInstanceArgs {
-    #[command(flatten)]
-    pub catalog: CatalogArgs,
-    #[arg(long)]
-    pub instance: String,
-    /// Data directory of the instance.
-    #[arg(short = 'D', long = "pgdata", env = "PGDATA")]
-    pub pgdata: PathBuf,
-    #[command(flatten)]
-    pub conn: ConnArgs,
-}
+/// The `instance.json` format this walnut reads and writes.
+pub const INSTANCE_FORMAT: u64 = 1;
 
 /// What `add-instance` records about an instance.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -169,16 +153,21 @@ impl Catalog {
     /// Opens an existing catalog, checking its marker file: it must be a regular file (not a
     /// symlink) holding `{"format": 1}`, as [`Catalog::init`] writes it.
     pub fn open(root: &Path) -> Result<Catalog> {
+        let not_a_catalog = || {
+            Error::invalid(format!(
+                "\"{}\" is not a walnut catalog (no {CATALOG_MARKER}; run 'walnut init -B {}')",
+                root.display(),
+                root.display()
+            ))
+        };
+        if !root.is_dir() && std::fs::symlink_metadata(root).is_err() {
+            return Err(not_a_catalog());
+        }
+        let repo = local_repo(root)?;
         let marker = root.join(CATALOG_MARKER);
-        let f = match crate::safepath::open_under(root, CATALOG_MARKER) {
-            Ok(f) => f,
-            Err(e) if e.kind() == crate::ErrorKind::NotFound => {
-                return Err(Error::invalid(format!(
-                    "\"{}\" is not a walnut catalog (no {CATALOG_MARKER}; run 'walnut init -B {}')",
-                    root.display(),
-                    root.display()
-                )))
-            }
+        let bytes = match repo.get(CATALOG_MARKER) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(not_a_catalog()),
             Err(e) => {
                 return Err(Error::new(
                     e.kind(),
@@ -186,9 +175,6 @@ impl Catalog {
                 ))
             }
         };
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::Read::take(f, 4097), &mut bytes)
-            .ctx("read", &marker)?;
         check_marker(&bytes).map_err(|why| {
             Error::corruption(format!(
                 "\"{}\" is not a valid walnut catalog marker: {why}",
@@ -197,7 +183,7 @@ impl Catalog {
         })?;
         Ok(Catalog {
             root: root.to_path_buf(),
-            repo: local_repo(root)?,
+            repo,
         })
     }
 
@@ -240,7 +226,8 @@ impl Catalog {
         format!("instances/{name}/backups/{id}")
     }
 
-    /// Creates a catalog in an empty or missing directory.
+    /// Creates a catalog in an empty or missing directory: creates the directory (the one
+    /// thing done outside the repository), then writes the marker through it, create-only.
     pub fn init(root: &Path) -> Result<Catalog> {
         if root.join(CATALOG_MARKER).exists() {
             return Err(Error::conflict(format!(
@@ -260,11 +247,21 @@ impl Catalog {
                 root.display()
             )));
         }
-        durable::create_dir_all_durable(&root.join("instances"))?;
-        durable::write_file(&root.join(CATALOG_MARKER), MARKER_CONTENT, Replace::No)?;
+        crate::durable::create_dir_all_durable(root)?;
+        let repo = local_repo(root)?;
+        repo.put_new(CATALOG_MARKER, MARKER_CONTENT).map_err(|e| {
+            if e.kind() == ErrorKind::Conflict {
+                Error::conflict(format!(
+                    "\"{}\" is already a walnut catalog",
+                    root.display()
+                ))
+            } else {
+                e
+            }
+        })?;
         Ok(Catalog {
             root: root.to_path_buf(),
-            repo: local_repo(root)?,
+            repo,
         })
     }
 
@@ -286,58 +283,109 @@ impl Catalog {
         self.instance_dir(name).join("backups")
     }
 
+    /// Key of an instance's configuration: `instances/NAME/instance.json`.
+    pub fn instance_config_key(name: &str) -> String {
+        format!("instances/{name}/instance.json")
+    }
+
     /// Loads an instance's configuration.
     pub fn instance(&self, name: &str) -> Result<InstanceConfig> {
         check_instance_name(name)?;
-        let p = self.instance_dir(name).join("instance.json");
-        let bytes = std::fs::read(&p).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::not_found(format!(
+        let key = Self::instance_config_key(name);
+        let what = self.root.join(&key).display().to_string();
+        let bytes = match self.repo.get(&key) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(Error::not_found(format!(
                     "instance \"{name}\" is not in catalog \"{}\" (run 'walnut add-instance')",
                     self.root.display()
-                ))
-            } else {
-                Error::io("read", &p, e)
+                )))
             }
-        })?;
-        let cfg: InstanceConfig = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::corruption(format!("{}: {e}", p.display())))?;
+            Err(e) => return Err(e),
+        };
+        let cfg =
+            decode_instance(&bytes).map_err(|why| Error::corruption(format!("{what}: {why}")))?;
         cfg.check(name)
-            .map_err(|why| Error::corruption(format!("{}: {why}", p.display())))?;
+            .map_err(|why| Error::corruption(format!("{what}: {why}")))?;
         Ok(cfg)
     }
 
-    /// Names of all instances.
+    /// Names of all instances (a damaged `instance.json` counts: reading it reports it).
     pub fn instances(&self) -> Result<Vec<String>> {
-        let dir = self.root.join("instances");
         let mut names = Vec::new();
-        for e in std::fs::read_dir(&dir).ctx("read directory", &dir)? {
-            let e = e.ctx("read directory", &dir)?;
-            if e.path().join("instance.json").is_file() {
-                names.push(e.file_name().to_string_lossy().into_owned());
+        for n in self.repo.list("instances")?.prefixes {
+            if check_instance_name(&n).is_err() {
+                continue;
+            }
+            match self.repo.head(&Self::instance_config_key(&n)) {
+                Ok(None) => {}
+                Ok(Some(_)) | Err(_) => names.push(n),
             }
         }
         names.sort();
         Ok(names)
     }
 
-    /// Stores an instance's configuration, creating its directories.
-    pub fn save_instance(&self, cfg: &InstanceConfig, replace: Replace) -> Result<()> {
+    /// Stores a new instance's configuration, create-only: an instance that exists is
+    /// [`ErrorKind::Conflict`] (its `instance.json` is never rewritten). In a local catalog
+    /// the instance's `wal/` and `backups/` directories are created too, so that a missing
+    /// archive directory is damage, not an empty archive.
+    pub fn save_instance(&self, cfg: &InstanceConfig) -> Result<()> {
         check_instance_name(&cfg.name)?;
-        let dir = self.instance_dir(&cfg.name);
-        durable::create_dir_all_durable(&dir)?;
-        durable::create_dir_all_durable(&self.wal_dir(&cfg.name))?;
-        durable::create_dir_all_durable(&self.backups_dir(&cfg.name))?;
-        let mut json = serde_json::to_vec_pretty(cfg)?;
-        json.push(b'\n');
-        durable::write_file(&dir.join("instance.json"), &json, replace).map_err(|e| {
-            if e.kind() == crate::ErrorKind::Conflict {
-                Error::conflict(format!("instance \"{}\" already exists", cfg.name))
-            } else {
-                e
+        self.repo
+            .put_new(
+                &Self::instance_config_key(&cfg.name),
+                &encode_instance(cfg)?,
+            )
+            .map_err(|e| {
+                if e.kind() == ErrorKind::Conflict {
+                    Error::conflict(format!("instance \"{}\" already exists", cfg.name))
+                } else {
+                    e
+                }
+            })?;
+        if let Some(root) = self.repo.local_root() {
+            for k in [Self::wal_key(&cfg.name), Self::backups_key(&cfg.name)] {
+                // 0o777 less the umask, as the directories always were.
+                crate::safepath::create_dirs_under(root, &k, 0o777)?;
+                crate::durable::fsync_dir(&root.join(Self::instance_key(&cfg.name)))?;
             }
-        })
+        }
+        Ok(())
     }
+}
+
+/// `instance.json`: `{"format": 1, ...}` with the members of [`InstanceConfig`].
+fn encode_instance(cfg: &InstanceConfig) -> Result<Vec<u8>> {
+    #[derive(Serialize)]
+    struct File<'a> {
+        format: u64,
+        #[serde(flatten)]
+        cfg: &'a InstanceConfig,
+    }
+    let mut json = serde_json::to_vec_pretty(&File {
+        format: INSTANCE_FORMAT,
+        cfg,
+    })?;
+    json.push(b'\n');
+    Ok(json)
+}
+
+/// Reads `instance.json`: its `format` must be [`INSTANCE_FORMAT`]; a file without one (as
+/// walnut wrote it before the member existed) is format 1.
+fn decode_instance(bytes: &[u8]) -> std::result::Result<InstanceConfig, String> {
+    let mut v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let obj = v.as_object_mut().ok_or("not a JSON object")?;
+    match obj.remove("format") {
+        None => {}
+        Some(f) if f.as_u64() == Some(INSTANCE_FORMAT) => {}
+        Some(f) => {
+            return Err(format!(
+                "instance.json format {f} is not supported (this walnut reads format {INSTANCE_FORMAT})"
+            ))
+        }
+    }
+    serde_json::from_value(v).map_err(|e| e.to_string())
 }
 
 /// Instance names become directory names: keep them to a safe alphabet.
@@ -357,32 +405,19 @@ pub fn check_instance_name(name: &str) -> Result<()> {
     }
 }
 
-pub fn run_init(args: InitArgs) -> Result<i32> {
-    Catalog::init(&args.catalog.catalog)?;
-    log::info!(
-        "catalog initialised at \"{}\"",
-        args.catalog.catalog.display()
-    );
-    Ok(0)
-}
-
-/// Reads `PGDATA/global/pg_control` and records what the archive and backups need to know
-/// about the instance. Connection options not given fall back to PGHOST, PGPORT, PGUSER and
-/// PGDATABASE, as in libpq.
-pub fn run_add_instance(args: AddInstanceArgs) -> Result<i32> {
-    let catalog = Catalog::open(&args.catalog.catalog)?;
-    check_instance_name(&args.instance)?;
-    let cfg = instance_config_from_pgdata(&args.instance, &args.pgdata, &args.conn.params())?;
-    catalog.save_instance(&cfg, Replace::No)?;
-    log::info!(
-        "instance \"{}\" added: system id {}, PostgreSQL {}, {} MiB WAL segments, data checksums {}",
-        cfg.name,
-        cfg.system_id,
-        cfg.pg_major,
-        cfg.wal_segment_size >> 20,
-        if cfg.data_checksums { "on" } else { "off" }
-    );
-    Ok(0)
+/// Registers an instance: reads `PGDATA/global/pg_control` and records what the archive
+/// and backups need to know about it. Connection settings not given fall back to PGHOST,
+/// PGPORT, PGUSER and PGDATABASE, as in libpq.
+pub fn add_instance(
+    catalog: &Catalog,
+    name: &str,
+    pgdata: &Path,
+    conn: &crate::server::ConnParams,
+) -> Result<InstanceConfig> {
+    check_instance_name(name)?;
+    let cfg = instance_config_from_pgdata(name, pgdata, conn)?;
+    catalog.save_instance(&cfg)?;
+    Ok(cfg)
 }
 
 /// Builds an instance's configuration from its data directory and connection options.
@@ -502,5 +537,71 @@ mod tests {
         let e = Catalog::open(&root).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
         assert!(e.to_string().contains("is not a walnut catalog"), "{e}");
+    }
+
+    fn cfg(name: &str) -> InstanceConfig {
+        InstanceConfig {
+            name: name.into(),
+            system_id: 42,
+            pg_major: 15,
+            wal_segment_size: 16 << 20,
+            wal_page_size: 8192,
+            block_size: 8192,
+            relseg_size: 131072,
+            data_checksums: true,
+            pgdata: "/pgdata".into(),
+            host: None,
+            port: Some(5433),
+            user: None,
+            dbname: None,
+        }
+    }
+
+    #[test]
+    fn instance_json_is_create_only_and_carries_its_format() {
+        let repo = crate::repo::MemRepo::new().refusing_delete();
+        let c = Catalog::with_repo(Path::new("/mem"), Arc::new(repo.clone()));
+        c.save_instance(&cfg("db")).unwrap();
+        let e = c.save_instance(&cfg("db")).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+        assert!(e.to_string().contains("already exists"), "{e}");
+        let bytes = repo.get("instances/db/instance.json").unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["format"], 1);
+        assert_eq!(c.instance("db").unwrap(), cfg("db"));
+        // as earlier releases wrote it: no "format" member
+        let mut old = serde_json::to_vec_pretty(&cfg("old")).unwrap();
+        old.push(b'\n');
+        repo.put_new("instances/old/instance.json", &old).unwrap();
+        assert_eq!(c.instance("old").unwrap(), cfg("old"));
+        // a format this walnut does not know is refused, naming the file
+        let mut v2 = serde_json::to_value(cfg("new")).unwrap();
+        v2["format"] = 2.into();
+        repo.put_new("instances/new/instance.json", v2.to_string().as_bytes())
+            .unwrap();
+        let e = c.instance("new").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corruption, "{e}");
+        assert!(e.to_string().contains("format 2 is not supported"), "{e}");
+        assert!(e.to_string().contains("instances/new/instance.json"), "{e}");
+        assert_eq!(c.instance("nope").unwrap_err().kind(), ErrorKind::NotFound);
+        // listing: directories with an instance.json
+        repo.put_new("instances/stray/x", b"1").unwrap();
+        assert_eq!(c.instances().unwrap(), ["db", "new", "old"]);
+    }
+
+    #[test]
+    fn a_local_instance_gets_its_archive_and_backup_directories() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("cat");
+        let c = Catalog::init(&root).unwrap();
+        assert_eq!(c.instances().unwrap(), Vec::<String>::new());
+        c.save_instance(&cfg("db")).unwrap();
+        assert!(root.join("instances/db/wal").is_dir());
+        assert!(root.join("instances/db/backups").is_dir());
+        assert_eq!(c.instances().unwrap(), ["db"]);
+        assert!(Catalog::init(&root).is_err());
+        // a missing catalog directory is "not a catalog"
+        let e = Catalog::open(&d.path().join("nothing")).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Invalid, "{e}");
     }
 }

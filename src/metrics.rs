@@ -315,7 +315,10 @@ fn scan_archive(ar: &WalArchive) -> Result<ArchiveScan> {
         for e in std::fs::read_dir(&dir).ctx("read directory", &dir)? {
             let e = e.ctx("read directory", &dir)?;
             let f = e.file_name().to_string_lossy().into_owned();
-            let (stem, is_index) = match (f.strip_suffix(".lz4"), f.strip_suffix(".idx")) {
+            let (stem, is_index) = match (
+                f.strip_suffix(".lz4"),
+                crate::archive::index_object_stem(&f),
+            ) {
                 (Some(s), _) => (s, false),
                 (_, Some(s)) => (s, true),
                 _ => continue,

@@ -38,53 +38,37 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use clap::{Args, Parser};
 use serde::{Deserialize, Serialize};
 
 use super::WalArchive;
 use crate::catalog::Catalog;
-use crate::cli::InstanceArgs;
 use crate::durable::{self, Replace};
 use crate::error::{Error, IoContext, Result};
 use crate::types::WalFileName;
 
-/// Directory name of the prefetch spool inside `pg_wal`.
+/// Directory name of the prefetch spool inside `pg_wal` (the default of `--spool-dir`).
 pub const PREFETCH_DIR: &str = "walnut-prefetch";
 /// In the spool: tells the worker to stop (written by `--cleanup`).
 const STOP_FILE: &str = ".stop";
 
-/// Options of `walnut-fetch`.
-#[derive(Args, Debug, Clone)]
-pub struct FetchArgs {
-    #[command(flatten)]
-    pub instance: InstanceArgs,
+/// What `walnut-fetch` is asked to do (built from its command line by `crate::cli`).
+#[derive(Clone, Debug)]
+pub struct FetchOptions {
+    /// The catalog directory.
+    pub catalog: PathBuf,
+    pub instance: String,
     /// Prefetch the next K segments in the background; 0 disables.
-    #[arg(long, default_value_t = 8)]
     pub prefetch: u64,
-    /// Internal: run as the background prefetch worker.
-    #[arg(long = "prefetch-worker", hide = true)]
+    /// Run as the background prefetch worker.
     pub prefetch_worker: bool,
-    /// Remove the prefetch spool and exit (`recovery_end_command`; run in PGDATA, or give
-    /// `%f %p` of any file in the `pg_wal` concerned).
-    #[arg(long)]
+    /// Remove the prefetch spool and exit (`recovery_end_command`).
     pub cleanup: bool,
-    /// `%f`: the file PostgreSQL asks for.
-    #[arg(required_unless_present = "cleanup")]
-    pub name: Option<String>,
-    /// `%p`: where to write it, relative to PGDATA (the working directory).
-    #[arg(required_unless_present = "cleanup")]
+    /// The prefetch spool (local working state); `None`: `<pg_wal>/walnut-prefetch`.
+    pub spool_dir: Option<PathBuf>,
+    /// `%f` (`None` only with `cleanup`).
+    pub name: Option<WalFileName>,
+    /// `%p`; `None`: `pg_wal/RECOVERYXLOG`.
     pub dest: Option<PathBuf>,
-}
-
-#[derive(Parser, Debug)]
-#[command(
-    name = "walnut-fetch",
-    version,
-    about = "restore_command: walnut-fetch -B DIR --instance NAME %f %p"
-)]
-pub struct FetchCli {
-    #[command(flatten)]
-    pub args: FetchArgs,
 }
 
 /// What a fetch did.
@@ -113,33 +97,36 @@ pub fn fetch_to(archive: &WalArchive, name: &WalFileName, dest: &Path) -> Result
     durable::write_file(dest, &data, Replace::Yes)
 }
 
-/// Runs `walnut-fetch`; returns the outcome (the binary maps it to an exit code).
-pub fn run(args: FetchArgs) -> Result<FetchOutcome> {
-    let catalog = Catalog::open(&args.instance.catalog.catalog)?;
-    let ar = WalArchive::open(&catalog, &args.instance.instance)?;
+/// Runs `walnut-fetch`; returns the outcome (the cli maps it to an exit code).
+pub fn run(args: &FetchOptions) -> Result<FetchOutcome> {
+    let catalog = Catalog::open(&args.catalog)?;
+    let ar = WalArchive::open(&catalog, &args.instance)?;
     let dest = args
         .dest
         .clone()
         .unwrap_or_else(|| Path::new("pg_wal").join("RECOVERYXLOG"));
+    let spool = spool_dir(args, &dest);
     if args.cleanup {
-        remove_spool(&spool_dir(&dest))?;
+        remove_spool(&spool)?;
         remove_stale_fetch_temps(&dest);
         return Ok(FetchOutcome::Cleaned);
     }
-    let name: WalFileName = args.name.as_deref().unwrap_or_default().parse()?;
+    let name = args
+        .name
+        .ok_or_else(|| Error::invalid("walnut-fetch needs %f and %p (or --cleanup)"))?;
     if args.prefetch_worker {
-        prefetch_worker(&ar, &name, &dest, args.prefetch)?;
+        prefetch_worker(&ar, &name, &dest, &spool, args.prefetch)?;
         return Ok(FetchOutcome::Restored);
     }
     let t0 = std::time::Instant::now();
-    let out = fetch(&ar, &name, &dest)?;
+    let out = fetch_with_spool(&ar, &name, &dest, &spool)?;
     log::debug!("{name}: {out:?} in {:?}", t0.elapsed());
     if args.prefetch > 0
         && name.is_segment()
         && out != FetchOutcome::NotInArchive
-        && worker_state(&spool_dir(&dest)).is_none()
+        && worker_state(&spool).is_none()
     {
-        spawn_prefetch(&args, &name, &dest);
+        spawn_prefetch(args, &name, &dest, &spool);
     }
     Ok(out)
 }
@@ -161,11 +148,21 @@ fn remove_spool(spool: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Serves `name` into `dest`: from the prefetch spool when a verified copy is there, else
-/// from the archive (falling back to `<name>.partial` for a segment).
+/// Serves `name` into `dest`: from the default prefetch spool when a verified copy is
+/// there, else from the archive (falling back to `<name>.partial` for a segment).
 pub fn fetch(ar: &WalArchive, name: &WalFileName, dest: &Path) -> Result<FetchOutcome> {
+    fetch_with_spool(ar, name, dest, &pg_wal_dir(dest).join(PREFETCH_DIR))
+}
+
+/// [`fetch`] with the prefetch spool `spool`.
+pub fn fetch_with_spool(
+    ar: &WalArchive,
+    name: &WalFileName,
+    dest: &Path,
+    spool: &Path,
+) -> Result<FetchOutcome> {
     if name.is_segment() {
-        let spool = spool_dir(dest);
+        let spool = spool.to_path_buf();
         wait_for_prefetch(&spool, name, ar.seg_size());
         if let Some(verified) = take_from_spool(&spool, name) {
             // The spool file was written durably by the worker and just verified; moving it
@@ -228,9 +225,13 @@ fn pg_wal_dir(dest: &Path) -> PathBuf {
     }
 }
 
-/// The spool directory for a destination `%p` (which lives in `pg_wal`).
-fn spool_dir(dest: &Path) -> PathBuf {
-    pg_wal_dir(dest).join(PREFETCH_DIR)
+/// The prefetch spool: `--spool-dir`, else `walnut-prefetch` beside the destination `%p`
+/// (which lives in `pg_wal`).
+fn spool_dir(args: &FetchOptions, dest: &Path) -> PathBuf {
+    match &args.spool_dir {
+        Some(d) => std::path::absolute(d).unwrap_or_else(|_| d.clone()),
+        None => pg_wal_dir(dest).join(PREFETCH_DIR),
+    }
 }
 
 /// The path of a verified prefetched copy of `name` (its checksum entry is consumed);
@@ -257,20 +258,21 @@ fn take_from_spool(spool: &Path, name: &WalFileName) -> Option<PathBuf> {
 }
 
 /// Starts the detached prefetch worker (own session, no stdio), never waiting for it.
-fn spawn_prefetch(args: &FetchArgs, name: &WalFileName, dest: &Path) {
+fn spawn_prefetch(args: &FetchOptions, name: &WalFileName, dest: &Path, spool: &Path) {
     let Ok(exe) = std::env::current_exe() else {
         return;
     };
     let mut c = Command::new(exe);
     c.arg("-B")
-        .arg(&args.instance.catalog.catalog)
+        .arg(&args.catalog)
         .arg("--instance")
-        .arg(&args.instance.instance)
+        .arg(&args.instance)
         .arg("--prefetch")
-        .arg(args.prefetch.to_string())
-        .arg("--prefetch-worker")
-        .arg(name.to_string())
-        .arg(dest);
+        .arg(args.prefetch.to_string());
+    if args.spool_dir.is_some() {
+        c.arg("--spool-dir").arg(spool);
+    }
+    c.arg("--prefetch-worker").arg(name.to_string()).arg(dest);
     super::spawn_detached(c, "prefetch worker");
 }
 
@@ -345,15 +347,21 @@ fn wait_for_prefetch(spool: &Path, name: &WalFileName, seg_size: u32) {
 /// timeline, at most `k` ahead of what recovery has consumed, on all cores. Exits at the
 /// end of the archive, on the first segment it cannot fetch (the request for it reports
 /// why), or when recovery has not consumed anything for [`PREFETCH_IDLE`].
-fn prefetch_worker(ar: &WalArchive, name: &WalFileName, dest: &Path, k: u64) -> Result<()> {
+fn prefetch_worker(
+    ar: &WalArchive,
+    name: &WalFileName,
+    dest: &Path,
+    spool: &Path,
+    k: u64,
+) -> Result<()> {
     let seg_size = ar.seg_size();
     let segno = name
         .segno(seg_size)
         .ok_or_else(|| Error::invalid(format!("{name}: not a segment")))?;
-    let spool = spool_dir(dest);
-    // Below pg_wal only: never create pg_wal itself.
+    let spool = spool.to_path_buf();
+    // One level only: never create pg_wal (or the parent of --spool-dir) itself.
     match fs::create_dir(&spool) {
-        Ok(()) => durable::fsync_dir(&pg_wal_dir(dest))?,
+        Ok(()) => durable::fsync_dir(&pg_wal_dir(&spool))?,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(Error::io("create directory", &spool, e)),
     }

@@ -1,6 +1,9 @@
 //! The WAL archive: `walnut-archive` (archive_command), `walnut-fetch` (restore_command) and
 //! `show --archive`, plus the read API that backups use.
 //!
+//! Every read and write of the archive goes through the catalog's repository
+//! ([`crate::repo`]) by key; the paths below are those of a local catalog.
+//!
 //! # Layout
 //!
 //! Everything is readable with standard tools in an emergency: data files are standard LZ4
@@ -8,44 +11,67 @@
 //!
 //! ```text
 //! CATALOG/instances/NAME/
-//!   wal/                                  the archive (Catalog::wal_dir)
-//!     .index.lock                         fs2 lock serialising index (re)writes
+//!   wal/                                  the archive (key Catalog::wal_key)
+//!     .index.lock                         repository lock serialising index writes
 //!     TTTTTTTT/                           one directory per timeline (8 hex digits)
 //!       <segment>.lz4                     archived segment (see below)
-//!       <segment>.idx                     its block index (crate::format::index)
+//!       <segment>.idx                     its complete block index (crate::format::index)
+//!       <segment>.idx-pending             its pending index (see "Append-only" below)
+//!       <segment>.idx-rebuilt             a complete index written where <segment>.idx exists
+//!                                         but cannot be used (see below)
 //!       <segment>.idx-missing             JSON {"reason": ...}: archived, but not indexable
 //!       <segment>.partial.lz4             last, incomplete segment of a timeline
 //!       <segment>.OOOOOOOO.backup.lz4     backup history file
 //!       TTTTTTTT.history.lz4              timeline history file (never overwritten)
-//!   spool/push/                           look-ahead acknowledgements
-//!     <segment>.ok                        JSON {name, size, crc32c, compressed_size, source}
-//!     <segment>.failed                    the background pusher failed on it (error text)
-//!     .look-ahead.lock                    held by the one background pusher; holds the
+//! PGDATA/pg_wal/walnut-spool/             walnut-archive's look-ahead spool (local working
+//!                                         state, not catalog content; --spool-dir)
+//!   <segment>.ok                          JSON {name, size, crc32c, compressed_size, source}
+//!   <segment>.failed                      the background pusher failed on it (error text)
+//!   .look-ahead.lock                      held by the one background pusher; holds the
 //!                                         name its caller archives itself and its pid;
 //!                                         its mtime is the pusher's progress stamp
-//! PGDATA/pg_wal/walnut-prefetch/          walnut-fetch's prefetch spool (at most K entries)
+//! PGDATA/pg_wal/walnut-prefetch/          walnut-fetch's prefetch spool (at most K entries;
+//!                                         --spool-dir)
 //!   <segment>                             decompressed, verified segment
 //!   <segment>.json                        {name, size, crc32c}, written after the data
 //! ```
 //!
 //! An archived `*.lz4` file is a small JSON header in an LZ4 *skippable frame* (original
 //! name, size, CRC-32C, system id) followed by LZ4 frames (two halves compressed in parallel)
-//! with content sizes and xxh32 content checksums (see [`store`]). `lz4 -d F.lz4 F` restores the original and checks it;
-//! `head -c 300 F.lz4` shows the header.
+//! with content sizes and xxh32 content checksums (see [`crate::format::segment`]).
+//! `lz4 -d F.lz4 F` restores the original and checks it; `head -c 300 F.lz4` shows the header.
 //!
 //! # Guarantees
-//! - A file appears under its final name only complete, fsynced, with its checksum inside,
-//!   through a unique temp file + no-replace link + directory fsync ([`crate::durable`]).
-//!   `walnut-archive` exits 0 only after that.
+//! - A file appears under its final name only complete, fsynced, with its checksum inside
+//!   (the repository's create-only commit: a unique temp file in the timeline's `.tmp/`,
+//!   fsync, a no-replace link, a directory fsync). `walnut-archive` exits 0 only after that.
 //! - A name is never overwritten: the same content offered again is success, different
 //!   content is an error ([`crate::ErrorKind::Conflict`]) that leaves the archive untouched.
 //! - Indexing never makes archiving fail: a segment that cannot be decoded is stored, and an
-//!   `.idx-missing` marker records why (reported by `show --archive`; backups then fall back to
-//!   a full scan of the files concerned).
-//! - An index is *pending* when its last record continues into a segment not yet archived;
-//!   it is rebuilt when that segment arrives (by whichever of the two writers comes second).
+//!   `.idx-missing` marker records why (reported by `show --archive`; a PAGE backup across it
+//!   then refuses, asking for DELTA or FULL).
 //! - `walnut-fetch` verifies every byte before writing `%p`; corruption is exit 200, fatal
 //!   to recovery, never "not found".
+//!
+//! # Append-only
+//! No object of the archive is ever rewritten or deleted (only lifecycle commands delete).
+//! The state of a segment's index is derived from the objects that exist:
+//! - An index is *pending* when its last record continues into a segment not yet archived.
+//!   It is stored as `<segment>.idx-pending`. When that next segment arrives (whichever of
+//!   the two writers comes second notices), the complete index is created as
+//!   `<segment>.idx`; the pending object is ignored from then on.
+//! - The reader's rule, first match wins: a usable (decodable, this segment's, complete)
+//!   `<segment>.idx`; a usable `<segment>.idx-rebuilt`; a pending `<segment>.idx` (written
+//!   by walnut 0.x, which rewrote pending indexes in place) or `<segment>.idx-pending`; a
+//!   damaged or foreign index object (reads as *missing*, with the reason); the
+//!   `.idx-missing` marker; nothing (missing, "not indexed yet").
+//! - `<segment>.idx-rebuilt` exists because an `.idx` that cannot be used cannot be replaced:
+//!   a pending `.idx` of the previous release is completed there, and
+//!   [`WalArchive::repair_missing_index`] rebuilds a damaged or foreign `.idx` there (from
+//!   the verified segment). There is one such key: a damaged `.idx-rebuilt` stays missing
+//!   (PAGE refuses across it; DELTA and FULL do not need it).
+//! - `.idx-missing` is create-only and written only while no index object exists; an index
+//!   stored later wins over it.
 
 pub mod fetch;
 pub mod push;
@@ -54,14 +80,14 @@ pub mod show;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Catalog, InstanceConfig};
-use crate::cli::ShowArgs;
-use crate::durable::{self, Replace};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::index::SegmentIndex;
+use crate::repo::{Blob, Listing, LockMode, Repo};
 use crate::types::{Lsn, TimeLineId, WalFileName};
 
 pub use fetch::fetch_to;
@@ -92,24 +118,78 @@ struct MissingMarker {
     reason: String,
 }
 
+/// Key suffixes of a segment's index objects (see the module docs).
+const IDX: &str = ".idx";
+const IDX_PENDING: &str = ".idx-pending";
+const IDX_REBUILT: &str = ".idx-rebuilt";
+const IDX_MISSING: &str = ".idx-missing";
+
+/// The segment name an index object's file name (`<segment>.idx`, `.idx-pending`,
+/// `.idx-rebuilt`) is for; `None` for any other name (`.idx-missing` is a marker, not an
+/// index). For cheap scans that count indexed segments without reading them.
+pub fn index_object_stem(file: &str) -> Option<&str> {
+    [IDX, IDX_PENDING, IDX_REBUILT]
+        .iter()
+        .find_map(|s| file.strip_suffix(s))
+}
+
+/// What a segment's index objects say, before the reader's rule picks one.
+enum Found {
+    Complete(SegmentIndex),
+    Pending(SegmentIndex),
+    /// An index object exists but cannot be used (damaged, foreign): why.
+    Damaged(String),
+    /// Only the `.idx-missing` marker: its reason.
+    Marker(String),
+    Nothing,
+}
+
 /// Read (and write) access to one instance's WAL archive.
 pub struct WalArchive {
     cfg: InstanceConfig,
+    repo: Arc<dyn Repo>,
+    /// Key prefix of the archive (`instances/NAME/wal`).
+    prefix: String,
+    /// The catalog's root, to name keys in messages.
+    root: PathBuf,
+    /// `root` joined with `prefix` (see [`WalArchive::dir`]).
     dir: PathBuf,
-    spool: PathBuf,
-    /// The catalog's marker file: directories are created only while it exists.
-    marker: PathBuf,
 }
 
 impl WalArchive {
     pub fn open(catalog: &Catalog, instance: &str) -> Result<WalArchive> {
         let cfg = catalog.instance(instance)?;
-        Ok(WalArchive {
-            dir: catalog.wal_dir(instance),
-            spool: catalog.instance_dir(instance).join("spool"),
-            marker: catalog.root().join(crate::catalog::CATALOG_MARKER),
+        let ar = WalArchive {
+            repo: catalog.repo_arc(),
+            prefix: Catalog::wal_key(instance),
+            root: catalog.root().to_path_buf(),
+            dir: catalog.root().join(Catalog::wal_key(instance)),
             cfg,
-        })
+        };
+        ar.check_archive_dir(instance)?;
+        Ok(ar)
+    }
+
+    /// In a store with directories, `add-instance` created the archive's: a missing one is
+    /// damage (a moved or deleted archive), so that nothing below reads as "absent" then.
+    /// Object stores have no empty prefixes; there an empty archive lists empty.
+    fn check_archive_dir(&self, instance: &str) -> Result<()> {
+        if self.repo.local_root().is_none() {
+            return Ok(());
+        }
+        let l = self.repo.list(&Catalog::instance_key(instance))?;
+        if l.prefixes.iter().any(|p| p == "wal") {
+            return Ok(());
+        }
+        let why = if l.damaged.iter().any(|p| p == "wal") {
+            "is a symbolic link or not a directory (no link below the catalog root is followed)"
+        } else {
+            "is missing"
+        };
+        Err(Error::corruption(format!(
+            "the WAL archive directory \"{}\" {why}",
+            self.dir().display()
+        )))
     }
 
     /// The instance's configuration (system id, segment size, ...).
@@ -121,85 +201,107 @@ impl WalArchive {
         self.cfg.wal_segment_size
     }
 
-    /// The archive directory (`Catalog::wal_dir`).
+    /// The store the archive lives in.
+    pub(crate) fn repo(&self) -> &dyn Repo {
+        &*self.repo
+    }
+
+    /// The archive's local directory (`CATALOG/instances/NAME/wal`): for messages, and for
+    /// tests that damage files on purpose. Reads and writes go through the repository.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    pub(crate) fn spool_dir(&self) -> PathBuf {
-        self.spool.join("push")
+    /// Where key `key` is, for messages.
+    pub(crate) fn describe(&self, key: &str) -> String {
+        self.root.join(key).display().to_string()
     }
 
-    /// Creates the look-ahead spool if missing (see [`ensure_dir`](Self::ensure_dir)).
-    pub(crate) fn ensure_spool_dir(&self) -> Result<PathBuf> {
-        self.ensure_dir(&self.spool)?;
-        let d = self.spool_dir();
-        self.ensure_dir(&d)?;
-        Ok(d)
+    /// Key of timeline `tli`'s prefix.
+    fn tli_key(&self, tli: TimeLineId) -> String {
+        format!("{}/{tli:08X}", self.prefix)
     }
 
-    /// Creates directory `d` of the archive (a timeline's, its `.tmp`, the spool) when it is
-    /// missing: one level only, below a parent that exists, and only while the catalog's
-    /// marker exists. A process that outlived its catalog (a detached pusher whose catalog
-    /// was deleted) thus never recreates it. The common case, `d` exists, costs one stat.
-    pub(crate) fn ensure_dir(&self, d: &Path) -> Result<()> {
-        if d.is_dir() {
-            return Ok(());
+    /// Key of the archived (compressed) file of `name`.
+    pub(crate) fn data_key(&self, name: &WalFileName) -> String {
+        format!("{}/{name}.lz4", self.tli_key(name.tli()))
+    }
+
+    /// Local path of the archived file of `name` (for messages and tests).
+    pub fn data_path(&self, name: &WalFileName) -> PathBuf {
+        self.root.join(self.data_key(name))
+    }
+
+    fn segment_name(&self, tli: TimeLineId, segno: u64) -> WalFileName {
+        WalFileName::segment(tli, segno, self.seg_size())
+    }
+
+    /// Key of one of a segment's index objects (`suffix`: [`IDX`], [`IDX_PENDING`], ...).
+    fn index_key(&self, tli: TimeLineId, segno: u64, suffix: &str) -> String {
+        let n = self.segment_name(tli, segno);
+        format!("{}/{n}{suffix}", self.tli_key(tli))
+    }
+
+    /// The archive's immediate children (`tli` `None`: the timeline prefixes) or timeline
+    /// `tli`'s files. A damaged entry (a link, a device) is in [`Listing::damaged`].
+    pub fn listing(&self, tli: Option<TimeLineId>) -> Result<Listing> {
+        match tli {
+            None => self.repo.list(&self.prefix),
+            Some(t) => self.repo.list(&self.tli_key(t)),
         }
-        if !self.marker.is_file() {
-            return Err(Error::not_found(format!(
-                "the catalog of \"{}\" is gone (no \"{}\"); not recreating it",
-                d.display(),
-                self.marker.display()
-            )));
-        }
-        match fs::create_dir(d) {
-            Ok(()) => durable::fsync_dir(d.parent().unwrap_or(Path::new("."))),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => Ok(()),
-            Err(e) => Err(Error::io("create directory", d, e)),
+    }
+
+    /// The timelines that have a prefix in the archive, ascending.
+    pub fn timelines(&self) -> Result<Vec<TimeLineId>> {
+        let mut v: Vec<TimeLineId> = self
+            .listing(None)?
+            .prefixes
+            .iter()
+            .filter(|n| n.len() == 8)
+            .filter_map(|n| u32::from_str_radix(n, 16).ok())
+            .collect();
+        v.sort_unstable();
+        Ok(v)
+    }
+
+    /// `Ok(None)` only when the object at `key` is definitely absent.
+    fn get_opt(&self, key: &str) -> Result<Option<Blob>> {
+        match self.repo.get(key) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
     /// The newest restore point named `name` (`pg_create_restore_point`) recorded in the
     /// block indexes of any timeline, with its timeline and LSN. Reads only the small index
-    /// files, never WAL. Unreadable indexes are skipped: the answer is "not found", not an
-    /// error, and callers fall back accordingly.
+    /// objects, never WAL: for each segment the index the reader's rule picks (see the
+    /// module docs). A damaged or foreign index is an error, never "not found": it may hold
+    /// the point.
     pub fn find_restore_point(&self, name: &str) -> Result<Option<(TimeLineId, Lsn)>> {
         let mut best: Option<(TimeLineId, Lsn)> = None;
-        let rd = match fs::read_dir(&self.dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io("read directory", &self.dir, e)),
-        };
-        for tdir in rd {
-            let tdir = tdir.ctx("read directory", &self.dir)?;
-            let Some(tli) = tdir
-                .file_name()
-                .to_str()
-                .filter(|n| n.len() == 8)
-                .and_then(|n| u32::from_str_radix(n, 16).ok())
-            else {
-                continue;
-            };
-            let tpath = tdir.path();
-            for f in fs::read_dir(&tpath).ctx("read directory", &tpath)? {
-                let f = f.ctx("read directory", &tpath)?;
-                let path = f.path();
-                if path.extension().and_then(|e| e.to_str()) != Some("idx") {
-                    continue;
-                }
-                // Without following links, like every read of the archive.
-                let fname = f.file_name().to_string_lossy().into_owned();
-                let Ok(Some(bytes)) = self.read_small_opt(tli, &fname) else {
-                    continue;
+        for tli in self.timelines()? {
+            let l = self.listing(Some(tli))?;
+            let mut segnos: Vec<u64> = l
+                .objects
+                .iter()
+                .filter_map(|o| index_object_stem(&o.name))
+                .filter_map(|stem| stem.parse::<WalFileName>().ok())
+                .filter(|n| n.is_segment() && n.tli() == tli)
+                .filter_map(|n| n.segno(self.seg_size()))
+                .collect();
+            segnos.dedup();
+            for segno in segnos {
+                let ix = match self.find_index(tli, segno)? {
+                    Found::Complete(ix) | Found::Pending(ix) => ix,
+                    Found::Damaged(why) => {
+                        return Err(Error::corruption(format!(
+                            "looking for restore point \"{name}\": segment {}: {why}",
+                            self.segment_name(tli, segno)
+                        )))
+                    }
+                    Found::Marker(_) | Found::Nothing => continue,
                 };
-                let Ok(ix) = crate::format::index::decode(&bytes, &path.display().to_string())
-                else {
-                    continue;
-                };
-                if ix.system_id != self.cfg.system_id {
-                    continue; // another cluster's index
-                }
                 for ev in &ix.other_events {
                     if let crate::index::OtherEvent::RestorePoint { lsn, name: n, .. } = ev {
                         if n == name && best.is_none_or(|(_, b)| *lsn > b) {
@@ -212,58 +314,16 @@ impl WalArchive {
         Ok(best)
     }
 
-    pub(crate) fn tli_dir(&self, tli: TimeLineId) -> PathBuf {
-        self.dir.join(format!("{tli:08X}"))
-    }
-
-    /// Where files of timeline `tli` are written before they get their final name: a small
-    /// directory beside them (same filesystem), so that removing temp files left by killed
-    /// runs never lists the timeline directory, which grows with the archive.
-    pub(crate) fn tmp_dir(&self, tli: TimeLineId) -> Result<PathBuf> {
-        let t = self.tli_dir(tli);
-        let d = t.join(".tmp");
-        if !d.is_dir() {
-            self.ensure_dir(&t)?;
-            self.ensure_dir(&d)?;
-        }
-        Ok(d)
-    }
-
-    /// Path of the archived (compressed) file for `name`.
-    pub fn data_path(&self, name: &WalFileName) -> PathBuf {
-        self.tli_dir(name.tli()).join(format!("{name}.lz4"))
-    }
-
-    fn segment_name(&self, tli: TimeLineId, segno: u64) -> WalFileName {
-        WalFileName::segment(tli, segno, self.seg_size())
-    }
-
-    pub(crate) fn index_path(&self, tli: TimeLineId, segno: u64) -> PathBuf {
-        let n = self.segment_name(tli, segno);
-        self.tli_dir(tli).join(format!("{n}.idx"))
-    }
-
-    pub(crate) fn missing_path(&self, tli: TimeLineId, segno: u64) -> PathBuf {
-        let n = self.segment_name(tli, segno);
-        self.tli_dir(tli).join(format!("{n}.idx-missing"))
-    }
-
-    /// Path of `name`'s archived file relative to the archive directory.
-    fn rel_path(name: &WalFileName, ext: &str) -> String {
-        format!("{:08X}/{name}{ext}", name.tli())
-    }
-
-    /// Opens the archived file of `name`: `Ok(None)` only when it is definitely absent
-    /// (`ENOENT` in a readable directory). A symlink or other non-regular file, an
-    /// unreadable timeline directory or any I/O error is an error, never "absent".
-    fn open_archived(&self, name: &WalFileName) -> Result<Option<fs::File>> {
-        crate::safepath::open_under_if_exists(&self.dir, &Self::rel_path(name, ".lz4"))
-    }
-
     /// Whether a file (segment, .history, .partial, .backup) is archived: `Ok(false)` only
-    /// when it is definitely absent (see [`open_archived`](Self::open_archived)).
+    /// when it is definitely absent. A link, a non-regular file, an unreadable directory or
+    /// any I/O error is an error, never "absent".
     pub fn is_archived(&self, name: &WalFileName) -> Result<bool> {
-        self.open_archived(name).map(|f| f.is_some())
+        Ok(self.repo.head(&self.data_key(name))?.is_some())
+    }
+
+    /// The stored (compressed) size of `name`'s archived file; `None` when absent.
+    pub(crate) fn stored_size(&self, name: &WalFileName) -> Result<Option<u64>> {
+        Ok(self.repo.head(&self.data_key(name))?.map(|o| o.size))
     }
 
     /// Reads, decompresses and verifies an archived file. Corruption is
@@ -291,14 +351,11 @@ impl WalArchive {
         &self,
         name: &WalFileName,
     ) -> Result<Option<(crate::format::segment::FileMeta, Vec<u8>)>> {
-        use std::io::Read;
-        let Some(mut f) = self.open_archived(name)? else {
+        let key = self.data_key(name);
+        let Some(bytes) = self.get_opt(&key)? else {
             return Ok(None);
         };
-        let p = self.data_path(name);
-        let mut bytes = Vec::new();
-        f.read_to_end(&mut bytes).ctx("read", &p)?;
-        let what = p.display().to_string();
+        let what = self.describe(&key);
         let (meta, data) = crate::format::segment::decode(&bytes, &what)?;
         self.check_meta(&meta, name, &what)?;
         self.check_wal_header(name, &data, &what)?;
@@ -372,32 +429,17 @@ impl WalArchive {
     /// Reads only the metadata header of an archived file (cheap: a few hundred bytes) and
     /// checks that it is `name`'s and this instance's.
     pub fn read_meta(&self, name: &WalFileName) -> Result<crate::format::segment::FileMeta> {
-        use std::io::Read;
-        let p = self.data_path(name);
-        let f = self.open_archived(name)?.ok_or_else(|| {
-            Error::not_found(format!("{name} is not in the archive ({})", p.display()))
-        })?;
-        let mut head = Vec::with_capacity(512);
-        f.take(64 * 1024 + 8)
-            .read_to_end(&mut head)
-            .ctx("read", &p)?;
-        let what = p.display().to_string();
+        let key = self.data_key(name);
+        let what = self.describe(&key);
+        let size = self
+            .repo
+            .head(&key)?
+            .ok_or_else(|| Error::not_found(format!("{name} is not in the archive ({what})")))?
+            .size;
+        let head = self.repo.get_range(&key, 0, size.min(64 * 1024 + 8))?;
         let (meta, _) = crate::format::segment::decode_meta(&head, &what)?;
         self.check_meta(&meta, name, &what)?;
         Ok(meta)
-    }
-
-    /// Reads a small file of the archive beside the segments (an index, a marker) without
-    /// following links; `Ok(None)` only when definitely absent.
-    fn read_small_opt(&self, tli: TimeLineId, file: &str) -> Result<Option<Vec<u8>>> {
-        use std::io::Read;
-        let rel = format!("{tli:08X}/{file}");
-        let Some(mut f) = crate::safepath::open_under_if_exists(&self.dir, &rel)? else {
-            return Ok(None);
-        };
-        let mut v = Vec::new();
-        f.read_to_end(&mut v).ctx("read", &self.dir.join(&rel))?;
-        Ok(Some(v))
     }
 
     /// Why a decoded index is not segment `segno` of timeline `tli` of this instance (an
@@ -418,47 +460,102 @@ impl WalArchive {
         }
     }
 
-    /// The index state of segment `segno` on timeline `tli`.
-    pub fn index_state(&self, tli: TimeLineId, segno: u64) -> Result<IndexState> {
-        let name = self.segment_name(tli, segno);
-        if !self.is_archived(&name)? {
-            return Ok(IndexState::NotArchived);
-        }
-        let ip = self.index_path(tli, segno);
-        if let Some(bytes) = self.read_small_opt(tli, &format!("{name}.idx"))? {
-            // A damaged or foreign index reads as missing: ensure_index rebuilds it from the
-            // (verified) segment, so PAGE never merges an index that is not this segment's.
-            return Ok(
-                match crate::format::index::decode(&bytes, &ip.display().to_string()) {
-                    Ok(ix) => match self.foreign_index(&ix, tli, segno) {
-                        Some(why) => IndexState::Missing(format!(
-                            "index file {} is not this segment's: {why}",
-                            ip.display()
-                        )),
-                        None if ix.pending => IndexState::Pending(ix),
-                        None => IndexState::Indexed(ix),
-                    },
-                    Err(e) => IndexState::Missing(format!("index file unreadable: {e}")),
-                },
-            );
-        }
-        let mp = self.missing_path(tli, segno);
-        match self.read_small_opt(tli, &format!("{name}.idx-missing"))? {
-            Some(bytes) => {
-                let reason = serde_json::from_slice::<MissingMarker>(&bytes)
-                    .map(|m| m.reason)
-                    .unwrap_or_else(|e| format!("marker {} unreadable: {e}", mp.display()));
-                Ok(IndexState::Missing(reason))
-            }
-            None => Ok(IndexState::Missing(
-                "not indexed yet (archiving was interrupted before indexing)".into(),
-            )),
-        }
+    /// Reads the index object `suffix` of a segment: `None` when absent, else the decoded
+    /// index of this segment or why it cannot be used (damaged, foreign).
+    fn read_index_object(
+        &self,
+        tli: TimeLineId,
+        segno: u64,
+        suffix: &str,
+    ) -> Result<Option<std::result::Result<SegmentIndex, String>>> {
+        let key = self.index_key(tli, segno, suffix);
+        let Some(bytes) = self.get_opt(&key)? else {
+            return Ok(None);
+        };
+        let what = self.describe(&key);
+        Ok(Some(match crate::format::index::decode(&bytes, &what) {
+            Ok(ix) => match self.foreign_index(&ix, tli, segno) {
+                Some(why) => Err(format!("index file {what} is not this segment's: {why}")),
+                None => Ok(ix),
+            },
+            Err(e) => Err(format!("index file unreadable: {e}")),
+        }))
     }
 
-    /// Indexes an archived segment now (and completes pending neighbours) and returns its
-    /// state afterwards. Used by backups for segments archived but not yet indexed.
-    pub fn ensure_index(&self, tli: TimeLineId, segno: u64) -> Result<IndexState> {
+    /// The reader's rule over a segment's index objects (see the module docs).
+    fn find_index(&self, tli: TimeLineId, segno: u64) -> Result<Found> {
+        let mut pending = None;
+        let mut damaged = None;
+        match self.read_index_object(tli, segno, IDX)? {
+            Some(Ok(ix)) if !ix.pending => return Ok(Found::Complete(ix)),
+            Some(Ok(ix)) => pending = Some(ix), // a pending .idx of the previous release
+            Some(Err(why)) => damaged = Some(why),
+            None => {}
+        }
+        match self.read_index_object(tli, segno, IDX_REBUILT)? {
+            Some(Ok(ix)) if !ix.pending => return Ok(Found::Complete(ix)),
+            Some(Ok(_)) => {
+                damaged.get_or_insert_with(|| {
+                    format!(
+                        "{} holds a pending index",
+                        self.describe(&self.index_key(tli, segno, IDX_REBUILT))
+                    )
+                });
+            }
+            Some(Err(why)) => damaged = Some(why),
+            None => {}
+        }
+        if let Some(ix) = pending {
+            return Ok(Found::Pending(ix));
+        }
+        if let Some(why) = damaged {
+            return Ok(Found::Damaged(why));
+        }
+        match self.read_index_object(tli, segno, IDX_PENDING)? {
+            Some(Ok(ix)) => return Ok(Found::Pending(ix)),
+            Some(Err(why)) => return Ok(Found::Damaged(why)),
+            None => {}
+        }
+        let key = self.index_key(tli, segno, IDX_MISSING);
+        Ok(match self.get_opt(&key)? {
+            Some(bytes) => Found::Marker(
+                serde_json::from_slice::<MissingMarker>(&bytes)
+                    .map(|m| m.reason)
+                    .unwrap_or_else(|e| format!("marker {} unreadable: {e}", self.describe(&key))),
+            ),
+            None => Found::Nothing,
+        })
+    }
+
+    /// Whether segment `segno` has no index object at all (nor an `.idx-missing` marker):
+    /// a duplicate push then indexes it (its first push was killed before indexing).
+    pub(crate) fn needs_index(&self, tli: TimeLineId, segno: u64) -> bool {
+        matches!(self.find_index(tli, segno), Ok(Found::Nothing))
+    }
+
+    /// The index state of segment `segno` on timeline `tli`.
+    pub fn index_state(&self, tli: TimeLineId, segno: u64) -> Result<IndexState> {
+        if !self.is_archived(&self.segment_name(tli, segno))? {
+            return Ok(IndexState::NotArchived);
+        }
+        // A damaged or foreign index reads as missing: PAGE never merges an index that is
+        // not this segment's.
+        Ok(match self.find_index(tli, segno)? {
+            Found::Complete(ix) => IndexState::Indexed(ix),
+            Found::Pending(ix) => IndexState::Pending(ix),
+            Found::Damaged(why) | Found::Marker(why) => IndexState::Missing(why),
+            Found::Nothing => IndexState::Missing(
+                "not indexed yet (archiving was interrupted before indexing)".into(),
+            ),
+        })
+    }
+
+    /// The one place outside `walnut-archive` that writes into the archive: a PAGE backup
+    /// planning across a segment whose index is missing (archiving was interrupted before
+    /// indexing, or its `.idx` is damaged or foreign) or pending rebuilds it from the
+    /// verified segment and stores it, create-only, as `walnut-archive` would have (and
+    /// completes a pending index of the segment before). Returns the state afterwards.
+    pub fn repair_missing_index(&self, tli: TimeLineId, segno: u64) -> Result<IndexState> {
         let state = self.index_state(tli, segno)?;
         if matches!(state, IndexState::Indexed(_) | IndexState::NotArchived) {
             return Ok(state);
@@ -469,6 +566,12 @@ impl WalArchive {
             self.complete_pending(tli, segno - 1, Some((segno, &data)));
         }
         self.index_state(tli, segno)
+    }
+
+    /// The former name of [`repair_missing_index`](Self::repair_missing_index), kept for
+    /// its callers.
+    pub fn ensure_index(&self, tli: TimeLineId, segno: u64) -> Result<IndexState> {
+        self.repair_missing_index(tli, segno)
     }
 
     /// Builds the index of a segment whose bytes are `data` and stores it, or an
@@ -556,7 +659,7 @@ impl WalArchive {
         let mut used_sibling = false;
         // Read lazily: the decoder asks only when the last record crosses the boundary.
         let mut next_fn = |s: u64| -> Result<Option<Vec<u8>>> {
-            if s == segno + 1 && fs::metadata(&sibling).is_ok_and(|m| m.len() == seg_size) {
+            if s == segno + 1 && std::fs::metadata(&sibling).is_ok_and(|m| m.len() == seg_size) {
                 if let Some(bytes) = read_prefix_zero_padded(&sibling, seg_size) {
                     used_sibling = true;
                     return Ok(Some(bytes));
@@ -579,7 +682,8 @@ impl WalArchive {
         }
     }
 
-    /// Re-indexes `segno` if its index is pending (or was never written).
+    /// Completes `segno`'s index if it is pending: the complete index becomes a new object
+    /// (see the module docs), the pending one stays and is ignored from then on.
     pub(crate) fn complete_pending(&self, tli: TimeLineId, segno: u64, next: Option<(u64, &[u8])>) {
         let state = match self.index_state(tli, segno) {
             Ok(s) => s,
@@ -590,83 +694,91 @@ impl WalArchive {
         };
         // Only a stored pending index is completed here. No index at all means its writer is
         // still at work (it re-checks for segno+1 after storing a pending index, see
-        // index_and_store) or was killed (ensure_index rebuilds it when a backup needs it).
+        // index_and_store) or was killed (repair_missing_index rebuilds it when a backup
+        // needs it).
         if !matches!(state, IndexState::Pending(_)) {
             return;
         }
         let name = self.segment_name(tli, segno);
         match self.read(&name) {
-            Ok(data) => {
-                let built = self.build_index(tli, segno, &data, next);
-                match built {
-                    Ok(ix) => {
-                        if let Err(e) = self.store_index(tli, segno, &ix) {
-                            log::warn!("segment {name}: could not store its index: {e}");
-                        }
-                    }
-                    Err(e) => {
-                        log::warn!("segment {name} could not be indexed: {e}");
-                        self.store_missing(tli, segno, &e.to_string());
+            Ok(data) => match self.build_index(tli, segno, &data, next) {
+                Ok(ix) if ix.pending => {} // still pending: nothing new to store
+                Ok(ix) => {
+                    if let Err(e) = self.store_index(tli, segno, &ix) {
+                        log::warn!("segment {name}: could not store its index: {e}");
                     }
                 }
-            }
+                Err(e) => {
+                    log::warn!("segment {name} could not be indexed: {e}");
+                    self.store_missing(tli, segno, &e.to_string());
+                }
+            },
             Err(e) => log::warn!("re-indexing {name}: {e}"),
         }
     }
 
-    fn lock_index(&self) -> Result<fs::File> {
-        use fs2::FileExt;
-        let p = self.dir.join(".index.lock");
-        let f = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&p)
-            .ctx("open lock file", &p)?;
-        f.lock_exclusive().ctx("lock", &p)?;
-        Ok(f)
+    /// Takes the archive's index lock (a repository lock, never an object).
+    fn lock_index(&self) -> Result<crate::repo::RepoLock> {
+        let key = format!("{}/.index.lock", self.prefix);
+        self.repo
+            .lock(&key, LockMode::Exclusive, true)?
+            .ok_or_else(|| {
+                Error::io(
+                    "lock",
+                    &self.root.join(&key),
+                    io::ErrorKind::WouldBlock.into(),
+                )
+            })
     }
 
-    /// Stores an index durably, under the index lock. A complete index is never replaced
-    /// by a pending one (a concurrent writer may have completed it meanwhile).
+    /// Creates `key` with `data` unless it exists (create-only: an existing object is left
+    /// as it is, whoever wrote it).
+    fn put_if_absent(&self, key: &str, data: &[u8]) -> Result<()> {
+        match self.repo.put_new(key, data) {
+            Err(e) if e.kind() == ErrorKind::Conflict => {
+                log::debug!("{}: exists already; left as it is", self.describe(key));
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
+    /// Stores an index, create-only, under the index lock: a complete one as `.idx` (or
+    /// `.idx-rebuilt` when an unusable `.idx` is in the way), a pending one as
+    /// `.idx-pending`; nothing when a complete index exists already.
     fn store_index(&self, tli: TimeLineId, segno: u64, ix: &SegmentIndex) -> Result<()> {
         let _lock = self.lock_index()?;
-        let ip = self.index_path(tli, segno);
+        let bytes = crate::format::index::encode(ix);
+        let idx = self.index_key(tli, segno, IDX);
         if ix.pending {
-            if let Ok(bytes) = fs::read(&ip) {
-                if let Ok(old) = crate::format::index::decode(&bytes, "") {
-                    if !old.pending && self.foreign_index(&old, tli, segno).is_none() {
-                        return Ok(());
-                    }
-                }
-            }
+            return match self.find_index(tli, segno)? {
+                Found::Complete(_) | Found::Pending(_) => Ok(()),
+                _ => self.put_if_absent(&self.index_key(tli, segno, IDX_PENDING), &bytes),
+            };
         }
-        durable::write_file_in(
-            &ip,
-            &self.tmp_dir(tli)?,
-            &crate::format::index::encode(ix),
-            Replace::Yes,
-        )?;
-        durable::remove_file(&self.missing_path(tli, segno))
+        if self.repo.head(&idx)?.is_none() {
+            return self.put_if_absent(&idx, &bytes);
+        }
+        match self.find_index(tli, segno)? {
+            Found::Complete(_) => Ok(()),
+            _ => self.put_if_absent(&self.index_key(tli, segno, IDX_REBUILT), &bytes),
+        }
     }
 
+    /// Writes the `.idx-missing` marker (create-only) unless an index object exists.
     fn store_missing(&self, tli: TimeLineId, segno: u64, reason: &str) {
         let res = (|| -> Result<()> {
             let _lock = self.lock_index()?;
-            if self.index_path(tli, segno).exists() {
-                return Ok(());
+            for s in [IDX, IDX_PENDING, IDX_REBUILT] {
+                if self.repo.head(&self.index_key(tli, segno, s))?.is_some() {
+                    return Ok(());
+                }
             }
             let mut json = serde_json::to_vec(&MissingMarker {
                 reason: reason.to_string(),
             })?;
             json.push(b'\n');
-            durable::write_file_in(
-                &self.missing_path(tli, segno),
-                &self.tmp_dir(tli)?,
-                &json,
-                Replace::Yes,
-            )
+            self.put_if_absent(&self.index_key(tli, segno, IDX_MISSING), &json)
         })();
         if let Err(e) = res {
             log::warn!("could not write the index-missing marker for segment {segno:X}: {e}");
@@ -724,10 +836,6 @@ pub fn parse_history(data: &[u8], what: &str) -> Result<Vec<HistoryEntry>> {
     Ok(out)
 }
 
-pub fn run_show_archive(args: ShowArgs) -> Result<i32> {
-    show::run(args)
-}
-
 /// Starts `c` as a detached background process (own session, no stdio) and never waits for
 /// it: it outlives its caller, reparented to init, which reaps it.
 pub(crate) fn spawn_detached(mut c: std::process::Command, what: &str) {
@@ -783,6 +891,275 @@ pub(crate) fn lock_holder(p: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::repo::MemRepo;
+    use crate::types::PgVersion;
+    use crate::wal::record::RelFileLocator;
+    use crate::wal::synth::{SynthBlock, SynthRecord, SynthWal};
+
+    const SEG: u32 = 1 << 20;
+    const SYSID: u64 = 7_000_000_000_000_000_001;
+
+    fn heap_rec(n: u32) -> SynthRecord {
+        SynthRecord {
+            rmid: 10,
+            info: 0x00,
+            xid: 700 + n,
+            blocks: vec![SynthBlock {
+                rel: RelFileLocator {
+                    spc: 1663,
+                    db: 5,
+                    rel: 16384,
+                },
+                blkno: n,
+                data: vec![n as u8; 100],
+                ..Default::default()
+            }],
+            main_data: vec![1, 2, 3],
+        }
+    }
+
+    /// Segments 3, 4 and 5 of a synthetic stream: 3 holds a restore point "p1" and ends in a
+    /// record that continues into 4 (so 3 alone indexes as pending); 4 ends in a record
+    /// continuing into 5.
+    fn segments() -> (Vec<Vec<u8>>, Lsn) {
+        let mut w = SynthWal::new(PgVersion::V15, SEG, 8192, 3);
+        w.system_id = SYSID;
+        for i in 0..20 {
+            w.push(&heap_rec(i));
+        }
+        let mut rp = 0i64.to_le_bytes().to_vec();
+        let mut name = b"p1".to_vec();
+        name.resize(64, 0);
+        rp.extend_from_slice(&name);
+        let rp_lsn = w.push(&SynthRecord {
+            rmid: 0,
+            info: 0x70,
+            main_data: rp,
+            ..Default::default()
+        });
+        let mut n = 100;
+        while w.pos().0 < 6 * u64::from(SEG) + 4096 {
+            w.push(&heap_rec(n));
+            n += 1;
+        }
+        w.zero_to_segment_end();
+        let b = w.bytes();
+        let seg = |k: usize| b[k * SEG as usize..(k + 1) * SEG as usize].to_vec();
+        (vec![seg(0), seg(1), seg(2)], rp_lsn)
+    }
+
+    fn config() -> InstanceConfig {
+        InstanceConfig {
+            name: "db".into(),
+            system_id: SYSID,
+            pg_major: 15,
+            wal_segment_size: SEG,
+            wal_page_size: 8192,
+            block_size: 8192,
+            relseg_size: 131072,
+            data_checksums: true,
+            pgdata: "/pgdata".into(),
+            host: None,
+            port: None,
+            user: None,
+            dbname: None,
+        }
+    }
+
+    /// A catalog in memory whose store refuses deletes (as a WORM bucket).
+    fn mem_archive() -> (MemRepo, WalArchive) {
+        let repo = MemRepo::new().refusing_delete();
+        let cat = Catalog::with_repo(Path::new("/mem"), Arc::new(repo.clone()));
+        cat.save_instance(&config()).unwrap();
+        (repo, WalArchive::open(&cat, "db").unwrap())
+    }
+
+    fn name(segno: u64) -> WalFileName {
+        WalFileName::segment(1, segno, SEG)
+    }
+
+    /// Puts segment `segno`'s bytes into a fresh directory (alone: no sibling to complete a
+    /// crossing record from) and pushes it.
+    fn push(ar: &WalArchive, segno: u64, data: &[u8]) -> Result<push::PushOutcome> {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(name(segno).to_string());
+        std::fs::write(&p, data).unwrap();
+        push::push_file(ar, &p, &name(segno))
+    }
+
+    fn wal_keys(repo: &MemRepo) -> Vec<String> {
+        repo.keys()
+            .into_iter()
+            .filter_map(|k| {
+                k.strip_prefix("instances/db/wal/00000001/")
+                    .map(str::to_string)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn push_is_create_only_and_a_pending_index_is_completed_by_a_new_object() {
+        let (segs, rp_lsn) = segments();
+        let (repo, ar) = mem_archive();
+        assert!(matches!(
+            ar.index_state(1, 3).unwrap(),
+            IndexState::NotArchived
+        ));
+        assert_eq!(push(&ar, 3, &segs[0]).unwrap(), push::PushOutcome::Archived);
+        assert!(matches!(
+            ar.index_state(1, 3).unwrap(),
+            IndexState::Pending(_)
+        ));
+        assert_eq!(
+            wal_keys(&repo),
+            [
+                "000000010000000000000003.idx-pending",
+                "000000010000000000000003.lz4"
+            ]
+        );
+        // the same content again is success; different content a conflict, nothing written
+        assert_eq!(
+            push(&ar, 3, &segs[0]).unwrap(),
+            push::PushOutcome::AlreadyArchived
+        );
+        let mut other = segs[0].clone();
+        other[SEG as usize - 10] ^= 1;
+        let e = push(&ar, 3, &other).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+        assert!(e.to_string().contains("DIFFERENT"), "{e}");
+        // the next segment completes 3's index as a new object; the pending one stays
+        assert_eq!(push(&ar, 4, &segs[1]).unwrap(), push::PushOutcome::Archived);
+        match ar.index_state(1, 3).unwrap() {
+            IndexState::Indexed(ix) => assert!(!ix.pending),
+            s => panic!("{s:?}"),
+        }
+        assert!(matches!(
+            ar.index_state(1, 4).unwrap(),
+            IndexState::Pending(_)
+        ));
+        assert_eq!(
+            wal_keys(&repo),
+            [
+                "000000010000000000000003.idx",
+                "000000010000000000000003.idx-pending",
+                "000000010000000000000003.lz4",
+                "000000010000000000000004.idx-pending",
+                "000000010000000000000004.lz4",
+            ]
+        );
+        // read back, verified; the restore point is found in the indexes
+        assert_eq!(ar.read(&name(3)).unwrap(), segs[0]);
+        assert_eq!(ar.read_meta(&name(4)).unwrap().size, u64::from(SEG));
+        assert!(ar.read_opt(&name(9)).unwrap().is_none());
+        assert_eq!(ar.find_restore_point("p1").unwrap(), Some((1, rp_lsn)));
+        assert_eq!(ar.find_restore_point("nope").unwrap(), None);
+        // fetch: served, or absent (exit 1) only when the name and its .partial are absent
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("RECOVERYXLOG");
+        let out = fetch::fetch(&ar, &name(3), &dest).unwrap();
+        assert_eq!(out, fetch::FetchOutcome::Restored);
+        assert_eq!(std::fs::read(&dest).unwrap(), segs[0]);
+        let out = fetch::fetch(&ar, &name(9), &dest).unwrap();
+        assert_eq!(out, fetch::FetchOutcome::NotInArchive);
+    }
+
+    #[test]
+    fn a_pending_idx_of_the_previous_release_is_completed_beside_it() {
+        let (segs, _) = segments();
+        let (repo, ar) = mem_archive();
+        // as walnut 0.x left it: the segment and a pending index under `.idx`
+        let meta = crate::format::segment::FileMeta {
+            format: 1,
+            name: name(3).to_string(),
+            size: u64::from(SEG),
+            crc32c: crc32c::crc32c(&segs[0]),
+            system_id: SYSID,
+            archived_at: 1,
+        };
+        let lz4 = crate::format::segment::encode(&meta, &segs[0]).unwrap();
+        repo.put_new(&ar.data_key(&name(3)), &lz4).unwrap();
+        let pending = ar.build_index(1, 3, &segs[0], None).unwrap();
+        assert!(pending.pending);
+        repo.put_new(
+            &ar.index_key(1, 3, IDX),
+            &crate::format::index::encode(&pending),
+        )
+        .unwrap();
+        assert!(matches!(
+            ar.index_state(1, 3).unwrap(),
+            IndexState::Pending(_)
+        ));
+        push(&ar, 4, &segs[1]).unwrap();
+        assert!(matches!(
+            ar.index_state(1, 3).unwrap(),
+            IndexState::Indexed(_)
+        ));
+        assert!(repo
+            .keys()
+            .iter()
+            .any(|k| k.ends_with("000000010000000000000003.idx-rebuilt")));
+    }
+
+    #[test]
+    fn damaged_indexes_read_as_missing_and_are_errors_for_restore_points() {
+        let (segs, _) = segments();
+        let (repo, ar) = mem_archive();
+        // a damaged .idx for 3: never rewritten in place, and it wins over the pending
+        // index stored beside it, and over the arrival of 4
+        repo.put_new(&ar.index_key(1, 3, IDX), b"garbage").unwrap();
+        push(&ar, 3, &segs[0]).unwrap();
+        push(&ar, 4, &segs[1]).unwrap();
+        match ar.index_state(1, 3).unwrap() {
+            IndexState::Missing(why) => assert!(why.contains("unreadable"), "{why}"),
+            s => panic!("{s:?}"),
+        }
+        let e = ar.find_restore_point("p1").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corruption, "{e}");
+        assert!(e.to_string().contains("000000010000000000000003"), "{e}");
+        // the named repair path rebuilds it from the verified segment, beside the damage
+        assert!(matches!(
+            ar.repair_missing_index(1, 3).unwrap(),
+            IndexState::Indexed(_)
+        ));
+        assert_eq!(&*repo.get(&ar.index_key(1, 3, IDX)).unwrap(), b"garbage");
+        assert!(ar.find_restore_point("p1").unwrap().is_some());
+    }
+
+    #[test]
+    fn the_missing_marker_is_create_only_and_an_index_wins_over_it() {
+        let (segs, _) = segments();
+        let (repo, ar) = mem_archive();
+        push(&ar, 4, &segs[1]).unwrap();
+        ar.store_missing(1, 4, "first");
+        ar.store_missing(1, 4, "second");
+        assert!(
+            repo.get(&ar.index_key(1, 4, IDX_MISSING)).is_err(),
+            "marker beside an index"
+        );
+        // an undecodable segment: the marker records why, once
+        let mut bad = segs[0].clone();
+        for b in &mut bad[8192..] {
+            *b = 0xFF;
+        }
+        let e = ar.build_index(1, 3, &bad, None).unwrap_err();
+        ar.index_and_store(1, 3, &bad, Some(Err(e)));
+        ar.store_missing(1, 3, "again");
+        let marker = repo.get(&ar.index_key(1, 3, IDX_MISSING)).unwrap();
+        assert!(!String::from_utf8_lossy(&marker).contains("again"));
+        // an index stored later wins over the marker
+        let ix = ar.build_index(1, 3, &segs[0], Some((4, &segs[1]))).unwrap();
+        ar.store_index(1, 3, &ix).unwrap();
+        assert!(matches!(
+            ar.index_state(1, 3).unwrap(),
+            IndexState::NotArchived
+        ));
+        repo.put_new(&ar.data_key(&name(3)), b"x").unwrap();
+        assert!(matches!(
+            ar.index_state(1, 3).unwrap(),
+            IndexState::Indexed(_)
+        ));
+    }
 
     #[test]
     fn history_parsing() {

@@ -7,46 +7,37 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use clap::{Args, Parser};
 use serde::{Deserialize, Serialize};
 
 use super::WalArchive;
 use crate::catalog::Catalog;
-use crate::cli::InstanceArgs;
 use crate::durable::{self, Replace};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::segment::FileMeta;
 use crate::index::SegmentIndex;
+use crate::repo::Durability;
 use crate::types::{PgVersion, WalFileName};
 
-/// Options of `walnut-archive`.
-#[derive(Args, Debug, Clone)]
-pub struct PushArgs {
-    #[command(flatten)]
-    pub instance: InstanceArgs,
-    /// With a backlog (other `.ready` segments), a background pusher archives up to N
-    /// segments ahead of PostgreSQL's calls and acknowledges each in a spool once it is
-    /// durable, so the calls for them return at once; 0 disables.
-    #[arg(long = "look-ahead", default_value_t = 8)]
+/// Directory name of the look-ahead spool inside `pg_wal` (the default of `--spool-dir`).
+pub const SPOOL_DIR: &str = "walnut-spool";
+
+/// What `walnut-archive` is asked to do (built from its command line by `crate::cli`).
+#[derive(Clone, Debug)]
+pub struct PushOptions {
+    /// The catalog directory.
+    pub catalog: PathBuf,
+    pub instance: String,
+    /// With a backlog, a background pusher archives up to this many segments ahead of
+    /// PostgreSQL's calls; 0 disables.
     pub look_ahead: usize,
-    /// Internal: run as the background pusher (`%f` is the segment its caller archives).
-    #[arg(long = "background", hide = true)]
+    /// Run as the background pusher (`name` is the segment its caller archives).
     pub background: bool,
+    /// The look-ahead spool (local working state); `None`: `<pg_wal>/walnut-spool`.
+    pub spool_dir: Option<PathBuf>,
     /// `%p`: path of the file, relative to PGDATA (the archiver's working directory).
     pub path: PathBuf,
-    /// `%f`: file name.
-    pub name: String,
-}
-
-#[derive(Parser, Debug)]
-#[command(
-    name = "walnut-archive",
-    version,
-    about = "archive_command: walnut-archive -B DIR --instance NAME %p %f"
-)]
-pub struct PushCli {
-    #[command(flatten)]
-    pub args: PushArgs,
+    /// `%f`.
+    pub name: WalFileName,
 }
 
 /// How a push ended (all of them mean "durable in the archive").
@@ -73,18 +64,39 @@ struct Ack {
     source: Option<PathBuf>,
 }
 
-/// Runs `walnut-archive`; returns the exit code (0 only when durable).
-pub fn run(args: PushArgs) -> Result<i32> {
-    let catalog = Catalog::open(&args.instance.catalog.catalog)?;
-    let ar = WalArchive::open(&catalog, &args.instance.instance)?;
-    let name: WalFileName = args.name.parse()?;
-    if args.background {
-        background_pusher(&ar, &parent_of(&args.path), &name, args.look_ahead.max(1))?;
-        return Ok(0);
+/// Runs `walnut-archive`: `Ok` only once the file is durable in the archive (`None` for
+/// the background pusher, which reports per segment in its spool).
+pub fn run(opts: &PushOptions) -> Result<Option<PushOutcome>> {
+    let catalog = Catalog::open(&opts.catalog)?;
+    let ar = WalArchive::open(&catalog, &opts.instance)?;
+    let name = opts.name;
+    if opts.background {
+        let pg_wal = parent_of(&opts.path);
+        let spool = spool_of(opts, &absolute_dir(&pg_wal));
+        background_pusher(&ar, &pg_wal, &spool, &name, opts.look_ahead.max(1))?;
+        return Ok(None);
     }
-    let outcome = archive_with_look_ahead(&ar, &args, &name)?;
+    let outcome = archive_with_look_ahead(&ar, opts, &name)?;
     log::debug!("{name}: {outcome:?}");
-    Ok(0)
+    Ok(Some(outcome))
+}
+
+/// The look-ahead spool of a `pg_wal` directory.
+fn spool_of(opts: &PushOptions, pg_wal: &Path) -> PathBuf {
+    match &opts.spool_dir {
+        Some(d) => std::path::absolute(d).unwrap_or_else(|_| d.clone()),
+        None => pg_wal.join(SPOOL_DIR),
+    }
+}
+
+/// Creates the spool directory when missing: one level, below a parent that exists (never
+/// `pg_wal` itself).
+fn ensure_spool_dir(spool: &Path) -> Result<()> {
+    match fs::create_dir(spool) {
+        Ok(()) => durable::fsync_dir(&parent_of(spool)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && spool.is_dir() => Ok(()),
+        Err(e) => Err(Error::io("create directory", spool, e)),
+    }
 }
 
 /// How long a call waits for the background pusher to acknowledge its segment before
@@ -106,7 +118,7 @@ const AHEAD_IDLE: Duration = Duration::from_secs(2);
 /// call takes a verified acknowledgement instead of pushing again.
 fn archive_with_look_ahead(
     ar: &WalArchive,
-    args: &PushArgs,
+    args: &PushOptions,
     name: &WalFileName,
 ) -> Result<PushOutcome> {
     let src = &args.path;
@@ -114,7 +126,7 @@ fn archive_with_look_ahead(
         return push_file(ar, src, name);
     }
     let pg_wal = absolute_dir(&parent_of(src));
-    let spool = ar.spool_dir();
+    let spool = spool_of(args, &pg_wal);
     if args.look_ahead == 0 {
         // No waiting and no pusher, but an acknowledgement already there is still used.
         return match take_ack(ar, &ack_path(&spool, name), &pg_wal, src, name) {
@@ -137,7 +149,7 @@ fn archive_with_look_ahead(
     };
     let running = running.unwrap_or_else(|| pusher_running(&spool));
     if !running && !ready_segments(&pg_wal, &spool, name, 1).is_empty() {
-        spawn_pusher(args, &pg_wal, name);
+        spawn_pusher(args, &pg_wal, &spool, name);
     }
     push_file(ar, src, name)
 }
@@ -253,18 +265,21 @@ fn pusher_running(spool: &Path) -> bool {
 }
 
 /// Starts the detached background pusher (own session, no stdio), never waiting for it.
-fn spawn_pusher(args: &PushArgs, pg_wal: &Path, own: &WalFileName) {
+fn spawn_pusher(args: &PushOptions, pg_wal: &Path, spool: &Path, own: &WalFileName) {
     let Ok(exe) = std::env::current_exe() else {
         return;
     };
     let mut c = std::process::Command::new(exe);
     c.arg("-B")
-        .arg(&args.instance.catalog.catalog)
+        .arg(&args.catalog)
         .arg("--instance")
-        .arg(&args.instance.instance)
+        .arg(&args.instance)
         .arg("--look-ahead")
-        .arg(args.look_ahead.to_string())
-        .arg("--background")
+        .arg(args.look_ahead.to_string());
+    if args.spool_dir.is_some() {
+        c.arg("--spool-dir").arg(spool);
+    }
+    c.arg("--background")
         .arg(pg_wal.join(own.to_string()))
         .arg(own.to_string());
     super::spawn_detached(c, "background pusher");
@@ -278,10 +293,12 @@ fn spawn_pusher(args: &PushArgs, pg_wal: &Path, own: &WalFileName) {
 fn background_pusher(
     ar: &WalArchive,
     pg_wal: &Path,
+    spool: &Path,
     own: &WalFileName,
     ahead: usize,
 ) -> Result<()> {
-    let spool = ar.ensure_spool_dir()?;
+    ensure_spool_dir(spool)?;
+    let spool = spool.to_path_buf();
     let lock_p = lock_path(&spool);
     // The caller may be probing the lock right now: retry briefly before giving up.
     let t0 = Instant::now();
@@ -458,8 +475,12 @@ fn failed_path(spool: &Path, name: &WalFileName) -> PathBuf {
 
 fn write_ack(ar: &WalArchive, spool: &Path, pg_wal: &Path, name: &WalFileName) -> Result<()> {
     let meta = ar.read_meta(name)?;
-    let p = ar.data_path(name);
-    let compressed_size = fs::metadata(&p).ctx("stat", &p)?.len();
+    let compressed_size = ar.stored_size(name)?.ok_or_else(|| {
+        Error::not_found(format!(
+            "{name} is not in the archive ({})",
+            ar.data_path(name).display()
+        ))
+    })?;
     let ack = Ack {
         name: name.to_string(),
         size: meta.size,
@@ -492,10 +513,9 @@ fn take_ack(
     let _ = fs::remove_file(p);
     let ack: Ack = serde_json::from_slice(&bytes)
         .map_err(|e| Error::corruption(format!("{}: {e}", p.display())))?;
-    let data = ar.data_path(name);
     Ok(ack.name == name.to_string()
         && ack.source.as_deref().is_none_or(|s| s == pg_wal)
-        && fs::metadata(&data).map(|m| m.len()).ok() == Some(ack.compressed_size)
+        && ar.stored_size(name).ok().flatten() == Some(ack.compressed_size)
         && fs::metadata(src).map(|m| m.len()).ok() == Some(ack.size)
         && ar
             .read_meta(name)
@@ -573,20 +593,14 @@ pub fn push_file(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<Push
         }
         WalFileName::History { .. } | WalFileName::Backup { .. } => {}
     }
-    // Creates the timeline directory when missing, never the catalog's own directories.
-    // Temp files of killed runs have unique names and never look finished; tidy them up.
-    // They live in a small directory of their own, so this never lists the timeline's.
-    let tmp_dir = ar.tmp_dir(name.tli())?;
-    let _ = durable::remove_stale_temps(&tmp_dir);
-
-    let dest = ar.data_path(name);
+    // The repository creates the timeline directory when missing (never the catalog's
+    // own), writes through a temp file in its small `.tmp/` and tidies temps of killed runs.
+    let key = ar.data_key(name);
     let segno = name.segno(seg_size).filter(|_| name.is_segment());
-    if dest.exists() {
+    if ar.repo().head(&key)?.is_some() {
         let out = compare_existing(ar, name, &data)?;
         if let Some(segno) = segno {
-            if !ar.index_path(name.tli(), segno).exists()
-                && !ar.missing_path(name.tli(), segno).exists()
-            {
+            if ar.needs_index(name.tli(), segno) {
                 ar.index_and_store(name.tli(), segno, &data, None);
             }
         }
@@ -636,7 +650,7 @@ pub fn push_file(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<Push
     });
     let encoded = encoded?;
     let t_cpu = t0.elapsed();
-    let outcome = match write_parts(&dest, &tmp_dir, &encoded) {
+    let outcome = match write_parts(ar, &key, &encoded) {
         Ok(()) => PushOutcome::Archived,
         // Someone archived the same name meanwhile (a concurrent push): compare.
         Err(e) if e.kind() == ErrorKind::Conflict => compare_existing(ar, name, &data)?,
@@ -660,18 +674,21 @@ pub fn push_file(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<Push
     Ok(outcome)
 }
 
-/// Writes header + frames durably under `dest` without assembling them in memory first.
+/// Writes header + frames durably under `key`, create-only, without assembling them in
+/// memory first.
 fn write_parts(
-    dest: &Path,
-    tmp_dir: &Path,
+    ar: &WalArchive,
+    key: &str,
     (head, f1, f2): &(Vec<u8>, Vec<u8>, Vec<u8>),
 ) -> Result<()> {
     use std::io::Write;
-    let mut f = durable::DurableFile::create_in(dest, tmp_dir)?;
+    let mut w = ar.repo().create(key)?;
     for part in [head, f1, f2] {
-        f.write_all(part).ctx("write", dest)?;
+        if let Err(e) = w.write_all(part) {
+            return Err(Error::io("write", Path::new(&w.describe()), e));
+        }
     }
-    f.commit(Replace::No)
+    w.commit(Durability::Now)
 }
 
 /// The archive already holds `name`: identical content is success, anything else an error.

@@ -1,16 +1,12 @@
-//! `walnut show --archive`: what the archive holds, per timeline, from one set of structs
-//! printed as a text table or as JSON.
+//! `walnut show --archive`: what the archive holds, per timeline, as one report struct
+//! (`crate::cli` renders it as a text table or as JSON).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::fs;
 
 use serde::Serialize;
 
 use super::{IndexState, WalArchive};
-use crate::catalog::Catalog;
-use crate::cli::{OutputFormat, ShowArgs};
-use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::types::{TimeLineId, WalFileName};
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -75,31 +71,49 @@ pub fn report(ar: &WalArchive, instance: &str, verify: bool) -> Result<ArchiveRe
         verified: verify,
         timelines: Vec::new(),
     };
-    let mut tlis: Vec<TimeLineId> = Vec::new();
     // An unreadable archive is an error, never an empty one.
-    for e in fs::read_dir(ar.dir()).ctx("read directory", ar.dir())? {
-        let e = e.ctx("read directory", ar.dir())?;
-        let n = e.file_name().to_string_lossy().into_owned();
-        // A timeline directory that is a link is listed: each of its files then reports
-        // as damaged (they are read without following links).
-        let kind = e.file_type().ctx("stat", &e.path())?;
-        if n.len() == 8 && (kind.is_dir() || kind.is_symlink()) {
-            if let Ok(t) = u32::from_str_radix(&n, 16) {
-                tlis.push(t);
+    let top = ar.listing(None)?;
+    let mut tlis: Vec<TimeLineId> = ar.timelines()?;
+    // A timeline "directory" that is a link (or not a directory): reported, never followed.
+    let mut damaged_tlis: Vec<(TimeLineId, String)> = top
+        .damaged
+        .iter()
+        .chain(top.objects.iter().map(|o| &o.name))
+        .filter(|n| n.len() == 8)
+        .filter_map(|n| u32::from_str_radix(n, 16).ok().map(|t| (t, n.clone())))
+        .collect();
+    tlis.extend(damaged_tlis.iter().map(|(t, _)| *t));
+    tlis.sort_unstable();
+    tlis.dedup();
+    for tli in tlis {
+        if let Some(i) = damaged_tlis.iter().position(|(t, _)| *t == tli) {
+            let (_, n) = damaged_tlis.swap_remove(i);
+            out.timelines.push(TimelineReport {
+                timeline: tli,
+                corrupt: vec![(
+                    n.clone(),
+                    format!(
+                        "\"{}\" is a link or not a directory",
+                        ar.dir().join(&n).display()
+                    ),
+                )],
+                ..Default::default()
+            });
+            continue;
+        }
+        let listing = ar.listing(Some(tli))?;
+        let mut sizes: BTreeMap<WalFileName, u64> = BTreeMap::new();
+        let mut names: Vec<WalFileName> = Vec::new();
+        for o in &listing.objects {
+            if let Some(n) = o.name.strip_suffix(".lz4").and_then(|s| s.parse().ok()) {
+                names.push(n);
+                sizes.insert(n, o.size);
             }
         }
-    }
-    tlis.sort_unstable();
-    for tli in tlis {
-        let dir = ar.tli_dir(tli);
-        let mut names: Vec<WalFileName> = Vec::new();
-        for e in fs::read_dir(&dir).ctx("read directory", &dir)? {
-            let e = e.ctx("read directory", &dir)?;
-            let f = e.file_name().to_string_lossy().into_owned();
-            if let Some(stem) = f.strip_suffix(".lz4") {
-                if let Ok(n) = stem.parse::<WalFileName>() {
-                    names.push(n);
-                }
+        // A link or other odd file under a file's name: reported as damaged by its read.
+        for d in &listing.damaged {
+            if let Some(n) = d.strip_suffix(".lz4").and_then(|s| s.parse().ok()) {
+                names.push(n);
             }
         }
         names.sort();
@@ -110,8 +124,7 @@ pub fn report(ar: &WalArchive, instance: &str, verify: bool) -> Result<ArchiveRe
         let mut segnos: BTreeMap<u64, WalFileName> = BTreeMap::new();
         let mut last_commit: Option<i64> = None;
         for n in &names {
-            let p = ar.data_path(n);
-            t.compressed_bytes += fs::symlink_metadata(&p).map(|m| m.len()).unwrap_or(0);
+            t.compressed_bytes += sizes.get(n).copied().unwrap_or(0);
             let meta = if verify {
                 ar.read_with_meta(n).map(|(m, _)| m)
             } else {
@@ -195,83 +208,6 @@ pub fn pg_time_to_iso(us: i64) -> String {
         sod % 3600 / 60,
         sod % 60
     )
-}
-
-fn mib(b: u64) -> String {
-    format!("{:.1}", b as f64 / (1 << 20) as f64)
-}
-
-/// Renders the report as a text table.
-pub fn render_text(r: &ArchiveReport) -> String {
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "WAL archive of instance {} (system id {}, {} MiB segments){}",
-        r.instance,
-        r.system_id,
-        r.wal_segment_size >> 20,
-        if r.verified { ", verified" } else { "" }
-    );
-    let _ = writeln!(
-        s,
-        "{:>8}  {:<24}  {:<24}  {:>8}  {:>5}  {:>10}  {:>10}  {:>7}  {:>7}  {:>7}  {:>7}  latest restorable time",
-        "TLI", "first", "last", "segments", "gaps", "orig MiB", "stored MiB", "indexed", "pending", "missing", "corrupt"
-    );
-    for t in &r.timelines {
-        let _ = writeln!(
-            s,
-            "{:>8}  {:<24}  {:<24}  {:>8}  {:>5}  {:>10}  {:>10}  {:>7}  {:>7}  {:>7}  {:>7}  {}",
-            t.timeline,
-            t.first_segment.as_deref().unwrap_or("-"),
-            t.last_segment.as_deref().unwrap_or("-"),
-            t.segments,
-            t.gaps.len(),
-            mib(t.original_bytes),
-            mib(t.compressed_bytes),
-            t.indexed,
-            t.pending,
-            t.index_missing.len(),
-            t.corrupt.len(),
-            t.latest_restorable_time.as_deref().unwrap_or("-")
-        );
-    }
-    for t in &r.timelines {
-        for (a, b) in &t.gaps {
-            let _ = writeln!(s, "timeline {}: GAP {a} .. {b}", t.timeline);
-        }
-        for (n, why) in &t.index_missing {
-            let _ = writeln!(s, "timeline {}: index missing for {n}: {why}", t.timeline);
-        }
-        for (n, why) in &t.corrupt {
-            let _ = writeln!(s, "timeline {}: CORRUPT {n}: {why}", t.timeline);
-        }
-        for (n, why) in &t.unreadable {
-            let _ = writeln!(s, "timeline {}: UNREADABLE {n}: {why}", t.timeline);
-        }
-        for n in &t.partial_files {
-            let _ = writeln!(s, "timeline {}: partial {n}", t.timeline);
-        }
-    }
-    s
-}
-
-pub fn run(args: ShowArgs) -> Result<i32> {
-    let instance = args
-        .instance
-        .clone()
-        .ok_or_else(|| Error::invalid("show --archive needs --instance"))?;
-    let catalog = Catalog::open(&args.catalog.catalog)?;
-    let ar = WalArchive::open(&catalog, &instance)?;
-    let r = report(&ar, &instance, args.verify)?;
-    match args.format {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&r)?),
-        OutputFormat::Text => print!("{}", render_text(&r)),
-    }
-    let corrupt = r
-        .timelines
-        .iter()
-        .any(|t| !t.corrupt.is_empty() || !t.unreadable.is_empty());
-    Ok(if corrupt { 1 } else { 0 })
 }
 
 #[cfg(test)]

@@ -1059,7 +1059,6 @@ pub fn problems(r: &Report) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::catalog::InstanceConfig;
-    use crate::durable::Replace;
     use crate::format::segment::{self as store, FileMeta};
 
     const SEG: u32 = 1 << 20;
@@ -1250,7 +1249,7 @@ mod tests {
             user: None,
             dbname: None,
         };
-        catalog.save_instance(&cfg, Replace::No).unwrap();
+        catalog.save_instance(&cfg).unwrap();
         let wal = catalog.wal_dir("db");
         let put = |name: WalFileName, data: &[u8]| {
             let fm = FileMeta {

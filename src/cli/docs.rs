@@ -53,8 +53,8 @@ pub fn write_man_pages(dir: &Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).ctx("create directory", dir)?;
     let cmds = [
         crate::cli::WalnutCli::command(),
-        crate::archive::push::PushCli::command().name("walnut-archive"),
-        crate::archive::fetch::FetchCli::command().name("walnut-fetch"),
+        crate::cli::archive::PushCli::command().name("walnut-archive"),
+        crate::cli::archive::FetchCli::command().name("walnut-fetch"),
     ];
     for cmd in cmds {
         clap_mangen::generate_to(cmd, dir)

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+pub mod archive;
+pub mod catalog;
 pub mod check;
 pub mod docs;
 pub mod metrics;
@@ -86,9 +88,9 @@ pub struct WalnutCli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Create a catalog.
-    Init(crate::catalog::InitArgs),
+    Init(crate::cli::catalog::InitArgs),
     /// Register a PostgreSQL instance in the catalog.
-    AddInstance(crate::catalog::AddInstanceArgs),
+    AddInstance(crate::cli::catalog::AddInstanceArgs),
     /// Decode WAL segment files and print their block indexes.
     WalIndex(crate::cli::wal_index::WalIndexArgs),
     /// Take a FULL, PAGE or DELTA backup.
@@ -132,12 +134,12 @@ pub struct ShowArgs {
 /// Runs `walnut`; returns the process exit code.
 pub fn run_walnut(cli: WalnutCli) -> crate::Result<i32> {
     match cli.command {
-        Command::Init(a) => crate::catalog::run_init(a),
-        Command::AddInstance(a) => crate::catalog::run_add_instance(a),
+        Command::Init(a) => crate::cli::catalog::run_init(a),
+        Command::AddInstance(a) => crate::cli::catalog::run_add_instance(a),
         Command::WalIndex(a) => crate::cli::wal_index::run(a),
         Command::Backup(a) => crate::backup::run_backup(a),
         Command::Restore(a) => crate::backup::run_restore(a),
-        Command::Show(a) if a.archive => crate::archive::run_show_archive(a),
+        Command::Show(a) if a.archive => crate::cli::archive::run_show(a),
         Command::Show(a) => crate::backup::run_show(a),
         Command::Validate(a) => crate::backup::run_validate(a),
         Command::Check(a) => crate::cli::check::run(a),
@@ -161,55 +163,14 @@ pub fn walnut_main() -> i32 {
     }
 }
 
-/// `walnut-archive` (archive_command): 0 only when the file is durable in the archive
-/// (also `--help`, `--version`); 1 on any failure, a usage error or a panic.
+/// `walnut-archive` (archive_command): see [`archive::main_archive`].
 pub fn archive_main() -> i32 {
-    init_logging();
-    let cli: crate::archive::push::PushCli = parse_or_exit(1);
-    let name = cli.args.name.clone();
-    // Panics caught inside (a WAL decoder thread's, which only costs the index) are
-    // reported as warnings there; one that reaches here fails the call with exit 1.
-    let result = catch_panics("walnut-archive", name.clone(), move || {
-        crate::archive::push::run(cli.args)
-    });
-    match result {
-        Some(Ok(code)) => code,
-        Some(Err(e)) => {
-            eprintln!("walnut-archive: ERROR: {name}: {e}");
-            1
-        }
-        // The hook printed what panicked.
-        None => 1,
-    }
+    archive::main_archive()
 }
 
-/// `walnut-fetch` (restore_command): 0 when written and verified (also `--help`,
-/// `--version`); 1 only when definitely not in the archive; [`crate::EXIT_FETCH_FATAL`] on
-/// corruption, any other error, a usage error or a panic (fatal to recovery, so it never
-/// ends early at a wrong point; a panic must not exit 101, which PostgreSQL would read as
-/// "not found").
+/// `walnut-fetch` (restore_command): see [`archive::main_fetch`].
 pub fn fetch_main() -> i32 {
-    use crate::archive::fetch::FetchOutcome;
-    use crate::EXIT_FETCH_FATAL;
-    init_logging();
-    let cli: crate::archive::fetch::FetchCli = parse_or_exit(EXIT_FETCH_FATAL);
-    let name = cli.args.name.clone().unwrap_or_else(|| "--cleanup".into());
-    let result = catch_panics("walnut-fetch: FATAL", name.clone(), move || {
-        crate::archive::fetch::run(cli.args)
-    });
-    match result {
-        Some(Ok(FetchOutcome::NotInArchive)) => {
-            log::info!("{name} is not in the archive");
-            1
-        }
-        Some(Ok(_)) => 0,
-        Some(Err(e)) => {
-            eprintln!("walnut-fetch: FATAL: {name}: {e}");
-            EXIT_FETCH_FATAL
-        }
-        // The hook printed what panicked.
-        None => EXIT_FETCH_FATAL,
-    }
+    archive::main_fetch()
 }
 
 /// Sets up logging to stderr (`RUST_LOG` overrides; default info).

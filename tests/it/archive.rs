@@ -611,7 +611,7 @@ pub(crate) fn wait_for(p: &Path, secs: u64) -> bool {
 /// Pushes `names[own]` with look-ahead `ahead`, waits until the background pusher has
 /// acknowledged the `ahead` segments after it, and has exited.
 fn push_and_wait_acks(cat: &Path, pg_wal: &Path, names: &[String], own: usize, ahead: usize) {
-    let spool = cat.join("instances/db/spool/push");
+    let spool = pg_wal.join("walnut-spool");
     ok(
         push(
             cat,
@@ -663,10 +663,15 @@ fn look_ahead_acknowledgements_and_prefetch_spool() {
     }
     chown_pg(&pg_wal);
     let names: Vec<String> = segs.iter().map(|s| fname(s)).collect();
-    let spool = cat.join("instances/db/spool/push");
+    // the look-ahead spool is local working state beside pg_wal, not catalog content
+    let spool = pg_wal.join("walnut-spool");
     // the background pusher acknowledges 1..=4 (4 ahead), then gives up waiting for
     // PostgreSQL to consume them and exits
     push_and_wait_acks(&cat, &pg_wal, &names, 0, 4);
+    assert!(
+        !cat.join("instances/db/spool").exists(),
+        "spool in the catalog"
+    );
     let ar =
         walnut::archive::WalArchive::open(&walnut::catalog::Catalog::open(&cat).unwrap(), "db")
             .unwrap();

@@ -502,7 +502,7 @@ fn stalled_pusher_does_not_hold_later_calls() {
     let cat = catalog_for(dir.path(), &pg);
     let pg_wal = ready_pg_wal(dir.path(), &segs);
     let names: Vec<String> = segs.iter().map(|s| fname(s)).collect();
-    let spool = cat.join("instances/db/spool/push");
+    let spool = pg_wal.join("walnut-spool");
     let mut pusher = spawn_pusher(&cat, &pg_wal, &names[0], "2");
     for n in &names[1..=2] {
         assert!(
@@ -567,17 +567,20 @@ fn deleted_catalog_is_never_recreated() {
     let cat = catalog_for(dir.path(), &pg);
     let pg_wal = ready_pg_wal(dir.path(), &segs);
     let names: Vec<String> = segs.iter().map(|s| fname(s)).collect();
-    let spool = cat.join("instances/db/spool/push");
+    let spool = pg_wal.join("walnut-spool");
     // look-ahead 1: it pushes names[1], then waits for the acknowledgement to be consumed;
-    // deleting the catalog removes it, so the pusher goes on to the next segment
+    // the catalog is deleted and the acknowledgement consumed (it lives in pg_wal), so the
+    // pusher goes on to the next segment
     let mut pusher = spawn_pusher(&cat, &pg_wal, &names[0], "1");
-    assert!(wait_for(&spool.join(format!("{}.ok", names[1])), 30));
+    let ack = spool.join(format!("{}.ok", names[1]));
+    assert!(wait_for(&ack, 30));
     for _ in 0..20 {
         if std::fs::remove_dir_all(&cat).is_ok() {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    std::fs::remove_file(&ack).unwrap();
     let t0 = Instant::now();
     while pusher.0.try_wait().unwrap().is_none() {
         assert!(

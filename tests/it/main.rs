@@ -4,6 +4,7 @@ mod harness;
 
 mod append_only;
 mod archive;
+mod archive_append_only;
 mod backup;
 mod catalog_hardening;
 mod check_metrics;
