@@ -21,7 +21,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::repo::{LocalRepo, Repo};
+use crate::repo::{CatalogLocation, LocalRepo, Repo, S3Repo};
 
 pub const CATALOG_MARKER: &str = "walnut-catalog.json";
 /// The catalog format this walnut reads and writes.
@@ -153,6 +153,7 @@ impl Catalog {
     /// Opens an existing catalog, checking its marker file: it must be a regular file (not a
     /// symlink) holding `{"format": 1}`, as [`Catalog::init`] writes it.
     pub fn open(root: &Path) -> Result<Catalog> {
+        refuse_url(root)?;
         let not_a_catalog = || {
             Error::invalid(format!(
                 "\"{}\" is not a walnut catalog (no {CATALOG_MARKER}; run 'walnut init -B {}')",
@@ -184,6 +185,86 @@ impl Catalog {
         Ok(Catalog {
             root: root.to_path_buf(),
             repo,
+        })
+    }
+
+    /// Opens an existing catalog wherever it is: a directory ([`Catalog::open`]) or a
+    /// bucket, whose marker object is checked the same way. On S3, what `init` probed
+    /// (`walnut-s3.json`) decides whether creates use `If-None-Match` (absent: they do not).
+    pub fn open_at(loc: &CatalogLocation) -> Result<Catalog> {
+        let cfg = match loc {
+            CatalogLocation::Local(p) => return Catalog::open(p),
+            CatalogLocation::S3(c) => c,
+        };
+        let repo = S3Repo::new((**cfg).clone())?;
+        let url = cfg.url();
+        let bytes = match repo.get(CATALOG_MARKER) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(Error::invalid(format!(
+                    "\"{url}\" is not a walnut catalog (no {CATALOG_MARKER}; run 'walnut init -B {url}')"
+                )))
+            }
+            Err(e) => return Err(e),
+        };
+        check_marker(&bytes).map_err(|why| {
+            Error::corruption(format!(
+                "\"{url}/{CATALOG_MARKER}\" is not a valid walnut catalog marker: {why}"
+            ))
+        })?;
+        if let Some(p) = crate::repo::s3::read_probe(&repo)? {
+            repo.set_conditional(p.conditional_create);
+        }
+        Ok(Catalog {
+            root: PathBuf::from(url),
+            repo: Arc::new(repo),
+        })
+    }
+
+    /// Creates a catalog wherever it is ([`Catalog::init`] for a directory). On S3 the
+    /// prefix must hold nothing; walnut probes whether the server honours conditional
+    /// create, records it in `walnut-s3.json` (create-only), then writes the marker.
+    pub fn init_at(loc: &CatalogLocation) -> Result<Catalog> {
+        let cfg = match loc {
+            CatalogLocation::Local(p) => return Catalog::init(p),
+            CatalogLocation::S3(c) => c,
+        };
+        let repo = S3Repo::new((**cfg).clone())?;
+        let url = cfg.url();
+        if repo.head(CATALOG_MARKER)?.is_some() {
+            return Err(Error::conflict(format!(
+                "\"{url}\" is already a walnut catalog"
+            )));
+        }
+        let l = repo.list("")?;
+        if !l.objects.is_empty() || !l.prefixes.is_empty() {
+            return Err(Error::invalid(format!(
+                "\"{url}\" is not empty; a catalog needs an empty prefix"
+            )));
+        }
+        let conditional = repo.probe_conditional()?;
+        log::info!(
+            "{url}: the server {} conditional create (If-None-Match: *)",
+            if conditional { "honours" } else { "ignores" }
+        );
+        repo.set_conditional(conditional);
+        let probe = crate::repo::s3::S3Probe {
+            format: 1,
+            conditional_create: conditional,
+        };
+        let mut json = serde_json::to_vec_pretty(&probe)?;
+        json.push(b'\n');
+        repo.put_new(crate::repo::s3::S3_CONFIG_KEY, &json)?;
+        repo.put_new(CATALOG_MARKER, MARKER_CONTENT).map_err(|e| {
+            if e.kind() == ErrorKind::Conflict {
+                Error::conflict(format!("\"{url}\" is already a walnut catalog"))
+            } else {
+                e
+            }
+        })?;
+        Ok(Catalog {
+            root: PathBuf::from(url),
+            repo: Arc::new(repo),
         })
     }
 
@@ -229,6 +310,7 @@ impl Catalog {
     /// Creates a catalog in an empty or missing directory: creates the directory (the one
     /// thing done outside the repository), then writes the marker through it, create-only.
     pub fn init(root: &Path) -> Result<Catalog> {
+        refuse_url(root)?;
         if root.join(CATALOG_MARKER).exists() {
             return Err(Error::conflict(format!(
                 "\"{}\" is already a walnut catalog",
@@ -353,6 +435,18 @@ impl Catalog {
         }
         Ok(())
     }
+}
+
+/// `s3://...` and other URLs are never a local directory ([`Catalog::open_at`] and
+/// [`Catalog::init_at`] take them).
+fn refuse_url(root: &Path) -> Result<()> {
+    if root.to_str().is_some_and(|s| s.contains("://")) {
+        return Err(Error::invalid(format!(
+            "catalog \"{}\" is an URL, not a directory (this command takes a directory here)",
+            root.display()
+        )));
+    }
+    Ok(())
 }
 
 /// `instance.json`: `{"format": 1, ...}` with the members of [`InstanceConfig`].

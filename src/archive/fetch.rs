@@ -54,8 +54,8 @@ const STOP_FILE: &str = ".stop";
 /// What `walnut-fetch` is asked to do (built from its command line by `crate::cli`).
 #[derive(Clone, Debug)]
 pub struct FetchOptions {
-    /// The catalog directory.
-    pub catalog: PathBuf,
+    /// Where the catalog is.
+    pub catalog: crate::repo::CatalogLocation,
     pub instance: String,
     /// Prefetch the next K segments in the background; 0 disables.
     pub prefetch: u64,
@@ -99,7 +99,7 @@ pub fn fetch_to(archive: &WalArchive, name: &WalFileName, dest: &Path) -> Result
 
 /// Runs `walnut-fetch`; returns the outcome (the cli maps it to an exit code).
 pub fn run(args: &FetchOptions) -> Result<FetchOutcome> {
-    let catalog = Catalog::open(&args.catalog)?;
+    let catalog = Catalog::open_at(&args.catalog)?;
     let ar = WalArchive::open(&catalog, &args.instance)?;
     let dest = args
         .dest
@@ -263,9 +263,8 @@ fn spawn_prefetch(args: &FetchOptions, name: &WalFileName, dest: &Path, spool: &
         return;
     };
     let mut c = Command::new(exe);
-    c.arg("-B")
-        .arg(&args.catalog)
-        .arg("--instance")
+    args.catalog.pass_to(&mut c);
+    c.arg("--instance")
         .arg(&args.instance)
         .arg("--prefetch")
         .arg(args.prefetch.to_string());

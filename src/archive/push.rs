@@ -24,8 +24,8 @@ pub const SPOOL_DIR: &str = "walnut-spool";
 /// What `walnut-archive` is asked to do (built from its command line by `crate::cli`).
 #[derive(Clone, Debug)]
 pub struct PushOptions {
-    /// The catalog directory.
-    pub catalog: PathBuf,
+    /// Where the catalog is.
+    pub catalog: crate::repo::CatalogLocation,
     pub instance: String,
     /// With a backlog, a background pusher archives up to this many segments ahead of
     /// PostgreSQL's calls; 0 disables.
@@ -67,7 +67,7 @@ struct Ack {
 /// Runs `walnut-archive`: `Ok` only once the file is durable in the archive (`None` for
 /// the background pusher, which reports per segment in its spool).
 pub fn run(opts: &PushOptions) -> Result<Option<PushOutcome>> {
-    let catalog = Catalog::open(&opts.catalog)?;
+    let catalog = Catalog::open_at(&opts.catalog)?;
     let ar = WalArchive::open(&catalog, &opts.instance)?;
     let name = opts.name;
     if opts.background {
@@ -270,9 +270,8 @@ fn spawn_pusher(args: &PushOptions, pg_wal: &Path, spool: &Path, own: &WalFileNa
         return;
     };
     let mut c = std::process::Command::new(exe);
-    c.arg("-B")
-        .arg(&args.catalog)
-        .arg("--instance")
+    args.catalog.pass_to(&mut c);
+    c.arg("--instance")
         .arg(&args.instance)
         .arg("--look-ahead")
         .arg(args.look_ahead.to_string());

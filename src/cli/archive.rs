@@ -11,7 +11,6 @@ use crate::archive::fetch::{FetchOptions, FetchOutcome};
 use crate::archive::push::PushOptions;
 use crate::archive::show::ArchiveReport;
 use crate::archive::WalArchive;
-use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::types::WalFileName;
 use crate::EXIT_FETCH_FATAL;
@@ -43,7 +42,7 @@ impl PushArgs {
     /// The library's options (parses `%f`).
     pub fn options(&self) -> Result<PushOptions> {
         Ok(PushOptions {
-            catalog: self.instance.catalog.catalog.clone(),
+            catalog: self.instance.catalog.location()?,
             instance: self.instance.instance.clone(),
             look_ahead: self.look_ahead,
             background: self.background,
@@ -101,7 +100,7 @@ impl FetchArgs {
             _ => None,
         };
         Ok(FetchOptions {
-            catalog: self.instance.catalog.catalog.clone(),
+            catalog: self.instance.catalog.location()?,
             instance: self.instance.instance.clone(),
             prefetch: self.prefetch,
             prefetch_worker: self.prefetch_worker,
@@ -177,7 +176,7 @@ pub fn run_show(args: ShowArgs) -> Result<i32> {
         .instance
         .clone()
         .ok_or_else(|| Error::invalid("show --archive needs --instance"))?;
-    let catalog = Catalog::open(&args.catalog.catalog)?;
+    let catalog = args.catalog.open()?;
     let ar = WalArchive::open(&catalog, &instance)?;
     let r = crate::archive::show::report(&ar, &instance, args.verify)?;
     match args.format {

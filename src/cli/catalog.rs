@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::{CatalogArgs, ConnArgs};
-use crate::catalog::{self, Catalog};
+use crate::catalog;
 use crate::error::Result;
 
 #[derive(Args, Debug, Clone)]
@@ -28,11 +28,8 @@ pub struct AddInstanceArgs {
 }
 
 pub fn run_init(args: InitArgs) -> Result<i32> {
-    Catalog::init(&args.catalog.catalog)?;
-    log::info!(
-        "catalog initialised at \"{}\"",
-        args.catalog.catalog.display()
-    );
+    let cat = args.catalog.init()?;
+    log::info!("catalog initialised at \"{}\"", cat.root().display());
     Ok(0)
 }
 
@@ -40,7 +37,7 @@ pub fn run_init(args: InitArgs) -> Result<i32> {
 /// about the instance. Connection options not given fall back to PGHOST, PGPORT, PGUSER and
 /// PGDATABASE, as in libpq.
 pub fn run_add_instance(args: AddInstanceArgs) -> Result<i32> {
-    let cat = Catalog::open(&args.catalog.catalog)?;
+    let cat = args.catalog.open()?;
     catalog::check_instance_name(&args.instance)?;
     let cfg = catalog::add_instance(&cat, &args.instance, &args.pgdata, &args.conn.params())?;
     log::info!(

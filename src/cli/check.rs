@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::catalog::Catalog;
 use crate::check::{CheckOptions, Report, Status};
 use crate::cli::{ConnArgs, InstanceArgs, OutputFormat};
 use crate::error::Result;
@@ -27,7 +26,7 @@ pub struct CheckArgs {
 }
 
 pub fn run(a: CheckArgs) -> Result<i32> {
-    let catalog = Catalog::open(&a.instance.catalog.catalog)?;
+    let catalog = a.instance.catalog.open()?;
     let opts = CheckOptions {
         instance: a.instance.instance.clone(),
         conn: a.conn.params(),

@@ -9,7 +9,6 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::catalog::Catalog;
 use crate::cli::{CatalogArgs, ConnArgs};
 use crate::durable::{self, Replace};
 use crate::error::Result;
@@ -35,7 +34,7 @@ pub struct MetricsArgs {
 }
 
 pub fn run(a: MetricsArgs) -> Result<i32> {
-    let catalog = Catalog::open(&a.catalog.catalog)?;
+    let catalog = a.catalog.open()?;
     let opts = MetricsOptions {
         instance: a.instance.clone(),
         conn: (!a.no_connect).then(|| a.conn.params()),

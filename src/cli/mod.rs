@@ -15,12 +15,60 @@ pub mod docs;
 pub mod metrics;
 pub mod wal_index;
 
-/// Where the catalog is. `WALNUT_CATALOG` may stand in for `-B`.
+/// Where the catalog is. `WALNUT_CATALOG` may stand in for `-B`; the S3 settings may come
+/// from the AWS variables or the config file too (see [`crate::repo::location`]).
 #[derive(Args, Debug, Clone)]
 pub struct CatalogArgs {
-    /// Catalog directory.
+    /// Catalog directory, or s3://BUCKET/PREFIX.
     #[arg(short = 'B', long = "backup-path", env = "WALNUT_CATALOG")]
     pub catalog: PathBuf,
+    /// S3 endpoint URL (https:// unless it says http://).
+    #[arg(long = "s3-endpoint", env = "AWS_ENDPOINT_URL", value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region (default us-east-1).
+    #[arg(long = "s3-region", env = "AWS_REGION")]
+    pub s3_region: Option<String>,
+    /// S3 URL style: path (default for an IP address or localhost) or host.
+    #[arg(long = "s3-uri-style", value_parser = ["path", "host"])]
+    pub s3_uri_style: Option<String>,
+    /// File with aws_access_key_id and aws_secret_access_key (else the AWS_* variables).
+    #[arg(long = "s3-credentials", value_name = "FILE")]
+    pub s3_credentials: Option<PathBuf>,
+    /// PEM file of the CA certificates that sign the S3 endpoint's.
+    #[arg(long = "s3-ca-file", value_name = "FILE")]
+    pub s3_ca_file: Option<PathBuf>,
+    /// Seconds an S3 operation keeps retrying before it fails (default 60).
+    #[arg(long = "s3-timeout", value_name = "SECONDS")]
+    pub s3_timeout: Option<u64>,
+    /// Config file with the same settings (default /etc/walnut/walnut.conf, when present).
+    #[arg(long = "config", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+impl CatalogArgs {
+    /// The library's catalog location: the options, the environment and the config file.
+    pub fn location(&self) -> crate::Result<crate::repo::CatalogLocation> {
+        let s = crate::repo::S3Settings {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            uri_style: self.s3_uri_style.clone(),
+            credentials: self.s3_credentials.clone(),
+            ca_file: self.s3_ca_file.clone(),
+            timeout: self.s3_timeout,
+            config: self.config.clone(),
+        };
+        crate::repo::CatalogLocation::parse(&self.catalog, &s)
+    }
+
+    /// Opens the catalog.
+    pub fn open(&self) -> crate::Result<crate::catalog::Catalog> {
+        crate::catalog::Catalog::open_at(&self.location()?)
+    }
+
+    /// Creates the catalog.
+    pub fn init(&self) -> crate::Result<crate::catalog::Catalog> {
+        crate::catalog::Catalog::init_at(&self.location()?)
+    }
 }
 
 /// A catalog and an instance in it.

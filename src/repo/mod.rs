@@ -21,8 +21,10 @@
 //! [`mem::MemRepo`] (memory, for unit tests; it can also refuse deletes, as a WORM bucket).
 
 pub mod local;
+pub mod location;
 pub mod mapped;
 pub mod mem;
+pub mod s3;
 
 use std::io::Write;
 use std::ops::Deref;
@@ -31,7 +33,9 @@ use std::path::Path;
 use crate::error::{Error, ErrorKind, Result};
 
 pub use local::LocalRepo;
+pub use location::{CatalogLocation, S3Settings};
 pub use mem::MemRepo;
+pub use s3::{S3Config, S3Repo};
 
 /// One object in a listing or a [`Repo::head`] answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -221,9 +225,10 @@ pub fn put_or_same(repo: &dyn Repo, key: &str, data: &[u8]) -> Result<bool> {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod conformance {
-    //! The same behaviour asked of every implementation.
+#[cfg(any(test, feature = "test-synth"))]
+pub mod conformance {
+    //! The same behaviour asked of every implementation: the unit tests run it on the local
+    //! and memory stores, tests/it on S3 servers.
     use super::*;
 
     pub fn run(r: &dyn Repo) {

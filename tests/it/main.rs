@@ -15,6 +15,7 @@ mod matrix;
 mod pgcontrol;
 mod replication;
 mod restore_hardening;
+mod s3;
 mod take_hardening;
 mod validate_hardening;
 mod wal_decoder;
