@@ -315,6 +315,11 @@ impl Inner {
     /// Sends a request, retrying transient failures until the deadline. Returns the
     /// response of the first attempt that was not transient (any status).
     fn send<'b>(&self, what: &str, op: &str, mk: &dyn Fn() -> Req<'b>) -> Result<Resp> {
+        self.send_n(what, op, mk).map(|(r, _)| r)
+    }
+
+    /// [`Inner::send`], also giving the number of attempts made.
+    fn send_n<'b>(&self, what: &str, op: &str, mk: &dyn Fn() -> Req<'b>) -> Result<(Resp, u32)> {
         let start = Instant::now();
         let deadline = start + self.cfg.timeout;
         let mut delay = Duration::from_millis(100);
@@ -331,7 +336,7 @@ impl Inner {
                         let body = resp.body_mut().read_to_string().unwrap_or_default();
                         format!("HTTP {s} {}", error_code(&body).unwrap_or(""))
                     } else {
-                        return Ok(resp);
+                        return Ok((resp, attempt));
                     }
                 }
                 Err(e) => match e {
@@ -442,7 +447,7 @@ impl Inner {
                 body: data,
             }
         };
-        let mut resp = self.send(&what, "PUT", &mk)?;
+        let (mut resp, attempts) = self.send_n(&what, "PUT", &mk)?;
         match resp.status().as_u16() {
             200..=299 => {
                 drain(&mut resp);
@@ -450,6 +455,11 @@ impl Inner {
             }
             412 if if_none_match => {
                 drain(&mut resp);
+                // After a retry, the 412 may answer an earlier attempt of ours that was
+                // stored although its answer was lost: the same bytes there are ours.
+                if attempts > 1 && self.get(key, None).is_ok_and(|have| have == data) {
+                    return Ok(true);
+                }
                 Ok(false)
             }
             _ => Err(self.status_error(&what, "PUT", resp)),
