@@ -952,6 +952,8 @@ struct S3Writer {
     buf: Vec<u8>,
     mp: Option<Multipart>,
     done: bool,
+    /// The first error of a `write`, returned by `commit`.
+    error: Option<Error>,
 }
 
 impl Write for S3Writer {
@@ -964,13 +966,14 @@ impl Write for S3Writer {
             if !self.inner.conditional.load(Ordering::Relaxed) {
                 match self.inner.head(&self.key) {
                     Ok(None) => {}
-                    Ok(Some(_)) => {
-                        return Err(io::Error::other(self.inner.exists_error(&self.key)))
-                    }
-                    Err(e) => return Err(io::Error::other(e)),
+                    Ok(Some(_)) => return Err(self.fail(self.inner.exists_error(&self.key))),
+                    Err(e) => return Err(self.fail(e)),
                 }
             }
-            self.mp = Some(Multipart::start(&self.inner, full).map_err(io::Error::other)?);
+            match Multipart::start(&self.inner, full) {
+                Ok(mp) => self.mp = Some(mp),
+                Err(e) => return Err(self.fail(e)),
+            }
         }
         if let Some(mp) = &mut self.mp {
             while self.buf.len() >= PART_SIZE {
@@ -987,6 +990,13 @@ impl Write for S3Writer {
 }
 
 impl S3Writer {
+    /// Keeps `e` for `commit` (which returns it with its kind) and gives it to `write`.
+    fn fail(&mut self, e: Error) -> io::Error {
+        let io = io::Error::other(e.to_string());
+        self.error = Some(e);
+        io
+    }
+
     fn commit_multipart(&mut self) -> Result<()> {
         let Some(mp) = self.mp.as_mut() else {
             return Ok(());
@@ -1014,6 +1024,9 @@ impl S3Writer {
 
 impl ObjectWriter for S3Writer {
     fn commit(mut self: Box<Self>, _durability: Durability) -> Result<()> {
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
         if self.mp.is_none() {
             self.done = true;
             let buf = std::mem::take(&mut self.buf);
@@ -1045,6 +1058,19 @@ impl Drop for S3Writer {
     }
 }
 
+impl S3Repo {
+    fn writer(&self, key: &str) -> S3Writer {
+        S3Writer {
+            inner: self.inner.clone(),
+            key: key.to_string(),
+            buf: Vec::new(),
+            mp: None,
+            done: false,
+            error: None,
+        }
+    }
+}
+
 impl Repo for S3Repo {
     fn location(&self) -> String {
         self.inner.cfg.url()
@@ -1053,9 +1079,13 @@ impl Repo for S3Repo {
     fn put_new(&self, key: &str, data: &[u8]) -> Result<()> {
         check_key(key, false)?;
         if data.len() > MULTIPART_THRESHOLD {
-            let mut w = self.create(key)?;
-            w.write_all(data)
-                .map_err(|e| Error::new(ErrorKind::Io, e.to_string()))?;
+            let mut w = Box::new(self.writer(key));
+            if let Err(e) = w.write_all(data) {
+                return Err(w
+                    .error
+                    .take()
+                    .unwrap_or_else(|| Error::new(ErrorKind::Io, e.to_string())));
+            }
             return w.commit(Durability::Now);
         }
         self.inner.put_new(key, data)
@@ -1063,13 +1093,7 @@ impl Repo for S3Repo {
 
     fn create(&self, key: &str) -> Result<Box<dyn ObjectWriter>> {
         check_key(key, false)?;
-        Ok(Box::new(S3Writer {
-            inner: self.inner.clone(),
-            key: key.to_string(),
-            buf: Vec::new(),
-            mp: None,
-            done: false,
-        }))
+        Ok(Box::new(self.writer(key)))
     }
 
     fn get(&self, key: &str) -> Result<Blob> {

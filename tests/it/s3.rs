@@ -337,6 +337,8 @@ fn repo_rules(s: &S3Server) {
         .and_then(|()| w.commit(Durability::Now).map_err(|e| e.to_string()))
         .unwrap_err();
     assert!(e.contains("already exists"), "{e}");
+    let e = r.put_new("x/big", &big).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
     assert!(*r.get("x/big").unwrap() == *big);
     // an upload dropped half-way leaves nothing (the multipart upload is aborted)
     let mut w = r.create("x/half").unwrap();
