@@ -593,6 +593,8 @@ fn archive_scenario(mut s: S3Server) {
     // the server down: archive 1 (PostgreSQL retries), fetch 200 (never "absent"),
     // both within the timeout; nothing of the segment is stored
     s.kill();
+    // (WAL written first: a switch of an empty segment would archive nothing)
+    pg.psql("postgres", "create table s3_down as select 1 as i");
     let seg = pg.psql("postgres", "select pg_walfile_name(pg_switch_wal())");
     let t0 = Instant::now();
     let o = push(&conf, url, &pg.data.join("pg_wal").join(&seg), &seg);
