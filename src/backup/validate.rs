@@ -31,8 +31,6 @@
 //! running backups are listed as skipped (they never were usable) and do not fail the run.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
-use std::path::Path;
 
 use crate::archive::{HistoryEntry, IndexState, WalArchive};
 use crate::catalog::Catalog;
@@ -42,6 +40,8 @@ use crate::types::{valid_segment_size, Lsn, TimeLineId, WalFileName};
 
 use super::meta::{self, BackupMeta, Mode, Status};
 use super::plan;
+use super::stored;
+use crate::repo::Repo;
 use crate::format::incfile;
 use crate::format::manifest::{self, FileEntry, Storage};
 
@@ -193,61 +193,24 @@ enum Entry {
     Unreadable(String),
 }
 
-/// Reads every backup directory of `instance` (by directory name).
+/// Reads every backup of `instance` (by its name in the catalog), as [`meta`] derives it.
 fn scan(catalog: &Catalog, instance: &str) -> Result<HashMap<String, Entry>> {
-    let root = catalog.backups_dir(instance);
     let mut out = HashMap::new();
-    let rd = match std::fs::read_dir(&root) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(Error::io("read directory", &root, e)),
-    };
-    for de in rd {
-        let de = de.map_err(|e| Error::io("read directory", &root, e))?;
-        let name = de.file_name().to_string_lossy().into_owned();
-        // Hidden entries are temp files and locks, never backups (ids are base 36).
-        if name.starts_with('.') {
-            continue;
-        }
+    for (name, found) in meta::scan_named(catalog, instance)? {
         let entry = match safepath::check_name(&name, "backup directory") {
             Err(e) => Entry::Damaged(e.to_string()),
-            Ok(()) => load_entry(&root, &name, instance),
+            Ok(()) => match found {
+                meta::Found::Backup(m) => Entry::Meta(m),
+                meta::Found::Absent => Entry::NoMeta,
+                meta::Found::Failed(e) => match problem(&e) {
+                    Problem::Unreadable(m) => Entry::Unreadable(m),
+                    Problem::Damaged(m) => Entry::Damaged(m),
+                },
+            },
         };
         out.insert(name, entry);
     }
     Ok(out)
-}
-
-fn load_entry(root: &Path, name: &str, instance: &str) -> Entry {
-    let rel = format!("{name}/{}", meta::META_FILE);
-    let what = root.join(&rel).display().to_string();
-    let bytes = safepath::open_under(root, &rel).and_then(|mut f| {
-        let mut b = Vec::new();
-        f.read_to_end(&mut b)
-            .map_err(|e| Error::io("read", &root.join(&rel), e))?;
-        Ok(b)
-    });
-    let bytes = match bytes {
-        Ok(b) => b,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Entry::NoMeta,
-        Err(e) => {
-            return match problem(&e) {
-                Problem::Unreadable(m) => Entry::Unreadable(m),
-                Problem::Damaged(m) => Entry::Damaged(m),
-            }
-        }
-    };
-    let m = match meta::decode(&bytes, &what) {
-        Ok(m) => m,
-        Err(e) => return Entry::Damaged(e.to_string()),
-    };
-    if m.id != name || m.instance != instance {
-        return Entry::Damaged(format!(
-            "{what}: says backup {:?} of instance {:?}, but lies in directory {name:?} of instance {instance:?}",
-            m.id, m.instance
-        ));
-    }
-    Entry::Meta(Box::new(m))
 }
 
 /// Validates (see the module docs) and records the statuses found.
@@ -520,11 +483,8 @@ fn record(catalog: &Catalog, b: &BackupMeta, o: &Outcome, errors: &mut Vec<Strin
     if b.status == status && b.error == error {
         return status;
     }
-    let mut m = b.clone();
-    m.status = status;
-    m.error = error;
-    // `b` came from the directory named `b.id` of this instance (checked in `load_entry`).
-    match m.save(catalog) {
+    // A new dated status record; backup.json is never rewritten.
+    match meta::record_status(catalog, &b.instance, &b.id, status, error, "validate") {
         Ok(()) => status,
         Err(e) => {
             let msg = format!("backup {}: could not record status {status}: {e}", b.id);
@@ -532,56 +492,6 @@ fn record(catalog: &Catalog, b: &BackupMeta, o: &Outcome, errors: &mut Vec<Strin
             errors.push(msg);
             b.effective_status()
         }
-    }
-}
-
-/// A reader that remembers the first I/O error, so that a parser which reports every
-/// failure as damage cannot turn "could not read" into "damaged".
-struct Tracked<R> {
-    inner: R,
-    err: Option<String>,
-}
-
-impl<R> Tracked<R> {
-    fn new(inner: R) -> Tracked<R> {
-        Tracked { inner, err: None }
-    }
-
-    fn note<T>(&mut self, r: std::io::Result<T>) -> std::io::Result<T> {
-        if let Err(e) = &r {
-            self.err.get_or_insert_with(|| e.to_string());
-        }
-        r
-    }
-
-    /// `e` as "could not read" when an I/O error happened underneath, else as it is.
-    fn judge(&self, e: &Error, what: &Path) -> Problem {
-        match &self.err {
-            Some(io) => Problem::Unreadable(format!("could not read \"{}\": {io}", what.display())),
-            None => problem(e),
-        }
-    }
-}
-
-impl<R: Read> Read for Tracked<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let r = self.inner.read(buf);
-        self.note(r)
-    }
-}
-
-impl<R: BufRead> BufRead for Tracked<R> {
-    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
-        // (Borrowing rules: probe first, then return the buffer.)
-        if let Err(e) = self.inner.fill_buf() {
-            self.err.get_or_insert_with(|| e.to_string());
-            return Err(e);
-        }
-        self.inner.fill_buf()
-    }
-
-    fn consume(&mut self, amt: usize) {
-        self.inner.consume(amt)
     }
 }
 
@@ -649,14 +559,12 @@ fn check_files(
     b: &BackupMeta,
     unreadable: &mut Option<Problem>,
 ) -> std::result::Result<(), Problem> {
-    let dir = b.dir(catalog);
-    let mpath = dir.join("manifest");
-    let f = safepath::open_under(&dir, "manifest").map_err(|e| problem(&e))?;
-    let mut r = Tracked::new(BufReader::new(f));
-    let mut buf = vec![0u8; 1 << 20];
-    let res = manifest::read(&mut r, &mpath.display().to_string(), |e| match check_entry(
-        &dir, b, &e, &mut buf,
-    ) {
+    let repo = catalog.repo();
+    let key = b.key().map_err(|e| problem(&e))?;
+    let mkey = format!("{key}/{}", manifest::FILE_NAME);
+    let mwhat = stored::what(repo, &mkey);
+    let blob = repo.get(&mkey).map_err(|e| problem(&e))?;
+    let res = manifest::read(&blob[..], &mwhat, |e| match check_entry(repo, &key, b, &e) {
         Ok(()) => Ok(()),
         Err(Problem::Damaged(m)) => Err(Error::corruption(m)),
         Err(u @ Problem::Unreadable(_)) => {
@@ -664,55 +572,38 @@ fn check_files(
             Ok(())
         }
     });
-    match res {
-        Ok(_) => Ok(()),
-        Err(e) => match r.judge(&e, &mpath) {
-            u @ Problem::Unreadable(_) => {
-                unreadable.get_or_insert(u);
-                Ok(())
-            }
-            d => Err(d),
-        },
-    }
+    res.map(drop).map_err(|e| problem(&e))
 }
 
-/// One manifest entry: a real directory, or a regular file with the recorded size and CRC.
+/// One manifest entry: a stored object with the recorded size and CRC. (Directories are
+/// manifest entries only: a store has none to check; restore creates them.)
 fn check_entry(
-    dir: &Path,
+    repo: &dyn Repo,
+    key: &str,
     b: &BackupMeta,
     e: &FileEntry,
-    buf: &mut [u8],
 ) -> std::result::Result<(), Problem> {
-    let stored = e.stored_path();
     if e.storage == Storage::Dir {
-        return safepath::open_dir_under(dir, &stored)
-            .map(drop)
-            .map_err(|err| problem(&err));
+        return Ok(());
     }
-    let p = dir.join(&stored);
-    let mut f = safepath::open_under(dir, &stored).map_err(|err| problem(&err))?;
-    let io = |op: &str, err: std::io::Error| problem(&Error::io(op, &p, err));
-    let mut crc = 0u32;
-    let mut n = 0u64;
-    loop {
-        let k = f.read(buf).map_err(|err| io("read", err))?;
-        if k == 0 {
-            break;
-        }
-        crc = crc32c::crc32c_append(crc, &buf[..k]);
-        n += k as u64;
-    }
+    let okey = format!("{key}/{}", e.stored_path());
+    let w = stored::what(repo, &okey);
+    // One read of the object: its checksum and, for an incremental file, its structure
+    // come from the same bytes.
+    let blob = repo.get(&okey).map_err(|err| problem(&err))?;
+    let bytes: &[u8] = &blob;
+    let n = bytes.len() as u64;
+    let crc = crc32c::crc32c(bytes);
     // An incremental file ends with its own CRC: the whole file's CRC is then the residue,
     // and the manifest holds that trailer CRC (the last 4 bytes).
     let crc_ok = match e.storage {
-        Storage::Incremental if n < 4 => false,
-        Storage::Incremental => {
-            let mut t = [0u8; 4];
-            f.seek(SeekFrom::End(-4)).map_err(|err| io("seek", err))?;
-            f.read_exact(&mut t).map_err(|err| io("read", err))?;
-            crc == incfile::WHOLE_FILE_RESIDUE
-                && incfile::manifest_crc_ok(e.crc32c, u32::from_le_bytes(t))
-        }
+        Storage::Incremental => match bytes.len().checked_sub(4).and_then(|at| bytes.get(at..)) {
+            Some(t) => {
+                let t = u32::from_le_bytes([t[0], t[1], t[2], t[3]]);
+                crc == incfile::WHOLE_FILE_RESIDUE && incfile::manifest_crc_ok(e.crc32c, t)
+            }
+            None => false,
+        },
         _ => crc == e.crc32c,
     };
     if !crc_ok || n != e.stored_size {
@@ -722,16 +613,8 @@ fn check_entry(
         )));
     }
     if e.storage == Storage::Incremental {
-        // The same open file: never re-resolved by path.
-        f.seek(SeekFrom::Start(0)).map_err(|err| io("seek", err))?;
-        let mut r = Tracked::new(BufReader::new(&f));
-        if let Err(err) =
-            incfile::read_stream(&mut r, n, &p.display().to_string(), b.block_size, |_, _| {
-                Ok(())
-            })
-        {
-            return Err(r.judge(&err, &p));
-        }
+        incfile::read_stream(bytes, n, &w, b.block_size, |_, _| Ok(()))
+            .map_err(|err| problem(&err))?;
     }
     Ok(())
 }
@@ -1187,7 +1070,7 @@ mod tests {
     fn io_errors_are_not_damage() {
         let eacces = std::io::Error::from_raw_os_error(nix::libc::EACCES);
         let enoent = std::io::Error::from_raw_os_error(nix::libc::ENOENT);
-        let p = Path::new("/x");
+        let p = std::path::Path::new("/x");
         assert!(matches!(
             problem(&Error::io("open", p, eacces)),
             Problem::Unreadable(_)
@@ -1201,20 +1084,6 @@ mod tests {
             Problem::Damaged(_)
         ));
 
-        // a parser that calls every read error damage is overruled by what it read through
-        struct Failing;
-        impl Read for Failing {
-            fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
-                Err(std::io::Error::from_raw_os_error(nix::libc::EIO))
-            }
-        }
-        let mut t = Tracked::new(BufReader::new(Failing));
-        let e = manifest::read(&mut t, "m", |_| Ok(())).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Corruption);
-        assert!(matches!(t.judge(&e, p), Problem::Unreadable(_)));
-        let mut t = Tracked::new(BufReader::new(&b"garbage\n"[..]));
-        let e = manifest::read(&mut t, "m", |_| Ok(())).unwrap_err();
-        assert!(matches!(t.judge(&e, p), Problem::Damaged(_)));
     }
 
     #[test]

@@ -222,7 +222,7 @@ fn symlinks_are_not_followed() {
         stored < pgdata_bytes + (1 << 20),
         "backup holds {stored} bytes, PGDATA {pgdata_bytes}"
     );
-    let entries = walnut::format::manifest::read_file(&bdir.join("manifest")).unwrap();
+    let entries = super::env::manifest_entries(&bdir.join("manifest")).unwrap();
     let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
     for p in [
         "loop",
