@@ -697,18 +697,25 @@ pub fn start(catalog: &Catalog, m: &mut BackupMeta, now: i64) -> Result<Started>
             format!("{base}-{k}")
         };
         let key = backup_key(&m.instance, &id)?;
-        if repo.head(&format!("{key}/{META_FILE}"))?.is_some() {
-            continue;
+        // Damage where the id would go (a link, a file) takes the id too: skip it.
+        let taken = |e: &Error| e.kind() == ErrorKind::Corruption;
+        match repo.head(&format!("{key}/{META_FILE}")) {
+            Ok(None) => {}
+            Ok(Some(_)) => continue,
+            Err(e) if taken(&e) => continue,
+            Err(e) => return Err(e),
         }
-        let Some(lock) = repo.lock(&format!("{key}/{RUNNING_LOCK}"), LockMode::Exclusive, false)?
-        else {
-            continue;
+        let lock = match repo.lock(&format!("{key}/{RUNNING_LOCK}"), LockMode::Exclusive, false) {
+            Ok(Some(l)) => l,
+            Ok(None) => continue,
+            Err(e) if taken(&e) => continue,
+            Err(e) => return Err(e),
         };
         m.id = id.clone();
         m.status = Status::Running;
         match repo.put_new(&format!("{key}/{STARTED_FILE}"), &encode(m)?) {
             Ok(()) => return Ok(Started { id, lock }),
-            Err(e) if e.kind() == ErrorKind::Conflict => continue,
+            Err(e) if e.kind() == ErrorKind::Conflict || taken(&e) => continue,
             Err(e) => return Err(e),
         }
     }

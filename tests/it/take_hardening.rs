@@ -371,8 +371,12 @@ fn page_lsn_beyond_the_server_fails_the_backup() {
             continue;
         }
         assert_eq!(r["status"], "ERROR", "{r}");
-        // a failed backup keeps only its record
+        assert!(r["error"].as_str().unwrap().contains("beyond"), "{r}");
+        // a failed backup is its started marker, its files so far and a dated ERROR
+        // record: never a backup.json (nothing is rewritten or deleted)
         let left = listing(&env.backups_dir().join(id));
-        assert_eq!(left, vec!["backup.json".to_string()], "backup {id}");
+        assert!(left.contains(&"backup.started".to_string()), "backup {id}: {left:?}");
+        assert!(left.contains(&"status".to_string()), "backup {id}: {left:?}");
+        assert!(!left.contains(&"backup.json".to_string()), "backup {id}: {left:?}");
     }
 }
