@@ -147,7 +147,6 @@ impl BackupMeta {
     }
 }
 
-
 /// backup.json's bytes (see the module docs for the layout).
 pub fn encode(m: &BackupMeta) -> Result<Vec<u8>> {
     let json = serde_json::to_vec_pretty(m)?;
@@ -210,7 +209,6 @@ fn check_names(m: &BackupMeta, what: &str) -> Result<()> {
     Ok(())
 }
 
-
 /// backup.json larger than this is not ours (a real one is under 2 KiB).
 const MAX_META_BYTES: u64 = 1 << 20;
 
@@ -248,7 +246,12 @@ fn get_small(repo: &dyn Repo, key: &str) -> Result<Option<Vec<u8>>> {
 
 /// Reads backup metadata (backup.json or the started marker) at `key`, refusing it unless it
 /// says it is backup `id` of `instance`.
-fn read_meta_at(repo: &dyn Repo, key: &str, instance: &str, id: &str) -> Result<Option<BackupMeta>> {
+fn read_meta_at(
+    repo: &dyn Repo,
+    key: &str,
+    instance: &str,
+    id: &str,
+) -> Result<Option<BackupMeta>> {
     let Some(b) = get_small(repo, key)? else {
         return Ok(None);
     };
@@ -294,7 +297,11 @@ fn parse_status_name(name: &str) -> Option<(String, u32)> {
 pub fn stamp(secs: i64) -> String {
     let t = format_utc(secs);
     let digits: String = t.chars().take(19).filter(|c| c.is_ascii_digit()).collect();
-    format!("{}T{}Z", digits.get(..8).unwrap_or(""), digits.get(8..).unwrap_or(""))
+    format!(
+        "{}T{}Z",
+        digits.get(..8).unwrap_or(""),
+        digits.get(8..).unwrap_or("")
+    )
 }
 
 fn now_secs() -> i64 {
@@ -372,7 +379,10 @@ fn newest_status(repo: &dyn Repo, key: &str) -> Result<Option<StatusRecord>> {
     };
     let k = format!("{dir}/{name}");
     let Some(b) = get_small(repo, &k)? else {
-        return Err(Error::corruption(format!("{}: listed but absent", what(repo, &k))));
+        return Err(Error::corruption(format!(
+            "{}: listed but absent",
+            what(repo, &k)
+        )));
     };
     let rec: StatusRecord = serde_json::from_slice(&b)
         .map_err(|e| Error::corruption(format!("{}: {e}", what(repo, &k))))?;
@@ -939,8 +949,11 @@ mod tests {
     }
 
     fn put_meta(r: &MemRepo, dir: &str, file: &str, m: &BackupMeta) {
-        r.put_new(&format!("instances/db/backups/{dir}/{file}"), &encode(m).unwrap())
-            .unwrap();
+        r.put_new(
+            &format!("instances/db/backups/{dir}/{file}"),
+            &encode(m).unwrap(),
+        )
+        .unwrap();
     }
 
     fn status_of(c: &Catalog, id: &str) -> (Status, Option<String>) {
@@ -970,8 +983,15 @@ mod tests {
         // a failed backup leaves an ERROR record and keeps its files
         r.put_new("instances/db/backups/TOYWVV-2/manifest", b"partial")
             .unwrap();
-        record_status(&c, "db", "TOYWVV-2", Status::Error, Some("boom".into()), "backup")
-            .unwrap();
+        record_status(
+            &c,
+            "db",
+            "TOYWVV-2",
+            Status::Error,
+            Some("boom".into()),
+            "backup",
+        )
+        .unwrap();
         assert_eq!(
             status_of(&c, "TOYWVV-2"),
             (Status::Error, Some("boom".into()))
@@ -1002,21 +1022,41 @@ mod tests {
     fn newest_status_record_wins() {
         let (c, r) = mem_catalog();
         put_meta(&r, "A", META_FILE, &meta("A"));
-        let before = r.get("instances/db/backups/A/backup.json").unwrap().into_vec();
-        record_status(&c, "db", "A", Status::Corrupt, Some("bad crc".into()), "validate")
-            .unwrap();
+        let before = r
+            .get("instances/db/backups/A/backup.json")
+            .unwrap()
+            .into_vec();
+        record_status(
+            &c,
+            "db",
+            "A",
+            Status::Corrupt,
+            Some("bad crc".into()),
+            "validate",
+        )
+        .unwrap();
         assert_eq!(
             status_of(&c, "A"),
             (Status::Corrupt, Some("bad crc".into()))
         );
-        record_status(&c, "db", "A", Status::Orphan, Some("parent".into()), "validate").unwrap();
+        record_status(
+            &c,
+            "db",
+            "A",
+            Status::Orphan,
+            Some("parent".into()),
+            "validate",
+        )
+        .unwrap();
         assert_eq!(status_of(&c, "A").0, Status::Orphan);
         record_status(&c, "db", "A", Status::Ok, None, "validate").unwrap();
         assert_eq!(status_of(&c, "A"), (Status::Ok, None));
         let l = r.list("instances/db/backups/A/status").unwrap();
         assert_eq!(l.objects.len(), 3);
         assert_eq!(
-            r.get("instances/db/backups/A/backup.json").unwrap().into_vec(),
+            r.get("instances/db/backups/A/backup.json")
+                .unwrap()
+                .into_vec(),
             before
         );
         // an unreadable newest record is damage, not "no record"
@@ -1027,7 +1067,9 @@ mod tests {
         let (v, skipped) = scan(&c2, "db").unwrap();
         assert!(v.is_empty());
         assert_eq!(skipped[0].kind(), ErrorKind::Corruption);
-        assert!(skipped[0].to_string().contains("status/20261129T101010Z.json"));
+        assert!(skipped[0]
+            .to_string()
+            .contains("status/20261129T101010Z.json"));
     }
 
     /// The previous release's in-place formats: backup.json format 1 and 2 with status OK,
@@ -1041,7 +1083,8 @@ mod tests {
         })
         .unwrap();
         old.push(b'\n');
-        r.put_new("instances/db/backups/OLD/backup.json", &old).unwrap();
+        r.put_new("instances/db/backups/OLD/backup.json", &old)
+            .unwrap();
         put_meta(
             &r,
             "COR",
@@ -1098,14 +1141,18 @@ mod tests {
         // a marker that names another backup
         put_meta(&r, "D", STARTED_FILE, &meta("A"));
         // a prefix with neither metadata nor marker: a leftover, no complaint
-        r.put_new("instances/db/backups/NEW/manifest", b"x").unwrap();
+        r.put_new("instances/db/backups/NEW/manifest", b"x")
+            .unwrap();
         let (v, skipped) = scan(&c, "db").unwrap();
         let ids: Vec<&str> = v.iter().map(|m| m.id.as_str()).collect();
         assert_eq!(ids, ["A"], "{skipped:?}");
         assert_eq!(skipped.len(), 3, "{skipped:?}");
         let text: Vec<String> = skipped.iter().map(|e| e.to_string()).collect();
         for needle in ["backups/B", "backups/C", "backups/D"] {
-            assert!(text.iter().any(|t| t.contains(needle)), "{needle}: {text:?}");
+            assert!(
+                text.iter().any(|t| t.contains(needle)),
+                "{needle}: {text:?}"
+            );
         }
         assert!(load_in(&c, "db", "B").is_err());
         assert!(load_in(&c, "db", "../db/backups/A").is_err());
@@ -1119,7 +1166,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let c = Catalog::init(&d.path().join("cat")).unwrap();
         c.repo()
-            .put_new("instances/db/backups/A/backup.json", &encode(&meta("A")).unwrap())
+            .put_new(
+                "instances/db/backups/A/backup.json",
+                &encode(&meta("A")).unwrap(),
+            )
             .unwrap();
         let bdir = d.path().join("cat/instances/db/backups");
         let elsewhere = d.path().join("elsewhere/L");
@@ -1135,7 +1185,10 @@ mod tests {
         let text: Vec<String> = skipped.iter().map(|e| e.to_string()).collect();
         assert_eq!(skipped.len(), 2, "{text:?}");
         for needle in ["backups/L", "backups/S"] {
-            assert!(text.iter().any(|t| t.contains(needle)), "{needle}: {text:?}");
+            assert!(
+                text.iter().any(|t| t.contains(needle)),
+                "{needle}: {text:?}"
+            );
         }
     }
 }

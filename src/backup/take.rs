@@ -228,19 +228,17 @@ fn run(
     // barrier makes them durable before the completion record.
     let mw_obj = create(catalog, &key, "manifest")?;
     let mpath = std::path::PathBuf::from(mw_obj.describe());
-    let mut mw = ManifestWriter::new(BufWriter::new(mw_obj), opts.compress)
-        .ctx("write", &mpath)?;
+    let mut mw = ManifestWriter::new(BufWriter::new(mw_obj), opts.compress).ctx("write", &mpath)?;
     let mut files = 0u64;
     let mut bytes = 0u64;
-    let mut add = |e: FileEntry,
-                   mw: &mut ManifestWriter<BufWriter<Box<dyn ObjectWriter>>>|
-     -> Result<()> {
-        if e.storage != Storage::Dir {
-            files += 1;
-            bytes += e.stored_size;
-        }
-        mw.add(&e).ctx("write", &mpath)
-    };
+    let mut add =
+        |e: FileEntry, mw: &mut ManifestWriter<BufWriter<Box<dyn ObjectWriter>>>| -> Result<()> {
+            if e.storage != Storage::Dir {
+                files += 1;
+                bytes += e.stored_size;
+            }
+            mw.add(&e).ctx("write", &mpath)
+        };
     copy_tree(&ctx, opts.jobs, |e| add(e, &mut mw))?;
     // pg_control last
     let pc = pgdata.join("global").join("pg_control");

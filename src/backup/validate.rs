@@ -41,9 +41,9 @@ use crate::types::{valid_segment_size, Lsn, TimeLineId, WalFileName};
 use super::meta::{self, BackupMeta, Mode, Status};
 use super::plan;
 use super::stored;
-use crate::repo::Repo;
 use crate::format::incfile;
 use crate::format::manifest::{self, FileEntry, Storage};
+use crate::repo::Repo;
 
 /// What to validate.
 #[derive(Clone, Debug, Default)]
@@ -564,12 +564,14 @@ fn check_files(
     let mkey = format!("{key}/{}", manifest::FILE_NAME);
     let mwhat = stored::what(repo, &mkey);
     let blob = repo.get(&mkey).map_err(|e| problem(&e))?;
-    let res = manifest::read(&blob[..], &mwhat, |e| match check_entry(repo, &key, b, &e) {
-        Ok(()) => Ok(()),
-        Err(Problem::Damaged(m)) => Err(Error::corruption(m)),
-        Err(u @ Problem::Unreadable(_)) => {
-            unreadable.get_or_insert(u);
-            Ok(())
+    let res = manifest::read(&blob[..], &mwhat, |e| {
+        match check_entry(repo, &key, b, &e) {
+            Ok(()) => Ok(()),
+            Err(Problem::Damaged(m)) => Err(Error::corruption(m)),
+            Err(u @ Problem::Unreadable(_)) => {
+                unreadable.get_or_insert(u);
+                Ok(())
+            }
         }
     });
     res.map(drop).map_err(|e| problem(&e))
@@ -1083,7 +1085,6 @@ mod tests {
             problem(&Error::corruption("crc")),
             Problem::Damaged(_)
         ));
-
     }
 
     #[test]

@@ -15,7 +15,9 @@ use crate::safepath;
 use crate::types::{Lsn, TimeLineId};
 
 use super::dirs::{self, Dest, DirState, Registered};
-use super::{choose_backup_on, quote_conf, Recovery, RecoveryTarget, RestoreOptions, TimelineTarget};
+use super::{
+    choose_backup_on, quote_conf, Recovery, RecoveryTarget, RestoreOptions, TimelineTarget,
+};
 use crate::backup::meta::BackupMeta;
 use crate::backup::stored;
 use crate::format::manifest::{self, FileEntry, Storage};

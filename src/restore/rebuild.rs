@@ -30,8 +30,8 @@ use crate::durable;
 use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
 use crate::repo::Repo;
-use std::sync::Arc;
 use crate::safepath;
+use std::sync::Arc;
 
 use crate::format::incfile::{self, IncInfo};
 use crate::format::manifest::Lz4Frames;
@@ -601,7 +601,8 @@ enum WholeReader {
     },
 }
 
-type Lz4Decoder = lz4_flex::frame::FrameDecoder<CrcReader<std::io::Take<std::io::BufReader<ObjReader>>>>;
+type Lz4Decoder =
+    lz4_flex::frame::FrameDecoder<CrcReader<std::io::Take<std::io::BufReader<ObjReader>>>>;
 
 impl WholeReader {
     fn open(plan: &Plan, src: &Source, k: u32) -> Result<WholeReader> {

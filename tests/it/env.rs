@@ -327,7 +327,9 @@ pub(crate) fn wait_promoted(pg: &Pg) {
 }
 
 /// The entries of a backup's manifest file (tests read the local catalog directly).
-pub(crate) fn manifest_entries(path: &Path) -> walnut::Result<Vec<walnut::format::manifest::FileEntry>> {
+pub(crate) fn manifest_entries(
+    path: &Path,
+) -> walnut::Result<Vec<walnut::format::manifest::FileEntry>> {
     let f = std::fs::File::open(path).map_err(|e| walnut::Error::io("open", path, e))?;
     let mut v = Vec::new();
     walnut::format::manifest::read(

@@ -375,8 +375,17 @@ fn page_lsn_beyond_the_server_fails_the_backup() {
         // a failed backup is its started marker, its files so far and a dated ERROR
         // record: never a backup.json (nothing is rewritten or deleted)
         let left = listing(&env.backups_dir().join(id));
-        assert!(left.contains(&"backup.started".to_string()), "backup {id}: {left:?}");
-        assert!(left.contains(&"status".to_string()), "backup {id}: {left:?}");
-        assert!(!left.contains(&"backup.json".to_string()), "backup {id}: {left:?}");
+        assert!(
+            left.contains(&"backup.started".to_string()),
+            "backup {id}: {left:?}"
+        );
+        assert!(
+            left.contains(&"status".to_string()),
+            "backup {id}: {left:?}"
+        );
+        assert!(
+            !left.contains(&"backup.json".to_string()),
+            "backup {id}: {left:?}"
+        );
     }
 }
