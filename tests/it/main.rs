@@ -4,6 +4,7 @@ mod harness;
 
 mod archive;
 mod backup;
+mod backup_appendonly;
 mod backup_compat;
 mod catalog_hardening;
 mod check_metrics;
