@@ -323,6 +323,7 @@ pub fn validate(catalog: &Catalog, instance: &str, opts: &ValidateOptions) -> Re
             .filter_map(|r| meta_of(&r.id))
             .collect();
         report.wal = Some(check_wal(
+            catalog.repo(),
             &archive,
             &starts,
             opts.backup_id.is_some(),
@@ -624,6 +625,7 @@ fn check_entry(
 /// `--wal`: every segment from each start backup to the newest archived one (or the
 /// target), along the timeline history recovery would follow.
 fn check_wal(
+    repo: &dyn Repo,
     archive: &WalArchive,
     starts: &[&BackupMeta],
     explicit: bool,
@@ -668,7 +670,7 @@ fn check_wal(
             continue;
         }
         reaching += 1;
-        match wal_path(archive, b, &target) {
+        match wal_path(repo, archive, b, &target) {
             Ok((segs, note)) => {
                 wanted.extend(segs);
                 if let Some(n) = note {
@@ -731,6 +733,7 @@ type SegOnTli = (u64, TimeLineId);
 /// The segments (segno, timeline) recovery from `b` reads up to the target, and a note when
 /// `b` is not on the newest timeline's history (then its own timeline is followed).
 fn wal_path(
+    repo: &dyn Repo,
     archive: &WalArchive,
     b: &BackupMeta,
     target: &WalTarget,
@@ -747,7 +750,7 @@ fn wal_path(
         history = archive.timeline_history(cur)?;
     }
     let first = b.start_lsn.segno(seg);
-    let newest = newest_segment(archive, &history, cur)?;
+    let newest = newest_segment(repo, archive, &history, cur)?;
     let end = match target {
         WalTarget::Lsn(l) => Some(l.segno(seg)),
         WalTarget::Time(t) => {
@@ -812,26 +815,20 @@ fn newest_timeline(
 
 /// The newest archived segment that recovery on `cur` (with `history`) would read.
 fn newest_segment(
+    repo: &dyn Repo,
     archive: &WalArchive,
     history: &[HistoryEntry],
     cur: TimeLineId,
 ) -> Result<Option<u64>> {
     let seg = archive.seg_size();
+    let wal = Catalog::wal_key(&archive.config().name);
     let mut best: Option<u64> = None;
     let tlis = history.iter().map(|h| h.tli).chain(std::iter::once(cur));
     for tli in tlis {
-        let d = archive.dir().join(format!("{tli:08X}"));
-        let rd = match std::fs::read_dir(&d) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(Error::io("read directory", &d, e)),
-        };
-        for f in rd {
-            let f = f.map_err(|e| Error::io("read directory", &d, e))?;
-            let n = f.file_name();
-            let Some(name) = n
-                .to_str()
-                .and_then(|s| s.strip_suffix(".lz4"))
+        for o in repo.list(&format!("{wal}/{tli:08X}"))?.objects {
+            let Some(name) = o
+                .name
+                .strip_suffix(".lz4")
                 .and_then(|s| s.parse::<WalFileName>().ok())
                 .filter(|w| w.is_segment() && w.tli() == tli)
             else {
@@ -1170,29 +1167,29 @@ mod tests {
         let (_d, catalog) = two_timelines();
         let ar = WalArchive::open(&catalog, "db").unwrap();
         let b = meta("F", Mode::Full, None);
-        let (segs, note) = wal_path(&ar, &b, &WalTarget::Latest).unwrap();
+        let (segs, note) = wal_path(catalog.repo(), &ar, &b, &WalTarget::Latest).unwrap();
         assert_eq!(segs, vec![(2, 1), (3, 1), (4, 2), (5, 2), (6, 2), (7, 2)]);
         assert_eq!(note, None);
-        let (segs, _) = wal_path(&ar, &b, &WalTarget::Lsn(Lsn(0x50_0000))).unwrap();
+        let (segs, _) = wal_path(catalog.repo(), &ar, &b, &WalTarget::Lsn(Lsn(0x50_0000))).unwrap();
         assert_eq!(segs.last(), Some(&(5, 2)));
         // a backup on timeline 1 after the switch is not on timeline 2's history
         let mut late = b.clone();
         late.start_lsn = Lsn(0x50_0028);
-        let (segs, _) = wal_path(&ar, &late, &WalTarget::Latest).unwrap();
+        let (segs, _) = wal_path(catalog.repo(), &ar, &late, &WalTarget::Latest).unwrap();
         assert_eq!(segs, vec![(5, 1), (6, 1)]);
 
         // the whole check: a gap on timeline 2, then a damaged segment
         std::fs::remove_file(ar.data_path(&WalFileName::segment(2, 5, SEG))).unwrap();
-        let rep = check_wal(&ar, &[&b], true, &WalTarget::Latest);
+        let rep = check_wal(catalog.repo(), &ar, &[&b], true, &WalTarget::Latest);
         assert_eq!(rep.segments_checked, 5);
         assert_eq!(rep.problems.len(), 1, "{:?}", rep.problems);
         assert!(rep.problems[0].contains("000000020000000000000005"));
         std::fs::write(ar.data_path(&WalFileName::segment(1, 3, SEG)), b"junk").unwrap();
-        let rep = check_wal(&ar, &[&b], true, &WalTarget::Latest);
+        let rep = check_wal(catalog.repo(), &ar, &[&b], true, &WalTarget::Latest);
         assert_eq!(rep.problems.len(), 2, "{:?}", rep.problems);
         assert!(rep.problems[0].contains("000000010000000000000003"));
         // a target the backup cannot reach
-        let rep = check_wal(&ar, &[&b], true, &WalTarget::Lsn(Lsn(0x10)));
+        let rep = check_wal(catalog.repo(), &ar, &[&b], true, &WalTarget::Lsn(Lsn(0x10)));
         assert!(rep.problems.iter().any(|p| p.contains("cannot reach")));
     }
 }
