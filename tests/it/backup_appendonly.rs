@@ -146,3 +146,57 @@ fn backups_and_validations_only_add_objects() {
     );
     r.stop();
 }
+
+/// A backup is RUNNING while its taker holds the running lock (here: waiting for WAL that
+/// is never archived) and ERROR once the taker is killed: derived from the started marker
+/// and the lock, with nothing rewritten.
+#[test]
+fn running_while_the_taker_lives_error_once_it_is_killed() {
+    let env = Env::new("bk-running");
+    let pg = &env.pg;
+    pg.psql(
+        "postgres",
+        "create table t(i int); insert into t values (1)",
+    );
+    // archiving fails from now on (the command still names this catalog, as checks want)
+    pg.append_conf(&format!(
+        "archive_command = 'false walnut-archive -B {} --instance db %p %f'",
+        env.cat()
+    ));
+    pg.psql("postgres", "select pg_reload_conf()");
+    let args = env.backup_args_on(pg, "full", &["--archive-timeout", "120"]);
+    let mut child = as_pg(walnut_bin("walnut"))
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(env.path("backup.err")).unwrap())
+        .spawn()
+        .expect("spawn backup");
+    let t0 = std::time::Instant::now();
+    let row = loop {
+        if let Some(r) = env.show().into_iter().find(|r| r["status"] == "RUNNING") {
+            break r;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(60),
+            "no RUNNING backup in show: {:?}\n{}",
+            env.show(),
+            std::fs::read_to_string(env.path("backup.err")).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let id = row["id"].as_str().unwrap().to_string();
+    let marker = env.backup_dir(&id).join("backup.started");
+    let m = walnut::backup::meta::decode(&std::fs::read(&marker).unwrap(), "marker").unwrap();
+    let pid = m.pid.expect("the marker names its taker");
+    // the walnut process this test started (runuser's child), by its id
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = child.wait();
+    let row = env.row(&id);
+    assert_eq!(row["status"], "ERROR", "{row}");
+    assert!(!env.backup_dir(&id).join("backup.json").exists());
+    assert!(marker.is_file());
+}
