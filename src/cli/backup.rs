@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use crate::backup::{meta, show, take, validate, Mode};
+use crate::backup::show::{self, BackupRow};
+use crate::backup::validate::{self, Outcome, Report};
+use crate::backup::{meta, take, Mode};
 use crate::catalog::Catalog;
 use crate::cli::{ConnArgs, InstanceArgs, OutputFormat, ShowArgs};
 use crate::error::{Error, Result};
@@ -382,7 +384,7 @@ pub fn run_show(a: ShowArgs) -> Result<i32> {
     let rows = show::rows(&catalog, a.instance.as_deref(), a.backup_id.as_deref())?;
     match a.format {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
-        OutputFormat::Text => print!("{}", show::table(&rows)),
+        OutputFormat::Text => print!("{}", show_table(&rows)),
     }
     Ok(0)
 }
@@ -406,7 +408,7 @@ pub fn run_validate(a: ValidateArgs) -> Result<i32> {
     };
     let catalog = Catalog::open(&a.instance.catalog.catalog)?;
     let report = validate::validate(&catalog, &a.instance.instance, &opts)?;
-    print!("{}", validate::render_text(&report));
+    print!("{}", render_validate(&report));
     let problems = validate::problems(&report);
     for p in &problems {
         eprintln!("walnut: {p}");
@@ -421,6 +423,136 @@ pub fn run_validate(a: ValidateArgs) -> Result<i32> {
     );
     log::info!("validate: {checked} checked, {failed} failed");
     Ok(if success { 0 } else { 1 })
+}
+
+/// The validate report as text: one line per backup, then the WAL and a summary.
+pub fn render_validate(r: &Report) -> String {
+    let mut s = String::new();
+    for b in &r.backups {
+        let (word, why) = match &b.outcome {
+            Outcome::Valid => ("valid", String::new()),
+            Outcome::Corrupt(m) => ("CORRUPT", m.clone()),
+            Outcome::Orphan(m) => ("ORPHAN", m.clone()),
+            Outcome::Unreadable(m) => ("could not be read (status unchanged)", m.clone()),
+            Outcome::Skipped(m) => ("skipped", m.clone()),
+        };
+        let change = if b.before != b.after {
+            format!(" [{} -> {}]", b.before, b.after)
+        } else {
+            String::new()
+        };
+        let why = if why.is_empty() {
+            why
+        } else {
+            format!(": {why}")
+        };
+        s.push_str(&format!(
+            "backup {} {:<5} {:<8} {word}{change}{why}\n",
+            b.id,
+            b.mode.to_string(),
+            b.after.to_string()
+        ));
+    }
+    for d in &r.damaged {
+        s.push_str(&format!("{d}\n"));
+    }
+    if let Some(w) = &r.wal {
+        for p in &w.problems {
+            s.push_str(&format!("{p}\n"));
+        }
+    }
+    for e in &r.record_errors {
+        s.push_str(&format!("{e}\n"));
+    }
+    let count = |f: fn(&Outcome) -> bool| r.backups.iter().filter(|b| f(&b.outcome)).count();
+    s.push_str(&format!(
+        "{} backups: {} valid, {} CORRUPT, {} ORPHAN, {} could not be read, {} skipped; {} damaged backup directories",
+        r.backups.len(),
+        count(|o| matches!(o, Outcome::Valid)),
+        count(|o| matches!(o, Outcome::Corrupt(_))),
+        count(|o| matches!(o, Outcome::Orphan(_))),
+        count(|o| matches!(o, Outcome::Unreadable(_))),
+        count(|o| matches!(o, Outcome::Skipped(_))),
+        r.damaged.len()
+    ));
+    if let Some(w) = &r.wal {
+        s.push_str(&format!(
+            "; WAL: {} segments verified, {} problems",
+            w.segments_checked,
+            w.problems.len()
+        ));
+    }
+    s.push('\n');
+    s.push_str(if r.success() {
+        "validate: OK\n"
+    } else {
+        "validate: FAILED\n"
+    });
+    s
+}
+
+fn human_bytes(n: u64) -> String {
+    const U: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n}B")
+    } else {
+        format!("{v:.1}{}", U[i])
+    }
+}
+
+/// The backups as an aligned text table.
+pub fn show_table(rows: &[BackupRow]) -> String {
+    let header = [
+        "Instance",
+        "ID",
+        "Mode",
+        "Status",
+        "Parent",
+        "TLI",
+        "Start LSN",
+        "Stop LSN",
+        "Start time",
+        "Recovery time",
+        "Data",
+        "Files",
+    ];
+    let mut cells: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    for r in rows {
+        cells.push(vec![
+            r.instance.clone(),
+            r.id.clone(),
+            r.mode.clone(),
+            r.status.clone(),
+            r.parent_id.clone().unwrap_or_else(|| "-".into()),
+            r.timeline.to_string(),
+            r.start_lsn.clone(),
+            r.stop_lsn.clone().unwrap_or_else(|| "-".into()),
+            r.start_time.clone(),
+            r.recovery_time.clone().unwrap_or_else(|| "-".into()),
+            human_bytes(r.data_bytes),
+            r.files.to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| cells.iter().map(|row| row[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &cells {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
