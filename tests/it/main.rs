@@ -6,6 +6,8 @@ mod append_only;
 mod archive;
 mod archive_append_only;
 mod backup;
+mod backup_appendonly;
+mod backup_compat;
 mod catalog_hardening;
 mod check_metrics;
 mod cli_layers;
