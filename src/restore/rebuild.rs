@@ -30,7 +30,6 @@ use crate::durable;
 use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
 use crate::repo::Repo;
-use crate::safepath;
 use std::sync::Arc;
 
 use crate::format::incfile::{self, IncInfo};
@@ -82,12 +81,10 @@ impl Source {
 
     /// Opens the stored object for positional reads (see [`Obj`]).
     fn open(&self) -> Result<Obj> {
-        match self.repo.local_root() {
-            // A local store's object is a file below its root, opened as the store opens
-            // it (no symbolic link below the root, a regular file): one descriptor per
-            // chunk and readahead hints, as restore's throughput needs.
-            Some(root) => {
-                let f = safepath::open_under(root, &self.key)?;
+        match self.repo.open_file(&self.key)? {
+            // A local store's object is a file below its root (no symbolic link below the
+            // root, a regular file): one descriptor per chunk and readahead hints.
+            Some(f) => {
                 let len = f.metadata().ctx("stat", &self.path())?.len();
                 Ok(Obj::File(f, len))
             }
