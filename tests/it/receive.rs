@@ -437,10 +437,57 @@ fn receive_sigkill_at_any_point_loses_nothing() {
         "show",
     );
     assert!(text.contains("receiver: slot walnut_receive"), "{text}");
+    // WAL in the segment being filled, then a clean stop.
+    env.pg.psql(
+        "postgres",
+        "create table z as select generate_series(1, 1000) i",
+    );
+    let tail: Lsn = env
+        .pg
+        .psql("postgres", "select pg_current_wal_flush_lsn()")
+        .parse()
+        .unwrap();
+    rx.wait_flushed(tail);
     rx.stop();
     let log = rx.log_text();
     eprintln!("{log}");
     assert!(log.contains("resuming"), "a .partial was resumed\n{log}");
+    fetch_serves_the_spool(&env, &rx, tail);
+}
+
+/// walnut-fetch serves the receive spool's `.partial` under its segment name, zero-padded;
+/// a spool file that is a link is fatal (200), a name in neither place absent (1).
+fn fetch_serves_the_spool(env: &Env, rx: &Receiver, tail: Lsn) {
+    let seg = env.archive().seg_size();
+    let name = WalFileName::segment(1, tail.segno(seg), seg);
+    assert!(!env.archive().is_archived(&name).unwrap());
+    let dest = env.path("fetched");
+    let fetch = |n: &WalFileName| {
+        let mut c = as_pg(walnut_bin("walnut-fetch"));
+        c.args(["-B", env.cat(), "--instance", "db", "--prefetch", "0"])
+            .arg(n.to_string())
+            .arg(&dest);
+        run(&mut c)
+    };
+    let out = fetch(&name);
+    assert!(out.status.success(), "{}", super::env::stderr(&out));
+    let got = std::fs::read(&dest).unwrap();
+    assert_eq!(got.len(), seg as usize);
+    let k = tail.segment_offset(seg) as usize;
+    let disk = std::fs::read(env.pg.data.join("pg_wal").join(name.to_string())).unwrap();
+    assert_eq!(got[..k], disk[..k], "the received bytes");
+    let end = rx.flushed();
+    assert_eq!(end.segno(seg), tail.segno(seg));
+    let e = end.segment_offset(seg) as usize;
+    assert_eq!(got[..e], disk[..e], "everything received");
+    assert!(got[e..].iter().all(|b| *b == 0), "zero-padded");
+    let next = WalFileName::segment(1, tail.segno(seg) + 1, seg);
+    assert_eq!(fetch(&next).status.code(), Some(1), "absent");
+    let p = rx.spool.join(format!("{name}.partial"));
+    let moved = env.path("moved.partial");
+    std::fs::rename(&p, &moved).unwrap();
+    std::os::unix::fs::symlink(&moved, &p).unwrap();
+    assert_eq!(fetch(&name).status.code(), Some(200), "a link is fatal");
 }
 
 #[test]
