@@ -490,13 +490,52 @@ impl Receiver<'_> {
                 .read_slot(slot)?
                 .and_then(|s| s.restart_lsn.map(|l| (l, s.restart_tli))));
         }
-        // Before 15 there is no READ_REPLICATION_SLOT: create it unless it exists.
+        // Before 15 there is no READ_REPLICATION_SLOT: create it unless it exists, and
+        // read its position from pg_replication_slots over a normal connection.
         match conn.create_physical_slot(slot, false, true) {
             Ok(_) => log::info!("created the physical replication slot \"{slot}\""),
             Err(e) if e.message().contains("already exists") => {}
             Err(e) => return Err(e),
         }
-        Ok(None)
+        match self.slot_from_sql() {
+            Ok(Some(l)) => {
+                let tli = self.timeline_of(conn, l)?;
+                Ok(Some((l, Some(tli))))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                log::warn!("could not read slot \"{slot}\" from pg_replication_slots: {e}");
+                Ok(None)
+            }
+        }
+    }
+
+    /// `restart_lsn` of the slot from `pg_replication_slots` (servers before 15).
+    fn slot_from_sql(&self) -> Result<Option<Lsn>> {
+        let mut sess = crate::server::connect(&self.opts.conn, self.ar.config())?;
+        let rows = sess.client().query(
+            "select restart_lsn::text from pg_replication_slots \
+             where slot_name = $1 and slot_type = 'physical'",
+            &[&self.opts.slot],
+        )?;
+        match rows.first().and_then(|r| r.get::<_, Option<String>>(0)) {
+            Some(s) => Ok(Some(s.parse()?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The timeline of the server's history that `lsn` lies on.
+    fn timeline_of(&self, conn: &mut ReplConnection, lsn: Lsn) -> Result<TimeLineId> {
+        let id = conn.identify_system()?;
+        if id.timeline <= 1 {
+            return Ok(id.timeline);
+        }
+        let h = conn.timeline_history(id.timeline)?;
+        let entries = crate::archive::parse_history(&h.content, &h.name.to_string())?;
+        Ok(entries
+            .iter()
+            .find(|e| lsn < e.switchpoint)
+            .map_or(id.timeline, |e| e.tli))
     }
 
     /// Where streaming starts: the local `.partial` when it is at or after the slot's
@@ -542,6 +581,7 @@ impl Receiver<'_> {
                 }
             }
         }
+        // (restart_tli is known on 15+, and looked up in the history before.)
         let (pos, tli) = match slot_pos {
             Some((l, t)) => (l, t.unwrap_or(id.timeline)),
             None => (id.xlogpos, id.timeline),

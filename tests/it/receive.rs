@@ -597,3 +597,50 @@ fn receive_beside_walnut_archive_stores_each_segment_once() {
     assert!(rx.child.as_mut().unwrap().try_wait().unwrap().is_none());
     rx.stop();
 }
+
+/// PostgreSQL 14 (no READ_REPLICATION_SLOT): the slot's position comes from
+/// pg_replication_slots. With the spool lost, a restart streams from the slot: no gap.
+#[test]
+fn receive_pg14_starts_from_the_slot() {
+    let Some(tools) = super::matrix::pg18_tools() else {
+        return;
+    };
+    let (major, version) = NPM_VERSIONS.iter().find(|(m, _)| *m == 14).unwrap();
+    let server = match npm_server(*major, version) {
+        Ok(s) => s,
+        Err(e) => {
+            super::matrix::say(&format!("receive: PG14 SKIPPED: {e}"));
+            return;
+        }
+    };
+    let env = Env::on(
+        "recv-pg14",
+        &server,
+        Some(&tools),
+        "archive_mode = off\nwal_keep_size = '1GB'\n",
+    );
+    let mut rx = Receiver::start(&env, &[]);
+    rx.wait_streaming();
+    env.pg.psql(
+        "postgres",
+        "create table t(i int); insert into t select generate_series(1, 30000)",
+    );
+    let (_, end) = switch(&env.pg);
+    rx.wait_flushed(end);
+    rx.kill9();
+    // the spool is lost: only the slot knows where to go on
+    std::fs::remove_dir_all(&rx.spool).unwrap();
+    env.pg
+        .psql("postgres", "insert into t select generate_series(1, 30000)");
+    rx.spawn();
+    rx.wait_streaming();
+    let (last, end) = switch(&env.pg);
+    rx.wait_flushed(end);
+    assert!(env.archive().is_archived(&last).unwrap());
+    let n = check_against_pg_wal(&env, 1);
+    assert!(n >= 4, "{n}");
+    rx.stop();
+    let log = rx.log_text();
+    eprintln!("{log}");
+    assert_eq!(log.matches("streaming timeline 1 from").count(), 2, "{log}");
+}
