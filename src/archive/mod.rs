@@ -23,6 +23,10 @@
 //!       <segment>.partial.lz4             last, incomplete segment of a timeline
 //!       <segment>.OOOOOOOO.backup.lz4     backup history file
 //!       TTTTTTTT.history.lz4              timeline history file (never overwritten)
+//!     .receive/                           `walnut receive`'s default spool (local working
+//!                                         state, never listed as catalog content; see
+//!                                         crate::receive): <segment>.partial being filled,
+//!                                         status.json, .receive.lock
 //! PGDATA/pg_wal/walnut-spool/             walnut-archive's look-ahead spool (local working
 //!                                         state, not catalog content; --spool-dir)
 //!   <segment>.ok                          JSON {name, size, crc32c, compressed_size, source}
