@@ -206,8 +206,21 @@ fn restore_latest(env: &Env, name: &str) -> Pg {
     let mut r = env.pg.existing_like(&target, &sock);
     r.append_conf("archive_mode = off\nsynchronous_standby_names = ''");
     r.start();
-    wait_promoted(&r);
-    r
+    // As wait_promoted, but a failed recovery shows the restored server's log.
+    let t0 = Instant::now();
+    loop {
+        let out = r.psql_output("postgres", "select pg_is_in_recovery()");
+        if out.status.success() && stdout(&out).trim() == "f" {
+            return r;
+        }
+        assert!(
+            out.status.success() && t0.elapsed() < Duration::from_secs(300),
+            "the restored server did not finish recovery: {}\n{}",
+            super::env::stderr(&out),
+            r.server_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn count(pg: &Pg, sql: &str) -> i64 {
