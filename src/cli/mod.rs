@@ -14,6 +14,7 @@ pub mod catalog;
 pub mod check;
 pub mod docs;
 pub mod metrics;
+pub mod receive;
 pub mod wal_index;
 
 /// Where the catalog is. `WALNUT_CATALOG` may stand in for `-B`.
@@ -106,6 +107,8 @@ pub enum Command {
     Check(crate::cli::check::CheckArgs),
     /// Write Prometheus metrics (node_exporter textfile format).
     Metrics(crate::cli::metrics::MetricsArgs),
+    /// Stream WAL from the server into the archive (a long-running receiver).
+    Receive(crate::cli::receive::ReceiveArgs),
     /// Print a shell completion script (bash, zsh or fish).
     Completions(crate::cli::docs::CompletionsArgs),
     /// Write man pages for walnut, its subcommands, walnut-archive and walnut-fetch.
@@ -145,6 +148,7 @@ pub fn run_walnut(cli: WalnutCli) -> crate::Result<i32> {
         Command::Validate(a) => crate::cli::backup::run_validate(a),
         Command::Check(a) => crate::cli::check::run(a),
         Command::Metrics(a) => crate::cli::metrics::run(a),
+        Command::Receive(a) => crate::cli::receive::run(a),
         Command::Completions(a) => crate::cli::docs::run_completions(a),
         Command::Man(a) => crate::cli::docs::run_man(a),
     }

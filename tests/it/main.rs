@@ -15,6 +15,7 @@ mod cli_synth;
 mod fetch_hardening;
 mod matrix;
 mod pgcontrol;
+mod receive;
 mod replication;
 mod restore_hardening;
 mod take_hardening;
