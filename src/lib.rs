@@ -29,6 +29,7 @@ pub mod index;
 pub mod metrics;
 pub mod pgcontrol;
 pub mod progress;
+pub mod receive;
 pub mod replication;
 pub mod repo;
 pub mod restore;

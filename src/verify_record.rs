@@ -8,14 +8,10 @@
 //! Recording is best effort for the caller's purpose (a validate result stands whether or
 //! not its record could be written), but its errors are reported, never hidden.
 
-use std::io::Read;
-use std::path::PathBuf;
-
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::Catalog;
-use crate::durable::{self, Replace};
-use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::error::{Error, ErrorKind, Result};
 
 /// Kinds of verification that leave records.
 pub const KINDS: [&str; 2] = ["validate", "verify-restore"];
@@ -39,8 +35,9 @@ pub struct Record {
     pub detail: serde_json::Value,
 }
 
-fn verify_dir(catalog: &Catalog, instance: &str) -> PathBuf {
-    catalog.instance_dir(instance).join("verify")
+/// The key prefix of an instance's verification records.
+fn verify_key(instance: &str) -> String {
+    format!("{}/verify", Catalog::instance_key(instance))
 }
 
 fn check_kind(kind: &str) -> Result<()> {
@@ -105,8 +102,8 @@ pub fn record(
     };
     let mut json = serde_json::to_vec_pretty(&rec)?;
     json.push(b'\n');
-    let dir = verify_dir(catalog, instance);
-    durable::create_dir_all_durable(&dir)?;
+    let dir = verify_key(instance);
+    let repo = catalog.repo();
     let st = stamp(now);
     // Several runs in one second get -1, -2, ...: a record is never replaced.
     for n in 0..1000u32 {
@@ -115,14 +112,14 @@ pub fn record(
         } else {
             format!("{kind}-{st}-{n}.json")
         };
-        match durable::write_file(&dir.join(&name), &json, Replace::No) {
+        match repo.put_new(&format!("{dir}/{name}"), &json) {
             Err(e) if e.kind() == ErrorKind::Conflict => continue,
             other => return other,
         }
     }
     Err(Error::conflict(format!(
-        "{}: 1000 {kind} records in one second",
-        dir.display()
+        "{}/{dir}: 1000 {kind} records in one second",
+        repo.location()
     )))
 }
 
@@ -149,39 +146,28 @@ pub fn record_validate(
 pub fn latest(catalog: &Catalog, instance: &str, kind: &str) -> Result<Option<Record>> {
     check_kind(kind)?;
     crate::catalog::check_instance_name(instance)?;
-    let dir = verify_dir(catalog, instance);
-    let rd = match std::fs::read_dir(&dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io("read directory", &dir, e)),
-    };
+    let dir = verify_key(instance);
+    let repo = catalog.repo();
     let mut best: Option<((String, u32), String)> = None;
-    for e in rd {
-        let e = e.ctx("read directory", &dir)?;
-        let Some(name) = e.file_name().to_str().map(str::to_string) else {
-            continue;
-        };
-        if let Some(key) = parse_name(&name, kind) {
+    for o in repo.list(&dir)?.objects {
+        if let Some(key) = parse_name(&o.name, kind) {
             if best.as_ref().is_none_or(|(k, _)| key > *k) {
-                best = Some((key, name));
+                best = Some((key, o.name));
             }
         }
     }
     let Some((_, name)) = best else {
         return Ok(None);
     };
-    let path = dir.join(&name);
-    let f = crate::safepath::open_under(&dir, &name)?;
-    let mut bytes = Vec::new();
-    f.take(MAX_RECORD + 1)
-        .read_to_end(&mut bytes)
-        .ctx("read", &path)?;
-    if bytes.len() as u64 > MAX_RECORD {
+    let key = format!("{dir}/{name}");
+    let path = std::path::PathBuf::from(format!("{}/{key}", repo.location()));
+    if repo.head(&key)?.is_some_and(|h| h.size > MAX_RECORD) {
         return Err(Error::corruption(format!(
             "{}: larger than {MAX_RECORD} bytes",
             path.display()
         )));
     }
+    let bytes = repo.get(&key)?;
     let rec: Record = serde_json::from_slice(&bytes)
         .map_err(|e| Error::corruption(format!("{}: {e}", path.display())))?;
     if rec.kind != kind || rec.instance != instance {
@@ -201,14 +187,12 @@ mod tests {
 
     #[test]
     fn records_are_new_files_and_the_newest_wins() {
-        let d = tempfile::tempdir().unwrap();
-        let cat = Catalog::init(&d.path().join("cat")).unwrap();
+        let repo = crate::repo::MemRepo::new().refusing_delete();
+        let cat = Catalog::with_repo(std::path::Path::new("/mem"), std::sync::Arc::new(repo));
         assert_eq!(latest(&cat, "db", "validate").unwrap(), None);
         record(&cat, "db", "validate", true, serde_json::json!({"n": 1})).unwrap();
         record(&cat, "db", "validate", false, serde_json::json!({"n": 2})).unwrap();
-        let files: Vec<_> = std::fs::read_dir(cat.instance_dir("db").join("verify"))
-            .unwrap()
-            .collect();
+        let files = cat.repo().list("instances/db/verify").unwrap().objects;
         assert_eq!(files.len(), 2, "one file per record");
         let r = latest(&cat, "db", "validate").unwrap().unwrap();
         assert!(!r.success);
@@ -235,9 +219,9 @@ mod tests {
     fn an_unreadable_newest_record_is_an_error() {
         let d = tempfile::tempdir().unwrap();
         let cat = Catalog::init(&d.path().join("cat")).unwrap();
-        let dir = cat.instance_dir("db").join("verify");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("validate-20261129T101010Z.json"), b"{").unwrap();
+        cat.repo()
+            .put_new("instances/db/verify/validate-20261129T101010Z.json", b"{")
+            .unwrap();
         let e = latest(&cat, "db", "validate").unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Corruption);
     }

@@ -11,6 +11,10 @@
 //!   following a later timeline never asks for the old timeline's name of that segment
 //!   (it asks for the newer timeline's name first). Without it such a recovery would stop one
 //!   segment early. Serving is logged.
+//! - The segment `walnut receive` is filling (its spool's `<segment>.partial`, default
+//!   spool of a local catalog only) is served, zero-padded, for its segment name when
+//!   neither the name nor its `.partial` is archived: a restore to "latest" gets the
+//!   streamed tail (see [`crate::receive`]).
 //! - Absent: exit 1 (PostgreSQL: "not available"), only when the name and every candidate
 //!   for it (`.partial`) are definitely absent: `ENOENT` in a readable timeline directory.
 //!   Present but damaged (checksums, a link or non-regular file, another cluster's system
@@ -188,7 +192,10 @@ pub fn fetch_with_spool(
                         log::info!("{name} is not archived; serving {partial} in its place");
                         d
                     }
-                    None => return Ok(FetchOutcome::NotInArchive),
+                    None => match from_receive_spool(ar, name)? {
+                        Some(d) => d,
+                        None => return Ok(FetchOutcome::NotInArchive),
+                    },
                 }
             }
             _ => return Ok(FetchOutcome::NotInArchive),
@@ -200,6 +207,28 @@ pub fn fetch_with_spool(
     remove_stale_fetch_temps(dest);
     durable::write_file(dest, &data, Replace::Yes)?;
     Ok(FetchOutcome::Restored)
+}
+
+/// The segment `walnut receive` is filling, when it is `name` (zero-padded to a segment,
+/// as PostgreSQL expects of a `.partial`), so that recovery to "latest" gets the streamed
+/// tail. Only the default receive spool of a local catalog is looked at. When it is not
+/// there, the archive is asked once more: the receiver archives a completed segment before
+/// it removes the spool file, so a segment completed meanwhile is found there.
+fn from_receive_spool(ar: &WalArchive, name: &WalFileName) -> Result<Option<Vec<u8>>> {
+    let Some(spool) = ar.receive_spool() else {
+        return Ok(None);
+    };
+    if let Some(d) = crate::receive::serve_partial(ar, &spool, name)? {
+        log::info!(
+            "{name} is not archived; serving the segment walnut receive is filling (\"{}\")",
+            spool.display()
+        );
+        return Ok(Some(d));
+    }
+    if !spool.exists() {
+        return Ok(None);
+    }
+    ar.read_opt(name)
 }
 
 /// Removes walnut's temp files left in `dest`'s directory (`pg_wal`) by a killed fetch (a

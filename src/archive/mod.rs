@@ -23,6 +23,10 @@
 //!       <segment>.partial.lz4             last, incomplete segment of a timeline
 //!       <segment>.OOOOOOOO.backup.lz4     backup history file
 //!       TTTTTTTT.history.lz4              timeline history file (never overwritten)
+//!     .receive/                           `walnut receive`'s default spool (local working
+//!                                         state, never listed as catalog content; see
+//!                                         crate::receive): <segment>.partial being filled,
+//!                                         status.json, .receive.lock
 //! PGDATA/pg_wal/walnut-spool/             walnut-archive's look-ahead spool (local working
 //!                                         state, not catalog content; --spool-dir)
 //!   <segment>.ok                          JSON {name, size, crc32c, compressed_size, source}
@@ -190,6 +194,15 @@ impl WalArchive {
             "the WAL archive directory \"{}\" {why}",
             self.dir().display()
         )))
+    }
+
+    /// The default spool of `walnut receive` (local working state, see [`crate::receive`]):
+    /// `<archive>/.receive` in a local catalog (a dot-name, never listed as catalog
+    /// content); `None` for a catalog that is not a local directory.
+    pub fn receive_spool(&self) -> Option<PathBuf> {
+        self.repo
+            .local_root()
+            .map(|_| self.dir.join(crate::receive::RECEIVE_DIR))
     }
 
     /// The instance's configuration (system id, segment size, ...).
@@ -996,6 +1009,54 @@ mod tests {
                     .map(str::to_string)
             })
             .collect()
+    }
+
+    /// `walnut receive`'s path: bytes in memory are stored as a file would be, beside a
+    /// file push of the same name (same content: success; different: conflict).
+    #[test]
+    fn push_bytes_stores_like_push_file_and_meets_it_create_only() {
+        let (segs, _) = segments();
+        let (repo, ar) = mem_archive();
+        let (frepo, far) = mem_archive();
+        assert_eq!(
+            push::push_bytes(&ar, &segs[0], &name(3)).unwrap(),
+            push::PushOutcome::Archived
+        );
+        assert_eq!(
+            push(&far, 3, &segs[0]).unwrap(),
+            push::PushOutcome::Archived
+        );
+        assert_eq!(wal_keys(&repo), wal_keys(&frepo));
+        assert_eq!(ar.read(&name(3)).unwrap(), segs[0]);
+        assert!(matches!(
+            ar.index_state(1, 3).unwrap(),
+            IndexState::Pending(_)
+        ));
+        // a file push of the same segment after it: success, nothing new
+        assert_eq!(
+            push(&ar, 3, &segs[0]).unwrap(),
+            push::PushOutcome::AlreadyArchived
+        );
+        // the next segment by file, then by bytes: stored once, 3's index completed
+        assert_eq!(push(&ar, 4, &segs[1]).unwrap(), push::PushOutcome::Archived);
+        assert_eq!(
+            push::push_bytes(&ar, &segs[1], &name(4)).unwrap(),
+            push::PushOutcome::AlreadyArchived
+        );
+        assert!(matches!(
+            ar.index_state(1, 3).unwrap(),
+            IndexState::Indexed(_)
+        ));
+        let mut other = segs[1].clone();
+        other[100] ^= 1;
+        let e = push::push_bytes(&ar, &other, &name(4)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+        // the same checks as a file: another cluster's WAL, a wrong size
+        let mut foreign = segs[2].clone();
+        foreign[24] ^= 1; // system identifier in the long page header
+        assert!(push::push_bytes(&ar, &foreign, &name(5)).is_err());
+        assert!(push::push_bytes(&ar, &segs[2][..1000], &name(5)).is_err());
+        assert!(!ar.is_archived(&name(5)).unwrap());
     }
 
     #[test]

@@ -561,7 +561,21 @@ fn clean_stale_acks(spool: &Path, pg_wal: &Path) {
 
 /// Archives one file durably (see the module docs of [`crate::archive`]).
 pub fn push_file(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<PushOutcome> {
-    let t0 = std::time::Instant::now();
+    check_name_fits(ar, name)?;
+    let data = crate::repo::mapped::FileBytes::open(src)?;
+    push_data(ar, &data, name, Some(src))
+}
+
+/// Archives bytes already in memory (e.g. streamed by `walnut receive`) exactly as
+/// [`push_file`] archives a file: the same checks, compression, create-only commit and
+/// index on arrival. Same content already archived is success, different content an error
+/// ([`ErrorKind::Conflict`]).
+pub fn push_bytes(ar: &WalArchive, data: &[u8], name: &WalFileName) -> Result<PushOutcome> {
+    check_name_fits(ar, name)?;
+    push_data(ar, data, name, None)
+}
+
+fn check_name_fits(ar: &WalArchive, name: &WalFileName) -> Result<()> {
     let seg_size = ar.seg_size();
     if !name.fits_segment_size(seg_size) {
         return Err(Error::invalid(format!(
@@ -569,17 +583,33 @@ pub fn push_file(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<Push
             seg_size >> 20
         )));
     }
-    let data = crate::repo::mapped::FileBytes::open(src)?;
+    Ok(())
+}
+
+/// The body of [`push_file`] and [`push_bytes`]: `src` is the file the bytes came from
+/// (its sibling in `pg_wal` may complete the index of a crossing last record), `None`
+/// for bytes from elsewhere.
+fn push_data(
+    ar: &WalArchive,
+    data: &[u8],
+    name: &WalFileName,
+    src: Option<&Path>,
+) -> Result<PushOutcome> {
+    let t0 = std::time::Instant::now();
+    let seg_size = ar.seg_size();
+    let from = match src {
+        Some(p) => format!("\"{}\"", p.display()),
+        None => "streamed".to_string(),
+    };
     match name {
         WalFileName::Segment { .. } => {
             if data.len() as u64 != seg_size as u64 {
                 return Err(Error::invalid(format!(
-                    "{name} (\"{}\"): size {} is not the instance's WAL segment size {seg_size}",
-                    src.display(),
+                    "{name} ({from}): size {} is not the instance's WAL segment size {seg_size}",
                     data.len()
                 )));
             }
-            check_header(ar, name, &data, src)?;
+            check_header(ar, name, data, &from)?;
         }
         WalFileName::Partial { .. } => {
             if data.len() as u64 > seg_size as u64 {
@@ -588,7 +618,7 @@ pub fn push_file(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<Push
                     data.len()
                 )));
             }
-            check_header(ar, name, &data, src)?;
+            check_header(ar, name, data, &from)?;
         }
         WalFileName::History { .. } | WalFileName::Backup { .. } => {}
     }
@@ -597,10 +627,10 @@ pub fn push_file(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<Push
     let key = ar.data_key(name);
     let segno = name.segno(seg_size).filter(|_| name.is_segment());
     if ar.repo().head(&key)?.is_some() {
-        let out = compare_existing(ar, name, &data)?;
+        let out = compare_existing(ar, name, data)?;
         if let Some(segno) = segno {
             if ar.needs_index(name.tli(), segno) {
-                ar.index_and_store(name.tli(), segno, &data, None);
+                ar.index_and_store(name.tli(), segno, data, None);
             }
         }
         return Ok(out);
@@ -619,12 +649,16 @@ pub fn push_file(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<Push
     };
     // The three CPU costs run in parallel: indexing on one thread, the second half's LZ4
     // frame on another, CRC + the first half's frame on this one.
-    let bytes: &[u8] = &data;
+    let bytes: &[u8] = data;
     let what = name.to_string();
     type Parts = (Vec<u8>, Vec<u8>, Vec<u8>);
     let (encoded, built): (Result<Parts>, Option<Result<SegmentIndex>>) = std::thread::scope(|s| {
-        let ix = segno
-            .map(|segno| s.spawn(move || ar.build_index_on_arrival(name.tli(), segno, bytes, src)));
+        let ix = segno.map(|segno| {
+            s.spawn(move || match src {
+                Some(src) => ar.build_index_on_arrival(name.tli(), segno, bytes, src),
+                None => ar.build_index(name.tli(), segno, bytes, None),
+            })
+        });
         let (first, second) = bytes.split_at(bytes.len() / 2);
         let what2 = what.clone();
         let second_frame = s.spawn(move || crate::format::segment::compress_frame(second, &what2));
@@ -652,15 +686,15 @@ pub fn push_file(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<Push
     let outcome = match write_parts(ar, &key, &encoded) {
         Ok(()) => PushOutcome::Archived,
         // Someone archived the same name meanwhile (a concurrent push): compare.
-        Err(e) if e.kind() == ErrorKind::Conflict => compare_existing(ar, name, &data)?,
+        Err(e) if e.kind() == ErrorKind::Conflict => compare_existing(ar, name, data)?,
         Err(e) => return Err(e.context(format!("archiving {name}"))),
     };
     if let Some(segno) = segno {
         let t_write = t0.elapsed();
-        ar.index_and_store(name.tli(), segno, &data, built);
+        ar.index_and_store(name.tli(), segno, data, built);
         let t_index = t0.elapsed();
         if segno > 0 {
-            ar.complete_pending(name.tli(), segno - 1, Some((segno, &data)));
+            ar.complete_pending(name.tli(), segno - 1, Some((segno, data)));
         }
         log::debug!(
             "{name}: read+compress+index {:?}, durable write {:?}, index store {:?}, previous segment {:?}",
@@ -713,10 +747,15 @@ fn compare_existing(ar: &WalArchive, name: &WalFileName, data: &[u8]) -> Result<
 
 /// Checks that a segment belongs to the instance: page magic of its major version, system
 /// identifier, segment size, and that its first page is where the name says.
-fn check_header(ar: &WalArchive, name: &WalFileName, data: &[u8], src: &Path) -> Result<()> {
+pub(crate) fn check_header(
+    ar: &WalArchive,
+    name: &WalFileName,
+    data: &[u8],
+    from: &str,
+) -> Result<()> {
     let cfg = ar.config();
-    let h = crate::wal::read_long_header(data)
-        .map_err(|e| e.context(format!("{name} (\"{}\")", src.display())))?;
+    let h =
+        crate::wal::read_long_header(data).map_err(|e| e.context(format!("{name} ({from})")))?;
     if let Some(v) = PgVersion::from_major(cfg.pg_major) {
         if h.magic != v.page_magic() {
             return Err(Error::invalid(format!(

@@ -17,6 +17,63 @@ pub struct ArchiveReport {
     /// Whether every file was decompressed and checked (`--verify`).
     pub verified: bool,
     pub timelines: Vec<TimelineReport>,
+    /// `walnut receive`'s position, when its status file is in the default receive spool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receiver: Option<ReceiverReport>,
+}
+
+/// What `walnut receive` last recorded in its status file (local state).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ReceiverReport {
+    pub slot: String,
+    pub timeline: TimeLineId,
+    pub flushed_lsn: String,
+    pub server_wal_end: String,
+    /// Bytes the server had that were not flushed here yet, as of the last message.
+    pub lag_bytes: Option<u64>,
+    pub last_message_time: Option<String>,
+    /// Seconds since the last message from the server.
+    pub last_message_age_seconds: Option<f64>,
+    pub synchronous: bool,
+    pub pid: u32,
+    /// Whether a receiver holds the spool's lock now.
+    pub running: bool,
+    /// `streaming`, `reconnecting` or `stopped`, as last recorded.
+    pub state: String,
+}
+
+/// The receiver's report from the default receive spool of `ar`, when there is one.
+pub fn receiver_report(ar: &WalArchive) -> Option<ReceiverReport> {
+    let spool = ar.receive_spool()?;
+    let st = match crate::receive::read_status(&spool) {
+        Ok(s) => s?,
+        Err(e) => {
+            log::warn!("walnut receive's status: {e}");
+            return None;
+        }
+    };
+    let lsn = |s: &str| s.parse::<crate::types::Lsn>().ok();
+    let lag_bytes = match (lsn(&st.server_wal_end), lsn(&st.flushed_lsn)) {
+        (Some(end), Some(f)) => Some(end.0.saturating_sub(f.0)),
+        _ => None,
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    Some(ReceiverReport {
+        running: crate::receive::is_running(&spool),
+        slot: st.slot,
+        timeline: st.timeline,
+        flushed_lsn: st.flushed_lsn,
+        server_wal_end: st.server_wal_end,
+        lag_bytes,
+        last_message_time: st.last_message_time,
+        last_message_age_seconds: st.last_message_unix.map(|t| (now - t).max(0.0)),
+        synchronous: st.synchronous,
+        pid: st.pid,
+        state: st.state,
+    })
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -70,6 +127,7 @@ pub fn report(ar: &WalArchive, instance: &str, verify: bool) -> Result<ArchiveRe
         wal_segment_size: seg_size,
         verified: verify,
         timelines: Vec::new(),
+        receiver: receiver_report(ar),
     };
     // An unreadable archive is an error, never an empty one.
     let top = ar.listing(None)?;

@@ -13,14 +13,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
-use crate::durable::{self, DurableFile, Replace};
 use crate::error::{Error, IoContext, Result};
 use crate::index::merge::ChangeMap;
 use crate::index::MAIN_FORKNUM;
 use crate::progress::Progress;
+use crate::repo::{Durability, ObjectWriter, Repo};
 use crate::types::Lsn;
 
-use super::meta::Mode;
 use super::page::{check_page, is_all_zero, page_lsn, PageCheck};
 use super::relfile::{self, RelFile};
 use crate::format::incfile::IncWriter;
@@ -31,22 +30,49 @@ use crate::format::manifest::{stored_path, FileEntry, Lz4Frames, Storage};
 const PAGE_RETRIES: u32 = 5;
 const CHUNK_PAGES: usize = 128;
 
+/// How the files of a backup are chosen against its parent.
+pub enum CopyPlan {
+    /// Every file whole.
+    Full,
+    /// Relation files the parent holds: the blocks the WAL says changed since the parent's
+    /// start (`change`); everything else whole.
+    Page {
+        parent_start: Lsn,
+        parent_files: HashSet<String>,
+        change: ChangeMap,
+    },
+    /// Relation files the parent holds: every page with an LSN at or after the parent's
+    /// start; everything else whole.
+    Delta {
+        parent_start: Lsn,
+        parent_files: HashSet<String>,
+    },
+}
+
+impl CopyPlan {
+    fn parent_start(&self) -> Lsn {
+        match self {
+            CopyPlan::Full => Lsn::INVALID,
+            CopyPlan::Page { parent_start, .. } | CopyPlan::Delta { parent_start, .. } => {
+                *parent_start
+            }
+        }
+    }
+}
+
 /// What the copy needs to know; shared read-only by the workers.
 pub struct CopyCtx<'a> {
     pub pgdata: PathBuf,
-    pub out_dir: PathBuf,
-    pub mode: Mode,
+    /// The catalog's store and the backup's key prefix: stored files go to `key/database/...`.
+    pub repo: &'a dyn Repo,
+    pub key: String,
+    pub plan: CopyPlan,
     pub compress: bool,
     pub block_size: u32,
     pub relseg_size: u32,
     pub checksums: bool,
     pub start_lsn: Lsn,
-    /// Incremental backups: the parent's start LSN and the files the parent holds.
-    pub parent_start: Lsn,
-    pub parent_files: HashSet<String>,
-    /// PAGE backups: what changed since the parent's start.
-    pub change: Option<ChangeMap>,
-    pub progress: &'a Progress,
+    pub progress: &'a dyn Progress,
     pub abort: AtomicBool,
     /// The newest page LSN seen so far (starts at `start_lsn`; see [`CopyCtx::note_page_lsn`]).
     pub newest_lsn: AtomicU64,
@@ -335,10 +361,10 @@ fn walk(
     results: &mpsc::Sender<Result<Option<FileEntry>>>,
 ) -> Result<()> {
     let mut queue: VecDeque<(String, PathBuf)> = VecDeque::new();
-    durable::create_dir_all_durable(&ctx.out_dir.join("database"))?;
     queue.push_back((String::new(), ctx.pgdata.clone()));
+    // Directories are manifest entries only (a store has no directories); restore creates
+    // them from the manifest.
     let send_dir = |logical: String| -> Result<()> {
-        durable::create_dir_all_durable(&ctx.out_dir.join(stored_path(&logical, Storage::Dir)))?;
         results
             .send(Ok(Some(FileEntry::dir(logical))))
             .map_err(|_| Error::invalid("backup aborted"))
@@ -502,21 +528,20 @@ enum Method {
 fn choose_method(ctx: &CopyCtx<'_>, logical: &str, rel: Option<RelFile>, size: u64) -> Method {
     let bs = ctx.block_size as u64;
     let Some(rel) = rel else { return Method::Full };
-    if ctx.mode == Mode::Full
-        || rel.fork.fork != MAIN_FORKNUM
-        || size == 0
-        || !size.is_multiple_of(bs)
-        || !ctx.parent_files.contains(logical)
-    {
-        return Method::Full;
-    }
-    match ctx.mode {
-        Mode::Full => Method::Full,
-        Mode::Delta => Method::Delta,
-        Mode::Page => {
-            let Some(map) = &ctx.change else {
-                return Method::Full;
-            };
+    let parent_has = |files: &HashSet<String>| {
+        rel.fork.fork == MAIN_FORKNUM
+            && size != 0
+            && size.is_multiple_of(bs)
+            && files.contains(logical)
+    };
+    match &ctx.plan {
+        CopyPlan::Full => Method::Full,
+        CopyPlan::Delta { parent_files, .. } if parent_has(parent_files) => Method::Delta,
+        CopyPlan::Page {
+            parent_files,
+            change: map,
+            ..
+        } if parent_has(parent_files) => {
             let file_blocks = (size / bs) as u32;
             let fc = map.blocks_for_file(&rel.fork, rel.segno, ctx.relseg_size);
             if fc.whole {
@@ -527,6 +552,7 @@ fn choose_method(ctx: &CopyCtx<'_>, logical: &str, rel: Option<RelFile>, size: u
             let blocks = fc.blocks_to_copy(file_blocks).to_vec();
             Method::Blocks(blocks, fc.limit)
         }
+        CopyPlan::Delta { .. } | CopyPlan::Page { .. } => Method::Full,
     }
 }
 
@@ -629,15 +655,25 @@ fn copy_file(ctx: &CopyCtx<'_>, job: &Job) -> Result<Option<FileEntry>> {
     }
 }
 
-/// Flushes a stored file and puts it under its final name (made durable by the backup's
-/// syncfs before the OK record); returns the CRC-32C and length of the stored bytes.
-fn finish_stored(cw: CrcWriter<BufWriter<DurableFile>>, dest: &Path) -> Result<(u32, u64)> {
+/// A new stored object of the backup, `key/<stored path>`, and where it goes (for messages).
+fn create_stored(ctx: &CopyCtx<'_>, rel: &str) -> Result<(Box<dyn ObjectWriter>, PathBuf)> {
+    let w = ctx.repo.create(&format!("{}/{rel}", ctx.key))?;
+    let dest = PathBuf::from(w.describe());
+    Ok((w, dest))
+}
+
+/// Flushes a stored file and commits it deferred (made durable by the backup's barrier
+/// before the completion record); returns the CRC-32C and length of the stored bytes.
+fn finish_stored(
+    cw: CrcWriter<BufWriter<Box<dyn ObjectWriter>>>,
+    dest: &Path,
+) -> Result<(u32, u64)> {
     let (crc, stored) = (cw.crc, cw.n);
-    let df = cw
+    let obj = cw
         .into_inner()
         .into_inner()
         .map_err(|e| Error::io("write", dest, e.into_error()))?;
-    df.commit_deferred(Replace::No)?;
+    obj.commit(Durability::Deferred)?;
     Ok((crc, stored))
 }
 
@@ -654,8 +690,7 @@ pub fn copy_whole(
     } else {
         Storage::Full
     };
-    let dest = ctx.out_dir.join(stored_path(logical, storage));
-    let df = DurableFile::create(&dest)?;
+    let (df, dest) = create_stored(ctx, &stored_path(logical, storage))?;
     let tmp_ctx = dest.clone();
     let cw = CrcWriter::new(BufWriter::with_capacity(256 << 10, df));
     let bs = ctx.block_size as usize;
@@ -718,8 +753,7 @@ fn copy_incremental(
     page_plan: Option<(Vec<u32>, Option<u32>)>,
 ) -> Result<FileEntry> {
     let bs = ctx.block_size as usize;
-    let dest = ctx.out_dir.join(stored_path(logical, Storage::Incremental));
-    let df = DurableFile::create(&dest)?;
+    let (df, dest) = create_stored(ctx, &stored_path(logical, Storage::Incremental))?;
     let cw = CrcWriter::new(BufWriter::with_capacity(256 << 10, df));
     let mut w = IncWriter::new(cw, ctx.block_size, ctx.compress).ctx("write", &dest)?;
     let file_blocks = (size / bs as u64) as u32;
@@ -743,6 +777,7 @@ fn copy_incremental(
         }
         None => {
             limit = None;
+            let parent_start = ctx.plan.parent_start();
             let mut buf = vec![0u8; bs * CHUNK_PAGES];
             let mut off = 0u64;
             let mut rd = f;
@@ -758,7 +793,7 @@ fn copy_incremental(
                     if b >= file_blocks {
                         break;
                     }
-                    if page_lsn(page) >= ctx.parent_start || is_all_zero(page) {
+                    if page_lsn(page) >= parent_start || is_all_zero(page) {
                         w.add(b, page).ctx("write", &dest)?;
                     }
                 }

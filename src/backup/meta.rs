@@ -1,15 +1,21 @@
-//! Backup metadata (`backups/ID/backup.json`) and the list of an instance's backups.
+//! Backup metadata and the list of an instance's backups, derived from append-only objects.
 //!
-//! A backup directory holds:
+//! A backup is a set of objects under `instances/I/backups/ID/`, none ever rewritten:
 //! ```text
-//! backups/ID/backup.json      BackupMeta (status RUNNING first, OK written last)
-//! backups/ID/manifest         every directory and file (see manifest.rs)
-//! backups/ID/database/...     the files: whole, whole LZ4 (.lz4) or incremental (.winc)
-//! backups/ID/backup_label     from pg_backup_stop
-//! backups/ID/tablespace_map   from pg_backup_stop, when there are tablespaces
+//! backup.started         BackupMeta (status RUNNING), written first, create-only: claims ID
+//! .running               lock held by the taker while it runs (never listed)
+//! manifest, database/... the files: whole, whole LZ4 (.lz4) or incremental (.winc)
+//! backup_label, tablespace_map
+//! backup.json            BackupMeta (status OK), written ONCE, after every other file of the
+//!                        backup and the WAL it needs are durable: the commit record
+//! status/<UTC>[-n].json  StatusRecord: a later status (ERROR, CORRUPT, ORPHAN, OK again);
+//!                        the newest one wins
 //! ```
-//! `status` is the commit record: a backup is usable only when it says OK, which is written
-//! after every other file of the backup and the WAL it needs are durable.
+//! The current state is derived ([`derive`]): with backup.json, its status unless a status
+//! record is newer; with only the started marker, RUNNING while its `.running` lock is held
+//! and ERROR otherwise (the error from the newest record, if the taker left one). Catalogs of
+//! the previous release (backup.json rewritten in place RUNNING -> OK, CORRUPT, ...) read the
+//! same way: an in-place RUNNING whose process is gone is ERROR.
 //!
 //! ```text
 //! backup.json, format 2 (UTF-8): {
@@ -19,40 +25,37 @@
 //! ```
 //! The whole is still one JSON object that other tools can read. Format 1 files, written
 //! before the checksum existed, have no `crc32c` member and are read unchecked; a format 2
-//! file without a valid trailer is refused as damaged.
+//! file without a valid trailer is refused as damaged. backup.started has the same layout.
 //!
-//! backup.json is untrusted input. Its `id` and `instance` (and `parent_id`) must be plain
-//! names ([`safepath::check_name`]), and a backup is listed only when its `id` is the name of
-//! its directory and its `instance` the instance it is listed under: the id decides where
-//! [`BackupMeta::save`] writes, so it must never point anywhere else. Everything below the
-//! catalog root is opened without following symbolic links: a backup directory, an instance
-//! directory or a `backups` directory that is a symlink is refused, not read (only the `-B`
-//! path itself may be a link, as the operator gave it).
-
-use std::path::{Path, PathBuf};
+//! Everything read is untrusted input. `id`, `instance` and `parent_id` must be plain names
+//! ([`safepath::check_name`]), and a backup is listed only when its `id` is the name of its
+//! prefix and its `instance` the instance it is listed under. All access goes through the
+//! catalog's [`Repo`], which opens nothing through a symbolic link.
 
 use serde::{Deserialize, Serialize};
 
-use std::fs::File;
-use std::io::Read;
-use std::os::fd::AsRawFd;
-
-use nix::libc;
-
 use crate::catalog::Catalog;
-use crate::durable;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, ErrorKind, Result};
+use crate::repo::{LockMode, Repo, RepoLock};
 use crate::safepath;
 use crate::types::{Lsn, TimeLineId};
 
 pub const META_FILE: &str = "backup.json";
+/// The started marker: written first, create-only.
+pub const STARTED_FILE: &str = "backup.started";
+/// Status records, one object per change.
+pub const STATUS_DIR: &str = "status";
+/// The lock the taker holds while it runs.
+const RUNNING_LOCK: &str = ".running";
+/// Format of status records.
+const STATUS_FORMAT: u32 = 1;
 pub const META_FORMAT: u32 = 2;
 /// The format before backup.json had a checksum: still read.
 const META_FORMAT_NO_CRC: u32 = 1;
 const CRC_KEY: &[u8] = b",\n  \"crc32c\": \"";
 const CRC_END: &[u8] = b"\"\n}\n";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Mode {
     Full,
@@ -132,32 +135,14 @@ pub struct BackupMeta {
 }
 
 impl BackupMeta {
-    pub fn dir(&self, catalog: &Catalog) -> PathBuf {
-        catalog.backups_dir(&self.instance).join(&self.id)
+    /// The key prefix of this backup (`instances/I/backups/ID`), from checked names.
+    pub fn key(&self) -> Result<String> {
+        backup_key(&self.instance, &self.id)
     }
 
-    /// Writes backup.json atomically and durably into the backup's own directory, which
-    /// must exist (created by the backup, or the one the metadata was listed from: see
-    /// [`list`]). The id and instance are checked to be plain names, and the directory is
-    /// opened without following links and written through its descriptor, so a hostile id
-    /// or a directory swapped for a symlink can never make this write elsewhere.
-    pub fn save(&self, catalog: &Catalog) -> Result<()> {
-        let rel = backup_rel(&self.instance, &self.id)?;
-        let dir = safepath::open_dir_under(catalog.root(), &rel)?;
-        write_at(&dir, &self.dir(catalog), META_FILE, &encode(self)?)
-    }
-
-    /// The status to show and to decide on: RUNNING without a live process is ERROR.
+    /// The status to show and to decide on (derived when the backup was loaded, see
+    /// [`derive`]).
     pub fn effective_status(&self) -> Status {
-        if self.status == Status::Running {
-            let alive = self.pid.is_some_and(|p| {
-                p == std::process::id()
-                    || nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), None).is_ok()
-            });
-            if !alive {
-                return Status::Error;
-            }
-        }
         self.status
     }
 }
@@ -227,60 +212,270 @@ fn check_names(m: &BackupMeta, what: &str) -> Result<()> {
 /// backup.json larger than this is not ours (a real one is under 2 KiB).
 const MAX_META_BYTES: u64 = 1 << 20;
 
-fn read_meta(f: File, path: &Path) -> Result<BackupMeta> {
-    let mut b = Vec::new();
-    f.take(MAX_META_BYTES + 1)
-        .read_to_end(&mut b)
-        .ctx("read", path)?;
-    let what = path.display().to_string();
-    if b.len() as u64 > MAX_META_BYTES {
-        return Err(Error::corruption(format!(
-            "{what}: larger than {MAX_META_BYTES} bytes: not backup metadata"
-        )));
-    }
-    decode(&b, &what)
-}
-
-/// Loads a backup.json by path. The file itself must not be a symlink and must be a regular
-/// file (its directory is the caller's to trust; [`load_in`] checks it too).
-pub fn load(path: &Path) -> Result<BackupMeta> {
-    let (dir, name) = match (path.parent(), path.file_name().and_then(|n| n.to_str())) {
-        (Some(d), Some(n)) => (d, n),
-        _ => {
-            return Err(Error::invalid(format!(
-                "\"{}\" is not a backup metadata path",
-                path.display()
-            )))
-        }
-    };
-    read_meta(safepath::open_under(dir, name)?, path)
-}
-
-/// A backup directory relative to the catalog root, from checked names.
-fn backup_rel(instance: &str, id: &str) -> Result<String> {
+/// The key prefix of backup `id` of `instance`, from checked names.
+pub fn backup_key(instance: &str, id: &str) -> Result<String> {
     safepath::check_name(instance, "instance name")?;
     safepath::check_name(id, "backup id")?;
-    Ok(format!("instances/{instance}/backups/{id}"))
+    Ok(Catalog::backup_key(instance, id))
 }
 
-/// Loads the metadata of backup `id` of `instance`: opened below the catalog root without
-/// following links, and refused unless it says it is that backup of that instance.
-pub fn load_in(catalog: &Catalog, instance: &str, id: &str) -> Result<BackupMeta> {
-    let rel = backup_rel(instance, id)?;
-    let path = catalog.root().join(&rel).join(META_FILE);
-    let m = read_meta(
-        safepath::open_under(catalog.root(), &format!("{rel}/{META_FILE}"))?,
-        &path,
-    )?;
+/// How an object is named in messages: its place in the store.
+fn what(repo: &dyn Repo, key: &str) -> String {
+    format!("{}/{key}", repo.location())
+}
+
+/// A small JSON object of the catalog, at most [`MAX_META_BYTES`]. `Ok(None)` only when it
+/// is definitely absent.
+fn get_small(repo: &dyn Repo, key: &str) -> Result<Option<Vec<u8>>> {
+    match repo.head(key)? {
+        None => return Ok(None),
+        Some(h) if h.size > MAX_META_BYTES => {
+            return Err(Error::corruption(format!(
+                "{}: larger than {MAX_META_BYTES} bytes: not backup metadata",
+                what(repo, key)
+            )))
+        }
+        Some(_) => {}
+    }
+    match repo.get(key) {
+        Ok(b) => Ok(Some(b.into_vec())),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads backup metadata (backup.json or the started marker) at `key`, refusing it unless it
+/// says it is backup `id` of `instance`.
+fn read_meta_at(
+    repo: &dyn Repo,
+    key: &str,
+    instance: &str,
+    id: &str,
+) -> Result<Option<BackupMeta>> {
+    let Some(b) = get_small(repo, key)? else {
+        return Ok(None);
+    };
+    let w = what(repo, key);
+    let m = decode(&b, &w)?;
     if m.id != id || m.instance != instance {
         return Err(Error::corruption(format!(
-            "{}: says it is backup {:?} of instance {:?}, but it is stored as backup {id:?} of instance {instance:?}",
-            path.display(),
-            m.id,
-            m.instance
+            "{w}: says it is backup {:?} of instance {:?}, but it is stored as backup {id:?} of instance {instance:?}",
+            m.id, m.instance
         )));
     }
-    Ok(m)
+    Ok(Some(m))
+}
+
+/// A later status of a backup: one object per change, never rewritten.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRecord {
+    pub format: u32,
+    pub status: Status,
+    pub error: Option<String>,
+    /// When it was recorded (UTC, "YYYY-MM-DD HH:MM:SS+00").
+    pub time: String,
+    /// What recorded it: "backup", "validate".
+    pub by: String,
+}
+
+/// Status record names: `<YYYYMMDDTHHMMSSZ>[-n].json`, ordered by (stamp, n).
+fn parse_status_name(name: &str) -> Option<(String, u32)> {
+    let rest = name.strip_suffix(".json")?;
+    let (st, n) = match rest.split_once('-') {
+        Some((st, n)) => (st, n.parse::<u32>().ok()?),
+        None => (rest, 0),
+    };
+    let b = st.as_bytes();
+    let ok = b.len() == 16
+        && b[8] == b'T'
+        && b[15] == b'Z'
+        && b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit);
+    ok.then(|| (st.to_string(), n))
+}
+
+/// "YYYYMMDDTHHMMSSZ" for Unix seconds.
+pub fn stamp(secs: i64) -> String {
+    let t = format_utc(secs);
+    let digits: String = t.chars().take(19).filter(|c| c.is_ascii_digit()).collect();
+    format!(
+        "{}T{}Z",
+        digits.get(..8).unwrap_or(""),
+        digits.get(8..).unwrap_or("")
+    )
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Records a new status of backup `id` (a dated object under `status/`; several in one
+/// second get `-1`, `-2`, ...). The newest record decides the backup's status.
+pub fn record_status(
+    catalog: &Catalog,
+    instance: &str,
+    id: &str,
+    status: Status,
+    error: Option<String>,
+    by: &str,
+) -> Result<()> {
+    let now = now_secs();
+    let rec = StatusRecord {
+        format: STATUS_FORMAT,
+        status,
+        error,
+        time: format_utc(now),
+        by: by.to_string(),
+    };
+    let mut json = serde_json::to_vec_pretty(&rec)?;
+    json.push(b'\n');
+    let dir = format!("{}/{STATUS_DIR}", backup_key(instance, id)?);
+    let st = stamp(now);
+    let repo = catalog.repo();
+    // A record from this second may exist: the next free counter, never a replacement.
+    // Start after the newest one of this second so that this record sorts last.
+    let mut n = newest_status_name(repo, &dir)?
+        .filter(|(s, _)| *s == st)
+        .map_or(0, |(_, k)| k + 1);
+    for _ in 0..1000 {
+        let name = if n == 0 {
+            format!("{st}.json")
+        } else {
+            format!("{st}-{n}.json")
+        };
+        match repo.put_new(&format!("{dir}/{name}"), &json) {
+            Err(e) if e.kind() == ErrorKind::Conflict => n += 1,
+            other => return other,
+        }
+    }
+    Err(Error::conflict(format!(
+        "{}: 1000 status records in one second",
+        what(repo, &dir)
+    )))
+}
+
+fn newest_status_name(repo: &dyn Repo, dir: &str) -> Result<Option<(String, u32)>> {
+    Ok(repo
+        .list(dir)?
+        .objects
+        .iter()
+        .filter_map(|o| parse_status_name(&o.name))
+        .max())
+}
+
+/// The newest status record of the backup at `key`, if any. A newest record that cannot be
+/// read or parsed is damage, not "no record".
+fn newest_status(repo: &dyn Repo, key: &str) -> Result<Option<StatusRecord>> {
+    let dir = format!("{key}/{STATUS_DIR}");
+    let Some((st, n)) = newest_status_name(repo, &dir)? else {
+        return Ok(None);
+    };
+    let name = if n == 0 {
+        format!("{st}.json")
+    } else {
+        format!("{st}-{n}.json")
+    };
+    let k = format!("{dir}/{name}");
+    let Some(b) = get_small(repo, &k)? else {
+        return Err(Error::corruption(format!(
+            "{}: listed but absent",
+            what(repo, &k)
+        )));
+    };
+    let rec: StatusRecord = serde_json::from_slice(&b)
+        .map_err(|e| Error::corruption(format!("{}: {e}", what(repo, &k))))?;
+    if rec.format != STATUS_FORMAT {
+        return Err(Error::corruption(format!(
+            "{}: status record format {} is not supported",
+            what(repo, &k),
+            rec.format
+        )));
+    }
+    Ok(Some(rec))
+}
+
+/// Whether the taker of the backup at `key` still runs: it holds the `.running` lock. A lock
+/// that cannot be tried (a read-only store) counts as not running.
+fn taker_alive(repo: &dyn Repo, key: &str) -> bool {
+    match repo.lock(&format!("{key}/{RUNNING_LOCK}"), LockMode::Shared, false) {
+        Ok(Some(_)) => false,
+        Ok(None) => true,
+        Err(e) => {
+            log::debug!("cannot try the running lock of {key}: {e}");
+            false
+        }
+    }
+}
+
+/// Whether a process that wrote an in-place RUNNING record (previous release) still runs.
+fn pid_alive(pid: Option<u32>) -> bool {
+    pid.is_some_and(|p| {
+        p == std::process::id()
+            || nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), None).is_ok()
+    })
+}
+
+/// The current state of a backup from what exists (see the module docs): `complete` is
+/// backup.json, else `started` is the started marker; `newest` the newest status record;
+/// `running` whether the taker still holds its lock (asked only for a marker alone).
+pub fn derive(
+    complete: Option<BackupMeta>,
+    started: Option<BackupMeta>,
+    newest: Option<StatusRecord>,
+    running: impl FnOnce() -> bool,
+) -> Option<BackupMeta> {
+    match (complete, started) {
+        (Some(mut m), _) => {
+            if m.status == Status::Running && !pid_alive(m.pid) {
+                // previous release: rewritten in place, its process gone
+                m.status = Status::Error;
+            }
+            if let Some(r) = newest {
+                m.status = r.status;
+                m.error = r.error;
+            }
+            Some(m)
+        }
+        (None, Some(mut m)) => {
+            let errored = newest.as_ref().is_some_and(|r| r.status == Status::Error);
+            m.status = if !errored && running() {
+                Status::Running
+            } else {
+                Status::Error
+            };
+            m.error = newest.and_then(|r| r.error);
+            if m.status == Status::Error {
+                m.pid = None;
+            }
+            Some(m)
+        }
+        (None, None) => None,
+    }
+}
+
+/// Loads the current state of backup `id` of `instance` (see [`derive`]); NotFound when
+/// neither its metadata nor its started marker exists.
+pub fn load_in(catalog: &Catalog, instance: &str, id: &str) -> Result<BackupMeta> {
+    let repo = catalog.repo();
+    let key = backup_key(instance, id)?;
+    let complete = read_meta_at(repo, &format!("{key}/{META_FILE}"), instance, id)?;
+    let started = if complete.is_none() {
+        read_meta_at(repo, &format!("{key}/{STARTED_FILE}"), instance, id)?
+    } else {
+        None
+    };
+    if complete.is_none() && started.is_none() {
+        return Err(Error::not_found(format!(
+            "backup {id} of instance \"{instance}\" not found (no {} in {})",
+            META_FILE,
+            what(repo, &key)
+        )));
+    }
+    let newest = newest_status(repo, &key)?;
+    derive(complete, started, newest, || taker_alive(repo, &key))
+        .ok_or_else(|| Error::not_found(format!("backup {id} not found")))
 }
 
 /// Every backup of an instance, oldest first (by start LSN, then id). Backups that cannot be
@@ -293,123 +488,73 @@ pub fn list(catalog: &Catalog, instance: &str) -> Result<Vec<BackupMeta>> {
     Ok(v)
 }
 
-/// Every readable backup of an instance, oldest first, and an error for each backup
-/// directory that was skipped: a symlink, a name that is not a plain name, a backup.json
-/// that cannot be read, is damaged, or names another backup or instance. A directory
-/// without backup.json (a backup being created) is not a backup and is left out silently.
-/// An instance or `backups` directory that is a symlink is an error, as is one that cannot
-/// be read; a missing one has no backups.
-pub fn scan(catalog: &Catalog, instance: &str) -> Result<(Vec<BackupMeta>, Vec<Error>)> {
+/// One name under an instance's `backups/`.
+#[derive(Debug)]
+pub enum Found {
+    Backup(Box<BackupMeta>),
+    /// Neither metadata nor a started marker (a leftover): not a backup.
+    Absent,
+    /// Refused or unreadable (the error's kind tells which).
+    Failed(Error),
+}
+
+/// Every name under an instance's `backups/`, with what it holds, sorted by name. An
+/// instance or `backups` prefix that is damaged is an error; a missing one has no backups.
+pub fn scan_named(catalog: &Catalog, instance: &str) -> Result<Vec<(String, Found)>> {
     crate::catalog::check_instance_name(instance)?;
-    let rel = format!("instances/{instance}/backups");
-    let dir = catalog.backups_dir(instance);
+    let repo = catalog.repo();
+    let prefix = Catalog::backups_key(instance);
+    let l = repo.list(&prefix)?;
+    let mut out = Vec::new();
+    for name in l.damaged {
+        let e = Error::corruption(format!(
+            "\"{}\" is not a real directory (a symbolic link?); a backup must be one (refused, not read)",
+            what(repo, &format!("{prefix}/{name}"))
+        ));
+        out.push((name, Found::Failed(e)));
+    }
+    for name in l.prefixes {
+        let found = match load_in(catalog, instance, &name) {
+            Ok(m) => Found::Backup(Box::new(m)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Found::Absent,
+            Err(e) => Found::Failed(e),
+        };
+        out.push((name, found));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// Every readable backup of an instance, oldest first, and an error for each one that was
+/// skipped: a link, a name that is not a plain name, metadata that cannot be read, is
+/// damaged, or names another backup or instance. A prefix without metadata or started
+/// marker is not a backup and is left out silently.
+pub fn scan(catalog: &Catalog, instance: &str) -> Result<(Vec<BackupMeta>, Vec<Error>)> {
     let mut v = Vec::new();
     let mut skipped = Vec::new();
-    match safepath::open_dir_under(catalog.root(), &rel) {
-        Ok(_) => {}
-        Err(e) if e.kind() == crate::ErrorKind::NotFound => return Ok((v, skipped)),
-        Err(e) => return Err(e),
-    }
-    let rd = match std::fs::read_dir(&dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((v, skipped)),
-        Err(e) => return Err(Error::io("read directory", &dir, e)),
-    };
-    for e in rd {
-        let e = e.ctx("read directory", &dir)?;
-        let path = e.path();
-        // file_type() does not follow links
-        let ft = e.file_type().ctx("stat", &path)?;
-        if ft.is_symlink() {
-            skipped.push(Error::corruption(format!(
-                "\"{}\" is a symbolic link; a backup must be a real directory (refused, not read)",
-                path.display()
-            )));
-            continue;
-        }
-        if !ft.is_dir() {
-            continue;
-        }
-        let Some(name) = e.file_name().to_str().map(str::to_string) else {
-            skipped.push(Error::corruption(format!(
-                "\"{}\": backup directory name is not UTF-8",
-                path.display()
-            )));
-            continue;
-        };
-        match load_in(catalog, instance, &name) {
-            Ok(m) => v.push(m),
-            Err(err) if err.kind() == crate::ErrorKind::NotFound => {}
-            Err(err) => skipped.push(err),
+    for (_, f) in scan_named(catalog, instance)? {
+        match f {
+            Found::Backup(m) => v.push(*m),
+            Found::Absent => {}
+            Found::Failed(e) => skipped.push(e),
         }
     }
     v.sort_by(|a, b| (a.start_lsn, &a.start_time, &a.id).cmp(&(b.start_lsn, &b.start_time, &b.id)));
     Ok((v, skipped))
 }
 
-/// Writes `name` in the directory open as `dir` (shown as `dir_path`) durably and
-/// atomically: a new temp file (never following a link), fsync, rename over `name`, fsync
-/// the directory. All through the descriptor, so the directory cannot be swapped meanwhile.
-fn write_at(dir: &File, dir_path: &Path, name: &str, data: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::fd::FromRawFd;
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let tmp = format!(".{name}.walnut-tmp.{}.{nanos}", std::process::id());
-    let tmp_path = dir_path.join(&tmp);
-    let path = dir_path.join(name);
-    let c = |s: &str| {
-        std::ffi::CString::new(s).map_err(|_| Error::invalid(format!("name {s:?} contains NUL")))
-    };
-    let (ctmp, cname) = (c(&tmp)?, c(name)?);
-    // SAFETY: valid descriptor, NUL-terminated name, plain flags and mode.
-    let fd = unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            ctmp.as_ptr(),
-            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            0o600 as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(Error::io(
-            "create",
-            &tmp_path,
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: `fd` was just returned by openat and is owned by nobody else.
-    let mut f = unsafe { File::from_raw_fd(fd) };
-    let unlink_tmp = || {
-        // SAFETY: valid descriptor and NUL-terminated name.
-        unsafe { libc::unlinkat(dir.as_raw_fd(), ctmp.as_ptr(), 0) };
-    };
-    let written = f
-        .write_all(data)
-        .ctx("write", &tmp_path)
-        .and_then(|()| f.sync_all().ctx("fsync", &tmp_path));
-    drop(f);
-    if let Err(e) = written {
-        unlink_tmp();
-        return Err(e);
-    }
-    // SAFETY: valid descriptors and NUL-terminated names.
-    let r = unsafe {
-        libc::renameat(
-            dir.as_raw_fd(),
-            ctmp.as_ptr(),
-            dir.as_raw_fd(),
-            cname.as_ptr(),
-        )
-    };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        unlink_tmp();
-        return Err(Error::io("rename into", &path, e));
-    }
-    dir.sync_all().ctx("fsync directory", dir_path)
+/// Writes the backup's metadata once, when it is complete (create-only: a backup.json that
+/// exists is never replaced). The caller has made every other object durable first.
+pub fn save_complete(catalog: &Catalog, m: &BackupMeta) -> Result<()> {
+    let key = format!("{}/{META_FILE}", m.key()?);
+    catalog.repo().put_new(&key, &encode(m)?)
+}
+
+/// A started backup: its id is claimed and its taker holds the running lock.
+pub struct Started {
+    pub id: String,
+    /// Held while the backup runs (RUNNING to readers); released on drop.
+    pub lock: RepoLock,
 }
 
 pub fn find<'a>(list: &'a [BackupMeta], id: &str) -> Result<&'a BackupMeta> {
@@ -543,15 +688,17 @@ pub fn parse_time(s: &str) -> Result<i64> {
 }
 
 /// How many suffixed ids (`BASE-2`, `BASE-3`, ...) are tried before giving up.
+/// How many suffixed ids (`BASE-2`, `BASE-3`, ...) are tried before giving up.
 const MAX_ID_SUFFIX: u32 = 10_000;
 
-/// A new backup id and its directory, created here: the start time in base 36 (as
-/// pg_probackup does), made unique by a `-N` suffix. The directory is made create-only
-/// (`mkdir`, never "create if missing"), so concurrent backups that start in the same second
-/// each get their own: whoever loses the race on a name gets `EEXIST` and tries the next.
-/// Ids stay valid names and sort by start time as before (the suffix only breaks ties).
-pub fn new_id(catalog: &Catalog, instance: &str, now: i64) -> Result<(String, PathBuf)> {
-    let parent = catalog.backups_dir(instance);
+/// Starts a backup: claims a new id and writes its started marker (`m` with that id,
+/// status RUNNING). The id is the start time in base 36 (as pg_probackup does), made
+/// unique by a `-N` suffix. Claiming is create-only: the taker first takes the id's
+/// `.running` lock (without waiting), then writes the marker with `put_new`; whoever loses
+/// on a name (lock held, or a marker or metadata there) tries the next. Ids stay valid
+/// names and sort by start time (the suffix only breaks ties).
+pub fn start(catalog: &Catalog, m: &mut BackupMeta, now: i64) -> Result<Started> {
+    let repo = catalog.repo();
     let base = base36(now.max(0) as u64);
     for k in 1..=MAX_ID_SUFFIX {
         let id = if k == 1 {
@@ -559,19 +706,32 @@ pub fn new_id(catalog: &Catalog, instance: &str, now: i64) -> Result<(String, Pa
         } else {
             format!("{base}-{k}")
         };
-        let dir = parent.join(&id);
-        match std::fs::create_dir(&dir) {
-            Ok(()) => {
-                durable::fsync_dir(&parent)?;
-                return Ok((id, dir));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(Error::io("create directory", &dir, e)),
+        let key = backup_key(&m.instance, &id)?;
+        // Damage where the id would go (a link, a file) takes the id too: skip it.
+        let taken = |e: &Error| e.kind() == ErrorKind::Corruption;
+        match repo.head(&format!("{key}/{META_FILE}")) {
+            Ok(None) => {}
+            Ok(Some(_)) => continue,
+            Err(e) if taken(&e) => continue,
+            Err(e) => return Err(e),
+        }
+        let lock = match repo.lock(&format!("{key}/{RUNNING_LOCK}"), LockMode::Exclusive, false) {
+            Ok(Some(l)) => l,
+            Ok(None) => continue,
+            Err(e) if taken(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        m.id = id.clone();
+        m.status = Status::Running;
+        match repo.put_new(&format!("{key}/{STARTED_FILE}"), &encode(m)?) {
+            Ok(()) => return Ok(Started { id, lock }),
+            Err(e) if e.kind() == ErrorKind::Conflict || taken(&e) => continue,
+            Err(e) => return Err(e),
         }
     }
     Err(Error::conflict(format!(
         "no free backup id in \"{}\": {base} and {MAX_ID_SUFFIX} suffixed ids are taken",
-        parent.display()
+        what(repo, &Catalog::backups_key(&m.instance))
     )))
 }
 
@@ -596,6 +756,8 @@ fn base36(mut n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::repo::MemRepo;
+    use std::path::Path;
 
     fn sample() -> BackupMeta {
         BackupMeta {
@@ -715,37 +877,6 @@ mod tests {
     }
 
     /// Ids are created create-only: the same second gives `BASE`, `BASE-2`, ... and a name
-    /// someone else holds (a directory or even a file) is skipped, never shared.
-    #[test]
-    fn new_id_creates_a_directory_of_its_own() {
-        let d = tempfile::tempdir().unwrap();
-        let catalog = Catalog::init(&d.path().join("cat")).unwrap();
-        std::fs::create_dir_all(catalog.backups_dir("db")).unwrap();
-        let now = 1_795_458_811;
-        let (a, da) = new_id(&catalog, "db", now).unwrap();
-        assert_eq!(a, "TOYWVV");
-        assert_eq!(u64::from_str_radix(&a, 36).unwrap(), now as u64);
-        assert!(da.is_dir());
-        std::fs::write(catalog.backups_dir("db").join("TOYWVV-2"), b"x").unwrap();
-        let (b, db) = new_id(&catalog, "db", now).unwrap();
-        assert_eq!(b, "TOYWVV-3");
-        assert!(db.is_dir());
-        let (c, _) = new_id(&catalog, "db", now + 1).unwrap();
-        assert_eq!(c, "TOYWVW");
-        // concurrently: every caller gets its own directory
-        let ids: Vec<String> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..16)
-                .map(|_| s.spawn(|| new_id(&catalog, "db", now + 100).unwrap().0))
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        let uniq: std::collections::HashSet<&String> = ids.iter().collect();
-        assert_eq!(uniq.len(), 16, "{ids:?}");
-        // a directory that cannot be created is an error, not a shared id
-        let e = new_id(&catalog, "nosuch", now).unwrap_err();
-        assert!(e.to_string().contains("nosuch"), "{e}");
-    }
-
     #[test]
     fn times() {
         assert_eq!(format_utc(0), "1970-01-01 00:00:00+00");
@@ -800,17 +931,12 @@ mod tests {
         }
     }
 
-    /// A catalog with instance "db" and the given backups written as they are.
-    fn catalog_with(d: &Path, backups: &[(&str, &BackupMeta)]) -> Catalog {
-        let root = d.join("cat");
-        let c = Catalog::init(&root).unwrap();
-        let bdir = c.backups_dir("db");
-        std::fs::create_dir_all(&bdir).unwrap();
-        for (dir, m) in backups {
-            std::fs::create_dir(bdir.join(dir)).unwrap();
-            std::fs::write(bdir.join(dir).join(META_FILE), encode(m).unwrap()).unwrap();
-        }
-        c
+    fn mem_catalog() -> (Catalog, MemRepo) {
+        let r = MemRepo::new();
+        (
+            Catalog::with_repo(Path::new("/mem"), std::sync::Arc::new(r.clone())),
+            r,
+        )
     }
 
     fn meta(id: &str) -> BackupMeta {
@@ -822,127 +948,247 @@ mod tests {
         }
     }
 
+    fn put_meta(r: &MemRepo, dir: &str, file: &str, m: &BackupMeta) {
+        r.put_new(
+            &format!("instances/db/backups/{dir}/{file}"),
+            &encode(m).unwrap(),
+        )
+        .unwrap();
+    }
+
+    fn status_of(c: &Catalog, id: &str) -> (Status, Option<String>) {
+        let m = load_in(c, "db", id).unwrap();
+        (m.effective_status(), m.error)
+    }
+
+    /// A started marker alone is RUNNING while its taker holds the lock, ERROR after; a
+    /// complete backup is OK; an ERROR record names the error; nothing is rewritten.
     #[test]
-    fn list_refuses_symlinks_and_mismatched_ids() {
-        let d = tempfile::tempdir().unwrap();
-        let other = BackupMeta {
-            instance: "other".into(),
-            ..meta("C")
+    fn status_derives_from_marker_lock_metadata_and_records() {
+        let (c, r) = mem_catalog();
+        let mut m = BackupMeta {
+            status: Status::Running,
+            ..meta("")
         };
-        let c = catalog_with(
-            d.path(),
-            &[("A", &meta("A")), ("B", &meta("../../x")), ("C", &other)],
+        m.instance = "db".into();
+        let started = start(&c, &mut m, 1_795_458_811).unwrap();
+        assert_eq!(started.id, "TOYWVV");
+        assert_eq!(status_of(&c, "TOYWVV").0, Status::Running);
+        // a second backup in the same second gets its own id
+        let mut m2 = m.clone();
+        let s2 = start(&c, &mut m2, 1_795_458_811).unwrap();
+        assert_eq!(s2.id, "TOYWVV-2");
+        drop(s2);
+        assert_eq!(status_of(&c, "TOYWVV-2"), (Status::Error, None));
+        // a failed backup leaves an ERROR record and keeps its files
+        r.put_new("instances/db/backups/TOYWVV-2/manifest", b"partial")
+            .unwrap();
+        record_status(
+            &c,
+            "db",
+            "TOYWVV-2",
+            Status::Error,
+            Some("boom".into()),
+            "backup",
+        )
+        .unwrap();
+        assert_eq!(
+            status_of(&c, "TOYWVV-2"),
+            (Status::Error, Some("boom".into()))
         );
-        let bdir = c.backups_dir("db");
-        // format 1 (no checksum) is still listed
+        assert!(r
+            .head("instances/db/backups/TOYWVV-2/manifest")
+            .unwrap()
+            .is_some());
+        // completion: backup.json written once
+        m.status = Status::Ok;
+        save_complete(&c, &m).unwrap();
+        assert_eq!(
+            save_complete(&c, &m).unwrap_err().kind(),
+            ErrorKind::Conflict
+        );
+        drop(started);
+        assert_eq!(status_of(&c, "TOYWVV"), (Status::Ok, None));
+        // the marker's id is taken even after the lock is gone
+        let mut m3 = m.clone();
+        assert_eq!(start(&c, &mut m3, 1_795_458_811).unwrap().id, "TOYWVV-3");
+        let ids: Vec<String> = list(&c, "db").unwrap().into_iter().map(|b| b.id).collect();
+        assert_eq!(ids.len(), 3, "{ids:?}");
+    }
+
+    /// Validation records: CORRUPT, then a clean validation restoring OK; the newest wins,
+    /// also within one second; backup.json stays as written.
+    #[test]
+    fn newest_status_record_wins() {
+        let (c, r) = mem_catalog();
+        put_meta(&r, "A", META_FILE, &meta("A"));
+        let before = r
+            .get("instances/db/backups/A/backup.json")
+            .unwrap()
+            .into_vec();
+        record_status(
+            &c,
+            "db",
+            "A",
+            Status::Corrupt,
+            Some("bad crc".into()),
+            "validate",
+        )
+        .unwrap();
+        assert_eq!(
+            status_of(&c, "A"),
+            (Status::Corrupt, Some("bad crc".into()))
+        );
+        record_status(
+            &c,
+            "db",
+            "A",
+            Status::Orphan,
+            Some("parent".into()),
+            "validate",
+        )
+        .unwrap();
+        assert_eq!(status_of(&c, "A").0, Status::Orphan);
+        record_status(&c, "db", "A", Status::Ok, None, "validate").unwrap();
+        assert_eq!(status_of(&c, "A"), (Status::Ok, None));
+        let l = r.list("instances/db/backups/A/status").unwrap();
+        assert_eq!(l.objects.len(), 3);
+        assert_eq!(
+            r.get("instances/db/backups/A/backup.json")
+                .unwrap()
+                .into_vec(),
+            before
+        );
+        // an unreadable newest record is damage, not "no record"
+        let (c2, r2) = mem_catalog();
+        put_meta(&r2, "B", META_FILE, &meta("B"));
+        r2.put_new("instances/db/backups/B/status/20261129T101010Z.json", b"{")
+            .unwrap();
+        let (v, skipped) = scan(&c2, "db").unwrap();
+        assert!(v.is_empty());
+        assert_eq!(skipped[0].kind(), ErrorKind::Corruption);
+        assert!(skipped[0]
+            .to_string()
+            .contains("status/20261129T101010Z.json"));
+    }
+
+    /// The previous release's in-place formats: backup.json format 1 and 2 with status OK,
+    /// CORRUPT, and RUNNING (ERROR once its process is gone, RUNNING while it lives).
+    #[test]
+    fn previous_release_in_place_statuses_are_read() {
+        let (c, r) = mem_catalog();
         let mut old = serde_json::to_vec_pretty(&BackupMeta {
             format: 1,
             ..meta("OLD")
         })
         .unwrap();
         old.push(b'\n');
-        std::fs::create_dir(bdir.join("OLD")).unwrap();
-        std::fs::write(bdir.join("OLD").join(META_FILE), old).unwrap();
-        // a backup directory that is a symlink to a real backup elsewhere
-        let elsewhere = d.path().join("elsewhere/L");
-        std::fs::create_dir_all(&elsewhere).unwrap();
-        std::fs::write(elsewhere.join(META_FILE), encode(&meta("L")).unwrap()).unwrap();
-        std::os::unix::fs::symlink(&elsewhere, bdir.join("L")).unwrap();
-        // a backup.json that is a symlink
-        std::fs::create_dir(bdir.join("S")).unwrap();
-        std::fs::write(d.path().join("s.json"), encode(&meta("S")).unwrap()).unwrap();
-        std::os::unix::fs::symlink(d.path().join("s.json"), bdir.join("S").join(META_FILE))
+        r.put_new("instances/db/backups/OLD/backup.json", &old)
             .unwrap();
-        // a directory without backup.json yet, and a stray file: not backups, no complaint
-        std::fs::create_dir(bdir.join("NEW")).unwrap();
-        std::fs::write(bdir.join(".x.walnut-tmp.1.2"), b"").unwrap();
+        put_meta(
+            &r,
+            "COR",
+            META_FILE,
+            &BackupMeta {
+                status: Status::Corrupt,
+                error: Some("x".into()),
+                ..meta("COR")
+            },
+        );
+        put_meta(
+            &r,
+            "DEAD",
+            META_FILE,
+            &BackupMeta {
+                status: Status::Running,
+                pid: Some(u32::MAX - 1),
+                ..meta("DEAD")
+            },
+        );
+        put_meta(
+            &r,
+            "LIVE",
+            META_FILE,
+            &BackupMeta {
+                status: Status::Running,
+                pid: Some(std::process::id()),
+                ..meta("LIVE")
+            },
+        );
+        assert_eq!(status_of(&c, "OLD").0, Status::Ok);
+        assert_eq!(status_of(&c, "COR"), (Status::Corrupt, Some("x".into())));
+        assert_eq!(status_of(&c, "DEAD").0, Status::Error);
+        assert_eq!(status_of(&c, "LIVE").0, Status::Running);
+        // a clean validation of the CORRUPT one restores OK, as a new record
+        record_status(&c, "db", "COR", Status::Ok, None, "validate").unwrap();
+        assert_eq!(status_of(&c, "COR"), (Status::Ok, None));
+    }
 
+    #[test]
+    fn list_refuses_mismatched_ids_and_skips_leftovers() {
+        let (c, r) = mem_catalog();
+        put_meta(&r, "A", META_FILE, &meta("A"));
+        put_meta(&r, "B", META_FILE, &meta("../../x"));
+        put_meta(
+            &r,
+            "C",
+            META_FILE,
+            &BackupMeta {
+                instance: "other".into(),
+                ..meta("C")
+            },
+        );
+        // a marker that names another backup
+        put_meta(&r, "D", STARTED_FILE, &meta("A"));
+        // a prefix with neither metadata nor marker: a leftover, no complaint
+        r.put_new("instances/db/backups/NEW/manifest", b"x")
+            .unwrap();
         let (v, skipped) = scan(&c, "db").unwrap();
         let ids: Vec<&str> = v.iter().map(|m| m.id.as_str()).collect();
-        assert_eq!(ids, ["A", "OLD"], "{skipped:?}");
+        assert_eq!(ids, ["A"], "{skipped:?}");
+        assert_eq!(skipped.len(), 3, "{skipped:?}");
         let text: Vec<String> = skipped.iter().map(|e| e.to_string()).collect();
-        assert_eq!(skipped.len(), 4, "{text:?}");
-        assert!(skipped
-            .iter()
-            .all(|e| e.kind() == crate::ErrorKind::Corruption));
-        for needle in ["backups/B", "backups/C", "backups/L", "backups/S"] {
+        for needle in ["backups/B", "backups/C", "backups/D"] {
             assert!(
                 text.iter().any(|t| t.contains(needle)),
                 "{needle}: {text:?}"
             );
         }
-        assert_eq!(list(&c, "db").unwrap().len(), 2);
         assert!(load_in(&c, "db", "B").is_err());
         assert!(load_in(&c, "db", "../db/backups/A").is_err());
         assert_eq!(load_in(&c, "db", "A").unwrap(), meta("A"));
-
-        // an instance directory (or its backups directory) that is a symlink is an error
-        let moved = d.path().join("moved-db");
-        std::fs::rename(c.instance_dir("db"), &moved).unwrap();
-        std::os::unix::fs::symlink(&moved, c.instance_dir("db")).unwrap();
-        let e = list(&c, "db").unwrap_err();
-        assert_eq!(e.kind(), crate::ErrorKind::Corruption, "{e}");
-        std::fs::remove_file(c.instance_dir("db")).unwrap();
-        std::fs::create_dir(c.instance_dir("db")).unwrap();
-        std::os::unix::fs::symlink(moved.join("backups"), c.backups_dir("db")).unwrap();
-        assert!(list(&c, "db").is_err());
-        // no backups directory at all: no backups
-        std::fs::remove_file(c.backups_dir("db")).unwrap();
-        assert!(list(&c, "db").unwrap().is_empty());
+        assert!(list(&c, "nosuch").unwrap().is_empty());
     }
 
+    /// On a local catalog, a backup directory or backup.json that is a symlink is refused.
     #[test]
-    fn save_writes_only_into_the_backups_own_directory() {
+    fn local_links_are_refused() {
         let d = tempfile::tempdir().unwrap();
-        let c = catalog_with(d.path(), &[("A", &meta("A"))]);
-        let mut m = load_in(&c, "db", "A").unwrap();
-        m.status = Status::Corrupt;
-        m.save(&c).unwrap();
-        assert_eq!(load_in(&c, "db", "A").unwrap().status, Status::Corrupt);
-        let names: Vec<_> = std::fs::read_dir(c.backups_dir("db").join("A"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names, [META_FILE], "no temp file left");
-
-        // an id that leaves the directory is refused before anything is written
-        let before = tree(d.path());
-        for bad in [meta("../../x"), meta("..")] {
-            let e = bad.save(&c).unwrap_err();
-            assert_eq!(e.kind(), crate::ErrorKind::Corruption, "{e}");
+        let c = Catalog::init(&d.path().join("cat")).unwrap();
+        c.repo()
+            .put_new(
+                "instances/db/backups/A/backup.json",
+                &encode(&meta("A")).unwrap(),
+            )
+            .unwrap();
+        let bdir = d.path().join("cat/instances/db/backups");
+        let elsewhere = d.path().join("elsewhere/L");
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        std::fs::write(elsewhere.join(META_FILE), encode(&meta("L")).unwrap()).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, bdir.join("L")).unwrap();
+        std::fs::create_dir(bdir.join("S")).unwrap();
+        std::fs::write(d.path().join("s.json"), encode(&meta("S")).unwrap()).unwrap();
+        std::os::unix::fs::symlink(d.path().join("s.json"), bdir.join("S").join(META_FILE))
+            .unwrap();
+        let (v, skipped) = scan(&c, "db").unwrap();
+        assert_eq!(v.len(), 1);
+        let text: Vec<String> = skipped.iter().map(|e| e.to_string()).collect();
+        assert_eq!(skipped.len(), 2, "{text:?}");
+        for needle in ["backups/L", "backups/S"] {
+            assert!(
+                text.iter().any(|t| t.contains(needle)),
+                "{needle}: {text:?}"
+            );
         }
-        let bad_inst = BackupMeta {
-            instance: "../../..".into(),
-            ..meta("A")
-        };
-        assert!(bad_inst.save(&c).is_err());
-        // a backup directory replaced by a symlink is not written through
-        let elsewhere = d.path().join("elsewhere");
-        std::fs::create_dir(&elsewhere).unwrap();
-        std::os::unix::fs::symlink(&elsewhere, c.backups_dir("db").join("Z")).unwrap();
-        assert!(meta("Z").save(&c).is_err());
-        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
-        // a missing backup directory is not created
-        assert!(meta("NOPE").save(&c).is_err());
-        std::fs::remove_dir(&elsewhere).unwrap();
-        std::fs::remove_file(c.backups_dir("db").join("Z")).unwrap();
-        assert_eq!(tree(d.path()), before);
-    }
-
-    /// Every path below `d` with its length.
-    fn tree(d: &Path) -> Vec<(PathBuf, u64)> {
-        let mut v = Vec::new();
-        let mut stack = vec![d.to_path_buf()];
-        while let Some(p) = stack.pop() {
-            let md = std::fs::symlink_metadata(&p).unwrap();
-            v.push((p.clone(), md.len()));
-            if md.is_dir() {
-                for e in std::fs::read_dir(&p).unwrap() {
-                    stack.push(e.unwrap().path());
-                }
-            }
-        }
-        v.sort();
-        v
     }
 }

@@ -2,6 +2,7 @@
 //! segment from the parent's start LSN to this backup's start LSN, across timelines.
 
 use crate::archive::{HistoryEntry, IndexState, WalArchive};
+use crate::backup::meta::{self, BackupMeta, Mode, Status};
 use crate::error::{Error, Result};
 use crate::index::merge::{merge, ChangeMap};
 use crate::index::SegmentIndex;
@@ -38,6 +39,50 @@ pub fn on_history(history: &[HistoryEntry], cur: TimeLineId, tli: TimeLineId, st
         .any(|h| h.tli == tli && start < h.switchpoint)
 }
 
+/// The parent of a PAGE or DELTA backup on timeline `tli` (whose ancestors are `history`):
+/// `explicit` when given (it must be OK and on that history), else the newest OK backup of
+/// the same system on that history. `list` is oldest first.
+pub fn choose_parent<'a>(
+    list: &'a [BackupMeta],
+    explicit: Option<&str>,
+    history: &[HistoryEntry],
+    tli: TimeLineId,
+    system_id: u64,
+    mode: Mode,
+) -> Result<&'a BackupMeta> {
+    match explicit {
+        Some(pid) => {
+            let p = meta::find(list, pid)?;
+            if p.effective_status() != Status::Ok {
+                return Err(Error::invalid(format!(
+                    "backup {pid} has status {}; only OK backups can be parents",
+                    p.effective_status()
+                )));
+            }
+            if !on_history(history, tli, p.timeline, p.start_lsn) {
+                return Err(Error::invalid(format!(
+                    "backup {pid} (timeline {}, start {}) is not on the history of timeline {tli}",
+                    p.timeline, p.start_lsn
+                )));
+            }
+            Ok(p)
+        }
+        None => list
+            .iter()
+            .rev()
+            .find(|b| {
+                b.effective_status() == Status::Ok
+                    && b.system_id == system_id
+                    && on_history(history, tli, b.timeline, b.start_lsn)
+            })
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "no OK backup on the history of timeline {tli} to be the parent of a {mode} backup; take a FULL backup"
+                ))
+            }),
+    }
+}
+
 /// Builds the change map over `[from, to]` for the current timeline `cur`.
 pub fn change_map(
     archive: &WalArchive,
@@ -61,6 +106,8 @@ pub fn change_map(
                      from the parent's start {from} to {to}; take a DELTA or FULL backup instead"
                 )));
             }
+            // The one write a backup makes into the archive: rebuilding a segment's missing
+            // block index, through the archive's own (create-only) index write path.
             state = archive.ensure_index(tli, segno)?;
         }
         match state {

@@ -1,32 +1,38 @@
-//! Taking a backup: checks, parent choice, start, copy, stop, and the OK commit record.
+//! Taking a backup: checks, start (the started marker), parent choice ([`plan`]), copy,
+//! stop, and the commit record (backup.json, written once).
 
 use std::collections::HashSet;
-use std::io::BufWriter;
+use std::io::{BufWriter, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::archive::WalArchive;
 use crate::catalog::Catalog;
-use crate::durable::{self, DurableFile, Replace};
 use crate::error::{Error, IoContext, Result};
 use crate::pgcontrol::ControlFile;
 use crate::progress::Progress;
+use crate::repo::{Durability, ObjectWriter};
 use crate::types::{Lsn, WalFileName};
 
-use super::copy::{copy_tree, copy_whole, CopyCtx};
+use super::copy::{copy_tree, copy_whole, CopyCtx, CopyPlan};
 use super::meta::{self, BackupMeta, Mode, Status};
 use super::plan;
 use crate::format::manifest::{FileEntry, ManifestWriter, Storage};
 use crate::server;
 
+/// What `take_backup` does: plain options, checked by the caller.
+#[derive(Clone)]
 pub struct BackupOptions {
     pub mode: Mode,
     pub jobs: usize,
     pub compress: bool,
+    /// The parent of a PAGE or DELTA backup (default: chosen by [`plan::choose_parent`]).
     pub parent: Option<String>,
     pub archive_timeout: Duration,
     pub conn: crate::server::ConnParams,
+    /// Where the copy reports its progress.
+    pub progress: Arc<dyn Progress>,
 }
 
 fn now_secs() -> i64 {
@@ -36,9 +42,10 @@ fn now_secs() -> i64 {
         .unwrap_or(0)
 }
 
-/// Takes a backup; returns its metadata (status OK). On failure after the backup directory
-/// was created, the backup is marked ERROR, its partial data removed (only `backup.json`,
-/// with the error, stays) and the error returned.
+/// Takes a backup; returns its metadata (status OK). The backup is a started marker, its
+/// files and, once all is durable, its metadata (see [`meta`]). On failure after the start,
+/// a dated ERROR status record is written and the error returned; the files stay (only the
+/// lifecycle commands delete).
 pub fn take_backup(catalog: &Catalog, instance: &str, opts: &BackupOptions) -> Result<BackupMeta> {
     let cfg = catalog.instance(instance)?;
     let mut sess = server::connect(&opts.conn, &cfg)?;
@@ -54,13 +61,10 @@ pub fn take_backup(catalog: &Catalog, instance: &str, opts: &BackupOptions) -> R
         )));
     }
     let list = meta::list(catalog, instance)?;
-    durable::create_dir_all_durable(&catalog.backups_dir(instance))?;
     let start_secs = now_secs();
-    // create-only: a concurrent backup never shares this directory
-    let (id, dir) = meta::new_id(catalog, instance, start_secs)?;
     let mut m = BackupMeta {
         format: meta::META_FORMAT,
-        id: id.clone(),
+        id: String::new(),
         instance: instance.to_string(),
         mode: opts.mode,
         status: Status::Running,
@@ -86,62 +90,45 @@ pub fn take_backup(catalog: &Catalog, instance: &str, opts: &BackupOptions) -> R
         pid: Some(std::process::id()),
         error: None,
     };
-    m.save(catalog)?;
+    // create-only: a concurrent backup never shares this id
+    let started = meta::start(catalog, &mut m, start_secs)?;
+    let id = started.id.clone();
     log::info!(
         "backup {id} ({}) of instance \"{instance}\" started",
         opts.mode
     );
-    match run(catalog, &archive, &mut sess, &pgdata, &list, &mut m, opts) {
+    let r = run(catalog, &archive, &mut sess, &pgdata, &list, &mut m, opts);
+    let r = match r {
         Ok(()) => Ok(m),
         Err(e) => {
-            m.status = Status::Error;
-            m.error = Some(e.to_string());
-            m.end_time = Some(meta::format_utc(now_secs()));
-            m.pid = None;
-            match m.save(catalog) {
-                // Only once the record says ERROR: the partial copy goes, so a failed
-                // backup keeps no data in the catalog, only its record and error.
-                Ok(()) => remove_partial_data(&dir),
-                Err(se) => log::error!("could not mark backup {id} as ERROR: {se}"),
+            let msg = e.to_string();
+            // A new dated record, never a rewrite; the partial files stay until a
+            // lifecycle command removes them (nothing without backup.json looks complete).
+            if let Err(se) =
+                meta::record_status(catalog, instance, &id, Status::Error, Some(msg), "backup")
+            {
+                log::error!("could not record backup {id} as ERROR: {se}");
             }
             Err(e.context(format!("backup {id} failed")))
         }
-    }
+    };
+    drop(started);
+    r
 }
 
-/// Removes everything but `backup.json` from a failed backup's directory (which this
-/// process created, create-only). Never follows links (`remove_dir_all` does not). Failures
-/// are logged: the record already says ERROR, so nothing here can look complete.
-fn remove_partial_data(dir: &std::path::Path) {
-    let rd = match std::fs::read_dir(dir) {
-        Ok(rd) => rd,
-        Err(e) => {
-            log::warn!(
-                "could not list \"{}\" to remove its partial data: {e}",
-                dir.display()
-            );
-            return;
-        }
-    };
-    for ent in rd.flatten() {
-        if ent.file_name() == meta::META_FILE {
-            continue;
-        }
-        let p = ent.path();
-        let r = match ent.file_type() {
-            Ok(t) if t.is_dir() => std::fs::remove_dir_all(&p),
-            _ => std::fs::remove_file(&p),
-        };
-        if let Err(e) = r {
-            log::warn!(
-                "could not remove \"{}\" of a failed backup: {e}",
-                p.display()
-            );
-        }
-    }
-    if let Err(e) = durable::fsync_dir(dir) {
-        log::warn!("{e}");
-    }
+/// A stored object of the backup being written: `key/rel`, through the catalog's store.
+fn create(catalog: &Catalog, key: &str, rel: &str) -> Result<Box<dyn ObjectWriter>> {
+    catalog.repo().create(&format!("{key}/{rel}"))
+}
+
+/// Writes a small object of the backup (deferred: the barrier before backup.json makes it
+/// durable).
+fn put_deferred(catalog: &Catalog, key: &str, rel: &str, data: &[u8]) -> Result<()> {
+    let mut w = create(catalog, key, rel)?;
+    let what = w.describe();
+    w.write_all(data)
+        .map_err(|e| Error::io("write", std::path::Path::new(&what), e))?;
+    w.commit(Durability::Deferred)
 }
 
 fn run(
@@ -159,45 +146,20 @@ fn run(
     m.start_lsn = start_lsn;
     m.timeline = tli;
     let seg_size = m.wal_segment_size;
+    let key = m.key()?;
 
-    // Parent: the newest OK backup on this timeline's history.
-    let mut parent_files = HashSet::new();
-    let mut change = None;
-    let mut parent_start = Lsn::INVALID;
-    if m.mode != Mode::Full {
+    let copy_plan = if m.mode == Mode::Full {
+        CopyPlan::Full
+    } else {
         let history = archive.timeline_history(tli)?;
-        let parent = match &opts.parent {
-            Some(pid) => {
-                let p = meta::find(list, pid)?;
-                if p.effective_status() != Status::Ok {
-                    return Err(Error::invalid(format!(
-                        "backup {pid} has status {}; only OK backups can be parents",
-                        p.effective_status()
-                    )));
-                }
-                if !plan::on_history(&history, tli, p.timeline, p.start_lsn) {
-                    return Err(Error::invalid(format!(
-                        "backup {pid} (timeline {}, start {}) is not on the history of timeline {tli}",
-                        p.timeline, p.start_lsn
-                    )));
-                }
-                p
-            }
-            None => list
-                .iter()
-                .rev()
-                .find(|b| {
-                    b.effective_status() == Status::Ok
-                        && b.system_id == m.system_id
-                        && plan::on_history(&history, tli, b.timeline, b.start_lsn)
-                })
-                .ok_or_else(|| {
-                    Error::not_found(format!(
-                        "no OK backup on the history of timeline {tli} to be the parent of a {} backup; take a FULL backup",
-                        m.mode
-                    ))
-                })?,
-        };
+        let parent = plan::choose_parent(
+            list,
+            opts.parent.as_deref(),
+            &history,
+            tli,
+            m.system_id,
+            m.mode,
+        )?;
         if start_lsn < parent.start_lsn {
             return Err(Error::invalid(format!(
                 "the server's start LSN {start_lsn} is older than parent backup {}'s start {}: \
@@ -207,8 +169,8 @@ fn run(
         }
         m.parent_id = Some(parent.id.clone());
         m.parent_start_lsn = Some(parent.start_lsn);
-        parent_start = parent.start_lsn;
-        crate::format::manifest::read_in(&parent.dir(catalog), |e| {
+        let mut parent_files = HashSet::new();
+        super::stored::read_manifest(catalog.repo(), &parent.key()?, |e| {
             if e.storage != Storage::Dir {
                 parent_files.insert(e.path);
             }
@@ -222,53 +184,61 @@ fn run(
             let seg = WalFileName::segment(tli, start_lsn.segno(seg_size), seg_size);
             wait_archived(archive, &seg, opts.archive_timeout)?;
             log::debug!("start segment {seg} archived; building the change map");
-            change = Some(plan::change_map(
+            let change = plan::change_map(
                 archive,
                 &history,
                 tli,
                 parent.start_lsn,
                 start_lsn,
                 seg_size,
-            )?);
+            )?;
+            CopyPlan::Page {
+                parent_start: parent.start_lsn,
+                parent_files,
+                change,
+            }
+        } else {
+            CopyPlan::Delta {
+                parent_start: parent.start_lsn,
+                parent_files,
+            }
         }
-    }
-    m.save(catalog)?;
+    };
     log::debug!("copying {}", pgdata.display());
 
     let total = sess.total_size().unwrap_or(0);
-    let progress = Progress::new(&format!("backup {}", m.id), total);
+    let progress = &*opts.progress;
+    progress.start(&format!("backup {}", m.id), total);
     let ctx = CopyCtx {
         pgdata: pgdata.to_path_buf(),
-        out_dir: m.dir(catalog),
-        mode: m.mode,
+        repo: catalog.repo(),
+        key: key.clone(),
+        plan: copy_plan,
         compress: opts.compress,
         block_size: m.block_size,
         relseg_size: m.relseg_size,
         checksums: m.data_checksums,
         start_lsn,
-        parent_start,
-        parent_files,
-        change,
-        progress: &progress,
+        progress,
         abort: AtomicBool::new(false),
         newest_lsn: AtomicU64::new(start_lsn.0),
         newest_page: Mutex::new(None),
     };
-    // Data files go in place without per-file fsyncs (thousands of them); this handle,
-    // opened before any is written, syncs the filesystem before the OK record.
-    let fs_sync = durable::FsSync::open(&m.dir(catalog))?;
-    let mpath = m.dir(catalog).join("manifest");
-    let mut mw = ManifestWriter::new(BufWriter::new(DurableFile::create(&mpath)?), opts.compress)
-        .ctx("write", &mpath)?;
+    // Stored files are committed deferred (thousands of them, no per-file fsync); one
+    // barrier makes them durable before the completion record.
+    let mw_obj = create(catalog, &key, "manifest")?;
+    let mpath = std::path::PathBuf::from(mw_obj.describe());
+    let mut mw = ManifestWriter::new(BufWriter::new(mw_obj), opts.compress).ctx("write", &mpath)?;
     let mut files = 0u64;
     let mut bytes = 0u64;
-    let mut add = |e: FileEntry, mw: &mut ManifestWriter<BufWriter<DurableFile>>| -> Result<()> {
-        if e.storage != Storage::Dir {
-            files += 1;
-            bytes += e.stored_size;
-        }
-        mw.add(&e).ctx("write", &mpath)
-    };
+    let mut add =
+        |e: FileEntry, mw: &mut ManifestWriter<BufWriter<Box<dyn ObjectWriter>>>| -> Result<()> {
+            if e.storage != Storage::Dir {
+                files += 1;
+                bytes += e.stored_size;
+            }
+            mw.add(&e).ctx("write", &mpath)
+        };
     copy_tree(&ctx, opts.jobs, |e| add(e, &mut mw))?;
     // pg_control last
     let pc = pgdata.join("global").join("pg_control");
@@ -282,12 +252,7 @@ fn run(
     log::debug!("stopped at {}", stop.lsn);
     // every page was read before the stop: one beyond it is damaged
     ctx.check_page_lsns(stop.lsn)?;
-    let dir = m.dir(catalog);
-    durable::write_file(
-        &dir.join("backup_label"),
-        stop.labelfile.as_bytes(),
-        Replace::No,
-    )?;
+    put_deferred(catalog, &key, "backup_label", stop.labelfile.as_bytes())?;
     if !stop.spcmapfile.is_empty() {
         // Covered by the manifest (size and CRC, like every stored file) so that validate
         // and restore detect damage; the copy beside the manifest is what older walnut
@@ -300,9 +265,9 @@ fn run(
             crc32c: crc32c::crc32c(map),
             ..FileEntry::dir(crate::restore::plan::SPCMAP_ENTRY.to_string())
         };
-        durable::write_file(&dir.join(e.stored_path()), map, Replace::No)?;
+        put_deferred(catalog, &key, &e.stored_path(), map)?;
         add(e, &mut mw)?;
-        durable::write_file(&dir.join("tablespace_map"), map, Replace::No)?;
+        put_deferred(catalog, &key, "tablespace_map", map)?;
     }
     let (rt, xid) = sess.now_and_next_xid()?;
     // Every segment from the start to the one holding the last byte before the stop LSN
@@ -317,13 +282,11 @@ fn run(
         wait_archived(archive, &seg, remaining)?;
     }
     let mw_out = mw.finish().ctx("write", &mpath)?;
-    let df = mw_out
+    let obj = mw_out
         .into_inner()
         .map_err(|e| Error::io("write", &mpath, e.into_error()))?;
-    df.commit(Replace::No)?;
-    durable::fsync_dir(&dir)?;
-
-    fs_sync.sync()?;
+    obj.commit(Durability::Deferred)?;
+    catalog.repo().barrier()?;
 
     m.stop_lsn = Some(stop.lsn);
     m.files = files;
@@ -334,7 +297,8 @@ fn run(
     m.end_time = Some(meta::format_utc(now_secs()));
     m.status = Status::Ok;
     m.pid = None;
-    m.save(catalog)?;
+    // the commit record: written once, after everything above is durable
+    meta::save_complete(catalog, m)?;
     log::info!(
         "backup {} completed: {} files, {} MiB, start {} stop {} in {:.1} s",
         m.id,

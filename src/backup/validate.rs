@@ -31,8 +31,6 @@
 //! running backups are listed as skipped (they never were usable) and do not fail the run.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
-use std::path::Path;
 
 use crate::archive::{HistoryEntry, IndexState, WalArchive};
 use crate::catalog::Catalog;
@@ -42,8 +40,10 @@ use crate::types::{valid_segment_size, Lsn, TimeLineId, WalFileName};
 
 use super::meta::{self, BackupMeta, Mode, Status};
 use super::plan;
+use super::stored;
 use crate::format::incfile;
 use crate::format::manifest::{self, FileEntry, Storage};
+use crate::repo::Repo;
 
 /// What to validate.
 #[derive(Clone, Debug, Default)]
@@ -193,61 +193,24 @@ enum Entry {
     Unreadable(String),
 }
 
-/// Reads every backup directory of `instance` (by directory name).
+/// Reads every backup of `instance` (by its name in the catalog), as [`meta`] derives it.
 fn scan(catalog: &Catalog, instance: &str) -> Result<HashMap<String, Entry>> {
-    let root = catalog.backups_dir(instance);
     let mut out = HashMap::new();
-    let rd = match std::fs::read_dir(&root) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(Error::io("read directory", &root, e)),
-    };
-    for de in rd {
-        let de = de.map_err(|e| Error::io("read directory", &root, e))?;
-        let name = de.file_name().to_string_lossy().into_owned();
-        // Hidden entries are temp files and locks, never backups (ids are base 36).
-        if name.starts_with('.') {
-            continue;
-        }
+    for (name, found) in meta::scan_named(catalog, instance)? {
         let entry = match safepath::check_name(&name, "backup directory") {
             Err(e) => Entry::Damaged(e.to_string()),
-            Ok(()) => load_entry(&root, &name, instance),
+            Ok(()) => match found {
+                meta::Found::Backup(m) => Entry::Meta(m),
+                meta::Found::Absent => Entry::NoMeta,
+                meta::Found::Failed(e) => match problem(&e) {
+                    Problem::Unreadable(m) => Entry::Unreadable(m),
+                    Problem::Damaged(m) => Entry::Damaged(m),
+                },
+            },
         };
         out.insert(name, entry);
     }
     Ok(out)
-}
-
-fn load_entry(root: &Path, name: &str, instance: &str) -> Entry {
-    let rel = format!("{name}/{}", meta::META_FILE);
-    let what = root.join(&rel).display().to_string();
-    let bytes = safepath::open_under(root, &rel).and_then(|mut f| {
-        let mut b = Vec::new();
-        f.read_to_end(&mut b)
-            .map_err(|e| Error::io("read", &root.join(&rel), e))?;
-        Ok(b)
-    });
-    let bytes = match bytes {
-        Ok(b) => b,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Entry::NoMeta,
-        Err(e) => {
-            return match problem(&e) {
-                Problem::Unreadable(m) => Entry::Unreadable(m),
-                Problem::Damaged(m) => Entry::Damaged(m),
-            }
-        }
-    };
-    let m = match meta::decode(&bytes, &what) {
-        Ok(m) => m,
-        Err(e) => return Entry::Damaged(e.to_string()),
-    };
-    if m.id != name || m.instance != instance {
-        return Entry::Damaged(format!(
-            "{what}: says backup {:?} of instance {:?}, but lies in directory {name:?} of instance {instance:?}",
-            m.id, m.instance
-        ));
-    }
-    Entry::Meta(Box::new(m))
 }
 
 /// Validates (see the module docs) and records the statuses found.
@@ -360,6 +323,7 @@ pub fn validate(catalog: &Catalog, instance: &str, opts: &ValidateOptions) -> Re
             .filter_map(|r| meta_of(&r.id))
             .collect();
         report.wal = Some(check_wal(
+            catalog.repo(),
             &archive,
             &starts,
             opts.backup_id.is_some(),
@@ -520,11 +484,8 @@ fn record(catalog: &Catalog, b: &BackupMeta, o: &Outcome, errors: &mut Vec<Strin
     if b.status == status && b.error == error {
         return status;
     }
-    let mut m = b.clone();
-    m.status = status;
-    m.error = error;
-    // `b` came from the directory named `b.id` of this instance (checked in `load_entry`).
-    match m.save(catalog) {
+    // A new dated status record; backup.json is never rewritten.
+    match meta::record_status(catalog, &b.instance, &b.id, status, error, "validate") {
         Ok(()) => status,
         Err(e) => {
             let msg = format!("backup {}: could not record status {status}: {e}", b.id);
@@ -532,56 +493,6 @@ fn record(catalog: &Catalog, b: &BackupMeta, o: &Outcome, errors: &mut Vec<Strin
             errors.push(msg);
             b.effective_status()
         }
-    }
-}
-
-/// A reader that remembers the first I/O error, so that a parser which reports every
-/// failure as damage cannot turn "could not read" into "damaged".
-struct Tracked<R> {
-    inner: R,
-    err: Option<String>,
-}
-
-impl<R> Tracked<R> {
-    fn new(inner: R) -> Tracked<R> {
-        Tracked { inner, err: None }
-    }
-
-    fn note<T>(&mut self, r: std::io::Result<T>) -> std::io::Result<T> {
-        if let Err(e) = &r {
-            self.err.get_or_insert_with(|| e.to_string());
-        }
-        r
-    }
-
-    /// `e` as "could not read" when an I/O error happened underneath, else as it is.
-    fn judge(&self, e: &Error, what: &Path) -> Problem {
-        match &self.err {
-            Some(io) => Problem::Unreadable(format!("could not read \"{}\": {io}", what.display())),
-            None => problem(e),
-        }
-    }
-}
-
-impl<R: Read> Read for Tracked<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let r = self.inner.read(buf);
-        self.note(r)
-    }
-}
-
-impl<R: BufRead> BufRead for Tracked<R> {
-    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
-        // (Borrowing rules: probe first, then return the buffer.)
-        if let Err(e) = self.inner.fill_buf() {
-            self.err.get_or_insert_with(|| e.to_string());
-            return Err(e);
-        }
-        self.inner.fill_buf()
-    }
-
-    fn consume(&mut self, amt: usize) {
-        self.inner.consume(amt)
     }
 }
 
@@ -649,70 +560,53 @@ fn check_files(
     b: &BackupMeta,
     unreadable: &mut Option<Problem>,
 ) -> std::result::Result<(), Problem> {
-    let dir = b.dir(catalog);
-    let mpath = dir.join("manifest");
-    let f = safepath::open_under(&dir, "manifest").map_err(|e| problem(&e))?;
-    let mut r = Tracked::new(BufReader::new(f));
-    let mut buf = vec![0u8; 1 << 20];
-    let res = manifest::read(&mut r, &mpath.display().to_string(), |e| match check_entry(
-        &dir, b, &e, &mut buf,
-    ) {
-        Ok(()) => Ok(()),
-        Err(Problem::Damaged(m)) => Err(Error::corruption(m)),
-        Err(u @ Problem::Unreadable(_)) => {
-            unreadable.get_or_insert(u);
-            Ok(())
-        }
-    });
-    match res {
-        Ok(_) => Ok(()),
-        Err(e) => match r.judge(&e, &mpath) {
-            u @ Problem::Unreadable(_) => {
+    let repo = catalog.repo();
+    let key = b.key().map_err(|e| problem(&e))?;
+    let mkey = format!("{key}/{}", manifest::FILE_NAME);
+    let mwhat = stored::what(repo, &mkey);
+    let blob = repo.get(&mkey).map_err(|e| problem(&e))?;
+    let res = manifest::read(&blob[..], &mwhat, |e| {
+        match check_entry(repo, &key, b, &e) {
+            Ok(()) => Ok(()),
+            Err(Problem::Damaged(m)) => Err(Error::corruption(m)),
+            Err(u @ Problem::Unreadable(_)) => {
                 unreadable.get_or_insert(u);
                 Ok(())
             }
-            d => Err(d),
-        },
-    }
+        }
+    });
+    res.map(drop).map_err(|e| problem(&e))
 }
 
-/// One manifest entry: a real directory, or a regular file with the recorded size and CRC.
+/// One manifest entry: a stored object with the recorded size and CRC. (Directories are
+/// manifest entries only: a store has none to check; restore creates them.)
 fn check_entry(
-    dir: &Path,
+    repo: &dyn Repo,
+    key: &str,
     b: &BackupMeta,
     e: &FileEntry,
-    buf: &mut [u8],
 ) -> std::result::Result<(), Problem> {
-    let stored = e.stored_path();
     if e.storage == Storage::Dir {
-        return safepath::open_dir_under(dir, &stored)
-            .map(drop)
-            .map_err(|err| problem(&err));
+        return Ok(());
     }
-    let p = dir.join(&stored);
-    let mut f = safepath::open_under(dir, &stored).map_err(|err| problem(&err))?;
-    let io = |op: &str, err: std::io::Error| problem(&Error::io(op, &p, err));
-    let mut crc = 0u32;
-    let mut n = 0u64;
-    loop {
-        let k = f.read(buf).map_err(|err| io("read", err))?;
-        if k == 0 {
-            break;
-        }
-        crc = crc32c::crc32c_append(crc, &buf[..k]);
-        n += k as u64;
-    }
+    let okey = format!("{key}/{}", e.stored_path());
+    let w = stored::what(repo, &okey);
+    // One read of the object: its checksum and, for an incremental file, its structure
+    // come from the same bytes.
+    let blob = repo.get(&okey).map_err(|err| problem(&err))?;
+    let bytes: &[u8] = &blob;
+    let n = bytes.len() as u64;
+    let crc = crc32c::crc32c(bytes);
     // An incremental file ends with its own CRC: the whole file's CRC is then the residue,
     // and the manifest holds that trailer CRC (the last 4 bytes).
     let crc_ok = match e.storage {
-        Storage::Incremental if n < 4 => false,
-        Storage::Incremental => {
-            let mut t = [0u8; 4];
-            f.seek(SeekFrom::End(-4)).map_err(|err| io("seek", err))?;
-            f.read_exact(&mut t).map_err(|err| io("read", err))?;
-            crc == incfile::WHOLE_FILE_RESIDUE
-                && incfile::manifest_crc_ok(e.crc32c, u32::from_le_bytes(t))
-        }
+        Storage::Incremental => match bytes.len().checked_sub(4).and_then(|at| bytes.get(at..)) {
+            Some(t) => {
+                let t = u32::from_le_bytes([t[0], t[1], t[2], t[3]]);
+                crc == incfile::WHOLE_FILE_RESIDUE && incfile::manifest_crc_ok(e.crc32c, t)
+            }
+            None => false,
+        },
         _ => crc == e.crc32c,
     };
     if !crc_ok || n != e.stored_size {
@@ -722,16 +616,8 @@ fn check_entry(
         )));
     }
     if e.storage == Storage::Incremental {
-        // The same open file: never re-resolved by path.
-        f.seek(SeekFrom::Start(0)).map_err(|err| io("seek", err))?;
-        let mut r = Tracked::new(BufReader::new(&f));
-        if let Err(err) =
-            incfile::read_stream(&mut r, n, &p.display().to_string(), b.block_size, |_, _| {
-                Ok(())
-            })
-        {
-            return Err(r.judge(&err, &p));
-        }
+        incfile::read_stream(bytes, n, &w, b.block_size, |_, _| Ok(()))
+            .map_err(|err| problem(&err))?;
     }
     Ok(())
 }
@@ -739,6 +625,7 @@ fn check_entry(
 /// `--wal`: every segment from each start backup to the newest archived one (or the
 /// target), along the timeline history recovery would follow.
 fn check_wal(
+    repo: &dyn Repo,
     archive: &WalArchive,
     starts: &[&BackupMeta],
     explicit: bool,
@@ -783,7 +670,7 @@ fn check_wal(
             continue;
         }
         reaching += 1;
-        match wal_path(archive, b, &target) {
+        match wal_path(repo, archive, b, &target) {
             Ok((segs, note)) => {
                 wanted.extend(segs);
                 if let Some(n) = note {
@@ -846,6 +733,7 @@ type SegOnTli = (u64, TimeLineId);
 /// The segments (segno, timeline) recovery from `b` reads up to the target, and a note when
 /// `b` is not on the newest timeline's history (then its own timeline is followed).
 fn wal_path(
+    repo: &dyn Repo,
     archive: &WalArchive,
     b: &BackupMeta,
     target: &WalTarget,
@@ -862,7 +750,7 @@ fn wal_path(
         history = archive.timeline_history(cur)?;
     }
     let first = b.start_lsn.segno(seg);
-    let newest = newest_segment(archive, &history, cur)?;
+    let newest = newest_segment(repo, archive, &history, cur)?;
     let end = match target {
         WalTarget::Lsn(l) => Some(l.segno(seg)),
         WalTarget::Time(t) => {
@@ -927,26 +815,20 @@ fn newest_timeline(
 
 /// The newest archived segment that recovery on `cur` (with `history`) would read.
 fn newest_segment(
+    repo: &dyn Repo,
     archive: &WalArchive,
     history: &[HistoryEntry],
     cur: TimeLineId,
 ) -> Result<Option<u64>> {
     let seg = archive.seg_size();
+    let wal = Catalog::wal_key(&archive.config().name);
     let mut best: Option<u64> = None;
     let tlis = history.iter().map(|h| h.tli).chain(std::iter::once(cur));
     for tli in tlis {
-        let d = archive.dir().join(format!("{tli:08X}"));
-        let rd = match std::fs::read_dir(&d) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(Error::io("read directory", &d, e)),
-        };
-        for f in rd {
-            let f = f.map_err(|e| Error::io("read directory", &d, e))?;
-            let n = f.file_name();
-            let Some(name) = n
-                .to_str()
-                .and_then(|s| s.strip_suffix(".lz4"))
+        for o in repo.list(&format!("{wal}/{tli:08X}"))?.objects {
+            let Some(name) = o
+                .name
+                .strip_suffix(".lz4")
                 .and_then(|s| s.parse::<WalFileName>().ok())
                 .filter(|w| w.is_segment() && w.tli() == tli)
             else {
@@ -963,72 +845,6 @@ fn newest_segment(
         }
     }
     Ok(best)
-}
-
-/// The report as text: one line per backup, then the WAL and a summary.
-pub fn render_text(r: &Report) -> String {
-    let mut s = String::new();
-    for b in &r.backups {
-        let (word, why) = match &b.outcome {
-            Outcome::Valid => ("valid", String::new()),
-            Outcome::Corrupt(m) => ("CORRUPT", m.clone()),
-            Outcome::Orphan(m) => ("ORPHAN", m.clone()),
-            Outcome::Unreadable(m) => ("could not be read (status unchanged)", m.clone()),
-            Outcome::Skipped(m) => ("skipped", m.clone()),
-        };
-        let change = if b.before != b.after {
-            format!(" [{} -> {}]", b.before, b.after)
-        } else {
-            String::new()
-        };
-        let why = if why.is_empty() {
-            why
-        } else {
-            format!(": {why}")
-        };
-        s.push_str(&format!(
-            "backup {} {:<5} {:<8} {word}{change}{why}\n",
-            b.id,
-            b.mode.to_string(),
-            b.after.to_string()
-        ));
-    }
-    for d in &r.damaged {
-        s.push_str(&format!("{d}\n"));
-    }
-    if let Some(w) = &r.wal {
-        for p in &w.problems {
-            s.push_str(&format!("{p}\n"));
-        }
-    }
-    for e in &r.record_errors {
-        s.push_str(&format!("{e}\n"));
-    }
-    let count = |f: fn(&Outcome) -> bool| r.backups.iter().filter(|b| f(&b.outcome)).count();
-    s.push_str(&format!(
-        "{} backups: {} valid, {} CORRUPT, {} ORPHAN, {} could not be read, {} skipped; {} damaged backup directories",
-        r.backups.len(),
-        count(|o| matches!(o, Outcome::Valid)),
-        count(|o| matches!(o, Outcome::Corrupt(_))),
-        count(|o| matches!(o, Outcome::Orphan(_))),
-        count(|o| matches!(o, Outcome::Unreadable(_))),
-        count(|o| matches!(o, Outcome::Skipped(_))),
-        r.damaged.len()
-    ));
-    if let Some(w) = &r.wal {
-        s.push_str(&format!(
-            "; WAL: {} segments verified, {} problems",
-            w.segments_checked,
-            w.problems.len()
-        ));
-    }
-    s.push('\n');
-    s.push_str(if r.success() {
-        "validate: OK\n"
-    } else {
-        "validate: FAILED\n"
-    });
-    s
 }
 
 /// One line per failure (for stderr): backups that cannot be restored or could not be
@@ -1186,7 +1002,7 @@ mod tests {
     fn io_errors_are_not_damage() {
         let eacces = std::io::Error::from_raw_os_error(nix::libc::EACCES);
         let enoent = std::io::Error::from_raw_os_error(nix::libc::ENOENT);
-        let p = Path::new("/x");
+        let p = std::path::Path::new("/x");
         assert!(matches!(
             problem(&Error::io("open", p, eacces)),
             Problem::Unreadable(_)
@@ -1199,21 +1015,6 @@ mod tests {
             problem(&Error::corruption("crc")),
             Problem::Damaged(_)
         ));
-
-        // a parser that calls every read error damage is overruled by what it read through
-        struct Failing;
-        impl Read for Failing {
-            fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
-                Err(std::io::Error::from_raw_os_error(nix::libc::EIO))
-            }
-        }
-        let mut t = Tracked::new(BufReader::new(Failing));
-        let e = manifest::read(&mut t, "m", |_| Ok(())).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Corruption);
-        assert!(matches!(t.judge(&e, p), Problem::Unreadable(_)));
-        let mut t = Tracked::new(BufReader::new(&b"garbage\n"[..]));
-        let e = manifest::read(&mut t, "m", |_| Ok(())).unwrap_err();
-        assert!(matches!(t.judge(&e, p), Problem::Damaged(_)));
     }
 
     #[test]
@@ -1299,29 +1100,29 @@ mod tests {
         let (_d, catalog) = two_timelines();
         let ar = WalArchive::open(&catalog, "db").unwrap();
         let b = meta("F", Mode::Full, None);
-        let (segs, note) = wal_path(&ar, &b, &WalTarget::Latest).unwrap();
+        let (segs, note) = wal_path(catalog.repo(), &ar, &b, &WalTarget::Latest).unwrap();
         assert_eq!(segs, vec![(2, 1), (3, 1), (4, 2), (5, 2), (6, 2), (7, 2)]);
         assert_eq!(note, None);
-        let (segs, _) = wal_path(&ar, &b, &WalTarget::Lsn(Lsn(0x50_0000))).unwrap();
+        let (segs, _) = wal_path(catalog.repo(), &ar, &b, &WalTarget::Lsn(Lsn(0x50_0000))).unwrap();
         assert_eq!(segs.last(), Some(&(5, 2)));
         // a backup on timeline 1 after the switch is not on timeline 2's history
         let mut late = b.clone();
         late.start_lsn = Lsn(0x50_0028);
-        let (segs, _) = wal_path(&ar, &late, &WalTarget::Latest).unwrap();
+        let (segs, _) = wal_path(catalog.repo(), &ar, &late, &WalTarget::Latest).unwrap();
         assert_eq!(segs, vec![(5, 1), (6, 1)]);
 
         // the whole check: a gap on timeline 2, then a damaged segment
         std::fs::remove_file(ar.data_path(&WalFileName::segment(2, 5, SEG))).unwrap();
-        let rep = check_wal(&ar, &[&b], true, &WalTarget::Latest);
+        let rep = check_wal(catalog.repo(), &ar, &[&b], true, &WalTarget::Latest);
         assert_eq!(rep.segments_checked, 5);
         assert_eq!(rep.problems.len(), 1, "{:?}", rep.problems);
         assert!(rep.problems[0].contains("000000020000000000000005"));
         std::fs::write(ar.data_path(&WalFileName::segment(1, 3, SEG)), b"junk").unwrap();
-        let rep = check_wal(&ar, &[&b], true, &WalTarget::Latest);
+        let rep = check_wal(catalog.repo(), &ar, &[&b], true, &WalTarget::Latest);
         assert_eq!(rep.problems.len(), 2, "{:?}", rep.problems);
         assert!(rep.problems[0].contains("000000010000000000000003"));
         // a target the backup cannot reach
-        let rep = check_wal(&ar, &[&b], true, &WalTarget::Lsn(Lsn(0x10)));
+        let rep = check_wal(catalog.repo(), &ar, &[&b], true, &WalTarget::Lsn(Lsn(0x10)));
         assert!(rep.problems.iter().any(|p| p.contains("cannot reach")));
     }
 }

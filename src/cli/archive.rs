@@ -245,5 +245,21 @@ pub fn render_text(r: &ArchiveReport) -> String {
             let _ = writeln!(s, "timeline {}: partial {n}", t.timeline);
         }
     }
+    if let Some(rc) = &r.receiver {
+        let _ = writeln!(
+            s,
+            "receiver: slot {}, timeline {}, flushed {}, server at {}, lag {}, last message {}{}, {}{}",
+            rc.slot,
+            rc.timeline,
+            rc.flushed_lsn,
+            rc.server_wal_end,
+            rc.lag_bytes.map_or("-".to_string(), |b| format!("{b} bytes")),
+            rc.last_message_time.as_deref().unwrap_or("-"),
+            rc.last_message_age_seconds
+                .map_or(String::new(), |a| format!(" ({a:.1} s ago)")),
+            if rc.running { "running" } else { "not running" },
+            if rc.synchronous { ", synchronous" } else { "" }
+        );
+    }
     s
 }

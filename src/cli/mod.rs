@@ -9,10 +9,12 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 pub mod archive;
+pub mod backup;
 pub mod catalog;
 pub mod check;
 pub mod docs;
 pub mod metrics;
+pub mod receive;
 pub mod wal_index;
 
 /// Where the catalog is. `WALNUT_CATALOG` may stand in for `-B`; the S3 settings may come
@@ -142,17 +144,19 @@ pub enum Command {
     /// Decode WAL segment files and print their block indexes.
     WalIndex(crate::cli::wal_index::WalIndexArgs),
     /// Take a FULL, PAGE or DELTA backup.
-    Backup(crate::backup::BackupArgs),
+    Backup(crate::cli::backup::BackupArgs),
     /// Restore a backup into a data directory, with recovery settings.
-    Restore(crate::backup::RestoreArgs),
+    Restore(crate::cli::backup::RestoreArgs),
     /// List backups, or with --archive the WAL archive.
     Show(ShowArgs),
     /// Verify a backup and its chain against stored checksums.
-    Validate(crate::backup::ValidateArgs),
+    Validate(crate::cli::backup::ValidateArgs),
     /// Check that the server's settings and archiving work with this catalog.
     Check(crate::cli::check::CheckArgs),
     /// Write Prometheus metrics (node_exporter textfile format).
     Metrics(crate::cli::metrics::MetricsArgs),
+    /// Stream WAL from the server into the archive (a long-running receiver).
+    Receive(crate::cli::receive::ReceiveArgs),
     /// Print a shell completion script (bash, zsh or fish).
     Completions(crate::cli::docs::CompletionsArgs),
     /// Write man pages for walnut, its subcommands, walnut-archive and walnut-fetch.
@@ -185,13 +189,14 @@ pub fn run_walnut(cli: WalnutCli) -> crate::Result<i32> {
         Command::Init(a) => crate::cli::catalog::run_init(a),
         Command::AddInstance(a) => crate::cli::catalog::run_add_instance(a),
         Command::WalIndex(a) => crate::cli::wal_index::run(a),
-        Command::Backup(a) => crate::backup::run_backup(a),
-        Command::Restore(a) => crate::backup::run_restore(a),
+        Command::Backup(a) => crate::cli::backup::run_backup(a),
+        Command::Restore(a) => crate::cli::backup::run_restore(a),
         Command::Show(a) if a.archive => crate::cli::archive::run_show(a),
-        Command::Show(a) => crate::backup::run_show(a),
-        Command::Validate(a) => crate::backup::run_validate(a),
+        Command::Show(a) => crate::cli::backup::run_show(a),
+        Command::Validate(a) => crate::cli::backup::run_validate(a),
         Command::Check(a) => crate::cli::check::run(a),
         Command::Metrics(a) => crate::cli::metrics::run(a),
+        Command::Receive(a) => crate::cli::receive::run(a),
         Command::Completions(a) => crate::cli::docs::run_completions(a),
         Command::Man(a) => crate::cli::docs::run_man(a),
     }

@@ -20,9 +20,8 @@
 #![deny(clippy::indexing_slicing)]
 
 use std::io::{Read, Write};
-use std::path::Path;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 
 pub const MAGIC: &[u8; 8] = b"WNINCR\r\n";
 pub const VERSION: u16 = 1;
@@ -249,29 +248,6 @@ pub fn parse_trailer(t: &[u8]) -> IncInfo {
         file_blocks: u32_le(t, 4),
         limit_block: (limit != NO_LIMIT).then_some(limit),
     }
-}
-
-/// Reads only the trailer (not checksum-verified: [`read_stream`] verifies) of the stored
-/// file `rel` of the backup in `dir`, opened without following links (see
-/// [`safepath::open_under`](crate::safepath::open_under)).
-pub fn read_info(dir: &Path, rel: &str, block_size: u32) -> Result<IncInfo> {
-    use std::os::unix::fs::FileExt;
-    let f = crate::safepath::open_under(dir, rel)?;
-    let path = &dir.join(rel);
-    let what = &path.display().to_string();
-    let len = f.metadata().ctx("stat", path)?.len();
-    if len < (HEADER_LEN + TRAILER_LEN) as u64 {
-        return Err(Error::corruption(format!(
-            "{what}: incremental file too short ({len} bytes)"
-        )));
-    }
-    let mut h = [0u8; HEADER_LEN];
-    f.read_exact_at(&mut h, 0).ctx("read", path)?;
-    check_header(&h, what, block_size)?;
-    let mut t = [0u8; TRAILER_LEN];
-    f.read_exact_at(&mut t, len - TRAILER_LEN as u64)
-        .ctx("read", path)?;
-    Ok(parse_trailer(&t))
 }
 
 /// Reads a whole incremental stream of `len` bytes, calling `page(blkno, bytes)` for each

@@ -23,7 +23,6 @@
 #![deny(clippy::indexing_slicing)]
 
 use std::io::{BufRead, Write};
-use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -230,43 +229,6 @@ pub fn check_entry(e: &FileEntry, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Reads the manifest of the backup in `backup_dir`, calling `f` per entry (see [`read`]).
-/// The file is opened without following a symlink and must be a regular file.
-pub fn read_in(backup_dir: &Path, f: impl FnMut(FileEntry) -> Result<()>) -> Result<u64> {
-    let path = backup_dir.join(FILE_NAME);
-    let file = safepath::open_under(backup_dir, FILE_NAME)?;
-    read(
-        std::io::BufReader::new(file),
-        &path.display().to_string(),
-        f,
-    )
-}
-
-/// Reads a manifest file into memory. `path` is a backup directory's `manifest`; the file
-/// itself is opened as [`read_in`] does.
-pub fn read_file(path: &Path) -> Result<Vec<FileEntry>> {
-    let (dir, name) = match (path.parent(), path.file_name().and_then(|n| n.to_str())) {
-        (Some(d), Some(n)) => (d, n),
-        _ => {
-            return Err(Error::invalid(format!(
-                "\"{}\" is not a manifest file path",
-                path.display()
-            )))
-        }
-    };
-    let file = safepath::open_under(dir, name)?;
-    let mut v = Vec::new();
-    read(
-        std::io::BufReader::new(file),
-        &path.display().to_string(),
-        |e| {
-            v.push(e);
-            Ok(())
-        },
-    )?;
-    Ok(v)
-}
-
 #[cfg(test)]
 #[allow(clippy::indexing_slicing)]
 mod tests {
@@ -411,22 +373,5 @@ mod tests {
         ] {
             read_back(&write(&[file(good)])).unwrap();
         }
-    }
-
-    #[test]
-    fn a_manifest_that_is_a_symlink_is_refused() {
-        let d = tempfile::tempdir().unwrap();
-        let bdir = d.path().join("B1");
-        std::fs::create_dir(&bdir).unwrap();
-        std::fs::write(d.path().join("elsewhere"), write(&sample())).unwrap();
-        std::os::unix::fs::symlink(d.path().join("elsewhere"), bdir.join(FILE_NAME)).unwrap();
-        let e = read_file(&bdir.join(FILE_NAME)).unwrap_err();
-        assert_eq!(e.kind(), crate::ErrorKind::Corruption, "{e}");
-        let e = read_in(&bdir, |_| Ok(())).unwrap_err();
-        assert_eq!(e.kind(), crate::ErrorKind::Corruption, "{e}");
-        std::fs::remove_file(bdir.join(FILE_NAME)).unwrap();
-        std::fs::write(bdir.join(FILE_NAME), write(&sample())).unwrap();
-        assert_eq!(read_file(&bdir.join(FILE_NAME)).unwrap(), sample());
-        assert_eq!(read_in(&bdir, |_| Ok(())).unwrap(), 3);
     }
 }

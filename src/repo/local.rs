@@ -230,6 +230,11 @@ impl Repo for LocalRepo {
         )?))
     }
 
+    fn open_file(&self, key: &str) -> Result<Option<File>> {
+        check_key(key, false)?;
+        safepath::open_under(&self.root, key).map(Some)
+    }
+
     fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
         check_key(key, false)?;
         let path = self.root.join(key);

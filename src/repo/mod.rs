@@ -162,6 +162,13 @@ pub trait Repo: Send + Sync + std::fmt::Debug {
     fn lock(&self, key: &str, mode: LockMode, wait: bool) -> Result<Option<RepoLock>>;
     /// Makes every object committed with [`Durability::Deferred`] so far durable.
     fn barrier(&self) -> Result<()>;
+    /// The object as an open local file, for a store whose objects are files: positional
+    /// reads with readahead hints, as restore's throughput needs. `None` for other stores
+    /// (callers use [`Repo::get_range`]). Opened with the same checks as [`Repo::get`].
+    fn open_file(&self, key: &str) -> Result<Option<std::fs::File>> {
+        check_key(key, false)?;
+        Ok(None)
+    }
     /// The local directory, for a store that is one: lets restore refuse targets that
     /// overlap the catalog. `None` for remote stores.
     fn local_root(&self) -> Option<&Path> {

@@ -203,7 +203,14 @@ pub struct Dest<'a> {
 }
 
 /// Checks one destination (see the module docs); returns its state.
-pub fn check(d: &Dest<'_>, catalog: &Path, instance: &str, reg: &Registered) -> Result<DirState> {
+/// `catalog` is the catalog's local directory, resolved (`None` for a store that is not a
+/// local directory: nothing to overlap).
+pub fn check(
+    d: &Dest<'_>,
+    catalog: Option<&Path>,
+    instance: &str,
+    reg: &Registered,
+) -> Result<DirState> {
     let path = d.path;
     let r = resolve(path)?;
     let refuse = |why: String| {
@@ -216,7 +223,7 @@ pub fn check(d: &Dest<'_>, catalog: &Path, instance: &str, reg: &Registered) -> 
     if r.parent().is_none() {
         return refuse("it is the root directory".into());
     }
-    if overlaps(&r, catalog) {
+    if let Some(catalog) = catalog.filter(|c| overlaps(&r, c)) {
         return refuse(format!(
             "it {} the catalog \"{}\"",
             if r.starts_with(catalog) {

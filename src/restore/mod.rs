@@ -41,19 +41,75 @@ use crate::format::incfile;
 use crate::format::manifest::{FileEntry, Storage};
 use plan::{Plan, Target};
 
-/// Recovery target settings as given (at most one target); checked by
-/// [`plan::check_recovery`] before anything is written.
-#[derive(Clone, Debug, Default)]
-pub struct RecoveryTarget {
-    pub time: Option<String>,
-    pub xid: Option<String>,
-    pub lsn: Option<String>,
-    pub name: Option<String>,
-    /// "immediate" or "latest".
-    pub target: Option<String>,
-    pub inclusive: Option<bool>,
-    pub timeline: Option<String>,
-    pub action: Option<String>,
+/// Where recovery stops (parsed and checked by the caller, before anything is written).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum RecoveryTarget {
+    /// The end of the archive (PostgreSQL's default: no target setting).
+    #[default]
+    Latest,
+    /// As soon as the backup is consistent.
+    Immediate,
+    /// A time: `text` as given (it is what recovery_target_time gets), `epoch` its Unix
+    /// seconds (to choose the backup).
+    Time {
+        text: String,
+        epoch: i64,
+        inclusive: Option<bool>,
+    },
+    Xid {
+        xid: u64,
+        inclusive: Option<bool>,
+    },
+    Lsn {
+        lsn: crate::types::Lsn,
+        inclusive: Option<bool>,
+    },
+    /// A restore point (1 to 63 bytes, no control characters).
+    Name(String),
+}
+
+/// recovery_target_action.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecoveryAction {
+    Pause,
+    Promote,
+    Shutdown,
+}
+
+impl RecoveryAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecoveryAction::Pause => "pause",
+            RecoveryAction::Promote => "promote",
+            RecoveryAction::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// recovery_target_timeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimelineTarget {
+    Current,
+    Latest,
+    Id(crate::types::TimeLineId),
+}
+
+impl std::fmt::Display for TimelineTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TimelineTarget::Current => f.write_str("current"),
+            TimelineTarget::Latest => f.write_str("latest"),
+            TimelineTarget::Id(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// The recovery settings of a restore.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Recovery {
+    pub target: RecoveryTarget,
+    pub timeline: Option<TimelineTarget>,
+    pub action: Option<RecoveryAction>,
 }
 
 pub struct RestoreOptions {
@@ -62,10 +118,12 @@ pub struct RestoreOptions {
     pub jobs: usize,
     /// `-T OLD=NEW`, both absolute; each OLD must be a tablespace of the backup.
     pub mappings: Vec<(PathBuf, PathBuf)>,
-    pub recovery: RecoveryTarget,
+    pub recovery: Recovery,
     /// Allows deleting the contents of `target` (and of tablespace destinations given by
     /// `-T`), never of anything else.
     pub force: bool,
+    /// Where the copy reports its progress.
+    pub progress: Arc<dyn Progress>,
 }
 
 /// Picks the backup to restore: the given one, or the newest OK backup that can reach the
@@ -73,7 +131,7 @@ pub struct RestoreOptions {
 pub fn choose_backup<'a>(
     list: &'a [BackupMeta],
     id: Option<&str>,
-    rt: &RecoveryTarget,
+    rt: &Recovery,
 ) -> Result<Vec<&'a BackupMeta>> {
     let (target, _) = plan::check_recovery(rt)?;
     choose_backup_on(list, id, &target, |_| true)
@@ -164,7 +222,7 @@ struct Restorer<'a> {
     older: Vec<HashMap<String, FileEntry>>,
     target: PathBuf,
     tablespaces: HashMap<String, PathBuf>,
-    progress: Progress,
+    progress: Arc<dyn Progress>,
     /// Blocks per chunk and per window (see rebuild.rs); small in tests.
     chunk_blocks: u32,
     window_blocks: u32,
@@ -187,7 +245,8 @@ impl Restorer<'_> {
                 limit_block: e.limit_block,
             });
         }
-        incfile::read_info(&b.dir(self.catalog), &e.stored_path(), b.block_size)
+        let key = format!("{}/{}", b.key()?, e.stored_path());
+        crate::backup::stored::inc_info(self.catalog.repo(), &key, b.block_size)
     }
 
     fn source(&self, b: &BackupMeta, e: &FileEntry, cap: u32) -> Result<rebuild::Source> {
@@ -207,8 +266,8 @@ impl Restorer<'_> {
             Storage::Dir => return Err(Error::invalid(format!("\"{}\" is a directory", e.path))),
         };
         Ok(rebuild::Source {
-            dir: b.dir(self.catalog),
-            rel: e.stored_path(),
+            repo: self.catalog.repo_arc(),
+            key: format!("{}/{}", b.key()?, e.stored_path()),
             backup: b.id.clone(),
             stored,
             size: e.size,
@@ -296,7 +355,7 @@ impl Restorer<'_> {
             let slot = parts
                 .get_mut(k as usize)
                 .ok_or_else(|| Error::invalid(format!("no chunk {k}")))?;
-            *slot = rebuild::run_chunk(&plan, k, &file, &dest, &self.progress)?;
+            *slot = rebuild::run_chunk(&plan, k, &file, &dest, &*self.progress)?;
         }
         rebuild::finish(&plan, &parts, &file, &dest)?;
         Ok(Some(out))
@@ -352,7 +411,7 @@ impl Restorer<'_> {
                 None => return Err(Error::invalid("no output file")),
             }
         };
-        let parts = rebuild::run_chunk(&plan, k, &file, &dest, &self.progress)?;
+        let parts = rebuild::run_chunk(&plan, k, &file, &dest, &*self.progress)?;
         let complete = {
             let mut st = sf
                 .state
@@ -420,7 +479,7 @@ pub fn restore(catalog: &Catalog, instance: &str, opts: &RestoreOptions) -> Resu
     let plan = plan::plan(catalog, instance, &list, opts)?;
     let settings = recovery_settings(catalog, instance, &plan)?;
     let id = plan.chain[0].id.clone();
-    execute(catalog, plan, &settings, opts.jobs)?;
+    execute(catalog, plan, &settings, opts.jobs, &opts.progress)?;
     Ok(id)
 }
 
@@ -446,6 +505,7 @@ fn execute(
     plan: Plan<'_>,
     settings: &[(&str, String)],
     jobs: usize,
+    progress: &Arc<dyn Progress>,
 ) -> Result<()> {
     let newest = plan.chain[0];
     let target = &plan.target;
@@ -462,6 +522,7 @@ fn execute(
         make_root(&t.dest)?;
     }
     let total: u64 = plan.entries.iter().map(|e| e.size).sum();
+    progress.start(&format!("restore {}", newest.id), total);
     let r = Restorer {
         catalog,
         chain: plan.chain.clone(),
@@ -472,7 +533,7 @@ fn execute(
             .iter()
             .map(|t| (t.oid.clone(), t.dest.clone()))
             .collect(),
-        progress: Progress::new(&format!("restore {}", newest.id), total),
+        progress: progress.clone(),
         chunk_blocks: (rebuild::CHUNK_BYTES / newest.block_size.max(1) as u64) as u32,
         window_blocks: (rebuild::WINDOW_BYTES / newest.block_size.max(1) as u64) as u32,
     };
@@ -652,6 +713,12 @@ impl Restorer<'_> {
     }
 }
 
+/// A backup's directory in a local test catalog (the tests write stored files there).
+#[cfg(test)]
+fn bdir(catalog: &Catalog, b: &BackupMeta) -> PathBuf {
+    catalog.root().join(b.key().unwrap())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -753,9 +820,8 @@ mod chain_tests {
             limit_block: limit,
             lz4_frames: None,
         };
-        let p = b.dir(catalog).join(e.stored_path());
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, bytes).unwrap();
+        let key = format!("{}/{}", b.key().unwrap(), e.stored_path());
+        catalog.repo().put_new(&key, &bytes).unwrap();
         e
     }
 
@@ -802,7 +868,7 @@ mod chain_tests {
                 .collect(),
             target: target.to_path_buf(),
             tablespaces: HashMap::new(),
-            progress: Progress::hidden(),
+            progress: crate::progress::none(),
             chunk_blocks,
             window_blocks,
         }
@@ -865,8 +931,8 @@ mod chain_tests {
             ..e2.clone()
         };
         assert!(attempt(&legacy, "legacy").is_ok());
-        let p2_path = p2.dir(&catalog).join(e2.stored_path());
-        std::fs::copy(p1.dir(&catalog).join(e1.stored_path()), &p2_path).unwrap();
+        let p2_path = super::bdir(&catalog, &p2).join(e2.stored_path());
+        std::fs::copy(super::bdir(&catalog, &p1).join(e1.stored_path()), &p2_path).unwrap();
         let err = attempt(&e2, "swapped").unwrap_err().to_string();
         assert!(err.contains("manifest checksum"), "{err}");
     }
@@ -891,7 +957,7 @@ mod chain_tests {
             limit_block: None,
             lz4_frames: None,
         };
-        let fp = f.dir(&catalog).join(fe.stored_path());
+        let fp = super::bdir(&catalog, &f).join(fe.stored_path());
         std::fs::create_dir_all(fp.parent().unwrap()).unwrap();
         std::fs::write(&fp, &full_bytes).unwrap();
         // PAGE 1: truncated to 2, then extended to 6 with block 2 written
@@ -940,7 +1006,7 @@ mod chain_tests {
             crc32c: crc32c::crc32c(&z),
             ..fe_template(full_bytes.len() as u64)
         };
-        let zp = fz.dir(&catalog).join(fze.stored_path());
+        let zp = super::bdir(&catalog, &fz).join(fze.stored_path());
         std::fs::create_dir_all(zp.parent().unwrap()).unwrap();
         std::fs::write(&zp, &z).unwrap();
         let t4 = d.path().join("t4");
@@ -977,9 +1043,13 @@ mod chain_tests {
     }
 
     fn store(catalog: &Catalog, b: &BackupMeta, e: &FileEntry, bytes: &[u8]) -> PathBuf {
-        let p = b.dir(catalog).join(e.stored_path());
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(&p, bytes).unwrap();
+        let key = format!("{}/{}", b.key().unwrap(), e.stored_path());
+        let p = catalog.root().join(&key);
+        match catalog.repo().put_new(&key, bytes) {
+            // a test replacing a stored file (local catalogs only)
+            Err(e) if e.kind() == crate::ErrorKind::Conflict => std::fs::write(&p, bytes).unwrap(),
+            r => r.unwrap(),
+        }
         p
     }
 
@@ -1017,27 +1087,34 @@ mod chain_tests {
     fn compressed_incrementals_rebuild_in_one_pass() {
         let d = tempfile::tempdir().unwrap();
         let catalog = Catalog::init(&d.path().join("cat")).unwrap();
-        let (f, fe) = full_backup(&catalog, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        compressed_incrementals_on(&catalog, d.path());
+        // the same from a store that is not a local directory: ranged reads
+        let mem = Catalog::with_repo(
+            Path::new("/mem"),
+            std::sync::Arc::new(crate::repo::MemRepo::new()),
+        );
+        let d2 = tempfile::tempdir().unwrap();
+        compressed_incrementals_on(&mem, d2.path());
+    }
+
+    fn compressed_incrementals_on(catalog: &Catalog, dir: &Path) {
+        let d = dir;
+        let (f, fe) = full_backup(catalog, &[1, 2, 3, 4, 5, 6, 7, 8]);
         let p1 = meta("P1", Mode::Page, Some("F"));
-        let e1 = inc_with(&catalog, &p1, &[(1, 11), (5, 15), (9, 19)], 10, None, true);
+        let e1 = inc_with(catalog, &p1, &[(1, 11), (5, 15), (9, 19)], 10, None, true);
         assert!(e1.stored_size < 3 * BS as u64, "pages were not compressed");
         let p2 = meta("P2", Mode::Page, Some("P1"));
-        let e2 = inc_with(&catalog, &p2, &[(0, 20), (5, 25)], 10, Some(7), true);
+        let e2 = inc_with(catalog, &p2, &[(0, 20), (5, 25)], 10, Some(7), true);
         let r = restorer(
-            &catalog,
+            catalog,
             vec![&p2, &p1, &f],
             &[e1.clone(), fe.clone()],
-            d.path(),
+            d,
             (1, 1),
         );
         assert_eq!(r.plan(&e2).unwrap().chunks, 1);
         assert_eq!(
-            rebuild(
-                &catalog,
-                vec![&p2, &p1, &f],
-                vec![e2, e1, fe],
-                &d.path().join("t")
-            ),
+            rebuild(catalog, vec![&p2, &p1, &f], vec![e2, e1, fe], &d.join("t")),
             vec![20, 11, 3, 4, 5, 25, 7, 0, 0, 0]
         );
     }
@@ -1057,7 +1134,7 @@ mod chain_tests {
             8,
             None,
         );
-        let path = p1.dir(&catalog).join(e1.stored_path());
+        let path = super::bdir(&catalog, &p1).join(e1.stored_path());
         let good = std::fs::read(&path).unwrap();
         let rec = 8 + BS;
         let damage: Vec<(&str, Vec<u8>)> = vec![

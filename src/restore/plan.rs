@@ -6,7 +6,6 @@
 //! filesystem exactly as it was.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
 use crate::archive::{HistoryEntry, WalArchive};
@@ -16,9 +15,13 @@ use crate::safepath;
 use crate::types::{Lsn, TimeLineId};
 
 use super::dirs::{self, Dest, DirState, Registered};
-use super::{choose_backup_on, quote_conf, RecoveryTarget, RestoreOptions};
-use crate::backup::meta::{self, BackupMeta};
+use super::{
+    choose_backup_on, quote_conf, Recovery, RecoveryTarget, RestoreOptions, TimelineTarget,
+};
+use crate::backup::meta::BackupMeta;
+use crate::backup::stored;
 use crate::format::manifest::{self, FileEntry, Storage};
+use crate::repo::Repo;
 
 /// The manifest path under which a backup's `tablespace_map` is recorded (stored as
 /// `database/tablespace_map`, with its CRC like every other file). PostgreSQL never has a
@@ -78,110 +81,66 @@ pub enum Target {
     Name(String),
 }
 
-/// Parses and checks every recovery option; returns the target and the settings to write
-/// (without the timeline, which depends on the backup chosen).
-pub fn check_recovery(rt: &RecoveryTarget) -> Result<(Target, Vec<(&'static str, String)>)> {
-    let given = [
-        ("--recovery-target-time", &rt.time),
-        ("--recovery-target-xid", &rt.xid),
-        ("--recovery-target-lsn", &rt.lsn),
-        ("--recovery-target-name", &rt.name),
-        ("--recovery-target", &rt.target),
-    ];
-    let set: Vec<&str> = given
-        .iter()
-        .filter(|(_, v)| v.is_some())
-        .map(|(k, _)| *k)
-        .collect();
-    if set.len() > 1 {
-        return Err(Error::invalid(format!(
-            "give at most one recovery target ({} were given)",
-            set.join(", ")
-        )));
-    }
-    for (k, v) in given.iter().chain(
-        [
-            ("--recovery-target-timeline", &rt.timeline),
-            ("--recovery-target-action", &rt.action),
-        ]
-        .iter(),
-    ) {
-        if let Some(v) = v {
-            if v.chars().any(char::is_control) {
+/// The target and the settings to write for `rec` (without the timeline, which depends on
+/// the backup chosen). The caller parsed and checked the options; what a setting line
+/// could not hold is refused here again.
+pub fn check_recovery(rec: &Recovery) -> Result<(Target, Vec<(&'static str, String)>)> {
+    let mut settings: Vec<(&'static str, String)> = Vec::new();
+    let mut inclusive = None;
+    let target = match &rec.target {
+        RecoveryTarget::Latest => Target::None,
+        RecoveryTarget::Immediate => {
+            settings.push(("recovery_target", quote_conf("immediate")));
+            Target::Immediate
+        }
+        RecoveryTarget::Time {
+            text,
+            epoch,
+            inclusive: i,
+        } => {
+            if text.chars().any(char::is_control) {
                 return Err(Error::invalid(format!(
-                    "{k} {v:?} contains a control character"
+                    "recovery target time {text:?} contains a control character"
                 )));
             }
+            settings.push(("recovery_target_time", quote_conf(text.trim())));
+            inclusive = *i;
+            Target::Time(*epoch)
         }
-    }
-    let mut settings: Vec<(&'static str, String)> = Vec::new();
-    let target = if let Some(t) = &rt.time {
-        let secs = meta::parse_time(t)?;
-        settings.push(("recovery_target_time", quote_conf(t.trim())));
-        Target::Time(secs)
-    } else if let Some(x) = &rt.xid {
-        let xid: u64 = x.trim().parse().map_err(|_| {
-            Error::invalid(format!(
-                "invalid --recovery-target-xid '{x}': expected a transaction id (a number)"
-            ))
-        })?;
-        settings.push(("recovery_target_xid", quote_conf(&xid.to_string())));
-        Target::Xid(xid)
-    } else if let Some(l) = &rt.lsn {
-        let lsn: Lsn = l.parse()?;
-        settings.push(("recovery_target_lsn", quote_conf(&lsn.to_string())));
-        Target::Lsn(lsn)
-    } else if let Some(n) = &rt.name {
-        // PostgreSQL's limit: MAXFNAMELEN (64) including the terminating NUL.
-        if n.is_empty() || n.len() >= 64 {
-            return Err(Error::invalid(format!(
-                "invalid --recovery-target-name {n:?}: 1 to 63 bytes"
-            )));
+        RecoveryTarget::Xid { xid, inclusive: i } => {
+            settings.push(("recovery_target_xid", quote_conf(&xid.to_string())));
+            inclusive = *i;
+            Target::Xid(*xid)
         }
-        settings.push(("recovery_target_name", quote_conf(n)));
-        Target::Name(n.clone())
-    } else {
-        match rt.target.as_deref() {
-            None | Some("latest") => Target::None,
-            Some("immediate") => {
-                settings.push(("recovery_target", quote_conf("immediate")));
-                Target::Immediate
-            }
-            Some(o) => {
+        RecoveryTarget::Lsn { lsn, inclusive: i } => {
+            settings.push(("recovery_target_lsn", quote_conf(&lsn.to_string())));
+            inclusive = *i;
+            Target::Lsn(*lsn)
+        }
+        RecoveryTarget::Name(n) => {
+            // PostgreSQL's limit: MAXFNAMELEN (64) including the terminating NUL.
+            if n.is_empty() || n.len() >= 64 || n.chars().any(char::is_control) {
                 return Err(Error::invalid(format!(
-                    "invalid --recovery-target '{o}': immediate or latest"
-                )))
+                    "invalid recovery target name {n:?}: 1 to 63 bytes, no control characters"
+                )));
             }
+            settings.push(("recovery_target_name", quote_conf(n)));
+            Target::Name(n.clone())
         }
     };
-    if let Some(i) = rt.inclusive {
+    if let Some(i) = inclusive {
         settings.push((
             "recovery_target_inclusive",
             quote_conf(if i { "on" } else { "off" }),
         ));
     }
-    if let Some(t) = &rt.timeline {
-        check_timeline(t)?;
+    if let Some(TimelineTarget::Id(0)) = rec.timeline {
+        return Err(Error::invalid("recovery target timeline 0 does not exist"));
     }
-    if let Some(a) = &rt.action {
-        if !["pause", "promote", "shutdown"].contains(&a.as_str()) {
-            return Err(Error::invalid(format!(
-                "invalid --recovery-target-action '{a}': pause, promote or shutdown"
-            )));
-        }
-        settings.push(("recovery_target_action", quote_conf(a)));
+    if let Some(a) = rec.action {
+        settings.push(("recovery_target_action", quote_conf(a.as_str())));
     }
     Ok((target, settings))
-}
-
-fn check_timeline(t: &str) -> Result<()> {
-    if t == "current" || t == "latest" || t.parse::<TimeLineId>().is_ok_and(|n| n >= 1) {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!(
-            "invalid --recovery-target-timeline '{t}': a timeline number, current or latest"
-        )))
-    }
 }
 
 /// Parses `tablespace_map` lines "<oid> <path>" (14+: `\` escapes). Each oid must be a
@@ -256,37 +215,29 @@ fn check_mappings(mappings: &[(PathBuf, PathBuf)]) -> Result<()> {
 }
 
 /// Reads a stored file whole, checking its size and CRC against its manifest entry.
-fn read_checked(bdir: &Path, e: &FileEntry) -> Result<Vec<u8>> {
-    let rel = e.stored_path();
-    let p = bdir.join(&rel);
+fn read_checked(repo: &dyn Repo, bkey: &str, e: &FileEntry) -> Result<Vec<u8>> {
+    let key = format!("{bkey}/{}", e.stored_path());
+    let w = stored::what(repo, &key);
     if e.storage != Storage::Full {
         return Err(Error::corruption(format!(
-            "{}: the manifest entry \"{}\" is not a plain file",
-            p.display(),
+            "{w}: the manifest entry \"{}\" is not a plain file",
             e.path
         )));
     }
-    let mut f = safepath::open_under(bdir, &rel)?;
-    let mut b = Vec::new();
-    f.read_to_end(&mut b).ctx("read", &p)?;
+    let b = repo.get(&key)?.into_vec();
     if b.len() as u64 != e.stored_size || crc32c::crc32c(&b) != e.crc32c {
         return Err(Error::corruption(format!(
-            "\"{}\" does not match its manifest size and checksum",
-            p.display()
+            "\"{w}\" does not match its manifest size and checksum"
         )));
     }
     Ok(b)
 }
 
-/// Reads a file of the backup directory that the manifest does not cover; `None` only when
-/// it does not exist.
-fn read_optional(bdir: &Path, name: &str) -> Result<Option<Vec<u8>>> {
-    match safepath::open_under(bdir, name) {
-        Ok(mut f) => {
-            let mut b = Vec::new();
-            f.read_to_end(&mut b).ctx("read", &bdir.join(name))?;
-            Ok(Some(b))
-        }
+/// Reads an object of the backup that the manifest does not cover; `None` only when it
+/// does not exist.
+fn read_optional(repo: &dyn Repo, bkey: &str, name: &str) -> Result<Option<Vec<u8>>> {
+    match repo.get(&format!("{bkey}/{name}")) {
+        Ok(b) => Ok(Some(b.into_vec())),
         Err(e) if e.kind() == crate::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
@@ -294,9 +245,14 @@ fn read_optional(bdir: &Path, name: &str) -> Result<Option<Vec<u8>>> {
 
 /// Reads a backup's manifest, checking every path.
 fn read_manifest(catalog: &Catalog, b: &BackupMeta) -> Result<Vec<FileEntry>> {
-    let p = b.dir(catalog).join("manifest");
-    let entries = manifest::read_file(&p)?;
-    let what = format!("manifest of backup {} ({})", b.id, p.display());
+    let repo = catalog.repo();
+    let key = b.key()?;
+    let entries = stored::manifest_entries(repo, &key)?;
+    let what = format!(
+        "manifest of backup {} ({})",
+        b.id,
+        stored::what(repo, &format!("{key}/{}", manifest::FILE_NAME))
+    );
     for e in &entries {
         safepath::check_rel_path(&e.path, &what)?;
     }
@@ -348,13 +304,13 @@ pub fn on_history(b: &BackupMeta, tli: TimeLineId, history: &[HistoryEntry]) -> 
 /// timeline (pg_probackup's `current`), since PostgreSQL's default, the newest timeline,
 /// may have left it before the target. No target: PostgreSQL's default.
 fn timeline_setting(
-    rt: &RecoveryTarget,
+    rt: &Recovery,
     target: &Target,
     point: Option<&PointInfo>,
     newest: &BackupMeta,
 ) -> Option<String> {
     if let Some(t) = &rt.timeline {
-        return Some(t.clone());
+        return Some(t.to_string());
     }
     match target {
         Target::Name(_) => point.map(|p| p.tli.to_string()),
@@ -391,7 +347,8 @@ pub fn plan<'a>(
     }
 
     // every manifest of the chain
-    let bdir = newest.dir(catalog);
+    let repo = catalog.repo();
+    let bkey = newest.key()?;
     let mut entries = read_manifest(catalog, newest)?;
     let mut older = Vec::new();
     for b in chain.iter().skip(1) {
@@ -413,8 +370,8 @@ pub fn plan<'a>(
     // the tablespace map: a manifest entry (checked against its CRC); backups from before
     // that keep it beside the manifest, where only its absence means "no tablespaces"
     let spcmap = match entries.iter().position(|e| e.path == SPCMAP_ENTRY) {
-        Some(i) => Some(read_checked(&bdir, &entries.remove(i))?),
-        None => read_optional(&bdir, "tablespace_map")?,
+        Some(i) => Some(read_checked(repo, &bkey, &entries.remove(i))?),
+        None => read_optional(repo, &bkey, "tablespace_map")?,
     };
     let spc_what = format!("tablespace_map of backup {}", newest.id);
     let spcmap = match spcmap {
@@ -438,16 +395,17 @@ pub fn plan<'a>(
             )));
         }
     }
-    let backup_label = read_optional(&bdir, "backup_label")?.ok_or_else(|| {
+    let backup_label = read_optional(repo, &bkey, "backup_label")?.ok_or_else(|| {
         Error::corruption(format!(
             "backup {} has no backup_label ({})",
             newest.id,
-            bdir.join("backup_label").display()
+            stored::what(repo, &format!("{bkey}/backup_label"))
         ))
     })?;
 
     // the destinations
-    let cat = dirs::resolve(catalog.root())?;
+    // The catalog's own directory, when it is one: a restore never writes into it.
+    let cat = repo.local_root().map(dirs::resolve).transpose()?;
     let reg = Registered::probe(&cfg.pgdata)?;
     let st = dirs::check(
         &Dest {
@@ -456,7 +414,7 @@ pub fn plan<'a>(
             may_clear: opts.force,
             not_empty_hint: "restore into an empty or new directory, or add --force if everything in it is to be deleted".into(),
         },
-        &cat,
+        cat.as_deref(),
         instance,
         &reg,
     )?;
@@ -484,7 +442,7 @@ pub fn plan<'a>(
                 may_clear: opts.force && mapped.is_some(),
                 not_empty_hint: hint,
             },
-            &cat,
+            cat.as_deref(),
             instance,
             &reg,
         )?;
@@ -518,77 +476,43 @@ pub fn plan<'a>(
 mod tests {
     use super::*;
 
-    fn rt() -> RecoveryTarget {
-        RecoveryTarget::default()
-    }
-
     #[test]
-    fn targets_are_parsed() {
-        let ok = |r: RecoveryTarget| check_recovery(&r).unwrap().0;
+    fn recovery_settings_follow_the_target() {
+        let set = |t: RecoveryTarget| {
+            check_recovery(&Recovery {
+                target: t,
+                timeline: Some(TimelineTarget::Latest),
+                action: Some(super::super::RecoveryAction::Promote),
+            })
+            .unwrap()
+        };
+        let (t, s) = set(RecoveryTarget::Xid {
+            xid: 1234,
+            inclusive: Some(false),
+        });
+        assert_eq!(t, Target::Xid(1234));
         assert_eq!(
-            ok(RecoveryTarget {
-                xid: Some(" 1234 ".into()),
-                ..rt()
-            }),
-            Target::Xid(1234)
+            s,
+            vec![
+                ("recovery_target_xid", "'1234'".to_string()),
+                ("recovery_target_inclusive", "'off'".to_string()),
+                ("recovery_target_action", "'promote'".to_string()),
+            ]
         );
-        assert_eq!(
-            ok(RecoveryTarget {
-                lsn: Some("0/16B3748".into()),
-                ..rt()
-            }),
-            Target::Lsn(Lsn(0x16B3748))
-        );
-        assert_eq!(ok(rt()), Target::None);
-        let bad = [
-            RecoveryTarget {
-                time: Some("yesterday".into()),
-                ..rt()
-            },
-            RecoveryTarget {
-                xid: Some("12a".into()),
-                ..rt()
-            },
-            RecoveryTarget {
-                lsn: Some("16B3748".into()),
-                ..rt()
-            },
-            RecoveryTarget {
-                name: Some(String::new()),
-                ..rt()
-            },
-            RecoveryTarget {
-                name: Some("x".repeat(64)),
-                ..rt()
-            },
-            RecoveryTarget {
-                name: Some("a\nrestore_command='x'".into()),
-                ..rt()
-            },
-            RecoveryTarget {
-                timeline: Some("0".into()),
-                ..rt()
-            },
-            RecoveryTarget {
-                timeline: Some("newest".into()),
-                ..rt()
-            },
-            RecoveryTarget {
-                action: Some("explode".into()),
-                ..rt()
-            },
-            RecoveryTarget {
-                target: Some("now".into()),
-                ..rt()
-            },
-            RecoveryTarget {
-                xid: Some("5".into()),
-                name: Some("p".into()),
-                ..rt()
-            },
-        ];
-        for r in bad {
-            assert!(check_recovery(&r).is_err(), "{r:?}");
+        assert_eq!(set(RecoveryTarget::Latest).0, Target::None);
+        for bad in [
+            RecoveryTarget::Name(String::new()),
+            RecoveryTarget::Name("x".repeat(64)),
+            RecoveryTarget::Name("a\nrestore_command='x'".into()),
+        ] {
+            assert!(
+                check_recovery(&Recovery {
+                    target: bad.clone(),
+                    ..Recovery::default()
+                })
+                .is_err(),
+                "{bad:?}"
+            );
         }
     }
 

@@ -29,7 +29,8 @@ use std::path::{Path, PathBuf};
 use crate::durable;
 use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
-use crate::safepath;
+use crate::repo::Repo;
+use std::sync::Arc;
 
 use crate::format::incfile::{self, IncInfo};
 use crate::format::manifest::Lz4Frames;
@@ -58,10 +59,10 @@ pub enum Stored {
 /// One stored file that supplies blocks.
 #[derive(Clone, Debug)]
 pub struct Source {
-    /// The backup's directory, and the stored file's path relative to it (from a checked
-    /// manifest entry): the file is opened below `dir` without following links.
-    pub dir: PathBuf,
-    pub rel: String,
+    /// The catalog's store and the stored file's key (built from checked names and a
+    /// checked manifest entry).
+    pub repo: Arc<dyn Repo>,
+    pub key: String,
     pub backup: String,
     pub stored: Stored,
     /// Manifest: bytes of the file (decoded), and bytes and CRC-32C of the stored file.
@@ -73,15 +74,106 @@ pub struct Source {
 }
 
 impl Source {
-    /// The stored file's path, for messages.
+    /// The stored file's place, for messages.
     pub fn path(&self) -> PathBuf {
-        self.dir.join(&self.rel)
+        PathBuf::from(format!("{}/{}", self.repo.location(), self.key))
     }
 
-    /// Opens the stored file: no component below the backup directory may be a symlink,
-    /// and the file must be a regular file (see [`safepath::open_under`]).
-    fn open(&self) -> Result<File> {
-        safepath::open_under(&self.dir, &self.rel)
+    /// Opens the stored object for positional reads (see [`Obj`]).
+    fn open(&self) -> Result<Obj> {
+        match self.repo.open_file(&self.key)? {
+            // A local store's object is a file below its root (no symbolic link below the
+            // root, a regular file): one descriptor per chunk and readahead hints.
+            Some(f) => {
+                let len = f.metadata().ctx("stat", &self.path())?.len();
+                Ok(Obj::File(f, len))
+            }
+            None => {
+                let len = self
+                    .repo
+                    .head(&self.key)?
+                    .ok_or_else(|| {
+                        Error::not_found(format!("{}: not found", self.path().display()))
+                    })?
+                    .size;
+                Ok(Obj::Ranged {
+                    repo: self.repo.clone(),
+                    key: self.key.clone(),
+                    len,
+                })
+            }
+        }
+    }
+}
+
+/// A stored object open for positional reads: a file of a local store, or ranged gets of
+/// any other.
+pub enum Obj {
+    File(File, u64),
+    Ranged {
+        repo: Arc<dyn Repo>,
+        key: String,
+        len: u64,
+    },
+}
+
+impl Obj {
+    fn len(&self) -> u64 {
+        match self {
+            Obj::File(_, n) | Obj::Ranged { len: n, .. } => *n,
+        }
+    }
+
+    /// Up to `buf.len()` bytes at `off` (fewer only at the end).
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+        match self {
+            Obj::File(f, _) => f.read_at(buf, off),
+            Obj::Ranged { repo, key, len } => {
+                let n = (buf.len() as u64).min(len.saturating_sub(off)) as usize;
+                if n == 0 {
+                    return Ok(0);
+                }
+                let b = repo
+                    .get_range(key, off, n as u64)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                buf[..n].copy_from_slice(&b);
+                Ok(n)
+            }
+        }
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.read_at(&mut buf[got..], off + got as u64) {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// A readahead hint for `[offset, offset + len)` (local files only).
+    fn will_need(&self, offset: u64, len: u64) {
+        if let Obj::File(f, _) = self {
+            will_need(f, offset, len);
+        }
+    }
+}
+
+/// Sequential reads of an [`Obj`] from a position.
+pub struct ObjReader {
+    obj: Obj,
+    pos: u64,
+}
+
+impl Read for ObjReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.obj.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
     }
 }
 
@@ -200,7 +292,7 @@ fn what(p: &Path) -> String {
 /// Reads a byte range `[start, end)` of a file through a buffer, keeping the CRC-32C of every
 /// byte loaded. Each load is one `pread` of up to [`READ_BUF`] bytes.
 struct RangeReader {
-    file: File,
+    file: Obj,
     path: PathBuf,
     start: u64,
     /// Next offset to load.
@@ -213,7 +305,7 @@ struct RangeReader {
 }
 
 impl RangeReader {
-    fn new(file: File, path: &Path, start: u64, end: u64) -> RangeReader {
+    fn new(file: Obj, path: &Path, start: u64, end: u64) -> RangeReader {
         let cap = READ_BUF.min(end.saturating_sub(start).max(1) as usize);
         RangeReader {
             file,
@@ -296,7 +388,7 @@ struct IncReader {
 /// First record index in `0..n` whose block is at or above `blk` (records sorted by block;
 /// all records hold a whole page). Corrupt, unsorted data gives some index; the chunks
 /// check every record they read against their own block range.
-fn first_record_at(f: &File, path: &Path, n: u32, bs: u32, blk: u32) -> Result<u32> {
+fn first_record_at(f: &Obj, path: &Path, n: u32, bs: u32, blk: u32) -> Result<u32> {
     let (mut lo, mut hi) = (0u32, n);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
@@ -321,7 +413,7 @@ impl IncReader {
         let path = src.path();
         let w = what(&path);
         let f = src.open()?;
-        let flen = f.metadata().ctx("stat", &path)?.len();
+        let flen = f.len();
         let min = (incfile::HEADER_LEN + incfile::TRAILER_LEN) as u64;
         if flen < min {
             return Err(Error::corruption(format!(
@@ -366,7 +458,7 @@ impl IncReader {
                 (start, e, e)
             }
         };
-        will_need(&f, start, end - start);
+        f.will_need(start, end - start);
         let mut r = RangeReader::new(f, &path, start, end);
         if first {
             let h = r.take(incfile::HEADER_LEN)?;
@@ -489,7 +581,7 @@ impl IncReader {
 /// (the last chunk: to the end of the file).
 enum WholeReader {
     Plain {
-        file: File,
+        file: Obj,
         path: PathBuf,
         pos: u64,
         end: Option<u64>,
@@ -506,7 +598,8 @@ enum WholeReader {
     },
 }
 
-type Lz4Decoder = lz4_flex::frame::FrameDecoder<CrcReader<std::io::Take<std::io::BufReader<File>>>>;
+type Lz4Decoder =
+    lz4_flex::frame::FrameDecoder<CrcReader<std::io::Take<std::io::BufReader<ObjReader>>>>;
 
 impl WholeReader {
     fn open(plan: &Plan, src: &Source, k: u32) -> Result<WholeReader> {
@@ -534,13 +627,14 @@ impl WholeReader {
                     }
                     _ => (0, u64::MAX, 0, src.size),
                 };
-                will_need(
-                    &f,
+                f.will_need(
                     offset,
                     stored_len.min(src.stored_size.saturating_sub(offset)),
                 );
-                let mut f = f;
-                std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset)).ctx("seek", &path)?;
+                let f = ObjReader {
+                    obj: f,
+                    pos: offset,
+                };
                 WholeReader::Lz4 {
                     dec: Box::new(lz4_flex::frame::FrameDecoder::new(CrcReader {
                         inner: std::io::Read::take(
@@ -561,7 +655,7 @@ impl WholeReader {
                     (false, Some(h)) => h as u64 * bs,
                     _ => src.stored_size,
                 };
-                will_need(&f, from, to.saturating_sub(from));
+                f.will_need(from, to.saturating_sub(from));
                 WholeReader::Plain {
                     file: f,
                     path: path.clone(),
@@ -768,7 +862,7 @@ pub fn run_chunk(
     k: u32,
     out: &File,
     dest: &Path,
-    progress: &Progress,
+    progress: &dyn Progress,
 ) -> Result<Vec<Part>> {
     let bs = plan.block_size as usize;
     let (lo, hi) = plan.range(k);
@@ -952,9 +1046,10 @@ mod tests {
         let b2 = d.path().join("B2");
         std::fs::create_dir_all(b2.join("database")).unwrap();
         std::os::unix::fs::symlink(bdir.join("database/base"), b2.join("database/base")).unwrap();
+        let repo: Arc<dyn Repo> = Arc::new(crate::repo::LocalRepo::open(d.path()).unwrap());
         let src = |dir: &Path, rel: &str| Source {
-            dir: dir.to_path_buf(),
-            rel: rel.into(),
+            repo: repo.clone(),
+            key: format!("{}/{rel}", dir.file_name().unwrap().to_str().unwrap()),
             backup: "B".into(),
             stored: Stored::Plain,
             size: 8192,
@@ -966,7 +1061,7 @@ mod tests {
             let plan = Plan::new(Shape::Copy, vec![s], 8192, 16, 4);
             let dest = d.path().join("out");
             let out = File::create(&dest).unwrap();
-            let parts = run_chunk(&plan, 0, &out, &dest, &Progress::new("t", 8192))?;
+            let parts = run_chunk(&plan, 0, &out, &dest, &crate::progress::NoProgress)?;
             finish(&plan, &[parts], &out, &dest)?;
             Ok(std::fs::read(&dest).unwrap())
         };
@@ -976,7 +1071,7 @@ mod tests {
             assert_eq!(e.kind(), crate::ErrorKind::Corruption, "{rel}: {e}");
             assert!(e.to_string().contains("symbolic link"), "{e}");
         }
-        let e = incfile::read_info(&bdir, "database/base/5/2", 8192).unwrap_err();
+        let e = crate::backup::stored::inc_info(&*repo, "B1/database/base/5/2", 8192).unwrap_err();
         assert_eq!(e.kind(), crate::ErrorKind::Corruption, "{e}");
     }
 }

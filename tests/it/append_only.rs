@@ -35,6 +35,10 @@ impl Watcher {
             | F::IN_ONLYDIR;
         let mut dirs = HashMap::new();
         let mut names: HashSet<std::path::PathBuf> = HashSet::new();
+        // Names seen by a directory scan of a directory created while watching: its
+        // files may also arrive as creation events (created between the watch and the
+        // scan), so the first such event is not a replacement.
+        let mut scanned: HashSet<std::path::PathBuf> = HashSet::new();
         fn add(
             ino: &Inotify,
             flags: F,
@@ -77,16 +81,17 @@ impl Watcher {
                     let m = ev.mask;
                     if m.contains(F::IN_ISDIR) {
                         if m.contains(F::IN_CREATE) || m.contains(F::IN_MOVED_TO) {
-                            add(&ino, flags, &p, &mut dirs, &mut names);
+                            add(&ino, flags, &p, &mut dirs, &mut scanned);
                         } else if m.contains(F::IN_DELETE) || m.contains(F::IN_MOVED_FROM) {
                             bad.push(format!("directory removed: {}", p.display()));
                         }
                     } else if m.contains(F::IN_DELETE) || m.contains(F::IN_MOVED_FROM) {
                         bad.push(format!("removed: {}", p.display()));
                     } else if m.contains(F::IN_MOVED_TO) || m.contains(F::IN_CREATE) {
-                        if !names.insert(p.clone()) {
+                        if !names.insert(p.clone()) && !scanned.remove(&p) {
                             bad.push(format!("replaced: {}", p.display()));
                         }
+                        scanned.remove(&p);
                     } else if m.contains(F::IN_MODIFY) {
                         bad.push(format!("written in place: {}", p.display()));
                     }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use walnut::backup::meta;
-use walnut::format::manifest::{self, FileEntry, ManifestWriter, Storage};
+use walnut::format::manifest::{FileEntry, ManifestWriter, Storage};
 
 use super::env::{stderr, Env as Cluster};
 use super::harness::*;
@@ -198,7 +198,7 @@ fn hostile_catalog_is_refused_and_nothing_outside_changes() {
     let bdir = env.bdir();
     let good_manifest = std::fs::read(bdir.join("manifest")).unwrap();
     let good_meta = std::fs::read(bdir.join("backup.json")).unwrap();
-    let entries = manifest::read_file(&bdir.join("manifest")).unwrap();
+    let entries = super::env::manifest_entries(&bdir.join("manifest")).unwrap();
     assert!(entries.iter().any(|e| e.path == "PG_VERSION"));
     let put_back = || {
         std::fs::write(bdir.join("manifest"), &good_manifest).unwrap();

@@ -325,3 +325,20 @@ pub(crate) fn wait_promoted(pg: &Pg) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The entries of a backup's manifest file (tests read the local catalog directly).
+pub(crate) fn manifest_entries(
+    path: &Path,
+) -> walnut::Result<Vec<walnut::format::manifest::FileEntry>> {
+    let f = std::fs::File::open(path).map_err(|e| walnut::Error::io("open", path, e))?;
+    let mut v = Vec::new();
+    walnut::format::manifest::read(
+        std::io::BufReader::new(f),
+        &path.display().to_string(),
+        |e| {
+            v.push(e);
+            Ok(())
+        },
+    )?;
+    Ok(v)
+}

@@ -322,9 +322,9 @@ fn bad_options_are_refused_before_any_write() {
 /// Rewrites backup `bdir`'s manifest with `f` applied to its entries (a valid manifest,
 /// as whoever can write the catalog could make).
 fn forge_manifest(bdir: &Path, f: impl FnOnce(&mut Vec<walnut::format::manifest::FileEntry>)) {
-    use walnut::format::manifest::{read_file, ManifestWriter};
+    use walnut::format::manifest::ManifestWriter;
     let p = bdir.join("manifest");
-    let mut entries = read_file(&p).unwrap();
+    let mut entries = super::env::manifest_entries(&p).unwrap();
     f(&mut entries);
     let frames = entries.iter().any(|e| e.lz4_frames.is_some());
     let mut w = ManifestWriter::new(Vec::new(), frames).unwrap();

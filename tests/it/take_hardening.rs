@@ -222,7 +222,7 @@ fn symlinks_are_not_followed() {
         stored < pgdata_bytes + (1 << 20),
         "backup holds {stored} bytes, PGDATA {pgdata_bytes}"
     );
-    let entries = walnut::format::manifest::read_file(&bdir.join("manifest")).unwrap();
+    let entries = super::env::manifest_entries(&bdir.join("manifest")).unwrap();
     let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
     for p in [
         "loop",
@@ -371,8 +371,21 @@ fn page_lsn_beyond_the_server_fails_the_backup() {
             continue;
         }
         assert_eq!(r["status"], "ERROR", "{r}");
-        // a failed backup keeps only its record
+        assert!(r["error"].as_str().unwrap().contains("beyond"), "{r}");
+        // a failed backup is its started marker, its files so far and a dated ERROR
+        // record: never a backup.json (nothing is rewritten or deleted)
         let left = listing(&env.backups_dir().join(id));
-        assert_eq!(left, vec!["backup.json".to_string()], "backup {id}");
+        assert!(
+            left.contains(&"backup.started".to_string()),
+            "backup {id}: {left:?}"
+        );
+        assert!(
+            left.contains(&"status".to_string()),
+            "backup {id}: {left:?}"
+        );
+        assert!(
+            !left.contains(&"backup.json".to_string()),
+            "backup {id}: {left:?}"
+        );
     }
 }
