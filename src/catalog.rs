@@ -135,6 +135,8 @@ pub struct Catalog {
     root: PathBuf,
     /// The storage every catalog read and write goes through.
     repo: Arc<dyn Repo>,
+    /// For a remote catalog: the options that name it to walnut-fetch (restore_command).
+    fetch_args: Option<String>,
 }
 
 /// Test hook: with this variable set, the catalog's store refuses deletes, as a WORM bucket
@@ -185,6 +187,7 @@ impl Catalog {
         Ok(Catalog {
             root: root.to_path_buf(),
             repo,
+            fetch_args: None,
         })
     }
 
@@ -218,6 +221,7 @@ impl Catalog {
         Ok(Catalog {
             root: PathBuf::from(url),
             repo: Arc::new(repo),
+            fetch_args: Some(cfg.fetch_args()),
         })
     }
 
@@ -265,6 +269,7 @@ impl Catalog {
         Ok(Catalog {
             root: PathBuf::from(url),
             repo: Arc::new(repo),
+            fetch_args: Some(cfg.fetch_args()),
         })
     }
 
@@ -274,7 +279,14 @@ impl Catalog {
         Catalog {
             root: root.to_path_buf(),
             repo,
+            fetch_args: None,
         }
+    }
+
+    /// For a remote catalog, the options that name it to `walnut-fetch` (`-B URL` and its
+    /// settings); `None` for a local one.
+    pub fn fetch_args(&self) -> Option<&str> {
+        self.fetch_args.as_deref()
     }
 
     /// The store of this catalog.
@@ -344,6 +356,7 @@ impl Catalog {
         Ok(Catalog {
             root: root.to_path_buf(),
             repo,
+            fetch_args: None,
         })
     }
 

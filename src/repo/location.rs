@@ -184,6 +184,7 @@ fn merge_config(s: &S3Settings) -> Result<S3Settings> {
         None => Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()),
     };
     let mut out = s.clone();
+    out.config = path.clone();
     let Some(path) = path else {
         return Ok(out);
     };
@@ -308,7 +309,35 @@ fn s3_config(bucket: &str, prefix: &str, given: &S3Settings) -> Result<S3Config>
             .unwrap_or(DEFAULT_S3_TIMEOUT)
             .max(Duration::from_secs(1)),
         lock_dir,
+        credentials_file: s.credentials.clone(),
+        config_file: s.config.clone().filter(|p| p != Path::new("/dev/null")),
     })
+}
+
+impl S3Config {
+    /// The options that name this catalog to `walnut-fetch` in a restore_command: `-B` and
+    /// the settings, with the credentials and config files by name (never credentials
+    /// themselves; credentials from the environment must be in the server's).
+    pub fn fetch_args(&self) -> String {
+        let mut a = format!(
+            "-B {} --s3-endpoint {} --s3-region {} --s3-uri-style {} --s3-timeout {}",
+            self.url(),
+            self.endpoint,
+            self.region,
+            if self.path_style { "path" } else { "host" },
+            self.timeout.as_secs().max(1)
+        );
+        for (opt, p) in [
+            ("--s3-ca-file", &self.ca_file),
+            ("--s3-credentials", &self.credentials_file),
+            ("--config", &self.config_file),
+        ] {
+            if let Some(p) = p {
+                a.push_str(&format!(" {opt} {}", p.display()));
+            }
+        }
+        a
+    }
 }
 
 #[cfg(test)]

@@ -78,6 +78,10 @@ pub struct S3Config {
     pub timeout: Duration,
     /// Local directory for lock files (per host; see the module docs).
     pub lock_dir: PathBuf,
+    /// Where the credentials were read from, when a file (for restore_command).
+    pub credentials_file: Option<PathBuf>,
+    /// The config file used, if any (for restore_command).
+    pub config_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for S3Config {
@@ -1251,6 +1255,8 @@ mod tests {
             ca_file: None,
             timeout: Duration::from_secs(1),
             lock_dir: "/tmp".into(),
+            credentials_file: None,
+            config_file: None,
         };
         let r = S3Repo::new(cfg).unwrap();
         let s = format!("{r:?}");

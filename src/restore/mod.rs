@@ -453,13 +453,14 @@ fn recovery_settings(
     plan: &Plan<'_>,
 ) -> Result<Vec<(&'static str, String)>> {
     let fetch = fetch_binary()?;
-    let cat_abs = std::fs::canonicalize(catalog.root()).ctx("resolve", catalog.root())?;
-    let fetch_cmd = format!(
-        "{} -B {} --instance {}",
-        fetch.display(),
-        cat_abs.display(),
-        instance
-    );
+    let location = match catalog.fetch_args() {
+        Some(a) => a.to_string(),
+        None => {
+            let cat_abs = std::fs::canonicalize(catalog.root()).ctx("resolve", catalog.root())?;
+            format!("-B {}", cat_abs.display())
+        }
+    };
+    let fetch_cmd = format!("{} {location} --instance {}", fetch.display(), instance);
     let mut settings: Vec<(&'static str, String)> = vec![
         ("restore_command", quote_conf(&format!("{fetch_cmd} %f %p"))),
         // removes walnut-fetch's prefetch spool from pg_wal once recovery is over
