@@ -132,6 +132,13 @@ pub struct BackupMeta {
     /// is shown as ERROR).
     pub pid: Option<u32>,
     pub error: Option<String>,
+    /// A STREAM backup: it carries the WAL from its start to its stop (`pg_wal/` files of
+    /// its manifest). Absent (false) in older backups.
+    #[serde(default)]
+    pub stream: bool,
+    /// Taken from a standby (recorded for information; absent in older backups).
+    #[serde(default)]
+    pub from_standby: bool,
 }
 
 impl BackupMeta {
@@ -787,6 +794,8 @@ mod tests {
             data_checksums: true,
             pid: None,
             error: None,
+            stream: false,
+            from_standby: false,
         }
     }
 

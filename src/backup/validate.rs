@@ -907,6 +907,8 @@ mod tests {
             data_checksums: true,
             pid: None,
             error: None,
+            stream: false,
+            from_standby: false,
         }
     }
 

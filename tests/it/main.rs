@@ -17,6 +17,7 @@ mod matrix;
 mod pgcontrol;
 mod replication;
 mod restore_hardening;
+mod stream_standby;
 mod take_hardening;
 mod validate_hardening;
 mod wal_decoder;
