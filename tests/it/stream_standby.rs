@@ -210,3 +210,185 @@ fn stream_backups_restore_without_any_archive() {
         r.stop();
     }
 }
+
+/// Acceptance 3: FULL then PAGE with `--stream` from a standby whose primary is idle finish
+/// promptly (no record ever starts at the standby's stop LSN; a standby cannot switch
+/// WAL); each restores to a restore point made on the primary afterwards. The primary
+/// archives into the catalog too: the stream and archive_command deliver the same segments.
+#[test]
+fn standby_stream_backups_on_an_idle_primary() {
+    let dir = pg_tempdir("st-standby");
+    let (mut p, cat) = primary(
+        dir.path(),
+        &format!(
+            "archive_mode = on\narchive_command = '{} -B {} --instance db %p %f'",
+            walnut_bin("walnut-archive").display(),
+            dir.path().join("cat").display()
+        ),
+    );
+    p.start();
+    p.pgbench(&["-i", "-s", "2", "-q", "postgres"]);
+    let mut s = standby_of(&p, dir.path(), "");
+    let sdata = s.data.to_str().unwrap().to_string();
+
+    // the registered data directory is the primary's; --pgdata must be the server's own
+    fails_with(
+        backup_out(
+            &cat,
+            &s,
+            "full",
+            &["--stream", "--pgdata", p.data.to_str().unwrap()],
+        ),
+        "backup of the standby naming the primary's directory",
+        &["--pgdata", "is not the data directory of the server"],
+    );
+
+    let t0 = Instant::now();
+    let full = backup(&cat, &s, "full", &["--stream", "--pgdata", &sdata]);
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "FULL from the standby took {:?}",
+        t0.elapsed()
+    );
+    let t1 = Instant::now();
+    let page = backup(&cat, &s, "page", &["--stream", "--pgdata", &sdata]);
+    assert!(
+        t1.elapsed() < Duration::from_secs(60),
+        "PAGE from the standby took {:?}",
+        t1.elapsed()
+    );
+    assert!(
+        !s.data.join("standby.signal").exists() || {
+            // the standby has one; the backups must not
+            let m = super::env::manifest_entries(
+                &cat.join(format!("instances/db/backups/{full}/manifest")),
+            )
+            .unwrap();
+            !m.iter().any(|e| e.path == "standby.signal")
+        }
+    );
+    let flags = stream_flags(&cat);
+    assert!(flags.contains(&(full.clone(), true)), "{flags:?}");
+    assert!(flags.contains(&(page.clone(), true)), "{flags:?}");
+
+    // changes after the backups, then a restore point on the primary
+    p.pgbench(&["-t", "200", "-n", "postgres"]);
+    p.psql(
+        "postgres",
+        "select pg_create_restore_point('after_standby')",
+    );
+    let dump = Env::dumpall(&p);
+    switch_and_wait_in_catalog(&p, &cat);
+    s.stop();
+    for (id, name) in [(&full, "r-full"), (&page, "r-page")] {
+        let mut r = restore_promoted(
+            &cat,
+            &p,
+            dir.path(),
+            name,
+            id,
+            &["--recovery-target-name", "after_standby"],
+        );
+        same_dump(&Env::dumpall(&r), &dump, name);
+        r.stop();
+    }
+    p.stop();
+}
+
+/// Acceptance 3 without `--stream`: a standby with `archive_mode = always` archives into
+/// the catalog; on an idle primary the stop segment is never finished, so the backup says
+/// it waits and fails at `--archive-timeout`; once the primary switches WAL it completes,
+/// and restores to a restore point made on the primary.
+#[test]
+fn standby_backup_waits_for_the_archive() {
+    let dir = pg_tempdir("st-standby-arch");
+    let (mut p, cat) = primary(dir.path(), "archive_mode = off");
+    p.start();
+    p.pgbench(&["-i", "-s", "1", "-q", "postgres"]);
+    let mut s = standby_of(
+        &p,
+        dir.path(),
+        &format!(
+            "archive_mode = always\narchive_command = '{} -B {} --instance db %p %f'",
+            walnut_bin("walnut-archive").display(),
+            cat.display()
+        ),
+    );
+    let sdata = s.data.to_str().unwrap().to_string();
+    // The standby archives only WAL its walreceiver got, not the segment pg_basebackup
+    // copied: a checkpoint on the primary in a later segment gives the standby's backup
+    // (its restartpoint) a start the standby itself archives.
+    p.psql("postgres", "select pg_switch_wal()");
+    p.psql("postgres", "checkpoint");
+    caught_up(&p, &s);
+
+    let t0 = Instant::now();
+    let e = fails_with(
+        backup_out(
+            &cat,
+            &s,
+            "full",
+            &["--pgdata", &sdata, "--archive-timeout", "5"],
+        ),
+        "FULL from a standby of an idle primary",
+        &["was not archived within", "a standby cannot switch WAL"],
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "the archive timeout was not honoured: {:?}\n{e}",
+        t0.elapsed()
+    );
+
+    // the same with the primary switching WAL while the backup waits
+    // (a second handle on the primary, not started by it: dropping it stops nothing)
+    let mut pgp = p.existing_like(&p.data, &p.sock);
+    pgp.port = p.port;
+    let sw = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(4));
+        pgp.psql("postgres", "select pg_switch_wal()");
+    });
+    let out = backup_out(
+        &cat,
+        &s,
+        "full",
+        &["--pgdata", &sdata, "--archive-timeout", "60"],
+    );
+    assert!(
+        out.status.success(),
+        "{}\nstandby log:\n{}",
+        stderr(&out),
+        s.server_log()
+    );
+    let full = stdout(&out).trim().to_string();
+    sw.join().unwrap();
+    let flags = stream_flags(&cat);
+    assert!(flags.contains(&(full.clone(), false)), "{flags:?}");
+
+    p.pgbench(&["-t", "100", "-n", "postgres"]);
+    p.psql("postgres", "select pg_create_restore_point('rp_arch')");
+    let dump = Env::dumpall(&p);
+    let seg = p.psql("postgres", "select pg_walfile_name(pg_switch_wal())");
+    // the standby archives the segment once it has received it
+    let ar = {
+        let c = walnut::catalog::Catalog::open(&cat).unwrap();
+        walnut::archive::WalArchive::open(&c, "db").unwrap()
+    };
+    let name: walnut::WalFileName = seg.parse().unwrap();
+    let t1 = Instant::now();
+    while !ar.is_archived(&name).unwrap() {
+        assert!(t1.elapsed() < Duration::from_secs(60), "{seg} not archived");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s.stop();
+    let mut r = restore_promoted(
+        &cat,
+        &p,
+        dir.path(),
+        "r-arch",
+        &full,
+        &["--recovery-target-name", "rp_arch"],
+    );
+    same_dump(&Env::dumpall(&r), &dump, "standby FULL without --stream");
+    r.stop();
+    p.stop();
+}
