@@ -616,3 +616,18 @@ fn wait_archived(
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_names_are_valid_replication_slot_names() {
+        for id in ["TPAD29", "TPAD29-2", "x"] {
+            let s = slot_name(id);
+            crate::replication::check_slot_name(&s).unwrap();
+            assert!(s.starts_with("walnut_backup_"), "{s}");
+        }
+        assert_eq!(slot_name("TPAD29-2"), "walnut_backup_tpad292");
+    }
+}

@@ -2,7 +2,7 @@
 //! loopback sockets (a primary and a streaming standby, each in its own directory).
 //!
 //! - `stream_backups_restore_without_any_archive`: a primary with `archive_mode = off`;
-//!   `--stream` FULL, then PAGE; the archive is removed and each restores with
+//!   `--stream` FULL, PAGE, DELTA; the archive is removed and each restores with
 //!   `--recovery-target immediate` to the primary's contents at the backup's end.
 //! - `standby_stream_backups_on_an_idle_primary`: FULL then PAGE with `--stream` from a
 //!   standby of an idle primary finish promptly; restored to a restore point made on the
@@ -169,6 +169,12 @@ fn stream_backups_restore_without_any_archive() {
     );
     let page = backup(&cat, &pg, "page", &["--stream", "--compress", "lz4"]);
     let dump_page = Env::dumpall(&pg);
+    pg.psql(
+        "postgres",
+        "update pgbench_accounts set abalance = abalance + 1 where aid % 7 = 0",
+    );
+    let delta = backup(&cat, &pg, "delta", &["--stream"]);
+    let dump_delta = Env::dumpall(&pg);
     // a backup without --stream needs the archive, which this server does not feed
     fails_with(
         backup_out(&cat, &pg, "delta", &[]),
@@ -179,6 +185,7 @@ fn stream_backups_restore_without_any_archive() {
     let flags = stream_flags(&cat);
     assert!(flags.contains(&(full.clone(), true)), "{flags:?}");
     assert!(flags.contains(&(page.clone(), true)), "{flags:?}");
+    assert!(flags.contains(&(delta.clone(), true)), "{flags:?}");
     let table = ok(walnut(&["show", "-B", cat.to_str().unwrap()]), "show");
     assert!(table.contains("STREAM"), "{table}");
     // the backups carry their WAL in their manifests
@@ -196,8 +203,17 @@ fn stream_backups_restore_without_any_archive() {
     std::fs::rename(&wal, dir.path().join("wal-away")).unwrap();
     std::fs::create_dir(&wal).unwrap();
     pg.stop();
+    // validate finds every STREAM backup's WAL in the backup itself
+    ok(
+        walnut(&["validate", "-B", cat.to_str().unwrap(), "--instance", "db"]),
+        "validate with no archive",
+    );
 
-    for (id, dump, name) in [(&full, &dump_full, "r-full"), (&page, &dump_page, "r-page")] {
+    for (id, dump, name) in [
+        (&full, &dump_full, "r-full"),
+        (&page, &dump_page, "r-page"),
+        (&delta, &dump_delta, "r-delta"),
+    ] {
         let mut r = restore_promoted(
             &cat,
             &pg,
