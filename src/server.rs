@@ -25,33 +25,62 @@ pub struct Session {
     pub major: u32,
 }
 
+/// Host, port, user and database after the fallbacks: arguments first, then PG*
+/// environment variables, then the instance's stored configuration.
+struct Resolved {
+    host: String,
+    port: u16,
+    user: String,
+    dbname: String,
+}
+
+fn resolve(args: &ConnParams, cfg: &InstanceConfig) -> Resolved {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    Resolved {
+        host: args
+            .host
+            .clone()
+            .or_else(|| env("PGHOST"))
+            .or_else(|| cfg.host.clone())
+            .unwrap_or_else(|| "/var/run/postgresql".to_string()),
+        port: args
+            .port
+            .or_else(|| env("PGPORT").and_then(|p| p.parse().ok()))
+            .or(cfg.port)
+            .unwrap_or(5432),
+        user: args
+            .user
+            .clone()
+            .or_else(|| env("PGUSER"))
+            .or_else(|| cfg.user.clone())
+            .unwrap_or_else(|| "postgres".to_string()),
+        dbname: args
+            .dbname
+            .clone()
+            .or_else(|| env("PGDATABASE"))
+            .or_else(|| cfg.dbname.clone())
+            .unwrap_or_else(|| "postgres".to_string()),
+    }
+}
+
+/// The replication connection settings to the same server [`connect`] reaches.
+pub fn repl_config(args: &ConnParams, cfg: &InstanceConfig) -> crate::replication::ReplConfig {
+    let r = resolve(args, cfg);
+    let mut c = crate::replication::ReplConfig::new(&r.host, r.port, &r.user);
+    c.application_name = "walnut_backup".to_string();
+    c
+}
+
 /// Connection settings: arguments first, then PG* environment variables, then the
 /// instance's stored configuration.
 pub fn connect(args: &ConnParams, cfg: &InstanceConfig) -> Result<Session> {
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    let host = args
-        .host
-        .clone()
-        .or_else(|| env("PGHOST"))
-        .or_else(|| cfg.host.clone())
-        .unwrap_or_else(|| "/var/run/postgresql".to_string());
-    let port = args
-        .port
-        .or_else(|| env("PGPORT").and_then(|p| p.parse().ok()))
-        .or(cfg.port)
-        .unwrap_or(5432);
-    let user = args
-        .user
-        .clone()
-        .or_else(|| env("PGUSER"))
-        .or_else(|| cfg.user.clone())
-        .unwrap_or_else(|| "postgres".to_string());
-    let dbname = args
-        .dbname
-        .clone()
-        .or_else(|| env("PGDATABASE"))
-        .or_else(|| cfg.dbname.clone())
-        .unwrap_or_else(|| "postgres".to_string());
+    let Resolved {
+        host,
+        port,
+        user,
+        dbname,
+    } = resolve(args, cfg);
     let mut c = postgres::Config::new();
     if host.starts_with('/') {
         c.host_path(&host);
@@ -124,8 +153,28 @@ impl Session {
             .get(0))
     }
 
-    /// Refuses servers whose settings cannot give a usable backup.
+    /// Refuses servers whose settings cannot give a usable backup (a primary that
+    /// archives into this catalog).
     pub fn check(&mut self, cfg: &InstanceConfig, catalog_path: &std::path::Path) -> Result<()> {
+        if self.check_backup(cfg, catalog_path, false)? {
+            return Err(Error::server(
+                "the server is in recovery: backups from a standby are not supported",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses servers whose settings cannot give a usable backup; returns whether the
+    /// server is a standby (in recovery). A STREAM backup (`stream`) carries its own WAL,
+    /// so archiving is not required; otherwise the server (or, for a standby, its
+    /// primary: walnut cannot see it) must archive into this catalog, and a standby must
+    /// have `archive_mode = always` to be checked here.
+    pub fn check_backup(
+        &mut self,
+        cfg: &InstanceConfig,
+        catalog_path: &std::path::Path,
+        stream: bool,
+    ) -> Result<bool> {
         if !(13..=18).contains(&self.major) {
             return Err(Error::server(format!(
                 "PostgreSQL {} is not supported (13 to 18 are)",
@@ -151,12 +200,16 @@ impl Session {
                 "wal_level is '{wal_level}': backups need 'replica' or 'logical'"
             )));
         }
-        if self.in_recovery()? {
-            return Err(Error::server(
-                "the server is in recovery: backups from a standby are not supported",
-            ));
+        let standby = self.in_recovery()?;
+        if stream {
+            return Ok(standby);
         }
         let mode = self.setting("archive_mode")?;
+        if standby && mode != "always" {
+            // The standby does not archive; its primary must (walnut waits for the
+            // segments in its own archive, whoever puts them there).
+            return Ok(true);
+        }
         if mode != "on" && mode != "always" {
             return Err(Error::server(format!(
                 "archive_mode is '{mode}': set archive_mode = on and archive_command to walnut-archive"
@@ -175,7 +228,7 @@ impl Session {
                 cfg.name
             )));
         }
-        Ok(())
+        Ok(standby)
     }
 
     /// Starts a non-exclusive backup with an immediate checkpoint; returns the start LSN.

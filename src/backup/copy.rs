@@ -743,6 +743,51 @@ pub fn copy_whole(
     })
 }
 
+/// Stores `data` (bytes that are not a file of the data directory, e.g. streamed WAL) as
+/// the whole file `logical` of the backup at `key`, checksummed and compressed like a
+/// copied file.
+pub fn store_bytes(
+    repo: &dyn Repo,
+    key: &str,
+    logical: &str,
+    data: &[u8],
+    compress: bool,
+) -> Result<FileEntry> {
+    let storage = if compress {
+        Storage::FullLz4
+    } else {
+        Storage::Full
+    };
+    let w = repo.create(&format!("{key}/{}", stored_path(logical, storage)))?;
+    let dest = PathBuf::from(w.describe());
+    let mut cw = CrcWriter::new(BufWriter::with_capacity(256 << 10, w));
+    let frames = if compress {
+        let mut enc = Lz4FrameWriter::new(cw, LZ4_FRAME_BYTES);
+        enc.write_all(data).ctx("write", &dest)?;
+        let (inner, stored) = enc.finish().ctx("compress", &dest)?;
+        cw = inner;
+        (stored.len() > 1).then_some(Lz4Frames {
+            frame_bytes: LZ4_FRAME_BYTES,
+            stored,
+        })
+    } else {
+        cw.write_all(data).ctx("write", &dest)?;
+        None
+    };
+    let (crc, stored) = finish_stored(cw, &dest)?;
+    Ok(FileEntry {
+        path: logical.to_string(),
+        storage,
+        size: data.len() as u64,
+        stored_size: stored,
+        crc32c: crc,
+        changed_blocks: None,
+        file_blocks: None,
+        limit_block: None,
+        lz4_frames: frames,
+    })
+}
+
 fn copy_incremental(
     ctx: &CopyCtx<'_>,
     f: &File,

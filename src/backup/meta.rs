@@ -132,6 +132,14 @@ pub struct BackupMeta {
     /// is shown as ERROR).
     pub pid: Option<u32>,
     pub error: Option<String>,
+    /// A STREAM backup: it carries the WAL from its start to its stop (`pg_wal/` files of
+    /// its manifest). Written only when true, so other backups' bytes are as before;
+    /// absent reads as false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stream: bool,
+    /// Taken from a standby (written only when true).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub from_standby: bool,
 }
 
 impl BackupMeta {
@@ -145,6 +153,10 @@ impl BackupMeta {
     pub fn effective_status(&self) -> Status {
         self.status
     }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// backup.json's bytes (see the module docs for the layout).
@@ -787,7 +799,27 @@ mod tests {
             data_checksums: true,
             pid: None,
             error: None,
+            stream: false,
+            from_standby: false,
         }
+    }
+
+    #[test]
+    fn stream_flag_is_written_when_true_and_reads_false_when_absent() {
+        let m = BackupMeta {
+            stream: true,
+            from_standby: true,
+            ..sample()
+        };
+        let b = encode(&m).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["stream"], true);
+        assert_eq!(v["from_standby"], true);
+        assert_eq!(decode(&b, "t").unwrap(), m);
+        let plain = encode(&sample()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&plain).unwrap();
+        assert!(v.get("stream").is_none(), "{v}");
+        assert!(!decode(&plain, "t").unwrap().stream);
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod plan;
 pub mod relfile;
 pub mod show;
 pub mod stored;
+pub mod stream;
 pub mod take;
 pub mod validate;
 

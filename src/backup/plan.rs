@@ -92,10 +92,31 @@ pub fn change_map(
     to: Lsn,
     seg_size: u32,
 ) -> Result<ChangeMap> {
+    change_map_with_tail(archive, history, cur, from, to, seg_size, None)
+}
+
+/// [`change_map`] whose last segment (the one holding `to`) is not archived yet but was
+/// indexed from streamed bytes up to `to` (`tail`, see
+/// [`crate::backup::stream::index_tail`]): a standby cannot finish that segment.
+pub fn change_map_with_tail(
+    archive: &WalArchive,
+    history: &[HistoryEntry],
+    cur: TimeLineId,
+    from: Lsn,
+    to: Lsn,
+    seg_size: u32,
+    mut tail: Option<SegmentIndex>,
+) -> Result<ChangeMap> {
     let mut indexes: Vec<SegmentIndex> = Vec::new();
     let first = from.segno(seg_size);
     let last = to.segno(seg_size);
     for segno in first..=last {
+        if segno == last {
+            if let Some(ix) = tail.take() {
+                indexes.push(ix);
+                continue;
+            }
+        }
         let tli = timeline_of_segment(history, cur, segno, seg_size);
         let name = WalFileName::segment(tli, segno, seg_size);
         let mut state = archive.index_state(tli, segno)?;

@@ -29,6 +29,10 @@ const EXCLUDE_TOP_FILES: &[&str] = &[
     "backup_manifest",
     "postgresql.auto.conf.tmp",
     "current_logfiles.tmp",
+    // A standby's: a backup of a standby restores as a standalone server (restore writes
+    // its own signal file), and a copied standby.signal makes it wait for WAL forever.
+    "standby.signal",
+    "recovery.signal",
 ];
 
 /// Whether a directory entry is excluded anywhere in the tree.

@@ -26,6 +26,10 @@ pub struct BackupRow {
     pub files: u64,
     pub compress: String,
     pub error: Option<String>,
+    /// A STREAM backup (carries its own WAL).
+    pub stream: bool,
+    /// Taken from a standby.
+    pub from_standby: bool,
 }
 
 impl From<&BackupMeta> for BackupRow {
@@ -47,6 +51,8 @@ impl From<&BackupMeta> for BackupRow {
             files: b.files,
             compress: b.compress.clone(),
             error: b.error.clone(),
+            stream: b.stream,
+            from_standby: b.from_standby,
         }
     }
 }

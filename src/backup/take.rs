@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::io::{BufWriter, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -18,6 +18,7 @@ use crate::types::{Lsn, WalFileName};
 use super::copy::{copy_tree, copy_whole, CopyCtx, CopyPlan};
 use super::meta::{self, BackupMeta, Mode, Status};
 use super::plan;
+use super::stream::{StreamJob, StreamOutcome, StreamShared};
 use crate::format::manifest::{FileEntry, ManifestWriter, Storage};
 use crate::server;
 
@@ -30,6 +31,11 @@ pub struct BackupOptions {
     /// The parent of a PAGE or DELTA backup (default: chosen by [`plan::choose_parent`]).
     pub parent: Option<String>,
     pub archive_timeout: Duration,
+    /// STREAM: the WAL from start to stop streamed into the backup (see [`super::stream`]).
+    pub stream: bool,
+    /// The data directory to copy instead of the server's `data_directory` as reported by
+    /// it (e.g. a standby's as seen from this host); it must be the server's.
+    pub pgdata: Option<std::path::PathBuf>,
     pub conn: crate::server::ConnParams,
     /// Where the copy reports its progress.
     pub progress: Arc<dyn Progress>,
@@ -49,9 +55,9 @@ fn now_secs() -> i64 {
 pub fn take_backup(catalog: &Catalog, instance: &str, opts: &BackupOptions) -> Result<BackupMeta> {
     let cfg = catalog.instance(instance)?;
     let mut sess = server::connect(&opts.conn, &cfg)?;
-    sess.check(&cfg, catalog.root())?;
+    let standby = sess.check_backup(&cfg, catalog.root(), opts.stream)?;
     let archive = WalArchive::open(catalog, instance)?;
-    let pgdata = std::path::PathBuf::from(sess.data_directory()?);
+    let pgdata = data_dir(&mut sess, opts.pgdata.as_deref())?;
     let control = ControlFile::read_from_pgdata(&pgdata)?;
     if control.system_id != cfg.system_id {
         return Err(Error::invalid(format!(
@@ -89,6 +95,8 @@ pub fn take_backup(catalog: &Catalog, instance: &str, opts: &BackupOptions) -> R
         data_checksums: control.data_checksums(),
         pid: Some(std::process::id()),
         error: None,
+        stream: opts.stream,
+        from_standby: standby,
     };
     // create-only: a concurrent backup never shares this id
     let started = meta::start(catalog, &mut m, start_secs)?;
@@ -116,6 +124,32 @@ pub fn take_backup(catalog: &Catalog, instance: &str, opts: &BackupOptions) -> R
     r
 }
 
+/// The data directory to copy: the server's own, or `given`, which must be the same
+/// directory (a backup copies the files of the server it starts and stops).
+fn data_dir(
+    sess: &mut server::Session,
+    given: Option<&std::path::Path>,
+) -> Result<std::path::PathBuf> {
+    let reported = std::path::PathBuf::from(sess.data_directory()?);
+    let Some(given) = given else {
+        return Ok(reported);
+    };
+    let canon = |p: &std::path::Path| std::fs::canonicalize(p).ctx("resolve", p);
+    let g = canon(given)?;
+    match canon(&reported) {
+        Ok(r) if r == g => Ok(g),
+        Ok(r) => Err(Error::invalid(format!(
+            "--pgdata \"{}\" is not the data directory of the server connected to (\"{}\"): \
+             a backup copies the files of the server it runs on",
+            given.display(),
+            r.display()
+        ))),
+        // The server's path is not visible here (another mount namespace): trust the
+        // given one; its pg_control's system identifier is still checked.
+        Err(_) => Ok(g),
+    }
+}
+
 /// A stored object of the backup being written: `key/rel`, through the catalog's store.
 fn create(catalog: &Catalog, key: &str, rel: &str) -> Result<Box<dyn ObjectWriter>> {
     catalog.repo().create(&format!("{key}/{rel}"))
@@ -131,6 +165,43 @@ fn put_deferred(catalog: &Catalog, key: &str, rel: &str, data: &[u8]) -> Result<
     w.commit(Durability::Deferred)
 }
 
+/// The slot name of a STREAM backup: `walnut_backup_` and the id's letters and digits.
+fn slot_name(id: &str) -> String {
+    let tail: String = id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    format!("walnut_backup_{tail}")
+}
+
+/// Where a STREAM backup starts streaming: the start segment, or for a PAGE backup the
+/// first segment since its parent's start that the archive lacks (the server may still
+/// have it in `pg_wal`; the stream then puts it into the archive, so the change map can be
+/// built without `archive_command`).
+fn stream_from(
+    archive: &WalArchive,
+    history: &[crate::archive::HistoryEntry],
+    tli: crate::types::TimeLineId,
+    parent_start: Option<Lsn>,
+    start: Lsn,
+    seg_size: u32,
+) -> Result<u64> {
+    let first = start.segno(seg_size);
+    let Some(ps) = parent_start else {
+        return Ok(first);
+    };
+    for segno in ps.segno(seg_size)..first {
+        if plan::timeline_of_segment(history, tli, segno, seg_size) != tli {
+            continue; // an older timeline's: only the archive can have it
+        }
+        if !archive.is_archived(&WalFileName::segment(tli, segno, seg_size))? {
+            return Ok(segno);
+        }
+    }
+    Ok(first)
+}
+
 fn run(
     catalog: &Catalog,
     archive: &WalArchive,
@@ -141,6 +212,28 @@ fn run(
     opts: &BackupOptions,
 ) -> Result<()> {
     let started = Instant::now();
+    // STREAM: the temporary slot is created before the backup starts, so the server keeps
+    // every segment from the start on (it goes with the connection).
+    let repl = if opts.stream {
+        let cfg = catalog.instance(&m.instance)?;
+        let rc = server::repl_config(&opts.conn, &cfg);
+        let mut conn = crate::replication::ReplConnection::connect(&rc)?;
+        let id = conn.identify_system()?;
+        if id.system_id != m.system_id {
+            return Err(Error::invalid(format!(
+                "the replication connection to {} reaches system {}, not instance \"{}\"'s {}",
+                conn.endpoint(),
+                id.system_id,
+                m.instance,
+                m.system_id
+            )));
+        }
+        let slot = slot_name(&m.id);
+        conn.create_physical_slot(&slot, true, true)?;
+        Some((conn, slot))
+    } else {
+        None
+    };
     let start_lsn = sess.backup_start(&format!("walnut backup {}", m.id))?;
     let tli = sess.checkpoint_timeline()?;
     m.start_lsn = start_lsn;
@@ -148,10 +241,10 @@ fn run(
     let seg_size = m.wal_segment_size;
     let key = m.key()?;
 
-    let copy_plan = if m.mode == Mode::Full {
-        CopyPlan::Full
+    let parent = if m.mode == Mode::Full {
+        None
     } else {
-        let history = archive.timeline_history(tli)?;
+        let history = archive_or_server_history(archive, tli)?;
         let parent = plan::choose_parent(
             list,
             opts.parent.as_deref(),
@@ -167,40 +260,158 @@ fn run(
                 parent.id, parent.start_lsn
             )));
         }
-        m.parent_id = Some(parent.id.clone());
-        m.parent_start_lsn = Some(parent.start_lsn);
-        let mut parent_files = HashSet::new();
-        super::stored::read_manifest(catalog.repo(), &parent.key()?, |e| {
-            if e.storage != Storage::Dir {
-                parent_files.insert(e.path);
-            }
-            Ok(())
-        })?;
-        if m.mode == Mode::Page {
-            // The segment holding our start LSN must be complete and indexed: records
-            // between the start-of-backup segment switch and the redo point count.
-            sess.switch_wal()?;
-            log::debug!("waiting for the start segment");
-            let seg = WalFileName::segment(tli, start_lsn.segno(seg_size), seg_size);
-            wait_archived(archive, &seg, opts.archive_timeout)?;
-            log::debug!("start segment {seg} archived; building the change map");
-            let change = plan::change_map(
+        Some((parent.clone(), history))
+    };
+
+    let shared = StreamShared::default();
+    let job = match repl {
+        Some((conn, slot)) => {
+            let empty = Vec::new();
+            let history = parent.as_ref().map(|(_, h)| h).unwrap_or(&empty);
+            let from_seg = stream_from(
                 archive,
-                &history,
+                history,
                 tli,
-                parent.start_lsn,
+                parent
+                    .as_ref()
+                    .filter(|_| m.mode == Mode::Page)
+                    .map(|(p, _)| p.start_lsn),
                 start_lsn,
                 seg_size,
             )?;
-            CopyPlan::Page {
-                parent_start: parent.start_lsn,
-                parent_files,
-                change,
+            Some(StreamJob {
+                conn,
+                slot,
+                tli,
+                from: Lsn(from_seg * seg_size as u64),
+                first_in_backup: start_lsn.segno(seg_size),
+                seg_size,
+                repo: catalog.repo(),
+                key: key.clone(),
+                compress: opts.compress,
+                archive,
+                timeout: opts.archive_timeout,
+            })
+        }
+        None => None,
+    };
+    let shared = &shared;
+    std::thread::scope(|s| {
+        let mut handle = job.map(|job| s.spawn(move || super::stream::run(job, shared)));
+        let r = copy_and_stop(
+            catalog,
+            archive,
+            sess,
+            pgdata,
+            m,
+            opts,
+            &key,
+            parent,
+            &mut handle,
+            shared,
+            started,
+        );
+        let Err(e) = r else { return Ok(()) };
+        let stream_failed_first = shared.failed.load(Ordering::SeqCst);
+        shared.abort.store(true, Ordering::SeqCst);
+        match handle.map(|h| h.join()) {
+            // the stream's error is the cause
+            Some(Ok(Err(se))) if stream_failed_first => {
+                Err(se.context("streaming the backup's WAL"))
             }
-        } else {
-            CopyPlan::Delta {
-                parent_start: parent.start_lsn,
-                parent_files,
+            _ => Err(e),
+        }
+    })
+}
+
+/// The history of timeline `tli`: from the archive (a STREAM backup's stream puts it
+/// there too; a PAGE backup needs it before its stream runs, so a missing one is an
+/// error as before).
+fn archive_or_server_history(
+    archive: &WalArchive,
+    tli: crate::types::TimeLineId,
+) -> Result<Vec<crate::archive::HistoryEntry>> {
+    archive.timeline_history(tli)
+}
+
+type StreamHandle<'s> = std::thread::ScopedJoinHandle<'s, Result<StreamOutcome>>;
+
+#[allow(clippy::too_many_arguments)]
+fn copy_and_stop(
+    catalog: &Catalog,
+    archive: &WalArchive,
+    sess: &mut server::Session,
+    pgdata: &std::path::Path,
+    m: &mut BackupMeta,
+    opts: &BackupOptions,
+    key: &str,
+    parent: Option<(BackupMeta, Vec<crate::archive::HistoryEntry>)>,
+    stream: &mut Option<StreamHandle<'_>>,
+    shared: &StreamShared,
+    started: Instant,
+) -> Result<()> {
+    let start_lsn = m.start_lsn;
+    let tli = m.timeline;
+    let seg_size = m.wal_segment_size;
+    let standby = m.from_standby;
+    let copy_plan = match parent {
+        None => CopyPlan::Full,
+        Some((parent, history)) => {
+            m.parent_id = Some(parent.id.clone());
+            m.parent_start_lsn = Some(parent.start_lsn);
+            let mut parent_files = HashSet::new();
+            super::stored::read_manifest(catalog.repo(), &parent.key()?, |e| {
+                if e.storage != Storage::Dir {
+                    parent_files.insert(e.path);
+                }
+                Ok(())
+            })?;
+            if m.mode == Mode::Page {
+                // The segment holding our start LSN must be complete and indexed: records
+                // between the start-of-backup segment switch and the redo point count. A
+                // standby cannot switch: its primary finishes the segment.
+                let seg = WalFileName::segment(tli, start_lsn.segno(seg_size), seg_size);
+                if standby {
+                    log::info!(
+                        "waiting for WAL segment {seg} (holding the start LSN {start_lsn}) to be archived{}: a standby cannot switch WAL, its primary must finish the segment",
+                        if opts.stream { " or streamed" } else { "" }
+                    );
+                } else {
+                    sess.switch_wal()?;
+                }
+                log::debug!("waiting for the start segment");
+                let tail = if standby && stream.is_some() {
+                    wait_archived_or_tail(archive, &seg, start_lsn, opts.archive_timeout, shared)?
+                } else {
+                    wait_archived(archive, &seg, opts.archive_timeout, shared)?;
+                    None
+                };
+                let tail = match tail {
+                    Some((segno, bytes)) => Some(super::stream::index_tail(
+                        tli, segno, &bytes, start_lsn, seg_size,
+                    )?),
+                    None => None,
+                };
+                log::debug!("start segment {seg} available; building the change map");
+                let change = plan::change_map_with_tail(
+                    archive,
+                    &history,
+                    tli,
+                    parent.start_lsn,
+                    start_lsn,
+                    seg_size,
+                    tail,
+                )?;
+                CopyPlan::Page {
+                    parent_start: parent.start_lsn,
+                    parent_files,
+                    change,
+                }
+            } else {
+                CopyPlan::Delta {
+                    parent_start: parent.start_lsn,
+                    parent_files,
+                }
             }
         }
     };
@@ -212,7 +423,7 @@ fn run(
     let ctx = CopyCtx {
         pgdata: pgdata.to_path_buf(),
         repo: catalog.repo(),
-        key: key.clone(),
+        key: key.to_string(),
         plan: copy_plan,
         compress: opts.compress,
         block_size: m.block_size,
@@ -226,7 +437,7 @@ fn run(
     };
     // Stored files are committed deferred (thousands of them, no per-file fsync); one
     // barrier makes them durable before the completion record.
-    let mw_obj = create(catalog, &key, "manifest")?;
+    let mw_obj = create(catalog, key, "manifest")?;
     let mpath = std::path::PathBuf::from(mw_obj.describe());
     let mut mw = ManifestWriter::new(BufWriter::new(mw_obj), opts.compress).ctx("write", &mpath)?;
     let mut files = 0u64;
@@ -240,7 +451,8 @@ fn run(
             mw.add(&e).ctx("write", &mpath)
         };
     copy_tree(&ctx, opts.jobs, |e| add(e, &mut mw))?;
-    // pg_control last
+    // pg_control last: on a standby its minRecoveryPoint is where the copy is consistent
+    // (walnut never rewrites it, so it never has to rewrite minRecoveryPointTLI either)
     let pc = pgdata.join("global").join("pg_control");
     let f = std::fs::File::open(&pc).ctx("open", &pc)?;
     let e = copy_whole(&ctx, f, "global/pg_control", &pc, None)?;
@@ -248,11 +460,18 @@ fn run(
     progress.finish();
 
     log::debug!("stopping the backup");
+    // On a standby, pg_backup_stop fails if the standby was promoted meanwhile, and
+    // returns the standby's minimum recovery point: where the last record it needs *ends*.
     let stop = sess.backup_stop(opts.archive_timeout)?;
     log::debug!("stopped at {}", stop.lsn);
+    if standby && sess.checkpoint_timeline()? != tli {
+        return Err(Error::server(format!(
+            "the standby changed timeline during the backup (promoted?): started on timeline {tli}"
+        )));
+    }
     // every page was read before the stop: one beyond it is damaged
     ctx.check_page_lsns(stop.lsn)?;
-    put_deferred(catalog, &key, "backup_label", stop.labelfile.as_bytes())?;
+    put_deferred(catalog, key, "backup_label", stop.labelfile.as_bytes())?;
     if !stop.spcmapfile.is_empty() {
         // Covered by the manifest (size and CRC, like every stored file) so that validate
         // and restore detect damage; the copy beside the manifest is what older walnut
@@ -265,21 +484,47 @@ fn run(
             crc32c: crc32c::crc32c(map),
             ..FileEntry::dir(crate::restore::plan::SPCMAP_ENTRY.to_string())
         };
-        put_deferred(catalog, &key, &e.stored_path(), map)?;
+        put_deferred(catalog, key, &e.stored_path(), map)?;
         add(e, &mut mw)?;
-        put_deferred(catalog, &key, "tablespace_map", map)?;
+        put_deferred(catalog, key, "tablespace_map", map)?;
     }
     let (rt, xid) = sess.now_and_next_xid()?;
-    // Every segment from the start to the one holding the last byte before the stop LSN
-    // must be in the archive (a stop LSN on a segment boundary needs the previous segment).
-    let last = Lsn(stop.lsn.0.saturating_sub(1)).segno(seg_size);
-    let remaining = opts
-        .archive_timeout
-        .saturating_sub(started.elapsed())
-        .max(Duration::from_secs(10));
-    for segno in start_lsn.segno(seg_size)..=last {
-        let seg = WalFileName::segment(tli, segno, seg_size);
-        wait_archived(archive, &seg, remaining)?;
+    match stream.take() {
+        Some(h) => {
+            // The backup's WAL comes with it: no wait for the archive.
+            shared.stop.store(stop.lsn.0, Ordering::SeqCst);
+            let out = h
+                .join()
+                .unwrap_or_else(|_| Err(Error::invalid("the WAL stream thread panicked")))
+                .map_err(|e| e.context("streaming the backup's WAL"))?;
+            log::debug!("streamed {} WAL files up to {}", out.entries.len(), out.end);
+            for e in out.entries {
+                add(e, &mut mw)?;
+            }
+        }
+        None => {
+            // Every segment from the start to the one holding the last byte before the stop
+            // LSN must be in the archive (a stop LSN on a segment boundary needs the
+            // previous segment; on a standby the record *ending* at the stop LSN is the
+            // last one needed, never one starting there).
+            let last = Lsn(stop.lsn.0.saturating_sub(1)).segno(seg_size);
+            let remaining = opts
+                .archive_timeout
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_secs(10));
+            if standby {
+                log::info!(
+                    "waiting up to {} s for WAL segment {} (holding the stop LSN {}) to be archived: a standby cannot switch WAL, its primary must finish the segment",
+                    remaining.as_secs(),
+                    WalFileName::segment(tli, last, seg_size),
+                    stop.lsn
+                );
+            }
+            for segno in start_lsn.segno(seg_size)..=last {
+                let seg = WalFileName::segment(tli, segno, seg_size);
+                wait_archived(archive, &seg, remaining, shared)?;
+            }
+        }
     }
     let mw_out = mw.finish().ctx("write", &mpath)?;
     let obj = mw_out
@@ -311,11 +556,56 @@ fn run(
     Ok(())
 }
 
-fn wait_archived(archive: &WalArchive, seg: &WalFileName, timeout: Duration) -> Result<()> {
+/// [`wait_archived`] for the start segment of a STREAM PAGE backup from a standby: the
+/// segment's streamed bytes up to `start` do as well (returned) when it is not complete.
+fn wait_archived_or_tail(
+    archive: &WalArchive,
+    seg: &WalFileName,
+    start: Lsn,
+    timeout: Duration,
+    shared: &StreamShared,
+) -> Result<Option<(u64, Vec<u8>)>> {
+    let t0 = Instant::now();
+    shared.tail_request.store(start.0, Ordering::SeqCst);
+    loop {
+        if let Some(t) = shared.take_tail() {
+            return Ok(Some(t));
+        }
+        if archive.is_archived(seg)? {
+            shared.tail_request.store(0, Ordering::SeqCst);
+            return Ok(None);
+        }
+        if shared.failed.load(Ordering::SeqCst) {
+            return Err(Error::server(format!(
+                "WAL streaming failed while waiting for {seg}"
+            )));
+        }
+        if t0.elapsed() >= timeout {
+            return Err(Error::not_found(format!(
+                "the WAL up to the start LSN {start} (segment {seg}) was not streamed within {} s",
+                timeout.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn wait_archived(
+    archive: &WalArchive,
+    seg: &WalFileName,
+    timeout: Duration,
+    shared: &StreamShared,
+) -> Result<()> {
     let t0 = Instant::now();
     loop {
         if archive.is_archived(seg)? {
             return Ok(());
+        }
+        if shared.failed.load(Ordering::SeqCst) {
+            // the stream's own error is reported when it is joined
+            return Err(Error::server(format!(
+                "WAL streaming failed while waiting for {seg}"
+            )));
         }
         if t0.elapsed() >= timeout {
             return Err(Error::not_found(format!(
@@ -324,5 +614,20 @@ fn wait_archived(archive: &WalArchive, seg: &WalFileName, timeout: Duration) -> 
             )));
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_names_are_valid_replication_slot_names() {
+        for id in ["TPAD29", "TPAD29-2", "x"] {
+            let s = slot_name(id);
+            crate::replication::check_slot_name(&s).unwrap();
+            assert!(s.starts_with("walnut_backup_"), "{s}");
+        }
+        assert_eq!(slot_name("TPAD29-2"), "walnut_backup_tpad292");
     }
 }

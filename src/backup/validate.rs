@@ -525,6 +525,10 @@ fn check_own(
     check_files(catalog, b, &mut unreadable)?;
     // WAL from start to stop: what recovery needs to make this backup consistent.
     let last = Lsn(stop.0.saturating_sub(1)).segno(seg);
+    if b.stream {
+        // A STREAM backup carries it: its pg_wal files were checked with the others.
+        return check_streamed_wal(catalog, b, last).and(unreadable.map_or(Ok(()), Err));
+    }
     for segno in b.start_lsn.segno(seg)..=last {
         let name = WalFileName::segment(b.timeline, segno, seg);
         match archive.read(&name) {
@@ -552,6 +556,37 @@ fn check_own(
         }
     }
     unreadable.map_or(Ok(()), Err)
+}
+
+/// A STREAM backup's manifest lists every segment from its start to `last` under
+/// `pg_wal/` (their bytes are checked with the other stored files).
+fn check_streamed_wal(
+    catalog: &Catalog,
+    b: &BackupMeta,
+    last: u64,
+) -> std::result::Result<(), Problem> {
+    let seg = b.wal_segment_size;
+    let key = b.key().map_err(|e| Problem::Damaged(e.to_string()))?;
+    let mut have = std::collections::HashSet::new();
+    super::stored::read_manifest(catalog.repo(), &key, |e| {
+        if let Some(n) = e.path.strip_prefix("pg_wal/") {
+            have.insert(n.to_string());
+        }
+        Ok(())
+    })
+    .map_err(|e| problem(&e))?;
+    for segno in b.start_lsn.segno(seg)..=last {
+        let name = WalFileName::segment(b.timeline, segno, seg);
+        if !have.contains(&name.to_string()) {
+            return Err(Problem::Damaged(format!(
+                "STREAM backup {}: WAL segment {name}, needed to reach consistency (start {} to stop {}), is not in the backup",
+                b.id,
+                b.start_lsn,
+                b.stop_lsn.unwrap_or_default()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Checks the manifest and every stored file against it.
@@ -907,6 +942,8 @@ mod tests {
             data_checksums: true,
             pid: None,
             error: None,
+            stream: false,
+            from_standby: false,
         }
     }
 

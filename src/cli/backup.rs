@@ -57,9 +57,18 @@ pub struct BackupArgs {
     /// Parent backup for PAGE/DELTA (default: newest OK backup on this timeline's history).
     #[arg(long)]
     pub parent: Option<String>,
-    /// Seconds to wait for the WAL the backup needs to be archived.
+    /// Seconds to wait for the WAL the backup needs to be archived (or, with --stream,
+    /// streamed).
     #[arg(long, default_value_t = 300)]
     pub archive_timeout: u64,
+    /// STREAM backup: stream the WAL from the backup's start to its stop into the backup
+    /// (from a temporary replication slot), so that it restores with no archive.
+    #[arg(long)]
+    pub stream: bool,
+    /// The data directory to copy, for this run (default: the instance's registered one),
+    /// e.g. a standby's; its system identifier must be the instance's.
+    #[arg(short = 'D', long = "pgdata")]
+    pub pgdata: Option<PathBuf>,
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -218,6 +227,8 @@ pub fn run_backup(a: BackupArgs) -> Result<i32> {
         compress: a.compress == Compress::Lz4,
         parent: a.parent,
         archive_timeout: Duration::from_secs(a.archive_timeout),
+        stream: a.stream,
+        pgdata: a.pgdata,
         conn: a.conn.params(),
         progress: Arc::new(BarProgress::new()),
     };
@@ -511,6 +522,7 @@ pub fn show_table(rows: &[BackupRow]) -> String {
         "Instance",
         "ID",
         "Mode",
+        "WAL",
         "Status",
         "Parent",
         "TLI",
@@ -527,6 +539,7 @@ pub fn show_table(rows: &[BackupRow]) -> String {
             r.instance.clone(),
             r.id.clone(),
             r.mode.clone(),
+            if r.stream { "STREAM" } else { "ARCHIVE" }.to_string(),
             r.status.clone(),
             r.parent_id.clone().unwrap_or_else(|| "-".into()),
             r.timeline.to_string(),

@@ -784,6 +784,8 @@ mod chain_tests {
             data_checksums: true,
             pid: None,
             error: None,
+            stream: false,
+            from_standby: false,
         }
     }
 

@@ -19,6 +19,7 @@ mod receive;
 mod replication;
 mod restore_hardening;
 mod s3;
+mod stream_standby;
 mod take_hardening;
 mod validate_hardening;
 mod wal_decoder;
