@@ -26,6 +26,10 @@ pub struct BackupRow {
     pub files: u64,
     pub compress: String,
     pub error: Option<String>,
+    /// Pinned until (set-backup), when pinned now.
+    pub expire_time: Option<String>,
+    /// The backup's note (set-backup --note).
+    pub note: Option<String>,
 }
 
 impl From<&BackupMeta> for BackupRow {
@@ -47,6 +51,8 @@ impl From<&BackupMeta> for BackupRow {
             files: b.files,
             compress: b.compress.clone(),
             error: b.error.clone(),
+            expire_time: None,
+            note: None,
         }
     }
 }
@@ -64,7 +70,13 @@ pub fn rows(catalog: &Catalog, instance: Option<&str>, id: Option<&str>) -> Resu
     for n in names {
         for b in meta::list(catalog, &n)? {
             if id.is_none_or(|i| i == b.id) {
-                out.push(BackupRow::from(&b));
+                let mut row = BackupRow::from(&b);
+                let pin = crate::lifecycle::records::load_pin(catalog, &n, &b.id)?;
+                if pin.pinned_at(crate::lifecycle::records::now_secs()) {
+                    row.expire_time = pin.expire_time;
+                }
+                row.note = pin.note;
+                out.push(row);
             }
         }
     }

@@ -315,9 +315,11 @@ fn plan_wal_purge(
                 Ok(h) => {
                     histories.insert(t, h);
                 }
-                Err(e) => return Ok(Err(format!(
+                Err(e) => {
+                    return Ok(Err(format!(
                     "the history of timeline {t} cannot be read ({e}); without it no WAL is purged"
-                ))),
+                )))
+                }
             }
         }
         let l = ar.listing(Some(t))?;
@@ -339,35 +341,120 @@ fn plan_wal_purge(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repo::MemRepo;
+    use crate::repo::{Blob, Listing, MemRepo, ObjectInfo, ObjectWriter};
     use std::path::Path;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    #[test]
-    fn remove_order_leaves_an_error_backup_never_a_valid_one() {
-        let repo = Arc::new(MemRepo::new());
-        let k = "instances/db/backups/A";
-        for o in [
-            "backup.json",
-            "backup.started",
-            "manifest",
-            "database/1",
-            "status/20260101T000000Z.json",
-            "pin/20260101T000000Z.json",
-        ] {
-            repo.put_new(&format!("{k}/{o}"), b"x").unwrap();
+    /// A store whose deletes "crash" (fail, and every later one too) after `left` of them.
+    #[derive(Debug)]
+    struct Dying {
+        inner: MemRepo,
+        left: AtomicUsize,
+    }
+
+    impl Repo for Dying {
+        fn location(&self) -> String {
+            self.inner.location()
         }
-        let mut keys = Vec::new();
-        walk(&*repo, k, &mut keys).unwrap();
-        assert_eq!(keys.len(), 6);
-        remove_backup_objects(&*repo, k).unwrap();
-        let mut keys = Vec::new();
-        walk(&*repo, k, &mut keys).unwrap();
-        assert!(keys.is_empty());
-        // a store that refuses deletes: the first delete fails, nothing reads as removed
-        let r2 = Arc::new(MemRepo::new().refusing_delete());
-        r2.put_new(&format!("{k}/backup.json"), b"x").unwrap();
-        assert!(remove_backup_objects(&*r2, k).is_err());
-        let _ = Catalog::with_repo(Path::new("/mem"), r2);
+        fn create(&self, key: &str) -> Result<Box<dyn ObjectWriter>> {
+            self.inner.create(key)
+        }
+        fn get(&self, key: &str) -> Result<Blob> {
+            self.inner.get(key)
+        }
+        fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+            self.inner.get_range(key, offset, len)
+        }
+        fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+            self.inner.head(key)
+        }
+        fn list(&self, prefix: &str) -> Result<Listing> {
+            self.inner.list(prefix)
+        }
+        fn delete(&self, key: &str) -> Result<()> {
+            if self.left.load(Ordering::SeqCst) == 0 {
+                return Err(Error::new(crate::error::ErrorKind::Io, "killed"));
+            }
+            self.left.fetch_sub(1, Ordering::SeqCst);
+            self.inner.delete(key)
+        }
+        fn lock(&self, key: &str, mode: LockMode, wait: bool) -> Result<Option<RepoLock>> {
+            self.inner.lock(key, mode, wait)
+        }
+        fn barrier(&self) -> Result<()> {
+            self.inner.barrier()
+        }
+    }
+
+    fn sample() -> BackupMeta {
+        let mut m: BackupMeta = serde_json::from_value(serde_json::json!({
+            "format": 2, "id": "A", "instance": "db", "mode": "FULL", "status": "OK",
+            "parent_id": null, "timeline": 1, "start_lsn": "0/2000028", "stop_lsn": "0/3000100",
+            "parent_start_lsn": null, "start_time": "2026-01-01 00:00:00+00", "end_time": null,
+            "recovery_time": null, "recovery_epoch": null, "recovery_xid": null,
+            "data_bytes": 0, "files": 2, "compress": "none", "pg_major": 15, "system_id": 1,
+            "block_size": 8192, "relseg_size": 131072, "wal_segment_size": 16777216,
+            "data_checksums": true, "pid": null, "error": null
+        }))
+        .unwrap();
+        m.status = Status::Ok;
+        m
+    }
+
+    /// A kill at every point of a backup's removal (after the "being deleted" record)
+    /// leaves something that reads as ERROR or as no backup, never as OK; a second run
+    /// finishes it.
+    #[test]
+    fn a_kill_at_every_point_of_removal_never_leaves_a_valid_backup() {
+        let k = "instances/db/backups/A";
+        let objects = [
+            "manifest",
+            "backup_label",
+            "database/base/1/1",
+            "database/base/1/2",
+            "database/global/pg_control",
+            "pin/20260101T000000Z.json",
+        ];
+        for kill_after in 0..=objects.len() + 4 {
+            let repo = Arc::new(Dying {
+                inner: MemRepo::new(),
+                left: AtomicUsize::new(kill_after),
+            });
+            let catalog = Catalog::with_repo(Path::new("/mem"), repo.clone());
+            let m = sample();
+            repo.put_new(&format!("{k}/{STARTED_FILE}"), &meta::encode(&m).unwrap())
+                .unwrap();
+            for o in objects {
+                repo.put_new(&format!("{k}/{o}"), b"x").unwrap();
+            }
+            meta::save_complete(&catalog, &m).unwrap();
+            assert_eq!(
+                meta::load_in(&catalog, "db", "A").unwrap().status,
+                Status::Ok
+            );
+            meta::record_status(
+                &catalog,
+                "db",
+                "A",
+                Status::Error,
+                Some("being deleted".into()),
+                "delete",
+            )
+            .unwrap();
+            let res = remove_backup_objects(&*repo, k);
+            match meta::load_in(&catalog, "db", "A") {
+                Ok(b) => {
+                    assert!(res.is_err());
+                    assert_eq!(b.status, Status::Error, "kill after {kill_after} deletes");
+                }
+                Err(e) => assert_eq!(e.kind(), crate::error::ErrorKind::NotFound, "{e}"),
+            }
+            repo.left.store(usize::MAX, Ordering::SeqCst);
+            remove_backup_objects(&*repo, k).unwrap();
+            let mut left = Vec::new();
+            walk(&*repo, k, &mut left).unwrap();
+            assert!(left.is_empty(), "{left:?}");
+        }
     }
 }
