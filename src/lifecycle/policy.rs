@@ -363,11 +363,8 @@ pub fn plan_wal(
         for name in names {
             match classify(name, seg_size) {
                 Some((ft, _)) if ft != t => {} // a foreign name: left alone
-                Some((_, None)) => {
-                    if !history_kept {
-                        doomed.push((u64::MAX, 0, name));
-                    }
-                }
+                Some((_, None)) if !history_kept => doomed.push((u64::MAX, 0, name)),
+                Some((_, None)) => {}
                 Some((_, Some(s))) => {
                     let kept = keep_from.is_some_and(|f| s >= f)
                         || ranges.iter().any(|&(a, b)| s >= a && s <= b);

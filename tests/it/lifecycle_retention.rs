@@ -235,7 +235,7 @@ fn redundancy_one_with_wal_purge_keeps_a_restorable_chain() {
         .iter()
         .map(|b| b["id"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(ids, [f2.clone()]);
+    assert_eq!(ids, std::slice::from_ref(&f2));
     assert!(count() < before, "no WAL purged: {r}");
     // nothing before the kept FULL's start segment, and no index without its segment
     let start = env.show()[0]["start_lsn"].as_str().unwrap().to_string();
