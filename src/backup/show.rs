@@ -71,11 +71,17 @@ pub fn rows(catalog: &Catalog, instance: Option<&str>, id: Option<&str>) -> Resu
         for b in meta::list(catalog, &n)? {
             if id.is_none_or(|i| i == b.id) {
                 let mut row = BackupRow::from(&b);
-                let pin = crate::lifecycle::records::load_pin(catalog, &n, &b.id)?;
-                if pin.pinned_at(crate::lifecycle::records::now_secs()) {
-                    row.expire_time = pin.expire_time;
+                // a damaged pin record is reported, not fatal to the listing (delete refuses
+                // on it instead)
+                match crate::lifecycle::records::load_pin(catalog, &n, &b.id) {
+                    Ok(pin) => {
+                        if pin.pinned_at(crate::lifecycle::records::now_secs()) {
+                            row.expire_time = pin.expire_time;
+                        }
+                        row.note = pin.note;
+                    }
+                    Err(e) => log::warn!("backup {}: {e}", b.id),
                 }
-                row.note = pin.note;
                 out.push(row);
             }
         }

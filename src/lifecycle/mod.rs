@@ -174,7 +174,12 @@ pub fn delete(catalog: &Catalog, instance: &str, opts: &DeleteOptions) -> Result
     let decisions: Vec<Decision> = match &opts.target {
         Target::Expired => policy::plan_expired(&list, &pins, &settings, opts.now)?,
         Target::Id(id) => {
-            let doomed = policy::plan_delete_id(&list, &pins, id, opts.now)?;
+            // the leftover of an interrupted delete of `id`: cleaned below, nothing else goes
+            let doomed = if leftovers.contains(id) && meta::find(&list, id).is_err() {
+                Vec::new()
+            } else {
+                policy::plan_delete_id(&list, &pins, id, opts.now)?
+            };
             list.iter()
                 .map(|b| Decision {
                     id: b.id.clone(),

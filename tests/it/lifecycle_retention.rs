@@ -213,6 +213,29 @@ fn redundancy_one_with_wal_purge_keeps_a_restorable_chain() {
     assert_eq!(env.show().len(), 3);
     assert_eq!(count(), before);
 
+    // a delete killed at its first removal (a store that refuses deletes): the backups it
+    // chose read as ERROR, never OK, the kept one is untouched; the re-run finishes the job
+    let killed = run(as_pg(walnut_bin("walnut"))
+        .args([
+            "delete",
+            "-B",
+            cat,
+            "--instance",
+            "db",
+            "--expired",
+            "--retention-redundancy",
+            "1",
+            "--delete-wal",
+        ])
+        .env("WALNUT_TEST_REFUSE_DELETE", "1"));
+    fails_with(
+        killed,
+        "delete on a store refusing deletes",
+        &["refuses deletes"],
+    );
+    assert_eq!(env.status(&f1), "ERROR");
+    assert_eq!(env.status(&p1), "ERROR");
+    assert_eq!(env.status(&f2), "OK");
     let r = json(
         walnut(&[
             "delete",
