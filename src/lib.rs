@@ -26,6 +26,7 @@ pub mod durable;
 pub mod error;
 pub mod format;
 pub mod index;
+pub mod lifecycle;
 pub mod metrics;
 pub mod pgcontrol;
 pub mod progress;

@@ -30,6 +30,10 @@ pub struct BackupRow {
     pub stream: bool,
     /// Taken from a standby.
     pub from_standby: bool,
+    /// Pinned until (set-backup), when pinned now.
+    pub expire_time: Option<String>,
+    /// The backup's note (set-backup --note).
+    pub note: Option<String>,
 }
 
 impl From<&BackupMeta> for BackupRow {
@@ -53,6 +57,8 @@ impl From<&BackupMeta> for BackupRow {
             error: b.error.clone(),
             stream: b.stream,
             from_standby: b.from_standby,
+            expire_time: None,
+            note: None,
         }
     }
 }
@@ -70,7 +76,19 @@ pub fn rows(catalog: &Catalog, instance: Option<&str>, id: Option<&str>) -> Resu
     for n in names {
         for b in meta::list(catalog, &n)? {
             if id.is_none_or(|i| i == b.id) {
-                out.push(BackupRow::from(&b));
+                let mut row = BackupRow::from(&b);
+                // a damaged pin record is reported, not fatal to the listing (delete refuses
+                // on it instead)
+                match crate::lifecycle::records::load_pin(catalog, &n, &b.id) {
+                    Ok(pin) => {
+                        if pin.pinned_at(crate::lifecycle::records::now_secs()) {
+                            row.expire_time = pin.expire_time;
+                        }
+                        row.note = pin.note;
+                    }
+                    Err(e) => log::warn!("backup {}: {e}", b.id),
+                }
+                out.push(row);
             }
         }
     }

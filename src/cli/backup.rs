@@ -532,6 +532,7 @@ pub fn show_table(rows: &[BackupRow]) -> String {
         "Recovery time",
         "Data",
         "Files",
+        "Pinned until",
     ];
     let mut cells: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     for r in rows {
@@ -549,6 +550,7 @@ pub fn show_table(rows: &[BackupRow]) -> String {
             r.recovery_time.clone().unwrap_or_else(|| "-".into()),
             human_bytes(r.data_bytes),
             r.files.to_string(),
+            r.expire_time.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
     let widths: Vec<usize> = (0..header.len())

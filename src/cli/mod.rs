@@ -13,6 +13,7 @@ pub mod backup;
 pub mod catalog;
 pub mod check;
 pub mod docs;
+pub mod lifecycle;
 pub mod metrics;
 pub mod receive;
 pub mod wal_index;
@@ -151,6 +152,14 @@ pub enum Command {
     Show(ShowArgs),
     /// Verify a backup and its chain against stored checksums.
     Validate(crate::cli::backup::ValidateArgs),
+    /// Store an instance's retention settings.
+    SetConfig(crate::cli::lifecycle::SetConfigArgs),
+    /// Show an instance's retention settings.
+    ShowConfig(crate::cli::lifecycle::ShowConfigArgs),
+    /// Delete a backup and its descendants, or what retention expires, and purge WAL.
+    Delete(crate::cli::lifecycle::DeleteArgs),
+    /// Pin a backup (--ttl, --expire-time) or note it.
+    SetBackup(crate::cli::lifecycle::SetBackupArgs),
     /// Check that the server's settings and archiving work with this catalog.
     Check(crate::cli::check::CheckArgs),
     /// Write Prometheus metrics (node_exporter textfile format).
@@ -194,6 +203,10 @@ pub fn run_walnut(cli: WalnutCli) -> crate::Result<i32> {
         Command::Show(a) if a.archive => crate::cli::archive::run_show(a),
         Command::Show(a) => crate::cli::backup::run_show(a),
         Command::Validate(a) => crate::cli::backup::run_validate(a),
+        Command::SetConfig(a) => crate::cli::lifecycle::run_set_config(a),
+        Command::ShowConfig(a) => crate::cli::lifecycle::run_show_config(a),
+        Command::Delete(a) => crate::cli::lifecycle::run_delete(a),
+        Command::SetBackup(a) => crate::cli::lifecycle::run_set_backup(a),
         Command::Check(a) => crate::cli::check::run(a),
         Command::Metrics(a) => crate::cli::metrics::run(a),
         Command::Receive(a) => crate::cli::receive::run(a),

@@ -1,0 +1,465 @@
+//! Lifecycle commands: retention settings, `delete` (one backup and its descendants, or
+//! what the retention policy expires, and the WAL no kept backup needs) and pins.
+//!
+//! The rules are in [`policy`] (pure, unit-tested); this module reads the catalog, takes the
+//! locks and removes objects through [`crate::repo::Repo::delete`].
+//!
+//! # Locks
+//! `delete` holds the instance's `.lifecycle.lock` exclusively (two deletes never
+//! interleave; the second one fails at once) and, for every backup it removes, that backup's
+//! `.running` lock exclusively: a backup whose taker still runs is refused.
+//!
+//! # Crash safety: the order of a backup's removal
+//! 1. every backup to delete gets an ERROR status record ("being deleted"), newest first;
+//!    from then on it reads as ERROR, never as a valid backup, and no restore picks it;
+//! 2. then, backup by backup (newest first, so no remaining backup ever lacks a parent
+//!    that a valid descendant needs), its data objects;
+//! 3. then `backup.json`, then `backup.started`: without both the name no longer lists as a
+//!    backup;
+//! 4. last its status and pin records.
+//!
+//! A kill at any point leaves backups that read as ERROR (or a leftover name that is no
+//! backup at all); running `delete` again finishes the job (leftovers are removed by any
+//! `delete`). WAL objects go oldest segment first, each segment's index objects before its
+//! data, so a crash leaves no gap and no index without its segment.
+
+pub mod policy;
+pub mod records;
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+
+use crate::archive::WalArchive;
+use crate::backup::meta::{self, BackupMeta, Found, Status, META_FILE, STARTED_FILE, STATUS_DIR};
+use crate::catalog::Catalog;
+use crate::error::{Error, Result};
+use crate::repo::{LockMode, Repo, RepoLock};
+
+use policy::{Decision, TimelinePurge};
+use records::{Pin, Settings, PIN_DIR};
+
+/// What to delete.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// One backup and its descendants.
+    Id(String),
+    /// What the retention policy expires.
+    Expired,
+    /// No backup (only `--delete-wal`).
+    None,
+}
+
+#[derive(Clone, Debug)]
+pub struct DeleteOptions {
+    pub target: Target,
+    /// Settings for this run, over the stored ones.
+    pub settings: Settings,
+    pub delete_wal: bool,
+    pub dry_run: bool,
+    /// "Now" for the window and pins (tests move it).
+    pub now: i64,
+}
+
+/// What `delete` did (or, with `dry_run`, would do).
+#[derive(Clone, Debug, Serialize)]
+pub struct DeleteReport {
+    pub instance: String,
+    pub dry_run: bool,
+    pub settings: Settings,
+    /// Every backup with its decision, oldest first.
+    pub backups: Vec<Decision>,
+    /// The backups removed, in the order they went.
+    pub deleted: Vec<String>,
+    /// Leftovers of an interrupted delete, removed.
+    pub leftovers: Vec<String>,
+    /// The WAL purged per timeline.
+    pub wal: Vec<TimelinePurge>,
+    /// Why no WAL was purged although asked, if so.
+    pub wal_skipped: Option<String>,
+}
+
+fn lifecycle_lock(catalog: &Catalog, instance: &str) -> Result<RepoLock> {
+    let key = format!("{}/.lifecycle.lock", Catalog::instance_key(instance));
+    catalog
+        .repo()
+        .lock(&key, LockMode::Exclusive, false)?
+        .ok_or_else(|| {
+            Error::conflict(format!(
+                "another delete of instance \"{instance}\" is running ({})",
+                catalog.root().join(&key).display()
+            ))
+        })
+}
+
+/// Every object key below `prefix`, depth first. A damaged entry is an error.
+fn walk(repo: &dyn Repo, prefix: &str, out: &mut Vec<String>) -> Result<()> {
+    let l = repo.list(prefix)?;
+    if let Some(d) = l.damaged.first() {
+        return Err(Error::corruption(format!(
+            "{}/{prefix}/{d}: not a regular file or directory (refused)",
+            repo.location()
+        )));
+    }
+    for p in l.prefixes {
+        walk(repo, &format!("{prefix}/{p}"), out)?;
+    }
+    out.extend(
+        l.objects
+            .into_iter()
+            .map(|o| format!("{prefix}/{}", o.name)),
+    );
+    Ok(())
+}
+
+/// Removes a backup's objects in the crash-safe order (module docs, steps 2-4).
+fn remove_backup_objects(repo: &dyn Repo, key: &str) -> Result<()> {
+    let mut keys = Vec::new();
+    walk(repo, key, &mut keys)?;
+    let rank = |k: &str| {
+        let rel = k.strip_prefix(key).unwrap_or(k).trim_start_matches('/');
+        if rel == META_FILE {
+            1
+        } else if rel == STARTED_FILE {
+            2
+        } else if rel.starts_with(&format!("{STATUS_DIR}/"))
+            || rel.starts_with(&format!("{PIN_DIR}/"))
+        {
+            3
+        } else {
+            0
+        }
+    };
+    keys.sort_by_key(|k| rank(k));
+    for k in keys {
+        repo.delete(&k)?;
+    }
+    Ok(())
+}
+
+fn load_pins(
+    catalog: &Catalog,
+    instance: &str,
+    list: &[BackupMeta],
+) -> Result<HashMap<String, Pin>> {
+    let mut pins = HashMap::new();
+    for b in list {
+        pins.insert(b.id.clone(), records::load_pin(catalog, instance, &b.id)?);
+    }
+    Ok(pins)
+}
+
+/// Runs `delete` (see the module docs and [`policy`] for the rules).
+pub fn delete(catalog: &Catalog, instance: &str, opts: &DeleteOptions) -> Result<DeleteReport> {
+    let settings = records::load_settings(catalog, instance)?.overlay(&opts.settings);
+    let _lock = lifecycle_lock(catalog, instance)?;
+    let repo = catalog.repo();
+    let mut list = Vec::new();
+    let mut leftovers = Vec::new();
+    for (name, f) in meta::scan_named(catalog, instance)? {
+        match f {
+            Found::Backup(m) => list.push(*m),
+            Found::Absent => leftovers.push(name),
+            Found::Failed(e) => {
+                return Err(Error::corruption(format!(
+                    "{e}; nothing deleted (a backup whose state cannot be read may be one a kept backup needs)"
+                )))
+            }
+        }
+    }
+    list.sort_by(|a, b| {
+        (a.start_lsn, &a.start_time, &a.id).cmp(&(b.start_lsn, &b.start_time, &b.id))
+    });
+    let pins = load_pins(catalog, instance, &list)?;
+    let decisions: Vec<Decision> = match &opts.target {
+        Target::Expired => policy::plan_expired(&list, &pins, &settings, opts.now)?,
+        Target::Id(id) => {
+            // the leftover of an interrupted delete of `id`: cleaned below, nothing else goes
+            let doomed = if leftovers.contains(id) && meta::find(&list, id).is_err() {
+                Vec::new()
+            } else {
+                policy::plan_delete_id(&list, &pins, id, opts.now)?
+            };
+            list.iter()
+                .map(|b| Decision {
+                    id: b.id.clone(),
+                    mode: b.mode.to_string(),
+                    status: b.effective_status().to_string(),
+                    timeline: b.timeline,
+                    start_lsn: b.start_lsn.to_string(),
+                    keep: !doomed.contains(&b.id),
+                    reason: if doomed.contains(&b.id) {
+                        if b.id == *id {
+                            "selected"
+                        } else {
+                            "descendant"
+                        }
+                        .to_string()
+                    } else {
+                        "not selected".to_string()
+                    },
+                })
+                .collect()
+        }
+        Target::None => list
+            .iter()
+            .map(|b| Decision {
+                id: b.id.clone(),
+                mode: b.mode.to_string(),
+                status: b.effective_status().to_string(),
+                timeline: b.timeline,
+                start_lsn: b.start_lsn.to_string(),
+                keep: true,
+                reason: "not selected".to_string(),
+            })
+            .collect(),
+    };
+    // newest first: descendants before their ancestors
+    let doomed: Vec<&BackupMeta> = list
+        .iter()
+        .rev()
+        .filter(|b| decisions.iter().any(|d| d.id == b.id && !d.keep))
+        .collect();
+    let mut report = DeleteReport {
+        instance: instance.to_string(),
+        dry_run: opts.dry_run,
+        settings: settings.clone(),
+        backups: decisions.clone(),
+        deleted: Vec::new(),
+        leftovers: Vec::new(),
+        wal: Vec::new(),
+        wal_skipped: None,
+    };
+    if !opts.dry_run {
+        // leftovers of an interrupted delete: names with objects but no backup metadata
+        for name in &leftovers {
+            let key = meta::backup_key(instance, name)?;
+            let mut keys = Vec::new();
+            walk(repo, &key, &mut keys)?;
+            if !keys.is_empty() {
+                remove_backup_objects(repo, &key)?;
+                report.leftovers.push(name.clone());
+            }
+        }
+        let mut held = Vec::new();
+        for b in &doomed {
+            let key = format!("{}/.running", b.key()?);
+            match repo.lock(&key, LockMode::Exclusive, false)? {
+                Some(l) => held.push(l),
+                None => {
+                    return Err(Error::refused(format!(
+                        "backup {} is being taken (its running lock is held); nothing deleted",
+                        b.id
+                    )))
+                }
+            }
+        }
+        for b in &doomed {
+            meta::record_status(
+                catalog,
+                instance,
+                &b.id,
+                Status::Error,
+                Some("being deleted by walnut delete (run delete again if this stays)".into()),
+                "delete",
+            )?;
+        }
+        for b in &doomed {
+            remove_backup_objects(repo, &b.key()?)?;
+            log::info!("deleted backup {}", b.id);
+            report.deleted.push(b.id.clone());
+        }
+    } else {
+        report.deleted = doomed.iter().map(|b| b.id.clone()).collect();
+    }
+    if opts.delete_wal {
+        match plan_wal_purge(
+            catalog, instance, &list, &decisions, &pins, &settings, opts.now,
+        )? {
+            Ok(plan) => {
+                if !opts.dry_run {
+                    let prefix = Catalog::wal_key(instance);
+                    for t in &plan {
+                        for name in &t.objects {
+                            repo.delete(&format!("{prefix}/{:08X}/{name}", t.timeline))?;
+                        }
+                    }
+                }
+                report.wal = plan;
+            }
+            Err(why) => report.wal_skipped = Some(why),
+        }
+    }
+    Ok(report)
+}
+
+/// The WAL purge plan, or why nothing may be purged.
+fn plan_wal_purge(
+    catalog: &Catalog,
+    instance: &str,
+    list: &[BackupMeta],
+    decisions: &[Decision],
+    pins: &HashMap<String, Pin>,
+    settings: &Settings,
+    now: i64,
+) -> Result<std::result::Result<Vec<TimelinePurge>, String>> {
+    let keepers = match policy::wal_keepers(list, decisions, pins, settings, now) {
+        Ok(k) => k,
+        Err(why) => return Ok(Err(why)),
+    };
+    let ar = WalArchive::open(catalog, instance)?;
+    let mut files = BTreeMap::new();
+    let mut histories = BTreeMap::new();
+    let mut tlis = ar.timelines()?;
+    tlis.extend(list.iter().map(|b| b.timeline));
+    tlis.sort_unstable();
+    tlis.dedup();
+    for t in tlis {
+        if t > 1 {
+            match ar.timeline_history(t) {
+                Ok(h) => {
+                    histories.insert(t, h);
+                }
+                Err(e) => {
+                    return Ok(Err(format!(
+                    "the history of timeline {t} cannot be read ({e}); without it no WAL is purged"
+                )))
+                }
+            }
+        }
+        let l = ar.listing(Some(t))?;
+        if let Some(d) = l.damaged.first() {
+            return Ok(Err(format!(
+                "timeline {t:08X} holds \"{d}\", which is not a regular file"
+            )));
+        }
+        files.insert(t, l.objects.into_iter().map(|o| o.name).collect::<Vec<_>>());
+    }
+    Ok(Ok(policy::plan_wal(
+        ar.seg_size(),
+        &histories,
+        &files,
+        &keepers,
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::{Blob, Listing, MemRepo, ObjectInfo, ObjectWriter};
+    use std::path::Path;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// A store whose deletes "crash" (fail, and every later one too) after `left` of them.
+    #[derive(Debug)]
+    struct Dying {
+        inner: MemRepo,
+        left: AtomicUsize,
+    }
+
+    impl Repo for Dying {
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+        fn create(&self, key: &str) -> Result<Box<dyn ObjectWriter>> {
+            self.inner.create(key)
+        }
+        fn get(&self, key: &str) -> Result<Blob> {
+            self.inner.get(key)
+        }
+        fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+            self.inner.get_range(key, offset, len)
+        }
+        fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+            self.inner.head(key)
+        }
+        fn list(&self, prefix: &str) -> Result<Listing> {
+            self.inner.list(prefix)
+        }
+        fn delete(&self, key: &str) -> Result<()> {
+            if self.left.load(Ordering::SeqCst) == 0 {
+                return Err(Error::new(crate::error::ErrorKind::Io, "killed"));
+            }
+            self.left.fetch_sub(1, Ordering::SeqCst);
+            self.inner.delete(key)
+        }
+        fn lock(&self, key: &str, mode: LockMode, wait: bool) -> Result<Option<RepoLock>> {
+            self.inner.lock(key, mode, wait)
+        }
+        fn barrier(&self) -> Result<()> {
+            self.inner.barrier()
+        }
+    }
+
+    fn sample() -> BackupMeta {
+        let mut m: BackupMeta = serde_json::from_value(serde_json::json!({
+            "format": 2, "id": "A", "instance": "db", "mode": "FULL", "status": "OK",
+            "parent_id": null, "timeline": 1, "start_lsn": "0/2000028", "stop_lsn": "0/3000100",
+            "parent_start_lsn": null, "start_time": "2026-01-01 00:00:00+00", "end_time": null,
+            "recovery_time": null, "recovery_epoch": null, "recovery_xid": null,
+            "data_bytes": 0, "files": 2, "compress": "none", "pg_major": 15, "system_id": 1,
+            "block_size": 8192, "relseg_size": 131072, "wal_segment_size": 16777216,
+            "data_checksums": true, "pid": null, "error": null
+        }))
+        .unwrap();
+        m.status = Status::Ok;
+        m
+    }
+
+    /// A kill at every point of a backup's removal (after the "being deleted" record)
+    /// leaves something that reads as ERROR or as no backup, never as OK; a second run
+    /// finishes it.
+    #[test]
+    fn a_kill_at_every_point_of_removal_never_leaves_a_valid_backup() {
+        let k = "instances/db/backups/A";
+        let objects = [
+            "manifest",
+            "backup_label",
+            "database/base/1/1",
+            "database/base/1/2",
+            "database/global/pg_control",
+            "pin/20260101T000000Z.json",
+        ];
+        for kill_after in 0..=objects.len() + 4 {
+            let repo = Arc::new(Dying {
+                inner: MemRepo::new(),
+                left: AtomicUsize::new(kill_after),
+            });
+            let catalog = Catalog::with_repo(Path::new("/mem"), repo.clone());
+            let m = sample();
+            repo.put_new(&format!("{k}/{STARTED_FILE}"), &meta::encode(&m).unwrap())
+                .unwrap();
+            for o in objects {
+                repo.put_new(&format!("{k}/{o}"), b"x").unwrap();
+            }
+            meta::save_complete(&catalog, &m).unwrap();
+            assert_eq!(
+                meta::load_in(&catalog, "db", "A").unwrap().status,
+                Status::Ok
+            );
+            meta::record_status(
+                &catalog,
+                "db",
+                "A",
+                Status::Error,
+                Some("being deleted".into()),
+                "delete",
+            )
+            .unwrap();
+            let res = remove_backup_objects(&*repo, k);
+            match meta::load_in(&catalog, "db", "A") {
+                Ok(b) => {
+                    assert!(res.is_err());
+                    assert_eq!(b.status, Status::Error, "kill after {kill_after} deletes");
+                }
+                Err(e) => assert_eq!(e.kind(), crate::error::ErrorKind::NotFound, "{e}"),
+            }
+            repo.left.store(usize::MAX, Ordering::SeqCst);
+            remove_backup_objects(&*repo, k).unwrap();
+            let mut left = Vec::new();
+            walk(&*repo, k, &mut left).unwrap();
+            assert!(left.is_empty(), "{left:?}");
+        }
+    }
+}
