@@ -114,10 +114,6 @@ impl DurableFile {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub fn file(&mut self) -> &mut File {
         // The Option is only None after commit, which consumes self.
         self.file.as_mut().expect("DurableFile used after commit")
@@ -285,6 +281,7 @@ pub fn remove_file(path: &Path) -> Result<()> {
     }
 }
 
+#[cfg(test)]
 /// Whether a directory entry name is one of our temp files, exactly as [`temp_path_for`]
 /// makes them: `.<final>.walnut-tmp.<pid>.<nanos>`.
 pub fn is_temp_name(name: &str) -> bool {

@@ -20,28 +20,32 @@
 pub mod archive;
 pub mod backup;
 pub mod catalog;
-pub mod check;
+pub(crate) mod check;
 pub mod cli;
-pub mod durable;
+pub(crate) mod durable;
 pub mod error;
 pub mod format;
 pub mod index;
-pub mod lifecycle;
+pub(crate) mod lifecycle;
 pub mod metrics;
 pub mod pgcontrol;
-pub mod progress;
-pub mod receive;
+pub(crate) mod progress;
+pub(crate) mod receive;
 pub mod replication;
 pub mod repo;
-pub mod restore;
-pub mod safepath;
-pub mod server;
+pub(crate) mod restore;
+pub(crate) mod safepath;
+pub(crate) mod server;
 pub mod types;
-pub mod verify_record;
+pub(crate) mod verify_record;
 pub mod wal;
 
 pub use error::{Error, ErrorKind, Result};
 pub use types::{Lsn, PgVersion, TimeLineId, WalFileName};
+// The library's plain option types, for callers that drive it without the CLI.
+pub use progress::{NoProgress, Progress};
+pub use restore::{restore, Recovery, RecoveryTarget, RestoreOptions};
+pub use server::ConnParams;
 
 /// `walnut-fetch` exit status for "present but corrupt" and other errors that must stop
 /// recovery (PostgreSQL treats a `restore_command` status above 125 as fatal).

@@ -20,8 +20,3 @@ impl Progress for NoProgress {
     fn inc(&self, _: u64) {}
     fn finish(&self) {}
 }
-
-/// A shared handle that reports nothing.
-pub fn none() -> std::sync::Arc<dyn Progress> {
-    std::sync::Arc::new(NoProgress)
-}

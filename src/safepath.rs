@@ -54,6 +54,7 @@ pub fn check_rel_path(p: &str, what: &str) -> Result<()> {
     Ok(())
 }
 
+#[cfg(test)]
 /// Like [`check_rel_path`], and the first component must be one of `tops`.
 pub fn check_rel_path_under(p: &str, tops: &[&str], what: &str) -> Result<()> {
     check_rel_path(p, what)?;

@@ -153,17 +153,6 @@ impl Session {
             .get(0))
     }
 
-    /// Refuses servers whose settings cannot give a usable backup (a primary that
-    /// archives into this catalog).
-    pub fn check(&mut self, cfg: &InstanceConfig, catalog_path: &std::path::Path) -> Result<()> {
-        if self.check_backup(cfg, catalog_path, false)? {
-            return Err(Error::server(
-                "the server is in recovery: backups from a standby are not supported",
-            ));
-        }
-        Ok(())
-    }
-
     /// Refuses servers whose settings cannot give a usable backup; returns whether the
     /// server is a standby (in recovery). A STREAM backup (`stream`) carries its own WAL,
     /// so archiving is not required; otherwise the server (or, for a standby, its

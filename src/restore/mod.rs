@@ -126,18 +126,8 @@ pub struct RestoreOptions {
     pub progress: Arc<dyn Progress>,
 }
 
-/// Picks the backup to restore: the given one, or the newest OK backup that can reach the
-/// target. Its whole chain must be OK.
-pub fn choose_backup<'a>(
-    list: &'a [BackupMeta],
-    id: Option<&str>,
-    rt: &Recovery,
-) -> Result<Vec<&'a BackupMeta>> {
-    let (target, _) = plan::check_recovery(rt)?;
-    choose_backup_on(list, id, &target, |_| true)
-}
-
-/// [`choose_backup`] for a parsed target; without an id, a backup must also satisfy
+/// Picks the backup to restore for a parsed target: the given one, or the newest OK backup
+/// that can reach it (its whole chain OK); without an id, a backup must also satisfy
 /// `reaches` (e.g. end before a named restore point, on its timeline's history).
 pub fn choose_backup_on<'a>(
     list: &'a [BackupMeta],
@@ -871,7 +861,7 @@ mod chain_tests {
                 .collect(),
             target: target.to_path_buf(),
             tablespaces: HashMap::new(),
-            progress: crate::progress::none(),
+            progress: std::sync::Arc::new(crate::progress::NoProgress),
             chunk_blocks,
             window_blocks,
         }
