@@ -290,8 +290,9 @@ pub struct StatusRecord {
     pub by: String,
 }
 
-/// Status record names: `<YYYYMMDDTHHMMSSZ>[-n].json`, ordered by (stamp, n).
-fn parse_status_name(name: &str) -> Option<(String, u32)> {
+/// Dated record names (status, pin and settings records): `<YYYYMMDDTHHMMSSZ>[-n].json`,
+/// ordered by (stamp, n).
+pub(crate) fn parse_record_name(name: &str) -> Option<(String, u32)> {
     let rest = name.strip_suffix(".json")?;
     let (st, n) = match rest.split_once('-') {
         Some((st, n)) => (st, n.parse::<u32>().ok()?),
@@ -373,7 +374,7 @@ fn newest_status_name(repo: &dyn Repo, dir: &str) -> Result<Option<(String, u32)
         .list(dir)?
         .objects
         .iter()
-        .filter_map(|o| parse_status_name(&o.name))
+        .filter_map(|o| parse_record_name(&o.name))
         .max())
 }
 

@@ -79,21 +79,6 @@ pub fn now_secs() -> i64 {
         .unwrap_or(0)
 }
 
-/// `(stamp, n)` of a record name `<YYYYMMDDTHHMMSSZ>[-n].json`.
-fn parse_name(name: &str) -> Option<(String, u32)> {
-    let rest = name.strip_suffix(".json")?;
-    let (st, n) = match rest.split_once('-') {
-        Some((st, n)) => (st, n.parse::<u32>().ok()?),
-        None => (rest, 0),
-    };
-    let b = st.as_bytes();
-    let ok = b.len() == 16
-        && b[8] == b'T'
-        && b[15] == b'Z'
-        && b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit);
-    ok.then(|| (st.to_string(), n))
-}
-
 fn name_of(st: &str, n: u32) -> String {
     if n == 0 {
         format!("{st}.json")
@@ -109,7 +94,7 @@ fn newest<T: serde::de::DeserializeOwned>(repo: &dyn Repo, dir: &str) -> Result<
         .list(dir)?
         .objects
         .iter()
-        .filter_map(|o| parse_name(&o.name))
+        .filter_map(|o| crate::backup::meta::parse_record_name(&o.name))
         .max()
     else {
         return Ok(None);
@@ -135,7 +120,7 @@ fn put_record(repo: &dyn Repo, dir: &str, data: &[u8], now: i64) -> Result<()> {
         .list(dir)?
         .objects
         .iter()
-        .filter_map(|o| parse_name(&o.name))
+        .filter_map(|o| crate::backup::meta::parse_record_name(&o.name))
         .max()
         .filter(|(s, _)| *s == st)
         .map_or(0, |(_, k)| k + 1);

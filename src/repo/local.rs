@@ -158,6 +158,24 @@ impl LocalRepo {
     }
 }
 
+/// Takes an `flock` on the open lock file `f` (`path` names it in errors): `None` when
+/// `wait` is false and another holder has it. Shared by the stores whose locks are local.
+pub(crate) fn flock(f: File, path: &Path, mode: LockMode, wait: bool) -> Result<Option<RepoLock>> {
+    let r = match (mode, wait) {
+        (LockMode::Exclusive, true) => fs2::FileExt::lock_exclusive(&f),
+        (LockMode::Exclusive, false) => fs2::FileExt::try_lock_exclusive(&f),
+        (LockMode::Shared, true) => fs2::FileExt::lock_shared(&f),
+        (LockMode::Shared, false) => fs2::FileExt::try_lock_shared(&f),
+    };
+    match r {
+        Ok(()) => Ok(Some(RepoLock::new(Box::new(f)))),
+        Err(e) if !wait && e.raw_os_error() == fs2::lock_contended_error().raw_os_error() => {
+            Ok(None)
+        }
+        Err(e) => Err(Error::io("lock", path, e)),
+    }
+}
+
 /// `O_NOFOLLOW` on an `OpenOptions` (a lock file must not be a link).
 trait NoFollow {
     fn custom_flags_nofollow(&mut self) -> &mut Self;
@@ -330,19 +348,7 @@ impl Repo for LocalRepo {
         check_key(key, true)?;
         let f = self.lock_file(key)?;
         let path = self.root.join(key);
-        let r = match (mode, wait) {
-            (LockMode::Exclusive, true) => fs2::FileExt::lock_exclusive(&f),
-            (LockMode::Exclusive, false) => fs2::FileExt::try_lock_exclusive(&f),
-            (LockMode::Shared, true) => fs2::FileExt::lock_shared(&f),
-            (LockMode::Shared, false) => fs2::FileExt::try_lock_shared(&f),
-        };
-        match r {
-            Ok(()) => Ok(Some(RepoLock::new(Box::new(f)))),
-            Err(e) if !wait && e.raw_os_error() == fs2::lock_contended_error().raw_os_error() => {
-                Ok(None)
-            }
-            Err(e) => Err(Error::io("lock", &path, e)),
-        }
+        flock(f, &path, mode, wait)
     }
 
     fn barrier(&self) -> Result<()> {

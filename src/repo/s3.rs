@@ -1168,19 +1168,7 @@ impl Repo for S3Repo {
                 .open(&path)
                 .ctx("open lock file", &path)?
         };
-        let r = match (mode, wait) {
-            (LockMode::Exclusive, true) => fs2::FileExt::lock_exclusive(&f),
-            (LockMode::Exclusive, false) => fs2::FileExt::try_lock_exclusive(&f),
-            (LockMode::Shared, true) => fs2::FileExt::lock_shared(&f),
-            (LockMode::Shared, false) => fs2::FileExt::try_lock_shared(&f),
-        };
-        match r {
-            Ok(()) => Ok(Some(RepoLock::new(Box::new(f)))),
-            Err(e) if !wait && e.raw_os_error() == fs2::lock_contended_error().raw_os_error() => {
-                Ok(None)
-            }
-            Err(e) => Err(Error::io("lock", &path, e)),
-        }
+        super::local::flock(f, &path, mode, wait)
     }
 
     fn barrier(&self) -> Result<()> {
