@@ -766,6 +766,42 @@ fn base36(mut n: u64) -> String {
     s.iter().rev().collect()
 }
 
+/// A complete OK backup of instance "db" for unit tests (PostgreSQL 15, 8 kB blocks,
+/// 16 MiB segments); tests override what they need with struct update syntax.
+#[cfg(test)]
+pub(crate) fn test_meta(id: &str, mode: Mode, parent: Option<&str>) -> BackupMeta {
+    BackupMeta {
+        format: META_FORMAT,
+        id: id.into(),
+        instance: "db".into(),
+        mode,
+        status: Status::Ok,
+        parent_id: parent.map(Into::into),
+        timeline: 1,
+        start_lsn: Lsn(0),
+        stop_lsn: Some(Lsn(1)),
+        parent_start_lsn: None,
+        start_time: String::new(),
+        end_time: None,
+        recovery_time: None,
+        recovery_epoch: None,
+        recovery_xid: None,
+        data_bytes: 0,
+        files: 0,
+        compress: "none".into(),
+        pg_major: 15,
+        system_id: 1,
+        block_size: 8192,
+        relseg_size: 131072,
+        wal_segment_size: 1 << 24,
+        data_checksums: true,
+        pid: None,
+        error: None,
+        stream: false,
+        from_standby: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -916,34 +916,12 @@ mod tests {
 
     fn meta(id: &str, mode: Mode, parent: Option<&str>) -> BackupMeta {
         BackupMeta {
-            format: meta::META_FORMAT,
-            id: id.into(),
-            instance: "db".into(),
-            mode,
-            status: Status::Ok,
-            parent_id: parent.map(String::from),
-            timeline: 1,
             start_lsn: Lsn(0x20_0028),
             stop_lsn: Some(Lsn(0x20_0100)),
-            parent_start_lsn: None,
             start_time: "2026-11-29 10:00:00+00".into(),
-            end_time: None,
-            recovery_time: None,
-            recovery_epoch: None,
-            recovery_xid: None,
-            data_bytes: 0,
-            files: 0,
-            compress: "none".into(),
-            pg_major: 15,
             system_id: 7,
-            block_size: 8192,
-            relseg_size: 131072,
             wal_segment_size: SEG,
-            data_checksums: true,
-            pid: None,
-            error: None,
-            stream: false,
-            from_standby: false,
+            ..meta::test_meta(id, mode, parent)
         }
     }
 

@@ -429,33 +429,15 @@ mod tests {
     ) -> BackupMeta {
         BackupMeta {
             format: 2,
-            id: id.into(),
-            instance: "db".into(),
-            mode,
-            status: Status::Ok,
-            parent_id: parent.map(Into::into),
             timeline: tli,
             start_lsn: Lsn(start_seg * SEG as u64 + 40),
             stop_lsn: Some(Lsn((start_seg + 1) * SEG as u64 + 100)),
-            parent_start_lsn: None,
             start_time: meta::format_utc(day * DAY - 60),
             end_time: Some(meta::format_utc(day * DAY)),
             recovery_time: Some(meta::format_utc(day * DAY)),
             recovery_epoch: Some(day * DAY),
-            recovery_xid: None,
-            data_bytes: 0,
-            files: 0,
-            compress: "none".into(),
-            pg_major: 15,
-            system_id: 1,
-            block_size: 8192,
-            relseg_size: 131072,
             wal_segment_size: SEG,
-            data_checksums: true,
-            pid: None,
-            error: None,
-            stream: false,
-            from_standby: false,
+            ..meta::test_meta(id, mode, parent)
         }
     }
 

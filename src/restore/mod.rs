@@ -738,7 +738,6 @@ mod chain_tests {
     use crate::backup::meta::Mode;
     use crate::format::incfile::IncWriter;
     use crate::format::manifest;
-    use crate::types::Lsn;
 
     const BS: usize = 8192;
 
@@ -747,36 +746,7 @@ mod chain_tests {
     }
 
     fn meta(id: &str, mode: Mode, parent: Option<&str>) -> BackupMeta {
-        BackupMeta {
-            format: meta::META_FORMAT,
-            id: id.into(),
-            instance: "db".into(),
-            mode,
-            status: Status::Ok,
-            parent_id: parent.map(Into::into),
-            timeline: 1,
-            start_lsn: Lsn(0),
-            stop_lsn: Some(Lsn(1)),
-            parent_start_lsn: None,
-            start_time: String::new(),
-            end_time: None,
-            recovery_time: None,
-            recovery_epoch: None,
-            recovery_xid: None,
-            data_bytes: 0,
-            files: 0,
-            compress: "none".into(),
-            pg_major: 15,
-            system_id: 1,
-            block_size: BS as u32,
-            relseg_size: 131072,
-            wal_segment_size: 1 << 24,
-            data_checksums: true,
-            pid: None,
-            error: None,
-            stream: false,
-            from_standby: false,
-        }
+        meta::test_meta(id, mode, parent)
     }
 
     fn inc(
