@@ -35,6 +35,14 @@ fn missing(name: &str) -> Option<S3Server> {
     let msg = format!(
         "skipped: no {name} binary in {TOOLS} or PATH (.ci/run installs it with cargo install)"
     );
+    // .ci/run names the servers it could not build: those tests skip, saying so. Any
+    // other missing server under CI=true is a failure.
+    let unbuilt = std::env::var("WALNUT_S3_UNAVAILABLE")
+        .is_ok_and(|v| v.split_whitespace().any(|n| n == name));
+    if unbuilt {
+        eprintln!("{msg}; its build failed in .ci/run");
+        return None;
+    }
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{msg}");
     }
