@@ -386,6 +386,19 @@ fn copy_and_stop(
                     wait_archived(archive, &seg, opts.archive_timeout, shared)?;
                     None
                 };
+                // The start segment being archived does not mean the older ones are:
+                // walnut-archive's look-ahead pushes segments in parallel.
+                wait_older_ready_segments(
+                    archive,
+                    pgdata,
+                    &history,
+                    tli,
+                    parent.start_lsn,
+                    start_lsn,
+                    seg_size,
+                    opts.archive_timeout,
+                    shared,
+                )?;
                 let tail = match tail {
                     Some((segno, bytes)) => Some(super::stream::index_tail(
                         tli, segno, &bytes, start_lsn, seg_size,
@@ -588,6 +601,39 @@ fn wait_archived_or_tail(
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Waits for the segments from `from`'s up to (not including) `to`'s that the server still
+/// has to archive (a `.ready` status file in `pg_wal/archive_status`). One neither archived
+/// nor pending is left for the change map to report as missing, at once.
+#[allow(clippy::too_many_arguments)]
+fn wait_older_ready_segments(
+    archive: &WalArchive,
+    pgdata: &std::path::Path,
+    history: &[crate::archive::HistoryEntry],
+    tli: crate::types::TimeLineId,
+    from: Lsn,
+    to: Lsn,
+    seg_size: u32,
+    timeout: Duration,
+    shared: &StreamShared,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let status = pgdata.join("pg_wal").join("archive_status");
+    for segno in from.segno(seg_size)..to.segno(seg_size) {
+        let seg_tli = plan::timeline_of_segment(history, tli, segno, seg_size);
+        let name = WalFileName::segment(seg_tli, segno, seg_size);
+        if archive.is_archived(&name)? {
+            continue;
+        }
+        let ready = status.join(format!("{name}.ready"));
+        if std::fs::symlink_metadata(&ready).is_err() {
+            continue;
+        }
+        log::debug!("waiting for {name}: the server has yet to archive it");
+        wait_archived(archive, &name, timeout.saturating_sub(t0.elapsed()), shared)?;
+    }
+    Ok(())
 }
 
 fn wait_archived(
