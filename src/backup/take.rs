@@ -235,6 +235,14 @@ fn run(
         None
     };
     let start_lsn = sess.backup_start(&format!("walnut backup {}", m.id))?;
+    // A standby promoted before pg_backup_start ran gave a primary's backup, which
+    // pg_backup_stop would not refuse; one promoted later is refused by pg_backup_stop.
+    if m.from_standby && !sess.in_recovery()? {
+        return Err(Error::server(
+            "the standby was promoted (it is no longer in recovery) before the backup started; \
+             take the backup again",
+        ));
+    }
     let tli = sess.checkpoint_timeline()?;
     m.start_lsn = start_lsn;
     m.timeline = tli;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use super::env::*;
 use super::harness::*;
 
-fn backup_out(cat: &Path, pg: &Pg, mode: &str, extra: &[&str]) -> std::process::Output {
+pub(super) fn backup_out(cat: &Path, pg: &Pg, mode: &str, extra: &[&str]) -> std::process::Output {
     let mut a: Vec<String> = [
         "backup",
         "-B",
@@ -38,13 +38,13 @@ fn backup_out(cat: &Path, pg: &Pg, mode: &str, extra: &[&str]) -> std::process::
     walnut(&a)
 }
 
-fn backup(cat: &Path, pg: &Pg, mode: &str, extra: &[&str]) -> String {
+pub(super) fn backup(cat: &Path, pg: &Pg, mode: &str, extra: &[&str]) -> String {
     ok(backup_out(cat, pg, mode, extra), &format!("{mode} backup"))
         .trim()
         .to_string()
 }
 
-fn show(cat: &Path) -> Vec<serde_json::Value> {
+pub(super) fn show(cat: &Path) -> Vec<serde_json::Value> {
     let out = ok(
         walnut(&["show", "-B", cat.to_str().unwrap(), "--format", "json"]),
         "show",
@@ -58,7 +58,14 @@ fn show(cat: &Path) -> Vec<serde_json::Value> {
 
 /// Restores backup `id` into `dir/name` with the recovery options `rec`, starts it with
 /// archiving off and waits until it is promoted; returns the running server.
-fn restore_promoted(cat: &Path, like: &Pg, dir: &Path, name: &str, id: &str, rec: &[&str]) -> Pg {
+pub(super) fn restore_promoted(
+    cat: &Path,
+    like: &Pg,
+    dir: &Path,
+    name: &str,
+    id: &str,
+    rec: &[&str],
+) -> Pg {
     let target = dir.join(name);
     let mut a = vec![
         "restore",
@@ -120,7 +127,7 @@ fn standby_of(p: &Pg, dir: &Path, conf: &str) -> Pg {
 }
 
 /// Waits until the standby has replayed everything the primary has written.
-fn caught_up(p: &Pg, s: &Pg) {
+pub(super) fn caught_up(p: &Pg, s: &Pg) {
     let target = p.psql("postgres", "select pg_current_wal_lsn()");
     let t0 = Instant::now();
     loop {
@@ -140,7 +147,7 @@ fn caught_up(p: &Pg, s: &Pg) {
     }
 }
 
-fn stream_flags(cat: &Path) -> Vec<(String, bool)> {
+pub(super) fn stream_flags(cat: &Path) -> Vec<(String, bool)> {
     show(cat)
         .iter()
         .map(|b| {

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# bench-receive.sh -- `walnut receive` beside pg_receivewal, and `backup --stream` FULL beside
+# a FULL with the archive (issue 12's speed targets), on PostgreSQL 15.
+#
+# Part 1, receivers: one primary (archive_mode = off), pgbench -c 4 at full speed for
+# $SECONDS_RUN s, with BOTH receivers streaming from it at the same time, each from its own
+# permanent slot (same run, same load):
+#   walnut receive  -> a walnut catalog (compressed, indexed on arrival)
+#   pg_receivewal   -> a plain directory
+# Reported per receiver: CPU seconds (utime+stime from /proc) per 16 MiB segment received,
+# and the flush lag sampled once a second from pg_stat_replication (bytes between the
+# primary's current LSN and the receiver's flush_lsn; median and max) plus the final lag
+# once pgbench stops (it must drain to ~0: the receiver keeps up).
+# Targets: walnut's CPU per segment <= pg_receivewal's + the index; flush lag under 1 s.
+#
+# Part 2, FULL with --stream vs with the archive: a pgbench database of scale $SCALE with
+# archive_command = walnut-archive; ROUNDS alternating rounds of `backup -b full` and
+# `backup -b full --stream`; medians and the same-run ratio (target <= 1.1x).
+#
+# Run:  bash contrib/bench-receive.sh   (env: SCALE=50, SECONDS_RUN=30, ROUNDS=3, JOBS=2, PORT=56437)
+# Results: $LIMITS_ROOT/results/bench_receive.tsv
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+: "${BENCH:=$REPO/../shared/bench}"
+. "$BENCH/common.sh"
+: "${SCALE:=50}" "${SECONDS_RUN:=30}" "${ROUNDS:=3}" "${JOBS:=2}" "${PORT:=56437}"
+RESULTS_FILE=$RESULTS_DIR/bench_receive.tsv; : > "$RESULTS_FILE"
+B=$PG15_BIN; P=$LIMITS_ROOT/pg15rcv; X=$LIMITS_ROOT/rcv; CAT=$X/cat
+
+(cd "$REPO" && cargo build --release -q)
+BIN=$LIMITS_ROOT/walnut-bin-receive
+mkdir -p "$BIN"
+cp "$REPO"/target/release/{walnut,walnut-archive,walnut-fetch} "$BIN/"
+chmod 755 "$BIN" "$BIN"/*
+
+cleanup() {
+  [ -n "${WPID:-}" ] && kill "$WPID" 2>/dev/null || true
+  [ -n "${RPID:-}" ] && kill "$RPID" 2>/dev/null || true
+  pg_stop "$B" "$P"
+}
+trap cleanup EXIT
+
+pg_stop "$B" "$P"
+rm -rf "$P" "$X"; mkdir -p "$P" "$X/rwal"; chown -R "$PG_OS_USER:" "$P" "$X"
+pgx "$B" initdb -k -D "$P" -A trust -U postgres >/dev/null
+as_pg "$BIN/walnut" init -B "$CAT"
+as_pg "$BIN/walnut" add-instance -B "$CAT" --instance bench -D "$P"
+cat >> "$P/postgresql.conf" <<CONF
+wal_level = replica
+archive_mode = off
+max_wal_senders = 8
+max_replication_slots = 8
+max_wal_size = 4GB
+CONF
+pg_start "$B" "$P" "$PORT"
+q() { psqlq "$B" "$PORT" "$1"; }
+CONN=(-h "$SOCK_DIR" -p "$PORT" -U postgres)
+pgx "$B" pgbench "${CONN[@]}" -i -s 10 -q postgres > "$X/init.log" 2>&1
+q "select pg_create_physical_replication_slot('bench_rwal', true)" >/dev/null
+
+# --- part 1: both receivers under one load
+as_pg "$BIN/walnut" receive -B "$CAT" --instance bench "${CONN[@]}" --slot bench_walnut \
+  2> "$X/receive.log" &
+WPID=$!
+pgx "$B" pg_receivewal "${CONN[@]}" -D "$X/rwal" -S bench_rwal --no-loop 2> "$X/rwal.log" &
+RPID=$!
+# the receivers run under runuser: measure the real processes (their only children)
+child_of() { local c; for _ in $(seq 50); do c=$(cat /proc/"$1"/task/"$1"/children 2>/dev/null | awk '{print $1}'); [ -n "$c" ] && { echo "$c"; return; }; sleep 0.1; done; echo "$1"; }
+WREAL=$(child_of "$WPID"); RREAL=$(child_of "$RPID")
+cpu_s() { awk '{print ($14+$15)/100}' "/proc/$1/stat"; }
+sleep 2
+START_LSN=$(q "select pg_current_wal_lsn()")
+W0=$(cpu_s "$WREAL"); R0=$(cpu_s "$RREAL")
+pgx "$B" pgbench "${CONN[@]}" -c 4 -j 2 -T "$SECONDS_RUN" -n postgres > "$X/run.log" 2>&1 &
+BPID=$!
+: > "$X/lag_walnut"; : > "$X/lag_rwal"
+while kill -0 "$BPID" 2>/dev/null; do
+  q "select application_name, pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn) from pg_stat_replication" \
+    | while IFS='|' read -r app lag; do
+        case "$app" in walnut_receive) echo "$lag" >> "$X/lag_walnut" ;; pg_receivewal) echo "$lag" >> "$X/lag_rwal" ;; esac
+      done
+  sleep 1
+done
+wait "$BPID"
+END_LSN=$(q "select pg_current_wal_lsn()")
+TPS=$(grep -o 'tps = [0-9.]*' "$X/run.log" | head -1 | awk '{print $3}')
+# drain: wait until both have flushed the end (at most 30 s)
+for _ in $(seq 300); do
+  done_n=$(q "select count(*) from pg_stat_replication where flush_lsn >= '$END_LSN'")
+  [ "$done_n" -ge 2 ] && break; sleep 0.1
+done
+W1=$(cpu_s "$WREAL"); R1=$(cpu_s "$RREAL")
+SEGS=$(awk -v a="$(q "select pg_wal_lsn_diff('$END_LSN','$START_LSN')")" 'BEGIN{printf "%.2f", a/16777216}')
+report1 pgbench_tps "$TPS" tps
+report1 wal_segments_during_run "$SEGS" segments
+report1 walnut_receive_cpu_ms_per_segment "$(awk -v a="$W0" -v b="$W1" -v s="$SEGS" 'BEGIN{printf "%.1f", (b-a)*1000/s}')" ms
+report1 pg_receivewal_cpu_ms_per_segment "$(awk -v a="$R0" -v b="$R1" -v s="$SEGS" 'BEGIN{printf "%.1f", (b-a)*1000/s}')" ms
+awk '{print $1/1048576}' "$X/lag_walnut" | report walnut_receive_flush_lag MiB
+awk '{print $1/1048576}' "$X/lag_rwal" | report pg_receivewal_flush_lag MiB
+# lag in time: the bytes behind divided by the WAL rate of the run
+RATE=$(awk -v s="$SEGS" -v t="$SECONDS_RUN" 'BEGIN{print s*16/t}')
+report1 wal_rate "$RATE" MiB/s
+awk -v r="$RATE" '{print ($1/1048576)/r}' "$X/lag_walnut" | report walnut_receive_flush_lag_time s
+awk -v r="$RATE" '{print ($1/1048576)/r}' "$X/lag_rwal" | report pg_receivewal_flush_lag_time s
+kill "$WPID" "$RPID" 2>/dev/null || true; wait "$WPID" "$RPID" 2>/dev/null || true; WPID=; RPID=
+q "select pg_drop_replication_slot(slot_name) from pg_replication_slots" >/dev/null
+
+# --- part 2: FULL with --stream vs FULL with the archive
+pg_stop "$B" "$P"
+cat >> "$P/postgresql.conf" <<CONF
+archive_mode = on
+archive_command = '$BIN/walnut-archive -B $CAT --instance bench %p %f'
+CONF
+pg_start "$B" "$P" "$PORT"
+pgx "$B" pgbench "${CONN[@]}" -i -s "$SCALE" -q postgres > "$X/init2.log" 2>&1
+q "checkpoint" >/dev/null
+W() { as_pg "$BIN/walnut" "$@"; }
+: > "$X/full_arch"; : > "$X/full_stream"
+for r in $(seq "$ROUNDS"); do
+  for kind in arch stream; do
+    extra=(); [ "$kind" = stream ] && extra=(--stream)
+    wait_quiet; drop_caches
+    t=$(now_ns)
+    W backup -B "$CAT" --instance bench -b full -j "$JOBS" "${extra[@]}" "${CONN[@]}" > /dev/null 2>> "$X/full.log"
+    elapsed_ms "$t" >> "$X/full_$kind"
+  done
+done
+report walnut_full_with_archive ms < "$X/full_arch"
+report walnut_full_stream ms < "$X/full_stream"
+MA=$(stats < "$X/full_arch" | awk '{print $1}'); MS=$(stats < "$X/full_stream" | awk '{print $1}')
+report1 stream_vs_archive_full_ratio "$(awk -v a="$MA" -v s="$MS" 'BEGIN{printf "%.3f", s/a}')" x
