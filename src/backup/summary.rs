@@ -341,13 +341,19 @@ mod tests {
         assert!(e.to_string().contains("timeline 1 from 0/8 to 0/10"), "{e}");
         // not yet summarized up to the end
         let e = select(&files, &h, 2, Lsn(0x120), Lsn(0x600)).unwrap_err();
-        assert!(e.to_string().contains("timeline 2 from 0/500 to 0/600"), "{e}");
+        assert!(
+            e.to_string().contains("timeline 2 from 0/500 to 0/600"),
+            "{e}"
+        );
         // the old timeline's part must be there too
         let e = select(&files[2..], &h, 2, Lsn(0x120), Lsn(0x400)).unwrap_err();
         assert!(e.to_string().contains("timeline 1 from 0/120"), "{e}");
         // overlaps are fine (a superset)
         let over = [n(1, 0x10, 0x180), n(1, 0x100, 0x300)];
-        assert_eq!(select(&over, &[], 1, Lsn(0x20), Lsn(0x200)).unwrap().len(), 2);
+        assert_eq!(
+            select(&over, &[], 1, Lsn(0x20), Lsn(0x200)).unwrap().len(),
+            2
+        );
     }
 
     fn entry(db: u32, rel: u32, fork: u8, limit: Option<u32>, b: &[u32]) -> SummaryEntry {
@@ -414,7 +420,10 @@ mod tests {
         assert_eq!(fc.old_source_limit(300), 100);
         assert_eq!(fc.blocks_to_copy(120).len(), 3 + 20);
         assert!(m.whole_db(1663, 16400));
-        assert!(m.whole_db(16500, 16400), "every tablespace of a sentinel's database");
+        assert!(
+            m.whole_db(16500, 16400),
+            "every tablespace of a sentinel's database"
+        );
         assert!(!m.whole_db(1663, 5));
         assert_eq!(m.segments, 2);
 
@@ -426,7 +435,10 @@ mod tests {
         std::fs::write(&p, b).unwrap();
         let e = change_map(dir.path(), &[], 1, Lsn(0x1800), Lsn(0x2800)).unwrap_err();
         assert_eq!(e.kind(), crate::error::ErrorKind::Corruption);
-        assert!(e.to_string().contains(&n(1, 0x2000, 0x3000).file_name()), "{e}");
+        assert!(
+            e.to_string().contains(&n(1, 0x2000, 0x3000).file_name()),
+            "{e}"
+        );
         // a missing one is a gap
         std::fs::remove_file(&p).unwrap();
         let e = change_map(dir.path(), &[], 1, Lsn(0x1800), Lsn(0x2800)).unwrap_err();

@@ -383,13 +383,8 @@ fn copy_and_stop(
                 // The summarizer must have written the summary that ends at our start (the
                 // redo point of pg_backup_start's checkpoint).
                 super::summary::wait_summarized(sess, start_lsn, opts.archive_timeout)?;
-                let change = super::summary::change_map(
-                    pgdata,
-                    &history,
-                    tli,
-                    parent.start_lsn,
-                    start_lsn,
-                )?;
+                let change =
+                    super::summary::change_map(pgdata, &history, tli, parent.start_lsn, start_lsn)?;
                 CopyPlan::Page {
                     parent_start: parent.start_lsn,
                     parent_files,

@@ -378,7 +378,11 @@ mod tests {
         let got = decode(&bytes, "x.summary").unwrap();
         assert_eq!(got, entries);
         // chunk 1 (5000 entries) is stored as a bitmap: 8192 bytes, not 10000
-        assert!(bytes.len() < 4 + 5 * 24 + 8192 + 4 * 2 + 20 * 2 + 200, "{}", bytes.len());
+        assert!(
+            bytes.len() < 4 + 5 * 24 + 8192 + 4 * 2 + 20 * 2 + 200,
+            "{}",
+            bytes.len()
+        );
     }
 
     /// An empty summary, as the server writes for a quiet range: magic, end marker, CRC.
@@ -393,7 +397,10 @@ mod tests {
         assert_eq!(decode(&want, "e").unwrap(), vec![]);
         // one entry: rel 16384 main, limit none, blocks 1 and 3 (one array chunk)
         let one = encode(&[entry(1663, 5, 16384, 0, None, &[3, 1])]);
-        let hex: String = one[..4 + 24 + 2 + 4].iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String = one[..4 + 24 + 2 + 4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         assert_eq!(
             hex,
             "7b132b65\
@@ -441,7 +448,10 @@ mod tests {
         // fork 7
         let mut b = good.clone();
         b[4 + 12] = 7;
-        assert!(decode(&recrc(b), "f").unwrap_err().to_string().contains("fork"));
+        assert!(decode(&recrc(b), "f")
+            .unwrap_err()
+            .to_string()
+            .contains("fork"));
         // usage 5000
         let mut b = good.clone();
         b[28..30].copy_from_slice(&5000u16.to_le_bytes());
@@ -453,5 +463,78 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("after the end marker"));
+    }
+
+    /// Real files from PostgreSQL 18.6 decode to exactly what its `pg_walsummary -i` lists
+    /// (one line per block, plus a `limit` line per fork with a limit block).
+    #[test]
+    fn real_pg18_summaries_decode_as_pg_walsummary_lists_them() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/summaries");
+        let mut seen = (0, 0, 0);
+        for name in [
+            "0000000100000000010CAA5000000000016E0198",
+            "0000000100000000017933F80000000001832810",
+            "0000000100000000018328100000000001832910",
+        ] {
+            let bytes = std::fs::read(dir.join(format!("{name}.summary"))).unwrap();
+            let text = std::fs::read_to_string(dir.join(format!("{name}.walsummary.txt"))).unwrap();
+            assert!(SummaryName::parse(&format!("{name}.summary")).is_some());
+            let mut want: Vec<SummaryEntry> = Vec::new();
+            for line in text.lines() {
+                // "TS 1663, DB 5, REL 16384, FORK main: block 3" or "...: limit 400"
+                let (rel, what) = line.split_once(": ").unwrap();
+                let f: Vec<&str> = rel.split([' ', ',']).filter(|s| !s.is_empty()).collect();
+                let fork = match f[7] {
+                    "main" => 0,
+                    "fsm" => 1,
+                    "vm" => 2,
+                    "init" => 3,
+                    other => panic!("fork {other}"),
+                };
+                let (spc, db, rel) = (
+                    f[1].parse().unwrap(),
+                    f[3].parse().unwrap(),
+                    f[5].parse().unwrap(),
+                );
+                if want
+                    .last()
+                    .is_none_or(|e| (e.spc, e.db, e.rel, e.fork) != (spc, db, rel, fork))
+                {
+                    want.push(SummaryEntry {
+                        spc,
+                        db,
+                        rel,
+                        fork,
+                        ..Default::default()
+                    });
+                }
+                let e = want.last_mut().unwrap();
+                let (kind, n) = what.split_once(' ').unwrap();
+                let n: u32 = n.parse().unwrap();
+                match kind {
+                    "block" => e.blocks.insert(n),
+                    "limit" => e.limit_block = Some(n),
+                    other => panic!("{other}"),
+                }
+            }
+            for e in &mut want {
+                e.blocks.normalize();
+            }
+            let got = decode(&bytes, name).unwrap();
+            // entries with neither blocks nor a limit print nothing
+            let got: Vec<SummaryEntry> = got
+                .into_iter()
+                .filter(|e| !e.blocks.is_empty() || e.limit_block.is_some())
+                .collect();
+            assert_eq!(got.len(), want.len(), "{name}");
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(g, w, "{name}");
+                seen.0 += g.blocks.len();
+                seen.1 += g.limit_block.is_some() as usize;
+                seen.2 += (g.rel == 0) as usize;
+            }
+        }
+        // the fixtures hold blocks, limit blocks (a truncation) and a database sentinel
+        assert!(seen.0 > 900 && seen.1 >= 2 && seen.2 == 1, "{seen:?}");
     }
 }
