@@ -21,6 +21,7 @@ mod replication;
 mod restore_hardening;
 mod s3;
 mod stream_standby;
+mod summary;
 mod take_hardening;
 mod validate_hardening;
 mod wal_decoder;
