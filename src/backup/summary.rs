@@ -113,6 +113,25 @@ pub fn wait_summarized(sess: &mut Session, start: Lsn, timeout: Duration) -> Res
     }
 }
 
+/// The check before anything is written: the summaries already on disk must cover the WAL
+/// from `parent_start` up to what the summarizer has summarized so far, with no gap (the
+/// backup's own start is known only once it has started; [`change_map`] checks the whole
+/// range again then). A gap found here can only persist.
+pub fn precheck(
+    sess: &mut Session,
+    pgdata: &Path,
+    history: &[HistoryEntry],
+    cur: TimeLineId,
+    parent_start: Lsn,
+) -> Result<()> {
+    let st = summarizer_state(sess)?;
+    if st.summarized <= parent_start {
+        return Ok(()); // nothing to check yet
+    }
+    let files = list(pgdata)?;
+    select(&files, history, cur, parent_start, st.summarized).map(|_| ())
+}
+
 /// The summaries in `pgdata/pg_wal/summaries`, by name (files that are not summaries, such
 /// as `temp.summary`, are ignored).
 pub fn list(pgdata: &Path) -> Result<Vec<SummaryName>> {
@@ -184,24 +203,24 @@ pub fn select(
         let mut covered = a;
         for f in mine {
             if f.start > covered {
-                return Err(gap(tli, covered, f.start, from, to));
+                return Err(gap(tli, covered, f.start, from));
             }
             covered = covered.max(f.end);
             out.push(*f);
         }
         if covered < b {
-            return Err(gap(tli, covered, b, from, to));
+            return Err(gap(tli, covered, b, from));
         }
     }
     Ok(out)
 }
 
-fn gap(tli: TimeLineId, a: Lsn, b: Lsn, from: Lsn, to: Lsn) -> Error {
+fn gap(tli: TimeLineId, a: Lsn, b: Lsn, from: Lsn) -> Error {
     Error::not_found(format!(
         "the WAL summaries in pg_wal/summaries have a gap: no summary covers the WAL of \
-         timeline {tli} from {a} to {b} (a summary backup needs them from the parent's start \
-         {from} to {to}; were they removed by wal_summary_keep_time, or was summarize_wal \
-         off?): take a PAGE (walnut's WAL index), DELTA or FULL backup"
+         timeline {tli} from {a} to {b} (a summary backup needs every summary from its \
+         parent's start {from} on; were they removed by wal_summary_keep_time, or was \
+         summarize_wal off?): take a PAGE (walnut's WAL index), DELTA or FULL backup"
     ))
 }
 

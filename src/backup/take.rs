@@ -79,6 +79,28 @@ pub fn take_backup(catalog: &Catalog, instance: &str, opts: &BackupOptions) -> R
         super::summary::check_server(&mut sess)?;
     }
     let list = meta::list(catalog, instance)?;
+    if opts.summary {
+        // A gap in the summaries already written fails the backup before anything is
+        // written (the parent is chosen again, and everything checked, once started).
+        if let Ok(history) = archive.timeline_history(control.timeline) {
+            if let Ok(p) = plan::choose_parent(
+                &list,
+                opts.parent.as_deref(),
+                &history,
+                control.timeline,
+                cfg.system_id,
+                opts.mode,
+            ) {
+                super::summary::precheck(
+                    &mut sess,
+                    &pgdata,
+                    &history,
+                    control.timeline,
+                    p.start_lsn,
+                )?;
+            }
+        }
+    }
     let start_secs = now_secs();
     let mut m = BackupMeta {
         format: meta::META_FORMAT,

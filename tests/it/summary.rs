@@ -349,9 +349,19 @@ fn gap_is_fatal(env: &Env, parent: &str) {
     };
     let path = pg.data.join("pg_wal/summaries").join(name.file_name());
     std::fs::remove_file(&path).unwrap();
-    fails_with(
+    let before = env.show().len();
+    let e = fails_with(
         env.backup1_cmd("summary"),
         "summary backup over a deleted summary",
         &["gap", "timeline 1", &name.end.to_string()],
     );
+    assert_eq!(
+        env.show().len(),
+        before,
+        "refused before anything was written"
+    );
+    say(&format!(
+        "summary: {}",
+        e.trim().lines().last().unwrap_or("")
+    ));
 }
