@@ -7,7 +7,8 @@
 //! primary's, amcheck). For the WAL between the two backups, the summaries' change map is
 //! compared with walnut's own index: it must be a superset. Then a summary file is deleted
 //! and the next summary backup must fail, naming the gap. PostgreSQL 17 first runs with
-//! summarize_wal off (refused before anything is written); 15 refuses `-b summary`.
+//! summarize_wal off (refused before anything is written); 15 refuses `-b summary`. With
+//! `--stream` on 18, a summary backup needs no archive at all.
 use std::time::{Duration, Instant};
 
 use walnut::index::{FSM_FORKNUM, VM_FORKNUM};
@@ -60,6 +61,67 @@ fn summary_backup_is_refused_on_pg15() {
     let rows = env.show();
     assert_eq!(rows.len(), 1, "nothing written: {rows:?}");
     assert_eq!(rows[0]["id"], full.as_str());
+}
+
+/// With `--stream`, a summary backup needs no archive at all: its change map comes from
+/// the summaries and its WAL from the stream. PG18, `archive_mode = off`; restored with
+/// `--recovery-target immediate` to the primary's contents at the backup's end.
+#[test]
+fn summary_stream_backup_needs_no_archive_pg18() {
+    let Some(pg18) = pg18_tools() else {
+        return;
+    };
+    let env = Env::on(
+        "sum-stream",
+        &pg18,
+        Some(&pg18),
+        "summarize_wal = on\narchive_mode = off",
+    );
+    let pg = &env.pg;
+    pg.pgbench(&["-i", "-s", "1", "-q", "postgres"]);
+    pg.psql("postgres", "checkpoint");
+    let redo = sql_lsn(pg, "select redo_lsn from pg_control_checkpoint()");
+    wait_summarized(pg, redo);
+    ok(env.backup_cmd("full", &["--stream"]), "FULL --stream");
+    pg.pgbench(&["-t", "300", "-n", "postgres"]);
+    pg.psql(
+        "postgres",
+        "create table s as select g from generate_series(1, 10000) g",
+    );
+    let id = ok(env.backup_cmd("summary", &["--stream"]), "summary --stream")
+        .trim()
+        .to_string();
+    let dump = Env::dumpall(pg);
+    let row = env.row(&id);
+    assert_eq!(
+        (row["source"].as_str(), row["stream"].as_bool()),
+        (Some("summary"), Some(true)),
+        "{row}"
+    );
+    assert_eq!(
+        pg.psql("postgres", "select archived_count from pg_stat_archiver"),
+        "0",
+        "nothing was archived"
+    );
+    let mut r = env.restore_and_start(
+        "r-stream",
+        &[
+            "-i",
+            &id,
+            "--recovery-target",
+            "immediate",
+            "--recovery-target-action",
+            "promote",
+        ],
+        false,
+    );
+    super::env::wait_promoted(&r);
+    same_dump(
+        &Env::dumpall(&r),
+        &dump,
+        "PG18: FULL + summary --stream, no archive",
+    );
+    r.stop();
 }
 
 fn sql_lsn(pg: &Pg, sql: &str) -> Lsn {
