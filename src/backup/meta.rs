@@ -73,6 +73,28 @@ impl std::fmt::Display for Mode {
     }
 }
 
+/// Where a PAGE backup's change map came from. Written only for `Summary` (backups of
+/// walnut's own WAL index keep their bytes); absent reads as the index. The source changes
+/// only how the blocks were chosen: the backup is a PAGE backup for restore, validate and
+/// the lifecycle commands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeSource {
+    /// walnut's block index of the archived WAL.
+    Index,
+    /// PostgreSQL 17+'s WAL summaries (`backup -b summary`).
+    Summary,
+}
+
+impl std::fmt::Display for ChangeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ChangeSource::Index => "index",
+            ChangeSource::Summary => "summary",
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Status {
@@ -140,6 +162,10 @@ pub struct BackupMeta {
     /// Taken from a standby (written only when true).
     #[serde(default, skip_serializing_if = "is_false")]
     pub from_standby: bool,
+    /// A PAGE backup whose change map came from the server's WAL summaries: `"source":
+    /// "summary"` (written only then; see [`ChangeSource`]).
+    #[serde(default, rename = "source", skip_serializing_if = "Option::is_none")]
+    pub change_source: Option<ChangeSource>,
 }
 
 impl BackupMeta {
@@ -799,6 +825,7 @@ pub(crate) fn test_meta(id: &str, mode: Mode, parent: Option<&str>) -> BackupMet
         error: None,
         stream: false,
         from_standby: false,
+        change_source: None,
     }
 }
 
@@ -838,7 +865,24 @@ mod tests {
             error: None,
             stream: false,
             from_standby: false,
+            change_source: None,
         }
+    }
+
+    #[test]
+    fn summary_source_is_written_only_for_summary_backups() {
+        let m = BackupMeta {
+            change_source: Some(ChangeSource::Summary),
+            ..sample()
+        };
+        let b = encode(&m).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["source"], "summary");
+        assert_eq!(v["mode"], "PAGE");
+        assert_eq!(decode(&b, "x").unwrap(), m);
+        let plain = encode(&sample()).unwrap();
+        assert!(!String::from_utf8_lossy(&plain).contains("source"));
+        assert_eq!(decode(&plain, "x").unwrap().change_source, None);
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod relfile;
 pub mod show;
 pub mod stored;
 pub mod stream;
+pub mod summary;
 pub mod take;
 pub mod validate;
 

@@ -30,6 +30,9 @@ pub struct BackupRow {
     pub stream: bool,
     /// Taken from a standby.
     pub from_standby: bool,
+    /// Where a PAGE backup's change map came from: "index" (walnut's WAL index) or
+    /// "summary" (the server's WAL summaries); null for FULL and DELTA.
+    pub source: Option<String>,
     /// Pinned until (set-backup), when pinned now.
     pub expire_time: Option<String>,
     /// The backup's note (set-backup --note).
@@ -57,6 +60,11 @@ impl From<&BackupMeta> for BackupRow {
             error: b.error.clone(),
             stream: b.stream,
             from_standby: b.from_standby,
+            source: (b.mode == super::meta::Mode::Page).then(|| {
+                b.change_source
+                    .unwrap_or(super::meta::ChangeSource::Index)
+                    .to_string()
+            }),
             expire_time: None,
             note: None,
         }

@@ -16,7 +16,7 @@ use crate::repo::{Durability, ObjectWriter};
 use crate::types::{Lsn, WalFileName};
 
 use super::copy::{copy_tree, copy_whole, CopyCtx, CopyPlan};
-use super::meta::{self, BackupMeta, Mode, Status};
+use super::meta::{self, BackupMeta, ChangeSource, Mode, Status};
 use super::plan;
 use super::stream::{StreamJob, StreamOutcome, StreamShared};
 use crate::format::manifest::{FileEntry, ManifestWriter, Storage};
@@ -36,6 +36,9 @@ pub struct BackupOptions {
     /// The data directory to copy instead of the server's `data_directory` as reported by
     /// it (e.g. a standby's as seen from this host); it must be the server's.
     pub pgdata: Option<std::path::PathBuf>,
+    /// `-b summary`: a PAGE backup (`mode` is [`Mode::Page`]) whose change map comes from
+    /// the server's WAL summaries ([`super::summary`]) instead of walnut's WAL index.
+    pub summary: bool,
     pub conn: crate::server::ConnParams,
     /// Where the copy reports its progress.
     pub progress: Arc<dyn Progress>,
@@ -66,7 +69,38 @@ pub fn take_backup(catalog: &Catalog, instance: &str, opts: &BackupOptions) -> R
             control.system_id
         )));
     }
+    if opts.summary {
+        if opts.mode != Mode::Page {
+            return Err(Error::invalid(
+                "a summary backup is a PAGE backup whose change map comes from WAL summaries",
+            ));
+        }
+        // before anything is written
+        super::summary::check_server(&mut sess)?;
+    }
     let list = meta::list(catalog, instance)?;
+    if opts.summary {
+        // A gap in the summaries already written fails the backup before anything is
+        // written (the parent is chosen again, and everything checked, once started).
+        if let Ok(history) = archive.timeline_history(control.timeline) {
+            if let Ok(p) = plan::choose_parent(
+                &list,
+                opts.parent.as_deref(),
+                &history,
+                control.timeline,
+                cfg.system_id,
+                opts.mode,
+            ) {
+                super::summary::precheck(
+                    &mut sess,
+                    &pgdata,
+                    &history,
+                    control.timeline,
+                    p.start_lsn,
+                )?;
+            }
+        }
+    }
     let start_secs = now_secs();
     let mut m = BackupMeta {
         format: meta::META_FORMAT,
@@ -97,6 +131,7 @@ pub fn take_backup(catalog: &Catalog, instance: &str, opts: &BackupOptions) -> R
         error: None,
         stream: opts.stream,
         from_standby: standby,
+        change_source: opts.summary.then_some(ChangeSource::Summary),
     };
     // create-only: a concurrent backup never shares this id
     let started = meta::start(catalog, &mut m, start_secs)?;
@@ -282,7 +317,7 @@ fn run(
                 tli,
                 parent
                     .as_ref()
-                    .filter(|_| m.mode == Mode::Page)
+                    .filter(|_| m.mode == Mode::Page && !opts.summary)
                     .map(|(p, _)| p.start_lsn),
                 start_lsn,
                 seg_size,
@@ -374,7 +409,18 @@ fn copy_and_stop(
                 }
                 Ok(())
             })?;
-            if m.mode == Mode::Page {
+            if opts.summary {
+                // The summarizer must have written the summary that ends at our start (the
+                // redo point of pg_backup_start's checkpoint).
+                super::summary::wait_summarized(sess, start_lsn, opts.archive_timeout)?;
+                let change =
+                    super::summary::change_map(pgdata, &history, tli, parent.start_lsn, start_lsn)?;
+                CopyPlan::Page {
+                    parent_start: parent.start_lsn,
+                    parent_files,
+                    change,
+                }
+            } else if m.mode == Mode::Page {
                 // The segment holding our start LSN must be complete and indexed: records
                 // between the start-of-backup segment switch and the redo point count. A
                 // standby cannot switch: its primary finishes the segment.

@@ -23,13 +23,15 @@ pub enum ModeArg {
     Full,
     Page,
     Delta,
+    /// PAGE with the change map from PostgreSQL 17+'s WAL summaries (summarize_wal = on).
+    Summary,
 }
 
 impl From<ModeArg> for Mode {
     fn from(m: ModeArg) -> Mode {
         match m {
             ModeArg::Full => Mode::Full,
-            ModeArg::Page => Mode::Page,
+            ModeArg::Page | ModeArg::Summary => Mode::Page,
             ModeArg::Delta => Mode::Delta,
         }
     }
@@ -229,6 +231,7 @@ pub fn run_backup(a: BackupArgs) -> Result<i32> {
         archive_timeout: Duration::from_secs(a.archive_timeout),
         stream: a.stream,
         pgdata: a.pgdata,
+        summary: a.mode == ModeArg::Summary,
         conn: a.conn.params(),
         progress: Arc::new(BarProgress::new()),
     };
@@ -539,7 +542,10 @@ pub fn show_table(rows: &[BackupRow]) -> String {
         cells.push(vec![
             r.instance.clone(),
             r.id.clone(),
-            r.mode.clone(),
+            match r.source.as_deref() {
+                Some("summary") => format!("{}(summary)", r.mode),
+                _ => r.mode.clone(),
+            },
             if r.stream { "STREAM" } else { "ARCHIVE" }.to_string(),
             r.status.clone(),
             r.parent_id.clone().unwrap_or_else(|| "-".into()),

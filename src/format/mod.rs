@@ -9,3 +9,4 @@ pub mod incfile;
 pub mod index;
 pub mod manifest;
 pub mod segment;
+pub mod summary;

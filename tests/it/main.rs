@@ -22,6 +22,7 @@ mod restore_hardening;
 mod s3;
 mod stream_standby;
 mod stream_standby_busy;
+mod summary;
 mod take_hardening;
 mod validate_hardening;
 mod wal_decoder;
