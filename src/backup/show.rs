@@ -34,6 +34,13 @@ pub struct BackupRow {
     pub expire_time: Option<String>,
     /// The backup's note (set-backup --note).
     pub note: Option<String>,
+    /// The newest `verify-restore` drill of this backup: "PASSED" or "FAILED" (none yet:
+    /// absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify_restore: Option<String>,
+    /// When that drill ended (UTC).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify_restore_time: Option<String>,
 }
 
 impl From<&BackupMeta> for BackupRow {
@@ -59,6 +66,8 @@ impl From<&BackupMeta> for BackupRow {
             from_standby: b.from_standby,
             expire_time: None,
             note: None,
+            verify_restore: None,
+            verify_restore_time: None,
         }
     }
 }
@@ -87,6 +96,16 @@ pub fn rows(catalog: &Catalog, instance: Option<&str>, id: Option<&str>) -> Resu
                         row.note = pin.note;
                     }
                     Err(e) => log::warn!("backup {}: {e}", b.id),
+                }
+                // a damaged verify record is reported, and shows as no result
+                match crate::verify_restore::latest(catalog, &n, &b.id) {
+                    Ok(Some(v)) => {
+                        row.verify_restore =
+                            Some(if v.success { "PASSED" } else { "FAILED" }.to_string());
+                        row.verify_restore_time = Some(v.end_time);
+                    }
+                    Ok(None) => {}
+                    Err(e) => log::warn!("backup {}: verify-restore record: {e}", b.id),
                 }
                 out.push(row);
             }

@@ -533,6 +533,7 @@ pub fn show_table(rows: &[BackupRow]) -> String {
         "Data",
         "Files",
         "Pinned until",
+        "Verified",
     ];
     let mut cells: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     for r in rows {
@@ -551,6 +552,10 @@ pub fn show_table(rows: &[BackupRow]) -> String {
             human_bytes(r.data_bytes),
             r.files.to_string(),
             r.expire_time.clone().unwrap_or_else(|| "-".into()),
+            match (&r.verify_restore, &r.verify_restore_time) {
+                (Some(v), Some(t)) => format!("{v} {t}"),
+                _ => "-".into(),
+            },
         ]);
     }
     let widths: Vec<usize> = (0..header.len())

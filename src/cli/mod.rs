@@ -16,6 +16,7 @@ pub mod docs;
 pub mod lifecycle;
 pub mod metrics;
 pub mod receive;
+pub mod verify;
 pub mod wal_index;
 
 /// Where the catalog is. `WALNUT_CATALOG` may stand in for `-B`; the S3 settings may come
@@ -166,6 +167,9 @@ pub enum Command {
     Metrics(crate::cli::metrics::MetricsArgs),
     /// Stream WAL from the server into the archive (a long-running receiver).
     Receive(crate::cli::receive::ReceiveArgs),
+    /// Restore a backup into a scratch directory, recover it, and check it (amcheck,
+    /// pg_checksums, count(*) on every table); records the result.
+    VerifyRestore(crate::cli::verify::VerifyRestoreArgs),
     /// Print a shell completion script (bash, zsh or fish).
     Completions(crate::cli::docs::CompletionsArgs),
     /// Write man pages for walnut, its subcommands, walnut-archive and walnut-fetch.
@@ -210,6 +214,7 @@ pub fn run_walnut(cli: WalnutCli) -> crate::Result<i32> {
         Command::Check(a) => crate::cli::check::run(a),
         Command::Metrics(a) => crate::cli::metrics::run(a),
         Command::Receive(a) => crate::cli::receive::run(a),
+        Command::VerifyRestore(a) => crate::cli::verify::run(a),
         Command::Completions(a) => crate::cli::docs::run_completions(a),
         Command::Man(a) => crate::cli::docs::run_man(a),
     }

@@ -23,6 +23,7 @@ mod s3;
 mod stream_standby;
 mod take_hardening;
 mod validate_hardening;
+mod verify_restore;
 mod wal_decoder;
 
 mod smoke {
