@@ -194,6 +194,22 @@ pub struct ShowArgs {
     /// With --archive: decompress and check every archived file (slower).
     #[arg(long)]
     pub verify: bool,
+    /// With --archive: the relations the archived WAL changed most (from the block
+    /// indexes), with names when the server can be reached.
+    #[arg(long, requires = "archive")]
+    pub churn: bool,
+    /// With --churn: count from this time or LSN on.
+    #[arg(long, requires = "churn", value_name = "TIME|LSN")]
+    pub since: Option<String>,
+    /// With --churn: show this many relations (0: all).
+    #[arg(long, requires = "churn", default_value_t = 20)]
+    pub limit: usize,
+    /// With --churn: do not connect to the server for names.
+    #[arg(long, requires = "churn")]
+    pub no_connect: bool,
+    /// With --churn: connection options for the names (as backup takes them).
+    #[command(flatten)]
+    pub conn: ConnArgs,
 }
 
 /// Runs `walnut`; returns the process exit code.
