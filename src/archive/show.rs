@@ -119,7 +119,9 @@ pub struct RestorePointReport {
     pub time: String,
 }
 
-fn restore_points(ix: &crate::index::SegmentIndex) -> impl Iterator<Item = RestorePointReport> + '_ {
+fn restore_points(
+    ix: &crate::index::SegmentIndex,
+) -> impl Iterator<Item = RestorePointReport> + '_ {
     ix.other_events.iter().filter_map(|e| match e {
         crate::index::OtherEvent::RestorePoint { lsn, name, time } => Some(RestorePointReport {
             name: name.clone(),
@@ -333,7 +335,9 @@ pub fn horizons(
             Ok(h) => {
                 histories.insert(tli, h);
             }
-            Err(e) => log::warn!("timeline {tli}: no usable history file, no PITR window on it: {e}"),
+            Err(e) => {
+                log::warn!("timeline {tli}: no usable history file, no PITR window on it: {e}")
+            }
         }
     }
     let mut cache: std::collections::HashMap<(TimeLineId, u64), Seg> = Default::default();
@@ -506,10 +510,16 @@ pub struct ChurnReport {
 
 /// The relations the archived WAL changed most since `since`, from the block indexes
 /// (distinct blocks per relation, all forks, × `block_size`), largest first.
-pub fn churn(ar: &WalArchive, instance: &str, since: Since, block_size: u32) -> Result<ChurnReport> {
+pub fn churn(
+    ar: &WalArchive,
+    instance: &str,
+    since: Since,
+    block_size: u32,
+) -> Result<ChurnReport> {
     use crate::index::{BlockSet, RelFork};
     let seg_size = ar.seg_size();
-    let mut agg: std::collections::HashMap<RelFork, (BlockSet, u64, bool, bool)> = Default::default();
+    let mut agg: std::collections::HashMap<RelFork, (BlockSet, u64, bool, bool)> =
+        Default::default();
     let mut rep = ChurnReport {
         instance: instance.to_string(),
         since: match since {
@@ -570,12 +580,14 @@ pub fn churn(ar: &WalArchive, instance: &str, since: Since, block_size: u32) -> 
     }
     let mut rels: BTreeMap<(u32, u32, u32), ChurnRow> = BTreeMap::new();
     for (k, (blocks, segs, created, dropped)) in agg {
-        let r = rels.entry((k.spc, k.db, k.rel)).or_insert_with(|| ChurnRow {
-            tablespace_oid: k.spc,
-            database_oid: k.db,
-            relfilenode: k.rel,
-            ..Default::default()
-        });
+        let r = rels
+            .entry((k.spc, k.db, k.rel))
+            .or_insert_with(|| ChurnRow {
+                tablespace_oid: k.spc,
+                database_oid: k.db,
+                relfilenode: k.rel,
+                ..Default::default()
+            });
         r.changed_blocks += blocks.len() as u64;
         r.segments = r.segments.max(segs);
         r.created |= created;
@@ -662,7 +674,12 @@ pub fn churn_names(
             let node: u32 = r.get(0);
             let tbs: u32 = r.get(1);
             let is_shared: bool = r.get(2);
-            let v = (r.get::<_, String>(3), r.get::<_, String>(4), r.get::<_, String>(5), r.get::<_, Option<String>>(6));
+            let v = (
+                r.get::<_, String>(3),
+                r.get::<_, String>(4),
+                r.get::<_, String>(5),
+                r.get::<_, Option<String>>(6),
+            );
             if is_shared {
                 shared.insert((1664, node), v);
             } else {
