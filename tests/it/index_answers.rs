@@ -207,3 +207,45 @@ fn churn_names_the_hammered_table() {
     assert!(rels.iter().any(|x| x["relation"] == "cold"), "{r}");
     assert!(!rels.iter().any(|x| x["relation"] == "hot"), "{r}");
 }
+
+/// A copy restored to a restore point after the backup and promoted starts timeline 2 in
+/// the same archive: the backup then has a window on each timeline, the one on timeline
+/// 2 following its history through timeline 1's segments.
+#[test]
+fn pitr_windows_follow_the_timeline_history() {
+    let env = Env::new("ia-tli");
+    env.pg.psql("postgres", "create table h (a int)");
+    let id = env.backup("full", &[]);
+    env.pg.psql("postgres", "insert into h values (1)");
+    env.switch_and_wait(&env.pg);
+    env.pg.psql("postgres", "select pg_create_restore_point('branch')");
+    env.switch_and_wait(&env.pg);
+    let mut r = env.restore_and_start(
+        "r-tli",
+        &[
+            "-i",
+            &id,
+            "--recovery-target-name",
+            "branch",
+            "--recovery-target-action",
+            "promote",
+        ],
+        true,
+    );
+    super::env::wait_promoted(&r);
+    r.psql("postgres", "insert into h values (2)");
+    let s2 = env.switch_and_wait(&r);
+    assert_eq!(s2.tli(), 2);
+    r.stop();
+    let row = env.row(&id);
+    let w = row["pitr"].as_array().unwrap();
+    assert_eq!(w.len(), 2, "{row}");
+    let t1 = w.iter().find(|h| h["timeline"] == 1).unwrap();
+    let t2 = w.iter().find(|h| h["timeline"] == 2).unwrap();
+    assert_eq!(t1["from_lsn"], t2["from_lsn"]);
+    let end2: Lsn = t2["to_lsn"].as_str().unwrap().parse().unwrap();
+    let ar = env.archive();
+    let s2_start = s2.segno(ar.seg_size()).unwrap() * u64::from(ar.seg_size());
+    assert!(end2.0 > s2_start, "timeline 2's window reaches its segment {s2}: {t2}");
+    assert!(t2["ends"].as_str().unwrap().contains("end of the archive"), "{t2}");
+}
