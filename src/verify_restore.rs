@@ -552,6 +552,14 @@ pub fn run(catalog: &Catalog, instance: &str, opts: &VerifyOptions) -> Result<Ve
             );
             rep.kept = true;
         }
+    } else if !work.join("data").exists() {
+        // the restore refused before writing anything: nothing to keep
+        let _ = if created {
+            std::fs::remove_dir_all(&work)
+        } else {
+            clear_dir(&work)
+        };
+        rep.kept = false;
     } else {
         rep.kept = true;
     }
@@ -788,6 +796,13 @@ fn wait_promoted(srv: &mut Server, dl: Deadline) -> Result<()> {
 }
 
 fn check_all(srv: &Server, dl: Deadline, rep: &mut VerifyReport) -> Result<()> {
+    // Test hook: the checks wait for the deadline, so that --max-time can be tested on a
+    // drill that would otherwise finish within a second.
+    if std::env::var_os("WALNUT_TEST_VERIFY_HOLD").is_some() && dl.max.is_some() {
+        while !dl.expired() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     let mut c = srv
         .connect("postgres", dl.remaining())
         .or_else(|_| srv.connect("template1", dl.remaining()))?;

@@ -292,39 +292,50 @@ pub struct Horizon {
     pub ends: String,
 }
 
-/// What the horizon needs to know about one segment.
-#[derive(Clone, Debug)]
-enum Seg {
-    Indexed { end: Lsn, commit: Option<i64> },
-    Missing(String),
-    NotArchived,
-}
-
 /// PostgreSQL's epoch in Unix seconds.
 const PG_EPOCH_UNIX: i64 = 946_684_800;
 
+/// How far back from a window's last segment to look for its latest commit time.
+const COMMIT_LOOKBACK: u64 = 256;
+
 /// The PITR windows of each backup (OK backups with a stop LSN), by backup id: one for
 /// its own timeline and one for each later timeline that branches off after its
-/// consistency point and whose own segments the walk reaches. Only the block indexes are
-/// read, each once.
+/// consistency point and whose own segments the walk reaches.
+///
+/// Cheap enough for every `show`: which segments are archived and which have an index
+/// object comes from the directory listings; only the last segment of each window (for
+/// its end) and the few before it that have no commit (for the latest commit time) are
+/// read. A damaged index file inside a window is found by `show --archive`, not here.
 pub fn horizons(
     ar: &WalArchive,
     backups: &[crate::backup::meta::BackupMeta],
 ) -> Result<BTreeMap<String, Vec<Horizon>>> {
+    use std::collections::BTreeSet;
     let seg_size = ar.seg_size();
     let tlis = ar.timelines()?;
-    // the archived segment numbers of each timeline, from the listings
-    let mut archived: BTreeMap<TimeLineId, std::collections::BTreeSet<u64>> = BTreeMap::new();
+    // per timeline: archived segments, and those with an index object
+    let mut archived: BTreeMap<TimeLineId, BTreeSet<u64>> = BTreeMap::new();
+    let mut indexed: BTreeMap<TimeLineId, BTreeSet<u64>> = BTreeMap::new();
     for &tli in &tlis {
-        let set = archived.entry(tli).or_default();
+        let a = archived.entry(tli).or_default();
+        let x = indexed.entry(tli).or_default();
         for o in ar.listing(Some(tli))?.objects {
-            if let Some(n) = o
-                .name
-                .strip_suffix(".lz4")
-                .and_then(|s| s.parse::<WalFileName>().ok())
-            {
-                if let (true, Some(sn)) = (n.is_segment(), n.segno(seg_size)) {
-                    set.insert(sn);
+            let (stem, is_index) = match (
+                o.name.strip_suffix(".lz4"),
+                super::index_object_stem(&o.name),
+            ) {
+                (Some(s), _) => (s, false),
+                (_, Some(s)) => (s, true),
+                _ => continue,
+            };
+            let Ok(n) = stem.parse::<WalFileName>() else {
+                continue;
+            };
+            if let (true, Some(sn)) = (n.is_segment() && n.tli() == tli, n.segno(seg_size)) {
+                if is_index {
+                    x.insert(sn);
+                } else {
+                    a.insert(sn);
                 }
             }
         }
@@ -340,20 +351,18 @@ pub fn horizons(
             }
         }
     }
-    let mut cache: std::collections::HashMap<(TimeLineId, u64), Seg> = Default::default();
-    let mut seg_info = |tli: TimeLineId, segno: u64| -> Seg {
-        cache
+    // (end LSN, last commit time) of a segment's index, read once
+    let mut cache: std::collections::HashMap<(TimeLineId, u64), Option<(Lsn, Option<i64>)>> =
+        Default::default();
+    let mut read = |tli: TimeLineId, segno: u64| -> Option<(Lsn, Option<i64>)> {
+        *cache
             .entry((tli, segno))
             .or_insert_with(|| match ar.index_state(tli, segno) {
-                Ok(IndexState::Indexed(ix)) | Ok(IndexState::Pending(ix)) => Seg::Indexed {
-                    end: ix.end_lsn,
-                    commit: ix.last_commit_time,
-                },
-                Ok(IndexState::Missing(why)) => Seg::Missing(why),
-                Ok(IndexState::NotArchived) => Seg::NotArchived,
-                Err(e) => Seg::Missing(e.to_string()),
+                Ok(IndexState::Indexed(ix)) | Ok(IndexState::Pending(ix)) => {
+                    Some((ix.end_lsn, ix.last_commit_time))
+                }
+                _ => None,
             })
-            .clone()
     };
     let mut out = BTreeMap::new();
     for b in backups {
@@ -367,6 +376,9 @@ pub fn horizons(
             if !own && !crate::backup::plan::on_history(history, cur, b.timeline, stop) {
                 continue;
             }
+            let tli_of = |segno: u64| {
+                crate::backup::plan::timeline_of_segment(history, cur, segno, seg_size)
+            };
             // PostgreSQL reads the segment holding the last byte before `stop` first.
             let first = Lsn(stop.0.saturating_sub(1)).segno(seg_size);
             let last_any = history
@@ -376,41 +388,63 @@ pub fn horizons(
                 .filter_map(|t| archived.get(&t).and_then(|s| s.iter().next_back().copied()))
                 .max()
                 .unwrap_or(0);
-            let mut to = stop;
-            let mut to_commit: Option<i64> = None;
-            let mut reached_cur = own;
+            let has = |m: &BTreeMap<TimeLineId, BTreeSet<u64>>, t: TimeLineId, s: u64| {
+                m.get(&t).is_some_and(|set| set.contains(&s))
+            };
             let mut segno = first;
             let ends = loop {
-                let tli = crate::backup::plan::timeline_of_segment(history, cur, segno, seg_size);
+                let tli = tli_of(segno);
                 let name = WalFileName::segment(tli, segno, seg_size);
-                match seg_info(tli, segno) {
-                    Seg::Indexed { end, commit } => {
-                        reached_cur |= tli == cur;
-                        to = to.max(end);
-                        to_commit = to_commit.max(commit);
-                    }
-                    Seg::Missing(why) => {
-                        break format!("segment {name} has no usable block index ({why})");
-                    }
-                    Seg::NotArchived => {
-                        break if segno > last_any {
-                            format!("end of the archive (next segment {name})")
-                        } else {
-                            format!("gap: segment {name} is not in the archive")
-                        };
-                    }
+                if !has(&archived, tli, segno) {
+                    break if segno > last_any {
+                        format!("end of the archive (next segment {name})")
+                    } else {
+                        format!("gap: segment {name} is not in the archive")
+                    };
+                }
+                if !has(&indexed, tli, segno) {
+                    break format!("segment {name} has no block index");
                 }
                 segno += 1;
             };
-            if !reached_cur {
+            if segno == first {
+                // not even the stop segment: the window is the consistency point alone
+                windows.push(Horizon {
+                    timeline: cur,
+                    from_lsn: stop.to_string(),
+                    from_time: b.recovery_time.clone(),
+                    to_lsn: stop.to_string(),
+                    to_time: None,
+                    ends,
+                });
+                continue;
+            }
+            let last = segno - 1;
+            if !own && tli_of(last) != cur {
                 continue; // the same window as on the parent timeline
+            }
+            let to = match read(tli_of(last), last) {
+                Some((end, _)) => end.max(stop),
+                None => Lsn((last + 1) * u64::from(seg_size)),
+            };
+            let mut to_commit = None;
+            let mut s = last;
+            while s >= first && last - s < COMMIT_LOOKBACK {
+                if let Some((_, Some(c))) = read(tli_of(s), s) {
+                    to_commit = Some(c);
+                    break;
+                }
+                if s == 0 {
+                    break;
+                }
+                s -= 1;
             }
             windows.push(Horizon {
                 timeline: cur,
                 from_lsn: stop.to_string(),
                 from_time: b.recovery_time.clone(),
                 to_lsn: to.to_string(),
-                to_time: to_commit.map(|us| {
+                to_time: to_commit.map(|us: i64| {
                     crate::backup::meta::format_utc(us.div_euclid(1_000_000) + PG_EPOCH_UNIX)
                 }),
                 ends,

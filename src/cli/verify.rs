@@ -88,13 +88,17 @@ pub fn run(a: VerifyRestoreArgs) -> Result<i32> {
     }
     if !rep.success {
         eprintln!(
-            "walnut: error: verify-restore of backup {} FAILED: {}; the scratch directory \"{}\" is kept",
+            "walnut: error: verify-restore of backup {} FAILED: {}{}",
             rep.backup_id,
             rep.error
                 .clone()
                 .or_else(|| rep.failures.first().cloned())
                 .unwrap_or_default(),
-            rep.directory
+            if rep.kept {
+                format!("; the scratch directory \"{}\" is kept", rep.directory)
+            } else {
+                String::new()
+            }
         );
     }
     Ok(if rep.success { 0 } else { 1 })

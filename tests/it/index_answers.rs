@@ -218,7 +218,8 @@ fn pitr_windows_follow_the_timeline_history() {
     let id = env.backup("full", &[]);
     env.pg.psql("postgres", "insert into h values (1)");
     env.switch_and_wait(&env.pg);
-    env.pg.psql("postgres", "select pg_create_restore_point('branch')");
+    env.pg
+        .psql("postgres", "select pg_create_restore_point('branch')");
     env.switch_and_wait(&env.pg);
     let mut r = env.restore_and_start(
         "r-tli",
@@ -246,6 +247,12 @@ fn pitr_windows_follow_the_timeline_history() {
     let end2: Lsn = t2["to_lsn"].as_str().unwrap().parse().unwrap();
     let ar = env.archive();
     let s2_start = s2.segno(ar.seg_size()).unwrap() * u64::from(ar.seg_size());
-    assert!(end2.0 > s2_start, "timeline 2's window reaches its segment {s2}: {t2}");
-    assert!(t2["ends"].as_str().unwrap().contains("end of the archive"), "{t2}");
+    assert!(
+        end2.0 > s2_start,
+        "timeline 2's window reaches its segment {s2}: {t2}"
+    );
+    assert!(
+        t2["ends"].as_str().unwrap().contains("end of the archive"),
+        "{t2}"
+    );
 }

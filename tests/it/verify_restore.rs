@@ -219,17 +219,18 @@ fn verify_restore_max_time_fails_and_keeps_the_directory() {
     some_data(&env.pg);
     let id = env.backup("full", &[]);
     let scratch = env.path("slow");
-    let out = verify(
-        &env,
-        &[
-            "-i",
-            &id,
-            "-D",
-            scratch.to_str().unwrap(),
-            "--max-time",
-            "1s",
-        ],
-    );
+    // the drill of this small cluster takes about a second: the hook holds the checks
+    let mut c = as_pg(walnut_bin("walnut"));
+    c.env("WALNUT_TEST_VERIFY_HOLD", "1");
+    c.args(["verify-restore", "-B", env.cat(), "--instance", "db"]);
+    let out = run(c.args(&[
+        "-i",
+        &id,
+        "-D",
+        scratch.to_str().unwrap(),
+        "--max-time",
+        "1s",
+    ]));
     assert_eq!(
         out.status.code(),
         Some(1),
