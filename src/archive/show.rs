@@ -352,8 +352,8 @@ pub fn horizons(
         }
     }
     // (end LSN, last commit time) of a segment's index, read once
-    let mut cache: std::collections::HashMap<(TimeLineId, u64), Option<(Lsn, Option<i64>)>> =
-        Default::default();
+    type EndAndCommit = Option<(Lsn, Option<i64>)>;
+    let mut cache: std::collections::HashMap<(TimeLineId, u64), EndAndCommit> = Default::default();
     let mut read = |tli: TimeLineId, segno: u64| -> Option<(Lsn, Option<i64>)> {
         *cache
             .entry((tli, segno))

@@ -223,7 +223,7 @@ fn verify_restore_max_time_fails_and_keeps_the_directory() {
     let mut c = as_pg(walnut_bin("walnut"));
     c.env("WALNUT_TEST_VERIFY_HOLD", "1");
     c.args(["verify-restore", "-B", env.cat(), "--instance", "db"]);
-    let out = run(c.args(&[
+    let out = run(c.args([
         "-i",
         &id,
         "-D",
