@@ -713,6 +713,9 @@ pub fn dry_run(catalog: &Catalog, instance: &str, opts: &BackupOptions) -> Resul
             cfg.system_id
         )));
     }
+    // nothing this session runs may write
+    sess.client()
+        .batch_execute("set default_transaction_read_only = on")?;
     if sess.in_recovery()? {
         return Err(Error::invalid(
             "--dry-run needs the primary (a standby's WAL position is not where a backup of it would start)",
