@@ -38,6 +38,7 @@ pub(crate) mod safepath;
 pub(crate) mod server;
 pub mod types;
 pub(crate) mod verify_record;
+pub mod verify_restore;
 pub mod wal;
 
 pub use error::{Error, ErrorKind, Result};

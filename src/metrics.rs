@@ -37,7 +37,7 @@ struct Family {
 }
 
 /// The families, in output order, with their help text.
-const FAMILIES: [(&str, &str, &str); 15] = [
+const FAMILIES: [(&str, &str, &str); 18] = [
     ("walnut_backup_last_success_timestamp_seconds", "gauge", "End time of the newest successful backup of each mode (Unix seconds)."),
     ("walnut_backup_last_duration_seconds", "gauge", "Duration of the newest successful backup of each mode."),
     ("walnut_backup_last_size_bytes", "gauge", "Bytes of data in the newest successful backup of each mode."),
@@ -51,6 +51,9 @@ const FAMILIES: [(&str, &str, &str); 15] = [
     ("walnut_pitr_latest_timestamp_seconds", "gauge", "Latest commit time found in the archived WAL (Unix seconds)."),
     ("walnut_verify_last_success", "gauge", "1 when the newest verification run of this kind succeeded, 0 when it failed."),
     ("walnut_verify_last_timestamp_seconds", "gauge", "When the newest verification run of this kind ended (Unix seconds)."),
+    ("walnut_backup_verify_last_success", "gauge", "1 when the newest verify-restore drill of the backup passed, 0 when it failed (backups with a drill only)."),
+    ("walnut_backup_verify_last_timestamp_seconds", "gauge", "When the newest verify-restore drill of the backup ended (Unix seconds)."),
+    ("walnut_backup_verify_last_duration_seconds", "gauge", "How long the newest verify-restore drill of the backup took."),
     ("walnut_catalog_bytes", "gauge", "Bytes stored for the instance in the catalog (backups, WAL archive, indexes)."),
     ("walnut_server_up", "gauge", "1 when the server could be reached for walnut_archive_lag_bytes, 0 when not."),
 ];
@@ -186,6 +189,27 @@ fn instance_metrics(
     let inst = || ("instance", cfg.name.clone());
     let backups = meta::list(catalog, &cfg.name)?;
     backup_metrics(out, &cfg.name, &backups)?;
+    for b in &backups {
+        // a damaged record is damage: reported, never read as "not verified"
+        if let Some(v) = crate::verify_restore::latest(catalog, &cfg.name, &b.id)? {
+            let l = vec![inst(), ("backup_id", b.id.clone())];
+            out.add(
+                "walnut_backup_verify_last_success",
+                l.clone(),
+                if v.success { 1.0 } else { 0.0 },
+            );
+            out.add(
+                "walnut_backup_verify_last_timestamp_seconds",
+                l.clone(),
+                v.end_epoch as f64,
+            );
+            out.add(
+                "walnut_backup_verify_last_duration_seconds",
+                l,
+                v.duration_seconds,
+            );
+        }
+    }
 
     let ar = WalArchive::open(catalog, &cfg.name)?;
     let scan = scan_archive(&ar)?;

@@ -355,6 +355,45 @@ pub fn copy_tree(
     }
 }
 
+/// What [`copy_tree`] would store, without reading any file's contents or writing:
+/// (files, stored bytes) of every regular file the walk hands out (`global/pg_control`,
+/// which the taker copies last, not included). The choice per file is the copy's own
+/// ([`choose_method`]); an incremental file's size is that of its changed blocks stored
+/// whole. Exact for uncompressed backups; with compression, an upper bound.
+pub fn predict_tree(ctx: &CopyCtx<'_>) -> Result<(u64, u64)> {
+    let (job_tx, job_rx) = mpsc::sync_channel::<Job>(1024);
+    let (res_tx, res_rx) = mpsc::channel::<Result<Option<FileEntry>>>();
+    let bs = ctx.block_size;
+    std::thread::scope(|s| {
+        let walker = s.spawn(move || walk(ctx, &job_tx, &res_tx));
+        let mut files = 0u64;
+        let mut bytes = 0u64;
+        for job in job_rx {
+            let size = match std::fs::metadata(&job.abs) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("stat", &job.abs, e)),
+            };
+            let rel = relfile::rel_file(&job.logical);
+            files += 1;
+            bytes += match choose_method(ctx, &job.logical, rel, size) {
+                Method::Full | Method::Delta => size,
+                Method::Blocks(blocks, _) => {
+                    crate::format::incfile::whole_page_file_size(blocks.len() as u32, bs)
+                }
+            };
+        }
+        walker
+            .join()
+            .map_err(|_| Error::invalid("the directory walk panicked"))??;
+        // a walk error sent as a result (e.g. an unreadable directory)
+        for r in res_rx.try_iter() {
+            r?;
+        }
+        Ok((files, bytes))
+    })
+}
+
 fn walk(
     ctx: &CopyCtx<'_>,
     jobs: &mpsc::SyncSender<Job>,

@@ -37,6 +37,17 @@ pub struct BackupRow {
     pub expire_time: Option<String>,
     /// The backup's note (set-backup --note).
     pub note: Option<String>,
+    /// The newest `verify-restore` drill of this backup: "PASSED" or "FAILED" (none yet:
+    /// absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify_restore: Option<String>,
+    /// When that drill ended (UTC).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify_restore_time: Option<String>,
+    /// The PITR windows: per timeline, from the consistency point to the first gap or
+    /// segment without a usable index (from the block indexes; see
+    /// [`crate::archive::show::horizons`]).
+    pub pitr: Vec<crate::archive::show::Horizon>,
 }
 
 impl From<&BackupMeta> for BackupRow {
@@ -67,6 +78,9 @@ impl From<&BackupMeta> for BackupRow {
             }),
             expire_time: None,
             note: None,
+            verify_restore: None,
+            verify_restore_time: None,
+            pitr: Vec::new(),
         }
     }
 }
@@ -82,9 +96,21 @@ pub fn rows(catalog: &Catalog, instance: Option<&str>, id: Option<&str>) -> Resu
     };
     let mut out = Vec::new();
     for n in names {
-        for b in meta::list(catalog, &n)? {
+        let list = meta::list(catalog, &n)?;
+        // an unreadable archive leaves the windows empty; show still lists the backups
+        let mut windows = match crate::archive::WalArchive::open(catalog, &n)
+            .and_then(|ar| crate::archive::show::horizons(&ar, &list))
+        {
+            Ok(w) => w,
+            Err(e) => {
+                log::warn!("instance \"{n}\": no PITR windows: {e}");
+                Default::default()
+            }
+        };
+        for b in list {
             if id.is_none_or(|i| i == b.id) {
                 let mut row = BackupRow::from(&b);
+                row.pitr = windows.remove(&b.id).unwrap_or_default();
                 // a damaged pin record is reported, not fatal to the listing (delete refuses
                 // on it instead)
                 match crate::lifecycle::records::load_pin(catalog, &n, &b.id) {
@@ -95,6 +121,16 @@ pub fn rows(catalog: &Catalog, instance: Option<&str>, id: Option<&str>) -> Resu
                         row.note = pin.note;
                     }
                     Err(e) => log::warn!("backup {}: {e}", b.id),
+                }
+                // a damaged verify record is reported, and shows as no result
+                match crate::verify_restore::latest(catalog, &n, &b.id) {
+                    Ok(Some(v)) => {
+                        row.verify_restore =
+                            Some(if v.success { "PASSED" } else { "FAILED" }.to_string());
+                        row.verify_restore_time = Some(v.end_time);
+                    }
+                    Ok(None) => {}
+                    Err(e) => log::warn!("backup {}: verify-restore record: {e}", b.id),
                 }
                 out.push(row);
             }

@@ -731,3 +731,223 @@ mod tests {
         assert_eq!(slot_name("TPAD29-2"), "walnut_backup_tpad292");
     }
 }
+
+/// What `walnut backup --dry-run` predicts (JSON keys are a contract for scripts).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DryRun {
+    /// "FULL" or "PAGE".
+    pub mode: String,
+    pub parent_id: Option<String>,
+    /// Files the backup would store (directories not counted), as `files` in `show`.
+    pub files: u64,
+    /// Bytes it would store, as `data_bytes` in `show` (uncompressed; with --compress
+    /// lz4 an upper bound).
+    pub data_bytes: u64,
+    /// The WAL range the prediction covers: the parent's start to the server's current
+    /// WAL insert position.
+    pub from_lsn: Option<String>,
+    pub to_lsn: String,
+    /// Segments read from the server's pg_wal (not archived, or not indexed, yet).
+    pub segments_from_pg_wal: u64,
+    pub compressed: bool,
+}
+
+/// Predicts a FULL or PAGE backup of the server now: the files and bytes it would store,
+/// from the merged block indexes of the archive (and, for the WAL the archive does not
+/// hold yet, the server's pg_wal decoded in memory), without starting a backup or writing
+/// anything (a read-only connection: no pg_backup_start, no WAL switch, no index
+/// repaired in the archive).
+pub fn dry_run(catalog: &Catalog, instance: &str, opts: &BackupOptions) -> Result<DryRun> {
+    let cfg = catalog.instance(instance)?;
+    let mut sess = server::connect(&opts.conn, &cfg)?;
+    let sysid = sess.system_identifier()?;
+    if sysid != cfg.system_id {
+        return Err(Error::invalid(format!(
+            "the server's system identifier {sysid} is not instance \"{instance}\"'s {}",
+            cfg.system_id
+        )));
+    }
+    // nothing this session runs may write
+    sess.client()
+        .batch_execute("set default_transaction_read_only = on")?;
+    if sess.in_recovery()? {
+        return Err(Error::invalid(
+            "--dry-run needs the primary (a standby's WAL position is not where a backup of it would start)",
+        ));
+    }
+    let pgdata = data_dir(&mut sess, opts.pgdata.as_deref())?;
+    let control = ControlFile::read_from_pgdata(&pgdata)?;
+    if control.system_id != cfg.system_id {
+        return Err(Error::invalid(format!(
+            "data directory \"{}\" belongs to system {}, not instance \"{instance}\"",
+            pgdata.display(),
+            control.system_id
+        )));
+    }
+    let row = sess.client().query_one(
+        "select pg_current_wal_insert_lsn()::text, pg_current_wal_lsn()::text, \
+                (select timeline_id from pg_control_checkpoint())",
+        &[],
+    )?;
+    let insert: Lsn = row.get::<_, String>(0).parse()?;
+    let written: Lsn = row.get::<_, String>(1).parse()?;
+    let tli: crate::types::TimeLineId = row.get::<_, i32>(2) as u32;
+    let seg_size = control.wal_segment_size;
+    let archive = WalArchive::open(catalog, instance)?;
+    let list = meta::list(catalog, instance)?;
+    let (plan, parent_id, from, from_pg_wal) = match opts.mode {
+        Mode::Full => (super::copy::CopyPlan::Full, None, None, 0),
+        Mode::Delta => {
+            return Err(Error::invalid(
+                "--dry-run predicts FULL and PAGE backups (a DELTA backup's size depends on every page's LSN: it must read them all)",
+            ))
+        }
+        Mode::Page => {
+            let history = archive.timeline_history(tli)?;
+            let parent = plan::choose_parent(
+                &list,
+                opts.parent.as_deref(),
+                &history,
+                tli,
+                cfg.system_id,
+                Mode::Page,
+            )?;
+            let (change, n) =
+                dry_change_map(&archive, &pgdata, &history, tli, parent.start_lsn, written, seg_size)?;
+            let mut parent_files = HashSet::new();
+            super::stored::read_manifest(catalog.repo(), &parent.key()?, |e| {
+                if e.storage != Storage::Dir {
+                    parent_files.insert(e.path);
+                }
+                Ok(())
+            })?;
+            (
+                super::copy::CopyPlan::Page {
+                    parent_start: parent.start_lsn,
+                    parent_files,
+                    change,
+                },
+                Some(parent.id.clone()),
+                Some(parent.start_lsn),
+                n,
+            )
+        }
+    };
+    let progress = crate::progress::NoProgress;
+    let ctx = CopyCtx {
+        pgdata: pgdata.clone(),
+        repo: catalog.repo(),
+        key: String::new(),
+        plan,
+        compress: opts.compress,
+        block_size: control.block_size,
+        relseg_size: control.relseg_size,
+        checksums: control.data_checksums(),
+        start_lsn: insert,
+        progress: &progress,
+        abort: AtomicBool::new(false),
+        newest_lsn: AtomicU64::new(insert.0),
+        newest_page: Mutex::new(None),
+    };
+    let (mut files, mut bytes) = super::copy::predict_tree(&ctx)?;
+    // pg_control, copied last
+    let pc = pgdata.join("global").join("pg_control");
+    files += 1;
+    bytes += std::fs::metadata(&pc).ctx("stat", &pc)?.len();
+    // the tablespace map pg_backup_stop returns: "<oid> <location>\n" per tablespace
+    let spc = pgdata.join("pg_tblspc");
+    let mut map = 0u64;
+    if let Ok(rd) = std::fs::read_dir(&spc) {
+        for e in rd.flatten() {
+            if let Ok(t) = std::fs::read_link(e.path()) {
+                map += e.file_name().len() as u64 + 2 + t.as_os_str().len() as u64;
+            }
+        }
+    }
+    if map > 0 {
+        files += 1;
+        bytes += map;
+    }
+    Ok(DryRun {
+        mode: opts.mode.to_string(),
+        parent_id,
+        files,
+        data_bytes: bytes,
+        from_lsn: from.map(|l| l.to_string()),
+        to_lsn: insert.to_string(),
+        segments_from_pg_wal: from_pg_wal,
+        compressed: opts.compress,
+    })
+}
+
+/// The change map from `from` to `to` (the server's write position) without writing: the
+/// archive's indexes while they are complete, then the rest of the WAL decoded in memory,
+/// from the server's pg_wal (or the archive, for an archived segment without a usable
+/// index). Returns it and how many segments were decoded here.
+fn dry_change_map(
+    archive: &WalArchive,
+    pgdata: &std::path::Path,
+    history: &[crate::archive::HistoryEntry],
+    cur: crate::types::TimeLineId,
+    from: Lsn,
+    to: Lsn,
+    seg_size: u32,
+) -> Result<(crate::index::merge::ChangeMap, u64)> {
+    use crate::archive::IndexState;
+    let first = from.segno(seg_size);
+    let last = to.segno(seg_size);
+    let mut indexes = Vec::new();
+    let mut segno = first;
+    while segno <= last {
+        let tli = plan::timeline_of_segment(history, cur, segno, seg_size);
+        match archive.index_state(tli, segno)? {
+            IndexState::Indexed(ix) => indexes.push(ix),
+            _ => break,
+        }
+        segno += 1;
+    }
+    let decoded = (last + 1).saturating_sub(segno);
+    if segno <= last {
+        let mut ix = crate::index::build::StreamIndexer::new(cur);
+        for s in segno..=last {
+            let tli = plan::timeline_of_segment(history, cur, s, seg_size);
+            let name = WalFileName::segment(tli, s, seg_size);
+            if tli != cur {
+                return Err(Error::not_found(format!(
+                    "WAL segment {name} of an earlier timeline has no usable block index in the archive: a PAGE backup now would fail; take a DELTA or FULL backup"
+                )));
+            }
+            let local = pgdata.join("pg_wal").join(name.to_string());
+            let mut data = match std::fs::read(&local) {
+                Ok(d) => d,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    archive.read_opt(&name)?.ok_or_else(|| {
+                        Error::not_found(format!(
+                            "WAL segment {name} is neither in the archive nor in \"{}\": a PAGE backup now would fail; take a DELTA or FULL backup",
+                            local.display()
+                        ))
+                    })?
+                }
+                Err(e) => return Err(Error::io("read", &local, e)),
+            };
+            if s == last {
+                // beyond the write position: not written yet (a recycled file's old bytes)
+                let off = to.segment_offset(seg_size) as usize;
+                if let Some(tail) = data.get_mut(off..) {
+                    tail.fill(0);
+                }
+            }
+            ix.feed_segment(s, &data)?;
+        }
+        // the last record may be incomplete: its blocks are missed, as they would be
+        // beyond a backup's start
+        indexes.extend(ix.finish()?);
+    }
+    let map = crate::index::merge::merge(indexes.iter());
+    if map.wal_level_minimal {
+        return Err(Error::invalid(format!(
+            "WAL between {from} and {to} was written with wal_level=minimal: a PAGE backup now would fail; take a FULL backup"
+        )));
+    }
+    Ok((map, decoded))
+}

@@ -176,8 +176,16 @@ pub fn run_show(args: ShowArgs) -> Result<i32> {
         .instance
         .clone()
         .ok_or_else(|| Error::invalid("show --archive needs --instance"))?;
+    let since = match args.since.as_deref() {
+        None => crate::archive::show::Since::All,
+        Some(s) if s.contains('/') => crate::archive::show::Since::Lsn(s.trim().parse()?),
+        Some(s) => crate::archive::show::Since::Time(crate::backup::meta::parse_time(s)?),
+    };
     let catalog = args.catalog.open()?;
     let ar = WalArchive::open(&catalog, &instance)?;
+    if args.churn {
+        return show_churn(&args, &catalog, &ar, &instance, since);
+    }
     let r = crate::archive::show::report(&ar, &instance, args.verify)?;
     match args.format {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&r)?),
@@ -188,6 +196,86 @@ pub fn run_show(args: ShowArgs) -> Result<i32> {
         .iter()
         .any(|t| !t.corrupt.is_empty() || !t.unreadable.is_empty());
     Ok(if corrupt { 1 } else { 0 })
+}
+
+/// `show --archive --churn`.
+fn show_churn(
+    args: &ShowArgs,
+    catalog: &crate::catalog::Catalog,
+    ar: &WalArchive,
+    instance: &str,
+    since: crate::archive::show::Since,
+) -> Result<i32> {
+    let cfg = catalog.instance(instance)?;
+    let mut r = crate::archive::show::churn(ar, instance, since, cfg.block_size)?;
+    if args.limit > 0 {
+        r.relations.truncate(args.limit);
+    }
+    if !args.no_connect {
+        if let Err(e) = crate::archive::show::churn_names(&mut r, &args.conn.params(), &cfg) {
+            log::warn!("no relation names (OIDs shown): {e}");
+        }
+    }
+    match args.format {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+        OutputFormat::Text => {
+            let mut s = String::new();
+            let _ = writeln!(
+                s,
+                "Churn of instance {} since {}: {} segments read{}",
+                r.instance,
+                r.since.as_deref().unwrap_or("the oldest archived WAL"),
+                r.segments_read,
+                if r.segments_unindexed.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        ", {} without a usable index NOT counted",
+                        r.segments_unindexed.len()
+                    )
+                }
+            );
+            let _ = writeln!(
+                s,
+                "{:>12}  {:>10}  {:>8}  relation",
+                "changed MiB", "blocks", "segments"
+            );
+            for c in &r.relations {
+                let name = match (&c.database, &c.schema, &c.relation) {
+                    (Some(d), Some(sc), Some(n)) => format!(
+                        "{d}.{sc}.{n}{}{}",
+                        c.kind
+                            .as_ref()
+                            .filter(|k| *k != "table")
+                            .map(|k| format!(" ({k}"))
+                            .unwrap_or_default(),
+                        match (&c.kind, &c.of_table) {
+                            (Some(k), Some(t)) if k != "table" => format!(" of {t})"),
+                            (Some(k), None) if k != "table" => ")".to_string(),
+                            _ => String::new(),
+                        }
+                    ),
+                    (d, _, _) => format!(
+                        "{} relfilenode {} (tablespace {}){}",
+                        d.clone()
+                            .unwrap_or_else(|| format!("database oid {}", c.database_oid)),
+                        c.relfilenode,
+                        c.tablespace_oid,
+                        if c.dropped { ", dropped" } else { "" }
+                    ),
+                };
+                let _ = writeln!(
+                    s,
+                    "{:>12}  {:>10}  {:>8}  {name}",
+                    mib(c.changed_bytes),
+                    c.changed_blocks,
+                    c.segments
+                );
+            }
+            print!("{s}");
+        }
+    }
+    Ok(0)
 }
 
 fn mib(b: u64) -> String {
@@ -243,6 +331,13 @@ pub fn render_text(r: &ArchiveReport) -> String {
         }
         for n in &t.partial_files {
             let _ = writeln!(s, "timeline {}: partial {n}", t.timeline);
+        }
+        for p in &t.restore_points {
+            let _ = writeln!(
+                s,
+                "timeline {}: restore point \"{}\" at {} ({})",
+                t.timeline, p.name, p.lsn, p.time
+            );
         }
     }
     if let Some(rc) = &r.receiver {

@@ -71,6 +71,13 @@ pub struct BackupArgs {
     /// e.g. a standby's; its system identifier must be the instance's.
     #[arg(short = 'D', long = "pgdata")]
     pub pgdata: Option<PathBuf>,
+    /// Print the files and bytes a FULL or PAGE backup would store now (from the block
+    /// indexes), without starting a backup or writing anything.
+    #[arg(long = "dry-run")]
+    pub dry_run: bool,
+    /// Output of --dry-run.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
     #[command(flatten)]
     pub conn: ConnArgs,
 }
@@ -235,6 +242,32 @@ pub fn run_backup(a: BackupArgs) -> Result<i32> {
         conn: a.conn.params(),
         progress: Arc::new(BarProgress::new()),
     };
+    if a.dry_run {
+        let d = take::dry_run(&catalog, &a.instance.instance, &opts)?;
+        match a.format {
+            OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&d)?),
+            OutputFormat::Text => println!(
+                "{} backup now{}: {} files, {} ({} bytes){}; WAL {} .. {} ({} segments decoded from pg_wal)",
+                d.mode,
+                d.parent_id
+                    .as_ref()
+                    .map(|p| format!(" (parent {p})"))
+                    .unwrap_or_default(),
+                d.files,
+                human_bytes(d.data_bytes),
+                d.data_bytes,
+                if d.compressed {
+                    ", before compression"
+                } else {
+                    ""
+                },
+                d.from_lsn.as_deref().unwrap_or("-"),
+                d.to_lsn,
+                d.segments_from_pg_wal
+            ),
+        }
+        return Ok(0);
+    }
     let m = take::take_backup(&catalog, &a.instance.instance, &opts)?;
     println!("{}", m.id);
     Ok(0)
@@ -520,6 +553,23 @@ fn human_bytes(n: u64) -> String {
 }
 
 /// The backups as an aligned text table.
+/// The PITR window on the backup's own timeline ("LSN (time)"), and how many later
+/// timelines it reaches too.
+fn pitr_cell(r: &BackupRow) -> String {
+    let Some(h) = r.pitr.iter().find(|h| h.timeline == r.timeline) else {
+        return "-".into();
+    };
+    let mut s = match &h.to_time {
+        Some(t) => format!("{} ({t})", h.to_lsn),
+        None => h.to_lsn.clone(),
+    };
+    let more = r.pitr.len() - 1;
+    if more > 0 {
+        s.push_str(&format!(" +{more} TLI"));
+    }
+    s
+}
+
 pub fn show_table(rows: &[BackupRow]) -> String {
     let header = [
         "Instance",
@@ -536,6 +586,8 @@ pub fn show_table(rows: &[BackupRow]) -> String {
         "Data",
         "Files",
         "Pinned until",
+        "Verified",
+        "PITR until",
     ];
     let mut cells: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     for r in rows {
@@ -557,6 +609,11 @@ pub fn show_table(rows: &[BackupRow]) -> String {
             human_bytes(r.data_bytes),
             r.files.to_string(),
             r.expire_time.clone().unwrap_or_else(|| "-".into()),
+            match (&r.verify_restore, &r.verify_restore_time) {
+                (Some(v), Some(t)) => format!("{v} {t}"),
+                _ => "-".into(),
+            },
+            pitr_cell(r),
         ]);
     }
     let widths: Vec<usize> = (0..header.len())

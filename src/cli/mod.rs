@@ -16,6 +16,7 @@ pub mod docs;
 pub mod lifecycle;
 pub mod metrics;
 pub mod receive;
+pub mod verify;
 pub mod wal_index;
 
 /// Where the catalog is. `WALNUT_CATALOG` may stand in for `-B`; the S3 settings may come
@@ -166,6 +167,9 @@ pub enum Command {
     Metrics(crate::cli::metrics::MetricsArgs),
     /// Stream WAL from the server into the archive (a long-running receiver).
     Receive(crate::cli::receive::ReceiveArgs),
+    /// Restore a backup into a scratch directory, recover it, and check it (amcheck,
+    /// pg_checksums, count(*) on every table); records the result.
+    VerifyRestore(crate::cli::verify::VerifyRestoreArgs),
     /// Print a shell completion script (bash, zsh or fish).
     Completions(crate::cli::docs::CompletionsArgs),
     /// Write man pages for walnut, its subcommands, walnut-archive and walnut-fetch.
@@ -190,6 +194,22 @@ pub struct ShowArgs {
     /// With --archive: decompress and check every archived file (slower).
     #[arg(long)]
     pub verify: bool,
+    /// With --archive: the relations the archived WAL changed most (from the block
+    /// indexes), with names when the server can be reached.
+    #[arg(long, requires = "archive")]
+    pub churn: bool,
+    /// With --churn: count from this time or LSN on.
+    #[arg(long, requires = "churn", value_name = "TIME|LSN")]
+    pub since: Option<String>,
+    /// With --churn: show this many relations (0: all).
+    #[arg(long, requires = "churn", default_value_t = 20)]
+    pub limit: usize,
+    /// With --churn: do not connect to the server for names.
+    #[arg(long, requires = "churn")]
+    pub no_connect: bool,
+    /// With --churn: connection options for the names (as backup takes them).
+    #[command(flatten)]
+    pub conn: ConnArgs,
 }
 
 /// Runs `walnut`; returns the process exit code.
@@ -210,6 +230,7 @@ pub fn run_walnut(cli: WalnutCli) -> crate::Result<i32> {
         Command::Check(a) => crate::cli::check::run(a),
         Command::Metrics(a) => crate::cli::metrics::run(a),
         Command::Receive(a) => crate::cli::receive::run(a),
+        Command::VerifyRestore(a) => crate::cli::verify::run(a),
         Command::Completions(a) => crate::cli::docs::run_completions(a),
         Command::Man(a) => crate::cli::docs::run_man(a),
     }

@@ -13,6 +13,7 @@ mod check_metrics;
 mod cli_layers;
 mod cli_synth;
 mod fetch_hardening;
+mod index_answers;
 mod lifecycle_retention;
 mod matrix;
 mod pgcontrol;
@@ -25,6 +26,7 @@ mod stream_standby_busy;
 mod summary;
 mod take_hardening;
 mod validate_hardening;
+mod verify_restore;
 mod wal_decoder;
 
 mod smoke {
