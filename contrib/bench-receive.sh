@@ -9,8 +9,8 @@
 #   pg_receivewal   -> a plain directory
 # Reported per receiver: CPU seconds (utime+stime from /proc) per 16 MiB segment received,
 # and the flush lag sampled once a second from pg_stat_replication (bytes between the
-# primary's current LSN and the receiver's flush_lsn; median and max) plus the final lag
-# once pgbench stops (it must drain to ~0: the receiver keeps up).
+# primary's current LSN and the receiver's flush_lsn, and pg_stat_replication.flush_lag;
+# median and max). The load is pgbench -c 4 plus a bulk loader, so that whole segments pass.
 # Targets: walnut's CPU per segment <= pg_receivewal's + the index; flush lag under 1 s.
 #
 # Part 2, FULL with --stream vs with the archive: a pgbench database of scale $SCALE with
@@ -35,8 +35,8 @@ cp "$REPO"/target/release/{walnut,walnut-archive,walnut-fetch} "$BIN/"
 chmod 755 "$BIN" "$BIN"/*
 
 cleanup() {
-  [ -n "${WPID:-}" ] && kill "$WPID" 2>/dev/null || true
-  [ -n "${RPID:-}" ] && kill "$RPID" 2>/dev/null || true
+  [ -n "${WREAL:-}" ] && kill "$WREAL" 2>/dev/null || true
+  [ -n "${RREAL:-}" ] && kill "$RREAL" 2>/dev/null || true
   pg_stop "$B" "$P"
 }
 trap cleanup EXIT
@@ -65,24 +65,42 @@ as_pg "$BIN/walnut" receive -B "$CAT" --instance bench "${CONN[@]}" --slot bench
 WPID=$!
 pgx "$B" pg_receivewal "${CONN[@]}" -D "$X/rwal" -S bench_rwal --no-loop 2> "$X/rwal.log" &
 RPID=$!
-# the receivers run under runuser: measure the real processes (their only children)
-child_of() { local c; for _ in $(seq 50); do c=$(cat /proc/"$1"/task/"$1"/children 2>/dev/null | awk '{print $1}'); [ -n "$c" ] && { echo "$c"; return; }; sleep 0.1; done; echo "$1"; }
-WREAL=$(child_of "$WPID"); RREAL=$(child_of "$RPID")
+# the receivers run in a subshell under runuser: measure (and stop) the real processes,
+# the leaves of those process chains
+leaf_of() {
+  local p=$1 c
+  sleep 0.5
+  while c=$(awk '{print $1}' /proc/"$p"/task/"$p"/children 2>/dev/null) && [ -n "$c" ]; do p=$c; done
+  echo "$p"
+}
+WREAL=$(leaf_of "$WPID"); RREAL=$(leaf_of "$RPID")
+grep -q receive /proc/"$WREAL"/cmdline && grep -q pg_receivewal /proc/"$RREAL"/cmdline
 cpu_s() { awk '{print ($14+$15)/100}' "/proc/$1/stat"; }
 sleep 2
 START_LSN=$(q "select pg_current_wal_lsn()")
 W0=$(cpu_s "$WREAL"); R0=$(cpu_s "$RREAL")
 pgx "$B" pgbench "${CONN[@]}" -c 4 -j 2 -T "$SECONDS_RUN" -n postgres > "$X/run.log" 2>&1 &
 BPID=$!
-: > "$X/lag_walnut"; : > "$X/lag_rwal"
+# pgbench alone writes well under 1 MiB/s here; a bulk loader beside it makes whole
+# segments (about 25 MiB of WAL per statement)
+q "create table if not exists bulk(i int, t text)" >/dev/null
+( end=$(( $(date +%s) + SECONDS_RUN ))
+  while [ "$(date +%s)" -lt "$end" ]; do
+    q "insert into bulk select g, repeat('x', 100) from generate_series(1, 150000) g; truncate bulk" >/dev/null
+  done ) &
+LPID=$!
+: > "$X/lag_walnut"; : > "$X/lag_rwal"; : > "$X/lagt_walnut"; : > "$X/lagt_rwal"
 while kill -0 "$BPID" 2>/dev/null; do
-  q "select application_name, pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn) from pg_stat_replication" \
-    | while IFS='|' read -r app lag; do
-        case "$app" in walnut_receive) echo "$lag" >> "$X/lag_walnut" ;; pg_receivewal) echo "$lag" >> "$X/lag_rwal" ;; esac
+  q "select application_name, pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn), coalesce(extract(epoch from flush_lag), 0) from pg_stat_replication" \
+    | while IFS='|' read -r app lag lagt; do
+        case "$app" in
+          walnut_receive) echo "$lag" >> "$X/lag_walnut"; echo "$lagt" >> "$X/lagt_walnut" ;;
+          pg_receivewal) echo "$lag" >> "$X/lag_rwal"; echo "$lagt" >> "$X/lagt_rwal" ;;
+        esac
       done
   sleep 1
 done
-wait "$BPID"
+wait "$BPID" "$LPID"
 END_LSN=$(q "select pg_current_wal_lsn()")
 TPS=$(grep -o 'tps = [0-9.]*' "$X/run.log" | head -1 | awk '{print $3}')
 # drain: wait until both have flushed the end (at most 30 s)
@@ -98,12 +116,11 @@ report1 walnut_receive_cpu_ms_per_segment "$(awk -v a="$W0" -v b="$W1" -v s="$SE
 report1 pg_receivewal_cpu_ms_per_segment "$(awk -v a="$R0" -v b="$R1" -v s="$SEGS" 'BEGIN{printf "%.1f", (b-a)*1000/s}')" ms
 awk '{print $1/1048576}' "$X/lag_walnut" | report walnut_receive_flush_lag MiB
 awk '{print $1/1048576}' "$X/lag_rwal" | report pg_receivewal_flush_lag MiB
-# lag in time: the bytes behind divided by the WAL rate of the run
-RATE=$(awk -v s="$SEGS" -v t="$SECONDS_RUN" 'BEGIN{print s*16/t}')
-report1 wal_rate "$RATE" MiB/s
-awk -v r="$RATE" '{print ($1/1048576)/r}' "$X/lag_walnut" | report walnut_receive_flush_lag_time s
-awk -v r="$RATE" '{print ($1/1048576)/r}' "$X/lag_rwal" | report pg_receivewal_flush_lag_time s
-kill "$WPID" "$RPID" 2>/dev/null || true; wait "$WPID" "$RPID" 2>/dev/null || true; WPID=; RPID=
+report1 wal_rate "$(awk -v s="$SEGS" -v t="$SECONDS_RUN" 'BEGIN{printf "%.1f", s*16/t}')" MiB/s
+# pg_stat_replication.flush_lag: time from a WAL write on the primary to the receiver's flush
+report walnut_receive_flush_lag_time s < "$X/lagt_walnut"
+report pg_receivewal_flush_lag_time s < "$X/lagt_rwal"
+kill "$WREAL" "$RREAL" 2>/dev/null || true; wait "$WPID" "$RPID" 2>/dev/null || true; WREAL=; RREAL=
 q "select pg_drop_replication_slot(slot_name) from pg_replication_slots" >/dev/null
 
 # --- part 2: FULL with --stream vs FULL with the archive
