@@ -19,6 +19,8 @@ mod pgcontrol;
 mod receive;
 mod replication;
 mod restore_hardening;
+mod restore_incremental;
+mod restore_partial;
 mod s3;
 mod stream_standby;
 mod take_hardening;
