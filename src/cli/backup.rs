@@ -430,13 +430,14 @@ pub fn run_restore(a: RestoreArgs) -> Result<i32> {
     let rep = crate::restore::power::restore_with(&catalog, &a.instance.instance, &opts, &power)?;
     if power.incremental.is_some() {
         println!(
-            "backup {} restored incrementally ({}) into \"{}\": {} of {} bytes written, {} files removed",
+            "backup {} restored incrementally ({}) into \"{}\": {} of {} bytes written, {} files removed, {} blocks kept unread",
             rep.backup_id,
             rep.kind,
             opts.target.display(),
             rep.bytes_written,
             rep.bytes_total,
-            rep.files_removed
+            rep.files_removed,
+            rep.blocks_kept
         );
     }
     if !rep.excluded_databases.is_empty() {

@@ -534,6 +534,16 @@ impl InPlace<'_> {
             .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&dest)
             .ctx("open", &dest)?;
+        {
+            // read front to back: a longer readahead
+            use std::os::fd::AsRawFd;
+            let _ = nix::fcntl::posix_fadvise(
+                file.as_raw_fd(),
+                0,
+                0,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL,
+            );
+        }
         let plan = self.r.plan(e)?;
         let bs = plan.block_size as usize;
         let cmp = Compare {
@@ -549,7 +559,8 @@ impl InPlace<'_> {
             Shape::Blocks(n) => n as u64 * bs as u64,
             Shape::Copy => e.size,
         };
-        let rel = relfile::rel_file(&e.path);
+        // FSM pages change without WAL (their LSN says nothing): compared like any file
+        let rel = relfile::rel_file(&e.path).filter(|r| r.fork.fork != crate::index::FSM_FORKNUM);
         let written = match (self.mode, self.x, rel) {
             (IncrementalMode::Lsn, Some(x), Some(rf)) if final_len % bs as u64 == 0 => {
                 let first_block = relfile::segment_first_block(rf.segno, self.relseg_size);

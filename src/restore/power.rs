@@ -38,6 +38,8 @@ pub struct RestoreReport {
     pub bytes_written: u64,
     pub bytes_total: u64,
     pub files_removed: u64,
+    /// lsn mode: blocks kept without reading the backup.
+    pub blocks_kept: u64,
     pub excluded_databases: Vec<u32>,
 }
 
@@ -125,6 +127,7 @@ pub fn restore_with(
                 bytes_written: out.bytes_written,
                 bytes_total: out.bytes_total,
                 files_removed: out.files_removed,
+                blocks_kept: out.blocks_kept,
                 excluded_databases,
             })
         }
@@ -136,6 +139,7 @@ pub fn restore_with(
                 bytes_written: total,
                 bytes_total: total,
                 files_removed: 0,
+                blocks_kept: 0,
                 excluded_databases,
             })
         }

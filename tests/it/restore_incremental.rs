@@ -141,6 +141,14 @@ fn incremental_restore_in_both_modes() {
         );
         eprintln!("{mode}: {}", out.trim());
         let (written, total) = bytes_written(&out);
+        let kept: u64 = out
+            .split(", ")
+            .find(|s| s.ends_with("blocks kept unread"))
+            .and_then(|s| s.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        // lsn mode keeps most blocks without reading the backup; checksum mode none
+        assert_eq!(kept > 1000, mode == "lsn", "{mode}: {kept} blocks kept");
         sizes.push((mode, written, total));
         assert!(
             !dir.join("pg_wal/00000002.history").exists(),
