@@ -142,6 +142,7 @@ fn incremental_restore_in_both_modes() {
         eprintln!("{mode}: {}", out.trim());
         let (written, total) = bytes_written(&out);
         let kept: u64 = out
+            .trim()
             .split(", ")
             .find(|s| s.ends_with("blocks kept unread"))
             .and_then(|s| s.split(' ').next())
