@@ -478,6 +478,8 @@ pub(super) struct InPlace<'a> {
     pub x: Option<Lsn>,
     pub start_of: HashMap<String, Lsn>,
     pub relseg_size: u32,
+    /// Threads for the chunks of one big file.
+    pub jobs: usize,
     pub dry: bool,
     pub sparse: &'a (dyn Fn(&str) -> bool + Sync),
     pub written: AtomicU64,
@@ -546,10 +548,11 @@ impl InPlace<'_> {
         }
         let plan = self.r.plan(e)?;
         let bs = plan.block_size as usize;
-        let cmp = Compare {
+        let dest_len = md.len();
+        let mk = || Compare {
             file: &file,
             dest: &dest,
-            dest_len: md.len(),
+            dest_len,
             bs,
             dry: self.dry,
             written: 0,
@@ -564,24 +567,11 @@ impl InPlace<'_> {
         let written = match (self.mode, self.x, rel) {
             (IncrementalMode::Lsn, Some(x), Some(rf)) if final_len % bs as u64 == 0 => {
                 let first_block = relfile::segment_first_block(rf.segno, self.relseg_size);
-                self.lsn_file(&plan, cmp, x, first_block, &file, &dest)?
+                self.lsn_file(&plan, &mk, x, first_block, &dest)?
             }
-            _ => {
-                let mut cmp = cmp;
-                let mut parts = Vec::new();
-                for k in 0..plan.chunks {
-                    parts.push(rebuild::run_chunk_to(
-                        &plan,
-                        k,
-                        &mut cmp,
-                        &*self.r.progress,
-                    )?);
-                }
-                rebuild::verify(&plan, &parts, &dest)?;
-                cmp.written
-            }
+            _ => self.compare_all(&plan, &mk, &dest)?,
         };
-        if !self.dry && md.len() != final_len {
+        if !self.dry && dest_len != final_len {
             file.set_len(final_len).ctx("truncate", &dest)?;
         }
         if written > 0 {
@@ -591,14 +581,32 @@ impl InPlace<'_> {
         Ok(())
     }
 
-    /// lsn mode for one relation file (see the module docs); returns the bytes written.
-    fn lsn_file(
+    /// Checksum mode for one file: every chunk rebuilt and compared (chunks on `jobs`
+    /// threads), every source verified; returns the bytes written.
+    fn compare_all<'f>(
         &self,
         plan: &rebuild::Plan,
-        cmp: Compare<'_>,
+        mk: &(dyn Fn() -> Compare<'f> + Sync),
+        dest: &Path,
+    ) -> Result<u64> {
+        let res = par(plan.chunks, self.jobs, |k| {
+            let mut c = mk();
+            let p = rebuild::run_chunk_to(plan, k, &mut c, &*self.r.progress)?;
+            Ok((p, c.written))
+        })?;
+        let written = res.iter().map(|r| r.1).sum();
+        let parts: Vec<_> = res.into_iter().map(|r| r.0).collect();
+        rebuild::verify(plan, &parts, dest)?;
+        Ok(written)
+    }
+
+    /// lsn mode for one relation file (see the module docs); returns the bytes written.
+    fn lsn_file<'f>(
+        &self,
+        plan: &rebuild::Plan,
+        mk: &(dyn Fn() -> Compare<'f> + Sync),
         x: Lsn,
         first_block: u64,
-        file: &File,
         dest: &Path,
     ) -> Result<u64> {
         let trusted = |s: &rebuild::Source| self.start_of.get(&s.backup).is_some_and(|&l| l <= x);
@@ -617,22 +625,25 @@ impl InPlace<'_> {
                 (plan.sources.first().map_or(0, |s| s.size) / plan.block_size as u64) as u32
             }
         };
-        let newer = if split == 0 {
-            Vec::new()
-        } else {
-            plan.sources[..split].to_vec()
-        };
-        let mut sink = LsnSink {
-            cmp,
+        let newer = plan.sources[..split].to_vec();
+        let sink = || LsnSink {
+            cmp: mk(),
             x,
             trusted_cap,
             first_block,
             needed: Vec::new(),
             kept: 0,
         };
-        if newer.is_empty() {
-            // every block comes from backups older than the divergence
-            sink.zeros(0, n_blocks)?;
+        let done = |s: LsnSink<'f>| (s.cmp.written, s.kept, s.needed);
+        let res: Vec<(u64, u64, Vec<u32>)> = if newer.is_empty() {
+            // every block comes from backups older than the divergence: scan in chunks
+            let step = plan.chunk_blocks.max(1);
+            par(n_blocks.div_ceil(step), self.jobs, |k| {
+                let mut s = sink();
+                let lo = k * step;
+                s.zeros(lo, step.min(n_blocks - lo))?;
+                Ok(done(s))
+            })?
         } else {
             let part = rebuild::Plan::new(
                 Shape::Blocks(n_blocks),
@@ -641,28 +652,27 @@ impl InPlace<'_> {
                 plan.chunk_blocks,
                 plan.window_blocks,
             );
-            let mut parts = Vec::new();
-            for k in 0..part.chunks {
-                parts.push(rebuild::run_chunk_to(
-                    &part,
-                    k,
-                    &mut sink,
-                    &*self.r.progress,
-                )?);
-            }
+            let res = par(part.chunks, self.jobs, |k| {
+                let mut s = sink();
+                let p = rebuild::run_chunk_to(&part, k, &mut s, &*self.r.progress)?;
+                Ok((p, done(s)))
+            })?;
+            let parts: Vec<_> = res.iter().map(|r| r.0.clone()).collect();
             rebuild::verify(&part, &parts, dest)?;
-        }
-        self.kept.fetch_add(sink.kept, Ordering::Relaxed);
-        let LsnSink {
-            mut cmp, needed, ..
-        } = sink;
+            res.into_iter().map(|r| r.1).collect()
+        };
+        let mut written: u64 = res.iter().map(|r| r.0).sum();
+        self.kept
+            .fetch_add(res.iter().map(|r| r.1).sum(), Ordering::Relaxed);
+        let needed: Vec<u32> = res.into_iter().flat_map(|r| r.2).collect();
         if needed.is_empty() {
-            return Ok(cmp.written);
+            return Ok(written);
         }
         let older = &plan.sources[split..];
         match older {
             [src] if matches!(src.stored, Stored::Plain) => {
                 // single blocks of a plain FULL, each page checked on its own
+                let mut cmp = mk();
                 let obj = src.open()?;
                 let bs = plan.block_size;
                 let mut buf = vec![0u8; bs as usize];
@@ -682,17 +692,12 @@ impl InPlace<'_> {
                     }
                     cmp.sync(&buf, b as u64 * bs as u64)?;
                 }
-                Ok(cmp.written)
+                Ok(written + cmp.written)
             }
+            // rebuild the whole file as checksum mode does
             _ => {
-                // rebuild the whole file as checksum mode does
-                let _ = file;
-                let mut parts = Vec::new();
-                for k in 0..plan.chunks {
-                    parts.push(rebuild::run_chunk_to(plan, k, &mut cmp, &*self.r.progress)?);
-                }
-                rebuild::verify(plan, &parts, dest)?;
-                Ok(cmp.written)
+                written += self.compare_all(plan, mk, dest)?;
+                Ok(written)
             }
         }
     }
@@ -726,6 +731,54 @@ impl InPlace<'_> {
             None => Ok(()),
         }
     }
+}
+
+/// Runs `f(k)` for `k` in `0..n` on up to `jobs` threads; the results in order, or the
+/// first error.
+fn par<T: Send>(n: u32, jobs: usize, f: impl Fn(u32) -> Result<T> + Sync) -> Result<Vec<T>> {
+    if n <= 1 || jobs <= 1 {
+        return (0..n).map(&f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let out: Mutex<Vec<Option<Result<T>>>> = Mutex::new((0..n).map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..jobs.min(n as usize) {
+            s.spawn(|| loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= n as usize {
+                    break;
+                }
+                let r = f(k as u32);
+                let failed = r.is_err();
+                if let Ok(mut g) = out.lock() {
+                    g[k] = Some(r);
+                }
+                if failed {
+                    next.store(n as usize, Ordering::Relaxed);
+                    break;
+                }
+            });
+        }
+    });
+    let v = out
+        .into_inner()
+        .map_err(|_| Error::invalid("a restore thread panicked"))?;
+    if let Some(i) = v.iter().position(|r| matches!(r, Some(Err(_)))) {
+        if let Some(Some(Err(e))) = v.into_iter().nth(i) {
+            return Err(e);
+        }
+        return Err(Error::invalid("a restore chunk failed"));
+    }
+    let mut res = Vec::with_capacity(n as usize);
+    for (k, r) in v.into_iter().enumerate() {
+        match r {
+            Some(r) => res.push(r?),
+            None => {
+                return Err(Error::invalid(format!("chunk {k} did not run")));
+            }
+        }
+    }
+    Ok(res)
 }
 
 /// Removes (or, dry, counts) every file and directory below `root` that `keep` (manifest

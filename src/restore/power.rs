@@ -200,6 +200,7 @@ fn execute_in_place(
         x: divergence,
         start_of: incremental::starts(&plan.chain),
         relseg_size: newest.relseg_size,
+        jobs,
         dry,
         sparse: &sparse,
         written: AtomicU64::new(0),
