@@ -880,6 +880,48 @@ mod tests {
         assert_eq!(divergence(&s(&[(2, M)]), &s(&[(1, M)])), Lsn(0));
     }
 
+    /// Only differing blocks are written; zero pages are written only over non-zero ones;
+    /// a dry run writes nothing but counts the same.
+    #[test]
+    fn compare_writes_only_what_differs() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        let bs = 8192usize;
+        let mut old = vec![1u8; 4 * bs];
+        old[2 * bs..3 * bs].fill(0);
+        let mut new = old.clone();
+        new[bs + 5] = 9; // block 1 differs
+        for dry in [true, false] {
+            std::fs::write(&p, &old).unwrap();
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&p)
+                .unwrap();
+            let mut c = Compare {
+                file: &f,
+                dest: &p,
+                dest_len: old.len() as u64,
+                bs,
+                dry,
+                written: 0,
+                scratch: Vec::new(),
+            };
+            c.put(&new[..2 * bs], 0).unwrap();
+            c.zeros(2, 2).unwrap(); // block 2 is zero already, block 3 is not
+            c.put(&[7u8; 8192], 4 * bs as u64).unwrap(); // past the end: written
+            assert_eq!(c.written, 3 * bs as u64, "dry {dry}");
+            let got = std::fs::read(&p).unwrap();
+            if dry {
+                assert_eq!(got, old);
+            } else {
+                assert_eq!(&got[..2 * bs], &new[..2 * bs]);
+                assert!(got[2 * bs..4 * bs].iter().all(|&b| b == 0));
+                assert!(got[4 * bs..].iter().all(|&b| b == 7));
+            }
+        }
+    }
+
     #[test]
     fn keep_set_holds_parents() {
         let e = FileEntry::dir("base/5/16384".to_string());
