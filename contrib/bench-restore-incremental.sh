@@ -128,4 +128,4 @@ report1 ratio_checksum_to_full "$(ratio "$CKS_MS" "$FULL_MS")" x
 report1 ratio_pgbr_delta_to_pgbr_full "$(ratio "$PD_MS" "$PF_MS")" x
 report1 ratio_pgbr_delta_to_walnut_full "$(ratio "$PD_MS" "$FULL_MS")" x
 cat "$RESULTS_FILE"
-rm -rf "$X"/r-* "$X/image"
+[ -n "${KEEP:-}" ] || rm -rf "$X"/r-* "$X/image"
