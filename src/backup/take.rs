@@ -200,6 +200,24 @@ fn put_deferred(catalog: &Catalog, key: &str, rel: &str, data: &[u8]) -> Result<
     w.commit(Durability::Deferred)
 }
 
+/// Every database's OID and name, as the server lists them.
+fn database_map(sess: &mut server::Session) -> Result<Vec<crate::restore::partial::Database>> {
+    let rows = sess.client().query(
+        "select oid::int8, datname::text from pg_database order by oid",
+        &[],
+    )?;
+    let mut v = Vec::with_capacity(rows.len());
+    for r in rows {
+        let oid: i64 = r.get(0);
+        v.push(crate::restore::partial::Database {
+            oid: u32::try_from(oid)
+                .map_err(|_| Error::server(format!("pg_database lists oid {oid}")))?,
+            name: r.get(1),
+        });
+    }
+    Ok(v)
+}
+
 /// The slot name of a STREAM backup: `walnut_backup_` and the id's letters and digits.
 fn slot_name(id: &str) -> String {
     let tail: String = id
@@ -539,6 +557,14 @@ fn copy_and_stop(
     // every page was read before the stop: one beyond it is damaged
     ctx.check_page_lsns(stop.lsn)?;
     put_deferred(catalog, key, "backup_label", stop.labelfile.as_bytes())?;
+    // The databases' names and OIDs, for partial restore (restore/partial.rs).
+    let dbs = database_map(sess)?;
+    put_deferred(
+        catalog,
+        key,
+        crate::restore::partial::DATABASES_FILE,
+        &crate::restore::partial::encode(&dbs)?,
+    )?;
     if !stop.spcmapfile.is_empty() {
         // Covered by the manifest (size and CRC, like every stored file) so that validate
         // and restore detect damage; the copy beside the manifest is what older walnut

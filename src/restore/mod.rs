@@ -20,7 +20,10 @@
 //! exclusive temp name renamed (or linked) into place, so a link is never written through.
 
 pub mod dirs;
+pub mod incremental;
+pub mod partial;
 pub mod plan;
+pub mod power;
 pub mod rebuild;
 
 use std::collections::{BTreeSet, HashMap};
@@ -536,10 +539,11 @@ fn execute(
         fs_syncs.push(durable::FsSync::open(d)?);
     }
     r.create_dirs(&entries)?;
-    let files: Vec<&FileEntry> = entries
+    let (sparse, files): (Vec<&FileEntry>, Vec<&FileEntry>) = entries
         .iter()
         .filter(|e| is_file(e) && e.path != "global/pg_control")
-        .collect();
+        .partition(|e| partial::is_excluded(&e.path, &plan.excluded_dbs));
+    power::create_sparse(&r, &sparse)?;
     r.restore_files(&files, jobs)?;
     r.create_other_entries(&entries)?;
     // pg_control: prepared under a temp name, renamed into place at the very end.

@@ -50,6 +50,8 @@ pub struct Plan<'a> {
     pub backup_label: Vec<u8>,
     /// Recovery settings for postgresql.auto.conf, restore_command excluded.
     pub settings: Vec<(&'static str, String)>,
+    /// Databases not restored (partial restore): their files become sparse zero files.
+    pub excluded_dbs: std::collections::BTreeSet<u32>,
 }
 
 impl Plan<'_> {
@@ -469,6 +471,7 @@ pub fn plan<'a>(
         tablespaces,
         backup_label,
         settings,
+        excluded_dbs: Default::default(),
     })
 }
 

@@ -80,7 +80,7 @@ impl Source {
     }
 
     /// Opens the stored object for positional reads (see [`Obj`]).
-    fn open(&self) -> Result<Obj> {
+    pub fn open(&self) -> Result<Obj> {
         match self.repo.open_file(&self.key)? {
             // A local store's object is a file below its root (no symbolic link below the
             // root, a regular file): one descriptor per chunk and readahead hints.
@@ -161,6 +161,27 @@ impl Obj {
             will_need(f, offset, len);
         }
     }
+}
+
+/// Block `blk` of a plain whole stored file, read alone (an lsn-mode incremental restore
+/// takes single blocks from a FULL it otherwise never reads, see incremental.rs). The
+/// stored file's checksum cannot cover one block: the caller checks the page itself.
+pub fn read_plain_block(obj: &Obj, src: &Source, blk: u32, bs: u32, buf: &mut [u8]) -> Result<()> {
+    if !matches!(src.stored, Stored::Plain) {
+        return Err(Error::invalid(format!(
+            "{}: not a plain stored file",
+            src.path().display()
+        )));
+    }
+    let off = blk as u64 * bs as u64;
+    if off + bs as u64 > obj.len().min(src.size) {
+        return Err(Error::corruption(format!(
+            "{}: block {blk} is beyond the stored file",
+            src.path().display()
+        )));
+    }
+    obj.read_exact_at(&mut buf[..bs as usize], off)
+        .ctx("read", &src.path())
 }
 
 /// Sequential reads of an [`Obj`] from a position.
@@ -855,6 +876,34 @@ fn write_at(out: &File, dest: &Path, data: &[u8], off: u64) -> Result<()> {
     Ok(())
 }
 
+/// Where a chunk's result goes: the caller's file (a fresh restore) or an existing file
+/// rewritten in place where it differs (an incremental restore, see incremental.rs).
+pub trait Sink {
+    /// `data` is the result at byte `off`: whole blocks, except the tail of a copy.
+    fn put(&mut self, data: &[u8], off: u64) -> Result<()>;
+    /// Blocks `first..first + n` of the result are zero pages (no source supplies them).
+    fn zeros(&mut self, first: u32, n: u32) -> Result<()>;
+}
+
+/// A fresh file: every supplied run written, zero pages left as holes.
+struct FileSink<'a> {
+    out: &'a File,
+    dest: &'a Path,
+    settled: u64,
+}
+
+impl Sink for FileSink<'_> {
+    fn put(&mut self, data: &[u8], off: u64) -> Result<()> {
+        write_at(self.out, self.dest, data, off)?;
+        self.settled = settle(self.out, self.settled, off + data.len() as u64);
+        Ok(())
+    }
+
+    fn zeros(&mut self, _first: u32, _n: u32) -> Result<()> {
+        Ok(())
+    }
+}
+
 /// Runs chunk `k` of `plan`, writing into `out` (the result being built at `dest`); returns
 /// one [`Part`] per source, for [`finish`].
 pub fn run_chunk(
@@ -862,6 +911,23 @@ pub fn run_chunk(
     k: u32,
     out: &File,
     dest: &Path,
+    progress: &dyn Progress,
+) -> Result<Vec<Part>> {
+    let (lo, _) = plan.range(k);
+    let mut sink = FileSink {
+        out,
+        dest,
+        settled: lo as u64 * plan.block_size as u64,
+    };
+    run_chunk_to(plan, k, &mut sink, progress)
+}
+
+/// [`run_chunk`] into any [`Sink`]: every block of the chunk's range reaches it once, as
+/// data or as a zero page, in order.
+pub fn run_chunk_to(
+    plan: &Plan,
+    k: u32,
+    sink: &mut dyn Sink,
     progress: &dyn Progress,
 ) -> Result<Vec<Part>> {
     let bs = plan.block_size as usize;
@@ -875,16 +941,14 @@ pub fn run_chunk(
             .ok_or_else(|| Error::invalid("a copy without a source"))?;
         let mut r = WholeReader::open(plan, src, k)?;
         let mut off = lo as u64 * bs as u64;
-        let mut settled = off;
         loop {
             let n = r.read(&mut buf, u64::MAX)?;
             if n == 0 {
                 break;
             }
-            write_at(out, dest, &buf[..n], off)?;
+            sink.put(&buf[..n], off)?;
             progress.inc(n as u64);
             off += n as u64;
-            settled = settle(out, settled, off);
         }
         return Ok(vec![r.finish()?]);
     }
@@ -898,7 +962,6 @@ pub fn run_chunk(
     }
     let mut filled = vec![false; wb];
     let mut w_lo = lo;
-    let mut settled = lo as u64 * bs as u64;
     while w_lo < hi {
         let w_hi = w_lo.saturating_add(wb as u32).min(hi);
         let nb = (w_hi - w_lo) as usize;
@@ -917,18 +980,18 @@ pub fn run_chunk(
         }
         let mut j = 0;
         while j < nb {
-            if !filled[j] {
-                j += 1;
-                continue;
+            let want = filled[j];
+            let run = filled[j..nb].iter().take_while(|&&f| f == want).count();
+            if want {
+                let off = (w_lo as u64 + j as u64) * bs as u64;
+                sink.put(&buf[j * bs..(j + run) * bs], off)?;
+            } else {
+                sink.zeros(w_lo + j as u32, run as u32)?;
             }
-            let run = filled[j..nb].iter().take_while(|&&f| f).count();
-            let off = (w_lo as u64 + j as u64) * bs as u64;
-            write_at(out, dest, &buf[j * bs..(j + run) * bs], off)?;
             j += run;
         }
         progress.inc((nb * bs) as u64);
         w_lo = w_hi;
-        settled = settle(out, settled, w_lo as u64 * bs as u64);
     }
     let mut parts = Vec::with_capacity(readers.len());
     for r in readers {
@@ -944,6 +1007,17 @@ pub fn run_chunk(
 /// its manifest checksum (and an incremental file against its trailer), then gives the
 /// result its length. Nothing may use the result before this succeeds.
 pub fn finish(plan: &Plan, parts: &[Vec<Part>], out: &File, dest: &Path) -> Result<()> {
+    verify(plan, parts, dest)?;
+    if let Shape::Blocks(n) = plan.shape {
+        out.set_len(n as u64 * plan.block_size as u64)
+            .ctx("truncate", dest)?;
+    }
+    Ok(())
+}
+
+/// The checks of [`finish`] alone: every source against its manifest checksum (and an
+/// incremental file against its trailer).
+pub fn verify(plan: &Plan, parts: &[Vec<Part>], dest: &Path) -> Result<()> {
     if parts.len() != plan.chunks as usize {
         return Err(Error::invalid(format!(
             "{}: {} of {} chunks done",
@@ -1004,10 +1078,6 @@ pub fn finish(plan: &Plan, parts: &[Vec<Part>], out: &File, dest: &Path) -> Resu
                 }
             }
         }
-    }
-    if let Shape::Blocks(n) = plan.shape {
-        out.set_len(n as u64 * plan.block_size as u64)
-            .ctx("truncate", dest)?;
     }
     Ok(())
 }

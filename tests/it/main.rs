@@ -20,6 +20,8 @@ mod pgcontrol;
 mod receive;
 mod replication;
 mod restore_hardening;
+mod restore_incremental;
+mod restore_partial;
 mod s3;
 mod stream_standby;
 mod stream_standby_busy;

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# bench-restore-incremental.sh -- walnut incremental restore (checksum and lsn mode) against a
+# full restore of the same FULL+PAGE chain, beside pgBackRest restore --delta, on PG15.
+#   1. initdb -k, archive_command = walnut-archive && pgbackrest archive-push, pgbench -i -s $SCALE
+#   2. walnut FULL + pgBackRest full
+#   3. the FULL restored and run as a promoted copy (archive off) that changes ~5% of
+#      pgbench_accounts' pages (pgbench -t $TX), stopped cleanly: the "old copy" image
+#   4. the source changes as much again; walnut PAGE + pgBackRest incr
+#   5. timed (page cache dropped, wait_quiet before each):
+#        walnut_full      walnut restore of the PAGE chain into an empty directory
+#        walnut_checksum  walnut restore --incremental-mode checksum over a copy of the image
+#        walnut_lsn       walnut restore --incremental-mode lsn over a copy of the image
+#        pgbr_full        pgbackrest restore of the incr into an empty directory
+#        pgbr_delta       pgbackrest restore --delta over a copy of the image
+#      Targets (issue 13): lsn <= 0.2x walnut_full, checksum <= 0.5x walnut_full.
+# Run:  bash contrib/bench-restore-incremental.sh  (env: SCALE=50, JOBS=2, PORT=56446, TX)
+# Results: $LIMITS_ROOT/results/bench_restore_incremental.tsv
+# Measured once (2026-11-30, 2 vCPU VM shared with other jobs: 0% idle during every step, so
+# single noisy figures; SCALE=10 = 180 MB restored, TX=820 each side, JOBS=2, dev profile
+# (walnut crate at opt-level 1); 23 MB written by both modes, lsn kept 18.7k blocks unread):
+#   walnut full 1448 ms | checksum 1548 ms (1.07x) | lsn 1544 ms (1.07x)
+#   pgBackRest full 2584 ms | delta 1057 ms (0.41x its full, 0.73x walnut full)
+#   (first run, before chunks were shared between threads: full 1273, checksum 2065, lsn 1340,
+#    pgBackRest full 1611, delta 1650)
+# The 0.2x / 0.5x targets are NOT met at this scale: reading the destination cold and the
+# fixed costs (catalog, manifests, syncfs) dominate a 180 MB restore.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+: "${BENCH:=$REPO/../shared/bench}"
+. "$BENCH/common.sh"
+: "${SCALE:=50}" "${JOBS:=2}" "${PORT:=56446}"
+# ~5% of pgbench_accounts' pages (about 1640 per scale unit) on each side
+: "${TX:=$(( SCALE * 1640 / 20 ))}"
+mkdir -p "$RESULTS_DIR"
+RESULTS_FILE=$RESULTS_DIR/bench_restore_incremental.tsv; : > "$RESULTS_FILE"
+B=$PG15_BIN; P=$LIMITS_ROOT/pg15ri; X=$LIMITS_ROOT/ri; CAT=$X/cat
+PGBR_DIR=$X/pgbr; CONF=$PGBR_DIR/pgbackrest.conf
+
+(cd "$REPO" && cargo build -q)
+BIN=$LIMITS_ROOT/walnut-bin-ri
+mkdir -p "$BIN"
+cp "$REPO"/target/debug/{walnut,walnut-archive,walnut-fetch} "$BIN/"
+chmod 755 "$BIN" "$BIN"/*
+
+pg_stop "$B" "$P"
+for d in "$X"/copy "$X"/r-*; do [ -d "$d" ] && pg_stop "$B" "$d"; done
+rm -rf "$P" "$X"; mkdir -p "$P" "$X" "$PGBR_DIR"/{repo,log,lock,spool} "$SOCK_DIR"
+chown -R "$PG_OS_USER:" "$P" "$X" "$SOCK_DIR"
+pgx "$B" initdb -k -D "$P" -A trust -U postgres >/dev/null
+W() { as_pg "$BIN/walnut" "$@"; }
+W init -B "$CAT"
+W add-instance -B "$CAT" --instance bench -D "$P"
+cat > "$CONF" <<CONF
+[global]
+repo1-path=$PGBR_DIR/repo
+log-path=$PGBR_DIR/log
+lock-path=$PGBR_DIR/lock
+spool-path=$PGBR_DIR/spool
+log-level-console=warn
+start-fast=y
+repo1-retention-full=5
+[ri]
+pg1-path=$P
+pg1-socket-path=$SOCK_DIR
+pg1-port=$PORT
+CONF
+chown -R "$PG_OS_USER:" "$PGBR_DIR"
+PGBR="$PGBACKREST --config=$CONF --stanza=ri"
+cat >> "$P/postgresql.conf" <<CONF
+wal_level = replica
+archive_mode = on
+archive_command = '$BIN/walnut-archive -B $CAT --instance bench %p %f && $PGBR archive-push %p'
+max_wal_size = 4GB
+CONF
+pg_start "$B" "$P" "$PORT"
+q() { psqlq "$B" "$PORT" "$1"; }
+CONN=(-h "$SOCK_DIR" -p "$PORT" -U postgres)
+as_pg $PGBR stanza-create >/dev/null
+pgx "$B" pgbench "${CONN[@]}" -i -s "$SCALE" -q postgres > "$X/init.log" 2>&1
+q "checkpoint" >/dev/null
+
+FULL=$(W backup -B "$CAT" --instance bench -b full -j "$JOBS" "${CONN[@]}" 2> "$X/full.log")
+as_pg $PGBR --type=full --process-max="$JOBS" --compress-type=none backup
+
+# the old copy: restored FULL, promoted, ~5% changed, stopped cleanly
+W restore -B "$CAT" --instance bench -i "$FULL" -D "$X/copy" -j "$JOBS" \
+  --recovery-target immediate --recovery-target-action promote 2> "$X/copy-restore.log"
+echo "archive_mode = off" >> "$X/copy/postgresql.auto.conf"
+CPORT=$((PORT + 1))
+pg_start "$B" "$X/copy" "$CPORT"
+until [ "$(psqlq "$B" "$CPORT" "select pg_is_in_recovery()")" = f ]; do sleep 0.2; done
+pgx "$B" pgbench -h "$SOCK_DIR" -p "$CPORT" -U postgres -n -t "$TX" postgres > "$X/copy-run.log" 2>&1
+pg_stop "$B" "$X/copy"
+mv "$X/copy" "$X/image"
+
+# the source moves on
+pgx "$B" pgbench "${CONN[@]}" -n -t "$TX" postgres > "$X/run.log" 2>&1
+PAGE=$(W backup -B "$CAT" --instance bench -b page -j "$JOBS" "${CONN[@]}" 2> "$X/page.log")
+as_pg $PGBR --type=incr --process-max="$JOBS" --compress-type=none backup
+q "select pg_switch_wal()" >/dev/null
+sleep 2
+pg_stop "$B" "$P"
+
+image() { rm -rf "$1"; cp -a "$X/image" "$1"; sync; }
+timed() { # NAME CMD...
+  local name=$1; shift
+  wait_quiet; drop_caches
+  local t; t=$(now_ns); "$@" > "$X/$name.out" 2> "$X/$name.log"; sync
+  local ms; ms=$(elapsed_ms "$t")
+  report1 "${name}_ms" "$ms" ms >&2
+  echo "$ms"
+}
+FULL_MS=$(timed walnut_full W restore -B "$CAT" --instance bench -i "$PAGE" -D "$X/r-full" -j "$JOBS")
+image "$X/r-cks"
+CKS_MS=$(timed walnut_checksum W restore -B "$CAT" --instance bench -i "$PAGE" -D "$X/r-cks" -j "$JOBS" --incremental-mode checksum)
+image "$X/r-lsn"
+LSN_MS=$(timed walnut_lsn W restore -B "$CAT" --instance bench -i "$PAGE" -D "$X/r-lsn" -j "$JOBS" --incremental-mode lsn)
+cat "$X/walnut_checksum.out" "$X/walnut_lsn.out"
+mkdir -p "$X/r-pgbr"; chown "$PG_OS_USER:" "$X/r-pgbr"; chmod 700 "$X/r-pgbr"
+PF_MS=$(timed pgbr_full as_pg $PGBR --pg1-path="$X/r-pgbr" --process-max="$JOBS" restore)
+image "$X/r-delta"
+PD_MS=$(timed pgbr_delta as_pg $PGBR --pg1-path="$X/r-delta" --process-max="$JOBS" --delta restore)
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f\n", a/b}'; }
+report1 ratio_lsn_to_full "$(ratio "$LSN_MS" "$FULL_MS")" x
+report1 ratio_checksum_to_full "$(ratio "$CKS_MS" "$FULL_MS")" x
+report1 ratio_pgbr_delta_to_pgbr_full "$(ratio "$PD_MS" "$PF_MS")" x
+report1 ratio_pgbr_delta_to_walnut_full "$(ratio "$PD_MS" "$FULL_MS")" x
+cat "$RESULTS_FILE"
+[ -n "${KEEP:-}" ] || rm -rf "$X"/r-* "$X/image"

@@ -1,0 +1,931 @@
+//! Incremental restore into an existing data directory: rewrite only what differs.
+//!
+//! Two modes:
+//! - **checksum**: every block of every file is rebuilt from the chain as a fresh restore
+//!   would, compared with the destination's block, and written only when it differs.
+//! - **lsn**: the destination and the chain share their history up to a divergence point
+//!   X (where their timeline histories part, or the destination's end of WAL, whichever is
+//!   lower). A destination page that passes its data checksum and whose LSN is below X
+//!   holds what the source held at X. A block that the chain takes from a backup that
+//!   started at or before X was not changed between that backup's start and the newest
+//!   backup's start (else a newer backup would hold it), so the destination's page is the
+//!   chain's: it is kept without reading the backup. Blocks of backups that started after X
+//!   are compared and written where they differ; the rest is read block by block from the
+//!   FULL (each page checked against its data checksum) or rebuilt as in checksum mode.
+//!   WAL replay from the newest backup's redo point then restores every block changed
+//!   after it (full-page writes).
+//!
+//! Every check runs before the first write ([`preflight`]). Then `global/pg_control` is
+//! removed first, and written last, so a crash mid-way leaves a directory PostgreSQL
+//! refuses to start, never a silently mixed one. Files and directories the backup does not
+//! have are removed (this resets unlogged relations: a backup keeps only their init fork),
+//! and every file gets the length of the backup's.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+use crate::archive::{parse_history, HistoryEntry};
+use crate::backup::meta::BackupMeta;
+use crate::backup::page::{check_page, is_all_zero, page_lsn, PageCheck};
+use crate::backup::relfile;
+use crate::durable::{self, Replace};
+use crate::error::{Error, IoContext, Result};
+use crate::format::manifest::{FileEntry, Storage};
+use crate::pgcontrol::ControlFile;
+use crate::types::{Lsn, TimeLineId};
+
+use super::rebuild::{self, Shape, Sink, Stored};
+use super::Restorer;
+
+/// How an incremental restore decides which blocks to write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IncrementalMode {
+    Checksum,
+    Lsn,
+}
+
+impl std::fmt::Display for IncrementalMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IncrementalMode::Checksum => "checksum",
+            IncrementalMode::Lsn => "lsn",
+        })
+    }
+}
+
+/// One pre-flight check and its result.
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+    /// Only lsn mode needs it: checksum mode would be safe.
+    #[serde(skip)]
+    pub lsn_only: bool,
+}
+
+/// The checks of an incremental restore and what they found.
+#[derive(Clone, Debug, Default)]
+pub struct Preflight {
+    pub checks: Vec<Check>,
+    /// lsn mode: the divergence point.
+    pub divergence: Option<Lsn>,
+}
+
+impl Preflight {
+    fn add(&mut self, name: &str, ok: bool, detail: impl Into<String>, lsn_only: bool) {
+        self.checks.push(Check {
+            name: name.to_string(),
+            ok,
+            detail: detail.into(),
+            lsn_only,
+        });
+    }
+
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.ok)
+    }
+
+    /// The refusal for the first failed check, naming it; offers checksum mode when only
+    /// lsn-mode checks failed.
+    pub fn refusal(&self, target: &Path) -> Option<Error> {
+        let failed: Vec<&Check> = self.checks.iter().filter(|c| !c.ok).collect();
+        let first = failed.first()?;
+        let hint = if failed.iter().all(|c| c.lsn_only) {
+            "; --incremental-mode checksum does not need this check and would be safe here"
+        } else {
+            ""
+        };
+        Some(Error::refused(format!(
+            "incremental restore into \"{}\" refused: check \"{}\" failed: {}{hint}",
+            target.display(),
+            first.name,
+            first.detail
+        )))
+    }
+}
+
+/// A history as segments: each timeline with the LSN where it ended (the last one never).
+fn segments(history: &[HistoryEntry], tli: TimeLineId) -> Vec<(TimeLineId, Lsn)> {
+    history
+        .iter()
+        .map(|h| (h.tli, h.switchpoint))
+        .chain(std::iter::once((tli, Lsn(u64::MAX))))
+        .collect()
+}
+
+/// The first LSN at which the two histories differ (`Lsn(u64::MAX)`: nowhere).
+pub fn divergence(a: &[(TimeLineId, Lsn)], b: &[(TimeLineId, Lsn)]) -> Lsn {
+    let mut start = Lsn(0);
+    for (x, y) in a.iter().zip(b) {
+        if x.0 != y.0 {
+            return start;
+        }
+        if x.1 != y.1 {
+            return Lsn(x.1 .0.min(y.1 .0));
+        }
+        start = x.1;
+    }
+    start
+}
+
+/// Symbolic links below `dir` (the first found), not following any.
+fn first_link(dir: &Path) -> Result<Option<PathBuf>> {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).ctx("read directory", &d)? {
+            let e = e.ctx("read directory", &d)?;
+            let ft = e.file_type().ctx("stat", &e.path())?;
+            if ft.is_symlink() {
+                return Ok(Some(e.path()));
+            }
+            if ft.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Every check before the first write (see the module docs). `chain_history` is the
+/// history of the newest backup's timeline, from the archive.
+pub fn preflight(
+    target: &Path,
+    newest: &BackupMeta,
+    mode: IncrementalMode,
+    chain_history: Result<Vec<HistoryEntry>>,
+    has_tablespaces: bool,
+) -> Preflight {
+    let mut p = Preflight::default();
+    let control = match ControlFile::read_from_pgdata(target) {
+        Ok(c) => {
+            p.add(
+                "data directory",
+                true,
+                "global/pg_control is readable",
+                false,
+            );
+            c
+        }
+        Err(e) => {
+            p.add(
+                "data directory",
+                false,
+                format!("{e}; an incremental restore needs an existing data directory"),
+                false,
+            );
+            return p;
+        }
+    };
+    match super::dirs::live_postmaster(target) {
+        Ok(None) => p.add("no server running", true, "no live postmaster.pid", false),
+        Ok(Some(pid)) => p.add(
+            "no server running",
+            false,
+            format!("a server (pid {pid}) is running in it; stop it first"),
+            false,
+        ),
+        Err(e) => p.add("no server running", false, e.to_string(), false),
+    }
+    p.add(
+        "system identifier",
+        control.system_id == newest.system_id,
+        format!(
+            "destination {}, backup {}",
+            control.system_id, newest.system_id
+        ),
+        false,
+    );
+    let version = crate::pgcontrol::read_pg_version_file(target);
+    let v_ok =
+        matches!(version, Ok(v) if v == newest.pg_major) && control.block_size == newest.block_size;
+    p.add(
+        "version and block size",
+        v_ok,
+        match &version {
+            Ok(v) => format!(
+                "destination PostgreSQL {v} with {}-byte blocks, backup {} with {}",
+                control.block_size, newest.pg_major, newest.block_size
+            ),
+            Err(e) => e.to_string(),
+        },
+        false,
+    );
+    let spc_empty = match std::fs::read_dir(target.join("pg_tblspc")) {
+        Ok(mut rd) => rd.next().is_none(),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    };
+    p.add(
+        "no tablespaces",
+        !has_tablespaces && spc_empty,
+        if has_tablespaces || !spc_empty {
+            "incremental restore of a cluster with tablespaces is not supported; restore into an empty directory"
+        } else {
+            "neither the backup nor the destination has tablespaces"
+        },
+        false,
+    );
+    match first_link(target) {
+        Ok(None) => p.add(
+            "no symbolic links",
+            true,
+            "none below the data directory",
+            false,
+        ),
+        Ok(Some(l)) => p.add(
+            "no symbolic links",
+            false,
+            format!(
+                "\"{}\" is a symbolic link; incremental restore never writes through one",
+                l.display()
+            ),
+            false,
+        ),
+        Err(e) => p.add("no symbolic links", false, e.to_string(), false),
+    }
+    if mode == IncrementalMode::Checksum {
+        return p;
+    }
+    let label = target.join("backup_label");
+    let has_label = std::fs::symlink_metadata(&label).is_ok();
+    p.add(
+        "no backup_label",
+        !has_label,
+        if has_label {
+            format!("\"{}\" exists: the destination is a restored backup that never finished recovery, its page LSNs say nothing", label.display())
+        } else {
+            "none".to_string()
+        },
+        true,
+    );
+    p.add(
+        "data checksums",
+        control.data_checksums(),
+        if control.data_checksums() {
+            "enabled"
+        } else {
+            "disabled in the destination: page LSNs cannot be trusted without them"
+        },
+        true,
+    );
+    p.add(
+        "clean shutdown",
+        control.state.is_shut_down(),
+        format!(
+            "pg_control state {:?}{}",
+            control.state,
+            if control.state.is_shut_down() {
+                ""
+            } else {
+                ": the destination was not shut down cleanly, its pages may be torn"
+            }
+        ),
+        true,
+    );
+    // the timeline histories
+    let dest_tli = control.timeline;
+    let dest_hist = if dest_tli <= 1 {
+        Ok(Vec::new())
+    } else {
+        let f = target.join(format!("pg_wal/{dest_tli:08X}.history"));
+        std::fs::read(&f)
+            .ctx("read", &f)
+            .and_then(|b| parse_history(&b, &f.display().to_string()))
+    };
+    match (dest_hist, chain_history) {
+        (Ok(dh), Ok(ch)) => {
+            let ds = segments(&dh, dest_tli);
+            let cs = segments(&ch, newest.timeline);
+            let contains =
+                ds.iter().any(|s| s.0 == newest.timeline) || cs.iter().any(|s| s.0 == dest_tli);
+            let end = control.checkpoint.max(control.min_recovery_point);
+            let x = Lsn(divergence(&ds, &cs).0.min(end.0));
+            if contains {
+                p.divergence = Some(x);
+            }
+            p.add(
+                "timeline history",
+                contains,
+                if contains {
+                    format!(
+                        "destination timeline {dest_tli}, chain timeline {}: they diverge at {x}",
+                        newest.timeline
+                    )
+                } else {
+                    format!(
+                        "the destination's timeline {dest_tli} history does not contain the chain's timeline {}",
+                        newest.timeline
+                    )
+                },
+                true,
+            );
+        }
+        (Err(e), _) => p.add("timeline history", false, e.to_string(), true),
+        (_, Err(e)) => p.add(
+            "timeline history",
+            false,
+            format!("history of the chain's timeline {}: {e}", newest.timeline),
+            true,
+        ),
+    }
+    p
+}
+
+/// Compares blocks with an existing file and writes those that differ.
+struct Compare<'a> {
+    file: &'a File,
+    dest: &'a Path,
+    dest_len: u64,
+    bs: usize,
+    dry: bool,
+    written: u64,
+    scratch: Vec<u8>,
+}
+
+impl Compare<'_> {
+    /// The destination's bytes at `off` (fewer past its end) into `scratch`.
+    fn read_dest(&mut self, off: u64, len: usize) -> Result<usize> {
+        let n = (len as u64).min(self.dest_len.saturating_sub(off)) as usize;
+        self.scratch.resize(len.max(self.scratch.len()), 0);
+        if n > 0 {
+            self.file
+                .read_exact_at(&mut self.scratch[..n], off)
+                .ctx("read", self.dest)?;
+        }
+        Ok(n)
+    }
+
+    fn write(&mut self, data: &[u8], off: u64) -> Result<()> {
+        if !self.dry {
+            self.file.write_all_at(data, off).ctx("write", self.dest)?;
+        }
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
+    /// Writes `data` at `off` where it differs from the destination, block by block.
+    fn sync(&mut self, data: &[u8], off: u64) -> Result<()> {
+        let mut o = 0;
+        while o < data.len() {
+            let piece = &data[o..(o + self.bs).min(data.len())];
+            let at = off + o as u64;
+            let n = self.read_dest(at, piece.len())?;
+            if n != piece.len() || self.scratch[..n] != *piece {
+                self.write(piece, at)?;
+            }
+            o += piece.len();
+        }
+        Ok(())
+    }
+
+    /// Makes block `b` a zero page (a hole past the destination's end).
+    fn zero(&mut self, b: u32) -> Result<()> {
+        let off = b as u64 * self.bs as u64;
+        let n = self.read_dest(off, self.bs)?;
+        if n > 0 && !is_all_zero(&self.scratch[..n]) {
+            let z = vec![0u8; self.bs];
+            self.write(&z, off)?;
+        }
+        Ok(())
+    }
+}
+
+impl Sink for Compare<'_> {
+    fn put(&mut self, data: &[u8], off: u64) -> Result<()> {
+        self.sync(data, off)
+    }
+
+    fn zeros(&mut self, first: u32, n: u32) -> Result<()> {
+        for b in first..first.saturating_add(n) {
+            self.zero(b)?;
+        }
+        Ok(())
+    }
+}
+
+/// lsn mode: blocks newer backups supply are compared; blocks below `trusted_cap` (supplied
+/// by backups that started at or before the divergence point) are kept when the
+/// destination's page is valid and older than it, else listed in `needed`.
+struct LsnSink<'a> {
+    cmp: Compare<'a>,
+    x: Lsn,
+    trusted_cap: u32,
+    /// Block number of block 0 of this file in its relation (segment files).
+    first_block: u64,
+    needed: Vec<u32>,
+    kept: u64,
+}
+
+impl LsnSink<'_> {
+    fn keeps(&mut self, b: u32) -> Result<bool> {
+        let bs = self.cmp.bs;
+        let off = b as u64 * bs as u64;
+        if self.cmp.read_dest(off, bs)? != bs {
+            return Ok(false);
+        }
+        let page = &self.cmp.scratch[..bs];
+        let blkno = (self.first_block + b as u64) as u32;
+        Ok(check_page(page, blkno, true) == PageCheck::Valid && page_lsn(page) < self.x)
+    }
+}
+
+impl Sink for LsnSink<'_> {
+    fn put(&mut self, data: &[u8], off: u64) -> Result<()> {
+        self.cmp.sync(data, off)
+    }
+
+    fn zeros(&mut self, first: u32, n: u32) -> Result<()> {
+        for b in first..first.saturating_add(n) {
+            if b < self.trusted_cap {
+                if self.keeps(b)? {
+                    self.kept += 1;
+                } else {
+                    self.needed.push(b);
+                }
+            } else {
+                self.cmp.zero(b)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What an incremental restore did (or, dry, would do).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Outcome {
+    /// Bytes written into existing or new files.
+    pub bytes_written: u64,
+    /// Bytes of the restored files in all.
+    pub bytes_total: u64,
+    pub files_rewritten: u64,
+    pub files_created: u64,
+    pub files_removed: u64,
+    /// lsn mode: blocks kept without reading the backup.
+    pub blocks_kept: u64,
+}
+
+/// Runs the in-place restore of the chain's files; `dry` only counts.
+pub(super) struct InPlace<'a> {
+    pub r: &'a Restorer<'a>,
+    pub mode: IncrementalMode,
+    pub x: Option<Lsn>,
+    pub start_of: HashMap<String, Lsn>,
+    pub relseg_size: u32,
+    /// Threads for the chunks of one big file.
+    pub jobs: usize,
+    pub dry: bool,
+    pub sparse: &'a (dyn Fn(&str) -> bool + Sync),
+    pub written: AtomicU64,
+    pub kept: AtomicU64,
+    pub rewritten: AtomicU64,
+    pub created: AtomicU64,
+}
+
+impl InPlace<'_> {
+    /// Brings one file to the backup's content; returns nothing, counts.
+    fn sync_file(&self, e: &FileEntry) -> Result<()> {
+        let Some(dest) = self.r.dest(&e.path)? else {
+            return Ok(());
+        };
+        let md = match std::fs::symlink_metadata(&dest) {
+            Ok(m) => Some(m),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+            Err(err) => return Err(Error::io("stat", &dest, err)),
+        };
+        if (self.sparse)(&e.path) {
+            // an excluded database's file: zeroes of its length, as a hole
+            if !self.dry {
+                if md.is_some() {
+                    durable::remove_file(&dest)?;
+                }
+                let mut f = durable::DurableFile::create(&dest)?;
+                f.file().set_len(e.size).ctx("extend", &dest)?;
+                f.commit_deferred(Replace::No)?;
+            }
+            return Ok(());
+        }
+        let md = match md {
+            Some(m) if m.is_file() => m,
+            Some(_) => {
+                return Err(Error::invalid(format!(
+                    "\"{}\" is not a regular file, the backup has a file there",
+                    dest.display()
+                )))
+            }
+            None => {
+                if !self.dry {
+                    if let Some(df) = self.r.restore_entry(e)? {
+                        df.commit_deferred(Replace::No)?;
+                    }
+                }
+                self.written.fetch_add(e.size, Ordering::Relaxed);
+                self.created.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!self.dry)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&dest)
+            .ctx("open", &dest)?;
+        {
+            // read front to back: a longer readahead
+            use std::os::fd::AsRawFd;
+            let _ = nix::fcntl::posix_fadvise(
+                file.as_raw_fd(),
+                0,
+                0,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL,
+            );
+        }
+        let plan = self.r.plan(e)?;
+        let bs = plan.block_size as usize;
+        let dest_len = md.len();
+        let mk = || Compare {
+            file: &file,
+            dest: &dest,
+            dest_len,
+            bs,
+            dry: self.dry,
+            written: 0,
+            scratch: vec![0u8; bs],
+        };
+        let final_len = match plan.shape {
+            Shape::Blocks(n) => n as u64 * bs as u64,
+            Shape::Copy => e.size,
+        };
+        // FSM pages change without WAL (their LSN says nothing): compared like any file
+        let rel = relfile::rel_file(&e.path).filter(|r| r.fork.fork != crate::index::FSM_FORKNUM);
+        let written = match (self.mode, self.x, rel) {
+            (IncrementalMode::Lsn, Some(x), Some(rf)) if final_len % bs as u64 == 0 => {
+                let first_block = relfile::segment_first_block(rf.segno, self.relseg_size);
+                self.lsn_file(&plan, &mk, x, first_block, &dest)?
+            }
+            _ => self.compare_all(&plan, &mk, &dest)?,
+        };
+        if !self.dry && dest_len != final_len {
+            file.set_len(final_len).ctx("truncate", &dest)?;
+        }
+        if written > 0 {
+            self.rewritten.fetch_add(1, Ordering::Relaxed);
+        }
+        self.written.fetch_add(written, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Checksum mode for one file: every chunk rebuilt and compared (chunks on `jobs`
+    /// threads), every source verified; returns the bytes written.
+    fn compare_all<'f>(
+        &self,
+        plan: &rebuild::Plan,
+        mk: &(dyn Fn() -> Compare<'f> + Sync),
+        dest: &Path,
+    ) -> Result<u64> {
+        let res = par(plan.chunks, self.jobs, |k| {
+            let mut c = mk();
+            let p = rebuild::run_chunk_to(plan, k, &mut c, &*self.r.progress)?;
+            Ok((p, c.written))
+        })?;
+        let written = res.iter().map(|r| r.1).sum();
+        let parts: Vec<_> = res.into_iter().map(|r| r.0).collect();
+        rebuild::verify(plan, &parts, dest)?;
+        Ok(written)
+    }
+
+    /// lsn mode for one relation file (see the module docs); returns the bytes written.
+    fn lsn_file<'f>(
+        &self,
+        plan: &rebuild::Plan,
+        mk: &(dyn Fn() -> Compare<'f> + Sync),
+        x: Lsn,
+        first_block: u64,
+        dest: &Path,
+    ) -> Result<u64> {
+        let trusted = |s: &rebuild::Source| self.start_of.get(&s.backup).is_some_and(|&l| l <= x);
+        let split = plan
+            .sources
+            .iter()
+            .position(trusted)
+            .unwrap_or(plan.sources.len());
+        let trusted_cap = plan.sources.get(split).map_or(0, |s| match plan.shape {
+            Shape::Copy => u32::MAX,
+            Shape::Blocks(_) => s.cap,
+        });
+        let n_blocks = match plan.shape {
+            Shape::Blocks(n) => n,
+            Shape::Copy => {
+                (plan.sources.first().map_or(0, |s| s.size) / plan.block_size as u64) as u32
+            }
+        };
+        let newer = plan.sources[..split].to_vec();
+        let sink = || LsnSink {
+            cmp: mk(),
+            x,
+            trusted_cap,
+            first_block,
+            needed: Vec::new(),
+            kept: 0,
+        };
+        let done = |s: LsnSink<'f>| (s.cmp.written, s.kept, s.needed);
+        let res: Vec<(u64, u64, Vec<u32>)> = if newer.is_empty() {
+            // every block comes from backups older than the divergence: scan in chunks
+            let step = plan.chunk_blocks.max(1);
+            par(n_blocks.div_ceil(step), self.jobs, |k| {
+                let mut s = sink();
+                let lo = k * step;
+                s.zeros(lo, step.min(n_blocks - lo))?;
+                Ok(done(s))
+            })?
+        } else {
+            let part = rebuild::Plan::new(
+                Shape::Blocks(n_blocks),
+                newer,
+                plan.block_size,
+                plan.chunk_blocks,
+                plan.window_blocks,
+            );
+            let res = par(part.chunks, self.jobs, |k| {
+                let mut s = sink();
+                let p = rebuild::run_chunk_to(&part, k, &mut s, &*self.r.progress)?;
+                Ok((p, done(s)))
+            })?;
+            let parts: Vec<_> = res.iter().map(|r| r.0.clone()).collect();
+            rebuild::verify(&part, &parts, dest)?;
+            res.into_iter().map(|r| r.1).collect()
+        };
+        let mut written: u64 = res.iter().map(|r| r.0).sum();
+        self.kept
+            .fetch_add(res.iter().map(|r| r.1).sum(), Ordering::Relaxed);
+        let needed: Vec<u32> = res.into_iter().flat_map(|r| r.2).collect();
+        if needed.is_empty() {
+            return Ok(written);
+        }
+        let older = &plan.sources[split..];
+        match older {
+            [src] if matches!(src.stored, Stored::Plain) => {
+                // single blocks of a plain FULL, each page checked on its own
+                let mut cmp = mk();
+                let obj = src.open()?;
+                let bs = plan.block_size;
+                let mut buf = vec![0u8; bs as usize];
+                for b in needed {
+                    if (b as u64 + 1) * bs as u64 > src.size {
+                        cmp.zero(b)?;
+                        continue;
+                    }
+                    rebuild::read_plain_block(&obj, src, b, bs, &mut buf)?;
+                    let blkno = (first_block + b as u64) as u32;
+                    if let PageCheck::Bad(why) = check_page(&buf, blkno, true) {
+                        return Err(Error::corruption(format!(
+                            "{}: block {b}: {why} (backup {})",
+                            src.path().display(),
+                            src.backup
+                        )));
+                    }
+                    cmp.sync(&buf, b as u64 * bs as u64)?;
+                }
+                Ok(written + cmp.written)
+            }
+            // rebuild the whole file as checksum mode does
+            _ => {
+                written += self.compare_all(plan, mk, dest)?;
+                Ok(written)
+            }
+        }
+    }
+
+    /// Brings every file to the backup's content on `jobs` threads.
+    pub fn sync_files(&self, files: &[&FileEntry], jobs: usize) -> Result<()> {
+        let mut order: Vec<usize> = (0..files.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(files[i].size));
+        let next = AtomicUsize::new(0);
+        let first_err: Mutex<Option<Error>> = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..jobs.max(1) {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&f) = order.get(i) else { break };
+                    if first_err.lock().map(|g| g.is_some()).unwrap_or(true) {
+                        break;
+                    }
+                    if let Err(err) = self.sync_file(files[f]) {
+                        let err = err.context(format!("restoring \"{}\"", files[f].path));
+                        if let Ok(mut g) = first_err.lock() {
+                            g.get_or_insert(err);
+                        }
+                        break;
+                    }
+                });
+            }
+        });
+        match first_err.into_inner().ok().flatten() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Runs `f(k)` for `k` in `0..n` on up to `jobs` threads; the results in order, or the
+/// first error.
+fn par<T: Send>(n: u32, jobs: usize, f: impl Fn(u32) -> Result<T> + Sync) -> Result<Vec<T>> {
+    if n <= 1 || jobs <= 1 {
+        return (0..n).map(&f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let out: Mutex<Vec<Option<Result<T>>>> = Mutex::new((0..n).map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..jobs.min(n as usize) {
+            s.spawn(|| loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= n as usize {
+                    break;
+                }
+                let r = f(k as u32);
+                let failed = r.is_err();
+                if let Ok(mut g) = out.lock() {
+                    g[k] = Some(r);
+                }
+                if failed {
+                    next.store(n as usize, Ordering::Relaxed);
+                    break;
+                }
+            });
+        }
+    });
+    let v = out
+        .into_inner()
+        .map_err(|_| Error::invalid("a restore thread panicked"))?;
+    if let Some(i) = v.iter().position(|r| matches!(r, Some(Err(_)))) {
+        if let Some(Some(Err(e))) = v.into_iter().nth(i) {
+            return Err(e);
+        }
+        return Err(Error::invalid("a restore chunk failed"));
+    }
+    let mut res = Vec::with_capacity(n as usize);
+    for (k, r) in v.into_iter().enumerate() {
+        match r {
+            Some(r) => res.push(r?),
+            None => {
+                return Err(Error::invalid(format!("chunk {k} did not run")));
+            }
+        }
+    }
+    Ok(res)
+}
+
+/// Removes (or, dry, counts) every file and directory below `root` that `keep` (manifest
+/// paths and their parents, relative to `root`) does not name; links are removed, never
+/// followed. `global/pg_control` is handled by the caller.
+pub fn remove_extra(root: &Path, keep: &HashSet<String>, dry: bool) -> Result<u64> {
+    let mut removed = 0;
+    let mut stack = vec![String::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = if rel.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(&rel)
+        };
+        for e in std::fs::read_dir(&dir).ctx("read directory", &dir)? {
+            let e = e.ctx("read directory", &dir)?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let r = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let ft = e.file_type().ctx("stat", &e.path())?;
+            if keep.contains(&r) {
+                if ft.is_dir() {
+                    stack.push(r);
+                }
+                continue;
+            }
+            if r == "global/pg_control" {
+                continue;
+            }
+            removed += 1;
+            if dry {
+                continue;
+            }
+            if ft.is_dir() {
+                std::fs::remove_dir_all(e.path()).ctx("remove", &e.path())?;
+            } else {
+                std::fs::remove_file(e.path()).ctx("remove", &e.path())?;
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// Paths the backup has (files and directories) and every parent of them.
+pub fn keep_set(entries: &[FileEntry]) -> HashSet<String> {
+    let mut keep = HashSet::new();
+    for e in entries {
+        let mut p = e.path.as_str();
+        keep.insert(p.to_string());
+        while let Some((parent, _)) = p.rsplit_once('/') {
+            keep.insert(parent.to_string());
+            p = parent;
+        }
+    }
+    keep
+}
+
+/// The starts of the chain's backups, by id.
+pub fn starts(chain: &[&BackupMeta]) -> HashMap<String, Lsn> {
+    chain.iter().map(|b| (b.id.clone(), b.start_lsn)).collect()
+}
+
+/// Files of `entries` an incremental restore brings over (pg_control apart).
+pub fn files(entries: &[FileEntry]) -> Vec<&FileEntry> {
+    entries
+        .iter()
+        .filter(|e| e.storage != Storage::Dir && e.path != "global/pg_control")
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn divergence_of_histories() {
+        let s = |v: &[(u32, u64)]| -> Vec<(TimeLineId, Lsn)> {
+            v.iter().map(|&(t, l)| (t, Lsn(l))).collect()
+        };
+        const M: u64 = u64::MAX;
+        // same timeline: nowhere
+        assert_eq!(divergence(&s(&[(1, M)]), &s(&[(1, M)])), Lsn(M));
+        // destination promoted off the chain's timeline at 100
+        assert_eq!(divergence(&s(&[(1, 100), (2, M)]), &s(&[(1, M)])), Lsn(100));
+        // both promoted, at different points
+        assert_eq!(
+            divergence(&s(&[(1, 100), (2, M)]), &s(&[(1, 80), (3, M)])),
+            Lsn(80)
+        );
+        // shared TL2 from 100, destination left it at 300
+        assert_eq!(
+            divergence(&s(&[(1, 100), (2, 300), (4, M)]), &s(&[(1, 100), (2, M)])),
+            Lsn(300)
+        );
+        // different roots
+        assert_eq!(divergence(&s(&[(2, M)]), &s(&[(1, M)])), Lsn(0));
+    }
+
+    /// Only differing blocks are written; zero pages are written only over non-zero ones;
+    /// a dry run writes nothing but counts the same.
+    #[test]
+    fn compare_writes_only_what_differs() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        let bs = 8192usize;
+        let mut old = vec![1u8; 4 * bs];
+        old[2 * bs..3 * bs].fill(0);
+        let mut new = old.clone();
+        new[bs + 5] = 9; // block 1 differs
+        for dry in [true, false] {
+            std::fs::write(&p, &old).unwrap();
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&p)
+                .unwrap();
+            let mut c = Compare {
+                file: &f,
+                dest: &p,
+                dest_len: old.len() as u64,
+                bs,
+                dry,
+                written: 0,
+                scratch: Vec::new(),
+            };
+            c.put(&new[..2 * bs], 0).unwrap();
+            c.zeros(2, 2).unwrap(); // block 2 is zero already, block 3 is not
+            c.put(&[7u8; 8192], 4 * bs as u64).unwrap(); // past the end: written
+            assert_eq!(c.written, 3 * bs as u64, "dry {dry}");
+            let got = std::fs::read(&p).unwrap();
+            if dry {
+                assert_eq!(got, old);
+            } else {
+                assert_eq!(&got[..2 * bs], &new[..2 * bs]);
+                assert!(got[2 * bs..4 * bs].iter().all(|&b| b == 0));
+                assert!(got[4 * bs..].iter().all(|&b| b == 7));
+            }
+        }
+    }
+
+    #[test]
+    fn keep_set_holds_parents() {
+        let e = FileEntry::dir("base/5/16384".to_string());
+        let k = keep_set(&[e]);
+        assert!(k.contains("base") && k.contains("base/5") && k.contains("base/5/16384"));
+    }
+}
