@@ -47,6 +47,9 @@ use super::{
 };
 use crate::error::{Error, ErrorKind, IoContext, Result};
 
+mod lease;
+pub use lease::{DEFAULT_LEASE, LEASE_ENV};
+
 /// Objects larger than this are uploaded in parts.
 pub const MULTIPART_THRESHOLD: usize = 16 << 20;
 /// The size of one part (S3's minimum is 5 MiB except for the last).
@@ -78,6 +81,8 @@ pub struct S3Config {
     pub timeout: Duration,
     /// Local directory for lock files (per host; see the module docs).
     pub lock_dir: PathBuf,
+    /// How long a lock's lease lives without renewal (see [`lease`]).
+    pub lease: Duration,
     /// Where the credentials were read from, when a file (for restore_command).
     pub credentials_file: Option<PathBuf>,
     /// The config file used, if any (for restore_command).
@@ -95,6 +100,7 @@ impl std::fmt::Debug for S3Config {
             .field("path_style", &self.path_style)
             .field("ca_file", &self.ca_file)
             .field("timeout", &self.timeout)
+            .field("lease", &self.lease)
             .finish_non_exhaustive()
     }
 }
@@ -324,8 +330,19 @@ impl Inner {
 
     /// [`Inner::send`], also giving the number of attempts made.
     fn send_n<'b>(&self, what: &str, op: &str, mk: &dyn Fn() -> Req<'b>) -> Result<(Resp, u32)> {
+        self.send_within(what, op, mk, self.cfg.timeout)
+    }
+
+    /// [`Inner::send_n`] with its own deadline instead of the configured timeout.
+    fn send_within<'b>(
+        &self,
+        what: &str,
+        op: &str,
+        mk: &dyn Fn() -> Req<'b>,
+        timeout: Duration,
+    ) -> Result<(Resp, u32)> {
         let start = Instant::now();
-        let deadline = start + self.cfg.timeout;
+        let deadline = start + timeout;
         let mut delay = Duration::from_millis(100);
         let mut attempt = 0u32;
         loop {
@@ -603,6 +620,10 @@ impl Inner {
     }
 
     fn delete_full(&self, full: &str) -> Result<()> {
+        self.delete_within(full, self.cfg.timeout)
+    }
+
+    fn delete_within(&self, full: &str, timeout: Duration) -> Result<()> {
         let what = self.describe_full(full);
         let mk = || Req {
             method: "DELETE",
@@ -613,7 +634,7 @@ impl Inner {
             headers: vec![],
             body: &[],
         };
-        let mut resp = self.send(&what, "DELETE", &mk)?;
+        let (mut resp, _) = self.send_within(&what, "DELETE", &mk, timeout)?;
         match resp.status().as_u16() {
             200..=299 | 404 => {
                 drain(&mut resp);
@@ -1063,6 +1084,46 @@ impl Drop for S3Writer {
 }
 
 impl S3Repo {
+    /// The same-host part of a lock: an `flock` on a file in [`S3Config::lock_dir`].
+    fn local_lock(&self, key: &str, mode: LockMode, wait: bool) -> Result<Option<RepoLock>> {
+        let dir = &self.inner.cfg.lock_dir;
+        ensure_lock_dir(dir)?;
+        let name: String = format!("{}/{}", self.inner.cfg.url(), key)
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let path = dir.join(name);
+        let f = {
+            use std::os::unix::fs::OpenOptionsExt;
+            fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .mode(0o666)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&path)
+                .ctx("open lock file", &path)?
+        };
+        super::local::flock(f, &path, mode, wait)
+    }
+
+    /// The lease objects of lock `key` (names), for tests and diagnostics.
+    pub fn lease_holders(&self, key: &str) -> Result<Vec<String>> {
+        check_key(key, true)?;
+        Ok(lease::list(&self.inner, key)?
+            .0
+            .into_iter()
+            .map(|e| e.name)
+            .collect())
+    }
+
     fn writer(&self, key: &str) -> S3Writer {
         S3Writer {
             inner: self.inner.clone(),
@@ -1143,32 +1204,17 @@ impl Repo for S3Repo {
 
     fn lock(&self, key: &str, mode: LockMode, wait: bool) -> Result<Option<RepoLock>> {
         check_key(key, true)?;
-        let dir = &self.inner.cfg.lock_dir;
-        ensure_lock_dir(dir)?;
-        let name: String = format!("{}/{}", self.inner.cfg.url(), key)
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let path = dir.join(name);
-        let f = {
-            use std::os::unix::fs::OpenOptionsExt;
-            fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .read(true)
-                .write(true)
-                .mode(0o666)
-                .custom_flags(nix::libc::O_NOFOLLOW)
-                .open(&path)
-                .ctx("open lock file", &path)?
+        // The local flock first: takers on this host wait on it without polling the
+        // server; then the lease excludes other hosts (and outlives nothing: a dead
+        // holder's lease expires).
+        let Some(local) = self.local_lock(key, mode, wait)? else {
+            return Ok(None);
         };
-        super::local::flock(f, &path, mode, wait)
+        let Some(lease) = lease::take(&self.inner, key, mode, wait)? else {
+            return Ok(None);
+        };
+        // Dropped in order: the lease object is deleted before the flock is released.
+        Ok(Some(RepoLock::new(Box::new((lease, local)))))
     }
 
     fn barrier(&self) -> Result<()> {
@@ -1243,6 +1289,7 @@ mod tests {
             ca_file: None,
             timeout: Duration::from_secs(1),
             lock_dir: "/tmp".into(),
+            lease: DEFAULT_LEASE,
             credentials_file: None,
             config_file: None,
         };

@@ -20,6 +20,7 @@ mod receive;
 mod replication;
 mod restore_hardening;
 mod s3;
+mod s3_faults;
 mod stream_standby;
 mod take_hardening;
 mod validate_hardening;
