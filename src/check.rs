@@ -204,7 +204,9 @@ fn settings(
     let cmd = s.setting("archive_command")?;
     let problem = match catalog.fetch_args() {
         None => archive_command_problem(&cmd, catalog.root(), &cfg.name),
-        Some(ours) => s3_archive_command_problem(&cmd, &catalog.root().to_string_lossy(), ours, &cfg.name),
+        Some(ours) => {
+            s3_archive_command_problem(&cmd, &catalog.root().to_string_lossy(), ours, &cfg.name)
+        }
     };
     match problem {
         None => r.ok("archive_command", cmd),
@@ -264,7 +266,9 @@ pub fn s3_archive_command_problem(
         .map(|e| norm(e));
     command_problem(cmd, instance, url.to_string(), |b, value| {
         if norm(b) != norm(url) {
-            return Some(format!("archives to catalog \"{b}\", not this one (\"{url}\")"));
+            return Some(format!(
+                "archives to catalog \"{b}\", not this one (\"{url}\")"
+            ));
         }
         let theirs = match value("--s3-endpoint") {
             Some(e) => Some(norm(&e)),
@@ -490,25 +494,39 @@ mod tests {
     fn s3_archive_command_must_name_this_bucket_and_endpoint() {
         let ours = "-B s3://b/p --s3-endpoint http://127.0.0.1:9000 --s3-region r";
         let good = "/usr/bin/walnut-archive -B s3://b/p/ --instance db --config /x %p %f";
-        assert_eq!(s3_archive_command_problem(good, "s3://b/p", ours, "db"), None);
+        assert_eq!(
+            s3_archive_command_problem(good, "s3://b/p", ours, "db"),
+            None
+        );
         let same = "walnut-archive -B s3://b/p --s3-endpoint http://127.0.0.1:9000/ \
                     --instance db %p %f";
-        assert_eq!(s3_archive_command_problem(same, "s3://b/p", ours, "db"), None);
+        assert_eq!(
+            s3_archive_command_problem(same, "s3://b/p", ours, "db"),
+            None
+        );
         let other = "walnut-archive -B s3://b/q --instance db %p %f";
         assert!(s3_archive_command_problem(other, "s3://b/p", ours, "db")
             .unwrap()
             .contains("s3://b/q"));
-        let elsewhere = "walnut-archive -B s3://b/p --s3-endpoint https://s3.aws --instance db %p %f";
-        assert!(s3_archive_command_problem(elsewhere, "s3://b/p", ours, "db")
-            .unwrap()
-            .contains("https://s3.aws"));
+        let elsewhere =
+            "walnut-archive -B s3://b/p --s3-endpoint https://s3.aws --instance db %p %f";
+        assert!(
+            s3_archive_command_problem(elsewhere, "s3://b/p", ours, "db")
+                .unwrap()
+                .contains("https://s3.aws")
+        );
         let d = tempfile::tempdir().unwrap();
         let conf = d.path().join("w.conf");
         std::fs::write(&conf, "s3-endpoint = http://10.0.0.1:9000\n").unwrap();
-        let via_conf = format!("walnut-archive -B s3://b/p --config {} --instance db %p %f", conf.display());
-        assert!(s3_archive_command_problem(&via_conf, "s3://b/p", ours, "db")
-            .unwrap()
-            .contains("10.0.0.1"));
+        let via_conf = format!(
+            "walnut-archive -B s3://b/p --config {} --instance db %p %f",
+            conf.display()
+        );
+        assert!(
+            s3_archive_command_problem(&via_conf, "s3://b/p", ours, "db")
+                .unwrap()
+                .contains("10.0.0.1")
+        );
         assert!(s3_archive_command_problem("cp %p /x/%f", "s3://b/p", ours, "db").is_some());
     }
 

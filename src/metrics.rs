@@ -286,7 +286,11 @@ struct ArchiveScan {
 /// header and the newest indexes of each timeline: the timer runs it every minute, so it
 /// must not read every archived file (`walnut show --archive` does that, and also finds
 /// damaged index files, which count as indexed here).
-fn scan_archive(repo: &dyn crate::repo::Repo, instance: &str, ar: &WalArchive) -> Result<ArchiveScan> {
+fn scan_archive(
+    repo: &dyn crate::repo::Repo,
+    instance: &str,
+    ar: &WalArchive,
+) -> Result<ArchiveScan> {
     let seg_size = ar.seg_size();
     let mut scan = ArchiveScan::default();
     // Listed through the repository: a directory or a bucket alike.

@@ -22,9 +22,9 @@
 //!   key (`NoSuchKey`, or a HEAD); a missing bucket is [`ErrorKind::Invalid`]. 401/403 are
 //!   [`ErrorKind::Refused`], other 4xx [`ErrorKind::Invalid`]. Messages name the endpoint,
 //!   bucket and key, never the credentials.
-//! - **Locks** are `flock`s on local files (see [`S3Config::lock_dir`]): they exclude
-//!   writers on one host only. Walnut's single-writer rule per instance is what makes that
-//!   enough; two hosts must not write the same instance.
+//! - **Locks** are leases in the bucket (see [`lease`]): per-holder lease objects with an
+//!   expiry on the server's clock, renewed while held, taken over once expired; with a
+//!   local `flock` (see [`S3Config::lock_dir`]) taken first for takers on one host.
 //! - **Durability.** A PUT that succeeded is durable: [`Repo::barrier`] has nothing to do.
 
 use std::collections::hash_map::RandomState;
@@ -58,6 +58,8 @@ pub const PART_SIZE: usize = 8 << 20;
 const PART_THREADS: usize = 3;
 /// How long a presigned URL is valid: one attempt's lifetime, comfortably.
 const SIGN_FOR: Duration = Duration::from_secs(3600);
+/// How long aborting a failed multipart upload may retry.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The object `walnut init` records the probe's result in.
 pub const S3_CONFIG_KEY: &str = "walnut-s3.json";
 
@@ -854,9 +856,13 @@ impl Inner {
             headers: vec![],
             body: &[],
         };
-        match self.send(&what, "AbortMultipartUpload", &mk) {
-            Ok(r) if r.status().is_success() || r.status().as_u16() == 404 => {}
-            Ok(r) => log::warn!("{}", self.status_error(&what, "AbortMultipartUpload", r)),
+        // The upload failed already: the abort gets a short deadline, so that the failure is
+        // reported soon. An upload left unaborted is invisible and holds only storage (a
+        // bucket lifecycle rule AbortIncompleteMultipartUpload reclaims it).
+        let within = self.cfg.timeout.min(ABORT_TIMEOUT);
+        match self.send_within(&what, "AbortMultipartUpload", &mk, within) {
+            Ok((r, _)) if r.status().is_success() || r.status().as_u16() == 404 => {}
+            Ok((r, _)) => log::warn!("{}", self.status_error(&what, "AbortMultipartUpload", r)),
             Err(e) => log::warn!("{e}"),
         }
     }

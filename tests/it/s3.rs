@@ -723,7 +723,11 @@ pub(super) fn restore_and_compare(
     r.append_conf("archive_mode = off");
     r.start();
     wait_paused(&r);
-    same_dump(&Env::dumpall(&r), dump, &format!("{id} restored from S3 to {rp}"));
+    same_dump(
+        &Env::dumpall(&r),
+        dump,
+        &format!("{id} restored from S3 to {rp}"),
+    );
     r.stop();
     let _ = std::fs::remove_dir_all(&target);
 }

@@ -175,8 +175,7 @@ pub(super) fn take(
                         inner.describe(key),
                         e.name
                     );
-                    if let Err(err) = inner.delete_full(&inner.full(&format!("{key}/{}", e.name)))
-                    {
+                    if let Err(err) = inner.delete_full(&inner.full(&format!("{key}/{}", e.name))) {
                         log::warn!("could not delete the expired lease: {err}");
                     }
                 }
@@ -369,7 +368,10 @@ mod tests {
             parse_rfc3339("2020-12-01T20:43:11.794Z"),
             Some(1_606_855_391_794)
         );
-        assert_eq!(parse_rfc3339("2020-12-01T20:43:11Z"), Some(1_606_855_391_000));
+        assert_eq!(
+            parse_rfc3339("2020-12-01T20:43:11Z"),
+            Some(1_606_855_391_000)
+        );
         assert_eq!(parse_rfc3339("2020-13-01T20:43:11Z"), None);
         assert_eq!(
             parse_http_date("Tue, 01 Dec 2020 20:43:11 GMT"),
