@@ -82,7 +82,7 @@ printf '[default]\naws_access_key_id = %s\naws_secret_access_key = %s\n' "$KEY" 
 printf 's3-endpoint = %s\ns3-region = %s\ns3-credentials = %s\ns3-timeout = 60\n' \
   "$EP" "$REGION" "$W/creds" >"$W/walnut.conf"
 chown -R "$PG_OS_USER:" "$W"
-CURL=(curl -sS -f --aws-sigv4 "aws:amz:$REGION:s3" --user "$KEY:$SECRET")
+CURL=(curl -sS -f --aws-sigv4 "aws:amz:$REGION:s3" --user "$KEY:$SECRET" -H "x-amz-content-sha256: UNSIGNED-PAYLOAD")
 pgw() { runuser -u "$PG_OS_USER" -- "$@"; }
 wn() { pgw "$BIN/walnut" "$@" --config "$W/walnut.conf"; }
 now() { date +%s%N; }
@@ -131,14 +131,11 @@ echo "walnut-archive median ${AW} ms, bare PUT median ${AB} ms (object $(stat -c
 pgw "$PGBIN/psql" "${CONN[@]}" -qc "alter system set archive_mode = on" postgres
 pgw "$PGBIN/psql" "${CONN[@]}" -qc "alter system set archive_command = '$BIN/walnut-archive -B $CAT --config $W/walnut.conf --instance db %p %f'" postgres
 pgw "$PGBIN/pg_ctl" -D "$W/pg" -l "$W/pg.log" -w restart >/dev/null
-objects_of() { # the stored objects of a backup, as keys under the bucket
-  "${CURL[@]}" "$EP/$BUCKET?list-type=2&prefix=arch/instances/db/backups/$1/&max-keys=1000" |
-    grep -o '<Key>[^<]*</Key>' | sed 's/<Key>\(.*\)<\/Key>/\1/' | grep -v '/\.'
-}
 list_all() { # ListObjectsV2 pages
   local tok="" out
   while :; do
-    out=$("${CURL[@]}" "$EP/$BUCKET?list-type=2&prefix=arch/instances/db/backups/$1/${tok:+&continuation-token=$tok}")
+    # (query parameters sorted and encoded, as SigV4's canonical request has them)
+    out=$("${CURL[@]}" "$EP/$BUCKET?${tok:+continuation-token=$tok&}list-type=2&prefix=arch%2Finstances%2Fdb%2Fbackups%2F$1%2F")
     echo "$out" | grep -o '<Key>[^<]*</Key>' | sed 's/<Key>\(.*\)<\/Key>/\1/' | grep -v '/\.' || true
     tok=$(echo "$out" | grep -o '<NextContinuationToken>[^<]*' | sed 's/<NextContinuationToken>//' || true)
     [ -n "$tok" ] || break
@@ -158,7 +155,7 @@ FBYTES=$(awk '{print $1}' "$W/full.map" | xargs stat -c %s | awk '{s+=$1} END {p
 export KEY SECRET REGION EP BUCKET
 t0=$(now)
 awk '{print $1" bare-bk/"$2}' "$W/full.map" | xargs -P "$J" -n 2 sh -c \
-  'curl -sS -f --aws-sigv4 "aws:amz:$REGION:s3" --user "$KEY:$SECRET" -o /dev/null -T "$0" "$EP/$BUCKET/$1"'
+  'curl -sS -f --aws-sigv4 "aws:amz:$REGION:s3" --user "$KEY:$SECRET" -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" -o /dev/null -T "$0" "$EP/$BUCKET/$1"'
 t1=$(now); BB=$(ms "$t0" "$t1")
 echo "== backup: FULL of pgbench scale $SCALE, $(wc -l <"$W/full.keys") objects, $FBYTES bytes stored"
 echo "walnut backup -j $J ${BW} ms ($(awk -v b="$FBYTES" -v t="$BW" 'BEGIN {printf "%.1f", b/t/1000}') MB/s stored), bare parallel PUTs ${BB} ms ($(awk -v b="$FBYTES" -v t="$BB" 'BEGIN {printf "%.1f", b/t/1000}') MB/s), ratio $(awk -v a="$BB" -v b="$BW" 'BEGIN {printf "%.2f", a/b}') (target >= 0.8)"
@@ -174,7 +171,7 @@ t1=$(now); RW=$(ms "$t0" "$t1")
 mkdir -p "$W/dl"
 t0=$(now)
 awk '{print NR" "$1}' "$W/chain.keys" | xargs -P "$J" -n 2 sh -c \
-  'curl -sS -f --aws-sigv4 "aws:amz:$REGION:s3" --user "$KEY:$SECRET" -o "'"$W"'/dl/$0" "$EP/$BUCKET/$1"'
+  'curl -sS -f --aws-sigv4 "aws:amz:$REGION:s3" --user "$KEY:$SECRET" -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" -o "'"$W"'/dl/$0" "$EP/$BUCKET/$1"'
 t1=$(now); RB=$(ms "$t0" "$t1")
 RBYTES=$(du -sb "$W/dl" | cut -f1)
 echo "== restore: FULL+PAGE, $(wc -l <"$W/chain.keys") objects, $RBYTES bytes stored"

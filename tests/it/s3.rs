@@ -680,6 +680,7 @@ pub(super) fn backup_s3(conf: &Path, url: &str, pg: &Pg, mode: &str) -> String {
 
 /// Restores backup `id` from the S3 catalog into `target`, to the restore point `rp`,
 /// starts it paused there and compares its pg_dumpall with `dump`.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn restore_and_compare(
     s: &S3Server,
     conf: &Path,
