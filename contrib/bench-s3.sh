@@ -102,7 +102,7 @@ pgw "$PGBIN/pg_ctl" -D "$W/pg" -l "$W/pg.log" -w start >/dev/null
 PGPORT=$(awk '/^port = / {print $3}' "$W/pg/postgresql.conf")
 CONN=(-h "$W" -p "$PGPORT" -U "$PG_OS_USER")
 pgw "$PGBIN/pgbench" "${CONN[@]}" -i -q -s "$SCALE" postgres >/dev/null 2>&1
-pgw "$PGBIN/pgbench" "${CONN[@]}" -n -c 2 -T 15 postgres >/dev/null 2>&1
+pgw "$PGBIN/pgbench" "${CONN[@]}" -n -c 2 -T 25 postgres >/dev/null 2>&1
 pgw "$PGBIN/psql" "${CONN[@]}" -qAtc "select pg_switch_wal()" postgres >/dev/null
 CUR=$(pgw "$PGBIN/psql" "${CONN[@]}" -qAtc "select pg_walfile_name(pg_current_wal_lsn())" postgres)
 mapfile -t SEGS < <(ls "$W/pg/pg_wal" | grep -E '^[0-9A-F]{24}$' | awk -v c="$CUR" '$0 < c' | tail -n "$SEGMENTS")
@@ -115,7 +115,8 @@ echo "== archive: ${#SEGS[@]} segments of 16 MiB, walnut-archive vs curl -T of t
 : >"$W/a.walnut"; : >"$W/a.bare"
 for s in "${SEGS[@]}"; do
   t0=$(now)
-  pgw "$BIN/walnut-archive" -B "$CAT" --instance db --look-ahead 0 --config "$W/walnut.conf" \
+  # (as root, like curl: runuser would add its own start-up to every call)
+  "$BIN/walnut-archive" -B "$CAT" --instance db --look-ahead 0 --config "$W/walnut.conf" \
     "$W/pg/pg_wal/$s" "$s"
   t1=$(now); ms "$t0" "$t1" >>"$W/a.walnut"
   obj="$EP/$BUCKET/arch/instances/db/wal/00000001/$s.lz4"

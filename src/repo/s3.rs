@@ -58,6 +58,12 @@ pub const PART_SIZE: usize = 8 << 20;
 const PART_THREADS: usize = 3;
 /// How long a presigned URL is valid: one attempt's lifetime, comfortably.
 const SIGN_FOR: Duration = Duration::from_secs(3600);
+/// Ranged reads shorter than this go through read-ahead windows.
+const SMALL_READ: u64 = 64 << 10;
+/// The alignment and size of a read-ahead window.
+const WINDOW: u64 = 1 << 20;
+/// The bytes of windows kept per process.
+const WINDOW_CACHE: usize = 32 << 20;
 /// How long aborting a failed multipart upload may retry.
 const ABORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The object `walnut init` records the probe's result in.
@@ -134,6 +140,39 @@ struct Inner {
     agent: ureq::Agent,
     /// Send `If-None-Match: *` on creates (else HEAD first).
     conditional: AtomicBool,
+    /// Read-ahead windows of small ranged reads (see [`S3Repo::get_range`]).
+    windows: Mutex<Windows>,
+}
+
+/// Recently fetched windows of objects, oldest first, at most [`WINDOW_CACHE`] bytes.
+/// Objects are never rewritten, so a window stays true for the life of the process.
+#[derive(Debug, Default)]
+struct Windows {
+    list: std::collections::VecDeque<(String, u64, Arc<Vec<u8>>)>,
+    bytes: usize,
+}
+
+impl Windows {
+    fn find(&self, key: &str, off: u64, len: u64) -> Option<Vec<u8>> {
+        self.list.iter().rev().find_map(|(k, start, data)| {
+            let end = start + data.len() as u64;
+            (k == key && off >= *start && off + len <= end).then(|| {
+                let s = (off - start) as usize;
+                data[s..s + len as usize].to_vec()
+            })
+        })
+    }
+
+    fn add(&mut self, key: &str, start: u64, data: Arc<Vec<u8>>) {
+        self.bytes += data.len();
+        self.list.push_back((key.to_string(), start, data));
+        while self.bytes > WINDOW_CACHE {
+            match self.list.pop_front() {
+                Some((_, _, d)) => self.bytes -= d.len(),
+                None => break,
+            }
+        }
+    }
 }
 
 /// A catalog in a bucket (see the module docs).
@@ -196,6 +235,7 @@ impl S3Repo {
                 creds,
                 agent,
                 conditional: AtomicBool::new(false),
+                windows: Mutex::new(Windows::default()),
             }),
         })
     }
@@ -536,6 +576,12 @@ impl Inner {
     }
 
     fn get(&self, key: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>> {
+        self.get_part(key, range, false)
+    }
+
+    /// [`Inner::get`]; with `short_ok`, a range that runs past the object's end gives the
+    /// bytes up to the end instead of an error (read-ahead windows).
+    fn get_part(&self, key: &str, range: Option<(u64, u64)>, short_ok: bool) -> Result<Vec<u8>> {
         let full = self.full(key);
         let what = self.describe_full(&full);
         let range_h = range.map(|(off, len)| format!("bytes={off}-{}", off + len - 1));
@@ -608,7 +654,7 @@ impl Inner {
                     } else {
                         buf
                     };
-                    if data.len() < want {
+                    if data.len() < want && !short_ok {
                         return Err(Error::corruption(format!(
                             "{what}: shorter than {len} bytes at offset {off}"
                         )));
@@ -1187,7 +1233,38 @@ impl Repo for S3Repo {
                 ))),
             };
         }
-        self.inner.get(key, Some((offset, len)))
+        if len >= SMALL_READ {
+            return self.inner.get(key, Some((offset, len)));
+        }
+        // A small read (a header, a trailer, a binary search's probe, a small object's
+        // bytes) is served from an aligned window fetched once: restore reads many small
+        // ranges of the same object, each a round trip otherwise.
+        if let Some(b) = self
+            .inner
+            .windows
+            .lock()
+            .map_err(|_| poisoned())?
+            .find(key, offset, len)
+        {
+            return Ok(b);
+        }
+        let start = offset - offset % WINDOW;
+        let end = (offset + len).div_ceil(WINDOW) * WINDOW;
+        let data = Arc::new(self.inner.get_part(key, Some((start, end - start)), true)?);
+        if start + (data.len() as u64) < offset + len {
+            return Err(Error::corruption(format!(
+                "{}: shorter than {len} bytes at offset {offset}",
+                self.inner.describe(key)
+            )));
+        }
+        let s = (offset - start) as usize;
+        let out = data[s..s + len as usize].to_vec();
+        self.inner
+            .windows
+            .lock()
+            .map_err(|_| poisoned())?
+            .add(key, start, data);
+        Ok(out)
     }
 
     fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
