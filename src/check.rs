@@ -202,7 +202,13 @@ fn settings(
         );
     }
     let cmd = s.setting("archive_command")?;
-    match archive_command_problem(&cmd, catalog.root(), &cfg.name) {
+    let problem = match catalog.fetch_args() {
+        None => archive_command_problem(&cmd, catalog.root(), &cfg.name),
+        Some(ours) => {
+            s3_archive_command_problem(&cmd, &catalog.root().to_string_lossy(), ours, &cfg.name)
+        }
+    };
+    match problem {
         None => r.ok("archive_command", cmd),
         Some(p) => r.fail("archive_command", format!("'{cmd}': {p}")),
     }
@@ -229,6 +235,67 @@ fn settings(
 /// `walnut-archive` with `-B` naming this catalog, `--instance` naming this instance, and
 /// pass `%p` and `%f`.
 pub fn archive_command_problem(cmd: &str, catalog: &Path, instance: &str) -> Option<String> {
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let want = canon(catalog);
+    command_problem(cmd, instance, want.display().to_string(), |b, _| {
+        (canon(Path::new(b)) != want).then(|| {
+            format!(
+                "archives to catalog \"{b}\", not this one (\"{}\")",
+                want.display()
+            )
+        })
+    })
+}
+
+/// [`archive_command_problem`] for a catalog on S3: `-B` must name the same
+/// `s3://BUCKET/PREFIX` and, where the command says which server (`--s3-endpoint`, or the
+/// `s3-endpoint` of its `--config` file), the same endpoint as `ours` (the catalog's
+/// `walnut-fetch` options, which carry `--s3-endpoint`).
+pub fn s3_archive_command_problem(
+    cmd: &str,
+    url: &str,
+    ours: &str,
+    instance: &str,
+) -> Option<String> {
+    let norm = |u: &str| u.trim_end_matches('/').to_string();
+    let words = shell_words(ours);
+    let our_endpoint = words
+        .iter()
+        .position(|w| w == "--s3-endpoint")
+        .and_then(|i| words.get(i + 1))
+        .map(|e| norm(e));
+    command_problem(cmd, instance, url.to_string(), |b, value| {
+        if norm(b) != norm(url) {
+            return Some(format!(
+                "archives to catalog \"{b}\", not this one (\"{url}\")"
+            ));
+        }
+        let theirs = match value("--s3-endpoint") {
+            Some(e) => Some(norm(&e)),
+            None => value("--config").and_then(|f| {
+                crate::repo::location::config_setting(Path::new(&f), "s3-endpoint")
+                    .ok()
+                    .flatten()
+                    .map(|e| norm(&e))
+            }),
+        };
+        match (theirs, &our_endpoint) {
+            (Some(t), Some(o)) if &t != o => Some(format!(
+                "archives to S3 endpoint {t}, not this catalog's ({o})"
+            )),
+            _ => None,
+        }
+    })
+}
+
+/// The checks common to both: `walnut-archive` with `-B` (judged by `same_catalog`, given
+/// the `-B` value and a look-up of other options), `--instance`, `%p` and `%f`.
+fn command_problem(
+    cmd: &str,
+    instance: &str,
+    want: String,
+    same_catalog: impl Fn(&str, &dyn Fn(&str) -> Option<String>) -> Option<String>,
+) -> Option<String> {
     let words = shell_words(cmd);
     let Some(at) = words
         .iter()
@@ -255,23 +322,14 @@ pub fn archive_command_problem(cmd: &str, catalog: &Path, instance: &str) -> Opt
         }
         None
     };
-    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    let want = canon(catalog);
     match value(Some("-B"), "--backup-path") {
-        Some(b) if canon(Path::new(&b)) == want => {}
         Some(b) => {
-            return Some(format!(
-                "archives to catalog \"{b}\", not this one (\"{}\")",
-                want.display()
-            ))
+            if let Some(p) = same_catalog(&b, &|long| value(None, long)) {
+                return Some(p);
+            }
         }
         // WALNUT_CATALOG in the server's environment is invisible from here.
-        None => {
-            return Some(format!(
-                "no -B {}: name the catalog in the command",
-                want.display()
-            ))
-        }
+        None => return Some(format!("no -B {want}: name the catalog in the command")),
     }
     match value(None, "--instance") {
         Some(i) if i == instance => {}
@@ -431,6 +489,46 @@ fn archiver_state(s: &mut Session) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn s3_archive_command_must_name_this_bucket_and_endpoint() {
+        let ours = "-B s3://b/p --s3-endpoint http://127.0.0.1:9000 --s3-region r";
+        let good = "/usr/bin/walnut-archive -B s3://b/p/ --instance db --config /x %p %f";
+        assert_eq!(
+            s3_archive_command_problem(good, "s3://b/p", ours, "db"),
+            None
+        );
+        let same = "walnut-archive -B s3://b/p --s3-endpoint http://127.0.0.1:9000/ \
+                    --instance db %p %f";
+        assert_eq!(
+            s3_archive_command_problem(same, "s3://b/p", ours, "db"),
+            None
+        );
+        let other = "walnut-archive -B s3://b/q --instance db %p %f";
+        assert!(s3_archive_command_problem(other, "s3://b/p", ours, "db")
+            .unwrap()
+            .contains("s3://b/q"));
+        let elsewhere =
+            "walnut-archive -B s3://b/p --s3-endpoint https://s3.aws --instance db %p %f";
+        assert!(
+            s3_archive_command_problem(elsewhere, "s3://b/p", ours, "db")
+                .unwrap()
+                .contains("https://s3.aws")
+        );
+        let d = tempfile::tempdir().unwrap();
+        let conf = d.path().join("w.conf");
+        std::fs::write(&conf, "s3-endpoint = http://10.0.0.1:9000\n").unwrap();
+        let via_conf = format!(
+            "walnut-archive -B s3://b/p --config {} --instance db %p %f",
+            conf.display()
+        );
+        assert!(
+            s3_archive_command_problem(&via_conf, "s3://b/p", ours, "db")
+                .unwrap()
+                .contains("10.0.0.1")
+        );
+        assert!(s3_archive_command_problem("cp %p /x/%f", "s3://b/p", ours, "db").is_some());
+    }
 
     #[test]
     fn archive_command_must_name_this_catalog_and_instance() {

@@ -10,12 +10,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::Path;
 
 use crate::archive::WalArchive;
 use crate::backup::meta::{self, BackupMeta, Mode, Status};
 use crate::catalog::{Catalog, InstanceConfig};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::server::ConnParams;
 use crate::types::{Lsn, WalFileName};
 
@@ -212,7 +211,7 @@ fn instance_metrics(
     }
 
     let ar = WalArchive::open(catalog, &cfg.name)?;
-    let scan = scan_archive(&ar)?;
+    let scan = scan_archive(catalog.repo(), &cfg.name, &ar)?;
     if let Some(t) = scan.last_archived_at {
         out.add(
             "walnut_archive_last_segment_timestamp_seconds",
@@ -277,11 +276,10 @@ fn instance_metrics(
             );
         }
     }
-    let dir = catalog.instance_dir(&cfg.name);
     out.add(
         "walnut_catalog_bytes",
         vec![inst()],
-        tree_bytes(&dir)? as f64,
+        prefix_bytes(catalog.repo(), &Catalog::instance_key(&cfg.name))? as f64,
     );
     Ok(())
 }
@@ -312,33 +310,28 @@ struct ArchiveScan {
 /// header and the newest indexes of each timeline: the timer runs it every minute, so it
 /// must not read every archived file (`walnut show --archive` does that, and also finds
 /// damaged index files, which count as indexed here).
-fn scan_archive(ar: &WalArchive) -> Result<ArchiveScan> {
+fn scan_archive(
+    repo: &dyn crate::repo::Repo,
+    instance: &str,
+    ar: &WalArchive,
+) -> Result<ArchiveScan> {
     let seg_size = ar.seg_size();
     let mut scan = ArchiveScan::default();
-    let mut tlis: Vec<u32> = Vec::new();
-    match std::fs::read_dir(ar.dir()) {
-        Ok(rd) => {
-            for e in rd {
-                let e = e.ctx("read directory", ar.dir())?;
-                let n = e.file_name().to_string_lossy().into_owned();
-                if n.len() == 8 && e.file_type().is_ok_and(|t| t.is_dir()) {
-                    if let Ok(t) = u32::from_str_radix(&n, 16) {
-                        tlis.push(t);
-                    }
-                }
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(scan),
-        Err(e) => return Err(Error::io("read directory", ar.dir(), e)),
-    }
+    // Listed through the repository: a directory or a bucket alike.
+    let wal = Catalog::wal_key(instance);
+    let mut tlis: Vec<u32> = repo
+        .list(&wal)?
+        .prefixes
+        .iter()
+        .filter(|n| n.len() == 8)
+        .filter_map(|n| u32::from_str_radix(n, 16).ok())
+        .collect();
     tlis.sort_unstable();
     for tli in tlis {
-        let dir = ar.dir().join(format!("{tli:08X}"));
         let mut segs: BTreeMap<u64, WalFileName> = BTreeMap::new();
         let mut indexed: std::collections::BTreeSet<u64> = Default::default();
-        for e in std::fs::read_dir(&dir).ctx("read directory", &dir)? {
-            let e = e.ctx("read directory", &dir)?;
-            let f = e.file_name().to_string_lossy().into_owned();
+        for o in repo.list(&format!("{wal}/{tli:08X}"))?.objects {
+            let f = o.name;
             let (stem, is_index) = match (
                 f.strip_suffix(".lz4"),
                 crate::archive::index_object_stem(&f),
@@ -472,26 +465,15 @@ fn current_wal_lsn(conn: &ConnParams, cfg: &InstanceConfig) -> Result<Lsn> {
         .parse()
 }
 
-/// Total size of the regular files below `dir` (symbolic links are not followed).
-fn tree_bytes(dir: &Path) -> Result<u64> {
+/// Total size of the objects below `prefix`, listed through the repository (a directory
+/// or a bucket alike). Damaged entries (links, devices) are not objects and count nothing.
+fn prefix_bytes(repo: &dyn crate::repo::Repo, prefix: &str) -> Result<u64> {
     let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let rd = match std::fs::read_dir(&d) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(Error::io("read directory", &d, e)),
-        };
-        for e in rd {
-            let e = e.ctx("read directory", &d)?;
-            let p = e.path();
-            let md = std::fs::symlink_metadata(&p).ctx("stat", &p)?;
-            if md.is_dir() {
-                stack.push(p);
-            } else if md.is_file() {
-                total += md.len();
-            }
-        }
+    let mut stack = vec![prefix.to_string()];
+    while let Some(p) = stack.pop() {
+        let l = repo.list(&p)?;
+        total += l.objects.iter().map(|o| o.size).sum::<u64>();
+        stack.extend(l.prefixes.iter().map(|n| crate::repo::join(&p, n)));
     }
     Ok(total)
 }

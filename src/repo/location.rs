@@ -217,6 +217,14 @@ fn merge_config(s: &S3Settings) -> Result<S3Settings> {
     Ok(out)
 }
 
+/// The value of `name` in the config file `p` (`None` when it does not set it).
+pub fn config_setting(p: &Path, name: &str) -> Result<Option<String>> {
+    Ok(read_conf(p)?
+        .into_iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v))
+}
+
 /// `60` or `60s`.
 pub fn parse_secs(v: &str) -> Option<u64> {
     v.trim().trim_end_matches('s').parse().ok()
@@ -309,9 +317,24 @@ fn s3_config(bucket: &str, prefix: &str, given: &S3Settings) -> Result<S3Config>
             .unwrap_or(DEFAULT_S3_TIMEOUT)
             .max(Duration::from_secs(1)),
         lock_dir,
+        lease: lease_from_env()?,
         credentials_file: s.credentials.clone(),
         config_file: s.config.clone().filter(|p| p != Path::new("/dev/null")),
     })
+}
+
+/// The lease of S3 locks: `WALNUT_S3_LEASE_SECS`, else the default (60 s).
+fn lease_from_env() -> Result<Duration> {
+    match env(super::s3::LEASE_ENV) {
+        None => Ok(super::s3::DEFAULT_LEASE),
+        Some(v) => match parse_secs(&v) {
+            Some(n) if n >= 1 => Ok(Duration::from_secs(n)),
+            _ => Err(Error::invalid(format!(
+                "{}=\"{v}\": give a number of seconds (at least 1)",
+                super::s3::LEASE_ENV
+            ))),
+        },
+    }
 }
 
 impl S3Config {

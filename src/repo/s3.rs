@@ -22,9 +22,9 @@
 //!   key (`NoSuchKey`, or a HEAD); a missing bucket is [`ErrorKind::Invalid`]. 401/403 are
 //!   [`ErrorKind::Refused`], other 4xx [`ErrorKind::Invalid`]. Messages name the endpoint,
 //!   bucket and key, never the credentials.
-//! - **Locks** are `flock`s on local files (see [`S3Config::lock_dir`]): they exclude
-//!   writers on one host only. Walnut's single-writer rule per instance is what makes that
-//!   enough; two hosts must not write the same instance.
+//! - **Locks** are leases in the bucket (see [`lease`]): per-holder lease objects with an
+//!   expiry on the server's clock, renewed while held, taken over once expired; with a
+//!   local `flock` (see [`S3Config::lock_dir`]) taken first for takers on one host.
 //! - **Durability.** A PUT that succeeded is durable: [`Repo::barrier`] has nothing to do.
 
 use std::collections::hash_map::RandomState;
@@ -47,6 +47,9 @@ use super::{
 };
 use crate::error::{Error, ErrorKind, IoContext, Result};
 
+mod lease;
+pub use lease::{DEFAULT_LEASE, LEASE_ENV};
+
 /// Objects larger than this are uploaded in parts.
 pub const MULTIPART_THRESHOLD: usize = 16 << 20;
 /// The size of one part (S3's minimum is 5 MiB except for the last).
@@ -55,6 +58,14 @@ pub const PART_SIZE: usize = 8 << 20;
 const PART_THREADS: usize = 3;
 /// How long a presigned URL is valid: one attempt's lifetime, comfortably.
 const SIGN_FOR: Duration = Duration::from_secs(3600);
+/// Ranged reads shorter than this go through read-ahead windows.
+const SMALL_READ: u64 = 64 << 10;
+/// The alignment and size of a read-ahead window.
+const WINDOW: u64 = 1 << 20;
+/// The bytes of windows kept per process.
+const WINDOW_CACHE: usize = 32 << 20;
+/// How long aborting a failed multipart upload may retry.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The object `walnut init` records the probe's result in.
 pub const S3_CONFIG_KEY: &str = "walnut-s3.json";
 
@@ -78,6 +89,8 @@ pub struct S3Config {
     pub timeout: Duration,
     /// Local directory for lock files (per host; see the module docs).
     pub lock_dir: PathBuf,
+    /// How long a lock's lease lives without renewal (see [`lease`]).
+    pub lease: Duration,
     /// Where the credentials were read from, when a file (for restore_command).
     pub credentials_file: Option<PathBuf>,
     /// The config file used, if any (for restore_command).
@@ -95,6 +108,7 @@ impl std::fmt::Debug for S3Config {
             .field("path_style", &self.path_style)
             .field("ca_file", &self.ca_file)
             .field("timeout", &self.timeout)
+            .field("lease", &self.lease)
             .finish_non_exhaustive()
     }
 }
@@ -126,6 +140,39 @@ struct Inner {
     agent: ureq::Agent,
     /// Send `If-None-Match: *` on creates (else HEAD first).
     conditional: AtomicBool,
+    /// Read-ahead windows of small ranged reads (see [`S3Repo::get_range`]).
+    windows: Mutex<Windows>,
+}
+
+/// Recently fetched windows of objects, oldest first, at most [`WINDOW_CACHE`] bytes.
+/// Objects are never rewritten, so a window stays true for the life of the process.
+#[derive(Debug, Default)]
+struct Windows {
+    list: std::collections::VecDeque<(String, u64, Arc<Vec<u8>>)>,
+    bytes: usize,
+}
+
+impl Windows {
+    fn find(&self, key: &str, off: u64, len: u64) -> Option<Vec<u8>> {
+        self.list.iter().rev().find_map(|(k, start, data)| {
+            let end = start + data.len() as u64;
+            (k == key && off >= *start && off + len <= end).then(|| {
+                let s = (off - start) as usize;
+                data[s..s + len as usize].to_vec()
+            })
+        })
+    }
+
+    fn add(&mut self, key: &str, start: u64, data: Arc<Vec<u8>>) {
+        self.bytes += data.len();
+        self.list.push_back((key.to_string(), start, data));
+        while self.bytes > WINDOW_CACHE {
+            match self.list.pop_front() {
+                Some((_, _, d)) => self.bytes -= d.len(),
+                None => break,
+            }
+        }
+    }
 }
 
 /// A catalog in a bucket (see the module docs).
@@ -188,6 +235,7 @@ impl S3Repo {
                 creds,
                 agent,
                 conditional: AtomicBool::new(false),
+                windows: Mutex::new(Windows::default()),
             }),
         })
     }
@@ -324,8 +372,19 @@ impl Inner {
 
     /// [`Inner::send`], also giving the number of attempts made.
     fn send_n<'b>(&self, what: &str, op: &str, mk: &dyn Fn() -> Req<'b>) -> Result<(Resp, u32)> {
+        self.send_within(what, op, mk, self.cfg.timeout)
+    }
+
+    /// [`Inner::send_n`] with its own deadline instead of the configured timeout.
+    fn send_within<'b>(
+        &self,
+        what: &str,
+        op: &str,
+        mk: &dyn Fn() -> Req<'b>,
+        timeout: Duration,
+    ) -> Result<(Resp, u32)> {
         let start = Instant::now();
-        let deadline = start + self.cfg.timeout;
+        let deadline = start + timeout;
         let mut delay = Duration::from_millis(100);
         let mut attempt = 0u32;
         loop {
@@ -517,6 +576,12 @@ impl Inner {
     }
 
     fn get(&self, key: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>> {
+        self.get_part(key, range, false)
+    }
+
+    /// [`Inner::get`]; with `short_ok`, a range that runs past the object's end gives the
+    /// bytes up to the end instead of an error (read-ahead windows).
+    fn get_part(&self, key: &str, range: Option<(u64, u64)>, short_ok: bool) -> Result<Vec<u8>> {
         let full = self.full(key);
         let what = self.describe_full(&full);
         let range_h = range.map(|(off, len)| format!("bytes={off}-{}", off + len - 1));
@@ -589,7 +654,7 @@ impl Inner {
                     } else {
                         buf
                     };
-                    if data.len() < want {
+                    if data.len() < want && !short_ok {
                         return Err(Error::corruption(format!(
                             "{what}: shorter than {len} bytes at offset {off}"
                         )));
@@ -603,6 +668,10 @@ impl Inner {
     }
 
     fn delete_full(&self, full: &str) -> Result<()> {
+        self.delete_within(full, self.cfg.timeout)
+    }
+
+    fn delete_within(&self, full: &str, timeout: Duration) -> Result<()> {
         let what = self.describe_full(full);
         let mk = || Req {
             method: "DELETE",
@@ -613,7 +682,7 @@ impl Inner {
             headers: vec![],
             body: &[],
         };
-        let mut resp = self.send(&what, "DELETE", &mk)?;
+        let (mut resp, _) = self.send_within(&what, "DELETE", &mk, timeout)?;
         match resp.status().as_u16() {
             200..=299 | 404 => {
                 drain(&mut resp);
@@ -833,9 +902,13 @@ impl Inner {
             headers: vec![],
             body: &[],
         };
-        match self.send(&what, "AbortMultipartUpload", &mk) {
-            Ok(r) if r.status().is_success() || r.status().as_u16() == 404 => {}
-            Ok(r) => log::warn!("{}", self.status_error(&what, "AbortMultipartUpload", r)),
+        // The upload failed already: the abort gets a short deadline, so that the failure is
+        // reported soon. An upload left unaborted is invisible and holds only storage (a
+        // bucket lifecycle rule AbortIncompleteMultipartUpload reclaims it).
+        let within = self.cfg.timeout.min(ABORT_TIMEOUT);
+        match self.send_within(&what, "AbortMultipartUpload", &mk, within) {
+            Ok((r, _)) if r.status().is_success() || r.status().as_u16() == 404 => {}
+            Ok((r, _)) => log::warn!("{}", self.status_error(&what, "AbortMultipartUpload", r)),
             Err(e) => log::warn!("{e}"),
         }
     }
@@ -1063,6 +1136,46 @@ impl Drop for S3Writer {
 }
 
 impl S3Repo {
+    /// The same-host part of a lock: an `flock` on a file in [`S3Config::lock_dir`].
+    fn local_lock(&self, key: &str, mode: LockMode, wait: bool) -> Result<Option<RepoLock>> {
+        let dir = &self.inner.cfg.lock_dir;
+        ensure_lock_dir(dir)?;
+        let name: String = format!("{}/{}", self.inner.cfg.url(), key)
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let path = dir.join(name);
+        let f = {
+            use std::os::unix::fs::OpenOptionsExt;
+            fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .mode(0o666)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&path)
+                .ctx("open lock file", &path)?
+        };
+        super::local::flock(f, &path, mode, wait)
+    }
+
+    /// The lease objects of lock `key` (names), for tests and diagnostics.
+    pub fn lease_holders(&self, key: &str) -> Result<Vec<String>> {
+        check_key(key, true)?;
+        Ok(lease::list(&self.inner, key)?
+            .0
+            .into_iter()
+            .map(|e| e.name)
+            .collect())
+    }
+
     fn writer(&self, key: &str) -> S3Writer {
         S3Writer {
             inner: self.inner.clone(),
@@ -1120,7 +1233,38 @@ impl Repo for S3Repo {
                 ))),
             };
         }
-        self.inner.get(key, Some((offset, len)))
+        if len >= SMALL_READ {
+            return self.inner.get(key, Some((offset, len)));
+        }
+        // A small read (a header, a trailer, a binary search's probe, a small object's
+        // bytes) is served from an aligned window fetched once: restore reads many small
+        // ranges of the same object, each a round trip otherwise.
+        if let Some(b) = self
+            .inner
+            .windows
+            .lock()
+            .map_err(|_| poisoned())?
+            .find(key, offset, len)
+        {
+            return Ok(b);
+        }
+        let start = offset - offset % WINDOW;
+        let end = (offset + len).div_ceil(WINDOW) * WINDOW;
+        let data = Arc::new(self.inner.get_part(key, Some((start, end - start)), true)?);
+        if start + (data.len() as u64) < offset + len {
+            return Err(Error::corruption(format!(
+                "{}: shorter than {len} bytes at offset {offset}",
+                self.inner.describe(key)
+            )));
+        }
+        let s = (offset - start) as usize;
+        let out = data[s..s + len as usize].to_vec();
+        self.inner
+            .windows
+            .lock()
+            .map_err(|_| poisoned())?
+            .add(key, start, data);
+        Ok(out)
     }
 
     fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
@@ -1143,32 +1287,17 @@ impl Repo for S3Repo {
 
     fn lock(&self, key: &str, mode: LockMode, wait: bool) -> Result<Option<RepoLock>> {
         check_key(key, true)?;
-        let dir = &self.inner.cfg.lock_dir;
-        ensure_lock_dir(dir)?;
-        let name: String = format!("{}/{}", self.inner.cfg.url(), key)
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let path = dir.join(name);
-        let f = {
-            use std::os::unix::fs::OpenOptionsExt;
-            fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .read(true)
-                .write(true)
-                .mode(0o666)
-                .custom_flags(nix::libc::O_NOFOLLOW)
-                .open(&path)
-                .ctx("open lock file", &path)?
+        // The local flock first: takers on this host wait on it without polling the
+        // server; then the lease excludes other hosts (and outlives nothing: a dead
+        // holder's lease expires).
+        let Some(local) = self.local_lock(key, mode, wait)? else {
+            return Ok(None);
         };
-        super::local::flock(f, &path, mode, wait)
+        let Some(lease) = lease::take(&self.inner, key, mode, wait)? else {
+            return Ok(None);
+        };
+        // Dropped in order: the lease object is deleted before the flock is released.
+        Ok(Some(RepoLock::new(Box::new((lease, local)))))
     }
 
     fn barrier(&self) -> Result<()> {
@@ -1243,6 +1372,7 @@ mod tests {
             ca_file: None,
             timeout: Duration::from_secs(1),
             lock_dir: "/tmp".into(),
+            lease: DEFAULT_LEASE,
             credentials_file: None,
             config_file: None,
         };

@@ -23,6 +23,7 @@ mod restore_hardening;
 mod restore_incremental;
 mod restore_partial;
 mod s3;
+mod s3_faults;
 mod stream_standby;
 mod stream_standby_busy;
 mod summary;

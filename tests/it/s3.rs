@@ -18,7 +18,7 @@ use super::harness::*;
 
 const TOOLS: &str = "/opt/walnut-tools/bin";
 
-fn find_tool(name: &str) -> Option<PathBuf> {
+pub(super) fn find_tool(name: &str) -> Option<PathBuf> {
     let p = Path::new(TOOLS).join(name);
     if p.is_file() {
         return Some(p);
@@ -31,7 +31,7 @@ fn find_tool(name: &str) -> Option<PathBuf> {
 }
 
 /// `None` (with a message) when the server is not installed; a failure under CI=true.
-fn missing(name: &str) -> Option<S3Server> {
+pub(super) fn missing(name: &str) -> Option<S3Server> {
     let msg = format!(
         "skipped: no {name} binary in {TOOLS} or PATH (.ci/run installs it with cargo install)"
     );
@@ -50,14 +50,14 @@ fn missing(name: &str) -> Option<S3Server> {
     None
 }
 
-fn free_port() -> u16 {
+pub(super) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
 }
 
-fn wait_port(port: u16, child: &mut Child, what: &str) {
+pub(super) fn wait_port(port: u16, child: &mut Child, what: &str) {
     let t0 = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if let Ok(Some(st)) = child.try_wait() {
@@ -72,16 +72,16 @@ fn wait_port(port: u16, child: &mut Child, what: &str) {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
+pub(super) enum Kind {
     S3sFs,
     Garage,
 }
 
 /// One S3 server with a bucket and a key that may use it.
-struct S3Server {
-    kind: Kind,
+pub(super) struct S3Server {
+    pub kind: Kind,
     bin: PathBuf,
-    child: Option<Child>,
+    pub child: Option<Child>,
     pub dir: tempfile::TempDir,
     pub port: u16,
     pub key: String,
@@ -91,7 +91,7 @@ struct S3Server {
 }
 
 impl S3Server {
-    fn s3s_fs() -> Option<S3Server> {
+    pub(super) fn s3s_fs() -> Option<S3Server> {
         let Some(bin) = find_tool("s3s-fs") else {
             return missing("s3s-fs");
         };
@@ -113,7 +113,7 @@ impl S3Server {
         Some(s)
     }
 
-    fn garage() -> Option<S3Server> {
+    pub(super) fn garage() -> Option<S3Server> {
         let Some(bin) = find_tool("garage") else {
             return missing("garage");
         };
@@ -189,26 +189,26 @@ impl S3Server {
         Some(s)
     }
 
-    fn conf(&self) -> PathBuf {
+    pub(super) fn conf(&self) -> PathBuf {
         self.dir.path().join("garage.toml")
     }
 
-    fn data(&self) -> PathBuf {
+    pub(super) fn data(&self) -> PathBuf {
         self.dir.path().join("data")
     }
 
-    fn garage_cmd(&self, args: &[&str]) -> Output {
+    pub(super) fn garage_cmd(&self, args: &[&str]) -> Output {
         run(Command::new(&self.bin)
             .arg("-c")
             .arg(self.conf())
             .args(args))
     }
 
-    fn garage_ok(&self, args: &[&str]) -> String {
+    pub(super) fn garage_ok(&self, args: &[&str]) -> String {
         ok(self.garage_cmd(args), &format!("garage {args:?}"))
     }
 
-    fn start(&mut self) {
+    pub(super) fn start(&mut self) {
         let mut c = Command::new(&self.bin);
         match self.kind {
             Kind::S3sFs => {
@@ -234,20 +234,20 @@ impl S3Server {
     }
 
     /// Kills the server (by its PID) and waits for it.
-    fn kill(&mut self) {
+    pub(super) fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
-    fn endpoint(&self) -> String {
+    pub(super) fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
     /// A config file (readable by the postgres user) with the endpoint, region and a
     /// credentials file: what archive_command and restore_command use.
-    fn config_file(&self, timeout: u64) -> PathBuf {
+    pub(super) fn config_file(&self, timeout: u64) -> PathBuf {
         let creds = self.dir.path().join("credentials");
         std::fs::write(
             &creds,
@@ -272,7 +272,7 @@ impl S3Server {
         conf
     }
 
-    fn repo(&self, prefix: &str) -> S3Repo {
+    pub(super) fn repo(&self, prefix: &str) -> S3Repo {
         S3Repo::new(S3Config {
             endpoint: self.endpoint(),
             region: self.region.clone(),
@@ -285,6 +285,7 @@ impl S3Server {
             ca_file: None,
             timeout: Duration::from_secs(5),
             lock_dir: self.dir.path().join("locks"),
+            lease: walnut::repo::s3::DEFAULT_LEASE,
             credentials_file: None,
             config_file: None,
         })
@@ -404,17 +405,17 @@ fn s3_repo_rules_on_garage() {
     repo_rules(&s);
 }
 
-fn walnut_s3(conf: &Path, args: &[&str]) -> Output {
+pub(super) fn walnut_s3(conf: &Path, args: &[&str]) -> Output {
     let mut c = as_pg(walnut_bin("walnut"));
     c.args(args).arg("--config").arg(conf);
     run(&mut c)
 }
 
-fn stderr(o: &Output) -> String {
+pub(super) fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-fn fetch(conf: &Path, url: &str, name: &str, dest: &Path) -> Output {
+pub(super) fn fetch(conf: &Path, url: &str, name: &str, dest: &Path) -> Output {
     let mut c = as_pg(walnut_bin("walnut-fetch"));
     c.args(["-B", url, "--instance", "db", "--prefetch", "0", "--config"])
         .arg(conf)
@@ -423,7 +424,7 @@ fn fetch(conf: &Path, url: &str, name: &str, dest: &Path) -> Output {
     run(&mut c)
 }
 
-fn push(conf: &Path, url: &str, path: &Path, name: &str) -> Output {
+pub(super) fn push(conf: &Path, url: &str, path: &Path, name: &str) -> Output {
     let mut c = as_pg(walnut_bin("walnut-archive"));
     c.args([
         "-B",
@@ -655,7 +656,7 @@ fn archive_scenario(mut s: S3Server) {
     assert!(!out.join("flipped").exists());
 }
 
-fn backup_s3(conf: &Path, url: &str, pg: &Pg, mode: &str) -> String {
+pub(super) fn backup_s3(conf: &Path, url: &str, pg: &Pg, mode: &str) -> String {
     let mut a: Vec<String> = [
         "backup",
         "-B",
@@ -677,10 +678,65 @@ fn backup_s3(conf: &Path, url: &str, pg: &Pg, mode: &str) -> String {
         .to_string()
 }
 
-/// FULL → PAGE on S3, restored from S3 (ranged reads) to a restore point after the PAGE,
-/// replaying WAL through walnut-fetch from S3: the same pg_dumpall.
-fn backup_scenario(s: S3Server) {
+/// Restores backup `id` from the S3 catalog into `target`, to the restore point `rp`,
+/// starts it paused there and compares its pg_dumpall with `dump`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn restore_and_compare(
+    s: &S3Server,
+    conf: &Path,
+    url: &str,
+    pg: &Pg,
+    dir: &Path,
+    id: &str,
+    rp: &str,
+    dump: &str,
+) {
     use super::env::{same_dump, wait_paused, Env};
+    let target = dir.join(format!("restored-{rp}"));
+    ok(
+        walnut_s3(
+            conf,
+            &[
+                "restore",
+                "-B",
+                url,
+                "--instance",
+                "db",
+                "-i",
+                id,
+                "-D",
+                target.to_str().unwrap(),
+                "-j",
+                "2",
+                "--recovery-target-name",
+                rp,
+                "--recovery-target-action",
+                "pause",
+            ],
+        ),
+        &format!("restore {id} from S3"),
+    );
+    let auto = std::fs::read_to_string(target.join("postgresql.auto.conf")).unwrap();
+    assert!(auto.contains(&format!("-B {url} --s3-endpoint")), "{auto}");
+    assert!(!auto.contains(&s.secret), "{auto}");
+    let sock = pg_mkdir(&dir.join(format!("sock-{rp}")));
+    let mut r = pg.existing_like(&target, &sock);
+    r.append_conf("archive_mode = off");
+    r.start();
+    wait_paused(&r);
+    same_dump(
+        &Env::dumpall(&r),
+        dump,
+        &format!("{id} restored from S3 to {rp}"),
+    );
+    r.stop();
+    let _ = std::fs::remove_dir_all(&target);
+}
+
+/// FULL → PAGE → DELTA on S3, each restored from S3 (ranged reads) to its own restore point,
+/// replaying WAL through walnut-fetch from S3: the same pg_dumpall each time.
+fn backup_scenario(s: S3Server) {
+    use super::env::Env;
     let conf = s.config_file(10);
     let url = "s3://walnut/bk";
     let dir = pg_tempdir("s3-bk");
@@ -701,51 +757,38 @@ fn backup_scenario(s: S3Server) {
     ));
     pg.start();
     pg.pgbench(&["-i", "-s", "2", "-q", "postgres"]);
-    let _full = backup_s3(&conf, url, &pg, "full");
-    pg.pgbench(&["-t", "300", "-n", "postgres"]);
-    let page = backup_s3(&conf, url, &pg, "page");
-    let dump = Env::dumpall(&pg);
-    pg.psql("postgres", "select pg_create_restore_point('after_page')");
-    pg.psql("postgres", "create table after_rp as select 1 as i");
+    let mut points = Vec::new();
+    for (mode, work) in [("full", "100"), ("page", "300"), ("delta", "300")] {
+        pg.pgbench(&["-t", work, "-n", "postgres"]);
+        let id = backup_s3(&conf, url, &pg, mode);
+        let dump = Env::dumpall(&pg);
+        let rp = format!("after_{mode}");
+        pg.psql(
+            "postgres",
+            &format!("select pg_create_restore_point('{rp}')"),
+        );
+        pg.psql(
+            "postgres",
+            &format!("create table {rp}_marker as select 1 as i"),
+        );
+        points.push((id, rp, dump));
+    }
     pg.switch_and_wait_archived();
+    let shown = ok(
+        walnut_s3(&conf, &["show", "-B", url, "--instance", "db"]),
+        "show on S3",
+    );
+    for (id, _, _) in &points {
+        assert!(shown.contains(id.as_str()), "{id} not in\n{shown}");
+    }
+    assert!(shown.contains("DELTA") && shown.contains("PAGE"), "{shown}");
     ok(
         walnut_s3(&conf, &["validate", "-B", url, "--instance", "db"]),
         "validate on S3",
     );
-    let target = dir.path().join("restored");
-    ok(
-        walnut_s3(
-            &conf,
-            &[
-                "restore",
-                "-B",
-                url,
-                "--instance",
-                "db",
-                "-i",
-                &page,
-                "-D",
-                target.to_str().unwrap(),
-                "-j",
-                "2",
-                "--recovery-target-name",
-                "after_page",
-                "--recovery-target-action",
-                "pause",
-            ],
-        ),
-        "restore from S3",
-    );
-    let auto = std::fs::read_to_string(target.join("postgresql.auto.conf")).unwrap();
-    assert!(auto.contains("-B s3://walnut/bk --s3-endpoint"), "{auto}");
-    assert!(!auto.contains(&s.secret), "{auto}");
-    let sock = pg_mkdir(&dir.path().join("restored-sock"));
-    let mut r = pg.existing_like(&target, &sock);
-    r.append_conf("archive_mode = off");
-    r.start();
-    wait_paused(&r);
-    same_dump(&Env::dumpall(&r), &dump, "FULL+PAGE restored from S3");
-    r.stop();
+    for (id, rp, dump) in &points {
+        restore_and_compare(&s, &conf, url, &pg, dir.path(), id, rp, dump);
+    }
     pg.stop();
 }
 

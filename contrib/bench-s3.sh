@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# bench-s3.sh -- walnut on S3 against bare S3 transfers of the same bytes, same server, same
+# run (issue 10, "Speed"). Starts its own s3s-fs (default) or Garage on 127.0.0.1 and a
+# PostgreSQL 15 cluster, then measures:
+#   archive  ms per walnut-archive of a 16 MiB segment (index included) vs a bare
+#            `curl --aws-sigv4 -T` of the same compressed object            target <= 1.3x
+#   backup   FULL backup (-j J) vs parallel bare uploads (J at a time) of the same stored
+#            objects                                                        target >= 0.8x
+#   restore  restore of FULL+PAGE (-j J) vs parallel bare downloads of every object of
+#            both backups                                                   target >= 0.8x
+#   pgbackrest archive-push figure, when stunnel(4) is there to give it TLS (its S3 driver
+#            needs https); else says so.
+# Needs root, PostgreSQL 15 (/usr/lib/postgresql/15/bin), curl, and the S3 server binaries
+# in /opt/walnut-tools/bin (or PATH). Env: SERVER=s3s-fs|garage, SEGMENTS (12), SCALE (10,
+# pgbench scale of the backed-up cluster), J (2), PROFILE (release|debug), KEEP=1 keeps the
+# work directory. Prints medians and same-run ratios; ratios are walnut-relative throughput
+# (bare time / walnut time for backup and restore; walnut / bare for archive).
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+: "${SERVER:=s3s-fs}" "${SEGMENTS:=12}" "${SCALE:=10}" "${J:=2}" "${PROFILE:=release}"
+: "${PG_OS_USER:=postgres}" "${PGBIN:=/usr/lib/postgresql/15/bin}" "${KEEP:=}"
+TOOLS=/opt/walnut-tools/bin
+tool() { if [ -x "$TOOLS/$1" ]; then echo "$TOOLS/$1"; else command -v "$1"; fi; }
+
+if [ "$PROFILE" = release ]; then (cd "$REPO" && cargo build --release -q --bins); fi
+W=$(mktemp -d /tmp/bench-s3.XXXXXX)
+chmod 755 "$W"
+SRV_PID=
+cleanup() {
+  [ -n "$SRV_PID" ] && kill "$SRV_PID" 2>/dev/null || true
+  [ -f "$W/pg/postmaster.pid" ] && runuser -u "$PG_OS_USER" -- "$PGBIN/pg_ctl" -D "$W/pg" -m immediate stop >/dev/null 2>&1 || true
+  [ -n "$KEEP" ] || rm -rf "$W"
+}
+trap cleanup EXIT
+mkdir -p "$W/bin"
+cp "$REPO/target/$PROFILE"/{walnut,walnut-archive,walnut-fetch} "$W/bin/"
+chmod 755 "$W/bin" "$W/bin"/*
+BIN=$W/bin
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PORT=$(port)
+BUCKET=bench
+case "$SERVER" in
+  s3s-fs)
+    KEY=benchkey SECRET=benchsecret0123456789 REGION=us-east-1
+    mkdir -p "$W/s3/$BUCKET"
+    "$(tool s3s-fs)" --host 127.0.0.1 --port "$PORT" --access-key "$KEY" --secret-key "$SECRET" \
+      "$W/s3" >"$W/server.log" 2>&1 &
+    SRV_PID=$! ;;
+  garage)
+    REGION=garage RPC=$(port)
+    G=$(tool garage)
+    cat >"$W/garage.toml" <<EOF
+metadata_dir = "$W/gmeta"
+data_dir = "$W/gdata"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$RPC"
+rpc_public_addr = "127.0.0.1:$RPC"
+rpc_secret = "$(printf '0123456789abcdef%.0s' 1 2 3 4)"
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$PORT"
+root_domain = ".s3.garage.localhost"
+EOF
+    RUST_LOG=warn "$G" -c "$W/garage.toml" server >"$W/server.log" 2>&1 &
+    SRV_PID=$!
+    for _ in $(seq 100); do ID=$("$G" -c "$W/garage.toml" node id -q 2>/dev/null) && break; sleep 0.2; done
+    "$G" -c "$W/garage.toml" layout assign -z dc1 -c 1G "${ID%%@*}" >/dev/null
+    "$G" -c "$W/garage.toml" layout apply --version 1 >/dev/null
+    K=$("$G" -c "$W/garage.toml" key create bench-key)
+    KEY=$(echo "$K" | awk -F: '/Key ID/ {gsub(/ /,"",$2); print $2}')
+    SECRET=$(echo "$K" | awk -F: '/Secret key/ {gsub(/ /,"",$2); print $2}')
+    "$G" -c "$W/garage.toml" bucket create "$BUCKET" >/dev/null
+    "$G" -c "$W/garage.toml" bucket allow --read --write --owner "$BUCKET" --key bench-key >/dev/null ;;
+  *) echo "SERVER must be s3s-fs or garage" >&2; exit 2 ;;
+esac
+for _ in $(seq 200); do (echo >"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.05; done
+EP=http://127.0.0.1:$PORT
+printf '[default]\naws_access_key_id = %s\naws_secret_access_key = %s\n' "$KEY" "$SECRET" >"$W/creds"
+printf 's3-endpoint = %s\ns3-region = %s\ns3-credentials = %s\ns3-timeout = 60\n' \
+  "$EP" "$REGION" "$W/creds" >"$W/walnut.conf"
+chown -R "$PG_OS_USER:" "$W"
+CURL=(curl -sS -f --aws-sigv4 "aws:amz:$REGION:s3" --user "$KEY:$SECRET" -H "x-amz-content-sha256: UNSIGNED-PAYLOAD")
+pgw() { runuser -u "$PG_OS_USER" -- "$@"; }
+wn() { pgw "$BIN/walnut" "$@" --config "$W/walnut.conf"; }
+now() { date +%s%N; }
+ms() { echo $(( ($2 - $1) / 1000000 )); }
+median() { sort -n | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+
+# --- a cluster and its WAL ---
+pgw "$PGBIN/initdb" -k -D "$W/pg" -A trust >/dev/null
+cat >>"$W/pg/postgresql.conf" <<EOF
+port = $(port)
+unix_socket_directories = '$W'
+listen_addresses = ''
+wal_keep_size = '4GB'
+max_wal_size = '4GB'
+EOF
+pgw "$PGBIN/pg_ctl" -D "$W/pg" -l "$W/pg.log" -w start >/dev/null
+PGPORT=$(awk '/^port = / {print $3}' "$W/pg/postgresql.conf")
+CONN=(-h "$W" -p "$PGPORT" -U "$PG_OS_USER")
+pgw "$PGBIN/pgbench" "${CONN[@]}" -i -q -s "$SCALE" postgres >/dev/null 2>&1
+pgw "$PGBIN/pgbench" "${CONN[@]}" -n -c 2 -T 25 postgres >/dev/null 2>&1
+pgw "$PGBIN/psql" "${CONN[@]}" -qAtc "select pg_switch_wal()" postgres >/dev/null
+CUR=$(pgw "$PGBIN/psql" "${CONN[@]}" -qAtc "select pg_walfile_name(pg_current_wal_lsn())" postgres)
+mapfile -t SEGS < <(ls "$W/pg/pg_wal" | grep -E '^[0-9A-F]{24}$' | awk -v c="$CUR" '$0 < c' | tail -n "$SEGMENTS")
+
+CAT=s3://$BUCKET/arch
+wn init -B "$CAT" >/dev/null
+wn add-instance -B "$CAT" --instance db -D "$W/pg" >/dev/null
+
+echo "== archive: ${#SEGS[@]} segments of 16 MiB, walnut-archive vs curl -T of the same object ($SERVER)"
+: >"$W/a.walnut"; : >"$W/a.bare"
+for s in "${SEGS[@]}"; do
+  t0=$(now)
+  # (as root, like curl: runuser would add its own start-up to every call)
+  "$BIN/walnut-archive" -B "$CAT" --instance db --look-ahead 0 --config "$W/walnut.conf" \
+    "$W/pg/pg_wal/$s" "$s"
+  t1=$(now); ms "$t0" "$t1" >>"$W/a.walnut"
+  obj="$EP/$BUCKET/arch/instances/db/wal/00000001/$s.lz4"
+  "${CURL[@]}" -o "$W/seg.lz4" "$obj"
+  t0=$(now)
+  "${CURL[@]}" -o /dev/null -T "$W/seg.lz4" "$EP/$BUCKET/bare/$s.lz4"
+  t1=$(now); ms "$t0" "$t1" >>"$W/a.bare"
+done
+AW=$(median <"$W/a.walnut"); AB=$(median <"$W/a.bare")
+echo "walnut-archive median ${AW} ms, bare PUT median ${AB} ms (object $(stat -c %s "$W/seg.lz4") bytes), ratio $(awk -v a="$AW" -v b="$AB" 'BEGIN {printf "%.2f", a/b}') (target <= 1.3)"
+
+# --- backups ---
+pgw "$PGBIN/psql" "${CONN[@]}" -qc "alter system set archive_mode = on" postgres
+pgw "$PGBIN/psql" "${CONN[@]}" -qc "alter system set archive_command = '$BIN/walnut-archive -B $CAT --config $W/walnut.conf --instance db %p %f'" postgres
+pgw "$PGBIN/pg_ctl" -D "$W/pg" -l "$W/pg.log" -w restart >/dev/null
+list_all() { # ListObjectsV2 pages
+  local tok="" out
+  while :; do
+    # (query parameters sorted and encoded, as SigV4's canonical request has them)
+    out=$("${CURL[@]}" "$EP/$BUCKET?${tok:+continuation-token=$tok&}list-type=2&prefix=arch%2Finstances%2Fdb%2Fbackups%2F$1%2F")
+    echo "$out" | grep -o '<Key>[^<]*</Key>' | sed 's/<Key>\(.*\)<\/Key>/\1/' | grep -v '/\.' || true
+    tok=$(echo "$out" | grep -o '<NextContinuationToken>[^<]*' | sed 's/<NextContinuationToken>//' || true)
+    [ -n "$tok" ] || break
+    tok=$(python3 -c 'import sys,urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$tok")
+  done
+}
+bk() { wn backup -B "$CAT" --instance db -b "$1" -j "$J" "${CONN[@]}" | tail -1; }
+t0=$(now); FULL=$(bk full); t1=$(now); BW=$(ms "$t0" "$t1")
+list_all "$FULL" >"$W/full.keys"
+mkdir -p "$W/objs"
+# the same objects, fetched once to local files, then uploaded J at a time
+while read -r k; do
+  f="$W/objs/$(echo "$k" | md5sum | cut -c1-16)"
+  "${CURL[@]}" -o "$f" "$EP/$BUCKET/$k"; echo "$f $k"
+done <"$W/full.keys" >"$W/full.map"
+FBYTES=$(awk '{print $1}' "$W/full.map" | xargs stat -c %s | awk '{s+=$1} END {print s}')
+export KEY SECRET REGION EP BUCKET
+t0=$(now)
+awk '{print $1" bare-bk/"$2}' "$W/full.map" | xargs -P "$J" -n 2 sh -c \
+  'curl -sS -f --aws-sigv4 "aws:amz:$REGION:s3" --user "$KEY:$SECRET" -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" -o /dev/null -T "$0" "$EP/$BUCKET/$1"'
+t1=$(now); BB=$(ms "$t0" "$t1")
+echo "== backup: FULL of pgbench scale $SCALE, $(wc -l <"$W/full.keys") objects, $FBYTES bytes stored"
+echo "walnut backup -j $J ${BW} ms ($(awk -v b="$FBYTES" -v t="$BW" 'BEGIN {printf "%.1f", b/t/1000}') MB/s stored), bare parallel PUTs ${BB} ms ($(awk -v b="$FBYTES" -v t="$BB" 'BEGIN {printf "%.1f", b/t/1000}') MB/s), ratio $(awk -v a="$BB" -v b="$BW" 'BEGIN {printf "%.2f", a/b}') (target >= 0.8)"
+
+pgw "$PGBIN/pgbench" "${CONN[@]}" -n -c 2 -T 10 postgres >/dev/null 2>&1
+PAGE=$(bk page)
+list_all "$PAGE" >"$W/page.keys"
+cat "$W/full.keys" "$W/page.keys" >"$W/chain.keys"
+RBYTES=0
+t0=$(now)
+pgw "$BIN/walnut" restore -B "$CAT" --config "$W/walnut.conf" --instance db -i "$PAGE" -D "$W/restored" -j "$J" >/dev/null
+t1=$(now); RW=$(ms "$t0" "$t1")
+mkdir -p "$W/dl"
+t0=$(now)
+awk '{print NR" "$1}' "$W/chain.keys" | xargs -P "$J" -n 2 sh -c \
+  'curl -sS -f --aws-sigv4 "aws:amz:$REGION:s3" --user "$KEY:$SECRET" -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" -o "'"$W"'/dl/$0" "$EP/$BUCKET/$1"'
+t1=$(now); RB=$(ms "$t0" "$t1")
+RBYTES=$(du -sb "$W/dl" | cut -f1)
+echo "== restore: FULL+PAGE, $(wc -l <"$W/chain.keys") objects, $RBYTES bytes stored"
+echo "walnut restore -j $J ${RW} ms, bare parallel GETs ${RB} ms, ratio $(awk -v a="$RB" -v b="$RW" 'BEGIN {printf "%.2f", a/b}') (target >= 0.8)"
+
+echo "== pgBackRest archive-push"
+if command -v stunnel4 >/dev/null || command -v stunnel >/dev/null; then
+  echo "stunnel is installed, but this script does not drive pgBackRest through it yet"
+else
+  echo "not measured: pgBackRest's S3 driver needs TLS and no stunnel4/stunnel is installed here"
+fi
