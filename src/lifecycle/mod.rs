@@ -120,9 +120,29 @@ fn remove_backup_objects(repo: &dyn Repo, key: &str) -> Result<()> {
         }
     };
     keys.sort_by_key(|k| rank(k));
-    for k in keys {
-        crashpoint::hit(&k);
-        repo.delete(&k)?;
+    // the data in one batch, then backup.json and backup.started one by one (durable in
+    // this order), then the records
+    let split = keys.partition_point(|k| rank(k) == 0);
+    remove_keys(repo, &keys[..split])?;
+    let rest = keys.partition_point(|k| rank(k) < 3);
+    for k in &keys[split..rest] {
+        remove_keys(repo, std::slice::from_ref(k))?;
+    }
+    remove_keys(repo, &keys[rest..])
+}
+
+/// Removes `keys` durably, in batches ([`Repo::delete_batch`]); one by one, each a crash
+/// point, when a test armed one ([`crashpoint`]).
+pub fn remove_keys(repo: &dyn Repo, keys: &[String]) -> Result<()> {
+    if crashpoint::armed() {
+        for k in keys {
+            crashpoint::hit(k);
+            repo.delete(k)?;
+        }
+        return Ok(());
+    }
+    for chunk in keys.chunks(4096) {
+        repo.delete_batch(chunk)?;
     }
     Ok(())
 }
@@ -311,13 +331,20 @@ pub fn delete(catalog: &Catalog, instance: &str, opts: &DeleteOptions) -> Result
         )? {
             Ok(plan) => {
                 if !opts.dry_run {
+                    // per timeline: every index object first, then the rest oldest
+                    // segment first (a kill leaves no index without its segment and no
+                    // gap; what a power loss may leave lies outside every kept range)
                     let prefix = Catalog::wal_key(instance);
                     for t in &plan {
-                        for name in &t.objects {
-                            let k = format!("{prefix}/{:08X}/{name}", t.timeline);
-                            crashpoint::hit(&k);
-                            repo.delete(&k)?;
-                        }
+                        let keys: Vec<String> = t
+                            .objects
+                            .iter()
+                            .map(|name| format!("{prefix}/{:08X}/{name}", t.timeline))
+                            .collect();
+                        let (idx, data): (Vec<String>, Vec<String>) =
+                            keys.into_iter().partition(|k| k.contains(".idx"));
+                        remove_keys(repo, &idx)?;
+                        remove_keys(repo, &data)?;
                     }
                 }
                 report.wal = plan;

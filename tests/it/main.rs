@@ -14,6 +14,8 @@ mod cli_layers;
 mod cli_synth;
 mod fetch_hardening;
 mod lifecycle_retention;
+mod lifecycle_safety;
+mod lifecycle_util;
 mod matrix;
 mod pgcontrol;
 mod receive;
