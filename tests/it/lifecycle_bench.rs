@@ -63,8 +63,11 @@ fn lifecycle_bench_build_synthetic_catalog() {
         }))
         .unwrap();
         let key = m.key().unwrap();
-        repo.put_new(&format!("{key}/{}", meta::STARTED_FILE), &meta::encode(&m).unwrap())
-            .unwrap();
+        repo.put_new(
+            &format!("{key}/{}", meta::STARTED_FILE),
+            &meta::encode(&m).unwrap(),
+        )
+        .unwrap();
         for f in 0..20 {
             repo.put_new(&format!("{key}/database/base/5/{}", 16384 + f), b"data")
                 .unwrap();

@@ -14,6 +14,7 @@ mod cli_layers;
 mod cli_synth;
 mod fetch_hardening;
 mod lifecycle_bench;
+mod lifecycle_month;
 mod lifecycle_retention;
 mod lifecycle_safety;
 mod lifecycle_util;
