@@ -17,6 +17,7 @@ mod lifecycle_bench;
 mod lifecycle_month;
 mod lifecycle_retention;
 mod lifecycle_safety;
+mod lifecycle_timeline;
 mod lifecycle_util;
 mod matrix;
 mod pgcontrol;
