@@ -5,9 +5,11 @@
 //! locks and removes objects through [`crate::repo::Repo::delete`].
 //!
 //! # Locks
-//! `delete` holds the instance's `.lifecycle.lock` exclusively (two deletes never
-//! interleave; the second one fails at once) and, for every backup it removes, that backup's
-//! `.running` lock exclusively: a backup whose taker still runs is refused.
+//! See [`locks`]: `delete` holds the instance's lifecycle lock exclusively (two deletes
+//! never interleave; none runs during a validate or set-backup) and, for every backup it
+//! removes, its `.running` and `.use` locks exclusively before marking it: a backup being
+//! taken, restored or used as a parent is refused. The WAL purge takes the WAL lock
+//! exclusively and is skipped while a backup runs.
 //!
 //! # Crash safety: the order of a backup's removal
 //! 1. every backup to delete gets an ERROR status record ("being deleted"), newest first;
