@@ -49,6 +49,7 @@ fn now_secs() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+        + crate::lifecycle::records::test_clock_offset()
 }
 
 /// Takes a backup; returns its metadata (status OK). The backup is a started marker, its
@@ -78,6 +79,8 @@ pub fn take_backup(catalog: &Catalog, instance: &str, opts: &BackupOptions) -> R
         // before anything is written
         super::summary::check_server(&mut sess)?;
     }
+    // held for the whole run: the WAL this backup needs is not purged meanwhile
+    let _wal_lock = crate::lifecycle::locks::wal_shared(catalog, instance)?;
     let list = meta::list(catalog, instance)?;
     if opts.summary {
         // A gap in the summaries already written fails the backup before anything is
@@ -322,6 +325,18 @@ fn run(
             )));
         }
         Some((parent.clone(), history))
+    };
+    // the parent chain is locked for use (a delete or merge of it is refused) and checked
+    // to be still as planned
+    let _chain_lock = match &parent {
+        Some((p, _)) => Some(crate::lifecycle::locks::use_chain(
+            catalog,
+            &m.instance,
+            &meta::chain(list, &p.id)?,
+            true,
+            "backup",
+        )?),
+        None => None,
     };
 
     let shared = StreamShared::default();
@@ -629,6 +644,8 @@ fn copy_and_stop(
     m.stop_lsn = Some(stop.lsn);
     m.files = files;
     m.data_bytes = bytes;
+    // (moved with the clock in tests, see records::CLOCK_OFFSET_ENV)
+    let rt = rt + crate::lifecycle::records::test_clock_offset();
     m.recovery_time = Some(meta::format_utc(rt));
     m.recovery_epoch = Some(rt);
     m.recovery_xid = Some(xid);

@@ -215,6 +215,8 @@ fn scan(catalog: &Catalog, instance: &str) -> Result<HashMap<String, Entry>> {
 
 /// Validates (see the module docs) and records the statuses found.
 pub fn validate(catalog: &Catalog, instance: &str, opts: &ValidateOptions) -> Result<Report> {
+    // shared with other validates; waits for a delete or merge, which is refused meanwhile
+    let _lock = crate::lifecycle::locks::lifecycle_shared(catalog, instance)?;
     let archive = WalArchive::open(catalog, instance)?;
     let entries = scan(catalog, instance)?;
     let mut report = Report::default();

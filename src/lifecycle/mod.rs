@@ -5,9 +5,11 @@
 //! locks and removes objects through [`crate::repo::Repo::delete`].
 //!
 //! # Locks
-//! `delete` holds the instance's `.lifecycle.lock` exclusively (two deletes never
-//! interleave; the second one fails at once) and, for every backup it removes, that backup's
-//! `.running` lock exclusively: a backup whose taker still runs is refused.
+//! See [`locks`]: `delete` holds the instance's lifecycle lock exclusively (two deletes
+//! never interleave; none runs during a validate or set-backup) and, for every backup it
+//! removes, its `.running` and `.use` locks exclusively before marking it: a backup being
+//! taken, restored or used as a parent is refused. The WAL purge takes the WAL lock
+//! exclusively and is skipped while a backup runs.
 //!
 //! # Crash safety: the order of a backup's removal
 //! 1. every backup to delete gets an ERROR status record ("being deleted"), newest first;
@@ -23,6 +25,8 @@
 //! `delete`). WAL objects go oldest segment first, each segment's index objects before its
 //! data, so a crash leaves no gap and no index without its segment.
 
+pub mod crashpoint;
+pub mod locks;
 pub mod policy;
 pub mod records;
 
@@ -34,7 +38,7 @@ use crate::archive::WalArchive;
 use crate::backup::meta::{self, BackupMeta, Found, Status, META_FILE, STARTED_FILE, STATUS_DIR};
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
-use crate::repo::{LockMode, Repo, RepoLock};
+use crate::repo::Repo;
 
 use policy::{Decision, TimelinePurge};
 use records::{Pin, Settings, PIN_DIR};
@@ -79,19 +83,6 @@ pub struct DeleteReport {
     pub wal_skipped: Option<String>,
 }
 
-fn lifecycle_lock(catalog: &Catalog, instance: &str) -> Result<RepoLock> {
-    let key = format!("{}/.lifecycle.lock", Catalog::instance_key(instance));
-    catalog
-        .repo()
-        .lock(&key, LockMode::Exclusive, false)?
-        .ok_or_else(|| {
-            Error::conflict(format!(
-                "another delete of instance \"{instance}\" is running ({})",
-                catalog.root().join(&key).display()
-            ))
-        })
-}
-
 /// Every object key below `prefix`, depth first. A damaged entry is an error.
 fn walk(repo: &dyn Repo, prefix: &str, out: &mut Vec<String>) -> Result<()> {
     let l = repo.list(prefix)?;
@@ -131,8 +122,29 @@ fn remove_backup_objects(repo: &dyn Repo, key: &str) -> Result<()> {
         }
     };
     keys.sort_by_key(|k| rank(k));
-    for k in keys {
-        repo.delete(&k)?;
+    // the data in one batch, then backup.json and backup.started one by one (durable in
+    // this order), then the records
+    let split = keys.partition_point(|k| rank(k) == 0);
+    remove_keys(repo, &keys[..split])?;
+    let rest = keys.partition_point(|k| rank(k) < 3);
+    for k in &keys[split..rest] {
+        remove_keys(repo, std::slice::from_ref(k))?;
+    }
+    remove_keys(repo, &keys[rest..])
+}
+
+/// Removes `keys` durably, in batches ([`Repo::delete_batch`]); one by one, each a crash
+/// point, when a test armed one ([`crashpoint`]).
+pub fn remove_keys(repo: &dyn Repo, keys: &[String]) -> Result<()> {
+    if crashpoint::armed() {
+        for k in keys {
+            crashpoint::hit(k);
+            repo.delete(k)?;
+        }
+        return Ok(());
+    }
+    for chunk in keys.chunks(4096) {
+        repo.delete_batch(chunk)?;
     }
     Ok(())
 }
@@ -149,10 +161,31 @@ fn load_pins(
     Ok(pins)
 }
 
+/// The error text of the status record that marks a backup "being deleted" (step 1).
+pub const DELETING: &str = "being deleted by walnut delete (run delete again if this stays)";
+
+/// Whether `b` carries the "being deleted" mark of an interrupted delete (or merge).
+pub fn being_deleted(b: &BackupMeta) -> bool {
+    b.effective_status() == Status::Error
+        && b.error.as_deref().is_some_and(|e| e.starts_with(DELETING))
+}
+
+fn decision(b: &BackupMeta, keep: bool, reason: &str) -> Decision {
+    Decision {
+        id: b.id.clone(),
+        mode: b.mode.to_string(),
+        status: b.effective_status().to_string(),
+        timeline: b.timeline,
+        start_lsn: b.start_lsn.to_string(),
+        keep,
+        reason: reason.to_string(),
+    }
+}
+
 /// Runs `delete` (see the module docs and [`policy`] for the rules).
 pub fn delete(catalog: &Catalog, instance: &str, opts: &DeleteOptions) -> Result<DeleteReport> {
     let settings = records::load_settings(catalog, instance)?.overlay(&opts.settings);
-    let _lock = lifecycle_lock(catalog, instance)?;
+    let _lock = locks::lifecycle_exclusive(catalog, instance, "delete")?;
     let repo = catalog.repo();
     let mut list = Vec::new();
     let mut leftovers = Vec::new();
@@ -170,50 +203,62 @@ pub fn delete(catalog: &Catalog, instance: &str, opts: &DeleteOptions) -> Result
     list.sort_by(|a, b| {
         (a.start_lsn, &a.start_time, &a.id).cmp(&(b.start_lsn, &b.start_time, &b.id))
     });
+    // Backups an interrupted delete marked go whatever the policy says now (the mark is a
+    // commitment: their removal may have begun), and so do their descendants (unrestorable).
+    let marked: Vec<String> = list
+        .iter()
+        .filter(|b| {
+            list.iter()
+                .any(|m| being_deleted(m) && (m.id == b.id || meta::descends_from(&list, b, &m.id)))
+        })
+        .map(|b| b.id.clone())
+        .collect();
+    let plan_list: Vec<BackupMeta> = list
+        .iter()
+        .filter(|b| !marked.contains(&b.id))
+        .cloned()
+        .collect();
     let pins = load_pins(catalog, instance, &list)?;
-    let decisions: Vec<Decision> = match &opts.target {
-        Target::Expired => policy::plan_expired(&list, &pins, &settings, opts.now)?,
+    let planned: Vec<Decision> = match &opts.target {
+        Target::Expired => policy::plan_expired(&plan_list, &pins, &settings, opts.now)?,
         Target::Id(id) => {
             // the leftover of an interrupted delete of `id`: cleaned below, nothing else goes
-            let doomed = if leftovers.contains(id) && meta::find(&list, id).is_err() {
+            let doomed = if (leftovers.contains(id) && meta::find(&list, id).is_err())
+                || marked.contains(id)
+            {
                 Vec::new()
             } else {
-                policy::plan_delete_id(&list, &pins, id, opts.now)?
+                policy::plan_delete_id(&plan_list, &pins, id, opts.now)?
             };
-            list.iter()
-                .map(|b| Decision {
-                    id: b.id.clone(),
-                    mode: b.mode.to_string(),
-                    status: b.effective_status().to_string(),
-                    timeline: b.timeline,
-                    start_lsn: b.start_lsn.to_string(),
-                    keep: !doomed.contains(&b.id),
-                    reason: if doomed.contains(&b.id) {
-                        if b.id == *id {
-                            "selected"
-                        } else {
-                            "descendant"
-                        }
-                        .to_string()
-                    } else {
-                        "not selected".to_string()
-                    },
+            plan_list
+                .iter()
+                .map(|b| {
+                    let gone = doomed.contains(&b.id);
+                    let reason = match (gone, b.id == *id) {
+                        (true, true) => "selected",
+                        (true, false) => "descendant",
+                        _ => "not selected",
+                    };
+                    decision(b, !gone, reason)
                 })
                 .collect()
         }
-        Target::None => list
+        Target::None => plan_list
             .iter()
-            .map(|b| Decision {
-                id: b.id.clone(),
-                mode: b.mode.to_string(),
-                status: b.effective_status().to_string(),
-                timeline: b.timeline,
-                start_lsn: b.start_lsn.to_string(),
-                keep: true,
-                reason: "not selected".to_string(),
-            })
+            .map(|b| decision(b, true, "not selected"))
             .collect(),
     };
+    // every backup, oldest first: the plan's decisions and the marked ones
+    let decisions: Vec<Decision> = list
+        .iter()
+        .map(|b| {
+            planned
+                .iter()
+                .find(|d| d.id == b.id)
+                .cloned()
+                .unwrap_or_else(|| decision(b, false, "marked by an interrupted delete"))
+        })
+        .collect();
     // newest first: descendants before their ancestors
     let doomed: Vec<&BackupMeta> = list
         .iter()
@@ -241,26 +286,22 @@ pub fn delete(catalog: &Catalog, instance: &str, opts: &DeleteOptions) -> Result
                 report.leftovers.push(name.clone());
             }
         }
+        // every doomed backup locked first (refused while in use), then marked, then removed
         let mut held = Vec::new();
         for b in &doomed {
-            let key = format!("{}/.running", b.key()?);
-            match repo.lock(&key, LockMode::Exclusive, false)? {
-                Some(l) => held.push(l),
-                None => {
-                    return Err(Error::refused(format!(
-                        "backup {} is being taken (its running lock is held); nothing deleted",
-                        b.id
-                    )))
-                }
-            }
+            held.push(locks::remove(catalog, b, "delete")?);
         }
         for b in &doomed {
+            if being_deleted(b) {
+                continue;
+            }
+            crashpoint::hit(&format!("marking {}", b.id));
             meta::record_status(
                 catalog,
                 instance,
                 &b.id,
                 Status::Error,
-                Some("being deleted by walnut delete (run delete again if this stays)".into()),
+                Some(DELETING.into()),
                 "delete",
             )?;
         }
@@ -273,22 +314,46 @@ pub fn delete(catalog: &Catalog, instance: &str, opts: &DeleteOptions) -> Result
         report.deleted = doomed.iter().map(|b| b.id.clone()).collect();
     }
     if opts.delete_wal {
+        // a running backup holds the WAL lock: what it needs is not known yet
+        let wal_lock = if opts.dry_run {
+            None
+        } else {
+            match locks::wal_exclusive(catalog, instance)? {
+                Some(l) => Some(l),
+                None => {
+                    report.wal_skipped = Some(
+                        "a backup of the instance is running (it holds the WAL lock); the next delete purges".into(),
+                    );
+                    return Ok(report);
+                }
+            }
+        };
         match plan_wal_purge(
             catalog, instance, &list, &decisions, &pins, &settings, opts.now,
         )? {
             Ok(plan) => {
                 if !opts.dry_run {
+                    // per timeline: every index object first, then the rest oldest
+                    // segment first (a kill leaves no index without its segment and no
+                    // gap; what a power loss may leave lies outside every kept range)
                     let prefix = Catalog::wal_key(instance);
                     for t in &plan {
-                        for name in &t.objects {
-                            repo.delete(&format!("{prefix}/{:08X}/{name}", t.timeline))?;
-                        }
+                        let keys: Vec<String> = t
+                            .objects
+                            .iter()
+                            .map(|name| format!("{prefix}/{:08X}/{name}", t.timeline))
+                            .collect();
+                        let (idx, data): (Vec<String>, Vec<String>) =
+                            keys.into_iter().partition(|k| k.contains(".idx"));
+                        remove_keys(repo, &idx)?;
+                        remove_keys(repo, &data)?;
                     }
                 }
                 report.wal = plan;
             }
             Err(why) => report.wal_skipped = Some(why),
         }
+        drop(wal_lock);
     }
     Ok(report)
 }
@@ -346,7 +411,7 @@ fn plan_wal_purge(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repo::{Blob, Listing, MemRepo, ObjectInfo, ObjectWriter};
+    use crate::repo::{Blob, Listing, LockMode, MemRepo, ObjectInfo, ObjectWriter, RepoLock};
     use std::path::Path;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;

@@ -72,11 +72,25 @@ impl Pin {
     }
 }
 
+/// Test hook: seconds added to the clock of `backup` (its start, end and recovery times and
+/// its id) and of the lifecycle commands ("now" of the window and the pins), so a test can
+/// take a "month" of backups in minutes. Unset (or unparsable): 0.
+pub const CLOCK_OFFSET_ENV: &str = "WALNUT_TEST_CLOCK_OFFSET";
+
+pub fn test_clock_offset() -> i64 {
+    std::env::var(CLOCK_OFFSET_ENV)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Unix seconds now (moved by [`CLOCK_OFFSET_ENV`] in tests).
 pub fn now_secs() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+        + test_clock_offset()
 }
 
 fn name_of(st: &str, n: u32) -> String {
@@ -156,6 +170,7 @@ pub fn load_settings(catalog: &Catalog, instance: &str) -> Result<Settings> {
 
 /// Records `change` over the current settings (a new record); returns the new settings.
 pub fn set_settings(catalog: &Catalog, instance: &str, change: &Settings) -> Result<Settings> {
+    let _lock = super::locks::lifecycle_shared(catalog, instance)?;
     let cur = load_settings(catalog, instance)?;
     let next = cur.overlay(change);
     let now = now_secs();
@@ -195,8 +210,16 @@ pub struct PinChange {
 }
 
 /// Records a new pin of backup `id` (which must exist); returns it.
+/// Holds the instance's lifecycle lock shared: waits for a running delete or merge, which
+/// then sees the pin whole or not at all.
 pub fn set_pin(catalog: &Catalog, instance: &str, id: &str, change: &PinChange) -> Result<Pin> {
-    meta::load_in(catalog, instance, id)?;
+    let _lock = super::locks::lifecycle_shared(catalog, instance)?;
+    let b = meta::load_in(catalog, instance, id)?;
+    if super::being_deleted(&b) {
+        return Err(Error::refused(format!(
+            "backup {id} is being deleted (an interrupted delete marked it); it cannot be pinned"
+        )));
+    }
     let mut p = load_pin(catalog, instance, id)?;
     let now = now_secs();
     if let Some(e) = change.expire {

@@ -344,6 +344,40 @@ impl Repo for LocalRepo {
         }
     }
 
+    fn delete_batch(&self, keys: &[String]) -> Result<()> {
+        let mut dirs = std::collections::BTreeSet::new();
+        for key in keys {
+            check_key(key, false)?;
+            let path = self.root.join(key);
+            if self.refuse_delete {
+                return Err(Error::refused(format!(
+                    "\"{}\": this catalog refuses deletes",
+                    path.display()
+                )));
+            }
+            let parent = Self::parent_key(key);
+            if !dirs.contains(parent) {
+                match safepath::open_dir_under(&self.root, parent) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    dirs.insert(parent);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("remove", &path, e)),
+            }
+        }
+        // one fsync per directory makes the whole batch durable
+        for d in dirs {
+            durable::fsync_dir(&self.root.join(d))?;
+        }
+        Ok(())
+    }
+
     fn lock(&self, key: &str, mode: LockMode, wait: bool) -> Result<Option<RepoLock>> {
         check_key(key, true)?;
         let f = self.lock_file(key)?;

@@ -157,6 +157,12 @@ pub trait Repo: Send + Sync + std::fmt::Debug {
     fn list(&self, prefix: &str) -> Result<Listing>;
     /// Removes an object (lifecycle commands only). Absent is success.
     fn delete(&self, key: &str) -> Result<()>;
+    /// Removes objects (lifecycle commands only); absent is success. Durable as a whole
+    /// when it returns; after a crash meanwhile any subset may be gone (a store may batch:
+    /// the local one syncs each directory once, not once per object).
+    fn delete_batch(&self, keys: &[String]) -> Result<()> {
+        keys.iter().try_for_each(|k| self.delete(k))
+    }
     /// Takes the lock named `key` (not an object: it never lists). With `wait` false, `None`
     /// when another holder has it.
     fn lock(&self, key: &str, mode: LockMode, wait: bool) -> Result<Option<RepoLock>>;

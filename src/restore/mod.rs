@@ -471,6 +471,10 @@ fn recovery_settings(
 pub fn restore(catalog: &Catalog, instance: &str, opts: &RestoreOptions) -> Result<String> {
     let list = meta::list(catalog, instance)?;
     let plan = plan::plan(catalog, instance, &list, opts)?;
+    // the chain is locked for use until the restore ends: a delete or merge of it is
+    // refused meanwhile (and one that came first makes this fail here, before any write)
+    let _chain_lock =
+        crate::lifecycle::locks::use_chain(catalog, instance, &plan.chain, false, "restore")?;
     let settings = recovery_settings(catalog, instance, &plan)?;
     let id = plan.chain[0].id.clone();
     execute(catalog, plan, &settings, opts.jobs, &opts.progress)?;
