@@ -4,7 +4,6 @@
 use clap::Args;
 
 use crate::backup::meta;
-use crate::catalog::Catalog;
 use crate::cli::{InstanceArgs, OutputFormat};
 use crate::error::{Error, Result};
 use crate::lifecycle::records::{self, PinChange, Settings};
@@ -100,14 +99,14 @@ pub fn run_set_config(a: SetConfigArgs) -> Result<i32> {
             "set-config: give at least one of --retention-redundancy, --retention-window, --wal-depth",
         ));
     }
-    let catalog = Catalog::open(&a.instance.catalog.catalog)?;
+    let catalog = a.instance.catalog.open()?;
     let s = records::set_settings(&catalog, &a.instance.instance, &change)?;
     print!("{}", render_settings(&a.instance.instance, &s));
     Ok(0)
 }
 
 pub fn run_show_config(a: ShowConfigArgs) -> Result<i32> {
-    let catalog = Catalog::open(&a.instance.catalog.catalog)?;
+    let catalog = a.instance.catalog.open()?;
     let s = records::load_settings(&catalog, &a.instance.instance)?;
     match a.format {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&s)?),
@@ -149,7 +148,7 @@ pub fn run_delete(a: DeleteArgs) -> Result<i32> {
         dry_run: a.dry_run,
         now,
     };
-    let catalog = Catalog::open(&a.instance.catalog.catalog)?;
+    let catalog = a.instance.catalog.open()?;
     let r = lifecycle::delete(&catalog, &a.instance.instance, &opts)?;
     match a.format {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&r)?),
@@ -210,7 +209,7 @@ pub fn run_set_backup(a: SetBackupArgs) -> Result<i32> {
         expire,
         note: a.note.clone(),
     };
-    let catalog = Catalog::open(&a.instance.catalog.catalog)?;
+    let catalog = a.instance.catalog.open()?;
     let p = records::set_pin(&catalog, &a.instance.instance, &a.backup_id, &change)?;
     println!(
         "backup {}: {}{}",
