@@ -23,6 +23,7 @@
 //! `delete`). WAL objects go oldest segment first, each segment's index objects before its
 //! data, so a crash leaves no gap and no index without its segment.
 
+pub mod merge;
 pub mod policy;
 pub mod records;
 
@@ -59,6 +60,9 @@ pub struct DeleteOptions {
     pub dry_run: bool,
     /// "Now" for the window and pins (tests move it).
     pub now: i64,
+    /// With [`Target::Expired`]: merge expired ancestors of kept incrementals into them
+    /// instead of keeping them (see [`merge::merge_expired`]).
+    pub merge_expired: bool,
 }
 
 /// What `delete` did (or, with `dry_run`, would do).
@@ -77,9 +81,11 @@ pub struct DeleteReport {
     pub wal: Vec<TimelinePurge>,
     /// Why no WAL was purged although asked, if so.
     pub wal_skipped: Option<String>,
+    /// The merges of `--merge-expired`.
+    pub merged: Vec<merge::MergeReport>,
 }
 
-fn lifecycle_lock(catalog: &Catalog, instance: &str) -> Result<RepoLock> {
+pub(crate) fn lifecycle_lock(catalog: &Catalog, instance: &str) -> Result<RepoLock> {
     let key = format!("{}/.lifecycle.lock", Catalog::instance_key(instance));
     catalog
         .repo()
@@ -93,7 +99,7 @@ fn lifecycle_lock(catalog: &Catalog, instance: &str) -> Result<RepoLock> {
 }
 
 /// Every object key below `prefix`, depth first. A damaged entry is an error.
-fn walk(repo: &dyn Repo, prefix: &str, out: &mut Vec<String>) -> Result<()> {
+pub(crate) fn walk(repo: &dyn Repo, prefix: &str, out: &mut Vec<String>) -> Result<()> {
     let l = repo.list(prefix)?;
     if let Some(d) = l.damaged.first() {
         return Err(Error::corruption(format!(
@@ -113,7 +119,7 @@ fn walk(repo: &dyn Repo, prefix: &str, out: &mut Vec<String>) -> Result<()> {
 }
 
 /// Removes a backup's objects in the crash-safe order (module docs, steps 2-4).
-fn remove_backup_objects(repo: &dyn Repo, key: &str) -> Result<()> {
+pub(crate) fn remove_backup_objects(repo: &dyn Repo, key: &str) -> Result<()> {
     let mut keys = Vec::new();
     walk(repo, key, &mut keys)?;
     let rank = |k: &str| {
@@ -154,6 +160,12 @@ pub fn delete(catalog: &Catalog, instance: &str, opts: &DeleteOptions) -> Result
     let settings = records::load_settings(catalog, instance)?.overlay(&opts.settings);
     let _lock = lifecycle_lock(catalog, instance)?;
     let repo = catalog.repo();
+    // an interrupted merge is finished first (lifecycle/merge.rs)
+    let merge_leftovers = if opts.dry_run {
+        Vec::new()
+    } else {
+        merge::finish_pending(catalog, instance)?
+    };
     let mut list = Vec::new();
     let mut leftovers = Vec::new();
     for (name, f) in meta::scan_named(catalog, instance)? {
@@ -171,7 +183,7 @@ pub fn delete(catalog: &Catalog, instance: &str, opts: &DeleteOptions) -> Result
         (a.start_lsn, &a.start_time, &a.id).cmp(&(b.start_lsn, &b.start_time, &b.id))
     });
     let pins = load_pins(catalog, instance, &list)?;
-    let decisions: Vec<Decision> = match &opts.target {
+    let mut decisions: Vec<Decision> = match &opts.target {
         Target::Expired => policy::plan_expired(&list, &pins, &settings, opts.now)?,
         Target::Id(id) => {
             // the leftover of an interrupted delete of `id`: cleaned below, nothing else goes
@@ -214,11 +226,25 @@ pub fn delete(catalog: &Catalog, instance: &str, opts: &DeleteOptions) -> Result
             })
             .collect(),
     };
+    let merged = if opts.merge_expired && matches!(opts.target, Target::Expired) {
+        merge::merge_expired(
+            catalog,
+            instance,
+            &list,
+            &mut decisions,
+            &pins,
+            opts.now,
+            opts.dry_run,
+        )?
+    } else {
+        Vec::new()
+    };
     // newest first: descendants before their ancestors
     let doomed: Vec<&BackupMeta> = list
         .iter()
         .rev()
         .filter(|b| decisions.iter().any(|d| d.id == b.id && !d.keep))
+        .filter(|b| !merged.iter().any(|m| m.plan.replaces.contains(&b.id)))
         .collect();
     let mut report = DeleteReport {
         instance: instance.to_string(),
@@ -226,9 +252,10 @@ pub fn delete(catalog: &Catalog, instance: &str, opts: &DeleteOptions) -> Result
         settings: settings.clone(),
         backups: decisions.clone(),
         deleted: Vec::new(),
-        leftovers: Vec::new(),
+        leftovers: merge_leftovers,
         wal: Vec::new(),
         wal_skipped: None,
+        merged,
     };
     if !opts.dry_run {
         // leftovers of an interrupted delete: names with objects but no backup metadata
