@@ -13,6 +13,7 @@ mod check_metrics;
 mod cli_layers;
 mod cli_synth;
 mod fetch_hardening;
+mod lifecycle_merge;
 mod lifecycle_retention;
 mod matrix;
 mod pgcontrol;
