@@ -7,8 +7,8 @@ use crate::backup::meta;
 use crate::catalog::Catalog;
 use crate::cli::{InstanceArgs, OutputFormat};
 use crate::error::{Error, Result};
-use crate::lifecycle::records::{self, PinChange, Settings};
 use crate::lifecycle::merge::{self, MergeOptions, MergeReport};
+use crate::lifecycle::records::{self, PinChange, Settings};
 use crate::lifecycle::{self, DeleteOptions, DeleteReport, Target};
 
 /// Retention settings (each optional; 0 unsets in set-config).

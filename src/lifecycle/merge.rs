@@ -443,7 +443,11 @@ fn abandoned_merge(repo: &dyn Repo, key: &str) -> Result<bool> {
         Ok(m) => m,
         Err(_) => return Ok(false),
     };
-    if !m.error.as_deref().is_some_and(|e| e.starts_with(MERGE_MARK)) {
+    if !m
+        .error
+        .as_deref()
+        .is_some_and(|e| e.starts_with(MERGE_MARK))
+    {
         return Ok(false);
     }
     Ok(repo
@@ -526,9 +530,11 @@ pub(crate) fn finish_pending(catalog: &Catalog, instance: &str) -> Result<Vec<St
 
 /// A stored file of the merged backup being written: CRC-32C of the stored bytes, LZ4
 /// frames when compressed (as a FULL backup writes them).
+type Out = CrcWriter<BufWriter<Box<dyn ObjectWriter>>>;
+
 struct StoredOut {
-    enc: Option<Lz4FrameWriter<CrcWriter<BufWriter<Box<dyn ObjectWriter>>>>>,
-    plain: Option<CrcWriter<BufWriter<Box<dyn ObjectWriter>>>>,
+    enc: Option<Lz4FrameWriter<Out>>,
+    plain: Option<Out>,
     dest: PathBuf,
     size: u64,
 }
@@ -810,7 +816,8 @@ fn write_merged(
     let mw_obj = repo.create(&format!("{mkey}/{}", manifest::FILE_NAME))?;
     let mpath = PathBuf::from(mw_obj.describe());
     let frames_possible = compress || entries.iter().any(|e| e.lz4_frames.is_some());
-    let mut mw = ManifestWriter::new(BufWriter::new(mw_obj), frames_possible).ctx("write", &mpath)?;
+    let mut mw =
+        ManifestWriter::new(BufWriter::new(mw_obj), frames_possible).ctx("write", &mpath)?;
     let (mut nfiles, mut bytes) = (0u64, 0u64);
     for e in &entries {
         let out = match e.storage {
@@ -881,7 +888,12 @@ fn write_merged(
 }
 
 /// Merges with the lifecycle lock held: finishes interrupted merges, then merges `id`.
-pub(crate) fn merge_locked(catalog: &Catalog, instance: &str, id: &str, now: i64) -> Result<MergeReport> {
+pub(crate) fn merge_locked(
+    catalog: &Catalog,
+    instance: &str,
+    id: &str,
+    now: i64,
+) -> Result<MergeReport> {
     let t0 = Instant::now();
     let mut removed = finish_pending(catalog, instance)?;
     let list = meta::list(catalog, instance)?;
@@ -966,11 +978,9 @@ pub(crate) fn merge_expired(
                 .any(|d| d.id == b.id && d.keep && !ancestor_only(d))
         })
         .filter(|b| {
-            b.parent_id.as_deref().is_some_and(|p| {
-                decisions
-                    .iter()
-                    .any(|d| d.id == p && ancestor_only(d))
-            })
+            b.parent_id
+                .as_deref()
+                .is_some_and(|p| decisions.iter().any(|d| d.id == p && ancestor_only(d)))
         })
         .map(|b| b.id.clone())
         .collect();
@@ -1124,7 +1134,10 @@ mod tests {
         let l = ids(&catalog);
         assert_eq!(
             l,
-            vec![("M".to_string(), None), ("C".to_string(), Some("M".to_string()))]
+            vec![
+                ("M".to_string(), None),
+                ("C".to_string(), Some("M".to_string()))
+            ]
         );
         // restore's chain of the child ends in the merged FULL
         let list = meta::list(&catalog, "db").unwrap();

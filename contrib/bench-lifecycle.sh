@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# bench-lifecycle.sh -- lifecycle commands on a pgbench database (PG15, initdb -k,
+# archive_command = walnut-archive). Each benchmark is one function; run them all, or some:
+#   bash contrib/bench-lifecycle.sh [bench_merge ...]
+#
+# bench_merge: FULL, pgbench -T $INCR_SECONDS, PAGE, pgbench, PAGE; then
+#   walnut_merge   walnut merge -i <second PAGE> (page cache dropped first): writes the
+#                  merged FULL (fsynced), then removes the old chain
+#   cp_a           cp -a of the merged backup's directory (the bytes merge wrote) + sync,
+#                  page cache dropped first
+#   ratio          merge throughput / cp -a throughput over the same bytes (target >= 0.8)
+# env: SCALE=20, INCR_SECONDS=15, PORT=56451, PROFILE=release (or debug: no release build)
+# Results: $LIMITS_ROOT/results/bench_lifecycle.tsv
+# Measured once (2026-11-30, 2 vCPU VM shared with other jobs, PROFILE=debug, SCALE=20,
+# uncompressed, 1 run): see the README's Benchmarks section.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+: "${BENCH:=$REPO/../shared/bench}"
+. "$BENCH/common.sh"
+: "${SCALE:=20}" "${INCR_SECONDS:=15}" "${PORT:=56451}" "${PROFILE:=release}"
+RESULTS_FILE=$RESULTS_DIR/bench_lifecycle.tsv; : > "$RESULTS_FILE"
+B=$PG15_BIN
+
+build() {
+  if [ "$PROFILE" = release ]; then
+    (cd "$REPO" && cargo build --release -q)
+  else
+    (cd "$REPO" && cargo build -q)
+  fi
+  BIN=$LIMITS_ROOT/walnut-bin-lifecycle
+  mkdir -p "$BIN"
+  cp "$REPO"/target/"$PROFILE"/{walnut,walnut-archive,walnut-fetch} "$BIN/"
+  chmod 755 "$BIN" "$BIN"/*
+}
+
+# A cluster archiving into a fresh catalog: sets P, X, CAT, W(), q(), CONN.
+setup_cluster() {
+  P=$LIMITS_ROOT/pg15life; X=$LIMITS_ROOT/life; CAT=$X/cat
+  pg_stop "$B" "$P" 2>/dev/null || true
+  rm -rf "$P" "$X"; mkdir -p "$P" "$X"; chown -R "$PG_OS_USER:" "$P" "$X"
+  pgx "$B" initdb -k -D "$P" -A trust -U postgres >/dev/null
+  as_pg "$BIN/walnut" init -B "$CAT"
+  as_pg "$BIN/walnut" add-instance -B "$CAT" --instance bench -D "$P"
+  cat >> "$P/postgresql.conf" <<CONF
+wal_level = replica
+archive_mode = on
+archive_command = '$BIN/walnut-archive -B $CAT --instance bench %p %f'
+max_wal_size = 4GB
+CONF
+  pg_start "$B" "$P" "$PORT"
+  CONN=(-h "$SOCK_DIR" -p "$PORT" -U postgres)
+}
+q() { psqlq "$B" "$PORT" "$1"; }
+W() { as_pg "$BIN/walnut" "$@"; }
+backup() { W backup -B "$CAT" --instance bench -b "$1" -j 2 "${CONN[@]}" | tail -1; }
+
+bench_merge() {
+  setup_cluster
+  pgx "$B" pgbench "${CONN[@]}" -i -s "$SCALE" -q postgres > "$X/init.log" 2>&1
+  q "checkpoint" >/dev/null
+  local full p1 p2
+  full=$(backup full)
+  pgx "$B" pgbench "${CONN[@]}" -c 2 -T "$INCR_SECONDS" postgres > "$X/pgb1.log" 2>&1
+  p1=$(backup page)
+  pgx "$B" pgbench "${CONN[@]}" -c 2 -T "$INCR_SECONDS" postgres > "$X/pgb2.log" 2>&1
+  p2=$(backup page)
+  pg_stop "$B" "$P"
+  echo "chain: $full <- $p1 <- $p2" >&2
+
+  wait_quiet; drop_caches
+  local t ms merged bytes cp_ms
+  t=$(now_ns)
+  merged=$(W merge -B "$CAT" --instance bench -i "$p2" --format json \
+    | awk -F'"' '/"merged_id"/ {print $4}')
+  ms=$(elapsed_ms "$t")
+  bytes=$(bytes_of "$CAT/instances/bench/backups/$merged")
+  report1 merge_bytes_written "$bytes" B
+  report1 walnut_merge "$ms" ms
+  report1 walnut_merge_MBps "$(mbps "$bytes" "$ms")" MB/s
+
+  wait_quiet; drop_caches
+  rm -rf "$X/cpa"
+  t=$(now_ns); cp -a "$CAT/instances/bench/backups/$merged" "$X/cpa"; sync; cp_ms=$(elapsed_ms "$t")
+  report1 cp_a_merged "$cp_ms" ms
+  report1 cp_a_MBps "$(mbps "$bytes" "$cp_ms")" MB/s
+  report1 merge_vs_cp_a_ratio "$(awk -v a="$cp_ms" -v b="$ms" 'BEGIN{printf "%.2f\n", a/b}')" x
+  rm -rf "$X/cpa"
+}
+
+build
+if [ $# -eq 0 ]; then set -- bench_merge; fi
+for f in "$@"; do "$f"; done
+cat "$RESULTS_FILE"
+rm -rf "$LIMITS_ROOT/pg15life" "$LIMITS_ROOT/life"
