@@ -88,6 +88,9 @@ pub struct MergeArgs {
     /// The PAGE or DELTA backup to merge with its ancestors into one FULL backup.
     #[arg(short = 'i', long = "backup-id")]
     pub backup_id: String,
+    /// Files merged at once.
+    #[arg(short = 'j', long = "jobs", default_value_t = merge::DEFAULT_JOBS)]
+    pub jobs: usize,
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
 }
@@ -252,6 +255,7 @@ pub fn run_merge(a: MergeArgs) -> Result<i32> {
     let opts = MergeOptions {
         id: a.backup_id.clone(),
         now: records::now_secs(),
+        jobs: a.jobs.max(1),
     };
     let catalog = Catalog::open(&a.instance.catalog.catalog)?;
     let r = merge::merge(&catalog, &a.instance.instance, &opts)?;

@@ -112,7 +112,9 @@ pub struct MergeReport {
     pub files: u64,
     /// Bytes stored in the merged FULL.
     pub bytes_written: u64,
+    /// Seconds in all, and writing the merged FULL (up to and with the switch).
     pub seconds: f64,
+    pub write_seconds: f64,
     /// Backups removed (the replaced ones, and leftovers of interrupted merges).
     pub removed: Vec<String>,
     /// The target had already been merged (an interrupted merge, finished now).
@@ -124,7 +126,14 @@ pub struct MergeOptions {
     pub id: String,
     /// "Now", for pins.
     pub now: i64,
+    /// Files merged at once.
+    pub jobs: usize,
 }
+
+/// Threads of `delete --merge-expired`'s merges.
+pub const DEFAULT_JOBS: usize = 2;
+/// Threads removing a replaced backup's data objects (waiting on the store, not the CPU).
+const DELETE_THREADS: usize = 8;
 
 // ---- the kill switch (tests) -------------------------------------------------------------
 
@@ -485,6 +494,42 @@ fn remove_replaced(catalog: &Catalog, instance: &str, id: &str, by: &str) -> Res
             "merge",
         )?;
     }
+    // the data objects first, several at once (their order does not matter: the backup
+    // reads as ERROR already), then the rest in delete's order
+    let mut keys = Vec::new();
+    super::walk(repo, &key, &mut keys)?;
+    let data: Vec<&String> = keys
+        .iter()
+        .filter(|k| {
+            let rel = k
+                .strip_prefix(key.as_str())
+                .unwrap_or(k)
+                .trim_start_matches('/');
+            rel != META_FILE
+                && rel != STARTED_FILE
+                && !rel.starts_with(&format!("{STATUS_DIR}/"))
+                && !rel.starts_with(&format!("{}/", super::records::PIN_DIR))
+        })
+        .collect();
+    let next = AtomicU64::new(0);
+    let first_err: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
+    std::thread::scope(|sc| {
+        for _ in 0..DELETE_THREADS.min(data.len()) {
+            sc.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let Some(k) = data.get(i) else { break };
+                if let Err(e) = repo.delete(k) {
+                    if let Ok(mut g) = first_err.lock() {
+                        g.get_or_insert(e);
+                    }
+                    break;
+                }
+            });
+        }
+    });
+    if let Some(e) = first_err.into_inner().ok().flatten() {
+        return Err(e);
+    }
     super::remove_backup_objects(repo, &key)?;
     log::info!("removed backup {id} (merged into {by})");
     Ok(())
@@ -758,6 +803,7 @@ fn write_merged(
     plan: &MergePlan,
     pin: &Pin,
     now: i64,
+    jobs: usize,
 ) -> Result<(BackupMeta, u64, u64)> {
     let repo = catalog.repo();
     let chain: Vec<&BackupMeta> = plan
@@ -819,8 +865,8 @@ fn write_merged(
     let mut mw =
         ManifestWriter::new(BufWriter::new(mw_obj), frames_possible).ctx("write", &mpath)?;
     let (mut nfiles, mut bytes) = (0u64, 0u64);
-    for e in &entries {
-        let out = match e.storage {
+    let one = |e: &FileEntry| -> Result<FileEntry> {
+        Ok(match e.storage {
             Storage::Dir => e.clone(),
             Storage::Full | Storage::FullLz4 => {
                 let rel = e.stored_path();
@@ -836,7 +882,18 @@ fn write_merged(
             }
             Storage::Incremental => rebuild_stored(repo, &files, e, &mkey, compress)
                 .map_err(|err| err.context(format!("merging \"{}\"", e.path)))?,
-        };
+        })
+    };
+    // files on `jobs` threads; the manifest lists them in the merged backup's order
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(jobs.max(1))
+        .build()
+        .map_err(|e| Error::invalid(format!("cannot start {jobs} merge threads: {e}")))?;
+    let outs: Vec<FileEntry> = pool.install(|| {
+        use rayon::prelude::*;
+        entries.par_iter().map(one).collect::<Result<Vec<_>>>()
+    })?;
+    for out in outs {
         if out.storage != Storage::Dir {
             nfiles += 1;
             bytes += out.stored_size;
@@ -893,6 +950,7 @@ pub(crate) fn merge_locked(
     instance: &str,
     id: &str,
     now: i64,
+    jobs: usize,
 ) -> Result<MergeReport> {
     let t0 = Instant::now();
     let mut removed = finish_pending(catalog, instance)?;
@@ -914,6 +972,7 @@ pub(crate) fn merge_locked(
                         files: b.files,
                         bytes_written: b.data_bytes,
                         seconds: t0.elapsed().as_secs_f64(),
+                        write_seconds: 0.0,
                         removed,
                         already_merged: true,
                     });
@@ -927,7 +986,9 @@ pub(crate) fn merge_locked(
     }
     let plan = plan_merge(&list, &pins, id, now)?;
     let pin = pins.get(id).cloned().unwrap_or_default();
-    let (m, files, bytes) = write_merged(catalog, instance, &list, &plan, &pin, now)?;
+    let tw = Instant::now();
+    let (m, files, bytes) = write_merged(catalog, instance, &list, &plan, &pin, now, jobs)?;
+    let write_seconds = tw.elapsed().as_secs_f64();
     for r in &plan.replaces {
         remove_replaced(catalog, instance, r, &m.id)?;
         removed.push(r.clone());
@@ -939,6 +1000,7 @@ pub(crate) fn merge_locked(
         files,
         bytes_written: bytes,
         seconds: t0.elapsed().as_secs_f64(),
+        write_seconds,
         removed,
         already_merged: false,
     })
@@ -950,7 +1012,7 @@ pub fn merge(catalog: &Catalog, instance: &str, opts: &MergeOptions) -> Result<M
     let killable = with_kill_switch(catalog);
     let catalog = killable.as_ref().unwrap_or(catalog);
     let _lock = super::lifecycle_lock(catalog, instance)?;
-    merge_locked(catalog, instance, &opts.id, opts.now)
+    merge_locked(catalog, instance, &opts.id, opts.now, opts.jobs)
 }
 
 /// For `delete --expired --merge-expired`: every kept incremental whose parent the policy
@@ -995,12 +1057,19 @@ pub(crate) fn merge_expired(
                 files: 0,
                 bytes_written: 0,
                 seconds: 0.0,
+                write_seconds: 0.0,
                 removed: Vec::new(),
                 already_merged: false,
             }
         } else {
             let killable = with_kill_switch(catalog);
-            merge_locked(killable.as_ref().unwrap_or(catalog), instance, &t, now)?
+            merge_locked(
+                killable.as_ref().unwrap_or(catalog),
+                instance,
+                &t,
+                now,
+                DEFAULT_JOBS,
+            )?
         };
         for d in decisions.iter_mut() {
             if report.plan.replaces.contains(&d.id) && d.id != t && ancestor_only(d) {
