@@ -9,7 +9,7 @@
 #   cp_a           cp -a of the merged backup's directory (the bytes merge wrote) + sync,
 #                  page cache dropped first
 #   ratio          merge throughput / cp -a throughput over the same bytes (target >= 0.8)
-# env: SCALE=20, INCR_SECONDS=15, PORT=56451, PROFILE=release (or debug: no release build)
+# env: SCALE=20, INCR_SECONDS=15, JOBS=2 (merge -j), PORT=56451, PROFILE=release (or debug)
 # Results: $LIMITS_ROOT/results/bench_lifecycle.tsv
 # Measured once (2026-11-30, 2 vCPU VM shared with other jobs, PROFILE=debug, SCALE=20,
 # uncompressed, 1 run): see the README's Benchmarks section.
@@ -18,7 +18,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 : "${BENCH:=$REPO/../shared/bench}"
 . "$BENCH/common.sh"
-: "${SCALE:=20}" "${INCR_SECONDS:=15}" "${PORT:=56451}" "${PROFILE:=release}"
+: "${SCALE:=20}" "${INCR_SECONDS:=15}" "${PORT:=56451}" "${PROFILE:=release}" "${JOBS:=2}"
 RESULTS_FILE=$RESULTS_DIR/bench_lifecycle.tsv; : > "$RESULTS_FILE"
 B=$PG15_BIN
 
@@ -73,7 +73,7 @@ bench_merge() {
   wait_quiet; drop_caches
   local t ms merged bytes cp_ms wms
   t=$(now_ns)
-  W merge -B "$CAT" --instance bench -i "$p2" --format json > "$X/merge.json"
+  W merge -B "$CAT" --instance bench -i "$p2" -j "$JOBS" --format json > "$X/merge.json"
   ms=$(elapsed_ms "$t")
   merged=$(awk -F'"' '/"merged_id"/ {print $4}' "$X/merge.json")
   # the write phase: the merged FULL written, durable and switched to (the old chain's

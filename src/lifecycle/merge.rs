@@ -727,16 +727,30 @@ fn rebuild_stored(
         &format!("{mkey}/{}", manifest::stored_path(&e.path, storage)),
         compress,
     )?;
-    let mut parts = Vec::with_capacity(plan.chunks as usize);
+    let mut parts: Vec<Vec<rebuild::Part>> = Vec::with_capacity(plan.chunks as usize);
     let mut buf = vec![0u8; 1 << 20];
+    // `group` chunks are rebuilt at once (on the merge's threads), then streamed out in
+    // order and dropped: at most `group` chunks of the file are in memory
+    let group = rayon::current_num_threads().max(1) as u32;
+    let mut built: Vec<Vec<rebuild::Part>> = Vec::new();
     for k in 0..plan.chunks {
-        parts.push(rebuild::run_chunk(
-            &plan,
-            k,
-            &scratch,
-            &spath,
-            &crate::progress::NoProgress,
-        )?);
+        if k % group == 0 {
+            use rayon::prelude::*;
+            let hi = (k + group).min(plan.chunks);
+            let got: Vec<Result<Vec<rebuild::Part>>> = (k..hi)
+                .into_par_iter()
+                .map(|c| {
+                    rebuild::run_chunk(&plan, c, &scratch, &spath, &crate::progress::NoProgress)
+                })
+                .collect();
+            built = got.into_iter().collect::<Result<Vec<_>>>()?;
+            built.reverse();
+        }
+        parts.push(
+            built
+                .pop()
+                .ok_or_else(|| Error::invalid(format!("\"{}\": chunk {k} lost", e.path)))?,
+        );
         let lo = (k as u64 * plan.chunk_blocks as u64 * bs).min(size);
         let hi = if k + 1 == plan.chunks {
             size
