@@ -539,6 +539,8 @@ pub enum Found {
 
 /// Every name under an instance's `backups/`, with what it holds, sorted by name. An
 /// instance or `backups` prefix that is damaged is an error; a missing one has no backups.
+/// A backup that a committed merged FULL replaces reads as [`Found::Absent`], and its
+/// children name the merged FULL as their parent (see `lifecycle::merge`).
 pub fn scan_named(catalog: &Catalog, instance: &str) -> Result<Vec<(String, Found)>> {
     crate::catalog::check_instance_name(instance)?;
     let repo = catalog.repo();
@@ -561,6 +563,8 @@ pub fn scan_named(catalog: &Catalog, instance: &str) -> Result<Vec<(String, Foun
         out.push((name, found));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
+    // merged FULL backups replace their chain (lifecycle/merge.rs)
+    crate::lifecycle::merge::apply_merges(repo, &mut out)?;
     Ok(out)
 }
 

@@ -1,4 +1,4 @@
-//! `walnut set-config`, `show-config`, `delete` and `set-backup`: clap structs and the
+//! `walnut set-config`, `show-config`, `delete`, `merge` and `set-backup`: clap structs and the
 //! rendering of the library's lifecycle reports.
 
 use clap::Args;
@@ -6,6 +6,7 @@ use clap::Args;
 use crate::backup::meta;
 use crate::cli::{InstanceArgs, OutputFormat};
 use crate::error::{Error, Result};
+use crate::lifecycle::merge::{self, MergeOptions, MergeReport};
 use crate::lifecycle::records::{self, PinChange, Settings};
 use crate::lifecycle::{self, DeleteOptions, DeleteReport, Target};
 
@@ -59,6 +60,10 @@ pub struct DeleteArgs {
     /// Delete what the retention policy expires.
     #[arg(long)]
     pub expired: bool,
+    /// With --expired: merge expired ancestors of kept incremental backups into them
+    /// instead of keeping them.
+    #[arg(long = "merge-expired", requires = "expired")]
+    pub merge_expired: bool,
     /// Purge the WAL (and its indexes) that no kept backup needs.
     #[arg(long = "delete-wal")]
     pub delete_wal: bool,
@@ -71,6 +76,20 @@ pub struct DeleteArgs {
     /// "Now", for tests of the window and pins (a time as in --expire-time).
     #[arg(long = "now", hide = true)]
     pub now: Option<String>,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MergeArgs {
+    #[command(flatten)]
+    pub instance: InstanceArgs,
+    /// The PAGE or DELTA backup to merge with its ancestors into one FULL backup.
+    #[arg(short = 'i', long = "backup-id")]
+    pub backup_id: String,
+    /// Files merged at once.
+    #[arg(short = 'j', long = "jobs", default_value_t = merge::DEFAULT_JOBS)]
+    pub jobs: usize,
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
 }
@@ -147,6 +166,7 @@ pub fn run_delete(a: DeleteArgs) -> Result<i32> {
         delete_wal: a.delete_wal,
         dry_run: a.dry_run,
         now,
+        merge_expired: a.merge_expired,
     };
     let catalog = a.instance.catalog.open()?;
     let r = lifecycle::delete(&catalog, &a.instance.instance, &opts)?;
@@ -170,6 +190,9 @@ pub fn render_delete(r: &DeleteReport) -> String {
             "{fate:<12} {} {} {} TLI {} {} ({})\n",
             d.id, d.mode, d.status, d.timeline, d.start_lsn, d.reason
         ));
+    }
+    for m in &r.merged {
+        s.push_str(&render_merge_line(m, r.dry_run));
     }
     for l in &r.leftovers {
         s.push_str(&format!("removed leftover of an interrupted delete: {l}\n"));
@@ -224,4 +247,54 @@ pub fn run_set_backup(a: SetBackupArgs) -> Result<i32> {
             .unwrap_or_default()
     );
     Ok(0)
+}
+
+pub fn run_merge(a: MergeArgs) -> Result<i32> {
+    crate::safepath::check_name(&a.backup_id, "backup id")?;
+    let opts = MergeOptions {
+        id: a.backup_id.clone(),
+        now: records::now_secs(),
+        jobs: a.jobs.max(1),
+    };
+    let catalog = a.instance.catalog.open()?;
+    let r = merge::merge(&catalog, &a.instance.instance, &opts)?;
+    match a.format {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+        OutputFormat::Text => {
+            print!("{}", render_merge_line(&r, false));
+            for id in &r.removed {
+                println!("removed {id}");
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// One merge as text.
+fn render_merge_line(m: &MergeReport, dry_run: bool) -> String {
+    let p = &m.plan;
+    let mut s = match (&m.merged_id, dry_run, m.already_merged) {
+        (Some(id), _, true) => format!(
+            "backup {} was merged into FULL backup {id} already (an interrupted merge, finished)\n",
+            p.target
+        ),
+        (Some(id), _, false) => format!(
+            "merged {} into new FULL backup {id}: {} files, {} MiB written in {:.1} s; replaces {}\n",
+            p.chain.join(" <- "),
+            m.files,
+            m.bytes_written >> 20,
+            m.seconds,
+            p.replaces.join(", ")
+        ),
+        (None, _, _) => format!(
+            "{} merge {} into a new FULL backup, replacing {}\n",
+            if dry_run { "would" } else { "will" },
+            p.chain.join(" <- "),
+            p.replaces.join(", ")
+        ),
+    };
+    for (id, why) in &p.kept {
+        s.push_str(&format!("  keeps {id} ({why})\n"));
+    }
+    s
 }

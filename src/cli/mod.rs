@@ -159,6 +159,8 @@ pub enum Command {
     ShowConfig(crate::cli::lifecycle::ShowConfigArgs),
     /// Delete a backup and its descendants, or what retention expires, and purge WAL.
     Delete(crate::cli::lifecycle::DeleteArgs),
+    /// Merge an incremental backup with its ancestors into one FULL backup.
+    Merge(crate::cli::lifecycle::MergeArgs),
     /// Pin a backup (--ttl, --expire-time) or note it.
     SetBackup(crate::cli::lifecycle::SetBackupArgs),
     /// Check that the server's settings and archiving work with this catalog.
@@ -226,6 +228,7 @@ pub fn run_walnut(cli: WalnutCli) -> crate::Result<i32> {
         Command::SetConfig(a) => crate::cli::lifecycle::run_set_config(a),
         Command::ShowConfig(a) => crate::cli::lifecycle::run_show_config(a),
         Command::Delete(a) => crate::cli::lifecycle::run_delete(a),
+        Command::Merge(a) => crate::cli::lifecycle::run_merge(a),
         Command::SetBackup(a) => crate::cli::lifecycle::run_set_backup(a),
         Command::Check(a) => crate::cli::check::run(a),
         Command::Metrics(a) => crate::cli::metrics::run(a),

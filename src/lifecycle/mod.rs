@@ -27,6 +27,7 @@
 
 pub mod crashpoint;
 pub mod locks;
+pub mod merge;
 pub mod policy;
 pub mod records;
 
@@ -63,6 +64,9 @@ pub struct DeleteOptions {
     pub dry_run: bool,
     /// "Now" for the window and pins (tests move it).
     pub now: i64,
+    /// With [`Target::Expired`]: merge expired ancestors of kept incrementals into them
+    /// instead of keeping them (see [`merge::merge_expired`]).
+    pub merge_expired: bool,
 }
 
 /// What `delete` did (or, with `dry_run`, would do).
@@ -81,10 +85,17 @@ pub struct DeleteReport {
     pub wal: Vec<TimelinePurge>,
     /// Why no WAL was purged although asked, if so.
     pub wal_skipped: Option<String>,
+    /// The merges of `--merge-expired`.
+    pub merged: Vec<merge::MergeReport>,
+}
+
+/// The instance's lifecycle lock, exclusive (no wait): what merge holds, as delete does.
+pub(crate) fn lifecycle_lock(catalog: &Catalog, instance: &str) -> Result<crate::repo::RepoLock> {
+    locks::lifecycle_exclusive(catalog, instance, "merge")
 }
 
 /// Every object key below `prefix`, depth first. A damaged entry is an error.
-fn walk(repo: &dyn Repo, prefix: &str, out: &mut Vec<String>) -> Result<()> {
+pub(crate) fn walk(repo: &dyn Repo, prefix: &str, out: &mut Vec<String>) -> Result<()> {
     let l = repo.list(prefix)?;
     if let Some(d) = l.damaged.first() {
         return Err(Error::corruption(format!(
@@ -104,7 +115,7 @@ fn walk(repo: &dyn Repo, prefix: &str, out: &mut Vec<String>) -> Result<()> {
 }
 
 /// Removes a backup's objects in the crash-safe order (module docs, steps 2-4).
-fn remove_backup_objects(repo: &dyn Repo, key: &str) -> Result<()> {
+pub(crate) fn remove_backup_objects(repo: &dyn Repo, key: &str) -> Result<()> {
     let mut keys = Vec::new();
     walk(repo, key, &mut keys)?;
     let rank = |k: &str| {
@@ -187,6 +198,12 @@ pub fn delete(catalog: &Catalog, instance: &str, opts: &DeleteOptions) -> Result
     let settings = records::load_settings(catalog, instance)?.overlay(&opts.settings);
     let _lock = locks::lifecycle_exclusive(catalog, instance, "delete")?;
     let repo = catalog.repo();
+    // an interrupted merge is finished first (lifecycle/merge.rs)
+    let merge_leftovers = if opts.dry_run {
+        Vec::new()
+    } else {
+        merge::finish_pending(catalog, instance)?
+    };
     let mut list = Vec::new();
     let mut leftovers = Vec::new();
     for (name, f) in meta::scan_named(catalog, instance)? {
@@ -249,7 +266,7 @@ pub fn delete(catalog: &Catalog, instance: &str, opts: &DeleteOptions) -> Result
             .collect(),
     };
     // every backup, oldest first: the plan's decisions and the marked ones
-    let decisions: Vec<Decision> = list
+    let mut decisions: Vec<Decision> = list
         .iter()
         .map(|b| {
             planned
@@ -259,11 +276,25 @@ pub fn delete(catalog: &Catalog, instance: &str, opts: &DeleteOptions) -> Result
                 .unwrap_or_else(|| decision(b, false, "marked by an interrupted delete"))
         })
         .collect();
+    let merged = if opts.merge_expired && matches!(opts.target, Target::Expired) {
+        merge::merge_expired(
+            catalog,
+            instance,
+            &list,
+            &mut decisions,
+            &pins,
+            opts.now,
+            opts.dry_run,
+        )?
+    } else {
+        Vec::new()
+    };
     // newest first: descendants before their ancestors
     let doomed: Vec<&BackupMeta> = list
         .iter()
         .rev()
         .filter(|b| decisions.iter().any(|d| d.id == b.id && !d.keep))
+        .filter(|b| !merged.iter().any(|m| m.plan.replaces.contains(&b.id)))
         .collect();
     let mut report = DeleteReport {
         instance: instance.to_string(),
@@ -271,9 +302,10 @@ pub fn delete(catalog: &Catalog, instance: &str, opts: &DeleteOptions) -> Result
         settings: settings.clone(),
         backups: decisions.clone(),
         deleted: Vec::new(),
-        leftovers: Vec::new(),
+        leftovers: merge_leftovers,
         wal: Vec::new(),
         wal_skipped: None,
+        merged,
     };
     if !opts.dry_run {
         // leftovers of an interrupted delete: names with objects but no backup metadata

@@ -359,6 +359,41 @@ impl Restorer<'_> {
     }
 }
 
+/// The files of a backup chain as restore rebuilds them, for `walnut merge`, which writes
+/// them into a new FULL backup instead of a data directory: the same sources and the same
+/// truncation rule ([`Restorer::plan`]).
+pub(crate) struct ChainFiles<'a> {
+    r: Restorer<'a>,
+}
+
+impl<'a> ChainFiles<'a> {
+    /// `chain` newest first; `older[i]` the files of `chain[i + 1]` by path (no directories).
+    pub(crate) fn new(
+        catalog: &'a Catalog,
+        chain: Vec<&'a BackupMeta>,
+        older: Vec<HashMap<String, FileEntry>>,
+    ) -> ChainFiles<'a> {
+        let bs = chain.first().map_or(8192, |b| b.block_size.max(1)) as u64;
+        ChainFiles {
+            r: Restorer {
+                catalog,
+                chain,
+                older,
+                target: PathBuf::new(),
+                tablespaces: HashMap::new(),
+                progress: Arc::new(crate::progress::NoProgress),
+                chunk_blocks: (rebuild::CHUNK_BYTES / bs) as u32,
+                window_blocks: (rebuild::WINDOW_BYTES / bs) as u32,
+            },
+        }
+    }
+
+    /// How file `e` of the newest backup is rebuilt.
+    pub(crate) fn plan(&self, e: &FileEntry) -> Result<rebuild::Plan> {
+        self.r.plan(e)
+    }
+}
+
 /// A file restored in chunks by several threads: the first chunk to run creates the result,
 /// the last one to finish verifies it and puts it in place.
 struct SharedFile<'e> {

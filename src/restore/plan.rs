@@ -246,7 +246,7 @@ fn read_optional(repo: &dyn Repo, bkey: &str, name: &str) -> Result<Option<Vec<u
 }
 
 /// Reads a backup's manifest, checking every path.
-fn read_manifest(catalog: &Catalog, b: &BackupMeta) -> Result<Vec<FileEntry>> {
+pub(crate) fn read_manifest(catalog: &Catalog, b: &BackupMeta) -> Result<Vec<FileEntry>> {
     let repo = catalog.repo();
     let key = b.key()?;
     let entries = stored::manifest_entries(repo, &key)?;

@@ -15,6 +15,7 @@ mod cli_synth;
 mod fetch_hardening;
 mod index_answers;
 mod lifecycle_bench;
+mod lifecycle_merge;
 mod lifecycle_month;
 mod lifecycle_retention;
 mod lifecycle_safety;

@@ -1,0 +1,1256 @@
+//! `walnut merge -i ID`: an incremental backup and its ancestors become one FULL backup
+//! that restores identically; the old chain is replaced. `delete --expired --merge-expired`
+//! merges the expired ancestors of a kept incremental into it the same way.
+//!
+//! # Identity
+//! `backup.json` is written once, so the merged FULL cannot take the place of the merged
+//! incremental under its id (pg_probackup rewrites it in place). It is a new backup with a
+//! new id (`M`), a normal FULL: its `backup.json`, manifest, compression and checksums are
+//! what a FULL backup writes, so show, validate and restore treat it as any FULL. Beside
+//! them it holds `merged.json` ([`MergeRecord`]): the incremental it replaces (`target`,
+//! `X`) and every backup it replaces (`replaces`: `X` and the ancestors nothing else
+//! needs). Once `M`'s backup.json exists, every listing of the instance
+//! ([`crate::backup::meta::scan_named`], so show, validate, restore, backup and delete):
+//! - leaves out the backups `M` replaces, even while their objects still exist;
+//! - gives every child of `X` (an incremental taken on top of `X`) `M` as its parent: `M`
+//!   has `X`'s start LSN, timeline, stop LSN and data, so the child's changed blocks apply
+//!   on top of it as they applied on top of `X`.
+//!
+//! An ancestor stays (and so does everything below it) when another backup still descends
+//! from it through another branch, or when it is pinned.
+//!
+//! # Crash safety
+//! 1. `M` is claimed like any backup (started marker, `.running` lock held); the marker's
+//!    `error` text says it is a merge in progress. Until step 3 it reads as RUNNING, and as
+//!    ERROR once the process is gone: never OK.
+//! 2. Every file is written: files `X` holds whole are copied stored byte for stored byte
+//!    (checked against `X`'s manifest CRC as they stream), the others rebuilt from the
+//!    chain as restore rebuilds them (every source checked against its CRC) and stored
+//!    compressed and checksummed as a FULL stores them. Then `backup_label`, the pin, the
+//!    manifest and `merged.json`, and one barrier makes all of it durable.
+//! 3. The switch: `M`'s backup.json, create-only. Before it the old chain is what every
+//!    command sees; after it, `M`.
+//! 4. The replaced backups get an ERROR record ("merged into M"), then their objects go,
+//!    newest first, in the order `delete` removes a backup.
+//!
+//! A kill at any point leaves the old chain (before 3) or `M` (after 3) restorable, and
+//! nothing half-written listed OK. `merge` and `delete` finish an interrupted merge first
+//! ([`finish_pending`]): an abandoned `M` (a merge marker, no backup.json, its lock free)
+//! is removed, and what a committed `M` replaces is removed.
+//!
+//! Test hook: with `WALNUT_TEST_KILL_AT=n`, merge SIGKILLs itself right before its `n`th
+//! catalog write or delete (compiled in always; inert without the variable).
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backup::copy::{CrcWriter, Lz4FrameWriter, LZ4_FRAME_BYTES};
+use crate::backup::meta::{
+    self, BackupMeta, Found, Mode, Status, META_FILE, STARTED_FILE, STATUS_DIR,
+};
+use crate::backup::stored;
+use crate::catalog::Catalog;
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::format::manifest::{self, FileEntry, Lz4Frames, ManifestWriter, Storage};
+use crate::repo::{Blob, Durability, Listing, LockMode, ObjectInfo, ObjectWriter, Repo, RepoLock};
+use crate::restore::{rebuild, ChainFiles};
+use crate::safepath;
+
+use super::records::{self, Pin, PinChange};
+
+/// The merge record of a merged FULL backup.
+pub const MERGE_FILE: &str = "merged.json";
+const MERGE_FORMAT: u32 = 1;
+/// The `error` text of a merged FULL's started marker: what marks an abandoned merge.
+const MERGE_MARK: &str = "walnut merge in progress, merging ";
+/// Test hook (see the module docs).
+pub const KILL_ENV: &str = "WALNUT_TEST_KILL_AT";
+/// The largest merge record read.
+const MAX_RECORD_BYTES: u64 = 1 << 20;
+
+/// `merged.json`: what a merged FULL backup replaces.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeRecord {
+    pub format: u32,
+    /// The incremental backup merged: its children descend from the merged FULL.
+    pub target: String,
+    /// Every backup the merged FULL replaces, newest first: the target and the ancestors
+    /// nothing else needs.
+    pub replaces: Vec<String>,
+    /// The chain whose data it holds, newest first (the target down to its FULL).
+    pub chain: Vec<String>,
+    /// When the merge ran (UTC).
+    pub time: String,
+}
+
+/// What a merge does (planned before anything is written).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MergePlan {
+    pub target: String,
+    /// The chain, newest first.
+    pub chain: Vec<String>,
+    /// What the merged FULL replaces, newest first.
+    pub replaces: Vec<String>,
+    /// Ancestors that stay, with why.
+    pub kept: Vec<(String, String)>,
+}
+
+/// What `merge` did.
+#[derive(Clone, Debug, Serialize)]
+pub struct MergeReport {
+    pub instance: String,
+    pub plan: MergePlan,
+    /// The merged FULL's id (`None` in a dry run).
+    pub merged_id: Option<String>,
+    pub files: u64,
+    /// Bytes stored in the merged FULL.
+    pub bytes_written: u64,
+    /// Seconds in all, and writing the merged FULL (up to and with the switch).
+    pub seconds: f64,
+    pub write_seconds: f64,
+    /// Backups removed (the replaced ones, and leftovers of interrupted merges).
+    pub removed: Vec<String>,
+    /// The target had already been merged (an interrupted merge, finished now).
+    pub already_merged: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct MergeOptions {
+    pub id: String,
+    /// "Now", for pins.
+    pub now: i64,
+    /// Files merged at once.
+    pub jobs: usize,
+}
+
+/// Threads of `delete --merge-expired`'s merges.
+pub const DEFAULT_JOBS: usize = 2;
+/// Threads removing a replaced backup's data objects (waiting on the store, not the CPU).
+const DELETE_THREADS: usize = 8;
+
+// ---- the kill switch (tests) -------------------------------------------------------------
+
+fn kill_left() -> Option<&'static AtomicU64> {
+    static LEFT: OnceLock<Option<AtomicU64>> = OnceLock::new();
+    LEFT.get_or_init(|| {
+        std::env::var(KILL_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|&n| n > 0)
+            .map(AtomicU64::new)
+    })
+    .as_ref()
+}
+
+/// Counts a catalog write or delete; SIGKILLs the process right before the `n`th one.
+fn kill_point(what: &str) {
+    if let Some(left) = kill_left() {
+        if left.fetch_sub(1, Ordering::SeqCst) == 1 {
+            log::warn!("{KILL_ENV}: killing myself before {what}");
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::SIGKILL);
+            std::process::abort();
+        }
+    }
+}
+
+/// A store that counts writes and deletes for [`kill_point`].
+#[derive(Debug)]
+struct KillRepo {
+    inner: Arc<dyn Repo>,
+}
+
+struct KillWriter {
+    inner: Box<dyn ObjectWriter>,
+    key: String,
+}
+
+impl Write for KillWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl ObjectWriter for KillWriter {
+    fn commit(self: Box<Self>, durability: Durability) -> Result<()> {
+        kill_point(&format!("commit {}", self.key));
+        self.inner.commit(durability)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+impl Repo for KillRepo {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    fn put_new(&self, key: &str, data: &[u8]) -> Result<()> {
+        kill_point(&format!("put {key}"));
+        self.inner.put_new(key, data)
+    }
+    fn create(&self, key: &str) -> Result<Box<dyn ObjectWriter>> {
+        Ok(Box::new(KillWriter {
+            inner: self.inner.create(key)?,
+            key: key.to_string(),
+        }))
+    }
+    fn get(&self, key: &str) -> Result<Blob> {
+        self.inner.get(key)
+    }
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        self.inner.get_range(key, offset, len)
+    }
+    fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        self.inner.head(key)
+    }
+    fn list(&self, prefix: &str) -> Result<Listing> {
+        self.inner.list(prefix)
+    }
+    fn delete(&self, key: &str) -> Result<()> {
+        kill_point(&format!("delete {key}"));
+        self.inner.delete(key)
+    }
+    fn lock(&self, key: &str, mode: LockMode, wait: bool) -> Result<Option<RepoLock>> {
+        self.inner.lock(key, mode, wait)
+    }
+    fn barrier(&self) -> Result<()> {
+        self.inner.barrier()
+    }
+    fn open_file(&self, key: &str) -> Result<Option<std::fs::File>> {
+        self.inner.open_file(key)
+    }
+    fn local_root(&self) -> Option<&Path> {
+        self.inner.local_root()
+    }
+}
+
+/// The catalog as merge uses it: with [`KILL_ENV`] set, through the counting store.
+fn with_kill_switch(catalog: &Catalog) -> Option<Catalog> {
+    kill_left()?;
+    Some(Catalog::with_repo(
+        catalog.root(),
+        Arc::new(KillRepo {
+            inner: catalog.repo_arc(),
+        }),
+    ))
+}
+
+// ---- reading merge records ---------------------------------------------------------------
+
+/// The merge record of the backup at `key`, when it has one and its backup.json exists
+/// (a record without it belongs to a merge that never switched, and means nothing).
+fn committed_record(repo: &dyn Repo, key: &str) -> Result<Option<MergeRecord>> {
+    let rkey = format!("{key}/{MERGE_FILE}");
+    let what = stored::what(repo, &rkey);
+    match repo.head(&rkey)? {
+        None => return Ok(None),
+        Some(h) if h.size > MAX_RECORD_BYTES => {
+            return Err(Error::corruption(format!(
+                "{what}: larger than {MAX_RECORD_BYTES} bytes: not a merge record"
+            )))
+        }
+        Some(_) => {}
+    }
+    if repo.head(&format!("{key}/{META_FILE}"))?.is_none() {
+        return Ok(None);
+    }
+    let b = repo.get(&rkey).map_err(|e| {
+        if e.kind() == ErrorKind::NotFound {
+            Error::corruption(format!("{what}: listed but absent"))
+        } else {
+            e
+        }
+    })?;
+    let r: MergeRecord =
+        serde_json::from_slice(&b).map_err(|e| Error::corruption(format!("{what}: {e}")))?;
+    if r.format != MERGE_FORMAT {
+        return Err(Error::corruption(format!(
+            "{what}: merge record format {} is not supported",
+            r.format
+        )));
+    }
+    safepath::check_name(&r.target, &format!("{what}: target"))?;
+    for id in r.replaces.iter().chain(&r.chain) {
+        safepath::check_name(id, &format!("{what}: backup id"))?;
+    }
+    if r.replaces.first() != Some(&r.target) {
+        return Err(Error::corruption(format!(
+            "{what}: the replaced backups do not start with the target {}",
+            r.target
+        )));
+    }
+    Ok(Some(r))
+}
+
+/// Applies the committed merges to a listing of an instance's backups (see the module
+/// docs): what a merged FULL replaces reads as absent, the children of its target name it
+/// as their parent. A replaced backup must agree with the merged FULL (same system, not
+/// newer; the target at the same start LSN and timeline), else the record is ignored for
+/// it and a warning says so. A merge record that cannot be read makes its FULL unreadable.
+pub(crate) fn apply_merges(repo: &dyn Repo, out: &mut [(String, Found)]) -> Result<()> {
+    let mut merges: Vec<(BackupMeta, MergeRecord)> = Vec::new();
+    for (_, f) in out.iter_mut() {
+        let Found::Backup(m) = f else { continue };
+        if m.mode != Mode::Full || m.status == Status::Running {
+            continue;
+        }
+        match committed_record(repo, &m.key()?) {
+            Ok(Some(r)) => merges.push(((**m).clone(), r)),
+            Ok(None) => {}
+            Err(e) => *f = Found::Failed(e),
+        }
+    }
+    for (m, r) in &merges {
+        for (_, f) in out.iter_mut() {
+            let Found::Backup(b) = f else { continue };
+            if b.id == m.id || !r.replaces.contains(&b.id) {
+                continue;
+            }
+            let agrees = b.system_id == m.system_id
+                && b.start_lsn <= m.start_lsn
+                && (b.id != r.target || (b.start_lsn == m.start_lsn && b.timeline == m.timeline));
+            if agrees {
+                *f = Found::Absent;
+            } else {
+                log::warn!(
+                    "backup {} claims to replace backup {}, which does not match it; both are listed",
+                    m.id,
+                    b.id
+                );
+            }
+        }
+        let target_listed = out
+            .iter()
+            .any(|(_, f)| matches!(f, Found::Backup(b) if b.id == r.target));
+        if target_listed {
+            continue;
+        }
+        for (_, f) in out.iter_mut() {
+            if let Found::Backup(b) = f {
+                if b.id != m.id
+                    && b.parent_id.as_deref() == Some(r.target.as_str())
+                    && !r.replaces.contains(&b.id)
+                {
+                    b.parent_id = Some(m.id.clone());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---- planning ----------------------------------------------------------------------------
+
+/// Plans merging backup `id` of `list` (as [`meta::scan`] lists it): refused for a FULL
+/// backup, a chain with a backup that is not OK, or a chain a RUNNING backup builds on.
+pub fn plan_merge(
+    list: &[BackupMeta],
+    pins: &HashMap<String, Pin>,
+    id: &str,
+    now: i64,
+) -> Result<MergePlan> {
+    let x = meta::find(list, id)?;
+    if x.mode == Mode::Full {
+        return Err(Error::invalid(format!(
+            "backup {id} is a FULL backup: there is nothing to merge"
+        )));
+    }
+    let chain = meta::chain(list, id)?;
+    for b in &chain {
+        match b.effective_status() {
+            Status::Ok => {}
+            Status::Running => {
+                return Err(Error::refused(format!(
+                    "backup {} of the chain of {id} is RUNNING; nothing merged",
+                    b.id
+                )))
+            }
+            s => {
+                return Err(Error::refused(format!(
+                    "backup {} of the chain of {id} is {s}; only a chain of OK backups is merged (validate it first)",
+                    b.id
+                )))
+            }
+        }
+    }
+    let ids: HashSet<&str> = chain.iter().map(|b| b.id.as_str()).collect();
+    if let Some(r) = list.iter().find(|b| {
+        b.effective_status() == Status::Running
+            && b.parent_id.as_deref().is_some_and(|p| ids.contains(p))
+    }) {
+        return Err(Error::refused(format!(
+            "backup {} is RUNNING on top of the chain of {id}; nothing merged",
+            r.id
+        )));
+    }
+    let mut replaces = vec![x.id.clone()];
+    let mut kept = Vec::new();
+    let mut keeping = false;
+    for a in chain.iter().skip(1) {
+        if !keeping {
+            let others: Vec<&str> = list
+                .iter()
+                .filter(|c| {
+                    c.parent_id.as_deref() == Some(a.id.as_str()) && !replaces.contains(&c.id)
+                })
+                .map(|c| c.id.as_str())
+                .collect();
+            let why = if !others.is_empty() {
+                Some(format!("parent of {}", others.join(", ")))
+            } else if pins.get(&a.id).is_some_and(|p| p.pinned_at(now)) {
+                Some("pinned".to_string())
+            } else {
+                None
+            };
+            match why {
+                None => {
+                    replaces.push(a.id.clone());
+                    continue;
+                }
+                Some(w) => {
+                    keeping = true;
+                    kept.push((a.id.clone(), w));
+                    continue;
+                }
+            }
+        }
+        kept.push((a.id.clone(), "ancestor of a kept backup".to_string()));
+    }
+    Ok(MergePlan {
+        target: x.id.clone(),
+        chain: chain.iter().map(|b| b.id.clone()).collect(),
+        replaces,
+        kept,
+    })
+}
+
+// ---- finishing interrupted merges ---------------------------------------------------------
+
+/// Whether the backup at `key` is an abandoned merge: no backup.json, a started marker
+/// that says "merge in progress", and no process holding its running lock.
+fn abandoned_merge(repo: &dyn Repo, key: &str) -> Result<bool> {
+    if repo.head(&format!("{key}/{META_FILE}"))?.is_some() {
+        return Ok(false);
+    }
+    let skey = format!("{key}/{STARTED_FILE}");
+    let b = match repo.get(&skey) {
+        Ok(b) => b,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let m = match meta::decode(&b, &stored::what(repo, &skey)) {
+        Ok(m) => m,
+        Err(_) => return Ok(false),
+    };
+    if !m
+        .error
+        .as_deref()
+        .is_some_and(|e| e.starts_with(MERGE_MARK))
+    {
+        return Ok(false);
+    }
+    Ok(repo
+        .lock(&format!("{key}/.running"), LockMode::Shared, false)?
+        .is_some())
+}
+
+/// Removes replaced backup `id` (merged into `by`): an ERROR record first (should the
+/// merged FULL ever go, it reads as ERROR, never as OK), then its objects.
+fn remove_replaced(catalog: &Catalog, instance: &str, id: &str, by: &str) -> Result<()> {
+    let repo = catalog.repo();
+    let key = meta::backup_key(instance, id)?;
+    let mut _held = Vec::new();
+    for name in [".running", ".use"] {
+        _held.push(
+            repo.lock(&format!("{key}/{name}"), LockMode::Exclusive, false)?
+                .ok_or_else(|| {
+                    Error::refused(format!(
+                        "backup {id}, replaced by merged backup {by}, is in use (its {name} lock is held); a later merge or delete removes it"
+                    ))
+                })?,
+        );
+    }
+    let has_meta = repo.head(&format!("{key}/{META_FILE}"))?.is_some()
+        || repo.head(&format!("{key}/{STARTED_FILE}"))?.is_some();
+    let already = repo
+        .list(&format!("{key}/{STATUS_DIR}"))?
+        .objects
+        .iter()
+        .any(|o| o.name.ends_with(".json"))
+        && meta::load_in(catalog, instance, id).is_ok_and(|b| b.status == Status::Error);
+    if has_meta && !already {
+        meta::record_status(
+            catalog,
+            instance,
+            id,
+            Status::Error,
+            Some(format!("merged into backup {by}; being removed")),
+            "merge",
+        )?;
+    }
+    // the data objects first, several at once (their order does not matter: the backup
+    // reads as ERROR already), then the rest in delete's order
+    let mut keys = Vec::new();
+    super::walk(repo, &key, &mut keys)?;
+    let data: Vec<&String> = keys
+        .iter()
+        .filter(|k| {
+            let rel = k
+                .strip_prefix(key.as_str())
+                .unwrap_or(k)
+                .trim_start_matches('/');
+            rel != META_FILE
+                && rel != STARTED_FILE
+                && !rel.starts_with(&format!("{STATUS_DIR}/"))
+                && !rel.starts_with(&format!("{}/", super::records::PIN_DIR))
+        })
+        .collect();
+    let next = AtomicU64::new(0);
+    let first_err: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
+    std::thread::scope(|sc| {
+        for _ in 0..DELETE_THREADS.min(data.len()) {
+            sc.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let Some(k) = data.get(i) else { break };
+                if let Err(e) = repo.delete(k) {
+                    if let Ok(mut g) = first_err.lock() {
+                        g.get_or_insert(e);
+                    }
+                    break;
+                }
+            });
+        }
+    });
+    if let Some(e) = first_err.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    super::remove_backup_objects(repo, &key)?;
+    log::info!("removed backup {id} (merged into {by})");
+    Ok(())
+}
+
+/// Finishes interrupted merges of `instance` (the caller holds the lifecycle lock): removes
+/// abandoned merged FULLs and what committed ones replace. Returns the names removed.
+pub(crate) fn finish_pending(catalog: &Catalog, instance: &str) -> Result<Vec<String>> {
+    crate::catalog::check_instance_name(instance)?;
+    let repo = catalog.repo();
+    let names = repo.list(&Catalog::backups_key(instance))?.prefixes;
+    let mut removed = Vec::new();
+    let mut replaced: Vec<(String, String)> = Vec::new();
+    for name in &names {
+        if safepath::check_name(name, "backup directory").is_err() {
+            continue;
+        }
+        let key = meta::backup_key(instance, name)?;
+        if abandoned_merge(repo, &key)? {
+            log::info!("removing {name}, the merged backup of an interrupted merge");
+            super::remove_backup_objects(repo, &key)?;
+            removed.push(name.clone());
+            continue;
+        }
+        if let Some(r) = committed_record(repo, &key)? {
+            for id in r.replaces.iter().filter(|i| *i != name) {
+                let mut left = Vec::new();
+                super::walk(repo, &meta::backup_key(instance, id)?, &mut left)?;
+                if !left.is_empty() {
+                    replaced.push((id.clone(), name.clone()));
+                }
+            }
+        }
+    }
+    for (id, by) in replaced {
+        remove_replaced(catalog, instance, &id, &by)?;
+        removed.push(id);
+    }
+    Ok(removed)
+}
+
+// ---- writing the merged FULL ------------------------------------------------------------
+
+/// A stored file of the merged backup being written: CRC-32C of the stored bytes, LZ4
+/// frames when compressed (as a FULL backup writes them).
+type Out = CrcWriter<BufWriter<Box<dyn ObjectWriter>>>;
+
+struct StoredOut {
+    enc: Option<Lz4FrameWriter<Out>>,
+    plain: Option<Out>,
+    dest: PathBuf,
+    size: u64,
+}
+
+impl StoredOut {
+    fn create(repo: &dyn Repo, key: &str, compress: bool) -> Result<StoredOut> {
+        let w = repo.create(key)?;
+        let dest = PathBuf::from(w.describe());
+        let cw = CrcWriter::new(BufWriter::with_capacity(1 << 20, w));
+        Ok(if compress {
+            StoredOut {
+                enc: Some(Lz4FrameWriter::new(cw, LZ4_FRAME_BYTES)),
+                plain: None,
+                dest,
+                size: 0,
+            }
+        } else {
+            StoredOut {
+                enc: None,
+                plain: Some(cw),
+                dest,
+                size: 0,
+            }
+        })
+    }
+
+    fn write(&mut self, b: &[u8]) -> Result<()> {
+        let r = match (&mut self.enc, &mut self.plain) {
+            (Some(e), _) => e.write_all(b),
+            (None, Some(p)) => p.write_all(b),
+            (None, None) => Err(std::io::Error::other("writer finished")),
+        };
+        r.ctx("write", &self.dest)?;
+        self.size += b.len() as u64;
+        Ok(())
+    }
+
+    /// Commits (deferred); returns (crc, stored bytes, frames).
+    fn finish(self) -> Result<(u32, u64, Option<Lz4Frames>)> {
+        let (cw, frames) = match (self.enc, self.plain) {
+            (Some(e), _) => {
+                let (cw, stored) = e.finish().ctx("compress", &self.dest)?;
+                let frames = (stored.len() > 1).then_some(Lz4Frames {
+                    frame_bytes: LZ4_FRAME_BYTES,
+                    stored,
+                });
+                (cw, frames)
+            }
+            (None, Some(p)) => (p, None),
+            (None, None) => return Err(Error::invalid("stored file finished twice")),
+        };
+        let (crc, n) = (cw.crc, cw.n);
+        let obj = cw
+            .into_inner()
+            .into_inner()
+            .map_err(|e| Error::io("write", &self.dest, e.into_error()))?;
+        obj.commit(Durability::Deferred)?;
+        Ok((crc, n, frames))
+    }
+}
+
+/// Copies a stored object of the merged backup's source stored byte for stored byte,
+/// checking its length and CRC-32C against its manifest entry as it streams; the copy is
+/// committed (deferred) only when they match.
+fn copy_stored(repo: &dyn Repo, from: &str, to: &str, e: &FileEntry, backup: &str) -> Result<()> {
+    let w = stored::what(repo, from);
+    let mut out = repo.create(to)?;
+    let dest = PathBuf::from(out.describe());
+    let mut crc = 0u32;
+    let mut n = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    match repo.open_file(from)? {
+        Some(mut f) => loop {
+            let k = match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(k) => k,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(err) => return Err(Error::io("read", Path::new(&w), err)),
+            };
+            crc = crc32c::crc32c_append(crc, &buf[..k]);
+            n += k as u64;
+            out.write_all(&buf[..k]).ctx("write", &dest)?;
+        },
+        None => {
+            let len = repo
+                .head(from)?
+                .ok_or_else(|| Error::not_found(format!("{w}: not found")))?
+                .size;
+            while n < len {
+                let k = (len - n).min(8 << 20);
+                let b = repo.get_range(from, n, k)?;
+                crc = crc32c::crc32c_append(crc, &b);
+                n += b.len() as u64;
+                out.write_all(&b).ctx("write", &dest)?;
+            }
+        }
+    }
+    if n != e.stored_size || crc != e.crc32c {
+        return Err(Error::corruption(format!(
+            "{w}: stored file does not match its manifest size and checksum (backup {backup})"
+        )));
+    }
+    out.commit(Durability::Deferred)
+}
+
+/// An anonymous in-memory file to rebuild one file in, a chunk at a time.
+fn scratch_file() -> Result<std::fs::File> {
+    let fd = nix::sys::memfd::memfd_create(
+        c"walnut-merge",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+    )
+    .map_err(|e| Error::io("memfd_create", Path::new("walnut-merge"), e.into()))?;
+    Ok(std::fs::File::from(fd))
+}
+
+/// Rebuilds file `e` of the chain (as restore does) and stores it whole in the merged
+/// backup. Each chunk is rebuilt in `scratch`, streamed into the stored file and dropped
+/// from memory; the stored file is committed only after every source passed its checks.
+fn rebuild_stored(
+    repo: &dyn Repo,
+    files: &ChainFiles<'_>,
+    e: &FileEntry,
+    mkey: &str,
+    compress: bool,
+) -> Result<FileEntry> {
+    let plan = files.plan(e)?;
+    let rebuild::Shape::Blocks(nblocks) = plan.shape else {
+        return Err(Error::invalid(format!(
+            "\"{}\": an incremental file rebuilt as a copy",
+            e.path
+        )));
+    };
+    let bs = plan.block_size as u64;
+    let size = nblocks as u64 * bs;
+    let scratch = scratch_file()?;
+    let spath = PathBuf::from(format!("(memory: {})", e.path));
+    scratch.set_len(size).ctx("truncate", &spath)?;
+    let storage = if compress {
+        Storage::FullLz4
+    } else {
+        Storage::Full
+    };
+    let mut out = StoredOut::create(
+        repo,
+        &format!("{mkey}/{}", manifest::stored_path(&e.path, storage)),
+        compress,
+    )?;
+    let mut parts: Vec<Vec<rebuild::Part>> = Vec::with_capacity(plan.chunks as usize);
+    let mut buf = vec![0u8; 1 << 20];
+    // `group` chunks are rebuilt at once (on the merge's threads), then streamed out in
+    // order and dropped: at most `group` chunks of the file are in memory
+    let group = rayon::current_num_threads().max(1) as u32;
+    let mut built: Vec<Vec<rebuild::Part>> = Vec::new();
+    for k in 0..plan.chunks {
+        if k % group == 0 {
+            use rayon::prelude::*;
+            let hi = (k + group).min(plan.chunks);
+            let got: Vec<Result<Vec<rebuild::Part>>> = (k..hi)
+                .into_par_iter()
+                .map(|c| {
+                    rebuild::run_chunk(&plan, c, &scratch, &spath, &crate::progress::NoProgress)
+                })
+                .collect();
+            built = got.into_iter().collect::<Result<Vec<_>>>()?;
+            built.reverse();
+        }
+        parts.push(
+            built
+                .pop()
+                .ok_or_else(|| Error::invalid(format!("\"{}\": chunk {k} lost", e.path)))?,
+        );
+        let lo = (k as u64 * plan.chunk_blocks as u64 * bs).min(size);
+        let hi = if k + 1 == plan.chunks {
+            size
+        } else {
+            ((k as u64 + 1) * plan.chunk_blocks as u64 * bs).min(size)
+        };
+        let mut off = lo;
+        while off < hi {
+            let want = ((hi - off) as usize).min(buf.len());
+            scratch
+                .read_exact_at(&mut buf[..want], off)
+                .ctx("read", &spath)?;
+            out.write(&buf[..want])?;
+            off += want as u64;
+        }
+        if hi > lo {
+            use std::os::fd::AsRawFd;
+            let _ = nix::fcntl::fallocate(
+                scratch.as_raw_fd(),
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                lo as i64,
+                (hi - lo) as i64,
+            );
+        }
+    }
+    rebuild::finish(&plan, &parts, &scratch, &spath)?;
+    let (crc, stored_size, frames) = out.finish()?;
+    Ok(FileEntry {
+        path: e.path.clone(),
+        storage,
+        size,
+        stored_size,
+        crc32c: crc,
+        changed_blocks: None,
+        file_blocks: None,
+        limit_block: None,
+        lz4_frames: frames,
+    })
+}
+
+/// Reads an object of a backup that the manifest does not cover; `None` when absent.
+fn read_optional(repo: &dyn Repo, key: &str) -> Result<Option<Vec<u8>>> {
+    match repo.get(key) {
+        Ok(b) => Ok(Some(b.into_vec())),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn put_deferred(repo: &dyn Repo, key: &str, data: &[u8]) -> Result<()> {
+    let mut w = repo.create(key)?;
+    let what = w.describe();
+    w.write_all(data).ctx("write", Path::new(&what))?;
+    w.commit(Durability::Deferred)
+}
+
+/// Writes the merged FULL of `plan` and switches to it (steps 1-3 of the module docs);
+/// returns its metadata, files and stored bytes.
+fn write_merged(
+    catalog: &Catalog,
+    instance: &str,
+    list: &[BackupMeta],
+    plan: &MergePlan,
+    pin: &Pin,
+    now: i64,
+    jobs: usize,
+) -> Result<(BackupMeta, u64, u64)> {
+    let repo = catalog.repo();
+    let chain: Vec<&BackupMeta> = plan
+        .chain
+        .iter()
+        .map(|id| meta::find(list, id))
+        .collect::<Result<_>>()?;
+    let x = chain[0];
+    let entries = crate::restore::plan::read_manifest(catalog, x)?;
+    let mut older = Vec::new();
+    for b in chain.iter().skip(1) {
+        let mut m = HashMap::new();
+        for e in crate::restore::plan::read_manifest(catalog, b)? {
+            if e.storage != Storage::Dir {
+                m.insert(e.path.clone(), e);
+            }
+        }
+        older.push(m);
+    }
+    if !entries.iter().any(|e| e.path == "global/pg_control") {
+        return Err(Error::corruption(format!(
+            "backup {} has no global/pg_control",
+            x.id
+        )));
+    }
+    let xkey = x.key()?;
+    let label = read_optional(repo, &format!("{xkey}/backup_label"))?.ok_or_else(|| {
+        Error::corruption(format!(
+            "backup {} has no backup_label ({})",
+            x.id,
+            stored::what(repo, &format!("{xkey}/backup_label"))
+        ))
+    })?;
+    let spcmap = read_optional(repo, &format!("{xkey}/tablespace_map"))?;
+    let compress = x.compress == "lz4";
+
+    let mut m = x.clone();
+    m.mode = Mode::Full;
+    m.parent_id = None;
+    m.parent_start_lsn = None;
+    m.status = Status::Running;
+    m.pid = Some(std::process::id());
+    m.error = Some(format!("{MERGE_MARK}{}", x.id));
+    m.files = 0;
+    m.data_bytes = 0;
+    let started = meta::start(catalog, &mut m, now)?;
+    let mkey = m.key()?;
+    log::info!(
+        "merging backup {} with {} into new FULL backup {}",
+        x.id,
+        plan.chain[1..].join(", "),
+        m.id
+    );
+
+    let files = ChainFiles::new(catalog, chain.clone(), older);
+    let mw_obj = repo.create(&format!("{mkey}/{}", manifest::FILE_NAME))?;
+    let mpath = PathBuf::from(mw_obj.describe());
+    let frames_possible = compress || entries.iter().any(|e| e.lz4_frames.is_some());
+    let mut mw =
+        ManifestWriter::new(BufWriter::new(mw_obj), frames_possible).ctx("write", &mpath)?;
+    let (mut nfiles, mut bytes) = (0u64, 0u64);
+    let one = |e: &FileEntry| -> Result<FileEntry> {
+        Ok(match e.storage {
+            Storage::Dir => e.clone(),
+            Storage::Full | Storage::FullLz4 => {
+                let rel = e.stored_path();
+                copy_stored(
+                    repo,
+                    &format!("{xkey}/{rel}"),
+                    &format!("{mkey}/{rel}"),
+                    e,
+                    &x.id,
+                )
+                .map_err(|err| err.context(format!("merging \"{}\"", e.path)))?;
+                e.clone()
+            }
+            Storage::Incremental => rebuild_stored(repo, &files, e, &mkey, compress)
+                .map_err(|err| err.context(format!("merging \"{}\"", e.path)))?,
+        })
+    };
+    // files on `jobs` threads; the manifest lists them in the merged backup's order
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(jobs.max(1))
+        .build()
+        .map_err(|e| Error::invalid(format!("cannot start {jobs} merge threads: {e}")))?;
+    let outs: Vec<FileEntry> = pool.install(|| {
+        use rayon::prelude::*;
+        entries.par_iter().map(one).collect::<Result<Vec<_>>>()
+    })?;
+    for out in outs {
+        if out.storage != Storage::Dir {
+            nfiles += 1;
+            bytes += out.stored_size;
+        }
+        mw.add(&out).ctx("write", &mpath)?;
+    }
+    put_deferred(repo, &format!("{mkey}/backup_label"), &label)?;
+    if let Some(map) = &spcmap {
+        put_deferred(repo, &format!("{mkey}/tablespace_map"), map)?;
+    }
+    if pin.expire_epoch.is_some() || pin.note.is_some() {
+        records::set_pin(
+            catalog,
+            instance,
+            &m.id,
+            &PinChange {
+                expire: Some(pin.expire_epoch),
+                note: pin.note.clone(),
+            },
+        )?;
+    }
+    let rec = MergeRecord {
+        format: MERGE_FORMAT,
+        target: x.id.clone(),
+        replaces: plan.replaces.clone(),
+        chain: plan.chain.clone(),
+        time: meta::format_utc(records::now_secs()),
+    };
+    let mut json = serde_json::to_vec_pretty(&rec)?;
+    json.push(b'\n');
+    put_deferred(repo, &format!("{mkey}/{MERGE_FILE}"), &json)?;
+    let mw_out = mw.finish().ctx("write", &mpath)?;
+    mw_out
+        .into_inner()
+        .map_err(|e| Error::io("write", &mpath, e.into_error()))?
+        .commit(Durability::Deferred)?;
+    repo.barrier()?;
+
+    // the switch
+    m.status = Status::Ok;
+    m.pid = None;
+    m.error = None;
+    m.files = nfiles;
+    m.data_bytes = bytes;
+    meta::save_complete(catalog, &m)?;
+    drop(started);
+    log::info!("merged backup {} committed", m.id);
+    Ok((m, nfiles, bytes))
+}
+
+/// Merges with the lifecycle lock held: finishes interrupted merges, then merges `id`.
+pub(crate) fn merge_locked(
+    catalog: &Catalog,
+    instance: &str,
+    id: &str,
+    now: i64,
+    jobs: usize,
+) -> Result<MergeReport> {
+    let t0 = Instant::now();
+    let mut removed = finish_pending(catalog, instance)?;
+    let list = meta::list(catalog, instance)?;
+    if meta::find(&list, id).is_err() {
+        // merged already (an interrupted merge, finished above)?
+        for b in list.iter().filter(|b| b.mode == Mode::Full) {
+            if let Some(r) = committed_record(catalog.repo(), &b.key()?)? {
+                if r.target == id {
+                    return Ok(MergeReport {
+                        instance: instance.to_string(),
+                        plan: MergePlan {
+                            target: r.target,
+                            chain: r.chain,
+                            replaces: r.replaces,
+                            kept: Vec::new(),
+                        },
+                        merged_id: Some(b.id.clone()),
+                        files: b.files,
+                        bytes_written: b.data_bytes,
+                        seconds: t0.elapsed().as_secs_f64(),
+                        write_seconds: 0.0,
+                        removed,
+                        already_merged: true,
+                    });
+                }
+            }
+        }
+    }
+    let mut pins = HashMap::new();
+    for b in &list {
+        pins.insert(b.id.clone(), records::load_pin(catalog, instance, &b.id)?);
+    }
+    let plan = plan_merge(&list, &pins, id, now)?;
+    // Refused at once while a restore (or a backup on it as a parent) uses a backup the
+    // merge replaces. The check's locks are let go: removal takes them again and, should
+    // a restore begin meanwhile, is refused then (the merged FULL is committed by then,
+    // the replaced backups stay until a later merge or delete removes them).
+    for r in &plan.replaces {
+        if let Ok(b) = meta::find(&list, r) {
+            drop(super::locks::remove(catalog, b, "merge")?);
+        }
+    }
+    let pin = pins.get(id).cloned().unwrap_or_default();
+    let tw = Instant::now();
+    let (m, files, bytes) = write_merged(catalog, instance, &list, &plan, &pin, now, jobs)?;
+    let write_seconds = tw.elapsed().as_secs_f64();
+    for r in &plan.replaces {
+        remove_replaced(catalog, instance, r, &m.id)?;
+        removed.push(r.clone());
+    }
+    Ok(MergeReport {
+        instance: instance.to_string(),
+        plan,
+        merged_id: Some(m.id),
+        files,
+        bytes_written: bytes,
+        seconds: t0.elapsed().as_secs_f64(),
+        write_seconds,
+        removed,
+        already_merged: false,
+    })
+}
+
+/// `walnut merge -i ID` (see the module docs).
+pub fn merge(catalog: &Catalog, instance: &str, opts: &MergeOptions) -> Result<MergeReport> {
+    catalog.instance(instance)?;
+    let killable = with_kill_switch(catalog);
+    let catalog = killable.as_ref().unwrap_or(catalog);
+    let _lock = super::lifecycle_lock(catalog, instance)?;
+    merge_locked(catalog, instance, &opts.id, opts.now, opts.jobs)
+}
+
+/// For `delete --expired --merge-expired`: every kept incremental whose parent the policy
+/// expired (kept only as an ancestor) is merged with its chain, oldest first; the
+/// decisions of the backups each merge replaces become "merged into ...". With `dry_run`
+/// nothing is written and the reports have no merged id. The caller holds the lifecycle
+/// lock.
+pub(crate) fn merge_expired(
+    catalog: &Catalog,
+    instance: &str,
+    list: &[BackupMeta],
+    decisions: &mut [super::policy::Decision],
+    pins: &HashMap<String, Pin>,
+    now: i64,
+    dry_run: bool,
+) -> Result<Vec<MergeReport>> {
+    let ancestor_only =
+        |d: &super::policy::Decision| d.keep && d.reason.starts_with("ancestor of kept");
+    let targets: Vec<String> = list
+        .iter()
+        .filter(|b| b.mode != Mode::Full)
+        .filter(|b| {
+            decisions
+                .iter()
+                .any(|d| d.id == b.id && d.keep && !ancestor_only(d))
+        })
+        .filter(|b| {
+            b.parent_id
+                .as_deref()
+                .is_some_and(|p| decisions.iter().any(|d| d.id == p && ancestor_only(d)))
+        })
+        .map(|b| b.id.clone())
+        .collect();
+    let mut out = Vec::new();
+    for t in targets {
+        let report = if dry_run {
+            let plan = plan_merge(list, pins, &t, now)?;
+            MergeReport {
+                instance: instance.to_string(),
+                plan,
+                merged_id: None,
+                files: 0,
+                bytes_written: 0,
+                seconds: 0.0,
+                write_seconds: 0.0,
+                removed: Vec::new(),
+                already_merged: false,
+            }
+        } else {
+            let killable = with_kill_switch(catalog);
+            merge_locked(
+                killable.as_ref().unwrap_or(catalog),
+                instance,
+                &t,
+                now,
+                DEFAULT_JOBS,
+            )?
+        };
+        for d in decisions.iter_mut() {
+            if report.plan.replaces.contains(&d.id) && d.id != t && ancestor_only(d) {
+                d.keep = false;
+                d.reason = format!("expired; merged into {t}");
+            }
+            if d.id == t {
+                d.reason = format!(
+                    "{}; merged with its expired ancestors into a new FULL{}",
+                    d.reason,
+                    report
+                        .merged_id
+                        .as_deref()
+                        .map(|m| format!(" {m}"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        out.push(report);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::meta::test_meta;
+
+    fn ok(id: &str, mode: Mode, parent: Option<&str>, lsn: u64) -> BackupMeta {
+        BackupMeta {
+            start_lsn: crate::types::Lsn(lsn),
+            ..test_meta(id, mode, parent)
+        }
+    }
+
+    #[test]
+    fn plan_replaces_the_chain_but_keeps_shared_and_pinned_ancestors() {
+        let list = vec![
+            ok("F", Mode::Full, None, 1),
+            ok("P1", Mode::Page, Some("F"), 2),
+            ok("P2", Mode::Page, Some("P1"), 3),
+            ok("P3", Mode::Page, Some("P2"), 4),
+            ok("C", Mode::Page, Some("P3"), 5),
+        ];
+        let pins = HashMap::new();
+        let p = plan_merge(&list, &pins, "P3", 0).unwrap();
+        assert_eq!(p.chain, ["P3", "P2", "P1", "F"]);
+        assert_eq!(p.replaces, ["P3", "P2", "P1", "F"]);
+        // a sibling branch on P1 keeps P1 and F
+        let mut l2 = list.clone();
+        l2.push(ok("S", Mode::Delta, Some("P1"), 6));
+        let p = plan_merge(&l2, &pins, "P3", 0).unwrap();
+        assert_eq!(p.replaces, ["P3", "P2"]);
+        assert_eq!(p.kept[0].0, "P1");
+        assert!(p.kept[0].1.contains('S'), "{:?}", p.kept);
+        // a pinned ancestor stays, and so does everything below it
+        let mut pins = HashMap::new();
+        pins.insert(
+            "P2".to_string(),
+            Pin {
+                expire_epoch: Some(100),
+                ..Pin::default()
+            },
+        );
+        let p = plan_merge(&list, &pins, "P3", 10).unwrap();
+        assert_eq!(p.replaces, ["P3"]);
+        assert_eq!(p.kept.len(), 3);
+        // refusals
+        let e = plan_merge(&list, &HashMap::new(), "F", 0).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Invalid);
+        let mut l3 = list.clone();
+        l3[1].status = Status::Error;
+        let e = plan_merge(&l3, &HashMap::new(), "P3", 0).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Refused);
+        let mut l4 = list.clone();
+        l4[4].status = Status::Running;
+        let e = plan_merge(&l4, &HashMap::new(), "P3", 0).unwrap_err();
+        assert!(e.to_string().contains("RUNNING"), "{e}");
+    }
+
+    fn put_backup(repo: &crate::repo::MemRepo, m: &BackupMeta) {
+        let key = m.key().unwrap();
+        repo.put_new(&format!("{key}/{STARTED_FILE}"), &meta::encode(m).unwrap())
+            .unwrap();
+        repo.put_new(&format!("{key}/{META_FILE}"), &meta::encode(m).unwrap())
+            .unwrap();
+    }
+
+    /// A committed merge hides what it replaces and re-parents the target's children; an
+    /// uncommitted one (no backup.json) changes nothing.
+    #[test]
+    fn listing_applies_committed_merges_only() {
+        let repo = Arc::new(crate::repo::MemRepo::new());
+        let catalog = Catalog::with_repo(Path::new("/mem"), repo.clone());
+        for m in [
+            ok("F", Mode::Full, None, 1),
+            ok("P1", Mode::Page, Some("F"), 2),
+            ok("C", Mode::Page, Some("P1"), 5),
+        ] {
+            put_backup(&repo, &m);
+        }
+        let m = ok("M", Mode::Full, None, 2);
+        let key = m.key().unwrap();
+        repo.put_new(&format!("{key}/{STARTED_FILE}"), &meta::encode(&m).unwrap())
+            .unwrap();
+        let rec = MergeRecord {
+            format: MERGE_FORMAT,
+            target: "P1".into(),
+            replaces: vec!["P1".into(), "F".into()],
+            chain: vec!["P1".into(), "F".into()],
+            time: String::new(),
+        };
+        repo.put_new(
+            &format!("{key}/{MERGE_FILE}"),
+            &serde_json::to_vec(&rec).unwrap(),
+        )
+        .unwrap();
+        let ids = |c: &Catalog| {
+            meta::list(c, "db")
+                .unwrap()
+                .into_iter()
+                .map(|b| (b.id, b.parent_id))
+                .collect::<Vec<_>>()
+        };
+        // not committed: M is an ERROR leftover, the chain as it was
+        let l = ids(&catalog);
+        assert!(l.contains(&("P1".into(), Some("F".into()))), "{l:?}");
+        assert!(l.contains(&("C".into(), Some("P1".into()))), "{l:?}");
+        repo.put_new(&format!("{key}/{META_FILE}"), &meta::encode(&m).unwrap())
+            .unwrap();
+        let l = ids(&catalog);
+        assert_eq!(
+            l,
+            vec![
+                ("M".to_string(), None),
+                ("C".to_string(), Some("M".to_string()))
+            ]
+        );
+        // restore's chain of the child ends in the merged FULL
+        let list = meta::list(&catalog, "db").unwrap();
+        let c: Vec<&str> = meta::chain(&list, "C")
+            .unwrap()
+            .iter()
+            .map(|b| b.id.as_str())
+            .collect();
+        assert_eq!(c, ["C", "M"]);
+        // finishing removes the replaced backups' objects
+        let removed = finish_pending(&catalog, "db").unwrap();
+        assert_eq!(removed, ["P1", "F"]);
+        for id in ["P1", "F"] {
+            let mut left = Vec::new();
+            super::super::walk(&*repo, &meta::backup_key("db", id).unwrap(), &mut left).unwrap();
+            assert!(left.is_empty(), "{left:?}");
+        }
+        assert_eq!(ids(&catalog).len(), 2);
+    }
+}
