@@ -30,6 +30,7 @@ mod restore_incremental;
 mod restore_partial;
 mod s3;
 mod s3_faults;
+mod s3_lifecycle;
 mod stream_standby;
 mod stream_standby_busy;
 mod summary;
