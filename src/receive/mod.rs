@@ -24,7 +24,7 @@
 //!   is stored as `<segment>.partial` (zero-padded to a segment, as PostgreSQL's own), and
 //!   streaming continues on the new timeline from the start of the switch segment.
 //! - `--synchronous`: flush is reported as soon as each batch of XLogData is fsynced, so the
-//!   receiver can be a synchronous standby. Without it, flush is reported every second and
+//!   receiver can be a synchronous standby. Without it, flush is reported every 200 ms and
 //!   on each segment completion; a crash of the primary then loses at most what was not yet
 //!   reported (and, with asynchronous commit on the server, what it had not sent).
 //! - Connection loss: reconnects with back-off (1 s doubling to 30 s). SIGTERM/SIGINT: the
@@ -64,7 +64,7 @@ pub const DEFAULT_SLOT: &str = "walnut_receive";
 pub const DEFAULT_APPLICATION_NAME: &str = "walnut_receive";
 
 /// How often flush is reported without `--synchronous` (and the status file rewritten).
-const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 /// Back-off after a lost connection: from the first to the last, doubling.
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
