@@ -163,10 +163,18 @@ impl Obj {
     }
 }
 
-/// Block `blk` of a plain whole stored file, read alone (an lsn-mode incremental restore
-/// takes single blocks from a FULL it otherwise never reads, see incremental.rs). The
-/// stored file's checksum cannot cover one block: the caller checks the page itself.
-pub fn read_plain_block(obj: &Obj, src: &Source, blk: u32, bs: u32, buf: &mut [u8]) -> Result<()> {
+/// Blocks `blk..blk + n` of a plain whole stored file, read in one piece (an lsn-mode
+/// incremental restore takes single blocks or short runs from a FULL it otherwise never
+/// reads, see incremental.rs). The stored file's checksum cannot cover them: the caller
+/// checks every page itself.
+pub fn read_plain_blocks(
+    obj: &Obj,
+    src: &Source,
+    blk: u32,
+    n: u32,
+    bs: u32,
+    buf: &mut [u8],
+) -> Result<()> {
     if !matches!(src.stored, Stored::Plain) {
         return Err(Error::invalid(format!(
             "{}: not a plain stored file",
@@ -174,13 +182,15 @@ pub fn read_plain_block(obj: &Obj, src: &Source, blk: u32, bs: u32, buf: &mut [u
         )));
     }
     let off = blk as u64 * bs as u64;
-    if off + bs as u64 > obj.len().min(src.size) {
+    let len = n as u64 * bs as u64;
+    if off + len > obj.len().min(src.size) {
         return Err(Error::corruption(format!(
-            "{}: block {blk} is beyond the stored file",
-            src.path().display()
+            "{}: block {} is beyond the stored file",
+            src.path().display(),
+            blk as u64 + n as u64 - 1
         )));
     }
-    obj.read_exact_at(&mut buf[..bs as usize], off)
+    obj.read_exact_at(&mut buf[..len as usize], off)
         .ctx("read", &src.path())
 }
 
