@@ -132,17 +132,23 @@ for r in $(seq 1 "$ROUNDS"); do
   image "$X/r-delta"
   PD_MS=$(timed pgbr_delta as_pg $PGBR --pg1-path="$X/r-delta" --process-max="$JOBS" --delta restore)
   rm -rf "$X/r-delta"
-  echo "$r $FULL_MS $CKS_MS $LSN_MS $PF_MS $PD_MS" >> "$X/rounds/all"
+  # the floor of both modes: reading the destination cold, JOBS readers
+  image "$X/r-read"
+  RD_MS=$(timed dest_read_cold sh -c "find '$X/r-read' -type f -print0 | xargs -0 -P$JOBS -n20 cat > /dev/null")
+  rm -rf "$X/r-read"
+  echo "$r $FULL_MS $CKS_MS $LSN_MS $PF_MS $PD_MS $RD_MS" >> "$X/rounds/all"
+  echo "$(ratio "$RD_MS" "$FULL_MS")" >> "$X/rounds/rd"
   echo "$(ratio "$LSN_MS" "$FULL_MS")" >> "$X/rounds/lsn"
   echo "$(ratio "$CKS_MS" "$FULL_MS")" >> "$X/rounds/cks"
   echo "$(ratio "$PD_MS" "$PF_MS")" >> "$X/rounds/pd_pf"
   echo "$(ratio "$PD_MS" "$FULL_MS")" >> "$X/rounds/pd_wf"
 done
-echo "round walnut_full checksum lsn pgbr_full pgbr_delta (ms)"; cat "$X/rounds/all"
+echo "round walnut_full checksum lsn pgbr_full pgbr_delta dest_read_cold (ms)"; cat "$X/rounds/all"
 # medians of the same-round ratios
 report1 ratio_lsn_to_full "$(med < "$X/rounds/lsn")" x
 report1 ratio_checksum_to_full "$(med < "$X/rounds/cks")" x
 report1 ratio_pgbr_delta_to_pgbr_full "$(med < "$X/rounds/pd_pf")" x
 report1 ratio_pgbr_delta_to_walnut_full "$(med < "$X/rounds/pd_wf")" x
+report1 ratio_dest_read_cold_to_full "$(med < "$X/rounds/rd")" x
 cat "$RESULTS_FILE"
 [ -n "${KEEP:-}" ] || rm -rf "$X"/r-* "$X/image"

@@ -10,8 +10,9 @@
 //!   started at or before X was not changed between that backup's start and the newest
 //!   backup's start (else a newer backup would hold it), so the destination's page is the
 //!   chain's: it is kept without reading the backup. Blocks of backups that started after X
-//!   are compared and written where they differ; the rest is read block by block from the
-//!   FULL (each page checked against its data checksum) or rebuilt as in checksum mode.
+//!   are compared and written where they differ; the rest is read from the FULL (single
+//!   blocks or runs of them, each page checked against its data checksum) or rebuilt as in
+//!   checksum mode.
 //!   WAL replay from the newest backup's redo point then restores every block changed
 //!   after it (full-page writes).
 //!
@@ -743,18 +744,18 @@ impl InPlace<'_> {
         let older = &plan.sources[split..];
         match older {
             [src] if matches!(src.stored, Stored::Plain) => {
-                // blocks of a plain FULL, each page checked on its own; runs of
-                // consecutive blocks read at once
-                let mut cmp = mk();
-                let obj = src.open()?;
+                // blocks of a plain FULL, each page checked on its own: runs of
+                // consecutive blocks read at once, all of them asked for first (random
+                // reads: the device is fast only with many in flight), on `jobs` threads
                 let bs = plan.block_size;
                 let max_run = (DEST_READ / bs as usize).max(1) as u32;
-                let mut buf = vec![0u8; max_run as usize * bs as usize];
+                // (first block, blocks); 0 blocks: a block past the FULL's end, a zero page
+                let mut runs: Vec<(u32, u32)> = Vec::new();
                 let mut i = 0;
                 while i < needed.len() {
                     let b = needed[i];
                     if (b as u64 + 1) * bs as u64 > src.size {
-                        cmp.zero(b)?;
+                        runs.push((b, 0));
                         i += 1;
                         continue;
                     }
@@ -765,23 +766,47 @@ impl InPlace<'_> {
                     {
                         n += 1;
                     }
-                    rebuild::read_plain_blocks(&obj, src, b, n, bs, &mut buf)?;
-                    let data = &buf[..n as usize * bs as usize];
-                    for (j, page) in data.chunks_exact(bs as usize).enumerate() {
-                        let blkno = (first_block + b as u64 + j as u64) as u32;
-                        if let PageCheck::Bad(why) = check_page(page, blkno, true) {
-                            return Err(Error::corruption(format!(
-                                "{}: block {}: {why} (backup {})",
-                                src.path().display(),
-                                b as usize + j,
-                                src.backup
-                            )));
-                        }
-                    }
-                    cmp.sync(data, b as u64 * bs as u64)?;
+                    runs.push((b, n));
                     i += n as usize;
                 }
-                Ok(written + cmp.written)
+                {
+                    let obj = src.open()?;
+                    for &(b, n) in runs.iter().filter(|r| r.1 > 0) {
+                        obj.will_need(b as u64 * bs as u64, n as u64 * bs as u64);
+                    }
+                }
+                let parts = (self.jobs.max(1) as u32).min(runs.len() as u32);
+                let per = runs.len().div_ceil(parts.max(1) as usize).max(1);
+                let res = par(parts, self.jobs, |k| {
+                    let mut cmp = mk();
+                    let obj = src.open()?;
+                    let longest = runs.iter().map(|r| r.1).max().unwrap_or(1).max(1);
+                    let mut buf = vec![0u8; longest as usize * bs as usize];
+                    let lo = (k as usize * per).min(runs.len());
+                    let hi = (lo + per).min(runs.len());
+                    for &(b, n) in &runs[lo..hi] {
+                        if n == 0 {
+                            cmp.zero(b)?;
+                            continue;
+                        }
+                        rebuild::read_plain_blocks(&obj, src, b, n, bs, &mut buf)?;
+                        let data = &buf[..n as usize * bs as usize];
+                        for (j, page) in data.chunks_exact(bs as usize).enumerate() {
+                            let blkno = (first_block + b as u64 + j as u64) as u32;
+                            if let PageCheck::Bad(why) = check_page(page, blkno, true) {
+                                return Err(Error::corruption(format!(
+                                    "{}: block {}: {why} (backup {})",
+                                    src.path().display(),
+                                    b as usize + j,
+                                    src.backup
+                                )));
+                            }
+                        }
+                        cmp.sync(data, b as u64 * bs as u64)?;
+                    }
+                    Ok(cmp.written)
+                })?;
+                Ok(written + res.iter().sum::<u64>())
             }
             // rebuild the whole file as checksum mode does
             _ => {

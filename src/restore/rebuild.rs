@@ -156,7 +156,7 @@ impl Obj {
     }
 
     /// A readahead hint for `[offset, offset + len)` (local files only).
-    fn will_need(&self, offset: u64, len: u64) {
+    pub fn will_need(&self, offset: u64, len: u64) {
         if let Obj::File(f, _) = self {
             will_need(f, offset, len);
         }
@@ -943,7 +943,14 @@ pub fn run_chunk_to(
     let bs = plan.block_size as usize;
     let (lo, hi) = plan.range(k);
     let wb = plan.window_blocks as usize;
-    let mut buf = vec![0u8; wb * bs];
+    // a window, or less for a small file (a restore runs this for every file)
+    let span = match hi {
+        Some(h) => h.saturating_sub(lo) as u64,
+        None => plan.sources.first().map_or(wb as u64, |s| {
+            s.size.div_ceil(bs.max(1) as u64).saturating_sub(lo as u64)
+        }),
+    };
+    let mut buf = vec![0u8; (wb as u64).min(span.max(1)) as usize * bs];
     if plan.shape == Shape::Copy {
         let src = plan
             .sources
