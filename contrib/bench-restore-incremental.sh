@@ -25,7 +25,9 @@
 #   3      1573        | 1644     | 1343    | 3751            | 1359    | 585
 #   median ratios: lsn 0.86x walnut full, checksum 1.05x; pgBackRest delta 0.54x its full,
 #   0.87x walnut full; a cold read of the destination alone (find|xargs -P2 cat) 0.38x.
-# Before this tuning (same release build, same image, A/B): lsn 1220-1395 ms, now 985-1202.
+# A/B on one image: the FULL's blocks read in runs on one thread, lsn 1220-1395 ms; hinted
+# ahead and on -j threads, 985-1202 ms (full 1239-1858). The original code was not timed in
+# a release build.
 # (Earlier, dev profile at SCALE=10: full 1448 ms, checksum 1.07x, lsn 1.07x.)
 # The 0.2x / 0.5x targets are NOT met on this machine: both modes must read the whole
 # destination (every kept page is checked against its data checksum and its LSN), and here a
