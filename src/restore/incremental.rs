@@ -10,8 +10,9 @@
 //!   started at or before X was not changed between that backup's start and the newest
 //!   backup's start (else a newer backup would hold it), so the destination's page is the
 //!   chain's: it is kept without reading the backup. Blocks of backups that started after X
-//!   are compared and written where they differ; the rest is read block by block from the
-//!   FULL (each page checked against its data checksum) or rebuilt as in checksum mode.
+//!   are compared and written where they differ; the rest is read from the FULL (single
+//!   blocks or runs of them, each page checked against its data checksum) or rebuilt as in
+//!   checksum mode.
 //!   WAL replay from the newest backup's redo point then restores every block changed
 //!   after it (full-page writes).
 //!
@@ -338,6 +339,9 @@ pub fn preflight(
     p
 }
 
+/// Bytes of the destination read at once: long sequential reads, never one per block.
+const DEST_READ: usize = 1 << 20;
+
 /// Compares blocks with an existing file and writes those that differ.
 struct Compare<'a> {
     file: &'a File,
@@ -350,10 +354,13 @@ struct Compare<'a> {
 }
 
 impl Compare<'_> {
-    /// The destination's bytes at `off` (fewer past its end) into `scratch`.
+    /// The destination's bytes at `off` (fewer past its end) into `scratch[..len]`, in one
+    /// positional read; returns how many exist.
     fn read_dest(&mut self, off: u64, len: usize) -> Result<usize> {
         let n = (len as u64).min(self.dest_len.saturating_sub(off)) as usize;
-        self.scratch.resize(len.max(self.scratch.len()), 0);
+        if self.scratch.len() < len {
+            self.scratch.resize(len, 0);
+        }
         if n > 0 {
             self.file
                 .read_exact_at(&mut self.scratch[..n], off)
@@ -370,30 +377,82 @@ impl Compare<'_> {
         Ok(())
     }
 
-    /// Writes `data` at `off` where it differs from the destination, block by block.
+    /// Writes `data` at `off` where it differs from the destination: the destination read
+    /// in long pieces, compared block by block, runs of differing blocks written at once.
     fn sync(&mut self, data: &[u8], off: u64) -> Result<()> {
+        let step = (DEST_READ / self.bs).max(1) * self.bs;
         let mut o = 0;
         while o < data.len() {
-            let piece = &data[o..(o + self.bs).min(data.len())];
-            let at = off + o as u64;
-            let n = self.read_dest(at, piece.len())?;
-            if n != piece.len() || self.scratch[..n] != *piece {
-                self.write(piece, at)?;
+            let len = step.min(data.len() - o);
+            let have = self.read_dest(off + o as u64, len)?;
+            // which blocks of this piece differ (a block past the destination's end does)
+            let mut j = 0;
+            while j < len {
+                let e = (j + self.bs).min(len);
+                let differs =
+                    |j: usize, e: usize, s: &[u8]| e > have || s[j..e] != data[o + j..o + e];
+                if !differs(j, e, &self.scratch) {
+                    j = e;
+                    continue;
+                }
+                let mut k = e;
+                while k < len {
+                    let ke = (k + self.bs).min(len);
+                    if !differs(k, ke, &self.scratch) {
+                        break;
+                    }
+                    k = ke;
+                }
+                self.write(&data[o + j..o + k], off + (o + j) as u64)?;
+                j = k;
             }
-            o += piece.len();
+            o += len;
+        }
+        Ok(())
+    }
+
+    /// Makes blocks `first..first + n` zero pages (holes past the destination's end): the
+    /// destination read in long pieces, runs of non-zero blocks overwritten.
+    fn zero_run(&mut self, first: u32, n: u32) -> Result<()> {
+        let bs = self.bs;
+        let per = (DEST_READ / bs).max(1) as u32;
+        let mut b = first;
+        let end = first.saturating_add(n);
+        let mut z: Vec<u8> = Vec::new();
+        while b < end {
+            let cnt = per.min(end - b);
+            let off = b as u64 * bs as u64;
+            if off >= self.dest_len {
+                break;
+            }
+            let have = self.read_dest(off, cnt as usize * bs)?;
+            let nb = have.div_ceil(bs);
+            let mut j = 0;
+            while j < nb {
+                let blk = |j: usize| &self.scratch[j * bs..((j + 1) * bs).min(have)];
+                if is_all_zero(blk(j)) {
+                    j += 1;
+                    continue;
+                }
+                let mut k = j + 1;
+                while k < nb && !is_all_zero(blk(k)) {
+                    k += 1;
+                }
+                let len = (k - j) * bs;
+                if z.len() < len {
+                    z.resize(len, 0);
+                }
+                self.write(&z[..len], off + (j * bs) as u64)?;
+                j = k;
+            }
+            b += cnt;
         }
         Ok(())
     }
 
     /// Makes block `b` a zero page (a hole past the destination's end).
     fn zero(&mut self, b: u32) -> Result<()> {
-        let off = b as u64 * self.bs as u64;
-        let n = self.read_dest(off, self.bs)?;
-        if n > 0 && !is_all_zero(&self.scratch[..n]) {
-            let z = vec![0u8; self.bs];
-            self.write(&z, off)?;
-        }
-        Ok(())
+        self.zero_run(b, 1)
     }
 }
 
@@ -403,10 +462,7 @@ impl Sink for Compare<'_> {
     }
 
     fn zeros(&mut self, first: u32, n: u32) -> Result<()> {
-        for b in first..first.saturating_add(n) {
-            self.zero(b)?;
-        }
-        Ok(())
+        self.zero_run(first, n)
     }
 }
 
@@ -424,15 +480,35 @@ struct LsnSink<'a> {
 }
 
 impl LsnSink<'_> {
-    fn keeps(&mut self, b: u32) -> Result<bool> {
+    /// Blocks `first..first + n` (all below `trusted_cap`): each kept when the destination's
+    /// page is whole, valid and older than the divergence point, else listed in `needed`.
+    /// The destination is read in long pieces.
+    fn check_run(&mut self, first: u32, n: u32) -> Result<()> {
         let bs = self.cmp.bs;
-        let off = b as u64 * bs as u64;
-        if self.cmp.read_dest(off, bs)? != bs {
-            return Ok(false);
+        let per = (DEST_READ / bs).max(1) as u32;
+        let mut b = first;
+        let end = first.saturating_add(n);
+        while b < end {
+            let cnt = per.min(end - b);
+            let have = self
+                .cmp
+                .read_dest(b as u64 * bs as u64, cnt as usize * bs)?;
+            for j in 0..cnt {
+                let lo = j as usize * bs;
+                let keep = lo + bs <= have && {
+                    let page = &self.cmp.scratch[lo..lo + bs];
+                    let blkno = (self.first_block + (b + j) as u64) as u32;
+                    check_page(page, blkno, true) == PageCheck::Valid && page_lsn(page) < self.x
+                };
+                if keep {
+                    self.kept += 1;
+                } else {
+                    self.needed.push(b + j);
+                }
+            }
+            b += cnt;
         }
-        let page = &self.cmp.scratch[..bs];
-        let blkno = (self.first_block + b as u64) as u32;
-        Ok(check_page(page, blkno, true) == PageCheck::Valid && page_lsn(page) < self.x)
+        Ok(())
     }
 }
 
@@ -442,16 +518,13 @@ impl Sink for LsnSink<'_> {
     }
 
     fn zeros(&mut self, first: u32, n: u32) -> Result<()> {
-        for b in first..first.saturating_add(n) {
-            if b < self.trusted_cap {
-                if self.keeps(b)? {
-                    self.kept += 1;
-                } else {
-                    self.needed.push(b);
-                }
-            } else {
-                self.cmp.zero(b)?;
-            }
+        let end = first.saturating_add(n);
+        let split = self.trusted_cap.clamp(first, end);
+        if split > first {
+            self.check_run(first, split - first)?;
+        }
+        if end > split {
+            self.cmp.zero_run(split, end - split)?;
         }
         Ok(())
     }
@@ -671,28 +744,69 @@ impl InPlace<'_> {
         let older = &plan.sources[split..];
         match older {
             [src] if matches!(src.stored, Stored::Plain) => {
-                // single blocks of a plain FULL, each page checked on its own
-                let mut cmp = mk();
-                let obj = src.open()?;
+                // blocks of a plain FULL, each page checked on its own: runs of
+                // consecutive blocks read at once, all of them asked for first (random
+                // reads: the device is fast only with many in flight), on `jobs` threads
                 let bs = plan.block_size;
-                let mut buf = vec![0u8; bs as usize];
-                for b in needed {
+                let max_run = (DEST_READ / bs as usize).max(1) as u32;
+                // (first block, blocks); 0 blocks: a block past the FULL's end, a zero page
+                let mut runs: Vec<(u32, u32)> = Vec::new();
+                let mut i = 0;
+                while i < needed.len() {
+                    let b = needed[i];
                     if (b as u64 + 1) * bs as u64 > src.size {
-                        cmp.zero(b)?;
+                        runs.push((b, 0));
+                        i += 1;
                         continue;
                     }
-                    rebuild::read_plain_block(&obj, src, b, bs, &mut buf)?;
-                    let blkno = (first_block + b as u64) as u32;
-                    if let PageCheck::Bad(why) = check_page(&buf, blkno, true) {
-                        return Err(Error::corruption(format!(
-                            "{}: block {b}: {why} (backup {})",
-                            src.path().display(),
-                            src.backup
-                        )));
+                    let mut n = 1u32;
+                    while n < max_run
+                        && needed.get(i + n as usize) == Some(&(b + n))
+                        && (b as u64 + n as u64 + 1) * bs as u64 <= src.size
+                    {
+                        n += 1;
                     }
-                    cmp.sync(&buf, b as u64 * bs as u64)?;
+                    runs.push((b, n));
+                    i += n as usize;
                 }
-                Ok(written + cmp.written)
+                {
+                    let obj = src.open()?;
+                    for &(b, n) in runs.iter().filter(|r| r.1 > 0) {
+                        obj.will_need(b as u64 * bs as u64, n as u64 * bs as u64);
+                    }
+                }
+                let parts = (self.jobs.max(1) as u32).min(runs.len() as u32);
+                let per = runs.len().div_ceil(parts.max(1) as usize).max(1);
+                let res = par(parts, self.jobs, |k| {
+                    let mut cmp = mk();
+                    let obj = src.open()?;
+                    let longest = runs.iter().map(|r| r.1).max().unwrap_or(1).max(1);
+                    let mut buf = vec![0u8; longest as usize * bs as usize];
+                    let lo = (k as usize * per).min(runs.len());
+                    let hi = (lo + per).min(runs.len());
+                    for &(b, n) in &runs[lo..hi] {
+                        if n == 0 {
+                            cmp.zero(b)?;
+                            continue;
+                        }
+                        rebuild::read_plain_blocks(&obj, src, b, n, bs, &mut buf)?;
+                        let data = &buf[..n as usize * bs as usize];
+                        for (j, page) in data.chunks_exact(bs as usize).enumerate() {
+                            let blkno = (first_block + b as u64 + j as u64) as u32;
+                            if let PageCheck::Bad(why) = check_page(page, blkno, true) {
+                                return Err(Error::corruption(format!(
+                                    "{}: block {}: {why} (backup {})",
+                                    src.path().display(),
+                                    b as usize + j,
+                                    src.backup
+                                )));
+                            }
+                        }
+                        cmp.sync(data, b as u64 * bs as u64)?;
+                    }
+                    Ok(cmp.written)
+                })?;
+                Ok(written + res.iter().sum::<u64>())
             }
             // rebuild the whole file as checksum mode does
             _ => {

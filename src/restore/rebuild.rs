@@ -156,17 +156,25 @@ impl Obj {
     }
 
     /// A readahead hint for `[offset, offset + len)` (local files only).
-    fn will_need(&self, offset: u64, len: u64) {
+    pub fn will_need(&self, offset: u64, len: u64) {
         if let Obj::File(f, _) = self {
             will_need(f, offset, len);
         }
     }
 }
 
-/// Block `blk` of a plain whole stored file, read alone (an lsn-mode incremental restore
-/// takes single blocks from a FULL it otherwise never reads, see incremental.rs). The
-/// stored file's checksum cannot cover one block: the caller checks the page itself.
-pub fn read_plain_block(obj: &Obj, src: &Source, blk: u32, bs: u32, buf: &mut [u8]) -> Result<()> {
+/// Blocks `blk..blk + n` of a plain whole stored file, read in one piece (an lsn-mode
+/// incremental restore takes single blocks or short runs from a FULL it otherwise never
+/// reads, see incremental.rs). The stored file's checksum cannot cover them: the caller
+/// checks every page itself.
+pub fn read_plain_blocks(
+    obj: &Obj,
+    src: &Source,
+    blk: u32,
+    n: u32,
+    bs: u32,
+    buf: &mut [u8],
+) -> Result<()> {
     if !matches!(src.stored, Stored::Plain) {
         return Err(Error::invalid(format!(
             "{}: not a plain stored file",
@@ -174,13 +182,15 @@ pub fn read_plain_block(obj: &Obj, src: &Source, blk: u32, bs: u32, buf: &mut [u
         )));
     }
     let off = blk as u64 * bs as u64;
-    if off + bs as u64 > obj.len().min(src.size) {
+    let len = n as u64 * bs as u64;
+    if off + len > obj.len().min(src.size) {
         return Err(Error::corruption(format!(
-            "{}: block {blk} is beyond the stored file",
-            src.path().display()
+            "{}: block {} is beyond the stored file",
+            src.path().display(),
+            blk as u64 + n as u64 - 1
         )));
     }
-    obj.read_exact_at(&mut buf[..bs as usize], off)
+    obj.read_exact_at(&mut buf[..len as usize], off)
         .ctx("read", &src.path())
 }
 
@@ -933,7 +943,14 @@ pub fn run_chunk_to(
     let bs = plan.block_size as usize;
     let (lo, hi) = plan.range(k);
     let wb = plan.window_blocks as usize;
-    let mut buf = vec![0u8; wb * bs];
+    // a window, or less for a small file (a restore runs this for every file)
+    let span = match hi {
+        Some(h) => h.saturating_sub(lo) as u64,
+        None => plan.sources.first().map_or(wb as u64, |s| {
+            s.size.div_ceil(bs.max(1) as u64).saturating_sub(lo as u64)
+        }),
+    };
+    let mut buf = vec![0u8; (wb as u64).min(span.max(1)) as usize * bs];
     if plan.shape == Shape::Copy {
         let src = plan
             .sources
