@@ -183,6 +183,23 @@ fn quote_conf(s: &str) -> String {
 
 /// Rewrites postgresql.auto.conf text: removes old lines for the settings we set, then
 /// appends ours.
+/// Merges the recovery settings into the restored `postgresql.auto.conf` (only its
+/// absence means "nothing to merge") and writes `recovery.signal`.
+pub(crate) fn write_recovery_settings(target: &Path, settings: &[(&str, String)]) -> Result<()> {
+    let auto = target.join("postgresql.auto.conf");
+    let existing = match std::fs::read_to_string(&auto) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(Error::io("read", &auto, e)),
+    };
+    durable::write_file(
+        &auto,
+        recovery_conf(&existing, settings).as_bytes(),
+        Replace::Yes,
+    )?;
+    durable::write_file(&target.join("recovery.signal"), b"", Replace::Yes)
+}
+
 pub fn recovery_conf(existing: &str, settings: &[(&str, String)]) -> String {
     let keys: Vec<&str> = settings.iter().map(|(k, _)| *k).collect();
     let mut out = String::new();
@@ -608,20 +625,7 @@ fn execute(
             Replace::Yes,
         )?;
     }
-    // postgresql.auto.conf as restored, merged with the recovery settings; only its
-    // absence means "nothing to merge"
-    let auto = target.join("postgresql.auto.conf");
-    let existing = match std::fs::read_to_string(&auto) {
-        Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(Error::io("read", &auto, e)),
-    };
-    durable::write_file(
-        &auto,
-        recovery_conf(&existing, settings).as_bytes(),
-        Replace::Yes,
-    )?;
-    durable::write_file(&target.join("recovery.signal"), b"", Replace::Yes)?;
+    write_recovery_settings(target, settings)?;
     for f in &fs_syncs {
         f.sync()?;
     }

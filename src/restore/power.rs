@@ -18,7 +18,7 @@ use crate::types::{Lsn, WalFileName};
 
 use super::incremental::{self, Check, InPlace, IncrementalMode, Outcome, Preflight};
 use super::plan::{self, Plan};
-use super::{partial, rebuild, recovery_conf, RecoveryTarget, RestoreOptions, Restorer};
+use super::{partial, rebuild, RecoveryTarget, RestoreOptions, Restorer};
 
 /// The options beyond a plain restore.
 #[derive(Clone, Debug, Default)]
@@ -246,18 +246,7 @@ fn execute_in_place(
         &plan.backup_label,
         Replace::Yes,
     )?;
-    let auto = target.join("postgresql.auto.conf");
-    let existing = match std::fs::read_to_string(&auto) {
-        Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(Error::io("read", &auto, e)),
-    };
-    durable::write_file(
-        &auto,
-        recovery_conf(&existing, settings).as_bytes(),
-        Replace::Yes,
-    )?;
-    durable::write_file(&target.join("recovery.signal"), b"", Replace::Yes)?;
+    super::write_recovery_settings(&target, settings)?;
     if let Some(f) = &fs_sync {
         f.sync()?;
     }
