@@ -103,6 +103,9 @@ pub fn restore_with(
 ) -> Result<RestoreReport> {
     let list = meta::list(catalog, instance)?;
     let (pl, excluded, pf) = plan_all(catalog, instance, &list, opts, p)?;
+    // as in [`super::restore`]: the chain is locked for use until the restore ends
+    let _chain_lock =
+        crate::lifecycle::locks::use_chain(catalog, instance, &pl.chain, false, "restore")?;
     let settings = super::recovery_settings(catalog, instance, &pl)?;
     let id = pl.chain[0].id.clone();
     let total: u64 = pl.entries.iter().map(|e| e.size).sum();

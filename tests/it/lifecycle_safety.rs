@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::env::*;
 use super::harness::*;
@@ -19,17 +19,49 @@ fn spawn_walnut(args: &[&str], env: &[(&str, &str)]) -> std::process::Child {
     c.spawn().unwrap()
 }
 
-fn wait_child(c: std::process::Child, what: &str) -> String {
-    ok(c.wait_with_output().unwrap(), what)
+/// A walnut command paused by `WALNUT_TEST_PAUSE_AFTER_LOCK` once it holds its locks: the
+/// child, once it said so on stderr (waited for, up to 120 s: a fixed sleep is not enough
+/// on a loaded machine), and a thread that collects the rest of its stderr.
+fn spawn_paused(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (std::process::Child, std::thread::JoinHandle<String>) {
+    use std::io::BufRead;
+    let mut c = spawn_walnut(args, env);
+    let err = c.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(err).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("WALNUT_TEST_PAUSE_AFTER_LOCK: pausing") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    if rx.recv_timeout(Duration::from_secs(120)).is_err() {
+        let out = c.wait_with_output().unwrap();
+        panic!(
+            "{args:?} never paused with its locks held: {}\n{}",
+            out.status,
+            reader.join().unwrap()
+        );
+    }
+    (c, reader)
 }
 
-/// Waits until `cond` holds (up to 60 s).
-fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !cond() {
-        assert!(t0.elapsed() < Duration::from_secs(60), "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// Waits for a child of [`spawn_paused`]; its stdout, or a panic with its stderr.
+fn wait_paused_child(
+    (c, reader): (std::process::Child, std::thread::JoinHandle<String>),
+    what: &str,
+) -> String {
+    let out = c.wait_with_output().unwrap();
+    let err = reader.join().unwrap();
+    assert!(out.status.success(), "{what} failed: {}\n{err}", out.status);
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A delete of a backup being restored is refused and the restore succeeds; a delete of the
@@ -54,7 +86,7 @@ fn delete_refuses_backups_in_use_by_a_restore_or_a_running_backup() {
     // a restore of P1 (chain F1, P1), slowed down after it locked its chain
     let target = env.path("r1");
     let t = target.to_str().unwrap().to_string();
-    let restore = spawn_walnut(
+    let restore = spawn_paused(
         &[
             "restore",
             "-B",
@@ -66,11 +98,9 @@ fn delete_refuses_backups_in_use_by_a_restore_or_a_running_backup() {
             "-i",
             &p1,
         ],
-        &[("WALNUT_TEST_PAUSE_AFTER_LOCK", "8"), ("RUST_LOG", "info")],
+        &[("WALNUT_TEST_PAUSE_AFTER_LOCK", "20"), ("RUST_LOG", "info")],
     );
-    // the restore holds its locks once its data directory appears or after its pause began;
-    // the delete is tried while it surely runs
-    std::thread::sleep(Duration::from_secs(3));
+    // the restore holds its chain's locks and sleeps: the deletes run meanwhile
     // (-i F1 takes P1 too; either may be named: both are in use)
     for id in [&f1, &p1] {
         fails_with(
@@ -81,7 +111,7 @@ fn delete_refuses_backups_in_use_by_a_restore_or_a_running_backup() {
     }
     assert_eq!(env.status(&f1), "OK");
     assert_eq!(env.status(&p1), "OK");
-    wait_child(restore, "the restore the delete ran against");
+    wait_paused_child(restore, "the restore the delete ran against");
     let sock = pg_mkdir(&env.path("r1-sock"));
     let mut r = pg.existing_like(&target, &sock);
     r.append_conf("archive_mode = off");
@@ -94,11 +124,10 @@ fn delete_refuses_backups_in_use_by_a_restore_or_a_running_backup() {
     pg.psql("postgres", "insert into t values (100000, 'new')");
     let args = env.backup_args_on(pg, "page", &[]);
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    let backup = spawn_walnut(&a, &[("WALNUT_TEST_PAUSE_AFTER_LOCK", "8")]);
-    until("the PAGE backup runs", || {
-        env.show().iter().any(|b| b["status"] == "RUNNING")
-    });
-    std::thread::sleep(Duration::from_secs(2));
+    let backup = spawn_paused(
+        &a,
+        &[("WALNUT_TEST_PAUSE_AFTER_LOCK", "20"), ("RUST_LOG", "info")],
+    );
     fails_with(
         walnut(&["delete", "-B", cat, "--instance", "db", "-i", &p1]),
         "delete of the parent of a running PAGE backup",
@@ -133,7 +162,7 @@ fn delete_refuses_backups_in_use_by_a_restore_or_a_running_backup() {
         r["wal_skipped"].as_str().unwrap_or("").contains("running"),
         "{r}"
     );
-    let p2 = wait_child(backup, "the PAGE backup a delete ran against")
+    let p2 = wait_paused_child(backup, "the PAGE backup a delete ran against")
         .trim()
         .to_string();
     assert_eq!(p2, running);
