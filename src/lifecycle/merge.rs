@@ -923,7 +923,8 @@ fn write_merged(
         put_deferred(repo, &format!("{mkey}/tablespace_map"), map)?;
     }
     if pin.expire_epoch.is_some() || pin.note.is_some() {
-        records::set_pin(
+        // the caller holds the lifecycle lock (merge, or delete --merge-expired)
+        records::set_pin_locked(
             catalog,
             instance,
             &m.id,

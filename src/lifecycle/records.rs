@@ -214,6 +214,17 @@ pub struct PinChange {
 /// then sees the pin whole or not at all.
 pub fn set_pin(catalog: &Catalog, instance: &str, id: &str, change: &PinChange) -> Result<Pin> {
     let _lock = super::locks::lifecycle_shared(catalog, instance)?;
+    set_pin_locked(catalog, instance, id, change)
+}
+
+/// [`set_pin`] for a caller that holds the instance's lifecycle lock already (merge moves
+/// a pin while it holds the lock exclusively: taking it again, shared, would wait forever).
+pub(crate) fn set_pin_locked(
+    catalog: &Catalog,
+    instance: &str,
+    id: &str,
+    change: &PinChange,
+) -> Result<Pin> {
     let b = meta::load_in(catalog, instance, id)?;
     if super::being_deleted(&b) {
         return Err(Error::refused(format!(
