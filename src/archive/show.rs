@@ -293,7 +293,8 @@ pub struct Horizon {
 }
 
 /// PostgreSQL's epoch in Unix seconds.
-const PG_EPOCH_UNIX: i64 = 946_684_800;
+/// The PostgreSQL epoch (2000-01-01 UTC) in Unix seconds.
+pub(crate) const PG_EPOCH_UNIX: i64 = 946_684_800;
 
 /// How far back from a window's last segment to look for its latest commit time.
 const COMMIT_LOOKBACK: u64 = 256;

@@ -791,7 +791,9 @@ fn wal_path(
     let end = match target {
         WalTarget::Lsn(l) => Some(l.segno(seg)),
         WalTarget::Time(t) => {
-            let pg_us = t.saturating_sub(946_684_800).saturating_mul(1_000_000);
+            let pg_us = t
+                .saturating_sub(crate::archive::show::PG_EPOCH_UNIX)
+                .saturating_mul(1_000_000);
             let mut found = None;
             for segno in first..=newest.unwrap_or(0) {
                 let tli = plan::timeline_of_segment(&history, cur, segno, seg);

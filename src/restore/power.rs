@@ -314,6 +314,9 @@ pub struct TargetPlan {
     /// archived WAL for latest).
     pub lsn: Option<String>,
     pub timeline: u32,
+    /// For a time target: the archived segment holding the first commit after the target
+    /// (where recovery stops), found from the block indexes' last commit times.
+    pub segment: Option<String>,
 }
 
 /// Everything a restore would do (`--plan`).
@@ -500,6 +503,7 @@ fn wal_plan(
         value,
         lsn: None,
         timeline: tli,
+        segment: None,
     };
     let archive = match WalArchive::open(catalog, instance) {
         Ok(a) => a,
@@ -536,11 +540,27 @@ fn wal_plan(
             "the named restore point is not in the block indexes",
         ));
     }
+    // A time target: recovery stops at the first commit after it (at or after it when not
+    // inclusive). The indexes hold each segment's last commit time, so the first segment
+    // whose last commit passes the target holds that commit. The target's text is kept to
+    // whole seconds here, so the segment found is never later than the real one.
+    let time_goal: Option<(i64, bool)> = match target {
+        RecoveryTarget::Time {
+            epoch, inclusive, ..
+        } => Some((
+            epoch
+                .saturating_sub(crate::archive::show::PG_EPOCH_UNIX)
+                .saturating_mul(1_000_000),
+            inclusive.unwrap_or(true),
+        )),
+        _ => None,
+    };
+    let mut time_segment: Option<u64> = None;
+    let mut unindexed_after_backup = false;
     let mut segno = first;
     let mut end_of_archive = None;
     loop {
         let name = WalFileName::segment(tli, segno, seg_size);
-        let required = segno <= last_required || goal.is_some_and(|g| segno <= g.segno(seg_size));
         let st = archive.index_state(tli, segno);
         let (present, indexed) = match &st {
             Ok(IndexState::Indexed(_)) => (true, true),
@@ -548,6 +568,23 @@ fn wal_plan(
             Ok(IndexState::NotArchived) => (false, false),
             Err(_) => (false, false),
         };
+        if let (Some((t, inclusive)), None) = (time_goal, time_segment) {
+            match &st {
+                Ok(IndexState::Indexed(ix) | IndexState::Pending(ix)) => {
+                    let passes = |c: i64| if inclusive { c > t } else { c >= t };
+                    if ix.last_commit_time.is_some_and(passes) {
+                        time_segment = Some(segno);
+                    }
+                }
+                Ok(IndexState::Missing(_)) => unindexed_after_backup = true,
+                _ => {}
+            }
+        }
+        let needed = segno <= last_required || goal.is_some_and(|g| segno <= g.segno(seg_size));
+        // (a time target's segments are required up to the one it is found in; an absent
+        // segment before that is the end of the archive, checked below)
+        let required =
+            needed || (present && time_goal.is_some() && time_segment.is_none_or(|t| segno <= t));
         // a STREAM backup carries the WAL to its stop
         let present = present || (newest.stream && segno <= last_required);
         if !required && !present {
@@ -578,6 +615,40 @@ fn wal_plan(
             true,
             format!("{} segments, all present", rep.wal.len()),
         ));
+    }
+    if time_goal.is_some() {
+        match time_segment {
+            Some(s) => {
+                tp.segment = Some(WalFileName::segment(tli, s, seg_size).to_string());
+                rep.checks.push(check(
+                    "recovery target",
+                    true,
+                    format!(
+                        "the first commit after the target time is in segment {}",
+                        WalFileName::segment(tli, s, seg_size)
+                    ),
+                ));
+            }
+            None if unindexed_after_backup => rep.checks.push(check(
+                "recovery target",
+                true,
+                "position unknown: a segment after the backup has no block index",
+            )),
+            None => rep.checks.push(check(
+                "recovery target",
+                false,
+                format!(
+                    "no commit after the target time is in the archive (up to {}): recovery would end before reaching the target",
+                    end_of_archive
+                        .and_then(|e: u64| e.checked_sub(1))
+                        .filter(|&e| e >= first)
+                        .map_or("the backup".to_string(), |e| WalFileName::segment(
+                            tli, e, seg_size
+                        )
+                        .to_string())
+                ),
+            )),
+        }
     }
     tp.lsn = match (goal, target) {
         (Some(g), _) => Some(g.to_string()),
@@ -638,7 +709,11 @@ pub fn render_plan(r: &PlanReport) -> String {
                 .map(|v| format!(" {v}"))
                 .unwrap_or_default(),
             t.timeline,
-            t.lsn.as_deref().unwrap_or("unknown before recovery")
+            match (&t.lsn, &t.segment) {
+                (Some(l), _) => l.clone(),
+                (None, Some(seg)) => format!("in segment {seg}"),
+                (None, None) => "unknown before recovery".to_string(),
+            }
         ));
     }
     let (first, last) = (r.wal.first(), r.wal.last());
