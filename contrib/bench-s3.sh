@@ -26,9 +26,10 @@ tool() { if [ -x "$TOOLS/$1" ]; then echo "$TOOLS/$1"; else command -v "$1"; fi;
 if [ "$PROFILE" = release ]; then (cd "$REPO" && cargo build --release -q --bins); fi
 W=$(mktemp -d /tmp/bench-s3.XXXXXX)
 chmod 755 "$W"
-SRV_PID=
+SRV_PID= STUNNEL_PID=
 cleanup() {
   [ -n "$SRV_PID" ] && kill "$SRV_PID" 2>/dev/null || true
+  [ -n "$STUNNEL_PID" ] && kill "$STUNNEL_PID" 2>/dev/null || true
   [ -f "$W/pg/postmaster.pid" ] && runuser -u "$PG_OS_USER" -- "$PGBIN/pg_ctl" -D "$W/pg" -m immediate stop >/dev/null 2>&1 || true
   [ -n "$KEEP" ] || rm -rf "$W"
 }
@@ -178,9 +179,58 @@ RBYTES=$(du -sb "$W/dl" | cut -f1)
 echo "== restore: FULL+PAGE, $(wc -l <"$W/chain.keys") objects, $RBYTES bytes stored"
 echo "walnut restore -j $J ${RW} ms, bare parallel GETs ${RB} ms, ratio $(awk -v a="$RB" -v b="$RW" 'BEGIN {printf "%.2f", a/b}') (target >= 0.8)"
 
-echo "== pgBackRest archive-push"
-if command -v stunnel4 >/dev/null || command -v stunnel >/dev/null; then
-  echo "stunnel is installed, but this script does not drive pgBackRest through it yet"
-else
-  echo "not measured: pgBackRest's S3 driver needs TLS and no stunnel4/stunnel is installed here"
+echo "== pgBackRest archive-push (same segments, same server, TLS through stunnel)"
+STUNNEL=$(command -v stunnel4 || command -v stunnel || true)
+if [ -z "$STUNNEL" ] || ! command -v pgbackrest >/dev/null; then
+  echo "not measured: needs pgbackrest and stunnel4 (pgBackRest's S3 driver speaks only TLS)"
+  exit 0
 fi
+TLSPORT=$(port)
+openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=127.0.0.1 \
+  -keyout "$W/tls.key" -out "$W/tls.crt" >/dev/null 2>&1
+cat "$W/tls.key" "$W/tls.crt" >"$W/tls.pem"
+printf 'foreground = yes\npid =\n[s3]\naccept = 127.0.0.1:%s\nconnect = 127.0.0.1:%s\ncert = %s\n' \
+  "$TLSPORT" "$PORT" "$W/tls.pem" >"$W/stunnel.conf"
+"$STUNNEL" "$W/stunnel.conf" >"$W/stunnel.log" 2>&1 &
+STUNNEL_PID=$!
+for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$TLSPORT") 2>/dev/null && break; sleep 0.05; done
+mkdir -p "$W/pgbr-log" "$W/pgbr-lock"
+{
+  echo "[global]"
+  echo "repo1-type=s3"
+  echo "repo1-path=/pgbr"
+  echo "repo1-s3-bucket=$BUCKET"
+  echo "repo1-s3-endpoint=127.0.0.1"
+  echo "repo1-storage-port=$TLSPORT"
+  echo "repo1-s3-key=$KEY"
+  echo "repo1-s3-key-secret=$SECRET"
+  echo "repo1-s3-region=$REGION"
+  echo "repo1-s3-uri-style=path"
+  echo "repo1-storage-verify-tls=n"
+  echo "compress-type=lz4"
+  echo "log-level-console=warn"
+  echo "log-level-file=off"
+  echo "log-path=$W/pgbr-log"
+  echo "lock-path=$W/pgbr-lock"
+  echo "[db]"
+  echo "pg1-path=$W/pg"
+  echo "pg1-socket-path=$W"
+  echo "pg1-port=$PGPORT"
+} >"$W/pgbr.conf"
+chown -R "$PG_OS_USER:" "$W/pgbr-log" "$W/pgbr-lock" "$W/pgbr.conf"
+pgbr() { pgw pgbackrest --config="$W/pgbr.conf" --stanza=db "$@"; }
+if ! pgbr stanza-create >"$W/pgbr.out" 2>&1; then
+  echo "not measured: pgbackrest stanza-create failed:"
+  cat "$W/pgbr.out"
+  kill "$STUNNEL_PID" 2>/dev/null || true
+  exit 0
+fi
+: >"$W/a.pgbr"
+for s in "${SEGS[@]}"; do
+  t0=$(now)
+  pgbr archive-push "$W/pg/pg_wal/$s"
+  t1=$(now); ms "$t0" "$t1" >>"$W/a.pgbr"
+done
+kill "$STUNNEL_PID" 2>/dev/null || true
+AP=$(median <"$W/a.pgbr")
+echo "pgbackrest archive-push (lz4, TLS via stunnel) median ${AP} ms; walnut-archive (plain HTTP) ${AW} ms; bare PUT ${AB} ms; walnut/pgbackrest $(awk -v a="$AW" -v b="$AP" 'BEGIN {printf "%.2f", a/b}')"
