@@ -360,6 +360,33 @@ pub fn record_status(
     error: Option<String>,
     by: &str,
 ) -> Result<()> {
+    put_status(catalog, instance, id, status, error, by, false).map(|_| ())
+}
+
+/// [`record_status`], visible at once but durable only after
+/// [`crate::repo::Repo::sync_objects`] of the key it returns (for a group of records made
+/// durable with one wait).
+pub fn record_status_deferred(
+    catalog: &Catalog,
+    instance: &str,
+    id: &str,
+    status: Status,
+    error: Option<String>,
+    by: &str,
+) -> Result<String> {
+    put_status(catalog, instance, id, status, error, by, true)
+}
+
+fn put_status(
+    catalog: &Catalog,
+    instance: &str,
+    id: &str,
+    status: Status,
+    error: Option<String>,
+    by: &str,
+    deferred: bool,
+) -> Result<String> {
+    use std::io::Write as _;
     let now = now_secs();
     let rec = StatusRecord {
         format: STATUS_FORMAT,
@@ -384,9 +411,20 @@ pub fn record_status(
         } else {
             format!("{st}-{n}.json")
         };
-        match repo.put_new(&format!("{dir}/{name}"), &json) {
+        let key = format!("{dir}/{name}");
+        let put = if deferred {
+            repo.create(&key).and_then(|mut w| {
+                let dest = w.describe();
+                w.write_all(&json)
+                    .map_err(|e| Error::io("write", std::path::Path::new(&dest), e))?;
+                w.commit(crate::repo::Durability::Deferred)
+            })
+        } else {
+            repo.put_new(&key, &json)
+        };
+        match put {
             Err(e) if e.kind() == ErrorKind::Conflict => n += 1,
-            other => return other,
+            other => return other.map(|()| key),
         }
     }
     Err(Error::conflict(format!(

@@ -1,9 +1,21 @@
 //! Test hook for crash tests: with `WALNUT_TEST_KILL_AT=N` the process sends itself
-//! SIGKILL at the Nth [`hit`] (each is just before a catalog write or delete of a
-//! lifecycle command), as a power cut or `kill -9` would stop it. Unset: nothing happens.
+//! SIGKILL at the Nth crash point, as a power cut or `kill -9` would stop it. Unset:
+//! nothing happens.
+//!
+//! The crash points of `delete` and `merge` are their catalog writes and deletes: both run
+//! on [`catalog`], whose store counts every commit, `put_new` and `delete` (one counter per
+//! process, so `delete --merge-expired` counts its merges' writes and its own removals in
+//! one sequence). While a kill is armed, batch deletes go one object at a time (each a
+//! crash point), so a test can stop a command between any two removals.
 
+use std::io::Write;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
+
+use crate::catalog::Catalog;
+use crate::error::Result;
+use crate::repo::{Blob, Durability, Listing, LockMode, ObjectInfo, ObjectWriter, Repo, RepoLock};
 
 pub const KILL_ENV: &str = "WALNUT_TEST_KILL_AT";
 
@@ -11,11 +23,15 @@ static COUNT: AtomicU64 = AtomicU64::new(0);
 static AT: OnceLock<Option<u64>> = OnceLock::new();
 
 fn at() -> Option<u64> {
-    *AT.get_or_init(|| std::env::var(KILL_ENV).ok().and_then(|s| s.parse().ok()))
+    *AT.get_or_init(|| {
+        std::env::var(KILL_ENV)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .filter(|&n| n > 0)
+    })
 }
 
-/// Whether a kill is armed: callers then remove objects one by one (each a crash point)
-/// instead of in batches.
+/// Whether a kill is armed.
 pub fn armed() -> bool {
     at().is_some()
 }
@@ -29,5 +45,101 @@ pub fn hit(what: &str) {
     if n == at {
         log::warn!("{KILL_ENV}={at}: SIGKILL before {what}");
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        std::process::abort();
+    }
+}
+
+/// `catalog` as a lifecycle command uses it: with a kill armed, through a store that makes
+/// each write and delete a crash point ([`hit`]); else `catalog` itself.
+pub fn catalog(catalog: &Catalog) -> Option<Catalog> {
+    if !armed() {
+        return None;
+    }
+    Some(Catalog::with_repo(
+        catalog.root(),
+        Arc::new(Killable {
+            inner: catalog.repo_arc(),
+        }),
+    ))
+}
+
+/// A store that counts writes and deletes as crash points. It keeps the trait's
+/// one-by-one `delete_batch`, so a batch is as many crash points as objects.
+#[derive(Debug)]
+struct Killable {
+    inner: Arc<dyn Repo>,
+}
+
+struct KillWriter {
+    inner: Box<dyn ObjectWriter>,
+    key: String,
+}
+
+impl Write for KillWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf)
+    }
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.inner.write_all(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl ObjectWriter for KillWriter {
+    fn commit(self: Box<Self>, durability: Durability) -> Result<()> {
+        hit(&format!("commit {}", self.key));
+        self.inner.commit(durability)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+impl Repo for Killable {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    fn put_new(&self, key: &str, data: &[u8]) -> Result<()> {
+        hit(&format!("put {key}"));
+        self.inner.put_new(key, data)
+    }
+    fn create(&self, key: &str) -> Result<Box<dyn ObjectWriter>> {
+        Ok(Box::new(KillWriter {
+            inner: self.inner.create(key)?,
+            key: key.to_string(),
+        }))
+    }
+    fn get(&self, key: &str) -> Result<Blob> {
+        self.inner.get(key)
+    }
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        self.inner.get_range(key, offset, len)
+    }
+    fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        self.inner.head(key)
+    }
+    fn list(&self, prefix: &str) -> Result<Listing> {
+        self.inner.list(prefix)
+    }
+    fn delete(&self, key: &str) -> Result<()> {
+        hit(&format!("delete {key}"));
+        self.inner.delete(key)
+    }
+    fn lock(&self, key: &str, mode: LockMode, wait: bool) -> Result<Option<RepoLock>> {
+        self.inner.lock(key, mode, wait)
+    }
+    fn barrier(&self) -> Result<()> {
+        self.inner.barrier()
+    }
+    fn sync_objects(&self, keys: &[String]) -> Result<()> {
+        self.inner.sync_objects(keys)
+    }
+    fn open_file(&self, key: &str) -> Result<Option<std::fs::File>> {
+        self.inner.open_file(key)
+    }
+    fn local_root(&self) -> Option<&Path> {
+        self.inner.local_root()
     }
 }

@@ -39,14 +39,12 @@
 //! is removed, and what a committed `M` replaces is removed.
 //!
 //! Test hook: with `WALNUT_TEST_KILL_AT=n`, merge SIGKILLs itself right before its `n`th
-//! catalog write or delete (compiled in always; inert without the variable).
+//! catalog write or delete ([`super::crashpoint`], as `delete`; inert without it).
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -59,7 +57,7 @@ use crate::backup::stored;
 use crate::catalog::Catalog;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::manifest::{self, FileEntry, Lz4Frames, ManifestWriter, Storage};
-use crate::repo::{Blob, Durability, Listing, LockMode, ObjectInfo, ObjectWriter, Repo, RepoLock};
+use crate::repo::{Durability, LockMode, ObjectWriter, Repo};
 use crate::restore::{rebuild, ChainFiles};
 use crate::safepath;
 
@@ -70,8 +68,6 @@ pub const MERGE_FILE: &str = "merged.json";
 const MERGE_FORMAT: u32 = 1;
 /// The `error` text of a merged FULL's started marker: what marks an abandoned merge.
 const MERGE_MARK: &str = "walnut merge in progress, merging ";
-/// Test hook (see the module docs).
-pub const KILL_ENV: &str = "WALNUT_TEST_KILL_AT";
 /// The largest merge record read.
 const MAX_RECORD_BYTES: u64 = 1 << 20;
 
@@ -132,118 +128,6 @@ pub struct MergeOptions {
 
 /// Threads of `delete --merge-expired`'s merges.
 pub const DEFAULT_JOBS: usize = 2;
-/// Threads removing a replaced backup's data objects (waiting on the store, not the CPU).
-const DELETE_THREADS: usize = 8;
-
-// ---- the kill switch (tests) -------------------------------------------------------------
-
-fn kill_left() -> Option<&'static AtomicU64> {
-    static LEFT: OnceLock<Option<AtomicU64>> = OnceLock::new();
-    LEFT.get_or_init(|| {
-        std::env::var(KILL_ENV)
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .filter(|&n| n > 0)
-            .map(AtomicU64::new)
-    })
-    .as_ref()
-}
-
-/// Counts a catalog write or delete; SIGKILLs the process right before the `n`th one.
-fn kill_point(what: &str) {
-    if let Some(left) = kill_left() {
-        if left.fetch_sub(1, Ordering::SeqCst) == 1 {
-            log::warn!("{KILL_ENV}: killing myself before {what}");
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::SIGKILL);
-            std::process::abort();
-        }
-    }
-}
-
-/// A store that counts writes and deletes for [`kill_point`].
-#[derive(Debug)]
-struct KillRepo {
-    inner: Arc<dyn Repo>,
-}
-
-struct KillWriter {
-    inner: Box<dyn ObjectWriter>,
-    key: String,
-}
-
-impl Write for KillWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.inner.write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-impl ObjectWriter for KillWriter {
-    fn commit(self: Box<Self>, durability: Durability) -> Result<()> {
-        kill_point(&format!("commit {}", self.key));
-        self.inner.commit(durability)
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-}
-
-impl Repo for KillRepo {
-    fn location(&self) -> String {
-        self.inner.location()
-    }
-    fn put_new(&self, key: &str, data: &[u8]) -> Result<()> {
-        kill_point(&format!("put {key}"));
-        self.inner.put_new(key, data)
-    }
-    fn create(&self, key: &str) -> Result<Box<dyn ObjectWriter>> {
-        Ok(Box::new(KillWriter {
-            inner: self.inner.create(key)?,
-            key: key.to_string(),
-        }))
-    }
-    fn get(&self, key: &str) -> Result<Blob> {
-        self.inner.get(key)
-    }
-    fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
-        self.inner.get_range(key, offset, len)
-    }
-    fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
-        self.inner.head(key)
-    }
-    fn list(&self, prefix: &str) -> Result<Listing> {
-        self.inner.list(prefix)
-    }
-    fn delete(&self, key: &str) -> Result<()> {
-        kill_point(&format!("delete {key}"));
-        self.inner.delete(key)
-    }
-    fn lock(&self, key: &str, mode: LockMode, wait: bool) -> Result<Option<RepoLock>> {
-        self.inner.lock(key, mode, wait)
-    }
-    fn barrier(&self) -> Result<()> {
-        self.inner.barrier()
-    }
-    fn open_file(&self, key: &str) -> Result<Option<std::fs::File>> {
-        self.inner.open_file(key)
-    }
-    fn local_root(&self) -> Option<&Path> {
-        self.inner.local_root()
-    }
-}
-
-/// The catalog as merge uses it: with [`KILL_ENV`] set, through the counting store.
-fn with_kill_switch(catalog: &Catalog) -> Option<Catalog> {
-    kill_left()?;
-    Some(Catalog::with_repo(
-        catalog.root(),
-        Arc::new(KillRepo {
-            inner: catalog.repo_arc(),
-        }),
-    ))
-}
 
 // ---- reading merge records ---------------------------------------------------------------
 
@@ -499,44 +383,45 @@ fn remove_replaced(catalog: &Catalog, instance: &str, id: &str, by: &str) -> Res
         )?;
     }
     // the data objects first, several at once (their order does not matter: the backup
-    // reads as ERROR already), then the rest in delete's order
-    let mut keys = Vec::new();
-    super::walk(repo, &key, &mut keys)?;
-    let data: Vec<&String> = keys
-        .iter()
-        .filter(|k| {
-            let rel = k
-                .strip_prefix(key.as_str())
-                .unwrap_or(k)
-                .trim_start_matches('/');
-            rel != META_FILE
-                && rel != STARTED_FILE
-                && !rel.starts_with(&format!("{STATUS_DIR}/"))
-                && !rel.starts_with(&format!("{}/", super::records::PIN_DIR))
-        })
-        .collect();
-    let next = AtomicU64::new(0);
-    let first_err: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
-    std::thread::scope(|sc| {
-        for _ in 0..DELETE_THREADS.min(data.len()) {
-            sc.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                let Some(k) = data.get(i) else { break };
-                if let Err(e) = repo.delete(k) {
-                    if let Ok(mut g) = first_err.lock() {
-                        g.get_or_insert(e);
-                    }
-                    break;
-                }
-            });
-        }
-    });
-    if let Some(e) = first_err.into_inner().ok().flatten() {
-        return Err(e);
-    }
+    // reads as ERROR already), then the records
     super::remove_backup_objects(repo, &key)?;
     log::info!("removed backup {id} (merged into {by})");
     Ok(())
+}
+
+/// Refuses to remove backup `id`, which the merge record of merged FULL `m` says it
+/// replaces, unless `id` matches it as [`apply_merges`] requires (same system, not newer;
+/// the target at `m`'s start LSN and timeline) or is no backup any more (a leftover of an
+/// interrupted removal). A forged record must not make `delete` or `merge` remove a backup.
+fn check_replaced(
+    catalog: &Catalog,
+    instance: &str,
+    m: &BackupMeta,
+    r: &MergeRecord,
+    id: &str,
+) -> Result<()> {
+    let repo = catalog.repo();
+    let key = meta::backup_key(instance, id)?;
+    if repo.head(&format!("{key}/{META_FILE}"))?.is_none()
+        && repo.head(&format!("{key}/{STARTED_FILE}"))?.is_none()
+    {
+        return Ok(());
+    }
+    let b = meta::load_in(catalog, instance, id)?;
+    let agrees = b.system_id == m.system_id
+        && b.start_lsn <= m.start_lsn
+        && (b.id != r.target || (b.start_lsn == m.start_lsn && b.timeline == m.timeline));
+    if agrees {
+        return Ok(());
+    }
+    Err(Error::corruption(format!(
+        "{}: claims that backup {} replaces backup {id}, which does not match it (start {} on timeline {}, system {}); nothing removed",
+        stored::what(repo, &format!("{}/{MERGE_FILE}", m.key()?)),
+        m.id,
+        b.start_lsn,
+        b.timeline,
+        b.system_id
+    )))
 }
 
 /// Finishes interrupted merges of `instance` (the caller holds the lifecycle lock): removes
@@ -559,10 +444,12 @@ pub(crate) fn finish_pending(catalog: &Catalog, instance: &str) -> Result<Vec<St
             continue;
         }
         if let Some(r) = committed_record(repo, &key)? {
+            let m = meta::load_in(catalog, instance, name)?;
             for id in r.replaces.iter().filter(|i| *i != name) {
                 let mut left = Vec::new();
                 super::walk(repo, &meta::backup_key(instance, id)?, &mut left)?;
                 if !left.is_empty() {
+                    check_replaced(catalog, instance, &m, &r, id)?;
                     replaced.push((id.clone(), name.clone()));
                 }
             }
@@ -645,6 +532,28 @@ impl StoredOut {
     }
 }
 
+/// Bytes a merge thread reads and writes at a time.
+const BUF_BYTES: usize = 1 << 20;
+
+thread_local! {
+    /// Each merge thread's buffer, reused from file to file (a fresh zeroed megabyte per
+    /// file cost more than copying a small file).
+    static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The thread's buffer (taken: a task this thread runs meanwhile gets its own).
+fn take_buf() -> Vec<u8> {
+    let mut b = BUF.with(|b| b.take());
+    if b.len() < BUF_BYTES {
+        b.resize(BUF_BYTES, 0);
+    }
+    b
+}
+
+fn give_buf(b: Vec<u8>) {
+    BUF.with(|c| *c.borrow_mut() = b);
+}
+
 /// Copies a stored object of the merged backup's source stored byte for stored byte,
 /// checking its length and CRC-32C against its manifest entry as it streams; the copy is
 /// committed (deferred) only when they match.
@@ -654,7 +563,7 @@ fn copy_stored(repo: &dyn Repo, from: &str, to: &str, e: &FileEntry, backup: &st
     let dest = PathBuf::from(out.describe());
     let mut crc = 0u32;
     let mut n = 0u64;
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = take_buf();
     match repo.open_file(from)? {
         Some(mut f) => loop {
             let k = match f.read(&mut buf) {
@@ -681,6 +590,7 @@ fn copy_stored(repo: &dyn Repo, from: &str, to: &str, e: &FileEntry, backup: &st
             }
         }
     }
+    give_buf(buf);
     if n != e.stored_size || crc != e.crc32c {
         return Err(Error::corruption(format!(
             "{w}: stored file does not match its manifest size and checksum (backup {backup})"
@@ -732,7 +642,7 @@ fn rebuild_stored(
         compress,
     )?;
     let mut parts: Vec<Vec<rebuild::Part>> = Vec::with_capacity(plan.chunks as usize);
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = take_buf();
     // `group` chunks are rebuilt at once (on the merge's threads), then streamed out in
     // order and dropped: at most `group` chunks of the file are in memory
     let group = rayon::current_num_threads().max(1) as u32;
@@ -781,6 +691,7 @@ fn rebuild_stored(
             );
         }
     }
+    give_buf(buf);
     rebuild::finish(&plan, &parts, &scratch, &spath)?;
     let (crc, stored_size, frames) = out.finish()?;
     Ok(FileEntry {
@@ -1037,7 +948,7 @@ pub(crate) fn merge_locked(
 /// `walnut merge -i ID` (see the module docs).
 pub fn merge(catalog: &Catalog, instance: &str, opts: &MergeOptions) -> Result<MergeReport> {
     catalog.instance(instance)?;
-    let killable = with_kill_switch(catalog);
+    let killable = super::crashpoint::catalog(catalog);
     let catalog = killable.as_ref().unwrap_or(catalog);
     let _lock = super::lifecycle_lock(catalog, instance)?;
     merge_locked(catalog, instance, &opts.id, opts.now, opts.jobs)
@@ -1090,14 +1001,8 @@ pub(crate) fn merge_expired(
                 already_merged: false,
             }
         } else {
-            let killable = with_kill_switch(catalog);
-            merge_locked(
-                killable.as_ref().unwrap_or(catalog),
-                instance,
-                &t,
-                now,
-                DEFAULT_JOBS,
-            )?
+            // (the catalog of `delete`: with a kill armed, its crash points already)
+            merge_locked(catalog, instance, &t, now, DEFAULT_JOBS)?
         };
         for d in decisions.iter_mut() {
             if report.plan.replaces.contains(&d.id) && d.id != t && ancestor_only(d) {
@@ -1190,7 +1095,7 @@ mod tests {
     /// uncommitted one (no backup.json) changes nothing.
     #[test]
     fn listing_applies_committed_merges_only() {
-        let repo = Arc::new(crate::repo::MemRepo::new());
+        let repo = std::sync::Arc::new(crate::repo::MemRepo::new());
         let catalog = Catalog::with_repo(Path::new("/mem"), repo.clone());
         for m in [
             ok("F", Mode::Full, None, 1),

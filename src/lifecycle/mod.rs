@@ -12,18 +12,23 @@
 //! exclusively and is skipped while a backup runs.
 //!
 //! # Crash safety: the order of a backup's removal
-//! 1. every backup to delete gets an ERROR status record ("being deleted"), newest first;
-//!    from then on it reads as ERROR, never as a valid backup, and no restore picks it;
-//! 2. then, backup by backup (newest first, so no remaining backup ever lacks a parent
-//!    that a valid descendant needs), its data objects;
-//! 3. then `backup.json`, then `backup.started`: without both the name no longer lists as a
-//!    backup;
-//! 4. last its status and pin records.
+//! 1. every backup to delete gets an ERROR status record ("being deleted"), newest first,
+//!    and all these records are made durable together ([`Repo::sync_objects`]) before
+//!    anything is removed; from then on each reads as ERROR, never as a valid backup, and
+//!    no restore picks it. Every backup that depends on one of them is marked too, so no
+//!    remaining valid backup ever lacks a parent;
+//! 2. then, for all of them at once, their data objects, `backup.json` and
+//!    `backup.started` (without both the name no longer lists as a backup), removed
+//!    several at a time and durable as a whole ([`Repo::delete_batch`]);
+//! 3. last their status and pin records.
 //!
 //! A kill at any point leaves backups that read as ERROR (or a leftover name that is no
 //! backup at all); running `delete` again finishes the job (leftovers are removed by any
-//! `delete`). WAL objects go oldest segment first, each segment's index objects before its
-//! data, so a crash leaves no gap and no index without its segment.
+//! `delete`). WAL objects go per timeline: every index object to purge, durably, before
+//! any segment, so a crash leaves no index without its segment; a crash inside the purge
+//! may leave holes only among the segments being purged, all outside every kept range.
+//!
+//! Crash points ([`crashpoint`]): every catalog write and delete of `delete` and `merge`.
 
 pub mod crashpoint;
 pub mod locks;
@@ -116,44 +121,55 @@ pub(crate) fn walk(repo: &dyn Repo, prefix: &str, out: &mut Vec<String>) -> Resu
 
 /// Removes a backup's objects in the crash-safe order (module docs, steps 2-4).
 pub(crate) fn remove_backup_objects(repo: &dyn Repo, key: &str) -> Result<()> {
-    let mut keys = Vec::new();
-    walk(repo, key, &mut keys)?;
-    let rank = |k: &str| {
-        let rel = k.strip_prefix(key).unwrap_or(k).trim_start_matches('/');
-        if rel == META_FILE {
-            1
-        } else if rel == STARTED_FILE {
-            2
-        } else if rel.starts_with(&format!("{STATUS_DIR}/"))
-            || rel.starts_with(&format!("{PIN_DIR}/"))
-        {
-            3
-        } else {
-            0
-        }
-    };
-    keys.sort_by_key(|k| rank(k));
-    // the data in one batch, then backup.json and backup.started one by one (durable in
-    // this order), then the records
-    let split = keys.partition_point(|k| rank(k) == 0);
-    remove_keys(repo, &keys[..split])?;
-    let rest = keys.partition_point(|k| rank(k) < 3);
-    for k in &keys[split..rest] {
-        remove_keys(repo, std::slice::from_ref(k))?;
-    }
-    remove_keys(repo, &keys[rest..])
+    remove_backups(repo, &[key.to_string()])
 }
 
-/// Removes `keys` durably, in batches ([`Repo::delete_batch`]); one by one, each a crash
-/// point, when a test armed one ([`crashpoint`]).
-pub fn remove_keys(repo: &dyn Repo, keys: &[String]) -> Result<()> {
-    if crashpoint::armed() {
-        for k in keys {
-            crashpoint::hit(k);
-            repo.delete(k)?;
+/// Removes the objects of the backups at `keys` (each marked "being deleted" durably, or
+/// no backup at all any more) in the crash-safe order: every data object, `backup.json`
+/// and `backup.started` in one batch, durable before the status and pin records go in a
+/// second. Until the records go each backup reads as ERROR (or as no backup), so the order
+/// inside the first batch does not matter, and neither does the order of the backups:
+/// every backup that depends on one of them is marked too.
+pub(crate) fn remove_backups(repo: &dyn Repo, keys: &[String]) -> Result<()> {
+    let mut body = Vec::new();
+    let mut records = Vec::new();
+    for key in keys {
+        let mut all = Vec::new();
+        walk(repo, key, &mut all)?;
+        let rank = |k: &str| {
+            let rel = k
+                .strip_prefix(key.as_str())
+                .unwrap_or(k)
+                .trim_start_matches('/');
+            if rel == META_FILE {
+                1
+            } else if rel == STARTED_FILE {
+                2
+            } else if rel.starts_with(&format!("{STATUS_DIR}/"))
+                || rel.starts_with(&format!("{PIN_DIR}/"))
+            {
+                3
+            } else {
+                0
+            }
+        };
+        // (one by one, as under a test's crash points: data, backup.json, backup.started)
+        all.sort_by_key(|k| rank(k));
+        for k in all {
+            if rank(&k) == 3 {
+                records.push(k);
+            } else {
+                body.push(k);
+            }
         }
-        return Ok(());
     }
+    remove_keys(repo, &body)?;
+    remove_keys(repo, &records)
+}
+
+/// Removes `keys` durably, in batches ([`Repo::delete_batch`]: several at once, durable as
+/// a whole); one by one, each a crash point, on a test's store ([`crashpoint`]).
+pub fn remove_keys(repo: &dyn Repo, keys: &[String]) -> Result<()> {
     for chunk in keys.chunks(4096) {
         repo.delete_batch(chunk)?;
     }
@@ -195,6 +211,8 @@ fn decision(b: &BackupMeta, keep: bool, reason: &str) -> Decision {
 
 /// Runs `delete` (see the module docs and [`policy`] for the rules).
 pub fn delete(catalog: &Catalog, instance: &str, opts: &DeleteOptions) -> Result<DeleteReport> {
+    let killable = crashpoint::catalog(catalog);
+    let catalog = killable.as_ref().unwrap_or(catalog);
     let settings = records::load_settings(catalog, instance)?.overlay(&opts.settings);
     let _lock = locks::lifecycle_exclusive(catalog, instance, "delete")?;
     let repo = catalog.repo();
@@ -318,27 +336,30 @@ pub fn delete(catalog: &Catalog, instance: &str, opts: &DeleteOptions) -> Result
                 report.leftovers.push(name.clone());
             }
         }
-        // every doomed backup locked first (refused while in use), then marked, then removed
+        // every doomed backup locked first (refused while in use), then marked (all the
+        // marks made durable together), then removed
         let mut held = Vec::new();
         for b in &doomed {
             held.push(locks::remove(catalog, b, "delete")?);
         }
+        let mut marks = Vec::new();
         for b in &doomed {
             if being_deleted(b) {
                 continue;
             }
-            crashpoint::hit(&format!("marking {}", b.id));
-            meta::record_status(
+            marks.push(meta::record_status_deferred(
                 catalog,
                 instance,
                 &b.id,
                 Status::Error,
                 Some(DELETING.into()),
                 "delete",
-            )?;
+            )?);
         }
+        repo.sync_objects(&marks)?;
+        let keys = doomed.iter().map(|b| b.key()).collect::<Result<Vec<_>>>()?;
+        remove_backups(repo, &keys)?;
         for b in &doomed {
-            remove_backup_objects(repo, &b.key()?)?;
             log::info!("deleted backup {}", b.id);
             report.deleted.push(b.id.clone());
         }
@@ -365,9 +386,8 @@ pub fn delete(catalog: &Catalog, instance: &str, opts: &DeleteOptions) -> Result
         )? {
             Ok(plan) => {
                 if !opts.dry_run {
-                    // per timeline: every index object first, then the rest oldest
-                    // segment first (a kill leaves no index without its segment and no
-                    // gap; what a power loss may leave lies outside every kept range)
+                    // per timeline: every index object (durably), then the segments
+                    // (module docs)
                     let prefix = Catalog::wal_key(instance);
                     for t in &plan {
                         let keys: Vec<String> = t

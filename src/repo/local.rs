@@ -25,6 +25,42 @@ use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::safepath;
 
 const TMP_DIR: &str = ".tmp";
+/// Threads of a batch of removals or fsyncs (they wait on the disk, not the CPU).
+const IO_THREADS: usize = 8;
+
+/// Runs `f` on every item, on up to `threads` threads; the first error is returned (the
+/// other threads stop taking items).
+fn par_each<T: Sync>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> Result<()> + Sync,
+) -> Result<()> {
+    if items.len() <= 1 {
+        return items.iter().try_for_each(f);
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let first_err: Mutex<Option<Error>> = Mutex::new(None);
+    std::thread::scope(|sc| {
+        for _ in 0..threads.min(items.len()) {
+            sc.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(item) = items.get(i) else { break };
+                if let Err(e) = f(item) {
+                    if let Ok(mut g) = first_err.lock() {
+                        g.get_or_insert(e);
+                    }
+                    next.store(items.len(), std::sync::atomic::Ordering::Relaxed);
+                    break;
+                }
+            });
+        }
+    });
+    match first_err.into_inner() {
+        Ok(Some(e)) => Err(e),
+        Ok(None) => Ok(()),
+        Err(_) => Err(Error::invalid("poisoned")),
+    }
+}
 
 #[derive(Debug)]
 pub struct LocalRepo {
@@ -127,8 +163,11 @@ impl LocalRepo {
 
     fn tmp_dir(&self, dir: &Path) -> Result<PathBuf> {
         let t = dir.join(TMP_DIR);
+        // not fsynced into `dir`: nothing durable ever lives in it (an object is durable
+        // under its final name, whose directory is fsynced), and a crash that loses it
+        // loses only temp files
         match fs::create_dir(&t) {
-            Ok(()) => durable::fsync_dir(dir)?,
+            Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(Error::io("create directory", &t, e)),
         }
@@ -190,14 +229,36 @@ impl NoFollow for fs::OpenOptions {
 struct LocalWriter {
     file: DurableFile,
     what: String,
+    /// Bytes written, and up to where writeback was started.
+    written: u64,
+    hinted: u64,
+}
+
+/// A large object's writeback is started every this many bytes ([`durable::start_writeback`],
+/// a hint): the disk writes while the writer reads and computes, so the barrier or fsync
+/// at the end has little left to wait for.
+const WRITEBACK_BYTES: u64 = 8 << 20;
+
+impl LocalWriter {
+    fn wrote(&mut self, n: usize) {
+        self.written += n as u64;
+        if self.written - self.hinted >= WRITEBACK_BYTES {
+            durable::start_writeback(self.file.file(), self.hinted, self.written - self.hinted);
+            self.hinted = self.written;
+        }
+    }
 }
 
 impl Write for LocalWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.file.write(buf)
+        let n = self.file.write(buf)?;
+        self.wrote(n);
+        Ok(n)
     }
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.file.write_all(buf)
+        self.file.write_all(buf)?;
+        self.wrote(buf.len());
+        Ok(())
     }
     fn flush(&mut self) -> io::Result<()> {
         self.file.flush()
@@ -236,6 +297,8 @@ impl Repo for LocalRepo {
         Ok(Box::new(LocalWriter {
             what: path.display().to_string(),
             file: DurableFile::create_in(&path, &tmp)?,
+            written: 0,
+            hinted: 0,
         }))
     }
 
@@ -345,37 +408,82 @@ impl Repo for LocalRepo {
     }
 
     fn delete_batch(&self, keys: &[String]) -> Result<()> {
-        let mut dirs = std::collections::BTreeSet::new();
+        // every key checked before anything goes
+        let mut groups: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
         for key in keys {
             check_key(key, false)?;
-            let path = self.root.join(key);
             if self.refuse_delete {
                 return Err(Error::refused(format!(
                     "\"{}\": this catalog refuses deletes",
-                    path.display()
+                    self.root.join(key).display()
                 )));
             }
-            let parent = Self::parent_key(key);
-            if !dirs.contains(parent) {
-                match safepath::open_dir_under(&self.root, parent) {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
+            let name = key.rsplit('/').next().unwrap_or(key);
+            groups.entry(Self::parent_key(key)).or_default().push(name);
+        }
+        // each parent opened once, as a real directory below the root (absent: nothing
+        // to remove there); the names are removed relative to that handle
+        let mut dirs: Vec<(&str, File)> = Vec::new();
+        let mut work: Vec<(usize, &str)> = Vec::new();
+        for (parent, names) in &groups {
+            match safepath::open_dir_under(&self.root, parent) {
+                Ok(f) => {
+                    work.extend(names.iter().map(|n| (dirs.len(), *n)));
+                    dirs.push((parent, f));
                 }
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
             }
-            match fs::remove_file(&path) {
+        }
+        let changed: Vec<std::sync::atomic::AtomicBool> =
+            dirs.iter().map(|_| Default::default()).collect();
+        par_each(&work, IO_THREADS, |&(d, name)| {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&dirs[d].1);
+            match nix::unistd::unlinkat(Some(fd), name, nix::unistd::UnlinkatFlags::NoRemoveDir) {
                 Ok(()) => {
-                    dirs.insert(parent);
+                    changed[d].store(true, std::sync::atomic::Ordering::Relaxed);
+                    Ok(())
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io("remove", &path, e)),
+                Err(nix::errno::Errno::ENOENT) => Ok(()),
+                Err(e) => Err(Error::io(
+                    "remove",
+                    &self.root.join(dirs[d].0).join(name),
+                    io::Error::from(e),
+                )),
             }
+        })?;
+        // one fsync per directory makes the whole batch durable; concurrent fsyncs share
+        // the filesystem's journal commits
+        let touched: Vec<usize> = (0..dirs.len())
+            .filter(|&d| changed[d].load(std::sync::atomic::Ordering::Relaxed))
+            .collect();
+        par_each(&touched, IO_THREADS, |&d| {
+            dirs[d]
+                .1
+                .sync_all()
+                .ctx("fsync directory", &self.root.join(dirs[d].0))
+        })
+    }
+
+    fn sync_objects(&self, keys: &[String]) -> Result<()> {
+        let mut parents = std::collections::BTreeSet::new();
+        for key in keys {
+            check_key(key, false)?;
+            parents.insert(Self::parent_key(key));
         }
-        // one fsync per directory makes the whole batch durable
-        for d in dirs {
-            durable::fsync_dir(&self.root.join(d))?;
-        }
-        Ok(())
+        // each object's bytes, then the names in each directory, many at once (concurrent
+        // fsyncs share the filesystem's journal commits)
+        par_each(keys, IO_THREADS, |key| {
+            safepath::open_under(&self.root, key)?
+                .sync_all()
+                .ctx("fsync", &self.root.join(key))
+        })?;
+        let parents: Vec<&str> = parents.into_iter().collect();
+        par_each(&parents, IO_THREADS, |p| {
+            safepath::open_dir_under(&self.root, p)?
+                .sync_all()
+                .ctx("fsync directory", &self.root.join(p))
+        })
     }
 
     fn lock(&self, key: &str, mode: LockMode, wait: bool) -> Result<Option<RepoLock>> {

@@ -168,6 +168,14 @@ pub trait Repo: Send + Sync + std::fmt::Debug {
     fn lock(&self, key: &str, mode: LockMode, wait: bool) -> Result<Option<RepoLock>>;
     /// Makes every object committed with [`Durability::Deferred`] so far durable.
     fn barrier(&self) -> Result<()>;
+    /// Makes the objects `keys`, committed with [`Durability::Deferred`], durable (their
+    /// bytes and their names): a group of small records that must all be durable before
+    /// the next step costs one wait instead of one per object. The default is a
+    /// [`Repo::barrier`].
+    fn sync_objects(&self, keys: &[String]) -> Result<()> {
+        let _ = keys;
+        self.barrier()
+    }
     /// The object as an open local file, for a store whose objects are files: positional
     /// reads with readahead hints, as restore's throughput needs. `None` for other stores
     /// (callers use [`Repo::get_range`]). Opened with the same checks as [`Repo::get`].

@@ -759,8 +759,16 @@ impl WholeReader {
     /// Reads the rest of the range (for the checksum only).
     fn finish(mut self) -> Result<Part> {
         if let WholeReader::Plain { .. } = self {
-            let mut scratch = vec![0u8; READ_BUF];
+            thread_local! {
+                // reused: most calls find nothing left to read, and a fresh zeroed
+                // megabyte per file cost more than a small file's copy
+                static SCRATCH: std::cell::RefCell<Vec<u8>> =
+                    const { std::cell::RefCell::new(Vec::new()) };
+            }
+            let mut scratch = SCRATCH.with(|c| c.take());
+            scratch.resize(READ_BUF, 0);
             while self.read(&mut scratch, u64::MAX)? > 0 {}
+            SCRATCH.with(|c| *c.borrow_mut() = scratch);
         }
         Ok(match self {
             WholeReader::Plain { crc, len, .. } => Part {

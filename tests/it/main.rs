@@ -9,6 +9,7 @@ mod backup;
 mod backup_appendonly;
 mod backup_compat;
 mod catalog_hardening;
+mod catalog_hardening_merge;
 mod check_metrics;
 mod cli_layers;
 mod cli_synth;
