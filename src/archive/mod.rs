@@ -698,21 +698,25 @@ impl WalArchive {
     /// Completes `segno`'s index if it is pending: the complete index becomes a new object
     /// (see the module docs), the pending one stays and is ignored from then on.
     pub(crate) fn complete_pending(&self, tli: TimeLineId, segno: u64, next: Option<(u64, &[u8])>) {
-        let state = match self.index_state(tli, segno) {
-            Ok(s) => s,
+        // Only a stored pending index of an archived segment is completed here. No index at
+        // all means its writer is still at work (it re-checks for segno+1 after storing a
+        // pending index, see index_and_store) or was killed (repair_missing_index rebuilds
+        // it when a backup needs it). The index objects are looked at first: almost always
+        // a complete one is there, and that answers without asking for the segment.
+        let name = self.segment_name(tli, segno);
+        let pending = match self.find_index(tli, segno) {
+            Ok(Found::Pending(_)) => self.is_archived(&name),
+            Ok(_) => Ok(false),
+            Err(e) => Err(e),
+        };
+        match pending {
+            Ok(true) => {}
+            Ok(false) => return,
             Err(e) => {
                 log::warn!("index state of segment {segno:X}: {e}");
                 return;
             }
-        };
-        // Only a stored pending index is completed here. No index at all means its writer is
-        // still at work (it re-checks for segno+1 after storing a pending index, see
-        // index_and_store) or was killed (repair_missing_index rebuilds it when a backup
-        // needs it).
-        if !matches!(state, IndexState::Pending(_)) {
-            return;
         }
-        let name = self.segment_name(tli, segno);
         match self.read(&name) {
             Ok(data) => match self.build_index(tli, segno, &data, next) {
                 Ok(ix) if ix.pending => {} // still pending: nothing new to store
@@ -759,10 +763,21 @@ impl WalArchive {
     /// Stores an index, create-only, under the index lock: a complete one as `.idx` (or
     /// `.idx-rebuilt` when an unusable `.idx` is in the way), a pending one as
     /// `.idx-pending`; nothing when a complete index exists already.
+    ///
+    /// A complete index on a store whose create-only writes are atomic is first offered as
+    /// `.idx` without the lock (on S3 the lock is a lease: three requests more): created,
+    /// it is done; there already, the locked rule below decides.
     fn store_index(&self, tli: TimeLineId, segno: u64, ix: &SegmentIndex) -> Result<()> {
-        let _lock = self.lock_index()?;
         let bytes = crate::format::index::encode(ix);
         let idx = self.index_key(tli, segno, IDX);
+        if !ix.pending && self.repo.atomic_create() {
+            match self.repo.put_new(&idx, &bytes) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Conflict => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let _lock = self.lock_index()?;
         if ix.pending {
             return match self.find_index(tli, segno)? {
                 Found::Complete(_) | Found::Pending(_) => Ok(()),

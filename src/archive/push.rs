@@ -626,14 +626,11 @@ fn push_data(
     // own), writes through a temp file in its small `.tmp/` and tidies temps of killed runs.
     let key = ar.data_key(name);
     let segno = name.segno(seg_size).filter(|_| name.is_segment());
-    if ar.repo().head(&key)?.is_some() {
-        let out = compare_existing(ar, name, data)?;
-        if let Some(segno) = segno {
-            if ar.needs_index(name.tli(), segno) {
-                ar.index_and_store(name.tli(), segno, data, None);
-            }
-        }
-        return Ok(out);
+    // A local store looks first (a stat), sparing a duplicate push the compression. A
+    // remote one does not spend a round trip on it: the create-only commit below finds an
+    // existing object anyway (a conflict), and duplicates are rare.
+    if ar.repo().local_root().is_some() && ar.repo().head(&key)?.is_some() {
+        return already_archived(ar, name, data, segno, None);
     }
 
     let meta = FileMeta {
@@ -685,8 +682,10 @@ fn push_data(
     let t_cpu = t0.elapsed();
     let outcome = match write_parts(ar, &key, &encoded) {
         Ok(()) => PushOutcome::Archived,
-        // Someone archived the same name meanwhile (a concurrent push): compare.
-        Err(e) if e.kind() == ErrorKind::Conflict => compare_existing(ar, name, data)?,
+        // Archived before (a repeated push) or meanwhile (a concurrent one): compare.
+        Err(e) if e.kind() == ErrorKind::Conflict => {
+            return already_archived(ar, name, data, segno, built);
+        }
         Err(e) => return Err(e.context(format!("archiving {name}"))),
     };
     if let Some(segno) = segno {
@@ -705,6 +704,24 @@ fn push_data(
         );
     }
     Ok(outcome)
+}
+
+/// `name` is archived already: identical content is success (and indexes it when its first
+/// push was killed before indexing; `built` its index if computed), anything else an error.
+fn already_archived(
+    ar: &WalArchive,
+    name: &WalFileName,
+    data: &[u8],
+    segno: Option<u64>,
+    built: Option<Result<SegmentIndex>>,
+) -> Result<PushOutcome> {
+    let out = compare_existing(ar, name, data)?;
+    if let Some(segno) = segno {
+        if ar.needs_index(name.tli(), segno) {
+            ar.index_and_store(name.tli(), segno, data, built);
+        }
+    }
+    Ok(out)
 }
 
 /// Writes header + frames durably under `key`, create-only, without assembling them in

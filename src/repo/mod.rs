@@ -143,6 +143,13 @@ pub trait Repo: Send + Sync + std::fmt::Debug {
             .map_err(|e| Error::io("write", Path::new(&what), e))?;
         w.commit(Durability::Now)
     }
+    /// Whether [`Repo::put_new`] and [`ObjectWriter::commit`] are atomic create-only even
+    /// against a concurrent writer of the same key (S3 with conditional create honoured),
+    /// so that a caller needs no lock of its own to never overwrite. `false` unless the
+    /// store says so (then callers lock).
+    fn atomic_create(&self) -> bool {
+        false
+    }
     /// Starts writing an object of any size (see [`ObjectWriter`]).
     fn create(&self, key: &str) -> Result<Box<dyn ObjectWriter>>;
     /// The whole object. [`ErrorKind::NotFound`] only when it is definitely absent.

@@ -48,6 +48,7 @@ use super::{
 use crate::error::{Error, ErrorKind, IoContext, Result};
 
 mod lease;
+mod net;
 pub use lease::{DEFAULT_LEASE, LEASE_ENV};
 
 /// Objects larger than this are uploaded in parts.
@@ -218,7 +219,7 @@ impl S3Repo {
         if let Some(ca) = &cfg.ca_file {
             tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&read_ca_file(ca)?));
         }
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .https_only(false)
             .max_redirects(0)
@@ -226,8 +227,8 @@ impl S3Repo {
             .timeout_connect(Some(Duration::from_secs(10)))
             .max_idle_connections_per_host(16)
             .user_agent(concat!("walnut/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
+            .build();
+        let agent = ureq::Agent::with_parts(config, net::connector(), net::Resolve::default());
         Ok(S3Repo {
             inner: Arc::new(Inner {
                 cfg,
@@ -297,6 +298,25 @@ fn read_ca_file(p: &Path) -> Result<Vec<ureq::tls::Certificate<'static>>> {
 /// A random-ish fraction in [0, 1) for back-off jitter (std's per-process random keys).
 fn jitter() -> f64 {
     (RandomState::new().build_hasher().finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Jittered exponential back-off, for request retries and for lease contention alike:
+/// each pause is half to all of the current delay, which then doubles up to `max`.
+struct Backoff {
+    delay: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(first: Duration, max: Duration) -> Backoff {
+        Backoff { delay: first, max }
+    }
+
+    /// Sleeps for the next pause, at most `cap`.
+    fn pause(&mut self, cap: Duration) {
+        std::thread::sleep(self.delay.mul_f64(0.5 + jitter() / 2.0).min(cap));
+        self.delay = (self.delay * 2).min(self.max);
+    }
 }
 
 /// The S3 error code in an error response body (`<Code>NoSuchKey</Code>`).
@@ -385,15 +405,27 @@ impl Inner {
     ) -> Result<(Resp, u32)> {
         let start = Instant::now();
         let deadline = start + timeout;
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut attempt = 0u32;
         loop {
             attempt += 1;
             let r = mk();
             let left = deadline.saturating_duration_since(Instant::now());
+            let t0 = Instant::now();
             let why = match self.attempt(&r, left.max(Duration::from_secs(1))) {
                 Ok(resp) => {
                     let s = resp.status().as_u16();
+                    if log::log_enabled!(log::Level::Debug) {
+                        // one line per request (the body, if any, is read after this)
+                        let range = r.headers.iter().find(|(k, _)| *k == "range");
+                        log::debug!(
+                            "S3 {op} {} {}{} -> {s} in {:.1?}",
+                            r.method,
+                            r.url.path(),
+                            range.map_or(String::new(), |(_, v)| format!(" {v}")),
+                            t0.elapsed()
+                        );
+                    }
                     if s >= 500 || s == 429 {
                         let mut resp = resp;
                         let body = resp.body_mut().read_to_string().unwrap_or_default();
@@ -422,10 +454,7 @@ impl Inner {
                 ));
             }
             log::debug!("{what}: {op}: {why}; retrying");
-            // Jittered (half to all of the delay), capped by the deadline.
-            let sleep = delay.mul_f64(0.5 + jitter() / 2.0).min(deadline - now);
-            std::thread::sleep(sleep);
-            delay = (delay * 2).min(Duration::from_secs(5));
+            backoff.pause(deadline - now);
         }
     }
 
@@ -1140,7 +1169,15 @@ impl S3Repo {
     fn local_lock(&self, key: &str, mode: LockMode, wait: bool) -> Result<Option<RepoLock>> {
         let dir = &self.inner.cfg.lock_dir;
         ensure_lock_dir(dir)?;
-        let name: String = format!("{}/{}", self.inner.cfg.url(), key)
+        // The endpoint is part of the name: the same bucket and prefix on two servers are
+        // two catalogs (two tests, one on Garage and one on s3s-fs, excluded each other).
+        let full = format!(
+            "{}/{}/{}",
+            self.inner.cfg.endpoint,
+            self.inner.cfg.url(),
+            key
+        );
+        let mut name: String = full
             .chars()
             .map(|c| {
                 if c.is_ascii_alphanumeric() || c == '-' {
@@ -1150,6 +1187,12 @@ impl S3Repo {
                 }
             })
             .collect();
+        if name.len() > 160 {
+            // within a file name's 255 bytes, still one name per lock
+            let h = crc32c::crc32c(full.as_bytes());
+            let h2 = crc32c::crc32c_append(!h, full.as_bytes());
+            name = format!("{}-{h:08x}{h2:08x}", &name[name.len() - 140..]);
+        }
         let path = dir.join(name);
         let f = {
             use std::os::unix::fs::OpenOptionsExt;
@@ -1206,6 +1249,11 @@ impl Repo for S3Repo {
             return w.commit(Durability::Now);
         }
         self.inner.put_new(key, data)
+    }
+
+    fn atomic_create(&self) -> bool {
+        // what `walnut init`'s probe found (recorded in walnut-s3.json, read at open)
+        self.inner.conditional.load(Ordering::Relaxed)
     }
 
     fn create(&self, key: &str) -> Result<Box<dyn ObjectWriter>> {

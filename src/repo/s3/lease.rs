@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use rusty_s3::S3Action;
 
-use super::{header, Inner, Req, SIGN_FOR};
+use super::{header, Backoff, Inner, Req, SIGN_FOR};
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::LockMode;
 
@@ -148,7 +148,7 @@ pub(super) fn take(
         "lease_seconds": secs,
     })
     .to_string();
-    let mut delay = Duration::from_millis(50);
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     loop {
         inner.put_once(&own, body.as_bytes(), false)?;
         let (entries, now_ms) = match list(inner, key) {
@@ -189,8 +189,7 @@ pub(super) fn take(
                 }
             }
         }
-        std::thread::sleep(delay.mul_f64(0.5 + super::jitter()));
-        delay = (delay * 2).min(Duration::from_secs(2));
+        backoff.pause(Duration::MAX);
     }
 }
 
