@@ -59,6 +59,9 @@ use crate::types::{Lsn, TimeLineId, WalFileName};
 pub const RECEIVE_DIR: &str = ".receive";
 /// The status file in the spool.
 pub const STATUS_FILE: &str = "status.json";
+/// In a local catalog's archive directory: names the spool of a receiver started with a
+/// `--spool-dir` other than the default (a dot-name: local state, never catalog content).
+pub const SPOOL_POINTER: &str = ".receive-spool";
 /// The lock file held by the running receiver.
 const LOCK_FILE: &str = ".receive.lock";
 /// Default slot name.
@@ -153,6 +156,69 @@ pub fn spool_dir(ar: &WalArchive, opts: &ReceiveOptions) -> Result<PathBuf> {
     }
 }
 
+/// The spool that `walnut-fetch` and `show --archive` look at: the one the archive's
+/// [`SPOOL_POINTER`] names (written by a receiver started with another `--spool-dir`),
+/// else the default; `None` for a catalog that is not a local directory (its receiver's
+/// spool is on whichever host runs it: the catalog records no local paths). A pointer
+/// that is not a regular file or names no absolute path is an error: the spool it meant
+/// may hold the newest WAL, so it is never taken for absent.
+pub fn spool_in_use(ar: &WalArchive) -> Result<Option<PathBuf>> {
+    let Some(default) = ar.receive_spool() else {
+        return Ok(None);
+    };
+    let p = ar.dir().join(SPOOL_POINTER);
+    let meta = match fs::symlink_metadata(&p) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(default)),
+        Err(e) => return Err(Error::io("stat", &p, e)),
+    };
+    let bad = |why: &str| {
+        Error::corruption(format!(
+            "\"{}\" (where walnut receive records its --spool-dir) {why}",
+            p.display()
+        ))
+    };
+    if !meta.file_type().is_file() || meta.len() > 4096 {
+        return Err(bad("is not a small regular file"));
+    }
+    let text = fs::read(&p).ctx("read", &p)?;
+    let text = String::from_utf8(text).map_err(|_| bad("is not UTF-8"))?;
+    let dir = PathBuf::from(text.trim_end_matches('\n'));
+    if !dir.is_absolute() || text.trim_end_matches('\n').contains('\n') {
+        return Err(bad("does not hold one absolute path"));
+    }
+    Ok(Some(dir))
+}
+
+/// Records where this receiver's spool is, for [`spool_in_use`]: a non-default spool of a
+/// local catalog is named in the archive's [`SPOOL_POINTER`]; the default one removes it.
+fn record_spool(ar: &WalArchive, spool: &Path) -> Result<()> {
+    let Some(default) = ar.receive_spool() else {
+        return Ok(());
+    };
+    let p = ar.dir().join(SPOOL_POINTER);
+    if spool == default {
+        return durable::remove_file(&p);
+    }
+    let Some(text) = spool.to_str().map(|s| format!("{s}\n")) else {
+        log::warn!(
+            "the spool \"{}\" is not a UTF-8 path: walnut-fetch and show will not find it",
+            spool.display()
+        );
+        return Ok(());
+    };
+    if fs::read(&p).is_ok_and(|old| old == text.as_bytes()) {
+        return Ok(());
+    }
+    durable::write_file(&p, text.as_bytes(), durable::Replace::Yes)?;
+    log::info!(
+        "recorded the spool \"{}\" in \"{}\" for walnut-fetch and show",
+        spool.display(),
+        p.display()
+    );
+    Ok(())
+}
+
 /// Reads a receiver's status file in `spool`; `None` when there is none.
 pub fn read_status(spool: &Path) -> Result<Option<ReceiverStatus>> {
     let p = spool.join(STATUS_FILE);
@@ -234,6 +300,7 @@ pub fn run(opts: &ReceiveOptions) -> Result<()> {
     lock.set_len(0).ctx("truncate", &lock_p)?;
     lock.write_all(format!("{}\n", std::process::id()).as_bytes())
         .ctx("write", &lock_p)?;
+    record_spool(&ar, &spool)?;
 
     let cfg = repl_config(&ar, opts);
     let mut r = Receiver {
