@@ -7,6 +7,8 @@
 # permanent slot (same run, same load):
 #   walnut receive  -> a walnut catalog (compressed, indexed on arrival)
 #   pg_receivewal   -> a plain directory
+#   pg_receivewal -Z lz4 -> another directory (the reference for the compression walnut's
+#                      archive format needs; application_name pg_receivewal_lz4)
 # Reported per receiver: CPU seconds (utime+stime from /proc) per 16 MiB segment received,
 # and the flush lag sampled once a second from pg_stat_replication (bytes between the
 # primary's current LSN and the receiver's flush_lsn, and pg_stat_replication.flush_lag;
@@ -45,12 +47,13 @@ cleanup() {
   [ -n "${WREAL:-}" ] && kill "$WREAL" 2>/dev/null || true
   [ -n "${BREAL:-}" ] && kill "$BREAL" 2>/dev/null || true
   [ -n "${RREAL:-}" ] && kill "$RREAL" 2>/dev/null || true
+  [ -n "${ZREAL:-}" ] && kill "$ZREAL" 2>/dev/null || true
   pg_stop "$B" "$P"
 }
 trap cleanup EXIT
 
 pg_stop "$B" "$P"
-rm -rf "$P" "$X"; mkdir -p "$P" "$X/rwal"; chown -R "$PG_OS_USER:" "$P" "$X"
+rm -rf "$P" "$X"; mkdir -p "$P" "$X/rwal" "$X/rwal-lz4"; chown -R "$PG_OS_USER:" "$P" "$X"
 pgx "$B" initdb -k -D "$P" -A trust -U postgres >/dev/null
 as_pg "$BIN/walnut" init -B "$CAT"
 as_pg "$BIN/walnut" add-instance -B "$CAT" --instance bench -D "$P"
@@ -70,6 +73,7 @@ q() { psqlq "$B" "$PORT" "$1"; }
 CONN=(-h "$SOCK_DIR" -p "$PORT" -U postgres)
 pgx "$B" pgbench "${CONN[@]}" -i -s 10 -q postgres > "$X/init.log" 2>&1
 q "select pg_create_physical_replication_slot('bench_rwal', true)" >/dev/null
+q "select pg_create_physical_replication_slot('bench_rwal_lz4', true)" >/dev/null
 
 # --- part 1: both receivers under one load
 if [[ " $PARTS " == *" 1 "* ]]; then
@@ -86,20 +90,24 @@ leaf_of() {
   while c=$(awk '{print $1}' /proc/"$p"/task/"$p"/children 2>/dev/null) && [ -n "$c" ]; do p=$c; done
   echo "$p"
 }
-WREAL=$(leaf_of "$WPID"); RREAL=$(leaf_of "$RPID")
+as_pg env PGAPPNAME=pg_receivewal_lz4 "$B/pg_receivewal" "${CONN[@]}" -D "$X/rwal-lz4" \
+  -S bench_rwal_lz4 -Z lz4 --no-loop 2> "$X/rwal-lz4.log" &
+ZPID=$!
+WREAL=$(leaf_of "$WPID"); RREAL=$(leaf_of "$RPID"); ZREAL=$(leaf_of "$ZPID")
 grep -q receive /proc/"$WREAL"/cmdline && grep -q pg_receivewal /proc/"$RREAL"/cmdline
-NRECV=2
+grep -q pg_receivewal /proc/"$ZREAL"/cmdline
+NRECV=3
 if [ -n "$BASE_BIN" ]; then
   as_pg "$BASE_BIN/walnut" receive -B "$X/cat-base" --instance bench "${CONN[@]}" \
     --slot bench_base --application-name walnut_receive_base 2> "$X/receive-base.log" &
   BPID0=$!
   BREAL=$(leaf_of "$BPID0"); grep -q receive /proc/"$BREAL"/cmdline
-  NRECV=3
+  NRECV=4
 fi
 cpu_s() { awk '{print ($14+$15)/100}' "/proc/$1/stat"; }
 sleep 2
 START_LSN=$(q "select pg_current_wal_lsn()")
-W0=$(cpu_s "$WREAL"); R0=$(cpu_s "$RREAL"); [ -n "$BASE_BIN" ] && B0=$(cpu_s "$BREAL")
+W0=$(cpu_s "$WREAL"); R0=$(cpu_s "$RREAL"); Z0=$(cpu_s "$ZREAL"); [ -n "$BASE_BIN" ] && B0=$(cpu_s "$BREAL")
 pgx "$B" pgbench "${CONN[@]}" -c 4 -j 2 -T "$SECONDS_RUN" -n postgres > "$X/run.log" 2>&1 &
 BPID=$!
 if [ -n "${PERF_OUT:-}" ]; then
@@ -115,13 +123,14 @@ q "create table if not exists bulk(i int, t text)" >/dev/null
   done ) &
 LPID=$!
 : > "$X/lag_walnut"; : > "$X/lag_rwal"; : > "$X/lagt_walnut"; : > "$X/lagt_rwal"
-: > "$X/lag_base"; : > "$X/lagt_base"
+: > "$X/lag_base"; : > "$X/lagt_base"; : > "$X/lagt_rz"
 while kill -0 "$BPID" 2>/dev/null; do
   q "select application_name, pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn), coalesce(extract(epoch from flush_lag), 0) from pg_stat_replication" \
     | while IFS='|' read -r app lag lagt; do
         case "$app" in
           walnut_receive) echo "$lag" >> "$X/lag_walnut"; echo "$lagt" >> "$X/lagt_walnut" ;;
           pg_receivewal) echo "$lag" >> "$X/lag_rwal"; echo "$lagt" >> "$X/lagt_rwal" ;;
+          pg_receivewal_lz4) echo "$lagt" >> "$X/lagt_rz" ;;
           walnut_receive_base) echo "$lag" >> "$X/lag_base"; echo "$lagt" >> "$X/lagt_base" ;;
         esac
       done
@@ -135,12 +144,13 @@ for _ in $(seq 300); do
   done_n=$(q "select count(*) from pg_stat_replication where flush_lsn >= '$END_LSN'")
   [ "$done_n" -ge "$NRECV" ] && break; sleep 0.1
 done
-W1=$(cpu_s "$WREAL"); R1=$(cpu_s "$RREAL"); [ -n "$BASE_BIN" ] && B1=$(cpu_s "$BREAL")
+W1=$(cpu_s "$WREAL"); R1=$(cpu_s "$RREAL"); Z1=$(cpu_s "$ZREAL"); [ -n "$BASE_BIN" ] && B1=$(cpu_s "$BREAL")
 SEGS=$(awk -v a="$(q "select pg_wal_lsn_diff('$END_LSN','$START_LSN')")" 'BEGIN{printf "%.2f", a/16777216}')
 report1 pgbench_tps "$TPS" tps
 report1 wal_segments_during_run "$SEGS" segments
 report1 walnut_receive_cpu_ms_per_segment "$(awk -v a="$W0" -v b="$W1" -v s="$SEGS" 'BEGIN{printf "%.1f", (b-a)*1000/s}')" ms
 report1 pg_receivewal_cpu_ms_per_segment "$(awk -v a="$R0" -v b="$R1" -v s="$SEGS" 'BEGIN{printf "%.1f", (b-a)*1000/s}')" ms
+report1 pg_receivewal_lz4_cpu_ms_per_segment "$(awk -v a="$Z0" -v b="$Z1" -v s="$SEGS" 'BEGIN{printf "%.1f", (b-a)*1000/s}')" ms
 [ -n "$BASE_BIN" ] && report1 walnut_receive_BASE_cpu_ms_per_segment "$(awk -v a="$B0" -v b="$B1" -v s="$SEGS" 'BEGIN{printf "%.1f", (b-a)*1000/s}')" ms
 awk '{print $1/1048576}' "$X/lag_walnut" | report walnut_receive_flush_lag MiB
 awk '{print $1/1048576}' "$X/lag_rwal" | report pg_receivewal_flush_lag MiB
@@ -149,9 +159,10 @@ report1 wal_rate "$(awk -v s="$SEGS" -v t="$SECONDS_RUN" 'BEGIN{printf "%.1f", s
 # pg_stat_replication.flush_lag: time from a WAL write on the primary to the receiver's flush
 report walnut_receive_flush_lag_time s < "$X/lagt_walnut"
 report pg_receivewal_flush_lag_time s < "$X/lagt_rwal"
+report pg_receivewal_lz4_flush_lag_time s < "$X/lagt_rz"
 [ -n "$BASE_BIN" ] && report walnut_receive_BASE_flush_lag_time s < "$X/lagt_base"
-kill "$WREAL" "$RREAL" ${BREAL:+"$BREAL"} 2>/dev/null || true
-wait "$WPID" "$RPID" ${BPID0:+"$BPID0"} 2>/dev/null || true; WREAL=; RREAL=; BREAL=
+kill "$WREAL" "$RREAL" "$ZREAL" ${BREAL:+"$BREAL"} 2>/dev/null || true
+wait "$WPID" "$RPID" "$ZPID" ${BPID0:+"$BPID0"} 2>/dev/null || true; WREAL=; RREAL=; ZREAL=; BREAL=
 q "select pg_drop_replication_slot(slot_name) from pg_replication_slots" >/dev/null
 fi
 

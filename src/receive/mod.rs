@@ -1214,3 +1214,102 @@ impl StreamIndex {
         (out, !follows)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::build::index_segment;
+    use crate::wal::synth::{SynthBlock, SynthRecord, SynthWal};
+    use crate::wal::RelFileLocator;
+
+    const SEG: u32 = 1 << 20;
+
+    fn heap(n: u32, len: usize) -> SynthRecord {
+        SynthRecord {
+            rmid: 10,
+            info: 0x00,
+            xid: 700 + n,
+            blocks: vec![SynthBlock {
+                rel: RelFileLocator {
+                    spc: 1663,
+                    db: 5,
+                    rel: 16384 + n % 3,
+                },
+                fork: 0,
+                blkno: n,
+                data: vec![n as u8; len],
+                ..Default::default()
+            }],
+            main_data: vec![1, 2, 3],
+        }
+    }
+
+    /// Segments 3 to 6: records crossing from 3 into 4 and from 4 into 5 (a big one), a
+    /// segment that ends exactly after a record would be rare, so 5 and 6 just continue.
+    fn wal() -> Vec<Vec<u8>> {
+        let mut w = SynthWal::new(crate::types::PgVersion::V15, SEG, 8192, 3);
+        let mut i = 0;
+        while w.pos().0 < 4 * SEG as u64 - 5000 {
+            w.push(&heap(i, 1 + (i as usize * 37) % 3000));
+            i += 1;
+        }
+        w.push(&SynthRecord {
+            rmid: 21,
+            info: 0x00,
+            xid: 1,
+            blocks: Vec::new(),
+            main_data: vec![0x5A; 3 * SEG as usize / 2],
+        });
+        while w.pos().0 < 7 * SEG as u64 + 100 {
+            w.push(&heap(i, 1 + (i as usize * 53) % 2000));
+            i += 1;
+        }
+        let b = w.bytes();
+        (0..4)
+            .map(|k| b[k * SEG as usize..(k + 1) * SEG as usize].to_vec())
+            .collect()
+    }
+
+    /// The receiver's stream index stores, for every segment, a pending index at its
+    /// arrival and then exactly the index the archive path (`index_segment` with the next
+    /// segments at hand) builds; a segment that does not follow restarts decoding.
+    #[test]
+    fn stream_index_matches_the_archive_path() {
+        let segs = wal();
+        let seg = |n: u64| segs[(n - 3) as usize].clone();
+        let want = |n: u64| {
+            let mut next = |k: u64| Ok((k <= 6).then(|| seg(k)));
+            index_segment(1, n, &seg(n), &mut next).unwrap()
+        };
+        let mut ix = StreamIndex::default();
+        let mut stored: Vec<(u64, SegmentIndex)> = Vec::new();
+        for n in 3..=6 {
+            let (out, fresh) = ix.feed(SEG, 1, n, &seg(n));
+            assert_eq!(fresh, n == 3);
+            stored.extend(out.into_iter().map(|(k, r)| (k, r.unwrap())));
+        }
+        for n in 3..=5 {
+            let complete: Vec<_> = stored
+                .iter()
+                .filter(|(k, s)| *k == n && !s.pending)
+                .collect();
+            assert_eq!(complete.len(), 1, "one complete index of {n}");
+            assert_eq!(complete[0].1, want(n), "segment {n}");
+        }
+        // Segment 6's last record continues into 7: pending, as the archive path says.
+        let mut none = |_: u64| Ok(None);
+        let six = index_segment(1, 6, &seg(6), &mut none).unwrap();
+        assert!(six.pending);
+        assert_eq!(stored.last().unwrap(), &(6, six));
+        // A gap: decoding starts afresh, and that is reported.
+        let (out, fresh) = ix.feed(SEG, 1, 5, &seg(5));
+        assert!(fresh);
+        assert!(out.iter().all(|(k, r)| *k == 5 && r.is_ok()));
+        // Damage: the segment gets an error (an .idx-missing marker), the next starts afresh.
+        let mut bad = seg(6);
+        bad[SEG as usize / 2..].fill(0);
+        let (out, _) = ix.feed(SEG, 1, 6, &bad);
+        assert!(matches!(out.last(), Some((6, Err(_)))), "{out:?}");
+        assert!(ix.cur.is_none());
+    }
+}

@@ -272,6 +272,28 @@ mod tests {
     }
 
     #[test]
+    fn recycled_buffers_are_reused() {
+        let mut a = SegmentAssembler::new(1, SEG, Lsn(0)).unwrap();
+        let data = wal(3 * SEG as usize, 5);
+        let s = SEG as usize;
+        let first = a.push(Lsn(0), &data[..s]).unwrap().remove(0);
+        let ptr = first.data.as_ptr();
+        a.recycle(first.data);
+        // The segment after the next one is assembled in the recycled buffer.
+        a.push(Lsn(SEG as u64), &data[s..2 * s]).unwrap();
+        let third = a
+            .push(Lsn(2 * SEG as u64), &data[2 * s..])
+            .unwrap()
+            .remove(0);
+        assert_eq!(third.data.as_ptr(), ptr, "the recycled buffer was reused");
+        assert_eq!(third.data, data[2 * s..]);
+        // A buffer too small for a segment is not taken.
+        a.recycle(Vec::with_capacity(10));
+        a.push(Lsn(3 * SEG as u64), &[7; 100]).unwrap();
+        assert_eq!(a.partial().bytes, &[7; 100]);
+    }
+
+    #[test]
     fn resume_continues_a_partial() {
         let data = wal(SEG as usize + 10, 3);
         let name: WalFileName = "000000020000000100000005.partial".parse().unwrap();

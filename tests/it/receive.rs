@@ -316,7 +316,11 @@ pub(super) fn crash_scenario_in(tag: &str, synchronous: bool, own_spool: bool) {
                 .unwrap_or(0)
         };
         assert_eq!(tail_files(&spool), 1, "the own spool holds the tail");
-        assert_eq!(tail_files(&default_spool), 0, "nothing in the default spool");
+        assert_eq!(
+            tail_files(&default_spool),
+            0,
+            "nothing in the default spool"
+        );
         let (_, j) = show_archive(&env);
         assert_eq!(j["receiver"]["spool"], spool_s.as_str(), "{j}");
         assert_eq!(j["receiver"]["state"], "stopped", "{j}");
