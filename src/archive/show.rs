@@ -46,7 +46,7 @@ pub struct ReceiverReport {
 }
 
 /// The receiver's report from the receive spool of `ar` (the default one, or the one a
-/// receiver recorded: [`crate::receive::spool_in_use`]), when there is one.
+/// receiver recorded: `crate::receive::spool_in_use`), when there is one.
 pub fn receiver_report(ar: &WalArchive) -> Option<ReceiverReport> {
     let spool = match crate::receive::spool_in_use(ar) {
         Ok(s) => s?,

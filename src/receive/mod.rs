@@ -16,24 +16,34 @@
 //! - The segment being filled is local working state, not catalog content: it lives in the
 //!   receive spool (`--spool-dir`; default `<catalog>/instances/NAME/wal/.receive/`, a
 //!   dot-directory that never lists as catalog content) as `<segment>.partial`, holding the
-//!   bytes received so far (not padded). It is written and fsynced before any flush
-//!   position covering it is reported. `walnut-fetch` serves it (zero-padded to a segment)
-//!   when recovery asks for that segment and nothing is archived under the name.
+//!   bytes received so far (not padded). It is written (in 1 MiB pieces, and in full at
+//!   each flush) and fsynced before any flush position covering it is reported.
+//!   `walnut-fetch` serves it (zero-padded to a segment) when recovery asks for that
+//!   segment and nothing is archived under the name. A spool other than the default, with
+//!   a local catalog, is recorded in the archive's [`SPOOL_POINTER`] for `walnut-fetch` and
+//!   `show --archive` ([`spool_in_use`]).
+//! - A completed segment's spool file is written to its full size and handed, with the
+//!   segment's bytes, to a store thread (at most [`STORE_QUEUE`] waiting): it archives the
+//!   segment as `walnut-archive` does, decoding it meanwhile with one decoder for the whole
+//!   stream (each index stored pending at the segment's arrival, complete when the next
+//!   has come; no segment is read back), then removes the spool file. The receive loop
+//!   never waits for the archive; what it reports flushed is fsynced in the spool.
 //! - Timeline switches: the stream's end of timeline is followed; the new timeline's
 //!   `.history` is fetched (`TIMELINE_HISTORY`) and stored, the old timeline's last segment
 //!   is stored as `<segment>.partial` (zero-padded to a segment, as PostgreSQL's own), and
 //!   streaming continues on the new timeline from the start of the switch segment.
 //! - `--synchronous`: flush is reported as soon as each batch of XLogData is fsynced, so the
-//!   receiver can be a synchronous standby. Without it, flush is reported every 200 ms and
-//!   on each segment completion; a crash of the primary then loses at most what was not yet
-//!   reported (and, with asynchronous commit on the server, what it had not sent).
+//!   receiver can be a synchronous standby. Without it, flush is reported every 200 ms; a
+//!   crash of the primary then loses at most what was not yet reported (and, with
+//!   asynchronous commit on the server, what it had not sent).
 //! - Connection loss: reconnects with back-off (1 s doubling to 30 s). SIGTERM/SIGINT: the
 //!   received bytes are fsynced, a final status update is sent, and it exits 0.
 //! - `status.json` in the spool (pid, slot, timeline, flushed LSN, server WAL end, time of
 //!   the last message) is rewritten freely; `show --archive` reports it.
 //! - SIGKILL at any point: the spool's `.partial` holds only bytes that were received, and a
-//!   completed segment is archived before its spool file is removed. A restart resumes the
-//!   `.partial` (a full-size one is archived first), or re-streams from the slot.
+//!   completed segment is archived before its spool file is removed. A restart archives
+//!   the full-size spool files (completed, not archived yet), then resumes the newest
+//!   `.partial`, or re-streams from the slot.
 
 use std::fs;
 use std::io::Write;
