@@ -85,8 +85,9 @@ const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// How many completed segments may wait for the store thread (each holds a segment-sized
 /// buffer, and its full spool file stays until it is archived); beyond that the receive
-/// loop waits for it.
+/// loop waits for it. Fewer for large segments: at most [`STORE_QUEUE_BYTES`] wait.
 const STORE_QUEUE: usize = 2;
+const STORE_QUEUE_BYTES: usize = 64 << 20;
 /// The spool file is written when this much is unwritten, and at each flush.
 const SPOOL_WRITE: usize = 1 << 20;
 /// Back-off after a lost connection: from the first to the last, doubling.
@@ -535,7 +536,8 @@ impl Receiver<'_> {
     fn session(&mut self, cfg: &ReplConfig) -> Result<()> {
         let ar = self.ar;
         std::thread::scope(|s| {
-            let (tx, jobs) = mpsc::sync_channel::<StoreJob>(STORE_QUEUE);
+            let depth = STORE_QUEUE.min(STORE_QUEUE_BYTES / ar.seg_size() as usize);
+            let (tx, jobs) = mpsc::sync_channel::<StoreJob>(depth);
             let (reply_tx, rx) = mpsc::channel();
             let worker = s.spawn(move || store_thread(ar, jobs, reply_tx));
             self.store = Some(StoreLink { tx, rx });
