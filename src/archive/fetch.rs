@@ -211,11 +211,12 @@ pub fn fetch_with_spool(
 
 /// The segment `walnut receive` is filling, when it is `name` (zero-padded to a segment,
 /// as PostgreSQL expects of a `.partial`), so that recovery to "latest" gets the streamed
-/// tail. Only the default receive spool of a local catalog is looked at. When it is not
+/// tail. The spool of a local catalog is looked at: the default one, or the one a receiver
+/// with another `--spool-dir` recorded (`crate::receive::spool_in_use`). When it is not
 /// there, the archive is asked once more: the receiver archives a completed segment before
 /// it removes the spool file, so a segment completed meanwhile is found there.
 fn from_receive_spool(ar: &WalArchive, name: &WalFileName) -> Result<Option<Vec<u8>>> {
-    let Some(spool) = ar.receive_spool() else {
+    let Some(spool) = crate::receive::spool_in_use(ar)? else {
         return Ok(None);
     };
     if let Some(d) = crate::receive::serve_partial(ar, &spool, name)? {

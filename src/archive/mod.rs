@@ -27,6 +27,8 @@
 //!                                         state, never listed as catalog content; see
 //!                                         crate::receive): <segment>.partial being filled,
 //!                                         status.json, .receive.lock
+//!     .receive-spool                      the path of a receive spool elsewhere
+//!                                         (`--spool-dir`; local state, crate::receive)
 //! PGDATA/pg_wal/walnut-spool/             walnut-archive's look-ahead spool (local working
 //!                                         state, not catalog content; --spool-dir)
 //!   <segment>.ok                          JSON {name, size, crc32c, compressed_size, source}

@@ -563,7 +563,7 @@ fn clean_stale_acks(spool: &Path, pg_wal: &Path) {
 pub fn push_file(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<PushOutcome> {
     check_name_fits(ar, name)?;
     let data = crate::repo::mapped::FileBytes::open(src)?;
-    push_data(ar, &data, name, Some(src))
+    push_data(ar, &data, name, Some(src), true)
 }
 
 /// Archives bytes already in memory (e.g. streamed by `walnut receive`) exactly as
@@ -572,7 +572,19 @@ pub fn push_file(ar: &WalArchive, src: &Path, name: &WalFileName) -> Result<Push
 /// ([`ErrorKind::Conflict`]).
 pub fn push_bytes(ar: &WalArchive, data: &[u8], name: &WalFileName) -> Result<PushOutcome> {
     check_name_fits(ar, name)?;
-    push_data(ar, data, name, None)
+    push_data(ar, data, name, None, true)
+}
+
+/// [`push_bytes`] without indexing: for a caller that indexes the segments it stores as
+/// one decoded stream and stores their indexes itself (`walnut receive`, through
+/// [`WalArchive::index_and_store`]), so that no segment is decoded twice.
+pub(crate) fn push_bytes_unindexed(
+    ar: &WalArchive,
+    data: &[u8],
+    name: &WalFileName,
+) -> Result<PushOutcome> {
+    check_name_fits(ar, name)?;
+    push_data(ar, data, name, None, false)
 }
 
 fn check_name_fits(ar: &WalArchive, name: &WalFileName) -> Result<()> {
@@ -588,12 +600,13 @@ fn check_name_fits(ar: &WalArchive, name: &WalFileName) -> Result<()> {
 
 /// The body of [`push_file`] and [`push_bytes`]: `src` is the file the bytes came from
 /// (its sibling in `pg_wal` may complete the index of a crossing last record), `None`
-/// for bytes from elsewhere.
+/// for bytes from elsewhere. `index`: whether a segment is indexed here.
 fn push_data(
     ar: &WalArchive,
     data: &[u8],
     name: &WalFileName,
     src: Option<&Path>,
+    index: bool,
 ) -> Result<PushOutcome> {
     let t0 = std::time::Instant::now();
     let seg_size = ar.seg_size();
@@ -625,7 +638,7 @@ fn push_data(
     // The repository creates the timeline directory when missing (never the catalog's
     // own), writes through a temp file in its small `.tmp/` and tidies temps of killed runs.
     let key = ar.data_key(name);
-    let segno = name.segno(seg_size).filter(|_| name.is_segment());
+    let segno = name.segno(seg_size).filter(|_| index && name.is_segment());
     // A local store looks first (a stat), sparing a duplicate push the compression. A
     // remote one does not spend a round trip on it: the create-only commit below finds an
     // existing object anyway (a conflict), and duplicates are rare.

@@ -17,7 +17,8 @@ pub struct ArchiveReport {
     /// Whether every file was decompressed and checked (`--verify`).
     pub verified: bool,
     pub timelines: Vec<TimelineReport>,
-    /// `walnut receive`'s position, when its status file is in the default receive spool.
+    /// `walnut receive`'s position, when its status file is in the receive spool (the
+    /// default one or the one the receiver recorded).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub receiver: Option<ReceiverReport>,
 }
@@ -25,6 +26,8 @@ pub struct ArchiveReport {
 /// What `walnut receive` last recorded in its status file (local state).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ReceiverReport {
+    /// The receive spool the status was read from.
+    pub spool: String,
     pub slot: String,
     pub timeline: TimeLineId,
     pub flushed_lsn: String,
@@ -42,9 +45,16 @@ pub struct ReceiverReport {
     pub state: String,
 }
 
-/// The receiver's report from the default receive spool of `ar`, when there is one.
+/// The receiver's report from the receive spool of `ar` (the default one, or the one a
+/// receiver recorded: `crate::receive::spool_in_use`), when there is one.
 pub fn receiver_report(ar: &WalArchive) -> Option<ReceiverReport> {
-    let spool = ar.receive_spool()?;
+    let spool = match crate::receive::spool_in_use(ar) {
+        Ok(s) => s?,
+        Err(e) => {
+            log::warn!("walnut receive's spool: {e}");
+            return None;
+        }
+    };
     let st = match crate::receive::read_status(&spool) {
         Ok(s) => s?,
         Err(e) => {
@@ -62,6 +72,7 @@ pub fn receiver_report(ar: &WalArchive) -> Option<ReceiverReport> {
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0);
     Some(ReceiverReport {
+        spool: spool.display().to_string(),
         running: crate::receive::is_running(&spool),
         slot: st.slot,
         timeline: st.timeline,

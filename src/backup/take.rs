@@ -467,12 +467,9 @@ fn copy_and_stop(
                     sess.switch_wal()?;
                 }
                 log::debug!("waiting for the start segment");
-                let tail = if standby && stream.is_some() {
-                    wait_archived_or_tail(archive, &seg, start_lsn, opts.archive_timeout, shared)?
-                } else {
-                    wait_archived(archive, &seg, opts.archive_timeout, shared)?;
-                    None
-                };
+                let want_tail = (standby && stream.is_some()).then_some(start_lsn);
+                let tail =
+                    wait_archived_or_tail(archive, &seg, want_tail, opts.archive_timeout, shared)?;
                 // The start segment being archived does not mean the older ones are:
                 // walnut-archive's look-ahead pushes segments in parallel.
                 wait_older_ready_segments(
@@ -666,40 +663,6 @@ fn copy_and_stop(
     Ok(())
 }
 
-/// [`wait_archived`] for the start segment of a STREAM PAGE backup from a standby: the
-/// segment's streamed bytes up to `start` do as well (returned) when it is not complete.
-fn wait_archived_or_tail(
-    archive: &WalArchive,
-    seg: &WalFileName,
-    start: Lsn,
-    timeout: Duration,
-    shared: &StreamShared,
-) -> Result<Option<(u64, Vec<u8>)>> {
-    let t0 = Instant::now();
-    shared.tail_request.store(start.0, Ordering::SeqCst);
-    loop {
-        if let Some(t) = shared.take_tail() {
-            return Ok(Some(t));
-        }
-        if archive.is_archived(seg)? {
-            shared.tail_request.store(0, Ordering::SeqCst);
-            return Ok(None);
-        }
-        if shared.failed.load(Ordering::SeqCst) {
-            return Err(Error::server(format!(
-                "WAL streaming failed while waiting for {seg}"
-            )));
-        }
-        if t0.elapsed() >= timeout {
-            return Err(Error::not_found(format!(
-                "the WAL up to the start LSN {start} (segment {seg}) was not streamed within {} s",
-                timeout.as_secs()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// Waits for the segments from `from`'s up to (not including) `to`'s that the server still
 /// has to archive (a `.ready` status file in `pg_wal/archive_status`). One neither archived
 /// nor pending is left for the change map to report as missing, at once.
@@ -733,16 +696,42 @@ fn wait_older_ready_segments(
     Ok(())
 }
 
+/// Waits until `seg` is archived ([`wait_archived_or_tail`] without a tail).
 fn wait_archived(
     archive: &WalArchive,
     seg: &WalFileName,
     timeout: Duration,
     shared: &StreamShared,
 ) -> Result<()> {
+    wait_archived_or_tail(archive, seg, None, timeout, shared).map(|_| ())
+}
+
+/// Waits until `seg` is archived (`Ok(None)`). With `tail = Some(start)` (the start
+/// segment of a STREAM PAGE backup from a standby), the stream is asked for the segment's
+/// streamed bytes up to `start` as well, and they do instead while the segment is not
+/// complete (`Ok(Some((segno, bytes)))`). Fails when the stream fails, or after `timeout`.
+fn wait_archived_or_tail(
+    archive: &WalArchive,
+    seg: &WalFileName,
+    tail: Option<Lsn>,
+    timeout: Duration,
+    shared: &StreamShared,
+) -> Result<Option<(u64, Vec<u8>)>> {
     let t0 = Instant::now();
+    if let Some(start) = tail {
+        shared.tail_request.store(start.0, Ordering::SeqCst);
+    }
     loop {
+        if tail.is_some() {
+            if let Some(t) = shared.take_tail() {
+                return Ok(Some(t));
+            }
+        }
         if archive.is_archived(seg)? {
-            return Ok(());
+            if tail.is_some() {
+                shared.tail_request.store(0, Ordering::SeqCst);
+            }
+            return Ok(None);
         }
         if shared.failed.load(Ordering::SeqCst) {
             // the stream's own error is reported when it is joined
@@ -751,10 +740,15 @@ fn wait_archived(
             )));
         }
         if t0.elapsed() >= timeout {
-            return Err(Error::not_found(format!(
-                "WAL segment {seg} was not archived within {} s (check archive_command and pg_stat_archiver)",
-                timeout.as_secs()
-            )));
+            let secs = timeout.as_secs();
+            return Err(Error::not_found(match tail {
+                Some(start) => format!(
+                    "the WAL up to the start LSN {start} (segment {seg}) was not streamed within {secs} s"
+                ),
+                None => format!(
+                    "WAL segment {seg} was not archived within {secs} s (check archive_command and pg_stat_archiver)"
+                ),
+            }));
         }
         std::thread::sleep(Duration::from_millis(10));
     }

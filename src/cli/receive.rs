@@ -23,7 +23,9 @@ pub struct ReceiveArgs {
     #[arg(long = "application-name", default_value = DEFAULT_APPLICATION_NAME)]
     pub application_name: String,
     /// Local directory for the segment being filled and the status file (default
-    /// `<catalog>/instances/NAME/wal/.receive`, local catalogs only).
+    /// `<catalog>/instances/NAME/wal/.receive`, local catalogs only). Another directory is
+    /// recorded in the archive's `.receive-spool` (local catalogs), where walnut-fetch and
+    /// show --archive find it.
     #[arg(long = "spool-dir")]
     pub spool_dir: Option<PathBuf>,
     /// Report flush as soon as the WAL is fsynced, to serve as a synchronous standby.

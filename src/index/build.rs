@@ -116,7 +116,7 @@ const CACHE: usize = 64;
 const BITMAP_BLOCKS: u32 = 1 << 20;
 
 /// One fork's changes while a segment is being indexed.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct ForkAcc {
     change: ForkChange,
     bits: Vec<u64>,
@@ -158,6 +158,7 @@ impl ForkAcc {
 
 /// A segment's index under construction: forks are kept in a vector with a hash map and a
 /// one-entry cache in front, since consecutive block references mostly hit the same fork.
+#[derive(Clone)]
 struct SegmentBuilder {
     idx: SegmentIndex,
     forks: Vec<(RelFork, ForkAcc)>,
@@ -505,6 +506,23 @@ impl StreamIndexer {
         while let Some(b) = self.open.pop_front() {
             self.finished.push(b.finish());
         }
+    }
+
+    /// The index of segment `segno` as it stands, while it is still open (`None` once it
+    /// was finished, or if it was never fed): `pending` (with the end of the bytes decoded
+    /// as its end) when the last record decoded began in it and is incomplete, as
+    /// [`Self::finish`] would return it, but without ending the stream. A WAL receiver
+    /// stores it when the segment arrives and the complete one when the next has come.
+    pub fn snapshot(&self, segno: u64) -> Option<SegmentIndex> {
+        let b = self.open.iter().find(|b| b.idx.segno == segno)?;
+        let mut idx = b.clone().finish();
+        if self.partial_record_segno() == Some(segno) {
+            if let Some(d) = &self.dec {
+                idx.pending = true;
+                idx.end_lsn = d.position();
+            }
+        }
+        Some(idx)
     }
 
     /// Indexes that can no longer change, in segment order.

@@ -16,29 +16,40 @@
 //! - The segment being filled is local working state, not catalog content: it lives in the
 //!   receive spool (`--spool-dir`; default `<catalog>/instances/NAME/wal/.receive/`, a
 //!   dot-directory that never lists as catalog content) as `<segment>.partial`, holding the
-//!   bytes received so far (not padded). It is written and fsynced before any flush
-//!   position covering it is reported. `walnut-fetch` serves it (zero-padded to a segment)
-//!   when recovery asks for that segment and nothing is archived under the name.
+//!   bytes received so far (not padded). It is written (in 1 MiB pieces, and in full at
+//!   each flush) and fsynced before any flush position covering it is reported.
+//!   `walnut-fetch` serves it (zero-padded to a segment) when recovery asks for that
+//!   segment and nothing is archived under the name. A spool other than the default, with
+//!   a local catalog, is recorded in the archive's [`SPOOL_POINTER`] for `walnut-fetch` and
+//!   `show --archive` ([`spool_in_use`]).
+//! - A completed segment's spool file is written to its full size and handed, with the
+//!   segment's bytes, to a store thread (at most [`STORE_QUEUE`] waiting): it archives the
+//!   segment as `walnut-archive` does, decoding it meanwhile with one decoder for the whole
+//!   stream (each index stored pending at the segment's arrival, complete when the next
+//!   has come; no segment is read back), then removes the spool file. The receive loop
+//!   never waits for the archive; what it reports flushed is fsynced in the spool.
 //! - Timeline switches: the stream's end of timeline is followed; the new timeline's
 //!   `.history` is fetched (`TIMELINE_HISTORY`) and stored, the old timeline's last segment
 //!   is stored as `<segment>.partial` (zero-padded to a segment, as PostgreSQL's own), and
 //!   streaming continues on the new timeline from the start of the switch segment.
 //! - `--synchronous`: flush is reported as soon as each batch of XLogData is fsynced, so the
-//!   receiver can be a synchronous standby. Without it, flush is reported every 200 ms and
-//!   on each segment completion; a crash of the primary then loses at most what was not yet
-//!   reported (and, with asynchronous commit on the server, what it had not sent).
+//!   receiver can be a synchronous standby. Without it, flush is reported every 200 ms; a
+//!   crash of the primary then loses at most what was not yet reported (and, with
+//!   asynchronous commit on the server, what it had not sent).
 //! - Connection loss: reconnects with back-off (1 s doubling to 30 s). SIGTERM/SIGINT: the
 //!   received bytes are fsynced, a final status update is sent, and it exits 0.
 //! - `status.json` in the spool (pid, slot, timeline, flushed LSN, server WAL end, time of
 //!   the last message) is rewritten freely; `show --archive` reports it.
 //! - SIGKILL at any point: the spool's `.partial` holds only bytes that were received, and a
-//!   completed segment is archived before its spool file is removed. A restart resumes the
-//!   `.partial` (a full-size one is archived first), or re-streams from the slot.
+//!   completed segment is archived before its spool file is removed. A restart archives
+//!   the full-size spool files (completed, not archived yet), then resumes the newest
+//!   `.partial`, or re-streams from the slot.
 
 use std::fs;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -48,7 +59,9 @@ use crate::archive::WalArchive;
 use crate::catalog::Catalog;
 use crate::durable;
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::replication::{Event, ReplConfig, ReplConnection, SegmentAssembler};
+use crate::index::build::StreamIndexer;
+use crate::index::SegmentIndex;
+use crate::replication::{CompleteSegment, Event, ReplConfig, ReplConnection, SegmentAssembler};
 use crate::server::ConnParams;
 use crate::types::{Lsn, TimeLineId, WalFileName};
 
@@ -56,6 +69,9 @@ use crate::types::{Lsn, TimeLineId, WalFileName};
 pub const RECEIVE_DIR: &str = ".receive";
 /// The status file in the spool.
 pub const STATUS_FILE: &str = "status.json";
+/// In a local catalog's archive directory: names the spool of a receiver started with a
+/// `--spool-dir` other than the default (a dot-name: local state, never catalog content).
+pub const SPOOL_POINTER: &str = ".receive-spool";
 /// The lock file held by the running receiver.
 const LOCK_FILE: &str = ".receive.lock";
 /// Default slot name.
@@ -63,8 +79,17 @@ pub const DEFAULT_SLOT: &str = "walnut_receive";
 /// Default `application_name`.
 pub const DEFAULT_APPLICATION_NAME: &str = "walnut_receive";
 
-/// How often flush is reported without `--synchronous` (and the status file rewritten).
+/// How often flush is reported without `--synchronous`.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+/// How often the status file is rewritten while streaming, at most.
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// How many completed segments may wait for the store thread (each holds a segment-sized
+/// buffer, and its full spool file stays until it is archived); beyond that the receive
+/// loop waits for it. Fewer for large segments: at most [`STORE_QUEUE_BYTES`] wait.
+const STORE_QUEUE: usize = 2;
+const STORE_QUEUE_BYTES: usize = 64 << 20;
+/// The spool file is written when this much is unwritten, and at each flush.
+const SPOOL_WRITE: usize = 1 << 20;
 /// Back-off after a lost connection: from the first to the last, doubling.
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -140,6 +165,69 @@ pub fn spool_dir(ar: &WalArchive, opts: &ReceiveOptions) -> Result<PathBuf> {
             )
         }),
     }
+}
+
+/// The spool that `walnut-fetch` and `show --archive` look at: the one the archive's
+/// [`SPOOL_POINTER`] names (written by a receiver started with another `--spool-dir`),
+/// else the default; `None` for a catalog that is not a local directory (its receiver's
+/// spool is on whichever host runs it: the catalog records no local paths). A pointer
+/// that is not a regular file or names no absolute path is an error: the spool it meant
+/// may hold the newest WAL, so it is never taken for absent.
+pub fn spool_in_use(ar: &WalArchive) -> Result<Option<PathBuf>> {
+    let Some(default) = ar.receive_spool() else {
+        return Ok(None);
+    };
+    let p = ar.dir().join(SPOOL_POINTER);
+    let meta = match fs::symlink_metadata(&p) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(default)),
+        Err(e) => return Err(Error::io("stat", &p, e)),
+    };
+    let bad = |why: &str| {
+        Error::corruption(format!(
+            "\"{}\" (where walnut receive records its --spool-dir) {why}",
+            p.display()
+        ))
+    };
+    if !meta.file_type().is_file() || meta.len() > 4096 {
+        return Err(bad("is not a small regular file"));
+    }
+    let text = fs::read(&p).ctx("read", &p)?;
+    let text = String::from_utf8(text).map_err(|_| bad("is not UTF-8"))?;
+    let dir = PathBuf::from(text.trim_end_matches('\n'));
+    if !dir.is_absolute() || text.trim_end_matches('\n').contains('\n') {
+        return Err(bad("does not hold one absolute path"));
+    }
+    Ok(Some(dir))
+}
+
+/// Records where this receiver's spool is, for [`spool_in_use`]: a non-default spool of a
+/// local catalog is named in the archive's [`SPOOL_POINTER`]; the default one removes it.
+fn record_spool(ar: &WalArchive, spool: &Path) -> Result<()> {
+    let Some(default) = ar.receive_spool() else {
+        return Ok(());
+    };
+    let p = ar.dir().join(SPOOL_POINTER);
+    if spool == default {
+        return durable::remove_file(&p);
+    }
+    let Some(text) = spool.to_str().map(|s| format!("{s}\n")) else {
+        log::warn!(
+            "the spool \"{}\" is not a UTF-8 path: walnut-fetch and show will not find it",
+            spool.display()
+        );
+        return Ok(());
+    };
+    if fs::read(&p).is_ok_and(|old| old == text.as_bytes()) {
+        return Ok(());
+    }
+    durable::write_file(&p, text.as_bytes(), durable::Replace::Yes)?;
+    log::info!(
+        "recorded the spool \"{}\" in \"{}\" for walnut-fetch and show",
+        spool.display(),
+        p.display()
+    );
+    Ok(())
 }
 
 /// Reads a receiver's status file in `spool`; `None` when there is none.
@@ -223,6 +311,7 @@ pub fn run(opts: &ReceiveOptions) -> Result<()> {
     lock.set_len(0).ctx("truncate", &lock_p)?;
     lock.write_all(format!("{}\n", std::process::id()).as_bytes())
         .ctx("write", &lock_p)?;
+    record_spool(&ar, &spool)?;
 
     let cfg = repl_config(&ar, opts);
     let mut r = Receiver {
@@ -236,6 +325,10 @@ pub fn run(opts: &ReceiveOptions) -> Result<()> {
             ..Default::default()
         },
         cur: None,
+        completed: Vec::new(),
+        dir_dirty: false,
+        store: None,
+        last_status_write: None,
     };
     let mut backoff = BACKOFF_FIRST;
     loop {
@@ -326,7 +419,16 @@ struct Receiver<'a> {
     spool: PathBuf,
     opts: &'a ReceiveOptions,
     status: ReceiverStatus,
+    /// The spool file of the segment being filled.
     cur: Option<SpoolFile>,
+    /// Spool files of completed segments not fsynced yet (the store thread may have
+    /// archived and removed them meanwhile: fsyncing an unlinked file is harmless).
+    completed: Vec<SpoolFile>,
+    /// Files were created in the spool since its last fsync.
+    dir_dirty: bool,
+    /// The store thread of the current session.
+    store: Option<StoreLink>,
+    last_status_write: Option<Instant>,
 }
 
 fn now_unix() -> f64 {
@@ -388,10 +490,20 @@ impl Receiver<'_> {
             return Ok(None);
         };
         for old in found {
-            // Left by a run killed between creating the next file and removing this one,
-            // or at a timeline switch: such a file's content is archived already.
             let p = self.spool_path(&old);
-            log::info!("removing the superseded spool file \"{}\"", p.display());
+            // A completed segment that the store thread had not archived yet (a full-size
+            // file; its bytes were received in full): archive it now. Any other older file
+            // is the last one of a timeline, archived as .partial at the switch.
+            let full = fs::symlink_metadata(&p)
+                .is_ok_and(|m| m.file_type().is_file() && m.len() == u64::from(seg));
+            if let (true, WalFileName::Partial { tli, log, seg: s }) = (full, old) {
+                let data = fs::read(&p).ctx("read", &p)?;
+                let name = WalFileName::Segment { tli, log, seg: s };
+                log::info!("archiving {name} from the spool");
+                self.store_segment(&name, &data)?;
+            } else {
+                log::info!("removing the superseded spool file \"{}\"", p.display());
+            }
             durable::remove_file(&p)?;
         }
         let p = self.spool_path(&newest);
@@ -418,9 +530,41 @@ impl Receiver<'_> {
         Ok(Some((newest, data)))
     }
 
+    /// One connection, with its store thread: streams until stopped or the connection
+    /// ends, then lets the store thread archive what it was given (or stop at its first
+    /// error) before returning.
+    fn session(&mut self, cfg: &ReplConfig) -> Result<()> {
+        let ar = self.ar;
+        std::thread::scope(|s| {
+            let depth = STORE_QUEUE.min(STORE_QUEUE_BYTES / ar.seg_size() as usize);
+            let (tx, jobs) = mpsc::sync_channel::<StoreJob>(depth);
+            let (reply_tx, rx) = mpsc::channel();
+            let worker = s.spawn(move || store_thread(ar, jobs, reply_tx));
+            self.store = Some(StoreLink { tx, rx });
+            let res = self.session_stream(cfg);
+            let mut stored = Ok(());
+            if let Some(link) = self.store.take() {
+                drop(link.tx);
+                for r in link.rx.iter() {
+                    if let StoreReply::Failed(e) = r {
+                        stored = Err(e);
+                    }
+                }
+            }
+            if worker.join().is_err() {
+                stored = Err(Error::invalid("walnut receive: the store thread panicked"));
+            }
+            match (res, stored) {
+                (Err(e), Err(se)) if !fatal(&e) && fatal(&se) => Err(se),
+                (Err(e), _) => Err(e),
+                (Ok(()), r) => r,
+            }
+        })
+    }
+
     /// One connection: identify, slot, start position, stream (following timeline
     /// switches) until stopped or the connection ends.
-    fn session(&mut self, cfg: &ReplConfig) -> Result<()> {
+    fn session_stream(&mut self, cfg: &ReplConfig) -> Result<()> {
         let mut conn = ReplConnection::connect(cfg)?;
         let id = conn.identify_system()?;
         let icfg = self.ar.config();
@@ -457,7 +601,7 @@ impl Receiver<'_> {
                 return Ok(());
             };
             log::info!("timeline {tli} ended at {switchpoint}; following timeline {next_tli}");
-            self.sync_spool()?;
+            self.sync_spool(&asm)?;
             self.store_history(&mut conn, next_tli)?;
             if let Some((pname, mut bytes)) = asm.switch_timeline(next_tli, switchpoint)? {
                 bytes.resize(seg as usize, 0);
@@ -633,17 +777,29 @@ impl Receiver<'_> {
     }
 
     /// Creates (or opens, when resuming) the spool file of the assembler's segment and
-    /// makes it hold exactly the assembler's bytes.
+    /// makes it hold exactly the assembler's bytes. It is fsynced (and a new entry in the
+    /// spool directory with it) by the next [`Self::sync_spool`], before any flush position
+    /// covering it is reported.
     fn open_spool_file(&mut self, asm: &SegmentAssembler) -> Result<()> {
         let part = asm.partial();
-        let path = self.spool_path(&part.name);
         if let Some(c) = &self.cur {
             if c.name == part.name && c.len == part.bytes.len() {
                 return Ok(());
             }
         }
+        let mut c = self.create_spool_file(part.name)?;
+        c.file.write_all(part.bytes).ctx("write", &c.path)?;
+        c.len = part.bytes.len();
+        c.dirty = true;
+        self.cur = Some(c);
+        Ok(())
+    }
+
+    /// Creates `name`'s spool file, or empties it when it exists.
+    fn create_spool_file(&mut self, name: WalFileName) -> Result<SpoolFile> {
+        let path = self.spool_path(&name);
         let existed = path.exists();
-        let mut file = fs::OpenOptions::new()
+        let file = fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
@@ -651,68 +807,131 @@ impl Receiver<'_> {
             .open(&path)
             .ctx("open", &path)?;
         file.set_len(0).ctx("truncate", &path)?;
-        file.write_all(part.bytes).ctx("write", &path)?;
-        file.sync_data().ctx("fsync", &path)?;
         if !existed {
-            durable::fsync_dir(&self.spool)?;
+            self.dir_dirty = true;
         }
-        self.cur = Some(SpoolFile {
-            name: part.name,
+        Ok(SpoolFile {
+            name,
             path,
             file,
-            len: part.bytes.len(),
-            dirty: false,
-        });
-        Ok(())
+            len: 0,
+            dirty: true,
+        })
     }
 
-    /// Appends what the assembler holds beyond the spool file's length.
-    fn append_spool(&mut self, asm: &SegmentAssembler) -> Result<()> {
+    /// Appends what the assembler holds beyond the spool file's length, once that is at
+    /// least `min` bytes: the spool is written in large pieces (the bytes are in the
+    /// assembler meanwhile), not one small write per message.
+    fn append_spool(&mut self, asm: &SegmentAssembler, min: usize) -> Result<()> {
         let part = asm.partial();
         let Some(c) = self.cur.as_mut().filter(|c| c.name == part.name) else {
             return self.open_spool_file(asm);
         };
         if let Some(more) = part.bytes.get(c.len..) {
-            if !more.is_empty() {
-                c.file
-                    .seek(SeekFrom::Start(c.len as u64))
-                    .ctx("seek", &c.path)?;
-                c.file.write_all(more).ctx("write", &c.path)?;
-                c.len += more.len();
-                c.dirty = true;
+            if more.len() >= min.max(1) {
+                c.append(more)?;
             }
         }
         Ok(())
     }
 
-    fn sync_spool(&mut self) -> Result<()> {
+    /// Makes everything received durable in the spool: writes what the assembler holds
+    /// beyond the spool file, then fsyncs the completed segments' files not yet fsynced,
+    /// the current one, and the directory when files were created in it.
+    fn sync_spool(&mut self, asm: &SegmentAssembler) -> Result<()> {
+        self.append_spool(asm, 0)?;
+        for c in std::mem::take(&mut self.completed) {
+            c.file.sync_data().ctx("fsync", &c.path)?;
+        }
         if let Some(c) = self.cur.as_mut() {
             if c.dirty {
                 c.file.sync_data().ctx("fsync", &c.path)?;
                 c.dirty = false;
             }
         }
+        if self.dir_dirty {
+            durable::fsync_dir(&self.spool)?;
+            self.dir_dirty = false;
+        }
         Ok(())
     }
 
-    /// Handles streamed bytes: completed segments are archived (durable) before the spool
-    /// file moves on to the next segment.
-    fn on_data(&mut self, asm: &mut SegmentAssembler, start: Lsn, bytes: &[u8]) -> Result<bool> {
+    /// Handles streamed bytes. A completed segment's spool file is written to its end and
+    /// handed, with the segment's bytes, to the store thread, which archives and indexes it
+    /// and then removes the file; the next segment gets a new spool file. The stream never
+    /// waits for the archive: the completed file is fsynced with the next flush, like the
+    /// partial one, so what is reported flushed is durable here either way.
+    fn on_data(&mut self, asm: &mut SegmentAssembler, start: Lsn, bytes: &[u8]) -> Result<()> {
         let done = asm.push(start, bytes)?;
-        let completed = !done.is_empty();
-        for s in &done {
-            self.store_segment(&s.name, &s.data)?;
+        if done.is_empty() {
+            return self.append_spool(asm, SPOOL_WRITE);
         }
-        if completed {
-            let old = self.cur.take();
-            self.open_spool_file(asm)?;
-            if let Some(old) = old {
-                durable::remove_file(&old.path)?;
+        for seg in done {
+            let path = self.complete_spool_file(&seg)?;
+            self.hand_over(asm, seg, path)?;
+        }
+        self.open_spool_file(asm)
+    }
+
+    /// Writes a completed segment's spool file to its full size; it waits in
+    /// `self.completed` for its fsync. Returns its path.
+    fn complete_spool_file(&mut self, seg: &CompleteSegment) -> Result<PathBuf> {
+        let WalFileName::Segment { tli, log, seg: s } = seg.name else {
+            return Err(Error::invalid(format!("{} is not a segment", seg.name)));
+        };
+        let pname = WalFileName::Partial { tli, log, seg: s };
+        let mut c = match self.cur.take() {
+            Some(c) if c.name == pname => c,
+            other => {
+                // (Not reached: the spool file always follows the assembler's segment.)
+                if let Some(o) = other {
+                    self.completed.push(o);
+                }
+                self.create_spool_file(pname)?
             }
-        } else {
-            self.append_spool(asm)?;
+        };
+        if let Some(more) = seg.data.get(c.len..) {
+            c.append(more)?;
         }
-        Ok(completed)
+        let path = c.path.clone();
+        self.completed.push(c);
+        Ok(path)
+    }
+
+    /// Queues a completed segment for the store thread (waiting while it is
+    /// [`STORE_QUEUE`] segments behind).
+    fn hand_over(
+        &mut self,
+        asm: &mut SegmentAssembler,
+        seg: CompleteSegment,
+        spool_file: PathBuf,
+    ) -> Result<()> {
+        self.poll_store(asm)?;
+        let Some(link) = self.store.as_mut() else {
+            return Err(Error::invalid("walnut receive: no store thread"));
+        };
+        if link.tx.send(StoreJob { seg, spool_file }).is_err() {
+            // The store thread ended: it says why.
+            return match link.rx.recv() {
+                Ok(StoreReply::Failed(e)) => Err(e),
+                _ => Err(Error::invalid("walnut receive: the store thread ended")),
+            };
+        }
+        Ok(())
+    }
+
+    /// Takes the store thread's answers: buffers to reuse, or its error.
+    fn poll_store(&mut self, asm: &mut SegmentAssembler) -> Result<()> {
+        let Some(link) = self.store.as_mut() else {
+            return Ok(());
+        };
+        loop {
+            match link.rx.try_recv() {
+                Ok(StoreReply::Stored(buf)) => asm.recycle(buf),
+                Ok(StoreReply::Failed(e)) => return Err(e),
+                Err(_) => return Ok(()),
+            }
+        }
     }
 
     /// Streams one timeline; `Some((next_tli, switchpoint))` at its end, `None` when
@@ -723,8 +942,9 @@ impl Receiver<'_> {
         asm: &mut SegmentAssembler,
     ) -> Result<Option<(TimeLineId, Lsn)>> {
         let tli = asm.timeline();
+        // Everything before the start is durable here already (or archived).
+        self.sync_spool(asm)?;
         let mut st = conn.start_replication(Some(&self.opts.slot), asm.position(), tli)?;
-        // Everything before the start is durable here already.
         st.report_flushed(asm.position())?;
         st.send_status()?;
         self.status.timeline = tli;
@@ -734,14 +954,14 @@ impl Receiver<'_> {
         let mut last_flush = Instant::now();
         loop {
             if stop_requested() {
-                self.sync_spool()?;
+                self.sync_spool(asm)?;
                 st.report_flushed(asm.position())?;
                 self.status.flushed_lsn = asm.position().to_string();
                 let next = st.stop()?;
                 self.write_status();
                 return Ok(next);
             }
-            let mut flush_now = false;
+            self.poll_store(asm)?;
             let mut batch = 0usize;
             let mut timeout = Duration::from_millis(500);
             // Gather what is already there (zero wait after the first event), then fsync
@@ -751,13 +971,8 @@ impl Receiver<'_> {
                 match ev {
                     Event::Data { start, bytes, .. } => {
                         self.note_message(st.server_wal_end());
-                        if self.on_data(asm, start, &bytes)? {
-                            flush_now = true;
-                        }
+                        self.on_data(asm, start, &bytes)?;
                         batch += bytes.len();
-                        if self.opts.synchronous {
-                            flush_now = true;
-                        }
                         if batch >= SYNC_BATCH_BYTES {
                             break;
                         }
@@ -775,18 +990,27 @@ impl Receiver<'_> {
                         switchpoint,
                     } => return Ok(Some((next_tli, switchpoint))),
                     Event::ServerClosed => {
-                        self.sync_spool()?;
+                        self.sync_spool(asm)?;
                         return Ok(None);
                     }
                 }
             }
-            if flush_now || last_flush.elapsed() >= FLUSH_INTERVAL {
-                self.sync_spool()?;
+            // Synchronous: every batch is fsynced and reported at once. Otherwise every
+            // FLUSH_INTERVAL, which bounds the flush lag without an fsync per message.
+            let due = if self.opts.synchronous {
+                batch > 0
+            } else {
+                last_flush.elapsed() >= FLUSH_INTERVAL
+            };
+            if due && asm.position() > st.flushed() {
+                self.sync_spool(asm)?;
                 st.report_flushed(asm.position())?;
                 st.send_status()?;
                 last_flush = Instant::now();
                 self.status.flushed_lsn = asm.position().to_string();
                 self.write_status_throttled();
+            } else if due {
+                last_flush = Instant::now();
             }
         }
     }
@@ -798,22 +1022,306 @@ impl Receiver<'_> {
         self.status.server_wal_end = wal_end.to_string();
     }
 
-    /// Rewrites the status file at most every 200 ms (synchronous mode flushes far more
+    /// Rewrites the status file at most every [`STATUS_INTERVAL`] (flushes come far more
     /// often than that).
     fn write_status_throttled(&mut self) {
-        static LAST: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
-        let due = match LAST.lock() {
-            Ok(mut g) => {
-                let due = g.is_none_or(|t| t.elapsed() >= Duration::from_millis(200));
-                if due {
-                    *g = Some(Instant::now());
-                }
-                due
-            }
-            Err(_) => true,
-        };
-        if due {
+        if self
+            .last_status_write
+            .is_none_or(|t| t.elapsed() >= STATUS_INTERVAL)
+        {
+            self.last_status_write = Some(Instant::now());
             self.write_status();
         }
+    }
+}
+
+impl SpoolFile {
+    /// Appends `more` at the file's length (one `pwrite`).
+    fn append(&mut self, more: &[u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        if more.is_empty() {
+            return Ok(());
+        }
+        self.file
+            .write_all_at(more, self.len as u64)
+            .ctx("write", &self.path)?;
+        self.len += more.len();
+        self.dirty = true;
+        Ok(())
+    }
+}
+
+/// A completed segment for the store thread, with its (full-size) spool file, which the
+/// thread removes once the segment is archived.
+struct StoreJob {
+    seg: CompleteSegment,
+    spool_file: PathBuf,
+}
+
+enum StoreReply {
+    /// Archived and indexed; the segment's buffer comes back for reuse.
+    Stored(Vec<u8>),
+    /// The thread stopped at this error; the segments after it stay in the spool (a new
+    /// session archives them first).
+    Failed(Error),
+}
+
+/// The receive loop's end of the store thread's channels.
+struct StoreLink {
+    tx: mpsc::SyncSender<StoreJob>,
+    rx: mpsc::Receiver<StoreReply>,
+}
+
+/// The store thread: archives each completed segment (compressed, create-only, durable:
+/// [`push::push_bytes_unindexed`]) while decoding it into the stream's block index (one
+/// decoder for the whole stream, so a record that crosses into the next segment is decoded
+/// once, and no archived segment is read back), stores the indexes once the segment is
+/// durable, and removes the spool file.
+fn store_thread(
+    ar: &WalArchive,
+    jobs: mpsc::Receiver<StoreJob>,
+    replies: mpsc::Sender<StoreReply>,
+) {
+    let mut ix = StreamIndex::default();
+    for job in jobs {
+        let res = store_streamed(ar, &mut ix, &job.seg).and_then(|()| {
+            // No directory fsync: should the removal be lost, a restart archives the file
+            // again, which is success (the same content).
+            match fs::remove_file(&job.spool_file) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(Error::io("remove", &job.spool_file, e)),
+            }
+        });
+        let reply = match res {
+            Ok(()) => StoreReply::Stored(job.seg.data),
+            Err(e) => StoreReply::Failed(e),
+        };
+        let failed = matches!(reply, StoreReply::Failed(_));
+        if replies.send(reply).is_err() || failed {
+            break;
+        }
+    }
+}
+
+/// Archives one completed segment and stores the indexes it finishes.
+fn store_streamed(ar: &WalArchive, ix: &mut StreamIndex, seg: &CompleteSegment) -> Result<()> {
+    let seg_size = ar.seg_size();
+    let tli = seg.name.tli();
+    let segno = seg
+        .name
+        .segno(seg_size)
+        .ok_or_else(|| Error::invalid(format!("{} is not a segment", seg.name)))?;
+    let (stored, (indexes, fresh)) = std::thread::scope(|s| {
+        let decode = s.spawn(|| ix.feed(seg_size, tli, segno, &seg.data));
+        let stored = push::push_bytes_unindexed(ar, &seg.data, &seg.name);
+        let indexes = decode.join().unwrap_or_else(|_| {
+            (
+                vec![(
+                    segno,
+                    Err(Error::corruption(format!(
+                        "{}: the WAL decoder panicked",
+                        seg.name
+                    ))),
+                )],
+                true,
+            )
+        });
+        (stored, indexes)
+    });
+    match stored? {
+        PushOutcome::AlreadyArchived => log::info!("{} was archived already", seg.name),
+        _ => log::debug!("stored {}", seg.name),
+    }
+    // Indexes only once the segment is durable, as walnut-archive stores them.
+    for (n, built) in indexes {
+        ar.index_and_store(tli, n, &[], Some(built));
+    }
+    if fresh && segno > 0 {
+        // The previous segment's index may be pending since an earlier run (or was left
+        // pending by walnut-archive): this segment completes it.
+        ar.complete_pending(tli, segno - 1, Some((segno, &seg.data)));
+    }
+    Ok(())
+}
+
+/// The block index of the received stream: one [`StreamIndexer`] fed every completed
+/// segment in order. A segment's index is stored when it arrives, pending if its last
+/// record continues into the next segment, and complete once that record is decoded.
+#[derive(Default)]
+struct StreamIndex {
+    cur: Option<StreamIndexer>,
+    tli: TimeLineId,
+    /// Segments whose complete index was stored already (at their arrival).
+    complete: Vec<u64>,
+}
+
+impl StreamIndex {
+    /// Decodes segment `segno` of `tli`: the indexes to store now, oldest first (an error
+    /// for a segment that cannot be indexed: an `.idx-missing` marker), and whether decoding
+    /// started afresh at this segment (not following the previous one).
+    fn feed(
+        &mut self,
+        seg_size: u32,
+        tli: TimeLineId,
+        segno: u64,
+        data: &[u8],
+    ) -> (Vec<(u64, Result<SegmentIndex>)>, bool) {
+        let follows = self.tli == tli
+            && self
+                .cur
+                .as_ref()
+                .is_some_and(|i| i.next_segno() == Some(segno));
+        if !follows {
+            self.cur = None;
+            self.tli = tli;
+            self.complete.clear();
+        }
+        let ix = self.cur.get_or_insert_with(|| StreamIndexer::new(tli));
+        let mut out = Vec::new();
+        if let Err(e) = ix.feed_segment(segno, data) {
+            self.cur = None;
+            out.push((segno, Err(e)));
+            return (out, !follows);
+        }
+        for f in ix.take_finished() {
+            if !self.complete.contains(&f.segno) {
+                out.push((f.segno, Ok(f)));
+            }
+        }
+        // As index_segment: a segment whose WAL ends early, with no WAL switch, is damaged
+        // (its index would miss the changes after that point).
+        let snap = ix.snapshot(segno);
+        let early_end = ix.end_of_wal().filter(|e| {
+            e.reason != crate::wal::EndReason::Stopped && e.lsn.segno(seg_size) == segno
+        });
+        match (early_end, snap) {
+            (Some(end), s) if !s.as_ref().is_some_and(|s| s.switched) => {
+                self.cur = None;
+                out.push((
+                    segno,
+                    Err(Error::corruption(format!(
+                        "WAL segment {}: {end}, before the end of the segment and with no WAL \
+                         switch: the file is damaged or incomplete, so its block index would \
+                         miss changes",
+                        WalFileName::segment(tli, segno, seg_size)
+                    ))),
+                ));
+            }
+            (_, Some(s)) => {
+                if !s.pending {
+                    self.complete.retain(|n| n + 4 > segno);
+                    self.complete.push(segno);
+                }
+                out.push((segno, Ok(s)));
+            }
+            (_, None) => out.push((
+                segno,
+                Err(Error::corruption(format!(
+                    "WAL segment {}: decoding produced no index",
+                    WalFileName::segment(tli, segno, seg_size)
+                ))),
+            )),
+        }
+        (out, !follows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::build::index_segment;
+    use crate::wal::synth::{SynthBlock, SynthRecord, SynthWal};
+    use crate::wal::RelFileLocator;
+
+    const SEG: u32 = 1 << 20;
+
+    fn heap(n: u32, len: usize) -> SynthRecord {
+        SynthRecord {
+            rmid: 10,
+            info: 0x00,
+            xid: 700 + n,
+            blocks: vec![SynthBlock {
+                rel: RelFileLocator {
+                    spc: 1663,
+                    db: 5,
+                    rel: 16384 + n % 3,
+                },
+                fork: 0,
+                blkno: n,
+                data: vec![n as u8; len],
+                ..Default::default()
+            }],
+            main_data: vec![1, 2, 3],
+        }
+    }
+
+    /// Segments 3 to 6: records crossing from 3 into 4 and from 4 into 5 (a big one), a
+    /// segment that ends exactly after a record would be rare, so 5 and 6 just continue.
+    fn wal() -> Vec<Vec<u8>> {
+        let mut w = SynthWal::new(crate::types::PgVersion::V15, SEG, 8192, 3);
+        let mut i = 0;
+        while w.pos().0 < 4 * SEG as u64 - 5000 {
+            w.push(&heap(i, 1 + (i as usize * 37) % 3000));
+            i += 1;
+        }
+        w.push(&SynthRecord {
+            rmid: 21,
+            info: 0x00,
+            xid: 1,
+            blocks: Vec::new(),
+            main_data: vec![0x5A; 3 * SEG as usize / 2],
+        });
+        while w.pos().0 < 7 * SEG as u64 + 100 {
+            w.push(&heap(i, 1 + (i as usize * 53) % 2000));
+            i += 1;
+        }
+        let b = w.bytes();
+        (0..4)
+            .map(|k| b[k * SEG as usize..(k + 1) * SEG as usize].to_vec())
+            .collect()
+    }
+
+    /// The receiver's stream index stores, for every segment, a pending index at its
+    /// arrival and then exactly the index the archive path (`index_segment` with the next
+    /// segments at hand) builds; a segment that does not follow restarts decoding.
+    #[test]
+    fn stream_index_matches_the_archive_path() {
+        let segs = wal();
+        let seg = |n: u64| segs[(n - 3) as usize].clone();
+        let want = |n: u64| {
+            let mut next = |k: u64| Ok((k <= 6).then(|| seg(k)));
+            index_segment(1, n, &seg(n), &mut next).unwrap()
+        };
+        let mut ix = StreamIndex::default();
+        let mut stored: Vec<(u64, SegmentIndex)> = Vec::new();
+        for n in 3..=6 {
+            let (out, fresh) = ix.feed(SEG, 1, n, &seg(n));
+            assert_eq!(fresh, n == 3);
+            stored.extend(out.into_iter().map(|(k, r)| (k, r.unwrap())));
+        }
+        for n in 3..=5 {
+            let complete: Vec<_> = stored
+                .iter()
+                .filter(|(k, s)| *k == n && !s.pending)
+                .collect();
+            assert_eq!(complete.len(), 1, "one complete index of {n}");
+            assert_eq!(complete[0].1, want(n), "segment {n}");
+        }
+        // Segment 6's last record continues into 7: pending, as the archive path says.
+        let mut none = |_: u64| Ok(None);
+        let six = index_segment(1, 6, &seg(6), &mut none).unwrap();
+        assert!(six.pending);
+        assert_eq!(stored.last().unwrap(), &(6, six));
+        // A gap: decoding starts afresh, and that is reported.
+        let (out, fresh) = ix.feed(SEG, 1, 5, &seg(5));
+        assert!(fresh);
+        assert!(out.iter().all(|(k, r)| *k == 5 && r.is_ok()));
+        // Damage: the segment gets an error (an .idx-missing marker), the next starts afresh.
+        let mut bad = seg(6);
+        bad[SEG as usize / 2..].fill(0);
+        let (out, _) = ix.feed(SEG, 1, 6, &bad);
+        assert!(matches!(out.last(), Some((6, Err(_)))), "{out:?}");
+        assert!(ix.cur.is_none());
     }
 }

@@ -32,6 +32,8 @@ pub struct SegmentAssembler {
     seg_size: u32,
     segno: u64,
     buf: Vec<u8>,
+    /// A segment-sized buffer handed back by the consumer, for the next segment.
+    spare: Option<Vec<u8>>,
 }
 
 fn check_size(seg_size: u32) -> Result<()> {
@@ -61,6 +63,7 @@ impl SegmentAssembler {
             seg_size,
             segno: start.segno(seg_size),
             buf: Vec::with_capacity(seg_size as usize),
+            spare: None,
         })
     }
 
@@ -91,7 +94,25 @@ impl SegmentAssembler {
             seg_size,
             segno,
             buf,
+            spare: None,
         })
+    }
+
+    /// Hands back the buffer of a [`CompleteSegment`] the consumer is done with: the next
+    /// segment is assembled in it, sparing an allocation (and the page faults of a fresh
+    /// 16 MiB buffer) per segment.
+    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+        if buf.capacity() >= self.seg_size as usize {
+            buf.clear();
+            self.spare = Some(buf);
+        }
+    }
+
+    fn fresh_buffer(&mut self) -> Vec<u8> {
+        self.spare
+            .take()
+            .filter(|b| b.capacity() >= self.seg_size as usize)
+            .unwrap_or_else(|| Vec::with_capacity(self.seg_size as usize))
     }
 
     pub fn timeline(&self) -> TimeLineId {
@@ -124,8 +145,8 @@ impl SegmentAssembler {
             self.buf.extend_from_slice(&bytes[..n]);
             bytes = &bytes[n..];
             if self.buf.len() == self.seg_size as usize {
-                let data =
-                    std::mem::replace(&mut self.buf, Vec::with_capacity(self.seg_size as usize));
+                let fresh = self.fresh_buffer();
+                let data = std::mem::replace(&mut self.buf, fresh);
                 done.push(CompleteSegment {
                     name: WalFileName::segment(self.tli, self.segno, self.seg_size),
                     data,
@@ -178,10 +199,8 @@ impl SegmentAssembler {
             None
         } else {
             let name = self.partial().name;
-            Some((
-                name,
-                std::mem::replace(&mut self.buf, Vec::with_capacity(self.seg_size as usize)),
-            ))
+            let fresh = self.fresh_buffer();
+            Some((name, std::mem::replace(&mut self.buf, fresh)))
         };
         self.tli = next_tli;
         Ok(tail)
@@ -250,6 +269,28 @@ mod tests {
         assert!(e.message().contains("0/65"), "{e}");
         assert!(a.push(Lsn(99), &[1; 10]).is_err());
         assert_eq!(a.position(), Lsn(100));
+    }
+
+    #[test]
+    fn recycled_buffers_are_reused() {
+        let mut a = SegmentAssembler::new(1, SEG, Lsn(0)).unwrap();
+        let data = wal(3 * SEG as usize, 5);
+        let s = SEG as usize;
+        let first = a.push(Lsn(0), &data[..s]).unwrap().remove(0);
+        let ptr = first.data.as_ptr();
+        a.recycle(first.data);
+        // The segment after the next one is assembled in the recycled buffer.
+        a.push(Lsn(SEG as u64), &data[s..2 * s]).unwrap();
+        let third = a
+            .push(Lsn(2 * SEG as u64), &data[2 * s..])
+            .unwrap()
+            .remove(0);
+        assert_eq!(third.data.as_ptr(), ptr, "the recycled buffer was reused");
+        assert_eq!(third.data, data[2 * s..]);
+        // A buffer too small for a segment is not taken.
+        a.recycle(Vec::with_capacity(10));
+        a.push(Lsn(3 * SEG as u64), &[7; 100]).unwrap();
+        assert_eq!(a.partial().bytes, &[7; 100]);
     }
 
     #[test]

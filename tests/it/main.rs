@@ -25,6 +25,7 @@ mod lifecycle_util;
 mod matrix;
 mod pgcontrol;
 mod receive;
+mod receive_spool;
 mod replication;
 mod restore_hardening;
 mod restore_incremental;

@@ -39,9 +39,13 @@ impl Receiver {
             .collect();
         args.extend(env.pg.conn_args());
         args.extend(extra.iter().map(|s| s.to_string()));
+        let spool = match extra.iter().position(|a| *a == "--spool-dir") {
+            Some(i) => PathBuf::from(extra[i + 1]),
+            None => env.cat.join("instances/db/wal/.receive"),
+        };
         let mut r = Receiver {
             child: None,
-            spool: env.cat.join("instances/db/wal/.receive"),
+            spool,
             log: env.path("receive.log"),
             args,
         };
@@ -229,13 +233,29 @@ fn count(pg: &Pg, sql: &str) -> i64 {
 
 /// pgbench for 30 s with the receiver as the only WAL path, then a crash of the primary.
 fn crash_scenario(tag: &str, synchronous: bool) {
+    crash_scenario_in(tag, synchronous, false);
+}
+
+/// [`crash_scenario`]; with `own_spool` the receiver's spool is a directory outside the
+/// catalog (`--spool-dir`), which walnut-fetch (and `show --archive`) must find by the
+/// pointer the receiver records: the tail of the WAL is only there.
+pub(super) fn crash_scenario_in(tag: &str, synchronous: bool, own_spool: bool) {
     let conf = if synchronous {
         "synchronous_standby_names = 'walnut_receive'\nwal_keep_size = '1GB'\n"
     } else {
         "wal_keep_size = '1GB'\n"
     };
     let mut env = Env::with(tag, &["-k"], conf);
-    let mut rx = Receiver::start(&env, if synchronous { &["--synchronous"] } else { &[] });
+    let spool = pg_mkdir(&env.path("own-spool"));
+    let spool_s = spool.to_str().unwrap().to_string();
+    let mut extra: Vec<&str> = Vec::new();
+    if synchronous {
+        extra.push("--synchronous");
+    }
+    if own_spool {
+        extra.extend(["--spool-dir", spool_s.as_str()]);
+    }
+    let mut rx = Receiver::start(&env, &extra);
     rx.wait_streaming();
     if synchronous {
         let t0 = Instant::now();
@@ -283,6 +303,30 @@ fn crash_scenario(tag: &str, synchronous: bool) {
     rx.stop();
     let status = rx.status().unwrap();
     assert_eq!(status["state"], "stopped");
+    let default_spool = env.cat.join("instances/db/wal/.receive");
+    if own_spool {
+        // The tail is in the own spool only; show finds the receiver there.
+        let tail_files = |d: &std::path::Path| {
+            std::fs::read_dir(d)
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok())
+                        .filter(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+                        .count()
+                })
+                .unwrap_or(0)
+        };
+        assert_eq!(tail_files(&spool), 1, "the own spool holds the tail");
+        assert_eq!(
+            tail_files(&default_spool),
+            0,
+            "nothing in the default spool"
+        );
+        let (_, j) = show_archive(&env);
+        assert_eq!(j["receiver"]["spool"], spool_s.as_str(), "{j}");
+        assert_eq!(j["receiver"]["state"], "stopped", "{j}");
+    } else {
+        assert!(!env.cat.join("instances/db/wal/.receive-spool").exists());
+    }
 
     eprintln!("acknowledged {last}, {before} before the last flush");
     let r = restore_latest(&env, "restored");
@@ -297,6 +341,26 @@ fn crash_scenario(tag: &str, synchronous: bool) {
     let max = count(&r, "select coalesce(max(v), 0) from acked");
     assert!(max <= last + 1, "restored {max}, acknowledged {last}");
     drop(r);
+    if own_spool {
+        // A pointer that names no absolute path is damage: walnut-fetch stops recovery (200)
+        // rather than call the segment absent.
+        let seg = env.archive().seg_size();
+        let tail: Lsn = status["flushed_lsn"].as_str().unwrap().parse().unwrap();
+        let name = WalFileName::segment(1, tail.segno(seg), seg);
+        let fetch = || {
+            let mut c = as_pg(walnut_bin("walnut-fetch"));
+            c.args(["-B", env.cat(), "--instance", "db", "--prefetch", "0"])
+                .arg(name.to_string())
+                .arg(env.path("fetched"));
+            run(&mut c)
+        };
+        let out = fetch();
+        assert!(out.status.success(), "{}", super::env::stderr(&out));
+        let pointer = env.cat.join("instances/db/wal/.receive-spool");
+        std::fs::write(&pointer, "relative/spool\n").unwrap();
+        let out = fetch();
+        assert_eq!(out.status.code(), Some(200), "{}", super::env::stderr(&out));
+    }
 }
 
 #[test]
