@@ -30,6 +30,9 @@
 #            the server's Nagle waiting for our delayed ACK on kept-alive connections
 #            (curl opens a fresh connection each time, in quick-ACK mode): fixed by
 #            TCP_QUICKACK in src/repo/s3/net.rs.
+# After merging into main (same machine, load from other jobs, 9 segments of 8 MB lz4):
+#   archive 30 ms vs bare PUT 13 ms (2.31x); pgbackrest archive-push (lz4, TLS through
+#   stunnel) 211 ms; FULL 5.94x bare PUTs; restore FULL+PAGE 6984 ms vs 25319 ms (3.63x).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
