@@ -201,7 +201,19 @@ impl Catalog {
         };
         let repo = S3Repo::new((**cfg).clone())?;
         let url = cfg.url();
-        let bytes = match repo.get(CATALOG_MARKER) {
+        // The marker and the server probe record are read at once (one round trip, not two:
+        // every walnut-archive and walnut-fetch call opens the catalog).
+        let (marker, probe) = std::thread::scope(|s| {
+            let probe = s.spawn(|| crate::repo::s3::read_probe(&repo));
+            let marker = repo.get(CATALOG_MARKER);
+            let probe = probe.join().unwrap_or_else(|_| {
+                Err(Error::invalid(format!(
+                    "\"{url}\": reading the server probe record panicked"
+                )))
+            });
+            (marker, probe)
+        });
+        let bytes = match marker {
             Ok(b) => b,
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 return Err(Error::invalid(format!(
@@ -215,7 +227,7 @@ impl Catalog {
                 "\"{url}/{CATALOG_MARKER}\" is not a valid walnut catalog marker: {why}"
             ))
         })?;
-        if let Some(p) = crate::repo::s3::read_probe(&repo)? {
+        if let Some(p) = probe? {
             repo.set_conditional(p.conditional_create);
         }
         Ok(Catalog {

@@ -703,17 +703,20 @@ fn push_data(
     };
     if let Some(segno) = segno {
         let t_write = t0.elapsed();
-        ar.index_and_store(name.tli(), segno, data, built);
+        // Storing this index and looking at the previous segment's touch different objects:
+        // both at once (on object storage each is a round trip).
+        std::thread::scope(|s| {
+            if segno > 0 {
+                s.spawn(|| ar.complete_pending(name.tli(), segno - 1, Some((segno, data))));
+            }
+            ar.index_and_store(name.tli(), segno, data, built);
+        });
         let t_index = t0.elapsed();
-        if segno > 0 {
-            ar.complete_pending(name.tli(), segno - 1, Some((segno, data)));
-        }
         log::debug!(
-            "{name}: read+compress+index {:?}, durable write {:?}, index store {:?}, previous segment {:?}",
+            "{name}: read+compress+index {:?}, durable write {:?}, index store and previous segment {:?}",
             t_cpu,
             t_write - t_cpu,
             t_index - t_write,
-            t0.elapsed() - t_index
         );
     }
     Ok(outcome)
