@@ -53,6 +53,12 @@ mkdir -p "$BIN"
 cp "$REPO"/target/release/{walnut,walnut-archive,walnut-fetch} "$BIN/"
 chmod 755 "$BIN" "$BIN"/*
 
+# REUSE=1: keep the catalog, the old-copy image and the backups of an earlier run (KEEP=1)
+if [ -n "${REUSE:-}" ] && [ -f "$X/ids" ] && [ -d "$X/image" ]; then
+  read -r FULL PAGE < "$X/ids"
+  W() { as_pg "$BIN/walnut" "$@"; }
+  PGBR="$PGBACKREST --config=$CONF --stanza=ri"
+else
 pg_stop "$B" "$P"
 for d in "$X"/copy "$X"/r-*; do [ -d "$d" ] && pg_stop "$B" "$d"; done
 rm -rf "$P" "$X"; mkdir -p "$P" "$X" "$PGBR_DIR"/{repo,log,lock,spool} "$SOCK_DIR"
@@ -111,6 +117,8 @@ as_pg $PGBR --type=incr --process-max="$JOBS" --compress-type=none backup
 q "select pg_switch_wal()" >/dev/null
 sleep 2
 pg_stop "$B" "$P"
+echo "$FULL $PAGE" > "$X/ids"
+fi
 
 image() { rm -rf "$1"; cp -a "$X/image" "$1"; sync; }
 timed() { # NAME CMD...
@@ -124,7 +132,8 @@ timed() { # NAME CMD...
 # ROUNDS rounds of the five steps; each restored directory is removed once timed (disk)
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f\n", a/b}'; }
 med() { stats | cut -d' ' -f1; }
-mkdir -p "$X/rounds"
+rm -rf "$X/rounds"; mkdir -p "$X/rounds"
+cc -O2 -pthread -o "$X/deepread" "$HERE/deepread.c"
 for r in $(seq 1 "$ROUNDS"); do
   FULL_MS=$(timed walnut_full W restore -B "$CAT" --instance bench -i "$PAGE" -D "$X/r-full" -j "$JOBS")
   rm -rf "$X/r-full"
@@ -145,19 +154,42 @@ for r in $(seq 1 "$ROUNDS"); do
   image "$X/r-read"
   RD_MS=$(timed dest_read_cold sh -c "find '$X/r-read' -type f -print0 | xargs -0 -P$JOBS -n20 cat > /dev/null")
   rm -rf "$X/r-read"
-  echo "$r $FULL_MS $CKS_MS $LSN_MS $PF_MS $PD_MS $RD_MS" >> "$X/rounds/all"
+  # the real floor: the same read with deep parallelism (16 readers, WILLNEED 256 MiB ahead)
+  image "$X/r-read"
+  RDD_MS=$(timed dest_read_deep "$X/deepread" "$X/r-read" 16 256 1024)
+  rm -rf "$X/r-read"
+  # BEFORE_BIN: the same two incremental restores with an older build, in the same round
+  BC_MS=- BL_MS=-
+  if [ -n "${BEFORE_BIN:-}" ]; then
+    WB() { as_pg "$BEFORE_BIN/walnut" "$@"; }
+    image "$X/r-cks"
+    BC_MS=$(timed before_checksum WB restore -B "$CAT" --instance bench -i "$PAGE" -D "$X/r-cks" -j "$JOBS" --incremental-mode checksum)
+    rm -rf "$X/r-cks"
+    image "$X/r-lsn"
+    BL_MS=$(timed before_lsn WB restore -B "$CAT" --instance bench -i "$PAGE" -D "$X/r-lsn" -j "$JOBS" --incremental-mode lsn)
+    rm -rf "$X/r-lsn"
+    echo "$(ratio "$BL_MS" "$FULL_MS")" >> "$X/rounds/blsn"
+    echo "$(ratio "$BC_MS" "$FULL_MS")" >> "$X/rounds/bcks"
+  fi
+  echo "$(ratio "$RDD_MS" "$FULL_MS")" >> "$X/rounds/rdd"
+  echo "$r $FULL_MS $CKS_MS $LSN_MS $PF_MS $PD_MS $RD_MS $RDD_MS $BC_MS $BL_MS" >> "$X/rounds/all"
   echo "$(ratio "$RD_MS" "$FULL_MS")" >> "$X/rounds/rd"
   echo "$(ratio "$LSN_MS" "$FULL_MS")" >> "$X/rounds/lsn"
   echo "$(ratio "$CKS_MS" "$FULL_MS")" >> "$X/rounds/cks"
   echo "$(ratio "$PD_MS" "$PF_MS")" >> "$X/rounds/pd_pf"
   echo "$(ratio "$PD_MS" "$FULL_MS")" >> "$X/rounds/pd_wf"
 done
-echo "round walnut_full checksum lsn pgbr_full pgbr_delta dest_read_cold (ms)"; cat "$X/rounds/all"
+echo "round walnut_full checksum lsn pgbr_full pgbr_delta dest_read_cold dest_read_deep before_checksum before_lsn (ms)"; cat "$X/rounds/all"
 # medians of the same-round ratios
 report1 ratio_lsn_to_full "$(med < "$X/rounds/lsn")" x
 report1 ratio_checksum_to_full "$(med < "$X/rounds/cks")" x
 report1 ratio_pgbr_delta_to_pgbr_full "$(med < "$X/rounds/pd_pf")" x
 report1 ratio_pgbr_delta_to_walnut_full "$(med < "$X/rounds/pd_wf")" x
 report1 ratio_dest_read_cold_to_full "$(med < "$X/rounds/rd")" x
+report1 ratio_dest_read_deep_to_full "$(med < "$X/rounds/rdd")" x
+if [ -n "${BEFORE_BIN:-}" ]; then
+  report1 ratio_before_lsn_to_full "$(med < "$X/rounds/blsn")" x
+  report1 ratio_before_checksum_to_full "$(med < "$X/rounds/bcks")" x
+fi
 cat "$RESULTS_FILE"
 [ -n "${KEEP:-}" ] || rm -rf "$X"/r-* "$X/image"

@@ -28,6 +28,7 @@ mod replication;
 mod restore_hardening;
 mod restore_incremental;
 mod restore_partial;
+mod restore_partial_hardening;
 mod s3;
 mod s3_faults;
 mod s3_lifecycle;
