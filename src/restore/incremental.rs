@@ -489,18 +489,11 @@ impl LsnSink<'_, '_> {
     fn hint(&self, from: usize) {
         let Some((obj, size)) = self.full else { return };
         let bs = self.cmp.bs as u64;
-        let v = &self.needed[from..];
-        let mut i = 0;
-        while i < v.len() {
-            let mut n = 1;
-            while v.get(i + n) == Some(&(v[i] + n as u32)) {
-                n += 1;
-            }
-            let off = v[i] as u64 * bs;
+        for (b, n) in spans(&self.needed[from..], (DEST_READ as u64 / bs).max(1) as u32) {
+            let off = b as u64 * bs;
             if off < size {
                 obj.will_need(off, (n as u64 * bs).min(size - off));
             }
-            i += n;
         }
     }
 
@@ -842,41 +835,67 @@ fn fetch_blocks(
     cmp: &mut Compare<'_>,
 ) -> Result<()> {
     let bs = cmp.bs as u32;
-    let max_run = (DEST_READ / bs as usize).max(1) as u32;
-    let past_end = |b: u32, n: u32| (b as u64 + n as u64) * bs as u64 > src.size;
+    let in_full = |b: u32| (b as u64 + 1) * bs as u64 <= src.size;
+    // blocks past the FULL's end are zero pages
+    let split = needed.partition_point(|&b| in_full(b));
+    for &b in &needed[split..] {
+        cmp.zero(b)?;
+    }
+    let needed = &needed[..split];
     let mut buf: Vec<u8> = Vec::new();
     let mut i = 0;
-    while i < needed.len() {
-        let b = needed[i];
-        if past_end(b, 1) {
-            cmp.zero(b)?;
-            i += 1;
-            continue;
-        }
-        let mut n = 1u32;
-        while n < max_run && needed.get(i + n as usize) == Some(&(b + n)) && !past_end(b, n + 1) {
-            n += 1;
-        }
+    for (b, n) in spans(needed, (DEST_READ / bs as usize).max(1) as u32) {
         let len = n as usize * bs as usize;
         if buf.len() < len {
             buf.resize(len, 0);
         }
         rebuild::read_plain_blocks(obj, src, b, n, bs, &mut buf)?;
-        for (j, page) in buf[..len].chunks_exact(bs as usize).enumerate() {
-            let blkno = (first_block + b as u64 + j as u64) as u32;
-            if let PageCheck::Bad(why) = check_page(page, blkno, true) {
-                return Err(Error::corruption(format!(
-                    "{}: block {}: {why} (backup {})",
-                    src.path().display(),
-                    b as usize + j,
-                    src.backup
-                )));
+        // the needed blocks of the span: checked, then runs of them compared and written
+        while i < needed.len() && needed[i] < b + n {
+            let mut k = 1;
+            while needed.get(i + k) == Some(&(needed[i] + k as u32)) {
+                k += 1;
             }
+            let lo = (needed[i] - b) as usize * bs as usize;
+            let data = &buf[lo..lo + k * bs as usize];
+            for (j, page) in data.chunks_exact(bs as usize).enumerate() {
+                let blk = needed[i] as u64 + j as u64;
+                if let PageCheck::Bad(why) = check_page(page, (first_block + blk) as u32, true) {
+                    return Err(Error::corruption(format!(
+                        "{}: block {blk}: {why} (backup {})",
+                        src.path().display(),
+                        src.backup
+                    )));
+                }
+            }
+            cmp.sync(data, needed[i] as u64 * bs as u64)?;
+            i += k;
         }
-        cmp.sync(&buf[..len], b as u64 * bs as u64)?;
-        i += n as usize;
     }
     Ok(())
+}
+
+/// Blocks at most this far apart are read in one piece: reading the gap costs less than
+/// one more random read.
+const SPAN_GAP: u32 = 16;
+
+/// The ascending blocks `v` as spans `(first, count)` to read at once: a span takes the next
+/// block while the gap to it is at most [`SPAN_GAP`] and the span stays within `max`
+/// blocks.
+fn spans(v: &[u32], max: u32) -> Vec<(u32, u32)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < v.len() {
+        let first = v[i];
+        let mut last = first;
+        i += 1;
+        while i < v.len() && v[i] - last <= SPAN_GAP + 1 && v[i] - first < max {
+            last = v[i];
+            i += 1;
+        }
+        out.push((first, last - first + 1));
+    }
+    out
 }
 
 /// Runs `f(k)` for `k` in `0..n` on up to `jobs` threads; the results in order, or the
@@ -1066,6 +1085,17 @@ mod tests {
                 assert!(got[4 * bs..].iter().all(|&b| b == 7));
             }
         }
+    }
+
+    #[test]
+    fn spans_bridge_small_gaps_only() {
+        assert_eq!(spans(&[], 128), vec![]);
+        assert_eq!(spans(&[5], 128), vec![(5, 1)]);
+        // a gap of 16 blocks is bridged, one of 17 is not
+        assert_eq!(spans(&[0, 17, 35], 128), vec![(0, 18), (35, 1)]);
+        // a span never exceeds max blocks
+        let v: Vec<u32> = (0..300).collect();
+        assert_eq!(spans(&v, 128), vec![(0, 128), (128, 128), (256, 44)]);
     }
 
     #[test]
