@@ -124,7 +124,9 @@ image() { rm -rf "$1"; cp -a "$X/image" "$1"; sync; }
 timed() { # NAME CMD...
   local name=$1; shift
   wait_quiet; drop_caches
-  local t; t=$(now_ns); "$@" > "$X/$name.out" 2> "$X/$name.log"; sync
+  local t; t=$(now_ns)
+  "$@" > "$X/$name.out" 2> "$X/$name.log" || { echo "$name FAILED:" >&2; tail -5 "$X/$name.log" >&2; exit 1; }
+  sync
   local ms; ms=$(elapsed_ms "$t")
   report1 "${name}_ms" "$ms" ms >&2
   echo "$ms"

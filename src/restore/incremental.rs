@@ -843,23 +843,18 @@ fn fetch_blocks(
     }
     let needed = &needed[..split];
     let mut buf: Vec<u8> = Vec::new();
-    let mut i = 0;
-    for (b, n) in spans(needed, (DEST_READ / bs as usize).max(1) as u32) {
+    for ((b, n), runs) in reads(needed, (DEST_READ / bs as usize).max(1) as u32) {
         let len = n as usize * bs as usize;
         if buf.len() < len {
             buf.resize(len, 0);
         }
         rebuild::read_plain_blocks(obj, src, b, n, bs, &mut buf)?;
         // the needed blocks of the span: checked, then runs of them compared and written
-        while i < needed.len() && needed[i] < b + n {
-            let mut k = 1;
-            while needed.get(i + k) == Some(&(needed[i] + k as u32)) {
-                k += 1;
-            }
-            let lo = (needed[i] - b) as usize * bs as usize;
-            let data = &buf[lo..lo + k * bs as usize];
+        for (first, k) in runs {
+            let lo = (first - b) as usize * bs as usize;
+            let data = &buf[lo..lo + k as usize * bs as usize];
             for (j, page) in data.chunks_exact(bs as usize).enumerate() {
-                let blk = needed[i] as u64 + j as u64;
+                let blk = first as u64 + j as u64;
                 if let PageCheck::Bad(why) = check_page(page, (first_block + blk) as u32, true) {
                     return Err(Error::corruption(format!(
                         "{}: block {blk}: {why} (backup {})",
@@ -868,11 +863,31 @@ fn fetch_blocks(
                     )));
                 }
             }
-            cmp.sync(data, needed[i] as u64 * bs as u64)?;
-            i += k;
+            cmp.sync(data, first as u64 * bs as u64)?;
         }
     }
     Ok(())
+}
+
+/// [`spans`] of `needed`, each with the runs `(first, count)` of consecutive needed blocks
+/// inside it (a run never crosses the end of its span).
+fn reads(needed: &[u32], max: u32) -> Vec<((u32, u32), Vec<(u32, u32)>)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    for (b, n) in spans(needed, max) {
+        let mut runs = Vec::new();
+        while i < needed.len() && needed[i] < b + n {
+            let first = needed[i];
+            let mut k = 1u32;
+            while needed.get(i + k as usize) == Some(&(first + k)) && first + k < b + n {
+                k += 1;
+            }
+            runs.push((first, k));
+            i += k as usize;
+        }
+        out.push(((b, n), runs));
+    }
+    out
 }
 
 /// Blocks at most this far apart are read in one piece: reading the gap costs less than
@@ -1096,6 +1111,22 @@ mod tests {
         // a span never exceeds max blocks
         let v: Vec<u32> = (0..300).collect();
         assert_eq!(spans(&v, 128), vec![(0, 128), (128, 128), (256, 44)]);
+        // runs stay inside their span and cover the needed blocks exactly, once
+        let mut v: Vec<u32> = (10..400).collect();
+        v.extend([405, 430, 431, 1000]);
+        let r = reads(&v, 128);
+        let mut seen = Vec::new();
+        for ((b, n), runs) in &r {
+            assert!(*n <= 128);
+            for &(f, k) in runs {
+                assert!(
+                    f >= *b && f + k <= b + n,
+                    "run {f}+{k} outside span {b}+{n}"
+                );
+                seen.extend(f..f + k);
+            }
+        }
+        assert_eq!(seen, v);
     }
 
     #[test]
