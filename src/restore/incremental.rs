@@ -869,9 +869,12 @@ fn fetch_blocks(
     Ok(())
 }
 
-/// [`spans`] of `needed`, each with the runs `(first, count)` of consecutive needed blocks
-/// inside it (a run never crosses the end of its span).
-fn reads(needed: &[u32], max: u32) -> Vec<((u32, u32), Vec<(u32, u32)>)> {
+/// Blocks `(first, count)`.
+type Run = (u32, u32);
+
+/// [`spans`] of `needed`, each with the runs of consecutive needed blocks inside it (a run
+/// never crosses the end of its span).
+fn reads(needed: &[u32], max: u32) -> Vec<(Run, Vec<Run>)> {
     let mut out = Vec::new();
     let mut i = 0;
     for (b, n) in spans(needed, max) {
