@@ -372,6 +372,8 @@ impl Compare<'_> {
     fn write(&mut self, data: &[u8], off: u64) -> Result<()> {
         if !self.dry {
             self.file.write_all_at(data, off).ctx("write", self.dest)?;
+            // writeback starts now, beside the reads, not all in the final syncfs
+            durable::start_writeback(self.file, off, data.len() as u64);
         }
         self.written += data.len() as u64;
         Ok(())
@@ -469,7 +471,7 @@ impl Sink for Compare<'_> {
 /// lsn mode: blocks newer backups supply are compared; blocks below `trusted_cap` (supplied
 /// by backups that started at or before the divergence point) are kept when the
 /// destination's page is valid and older than it, else listed in `needed`.
-struct LsnSink<'a> {
+struct LsnSink<'a, 'o> {
     cmp: Compare<'a>,
     x: Lsn,
     trusted_cap: u32,
@@ -477,9 +479,24 @@ struct LsnSink<'a> {
     first_block: u64,
     needed: Vec<u32>,
     kept: u64,
+    /// The FULL the needed blocks will be read from: they are asked for as soon as found,
+    /// so the reads run while the scan goes on.
+    full: Option<(&'o rebuild::Obj, u64)>,
 }
 
-impl LsnSink<'_> {
+impl LsnSink<'_, '_> {
+    /// Readahead hints for `needed[from..]` (runs of consecutive blocks at once).
+    fn hint(&self, from: usize) {
+        let Some((obj, size)) = self.full else { return };
+        let bs = self.cmp.bs as u64;
+        for (b, n) in spans(&self.needed[from..], (DEST_READ as u64 / bs).max(1) as u32) {
+            let off = b as u64 * bs;
+            if off < size {
+                obj.will_need(off, (n as u64 * bs).min(size - off));
+            }
+        }
+    }
+
     /// Blocks `first..first + n` (all below `trusted_cap`): each kept when the destination's
     /// page is whole, valid and older than the divergence point, else listed in `needed`.
     /// The destination is read in long pieces.
@@ -493,6 +510,7 @@ impl LsnSink<'_> {
             let have = self
                 .cmp
                 .read_dest(b as u64 * bs as u64, cnt as usize * bs)?;
+            let from = self.needed.len();
             for j in 0..cnt {
                 let lo = j as usize * bs;
                 let keep = lo + bs <= have && {
@@ -506,13 +524,14 @@ impl LsnSink<'_> {
                     self.needed.push(b + j);
                 }
             }
+            self.hint(from);
             b += cnt;
         }
         Ok(())
     }
 }
 
-impl Sink for LsnSink<'_> {
+impl Sink for LsnSink<'_, '_> {
     fn put(&mut self, data: &[u8], off: u64) -> Result<()> {
         self.cmp.sync(data, off)
     }
@@ -662,7 +681,7 @@ impl InPlace<'_> {
         mk: &(dyn Fn() -> Compare<'f> + Sync),
         dest: &Path,
     ) -> Result<u64> {
-        let res = par(plan.chunks, self.jobs, |k| {
+        let res = par(plan.chunks, self.scan_threads(), |k| {
             let mut c = mk();
             let p = rebuild::run_chunk_to(plan, k, &mut c, &*self.r.progress)?;
             Ok((p, c.written))
@@ -674,6 +693,11 @@ impl InPlace<'_> {
     }
 
     /// lsn mode for one relation file (see the module docs); returns the bytes written.
+    ///
+    /// One pass over the destination in chunks on [`Self::scan_threads`] threads: each
+    /// chunk reads its part of the destination in long reads, keeps the pages it may keep,
+    /// asks for the FULL's blocks of the others as it finds them (readahead hints, so those
+    /// random reads run during the scan) and, at its end, reads, checks and writes them.
     fn lsn_file<'f>(
         &self,
         plan: &rebuild::Plan,
@@ -698,6 +722,14 @@ impl InPlace<'_> {
                 (plan.sources.first().map_or(0, |s| s.size) / plan.block_size as u64) as u32
             }
         };
+        let older = &plan.sources[split..];
+        // the single plain FULL the needed blocks are read from, block by block
+        let full_src = match older {
+            [src] if matches!(src.stored, Stored::Plain) => Some(src),
+            _ => None,
+        };
+        let full_obj = full_src.map(|s| s.open()).transpose()?;
+        let full = full_src.zip(full_obj.as_ref());
         let newer = plan.sources[..split].to_vec();
         let sink = || LsnSink {
             cmp: mk(),
@@ -706,16 +738,25 @@ impl InPlace<'_> {
             first_block,
             needed: Vec::new(),
             kept: 0,
+            full: full.map(|(s, o)| (o, s.size)),
         };
-        let done = |s: LsnSink<'f>| (s.cmp.written, s.kept, s.needed);
+        // the end of a chunk: the needed blocks from the FULL, or listed for a rebuild
+        let done = |mut s: LsnSink<'f, '_>| -> Result<(u64, u64, Vec<u32>)> {
+            if let Some((src, obj)) = full {
+                fetch_blocks(src, obj, &s.needed, first_block, &mut s.cmp)?;
+                s.needed.clear();
+            }
+            Ok((s.cmp.written, s.kept, s.needed))
+        };
+        let threads = self.scan_threads();
         let res: Vec<(u64, u64, Vec<u32>)> = if newer.is_empty() {
             // every block comes from backups older than the divergence: scan in chunks
             let step = plan.chunk_blocks.max(1);
-            par(n_blocks.div_ceil(step), self.jobs, |k| {
+            par(n_blocks.div_ceil(step), threads, |k| {
                 let mut s = sink();
                 let lo = k * step;
                 s.zeros(lo, step.min(n_blocks - lo))?;
-                Ok(done(s))
+                done(s)
             })?
         } else {
             let part = rebuild::Plan::new(
@@ -725,95 +766,30 @@ impl InPlace<'_> {
                 plan.chunk_blocks,
                 plan.window_blocks,
             );
-            let res = par(part.chunks, self.jobs, |k| {
+            let res = par(part.chunks, threads, |k| {
                 let mut s = sink();
                 let p = rebuild::run_chunk_to(&part, k, &mut s, &*self.r.progress)?;
-                Ok((p, done(s)))
+                Ok((p, done(s)?))
             })?;
             let parts: Vec<_> = res.iter().map(|r| r.0.clone()).collect();
             rebuild::verify(&part, &parts, dest)?;
             res.into_iter().map(|r| r.1).collect()
         };
-        let mut written: u64 = res.iter().map(|r| r.0).sum();
+        let written: u64 = res.iter().map(|r| r.0).sum();
         self.kept
             .fetch_add(res.iter().map(|r| r.1).sum(), Ordering::Relaxed);
-        let needed: Vec<u32> = res.into_iter().flat_map(|r| r.2).collect();
-        if needed.is_empty() {
+        if res.iter().all(|r| r.2.is_empty()) {
             return Ok(written);
         }
-        let older = &plan.sources[split..];
-        match older {
-            [src] if matches!(src.stored, Stored::Plain) => {
-                // blocks of a plain FULL, each page checked on its own: runs of
-                // consecutive blocks read at once, all of them asked for first (random
-                // reads: the device is fast only with many in flight), on `jobs` threads
-                let bs = plan.block_size;
-                let max_run = (DEST_READ / bs as usize).max(1) as u32;
-                // (first block, blocks); 0 blocks: a block past the FULL's end, a zero page
-                let mut runs: Vec<(u32, u32)> = Vec::new();
-                let mut i = 0;
-                while i < needed.len() {
-                    let b = needed[i];
-                    if (b as u64 + 1) * bs as u64 > src.size {
-                        runs.push((b, 0));
-                        i += 1;
-                        continue;
-                    }
-                    let mut n = 1u32;
-                    while n < max_run
-                        && needed.get(i + n as usize) == Some(&(b + n))
-                        && (b as u64 + n as u64 + 1) * bs as u64 <= src.size
-                    {
-                        n += 1;
-                    }
-                    runs.push((b, n));
-                    i += n as usize;
-                }
-                {
-                    let obj = src.open()?;
-                    for &(b, n) in runs.iter().filter(|r| r.1 > 0) {
-                        obj.will_need(b as u64 * bs as u64, n as u64 * bs as u64);
-                    }
-                }
-                let parts = (self.jobs.max(1) as u32).min(runs.len() as u32);
-                let per = runs.len().div_ceil(parts.max(1) as usize).max(1);
-                let res = par(parts, self.jobs, |k| {
-                    let mut cmp = mk();
-                    let obj = src.open()?;
-                    let longest = runs.iter().map(|r| r.1).max().unwrap_or(1).max(1);
-                    let mut buf = vec![0u8; longest as usize * bs as usize];
-                    let lo = (k as usize * per).min(runs.len());
-                    let hi = (lo + per).min(runs.len());
-                    for &(b, n) in &runs[lo..hi] {
-                        if n == 0 {
-                            cmp.zero(b)?;
-                            continue;
-                        }
-                        rebuild::read_plain_blocks(&obj, src, b, n, bs, &mut buf)?;
-                        let data = &buf[..n as usize * bs as usize];
-                        for (j, page) in data.chunks_exact(bs as usize).enumerate() {
-                            let blkno = (first_block + b as u64 + j as u64) as u32;
-                            if let PageCheck::Bad(why) = check_page(page, blkno, true) {
-                                return Err(Error::corruption(format!(
-                                    "{}: block {}: {why} (backup {})",
-                                    src.path().display(),
-                                    b as usize + j,
-                                    src.backup
-                                )));
-                            }
-                        }
-                        cmp.sync(data, b as u64 * bs as u64)?;
-                    }
-                    Ok(cmp.written)
-                })?;
-                Ok(written + res.iter().sum::<u64>())
-            }
-            // rebuild the whole file as checksum mode does
-            _ => {
-                written += self.compare_all(plan, mk, dest)?;
-                Ok(written)
-            }
-        }
+        // needed blocks and no single plain FULL: rebuild the whole file as checksum mode
+        Ok(written + self.compare_all(plan, mk, dest)?)
+    }
+
+    /// Threads that read the destination: twice `jobs`, since each mostly waits for the
+    /// device (a cold read on this kind of VM is fastest with about four sequential streams;
+    /// the checks cost little CPU).
+    fn scan_threads(&self) -> usize {
+        self.jobs.max(1) * 2
     }
 
     /// Brings every file to the backup's content on `jobs` threads.
@@ -845,6 +821,99 @@ impl InPlace<'_> {
             None => Ok(()),
         }
     }
+}
+
+/// lsn mode: blocks `needed` (ascending) of a plain FULL into the destination, each page
+/// checked against its data checksum (the stored file's checksum cannot cover single
+/// blocks): runs of consecutive blocks read at once; a block past the FULL's end is a zero
+/// page.
+fn fetch_blocks(
+    src: &rebuild::Source,
+    obj: &rebuild::Obj,
+    needed: &[u32],
+    first_block: u64,
+    cmp: &mut Compare<'_>,
+) -> Result<()> {
+    let bs = cmp.bs as u32;
+    let in_full = |b: u32| (b as u64 + 1) * bs as u64 <= src.size;
+    // blocks past the FULL's end are zero pages
+    let split = needed.partition_point(|&b| in_full(b));
+    for &b in &needed[split..] {
+        cmp.zero(b)?;
+    }
+    let needed = &needed[..split];
+    let mut buf: Vec<u8> = Vec::new();
+    for ((b, n), runs) in reads(needed, (DEST_READ / bs as usize).max(1) as u32) {
+        let len = n as usize * bs as usize;
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        rebuild::read_plain_blocks(obj, src, b, n, bs, &mut buf)?;
+        // the needed blocks of the span: checked, then runs of them compared and written
+        for (first, k) in runs {
+            let lo = (first - b) as usize * bs as usize;
+            let data = &buf[lo..lo + k as usize * bs as usize];
+            for (j, page) in data.chunks_exact(bs as usize).enumerate() {
+                let blk = first as u64 + j as u64;
+                if let PageCheck::Bad(why) = check_page(page, (first_block + blk) as u32, true) {
+                    return Err(Error::corruption(format!(
+                        "{}: block {blk}: {why} (backup {})",
+                        src.path().display(),
+                        src.backup
+                    )));
+                }
+            }
+            cmp.sync(data, first as u64 * bs as u64)?;
+        }
+    }
+    Ok(())
+}
+
+/// Blocks `(first, count)`.
+type Run = (u32, u32);
+
+/// [`spans`] of `needed`, each with the runs of consecutive needed blocks inside it (a run
+/// never crosses the end of its span).
+fn reads(needed: &[u32], max: u32) -> Vec<(Run, Vec<Run>)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    for (b, n) in spans(needed, max) {
+        let mut runs = Vec::new();
+        while i < needed.len() && needed[i] < b + n {
+            let first = needed[i];
+            let mut k = 1u32;
+            while needed.get(i + k as usize) == Some(&(first + k)) && first + k < b + n {
+                k += 1;
+            }
+            runs.push((first, k));
+            i += k as usize;
+        }
+        out.push(((b, n), runs));
+    }
+    out
+}
+
+/// Blocks at most this far apart are read in one piece: reading the gap costs less than
+/// one more random read.
+const SPAN_GAP: u32 = 16;
+
+/// The ascending blocks `v` as spans `(first, count)` to read at once: a span takes the next
+/// block while the gap to it is at most [`SPAN_GAP`] and the span stays within `max`
+/// blocks.
+fn spans(v: &[u32], max: u32) -> Vec<(u32, u32)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < v.len() {
+        let first = v[i];
+        let mut last = first;
+        i += 1;
+        while i < v.len() && v[i] - last <= SPAN_GAP + 1 && v[i] - first < max {
+            last = v[i];
+            i += 1;
+        }
+        out.push((first, last - first + 1));
+    }
+    out
 }
 
 /// Runs `f(k)` for `k` in `0..n` on up to `jobs` threads; the results in order, or the
@@ -1034,6 +1103,33 @@ mod tests {
                 assert!(got[4 * bs..].iter().all(|&b| b == 7));
             }
         }
+    }
+
+    #[test]
+    fn spans_bridge_small_gaps_only() {
+        assert_eq!(spans(&[], 128), vec![]);
+        assert_eq!(spans(&[5], 128), vec![(5, 1)]);
+        // a gap of 16 blocks is bridged, one of 17 is not
+        assert_eq!(spans(&[0, 17, 35], 128), vec![(0, 18), (35, 1)]);
+        // a span never exceeds max blocks
+        let v: Vec<u32> = (0..300).collect();
+        assert_eq!(spans(&v, 128), vec![(0, 128), (128, 128), (256, 44)]);
+        // runs stay inside their span and cover the needed blocks exactly, once
+        let mut v: Vec<u32> = (10..400).collect();
+        v.extend([405, 430, 431, 1000]);
+        let r = reads(&v, 128);
+        let mut seen = Vec::new();
+        for ((b, n), runs) in &r {
+            assert!(*n <= 128);
+            for &(f, k) in runs {
+                assert!(
+                    f >= *b && f + k <= b + n,
+                    "run {f}+{k} outside span {b}+{n}"
+                );
+                seen.extend(f..f + k);
+            }
+        }
+        assert_eq!(seen, v);
     }
 
     #[test]

@@ -46,7 +46,8 @@ pub fn encode(dbs: &[Database]) -> Result<Vec<u8>> {
 }
 
 /// Parses `databases.json`; `what` names it. Untrusted: every OID non-zero and once, every
-/// name once, 1 to 63 bytes.
+/// name once, 1 to 63 bytes without control characters (names are data, never paths: a
+/// name like `../x` selects nothing but the OID it stands beside).
 pub fn decode(b: &[u8], what: &str) -> Result<Vec<Database>> {
     let f: DatabasesFile =
         serde_json::from_slice(b).map_err(|e| Error::corruption(format!("{what}: {e}")))?;
@@ -61,6 +62,7 @@ pub fn decode(b: &[u8], what: &str) -> Result<Vec<Database>> {
         if d.oid == 0
             || d.name.is_empty()
             || d.name.len() > 63
+            || d.name.chars().any(char::is_control)
             || !oids.insert(d.oid)
             || !names.insert(d.name.clone())
         {
@@ -73,14 +75,20 @@ pub fn decode(b: &[u8], what: &str) -> Result<Vec<Database>> {
     Ok(f.databases)
 }
 
+/// How messages name backup `b`'s `databases.json`: its place in the catalog.
+pub fn file_name(catalog: &Catalog, b: &BackupMeta) -> Result<String> {
+    Ok(format!(
+        "{}/{}/{DATABASES_FILE}",
+        catalog.repo().location(),
+        b.key()?
+    ))
+}
+
 /// The databases of backup `b`; `None` for a backup taken before walnut recorded them.
 pub fn read(catalog: &Catalog, b: &BackupMeta) -> Result<Option<Vec<Database>>> {
     let key = format!("{}/{DATABASES_FILE}", b.key()?);
     match catalog.repo().get(&key) {
-        Ok(blob) => Ok(Some(decode(
-            &blob.into_vec(),
-            &format!("{DATABASES_FILE} of backup {}", b.id),
-        )?)),
+        Ok(blob) => Ok(Some(decode(&blob.into_vec(), &file_name(catalog, b)?)?)),
         Err(e) if e.kind() == crate::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
@@ -109,9 +117,9 @@ pub fn excluded_oids(
     })?;
     for n in include.iter().chain(exclude) {
         if !dbs.iter().any(|d| &d.name == n) {
-            let known: Vec<&str> = dbs.iter().map(|d| d.name.as_str()).collect();
+            let known: Vec<String> = dbs.iter().map(|d| format!("{:?}", d.name)).collect();
             return Err(Error::invalid(format!(
-                "database \"{n}\" is not in backup {backup} (its databases: {})",
+                "database {n:?} is not in backup {backup} (its databases: {})",
                 known.join(", ")
             )));
         }
@@ -136,6 +144,44 @@ pub fn excluded_oids(
         })
         .map(|d| d.oid)
         .collect())
+}
+
+/// `FirstNormalObjectId`: every database a user creates has an OID at least this.
+const FIRST_NORMAL_OID: u32 = 16384;
+
+/// Checks the excluded OIDs (from the untrusted map `what`) against the backup's manifest
+/// `entries` before anything is written: each must be a user database's OID (a lower one is
+/// a system database's directory) whose directory `base/<oid>` the backup holds.
+pub fn check_excluded(
+    excluded: &BTreeSet<u32>,
+    dbs: &[Database],
+    entries: &[crate::format::manifest::FileEntry],
+    what: &str,
+) -> Result<()> {
+    for &oid in excluded {
+        let name = dbs
+            .iter()
+            .find(|d| d.oid == oid)
+            .map_or(String::new(), |d| d.name.clone());
+        if oid < FIRST_NORMAL_OID {
+            return Err(Error::corruption(format!(
+                "{what}: database {name:?} has oid {oid}, below {FIRST_NORMAL_OID}: a system database's, no user database's; refusing to exclude it"
+            )));
+        }
+        let has_dir = entries.iter().any(|e| {
+            let dir = match e.storage {
+                crate::format::manifest::Storage::Dir => Some(e.path.as_str()),
+                _ => e.path.rsplit_once('/').map(|(d, _)| d),
+            };
+            matches!(dir.and_then(relfile::db_dir), Some((_, db)) if db == oid)
+        });
+        if !has_dir {
+            return Err(Error::corruption(format!(
+                "{what}: database {name:?} has oid {oid}, but the backup has no directory of a database {oid}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Whether the logical path is a file of one of the `excluded` databases.
@@ -186,6 +232,31 @@ mod tests {
         assert!(!is_excluded("base/16384/1259", &ex));
         assert!(!is_excluded("global/1262", &ex));
         assert!(is_excluded("pg_tblspc/16400/PG_15_202209061/16385/5", &ex));
+    }
+
+    /// Excluded OIDs must be user databases' (>= 16384) with a directory in the backup;
+    /// names are data (a path-like one is fine), control characters are refused.
+    #[test]
+    fn excluded_oids_checked_against_the_manifest() {
+        use crate::format::manifest::FileEntry;
+        let entries = vec![
+            FileEntry::dir("base/1".into()),
+            FileEntry::dir("base/16384".into()),
+            FileEntry::dir("pg_tblspc/16400/PG_15_202209061/16385".into()),
+        ];
+        let d = dbs();
+        let ok = |oids: &[u32]| check_excluded(&oids.iter().copied().collect(), &d, &entries, "M");
+        assert!(ok(&[]).is_ok());
+        assert!(ok(&[16384, 16385]).is_ok());
+        let e = ok(&[16386]).unwrap_err().to_string();
+        assert!(e.starts_with("M: ") && e.contains("no directory"), "{e}");
+        let e = ok(&[1]).unwrap_err().to_string();
+        assert!(e.contains("below 16384"), "{e}");
+        let path_like = br#"{"format": 1, "databases": [{"oid": 16384, "name": "../../x"}]}"#;
+        assert_eq!(decode(path_like, "M").unwrap()[0].name, "../../x");
+        let ctl = br#"{"format": 1, "databases": [{"oid": 16384, "name": "a\nb"}]}"#;
+        let e = decode(ctl, "M").unwrap_err().to_string();
+        assert!(!e.contains('\n'), "{e}");
     }
 
     #[test]

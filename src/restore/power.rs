@@ -75,6 +75,14 @@ fn plan_all<'a>(
     };
     let excluded =
         partial::excluded_oids(dbs.as_deref(), &newest.id, &p.db_include, &p.db_exclude)?;
+    if let Some(dbs) = &dbs {
+        partial::check_excluded(
+            &excluded,
+            dbs,
+            &pl.entries,
+            &partial::file_name(catalog, newest)?,
+        )?;
+    }
     pl.excluded_dbs = excluded.clone();
     let pf = match p.incremental {
         Some(mode) => {

@@ -30,6 +30,7 @@ mod replication;
 mod restore_hardening;
 mod restore_incremental;
 mod restore_partial;
+mod restore_partial_hardening;
 mod restore_plan_time;
 mod s3;
 mod s3_faults;
