@@ -35,6 +35,10 @@
 #     (0.58-0.92): 1.9x faster, the 0.8x target met in 1 of 3 rounds only. What is left is
 #     kernel copying (87% of samples in the kernel): merge reads the FULL's files and every
 #     PAGE's pages, rebuilds through an in-memory file and writes; cp copies once.
+# Re-run on an IDLE machine after all merges (2026-11-30 05:40 UTC, main, release merge,
+# dev-profile delete as above): bench_delete median 0.53 s (0.52-0.57); bench_merge 342 MB
+# written, write phase 1.11 s (309 MB/s), cp -a + sync 0.79 s (435 MB/s): 0.71x write phase,
+# 0.58x total with the old chain's removal. The 0.8x target is still not met.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)

@@ -48,6 +48,13 @@
 # twice the floor. The rest of lsn mode: random reads of the FULL's blocks for the pages the
 # old copy changed (5% of the heap, ~25% of the pkey index), the PAGE's files, 115 MB of
 # writes and syncfs.
+# Re-run on an IDLE machine after all merges (2026-11-30 05:50 UTC, SCALE=50 = 808 MB, 3
+# rounds, 115 MB written by both modes, lsn kept 84k blocks unread): walnut full 1055-1108 ms,
+# lsn 875-949 ms (median ratio 0.82x), checksum 1095-1148 ms (1.02x); pgBackRest full
+# 1426-1920 ms, delta 1662-1784 ms (1.56x walnut's full); cold read of the destination alone
+# 0.42x (find|xargs -P2 cat) and 0.39x (deepread, 4 threads). Idle, the full restore is
+# faster and the gain of the incremental modes seen under load (0.55x/0.79x) shrinks: the
+# targets (0.2x/0.5x) are not met.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
