@@ -357,6 +357,25 @@ fn header<'a>(r: &'a Resp, name: &str) -> Option<&'a str> {
 }
 
 impl Inner {
+    /// A signed ListObjectsV2 request for one page of keys under `dir`; `delimiter`: one
+    /// level only (sub-prefixes are reported, not descended).
+    fn list_req(&self, dir: &str, delimiter: bool, token: Option<&str>) -> Req<'static> {
+        let mut a = self.bucket.list_objects_v2(Some(&self.creds));
+        a.with_prefix(dir);
+        if delimiter {
+            a.with_delimiter("/");
+        }
+        if let Some(t) = token {
+            a.with_continuation_token(t);
+        }
+        Req {
+            method: "GET",
+            url: a.sign(SIGN_FOR),
+            headers: vec![],
+            body: &[],
+        }
+    }
+
     fn full(&self, key: &str) -> String {
         if self.cfg.prefix.is_empty() {
             key.to_string()
@@ -738,20 +757,7 @@ impl Inner {
         let mut out = Listing::default();
         let mut token: Option<String> = None;
         loop {
-            let mk = || {
-                let mut a = self.bucket.list_objects_v2(Some(&self.creds));
-                a.with_prefix(dir.as_str());
-                a.with_delimiter("/");
-                if let Some(t) = &token {
-                    a.with_continuation_token(t.as_str());
-                }
-                Req {
-                    method: "GET",
-                    url: a.sign(SIGN_FOR),
-                    headers: vec![],
-                    body: &[],
-                }
-            };
+            let mk = || self.list_req(&dir, true, token.as_deref());
             let mut resp = self.send(&what, "LIST", &mk)?;
             if resp.status().as_u16() != 200 {
                 let e = self.status_error(&what, "LIST", resp);

@@ -531,21 +531,28 @@ fn s3_archive_and_fetch_under_pgbench_on_garage() {
     archive_scenario(s);
 }
 
+/// A PostgreSQL 15 primary in `dir` (data checksums, 1 MiB segments), not started, added
+/// as instance `db` to the S3 catalog `url`, which is initialised here.
+pub(crate) fn s3_primary(conf: &Path, url: &str, dir: &Path) -> Pg {
+    let pg = Pg::init(&pg_bin(), dir, "primary", &["-k", "--wal-segsize=1"]);
+    ok(walnut_s3(conf, &["init", "-B", url]), "init");
+    let data = pg.data.to_str().unwrap().to_string();
+    ok(
+        walnut_s3(
+            conf,
+            &["add-instance", "-B", url, "--instance", "db", "-D", &data],
+        ),
+        "add-instance",
+    );
+    pg
+}
+
 fn archive_scenario(mut s: S3Server) {
     let fs = s.kind == Kind::S3sFs;
     let conf = s.config_file(3);
     let url = "s3://walnut/cat";
     let dir = pg_tempdir("s3-arch");
-    let mut pg = Pg::init(&pg_bin(), dir.path(), "primary", &["-k", "--wal-segsize=1"]);
-    ok(walnut_s3(&conf, &["init", "-B", url]), "init");
-    let data = pg.data.to_str().unwrap().to_string();
-    ok(
-        walnut_s3(
-            &conf,
-            &["add-instance", "-B", url, "--instance", "db", "-D", &data],
-        ),
-        "add-instance",
-    );
+    let mut pg = s3_primary(&conf, url, dir.path());
     pg.append_conf(&format!(
         "archive_mode = on\narchive_command = '{} -B {url} --config {} --instance db %p %f'\n\
          wal_keep_size = '2GB'\nmax_wal_size = '2GB'",
@@ -740,16 +747,7 @@ fn backup_scenario(s: S3Server) {
     let conf = s.config_file(10);
     let url = "s3://walnut/bk";
     let dir = pg_tempdir("s3-bk");
-    let mut pg = Pg::init(&pg_bin(), dir.path(), "primary", &["-k", "--wal-segsize=1"]);
-    ok(walnut_s3(&conf, &["init", "-B", url]), "init");
-    let data = pg.data.to_str().unwrap().to_string();
-    ok(
-        walnut_s3(
-            &conf,
-            &["add-instance", "-B", url, "--instance", "db", "-D", &data],
-        ),
-        "add-instance",
-    );
+    let mut pg = s3_primary(&conf, url, dir.path());
     pg.append_conf(&format!(
         "archive_mode = on\narchive_command = '{} -B {url} --config {} --instance db %p %f'\n",
         walnut_bin("walnut-archive").display(),

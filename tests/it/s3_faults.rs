@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use walnut::repo::{LockMode, Repo, S3Repo};
 
 use super::harness::*;
-use super::s3::{backup_s3, fetch, push, restore_and_compare, stderr, walnut_s3, Kind, S3Server};
+use super::s3::{
+    backup_s3, fetch, push, restore_and_compare, s3_primary, stderr, walnut_s3, Kind, S3Server,
+};
 
 /// The lease the fault tests give walnut (seconds), so that a dead holder's lock expires
 /// quickly.
@@ -448,16 +450,7 @@ fn corruption_metrics_check(s: S3Server) {
     let url = "s3://walnut/cm";
     let prefix = "cm";
     let dir = pg_tempdir("s3-cm");
-    let mut pg = Pg::init(&pg_bin(), dir.path(), "primary", &["-k", "--wal-segsize=1"]);
-    ok(walnut_s3(&conf, &["init", "-B", url]), "init");
-    let data = pg.data.to_str().unwrap().to_string();
-    ok(
-        walnut_s3(
-            &conf,
-            &["add-instance", "-B", url, "--instance", "db", "-D", &data],
-        ),
-        "add-instance",
-    );
+    let mut pg = s3_primary(&conf, url, dir.path());
     let archive_command = format!(
         "{} -B {url} --config {} --instance db %p %f",
         walnut_bin("walnut-archive").display(),

@@ -3,7 +3,7 @@
 //! the repository layer exactly as on disk, and what is kept still restores from S3.
 use super::env::Env;
 use super::harness::*;
-use super::s3::{backup_s3, restore_and_compare, stderr, walnut_s3, S3Server};
+use super::s3::{backup_s3, restore_and_compare, s3_primary, stderr, walnut_s3, S3Server};
 
 fn show_json(conf: &std::path::Path, url: &str) -> Vec<serde_json::Value> {
     let out = ok(
@@ -36,16 +36,7 @@ fn lifecycle_on(s: S3Server) {
     let conf = s.config_file(10);
     let url = "s3://walnut/life";
     let dir = pg_tempdir("s3-life");
-    let mut pg = Pg::init(&pg_bin(), dir.path(), "primary", &["-k", "--wal-segsize=1"]);
-    ok(walnut_s3(&conf, &["init", "-B", url]), "init");
-    let data = pg.data.to_str().unwrap().to_string();
-    ok(
-        walnut_s3(
-            &conf,
-            &["add-instance", "-B", url, "--instance", "db", "-D", &data],
-        ),
-        "add-instance",
-    );
+    let mut pg = s3_primary(&conf, url, dir.path());
     pg.append_conf(&format!(
         "archive_mode = on\narchive_command = '{} -B {url} --config {} --instance db %p %f'\n",
         walnut_bin("walnut-archive").display(),

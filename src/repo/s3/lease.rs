@@ -36,9 +36,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rusty_s3::S3Action;
-
-use super::{header, Backoff, Inner, Req, SIGN_FOR};
+use super::{header, Backoff, Inner};
 use crate::error::{Error, ErrorKind, Result};
 use crate::repo::LockMode;
 
@@ -249,19 +247,7 @@ pub(super) fn list(inner: &Inner, key: &str) -> Result<(Vec<Entry>, i64)> {
     let mut token: Option<String> = None;
     let mut now_ms = None;
     loop {
-        let mk = || {
-            let mut a = inner.bucket.list_objects_v2(Some(&inner.creds));
-            a.with_prefix(dir.as_str());
-            if let Some(t) = &token {
-                a.with_continuation_token(t.as_str());
-            }
-            Req {
-                method: "GET",
-                url: a.sign(SIGN_FOR),
-                headers: vec![],
-                body: &[],
-            }
-        };
+        let mk = || inner.list_req(&dir, false, token.as_deref());
         let mut resp = inner.send(&what, "LIST", &mk)?;
         if resp.status().as_u16() != 200 {
             return Err(inner.status_error(&what, "LIST", resp));
