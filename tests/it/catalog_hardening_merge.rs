@@ -59,7 +59,6 @@ fn lifecycle_hostile_merge_record_is_refused_and_nothing_outside_changes() {
         .psql("postgres", "insert into t select generate_series(1, 500)");
     let f2 = env.backup1("full");
     env.pg.stop();
-    let cat = env.cat();
 
     // outside the catalog: sentinels, and a directory that looks like a backup
     let outside = env.path("outside");
@@ -114,26 +113,13 @@ fn lifecycle_hostile_merge_record_is_refused_and_nothing_outside_changes() {
         let runs = [
             (
                 "delete",
-                walnut(&[
+                env.cmd(
                     "delete",
-                    "-B",
-                    cat,
-                    "--instance",
-                    "db",
-                    "--expired",
-                    "--retention-redundancy",
-                    "1",
-                    "--delete-wal",
-                ]),
+                    &["--expired", "--retention-redundancy", "1", "--delete-wal"],
+                ),
             ),
-            (
-                "delete -i",
-                walnut(&["delete", "-B", cat, "--instance", "db", "-i", &f]),
-            ),
-            (
-                "merge",
-                walnut(&["merge", "-B", cat, "--instance", "db", "-i", &p]),
-            ),
+            ("delete -i", env.cmd("delete", &["-i", &f])),
+            ("merge", env.cmd("merge", &["-i", &p])),
         ];
         for (cmd, out) in runs {
             let e = stderr(&out);
@@ -168,16 +154,7 @@ fn lifecycle_hostile_merge_record_is_refused_and_nothing_outside_changes() {
     .unwrap();
     chown_pg(&planted);
     let cat_before = snapshot(&env.cat);
-    let out = walnut(&[
-        "delete",
-        "-B",
-        cat,
-        "--instance",
-        "db",
-        "--expired",
-        "--retention-redundancy",
-        "2",
-    ]);
+    let out = env.cmd("delete", &["--expired", "--retention-redundancy", "2"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
         snapshot(&env.cat) == cat_before,

@@ -184,10 +184,15 @@ impl Env {
         }
     }
 
-    pub(crate) fn validate(&self, extra: &[&str]) -> Output {
-        let mut args = vec!["validate", "-B", self.cat(), "--instance", "db"];
+    /// `walnut VERB -B <catalog> --instance db EXTRA...`, as the cluster owner.
+    pub(crate) fn cmd(&self, verb: &str, extra: &[&str]) -> Output {
+        let mut args = vec![verb, "-B", self.cat(), "--instance", "db"];
         args.extend_from_slice(extra);
         walnut(&args)
+    }
+
+    pub(crate) fn validate(&self, extra: &[&str]) -> Output {
+        self.cmd("validate", extra)
     }
 
     pub(crate) fn restore_cmd(&self, target: &Path, extra: &[&str]) -> Output {

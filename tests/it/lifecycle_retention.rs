@@ -2,10 +2,7 @@
 //! --expired) and the WAL purge; the kept chain still restores and validates.
 use super::env::*;
 use super::harness::*;
-
-fn json(out: std::process::Output, what: &str) -> serde_json::Value {
-    serde_json::from_str(&ok(out, what)).expect(what)
-}
+use super::lifecycle_util::json;
 
 /// FULL, PAGE, FULL; then `delete --expired --retention-redundancy 1 --delete-wal`: the
 /// first chain and the WAL before the kept FULL go (indexes with their segments), the kept
@@ -38,91 +35,30 @@ fn redundancy_one_with_wal_purge_keeps_a_restorable_chain() {
 
     // settings: stored, shown, overridable for one run
     ok(
-        walnut(&[
+        env.cmd(
             "set-config",
-            "-B",
-            cat,
-            "--instance",
-            "db",
-            "--retention-redundancy",
-            "2",
-            "--wal-depth",
-            "1",
-        ]),
+            &["--retention-redundancy", "2", "--wal-depth", "1"],
+        ),
         "set-config",
     );
-    let c = json(
-        walnut(&[
-            "show-config",
-            "-B",
-            cat,
-            "--instance",
-            "db",
-            "--format",
-            "json",
-        ]),
-        "show-config",
-    );
+    let c = json(env.cmd("show-config", &["--format", "json"]), "show-config");
     assert_eq!(c["retention_redundancy"], 2);
     assert_eq!(c["wal_depth"], 1);
     assert!(c["retention_window"].is_null());
-    ok(
-        walnut(&[
-            "set-config",
-            "-B",
-            cat,
-            "--instance",
-            "db",
-            "--wal-depth",
-            "0",
-        ]),
-        "unset",
-    );
-    let c = json(
-        walnut(&[
-            "show-config",
-            "-B",
-            cat,
-            "--instance",
-            "db",
-            "--format",
-            "json",
-        ]),
-        "show-config",
-    );
+    ok(env.cmd("set-config", &["--wal-depth", "0"]), "unset");
+    let c = json(env.cmd("show-config", &["--format", "json"]), "show-config");
     assert_eq!(c["retention_redundancy"], 2, "an unmentioned setting stays");
     assert!(c["wal_depth"].is_null(), "0 unsets");
     // the stored policy (redundancy 2) keeps everything
     let r = json(
-        walnut(&[
-            "delete",
-            "-B",
-            cat,
-            "--instance",
-            "db",
-            "--expired",
-            "--format",
-            "json",
-        ]),
+        env.cmd("delete", &["--expired", "--format", "json"]),
         "delete with the stored policy",
     );
     assert_eq!(r["deleted"].as_array().unwrap().len(), 0);
 
     // a pin keeps the first chain; show displays it
     ok(
-        walnut(&[
-            "set-backup",
-            "-B",
-            cat,
-            "--instance",
-            "db",
-            "-i",
-            &p1,
-            "--ttl",
-            "1d",
-            "--note",
-            "audit",
-        ]),
+        env.cmd("set-backup", &["-i", &p1, "--ttl", "1d", "--note", "audit"]),
         "pin",
     );
     let rows = env.show();
@@ -130,42 +66,27 @@ fn redundancy_one_with_wal_purge_keeps_a_restorable_chain() {
     assert!(row["expire_time"].is_string(), "{row}");
     assert_eq!(row["note"], "audit");
     let r = json(
-        walnut(&[
+        env.cmd(
             "delete",
-            "-B",
-            cat,
-            "--instance",
-            "db",
-            "--expired",
-            "--retention-redundancy",
-            "1",
-            "--dry-run",
-            "--format",
-            "json",
-        ]),
+            &[
+                "--expired",
+                "--retention-redundancy",
+                "1",
+                "--dry-run",
+                "--format",
+                "json",
+            ],
+        ),
         "dry run with a pin",
     );
     assert_eq!(r["deleted"].as_array().unwrap().len(), 0, "{r}");
     // -i refuses a pinned backup
     fails_with(
-        walnut(&["delete", "-B", cat, "--instance", "db", "-i", &f1]),
+        env.cmd("delete", &["-i", &f1]),
         "delete a pinned chain",
         &["pinned"],
     );
-    ok(
-        walnut(&[
-            "set-backup",
-            "-B",
-            cat,
-            "--instance",
-            "db",
-            "-i",
-            &p1,
-            "--ttl",
-            "0",
-        ]),
-        "unpin",
-    );
+    ok(env.cmd("set-backup", &["-i", &p1, "--ttl", "0"]), "unpin");
     let rows = env.show();
     assert!(rows.iter().find(|b| b["id"] == p1.as_str()).unwrap()["expire_time"].is_null());
 
@@ -174,18 +95,7 @@ fn redundancy_one_with_wal_purge_keeps_a_restorable_chain() {
     let count = || std::fs::read_dir(&wal_dir).unwrap().count();
     let before = count();
     let r = json(
-        walnut(&[
-            "delete",
-            "-B",
-            cat,
-            "--instance",
-            "db",
-            "-i",
-            &f1,
-            "--dry-run",
-            "--format",
-            "json",
-        ]),
+        env.cmd("delete", &["-i", &f1, "--dry-run", "--format", "json"]),
         "dry run -i",
     );
     assert_eq!(
@@ -194,18 +104,16 @@ fn redundancy_one_with_wal_purge_keeps_a_restorable_chain() {
         "descendants first: {r}"
     );
     let text = ok(
-        walnut(&[
+        env.cmd(
             "delete",
-            "-B",
-            cat,
-            "--instance",
-            "db",
-            "--expired",
-            "--retention-redundancy",
-            "1",
-            "--delete-wal",
-            "--dry-run",
-        ]),
+            &[
+                "--expired",
+                "--retention-redundancy",
+                "1",
+                "--delete-wal",
+                "--dry-run",
+            ],
+        ),
         "dry run text",
     );
     assert!(text.contains(&format!("would delete {f1}")), "{text}");
@@ -237,19 +145,17 @@ fn redundancy_one_with_wal_purge_keeps_a_restorable_chain() {
     assert_eq!(env.status(&p1), "ERROR");
     assert_eq!(env.status(&f2), "OK");
     let r = json(
-        walnut(&[
+        env.cmd(
             "delete",
-            "-B",
-            cat,
-            "--instance",
-            "db",
-            "--expired",
-            "--retention-redundancy",
-            "1",
-            "--delete-wal",
-            "--format",
-            "json",
-        ]),
+            &[
+                "--expired",
+                "--retention-redundancy",
+                "1",
+                "--delete-wal",
+                "--format",
+                "json",
+            ],
+        ),
         "delete --expired --delete-wal",
     );
     assert_eq!(r["deleted"], serde_json::json!([p1, f1]), "{r}");
@@ -288,28 +194,23 @@ fn redundancy_one_with_wal_purge_keeps_a_restorable_chain() {
     }
     // a second run has nothing left to do
     let r = json(
-        walnut(&[
+        env.cmd(
             "delete",
-            "-B",
-            cat,
-            "--instance",
-            "db",
-            "--expired",
-            "--retention-redundancy",
-            "1",
-            "--delete-wal",
-            "--format",
-            "json",
-        ]),
+            &[
+                "--expired",
+                "--retention-redundancy",
+                "1",
+                "--delete-wal",
+                "--format",
+                "json",
+            ],
+        ),
         "second run",
     );
     assert_eq!(r["deleted"].as_array().unwrap().len(), 0);
     assert!(r["wal"].as_array().unwrap().is_empty(), "{r}");
 
-    ok(
-        walnut(&["validate", "-B", cat, "--instance", "db", "--wal"]),
-        "validate --wal",
-    );
+    ok(env.cmd("validate", &["--wal"]), "validate --wal");
     let mut restored = env.restore_and_start("r", &["-i", &f2], false);
     wait_promoted(&restored);
     same_dump(&Env::dumpall(&restored), &latest, "kept FULL to latest");

@@ -104,7 +104,7 @@ fn delete_refuses_backups_in_use_by_a_restore_or_a_running_backup() {
     // (-i F1 takes P1 too; either may be named: both are in use)
     for id in [&f1, &p1] {
         fails_with(
-            walnut(&["delete", "-B", cat, "--instance", "db", "-i", id]),
+            env.cmd("delete", &["-i", id]),
             "delete of a backup being restored",
             &["in use", "nothing deleted"],
         );
@@ -129,7 +129,7 @@ fn delete_refuses_backups_in_use_by_a_restore_or_a_running_backup() {
         &[("WALNUT_TEST_PAUSE_AFTER_LOCK", "20"), ("RUST_LOG", "info")],
     );
     fails_with(
-        walnut(&["delete", "-B", cat, "--instance", "db", "-i", &p1]),
+        env.cmd("delete", &["-i", &p1]),
         "delete of the parent of a running PAGE backup",
         &["in use", &p1],
     );
@@ -140,22 +140,13 @@ fn delete_refuses_backups_in_use_by_a_restore_or_a_running_backup() {
         .map(|b| b["id"].as_str().unwrap().to_string())
         .unwrap();
     fails_with(
-        walnut(&["delete", "-B", cat, "--instance", "db", "-i", &running]),
+        env.cmd("delete", &["-i", &running]),
         "delete of a running backup",
         &["RUNNING"],
     );
     // the WAL purge waits for the next delete while a backup runs
     let r = json(
-        walnut(&[
-            "delete",
-            "-B",
-            cat,
-            "--instance",
-            "db",
-            "--delete-wal",
-            "--format",
-            "json",
-        ]),
+        env.cmd("delete", &["--delete-wal", "--format", "json"]),
         "delete --delete-wal during a backup",
     );
     assert!(
@@ -171,17 +162,7 @@ fn delete_refuses_backups_in_use_by_a_restore_or_a_running_backup() {
 
     // nothing in use now: the delete of P1 takes its descendant P2 too
     let r = json(
-        walnut(&[
-            "delete",
-            "-B",
-            cat,
-            "--instance",
-            "db",
-            "-i",
-            &p1,
-            "--format",
-            "json",
-        ]),
+        env.cmd("delete", &["-i", &p1, "--format", "json"]),
         "delete -i P1",
     );
     assert_eq!(r["deleted"], serde_json::json!([p2, p1]), "{r}");
