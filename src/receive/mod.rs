@@ -17,15 +17,22 @@
 //!   receive spool (`--spool-dir`; default `<catalog>/instances/NAME/wal/.receive/`, a
 //!   dot-directory that never lists as catalog content) as `<segment>.partial`, holding the
 //!   bytes received so far (not padded). It is written (in 1 MiB pieces, and in full at
-//!   each flush) and fsynced before any flush position covering it is reported.
+//!   each flush) and fsynced before any flush position covering it is reported. Whole
+//!   4 KiB blocks are written with `O_DIRECT` straight from the assembler's page-aligned
+//!   buffers (the unaligned rest through the page cache, before the fsync): the spool is
+//!   read back only after a crash, and filling fresh page-cache pages with every byte of
+//!   WAL was a third of the receiver's CPU. The file never holds a byte that was not
+//!   received. Where `O_DIRECT` is refused (tmpfs, ...) the page cache is used.
 //!   `walnut-fetch` serves it (zero-padded to a segment) when recovery asks for that
 //!   segment and nothing is archived under the name. A spool other than the default, with
 //!   a local catalog, is recorded in the archive's [`SPOOL_POINTER`] for `walnut-fetch` and
 //!   `show --archive` ([`spool_in_use`]).
 //! - A completed segment's spool file is written to its full size and handed, with the
 //!   segment's bytes, to a store thread (at most [`STORE_QUEUE`] waiting): it archives the
-//!   segment as `walnut-archive` does, decoding it meanwhile with one decoder for the whole
-//!   stream (each index stored pending at the segment's arrival, complete when the next
+//!   segment as `walnut-archive` does (same format, but LZ4 frames without xxh32 content
+//!   checksums, compressed in place into reused buffers: the header's CRC-32C, which every
+//!   read verifies over the whole content, guards them; see [`crate::format::segment`]),
+//!   decoding it meanwhile with one decoder for the whole stream (each index stored pending at the segment's arrival, complete when the next
 //!   has come; no segment is read back), then removes the spool file. The receive loop
 //!   never waits for the archive; what it reports flushed is fsynced in the spool.
 //! - Timeline switches: the stream's end of timeline is followed; the new timeline's
