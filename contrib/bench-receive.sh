@@ -45,6 +45,25 @@
 # 158 segments at 84 MiB/s): CPU per segment walnut receive 52.7 ms, pg_receivewal 28.3 ms,
 # pg_receivewal -Z lz4 21.7 ms; flush lag median 0.049 s (max 0.90 s; 14.6 MiB), pg_receivewal
 # 0.085 s (368 MiB). Flush lag target met; CPU target (pg_receivewal + index) not.
+# What the ~16 ms left unaccounted above was (perf): the kernel copying every byte of WAL into
+# FRESH page-cache pages of the spool files (copy_folio_from_iter_atomic, 25-30% of the CPU:
+# on this VM a newly allocated page costs ~2 ms per MiB to fill, a reused one ~0.2 ms; dd
+# shows it too). Now the spool is written with O_DIRECT straight from page-aligned assembler
+# buffers, LZ4 frames are compressed in place into reused buffers without the xxh32 content
+# checksum (the header's CRC-32C guards every read) and socket reads skip zero-filling.
+# After (2026-11-30 07:15-07:45 UTC, PARTS=1 SECONDS_RUN=30, BASE_BIN=the build before,
+# load 4-5 from other jobs; 3 runs, 118-148 segments at 63-79 MiB/s), CPU per segment:
+#   walnut receive 27.3 / 27.5 / 26.9 ms (median 27.3; the build before, same runs: 37.9 /
+#   37.5 / 42.3, median 37.9: -28%), pg_receivewal 21.5 / 21.8 / 23.0 (median 21.8),
+#   pg_receivewal -Z lz4 21.0 / 20.7 / 19.7; flush lag median 0.034-0.082 s.
+# The index's share, measured in one more run with BASE_BIN = this build with the index
+# switched off (not committed; 163 segments at 87 MiB/s): walnut receive 26.3 ms, without its
+# index 19.5 ms (so the index costs 6.8 ms), pg_receivewal 25.8 ms, -Z lz4 20.0 ms.
+# CPU target met: walnut receive minus pg_receivewal was 5.8 / 5.7 / 3.9 / 0.5 ms in the four
+# runs, below the index's 6.8 ms; without its index walnut receive spends less than
+# pg_receivewal. Left in the profile: LZ4 (~7 ms, lz4_flex), WAL decoding for the index,
+# copying each message into the segment buffer (~1.8 ms), writing the compressed archive file
+# into fresh page-cache pages (1-5 ms, through the repository), CRC-32C (~1.3 ms).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)

@@ -44,7 +44,9 @@
 //!
 //! An archived `*.lz4` file is a small JSON header in an LZ4 *skippable frame* (original
 //! name, size, CRC-32C, system id) followed by LZ4 frames (two halves compressed in parallel)
-//! with content sizes and xxh32 content checksums (see [`crate::format::segment`]).
+//! with content sizes, and xxh32 content checksums in those of `walnut-archive` (`walnut
+//! receive` leaves them out: the CRC-32C, verified on every read, guards the content; see
+//! [`crate::format::segment`]).
 //! `lz4 -d F.lz4 F` restores the original and checks it; `head -c 300 F.lz4` shows the header.
 //!
 //! # Guarantees

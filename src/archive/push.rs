@@ -578,13 +578,25 @@ pub fn push_bytes(ar: &WalArchive, data: &[u8], name: &WalFileName) -> Result<Pu
 /// [`push_bytes`] without indexing: for a caller that indexes the segments it stores as
 /// one decoded stream and stores their indexes itself (`walnut receive`, through
 /// [`WalArchive::index_and_store`]), so that no segment is decoded twice.
+///
+/// Its frames carry no LZ4 content checksum ([`crate::format::segment::compress_frame_fast`]:
+/// the header's CRC-32C guards the content) and are compressed into `scratch`, buffers the
+/// caller keeps from segment to segment (no fresh output buffers, no input copies).
 pub(crate) fn push_bytes_unindexed(
     ar: &WalArchive,
     data: &[u8],
     name: &WalFileName,
+    scratch: &mut FrameScratch,
 ) -> Result<PushOutcome> {
     check_name_fits(ar, name)?;
-    push_data(ar, data, name, None, false)
+    push_data_with(ar, data, name, None, false, Some(scratch))
+}
+
+/// Output buffers for the two LZ4 frames of a segment, reused from one push to the next.
+#[derive(Default)]
+pub(crate) struct FrameScratch {
+    first: Vec<u8>,
+    second: Vec<u8>,
 }
 
 fn check_name_fits(ar: &WalArchive, name: &WalFileName) -> Result<()> {
@@ -607,6 +619,18 @@ fn push_data(
     name: &WalFileName,
     src: Option<&Path>,
     index: bool,
+) -> Result<PushOutcome> {
+    push_data_with(ar, data, name, src, index, None)
+}
+
+/// [`push_data`]; with `scratch`, the frames are [`FrameScratch`]'s fast ones.
+fn push_data_with(
+    ar: &WalArchive,
+    data: &[u8],
+    name: &WalFileName,
+    src: Option<&Path>,
+    index: bool,
+    scratch: Option<&mut FrameScratch>,
 ) -> Result<PushOutcome> {
     let t0 = std::time::Instant::now();
     let seg_size = ar.seg_size();
@@ -661,7 +685,7 @@ fn push_data(
     // frame on another, CRC + the first half's frame on this one.
     let bytes: &[u8] = data;
     let what = name.to_string();
-    type Parts = (Vec<u8>, Vec<u8>, Vec<u8>);
+    let mut owned: (Vec<u8>, Vec<u8>) = (Vec::new(), Vec::new());
     let (encoded, built): (Result<Parts>, Option<Result<SegmentIndex>>) = std::thread::scope(|s| {
         let ix = segno.map(|segno| {
             s.spawn(move || match src {
@@ -671,17 +695,44 @@ fn push_data(
         });
         let (first, second) = bytes.split_at(bytes.len() / 2);
         let what2 = what.clone();
-        let second_frame = s.spawn(move || crate::format::segment::compress_frame(second, &what2));
         let mut meta = meta;
-        meta.crc32c = crc32c::crc32c(bytes);
-        let enc = crate::format::segment::compress_frame(first, &what).and_then(|f1| {
-            let f2 = second_frame.join().unwrap_or_else(|_| {
-                Err(Error::invalid(format!(
-                    "{what}: compression thread panicked"
-                )))
-            })?;
-            Ok((crate::format::segment::header(&meta)?, f1, f2))
-        });
+        let enc = match scratch {
+            Some(FrameScratch {
+                first: buf1,
+                second: buf2,
+            }) => {
+                use crate::format::segment::compress_frame_fast;
+                let second_frame =
+                    s.spawn(move || compress_frame_fast(second, buf2, &what2).map(|n| &buf2[..n]));
+                meta.crc32c = crc32c::crc32c(bytes);
+                compress_frame_fast(first, buf1, &what).and_then(|n1| {
+                    let f2 = second_frame.join().unwrap_or_else(|_| {
+                        Err(Error::invalid(format!(
+                            "{what}: compression thread panicked"
+                        )))
+                    })?;
+                    Ok((crate::format::segment::header(&meta)?, &buf1[..n1], f2))
+                })
+            }
+            None => {
+                let second_frame =
+                    s.spawn(move || crate::format::segment::compress_frame(second, &what2));
+                meta.crc32c = crc32c::crc32c(bytes);
+                crate::format::segment::compress_frame(first, &what).and_then(|f1| {
+                    let f2 = second_frame.join().unwrap_or_else(|_| {
+                        Err(Error::invalid(format!(
+                            "{what}: compression thread panicked"
+                        )))
+                    })?;
+                    owned = (f1, f2);
+                    Ok((
+                        crate::format::segment::header(&meta)?,
+                        &owned.0[..],
+                        &owned.1[..],
+                    ))
+                })
+            }
+        };
         let built = ix.map(|h| {
             h.join().unwrap_or_else(|_| {
                 Err(Error::corruption(format!(
@@ -742,20 +793,19 @@ fn already_archived(
 
 /// Writes header + frames durably under `key`, create-only, without assembling them in
 /// memory first.
-fn write_parts(
-    ar: &WalArchive,
-    key: &str,
-    (head, f1, f2): &(Vec<u8>, Vec<u8>, Vec<u8>),
-) -> Result<()> {
+fn write_parts(ar: &WalArchive, key: &str, (head, f1, f2): &Parts) -> Result<()> {
     use std::io::Write;
     let mut w = ar.repo().create(key)?;
-    for part in [head, f1, f2] {
+    for part in [&head[..], f1, f2] {
         if let Err(e) = w.write_all(part) {
             return Err(Error::io("write", Path::new(&w.describe()), e));
         }
     }
     w.commit(Durability::Now)
 }
+
+/// An encoded file in parts: the metadata header and the two LZ4 frames.
+type Parts<'a> = (Vec<u8>, &'a [u8], &'a [u8]);
 
 /// The archive already holds `name`: identical content is success, anything else an error.
 fn compare_existing(ar: &WalArchive, name: &WalFileName, data: &[u8]) -> Result<PushOutcome> {

@@ -188,11 +188,11 @@ fn stream(mut job: StreamJob<'_>, shared: &StreamShared) -> Result<StreamOutcome
                             job.repo,
                             &job.key,
                             &format!("pg_wal/{}", seg.name),
-                            &seg.data,
+                            seg.data(),
                             job.compress,
                         )?);
                     }
-                    push(job.archive, &seg.name, &seg.data)?;
+                    push(job.archive, &seg.name, seg.data())?;
                     st.report_flushed(Lsn((segno + 1) * job.seg_size as u64))?;
                 }
             }

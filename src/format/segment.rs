@@ -18,8 +18,12 @@
 //! - The checksum (CRC-32C of the original bytes, plus its size) lives *inside* the file
 //!   that becomes visible by one atomic no-replace rename, so an archived file is never
 //!   visible without its checksum, and there is no sidecar that could disagree with it.
-//! - Two independent checks guard every read: LZ4's xxh32 content checksum (verified while
-//!   decoding) and our CRC-32C + size from the header.
+//! - Every read checks our CRC-32C + size from the header over the whole content
+//!   ([`decode`] always does, whatever the frames carry). `walnut-archive`'s frames also
+//!   carry LZ4's xxh32 content checksum (verified while decoding, a second check).
+//!   `walnut receive` writes frames without it ([`compress_frame_fast`]: the CRC-32C alone
+//!   guards its segments, as it guards every file); `lz4 -d` and all walnut versions read
+//!   both kinds, since the content checksum is optional in the LZ4 frame format.
 
 #![deny(clippy::indexing_slicing)]
 
@@ -71,6 +75,99 @@ pub fn compress_frame(data: &[u8], what: &str) -> Result<Vec<u8>> {
         .map_err(|e| Error::invalid(format!("{what}: LZ4 compression failed: {e}")))?;
     enc.finish()
         .map_err(|e| Error::invalid(format!("{what}: LZ4 compression failed: {e}")))
+}
+
+/// LZ4 frame format: block maximum size of the frames [`compress_frame_fast`] writes.
+const FAST_BLOCK: usize = 64 << 10;
+/// Header of such a frame: magic, FLG, BD, content size (u64), HC.
+const FAST_HEADER: usize = 4 + 2 + 8 + 1;
+
+/// The room [`compress_frame_fast`] needs in its output buffer for `len` bytes of input.
+pub fn fast_frame_bound(len: usize) -> usize {
+    let blocks = len.div_ceil(FAST_BLOCK).max(1);
+    FAST_HEADER + blocks * 4 + lz4_flex::block::get_maximum_output_size(FAST_BLOCK) * blocks + 4
+}
+
+/// One LZ4 frame holding `data`, written into `out` (which is grown to
+/// [`fast_frame_bound`] when shorter, and never shrunk, so that a buffer reused for every
+/// segment is not zeroed again); returns the frame's length at the start of `out`.
+/// Independent 64 KiB blocks compressed straight from `data` into `out`, a content size,
+/// and no content checksum: no copy of the input and no xxh32 pass over it (the header's
+/// CRC-32C guards the content, see the module documentation). Decodes as
+/// [`compress_frame`]'s frames do, with `lz4 -d` too.
+pub fn compress_frame_fast(data: &[u8], out: &mut Vec<u8>, what: &str) -> Result<usize> {
+    let need = fast_frame_bound(data.len());
+    if out.len() < need {
+        out.resize(need, 0);
+    }
+    let short = || Error::invalid(format!("{what}: LZ4 output buffer too small"));
+    // FLG: version 01, independent blocks, content size; BD: 64 KiB blocks.
+    let size = (data.len() as u64).to_le_bytes();
+    let mut desc = [0b0110_1000, 0b0100_0000, 0, 0, 0, 0, 0, 0, 0, 0];
+    for (d, s) in desc.iter_mut().skip(2).zip(size) {
+        *d = s;
+    }
+    let hc = (xxh32_short(&desc) >> 8) as u8;
+    let mut pos = 0;
+    let put = |out: &mut Vec<u8>, pos: &mut usize, b: &[u8]| -> Result<()> {
+        out.get_mut(*pos..*pos + b.len())
+            .ok_or_else(short)?
+            .copy_from_slice(b);
+        *pos += b.len();
+        Ok(())
+    };
+    put(out, &mut pos, &0x184D_2204u32.to_le_bytes())?;
+    put(out, &mut pos, &desc)?;
+    put(out, &mut pos, &[hc])?;
+    for block in data.chunks(FAST_BLOCK) {
+        let dst = out.get_mut(pos + 4..).ok_or_else(short)?;
+        let n = lz4_flex::block::compress_into(block, dst)
+            .map_err(|e| Error::invalid(format!("{what}: LZ4 compression failed: {e}")))?;
+        if n < block.len() {
+            put(out, &mut pos, &(n as u32).to_le_bytes())?;
+            pos += n;
+        } else {
+            // Incompressible: stored as is (the high bit of the size says so).
+            put(
+                out,
+                &mut pos,
+                &(block.len() as u32 | 0x8000_0000).to_le_bytes(),
+            )?;
+            put(out, &mut pos, block)?;
+        }
+    }
+    put(out, &mut pos, &0u32.to_le_bytes())?;
+    Ok(pos)
+}
+
+/// xxh32 (seed 0) of fewer than 16 bytes: the LZ4 frame descriptor's header checksum.
+fn xxh32_short(b: &[u8]) -> u32 {
+    const P1: u32 = 2_654_435_761;
+    const P2: u32 = 2_246_822_519;
+    const P3: u32 = 3_266_489_917;
+    const P4: u32 = 668_265_263;
+    const P5: u32 = 374_761_393;
+    debug_assert!(b.len() < 16);
+    let mut h = P5.wrapping_add(b.len() as u32);
+    let mut words = b.chunks_exact(4);
+    for w in &mut words {
+        let v = w.try_into().map(u32::from_le_bytes).unwrap_or(0);
+        h = h
+            .wrapping_add(v.wrapping_mul(P3))
+            .rotate_left(17)
+            .wrapping_mul(P4);
+    }
+    for &x in words.remainder() {
+        h = h
+            .wrapping_add(u32::from(x).wrapping_mul(P5))
+            .rotate_left(11)
+            .wrapping_mul(P1);
+    }
+    h ^= h >> 15;
+    h = h.wrapping_mul(P2);
+    h ^= h >> 13;
+    h = h.wrapping_mul(P3);
+    h ^ (h >> 16)
 }
 
 /// The file bytes: metadata header followed by the frames, in order.
@@ -226,6 +323,73 @@ mod tests {
         )
         .unwrap();
         assert_eq!(decode(&enc, "x").unwrap().1, data);
+    }
+
+    /// Frames without a content checksum, written straight from the input: they decode
+    /// (the LZ4 header checksum is right, incompressible blocks are stored), several in one
+    /// file and in a reused buffer, and damage is still caught (by the CRC-32C).
+    #[test]
+    fn fast_frames_decode_and_damage_is_caught() {
+        let mut data: Vec<u8> = (0..300_000u32).map(|i| (i % 97) as u8).collect();
+        // an incompressible stretch
+        let mut x = 12345u32;
+        for b in data.iter_mut().skip(70_000).take(70_000) {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            *b = (x >> 16) as u8;
+        }
+        let m = meta_for(&data);
+        let (a, b) = data.split_at(150_001);
+        let mut buf = Vec::new();
+        let mut frames = Vec::new();
+        for part in [a, b, &[][..]] {
+            let n = compress_frame_fast(part, &mut buf, "t").unwrap();
+            frames.push(buf[..n].to_vec());
+        }
+        let enc = assemble(&m, &frames).unwrap();
+        assert_eq!(decode(&enc, "x").unwrap().1, data);
+        // no content checksum: FLG bit 2 clear
+        assert_eq!(frames[0][4] & 0b100, 0);
+        for i in (8 + 100..enc.len()).step_by(997) {
+            let mut bad = enc.clone();
+            bad[i] ^= 0x20;
+            match decode(&bad, "f") {
+                Err(e) => assert_eq!(e.kind(), crate::ErrorKind::Corruption, "byte {i}: {e}"),
+                Ok((_, d)) => assert_eq!(d, data, "byte {i}"),
+            }
+        }
+    }
+
+    /// `lz4 -d` (the stock tool, when installed) restores a file of fast frames.
+    #[test]
+    fn fast_frames_decode_with_the_lz4_tool() {
+        let Ok(dir) = std::env::var("CARGO_TARGET_TMPDIR").or_else(|_| {
+            std::env::temp_dir()
+                .to_str()
+                .map(String::from)
+                .ok_or(std::env::VarError::NotPresent)
+        }) else {
+            return;
+        };
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut buf = Vec::new();
+        let n = compress_frame_fast(&data, &mut buf, "t").unwrap();
+        let enc = assemble(&meta_for(&data), &[buf[..n].to_vec()]).unwrap();
+        let p = std::path::Path::new(&dir).join(format!("walnut-fast-{}.lz4", std::process::id()));
+        std::fs::write(&p, &enc).unwrap();
+        let out = std::process::Command::new("lz4")
+            .arg("-dc")
+            .arg(&p)
+            .output();
+        let _ = std::fs::remove_file(&p);
+        let Ok(out) = out else {
+            return; // no lz4 tool here
+        };
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout, data);
     }
 
     #[test]

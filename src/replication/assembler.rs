@@ -10,11 +10,50 @@
 use crate::error::{Error, Result};
 use crate::types::{valid_segment_size, Lsn, TimeLineId, WalFileName};
 
-/// A segment that is complete: `data.len()` is the segment size.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Alignment of the segment's bytes in the assembler's buffers: a page, so that they can
+/// be written to an `O_DIRECT` file as they are (`walnut receive`'s spool), with no
+/// staging copy.
+pub const BUFFER_ALIGN: usize = 4096;
+
+/// A segment that is complete: [`Self::data`] is the segment's bytes (segment size).
+#[derive(Clone, Debug)]
 pub struct CompleteSegment {
     pub name: WalFileName,
-    pub data: Vec<u8>,
+    /// The segment's bytes are `buf[off..]`, page-aligned ([`BUFFER_ALIGN`]).
+    buf: Vec<u8>,
+    off: usize,
+}
+
+/// Equal when the name and the bytes are (wherever they sit in their buffers).
+impl PartialEq for CompleteSegment {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name && self.data() == other.data()
+    }
+}
+
+impl Eq for CompleteSegment {}
+
+impl CompleteSegment {
+    /// The segment's bytes.
+    pub fn data(&self) -> &[u8] {
+        self.buf.get(self.off..).unwrap_or_default()
+    }
+
+    /// The buffer, for [`SegmentAssembler::recycle`].
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
+/// An empty buffer for a segment of `seg_size` bytes, holding zeros up to the first
+/// [`BUFFER_ALIGN`]-aligned address (where the segment's bytes start); that offset.
+fn aligned_buffer(mut buf: Vec<u8>, seg_size: u32) -> (Vec<u8>, usize) {
+    buf.clear();
+    let cap = seg_size as usize + BUFFER_ALIGN;
+    buf.reserve_exact(cap);
+    let off = buf.as_ptr().align_offset(BUFFER_ALIGN).min(BUFFER_ALIGN);
+    buf.resize(off, 0);
+    (buf, off)
 }
 
 /// The incomplete segment being filled: `bytes` from the segment's start up to `end`.
@@ -31,7 +70,9 @@ pub struct SegmentAssembler {
     tli: TimeLineId,
     seg_size: u32,
     segno: u64,
+    /// The current segment's bytes are `buf[off..]` (see [`aligned_buffer`]).
     buf: Vec<u8>,
+    off: usize,
     /// A segment-sized buffer handed back by the consumer, for the next segment.
     spare: Option<Vec<u8>>,
 }
@@ -58,11 +99,13 @@ impl SegmentAssembler {
                 "streaming into segments must start at a segment boundary, not at {start}"
             )));
         }
+        let (buf, off) = aligned_buffer(Vec::new(), seg_size);
         Ok(SegmentAssembler {
             tli,
             seg_size,
             segno: start.segno(seg_size),
-            buf: Vec::with_capacity(seg_size as usize),
+            buf,
+            off,
             spare: None,
         })
     }
@@ -87,13 +130,14 @@ impl SegmentAssembler {
                 bytes.len()
             )));
         }
-        let mut buf = Vec::with_capacity(seg_size as usize);
+        let (mut buf, off) = aligned_buffer(Vec::new(), seg_size);
         buf.extend_from_slice(&bytes);
         Ok(SegmentAssembler {
             tli: name.tli(),
             seg_size,
             segno,
             buf,
+            off,
             spare: None,
         })
     }
@@ -101,18 +145,20 @@ impl SegmentAssembler {
     /// Hands back the buffer of a [`CompleteSegment`] the consumer is done with: the next
     /// segment is assembled in it, sparing an allocation (and the page faults of a fresh
     /// 16 MiB buffer) per segment.
-    pub fn recycle(&mut self, mut buf: Vec<u8>) {
-        if buf.capacity() >= self.seg_size as usize {
-            buf.clear();
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        if buf.capacity() >= self.seg_size as usize + BUFFER_ALIGN {
             self.spare = Some(buf);
         }
     }
 
-    fn fresh_buffer(&mut self) -> Vec<u8> {
-        self.spare
-            .take()
-            .filter(|b| b.capacity() >= self.seg_size as usize)
-            .unwrap_or_else(|| Vec::with_capacity(self.seg_size as usize))
+    /// An empty aligned buffer for the next segment, and its offset.
+    fn fresh_buffer(&mut self) -> (Vec<u8>, usize) {
+        aligned_buffer(self.spare.take().unwrap_or_default(), self.seg_size)
+    }
+
+    /// The current segment's bytes so far.
+    fn bytes(&self) -> &[u8] {
+        self.buf.get(self.off..).unwrap_or_default()
     }
 
     pub fn timeline(&self) -> TimeLineId {
@@ -125,7 +171,7 @@ impl SegmentAssembler {
 
     /// The LSN the next pushed bytes must start at.
     pub fn position(&self) -> Lsn {
-        Lsn(self.segno * self.seg_size as u64 + self.buf.len() as u64)
+        Lsn(self.segno * self.seg_size as u64 + self.bytes().len() as u64)
     }
 
     /// Adds WAL bytes starting at `start` (= [`Self::position`]); returns the segments this
@@ -140,16 +186,17 @@ impl SegmentAssembler {
         }
         let mut done = Vec::new();
         while !bytes.is_empty() {
-            let room = self.seg_size as usize - self.buf.len();
+            let room = self.seg_size as usize - self.bytes().len();
             let n = room.min(bytes.len());
             self.buf.extend_from_slice(&bytes[..n]);
             bytes = &bytes[n..];
-            if self.buf.len() == self.seg_size as usize {
-                let fresh = self.fresh_buffer();
-                let data = std::mem::replace(&mut self.buf, fresh);
+            if self.bytes().len() == self.seg_size as usize {
+                let (fresh, off) = self.fresh_buffer();
+                let buf = std::mem::replace(&mut self.buf, fresh);
                 done.push(CompleteSegment {
                     name: WalFileName::segment(self.tli, self.segno, self.seg_size),
-                    data,
+                    buf,
+                    off: std::mem::replace(&mut self.off, off),
                 });
                 self.segno += 1;
             }
@@ -167,7 +214,7 @@ impl SegmentAssembler {
         PartialTail {
             name: WalFileName::Partial { tli, log, seg },
             end: self.position(),
-            bytes: &self.buf,
+            bytes: self.bytes(),
         }
     }
 
@@ -195,12 +242,13 @@ impl SegmentAssembler {
                 self.tli
             )));
         }
-        let tail = if self.buf.is_empty() {
+        let tail = if self.bytes().is_empty() {
             None
         } else {
             let name = self.partial().name;
-            let fresh = self.fresh_buffer();
-            Some((name, std::mem::replace(&mut self.buf, fresh)))
+            let tail = self.bytes().to_vec();
+            self.buf.truncate(self.off);
+            Some((name, tail))
         };
         self.tli = next_tli;
         Ok(tail)
@@ -245,8 +293,11 @@ mod tests {
             "names follow the segment number"
         );
         assert_eq!(whole.0[1].name.to_string(), "000000010000000000000004");
-        assert_eq!(whole.0[0].data, data[..SEG as usize]);
-        assert_eq!(whole.0[1].data, data[SEG as usize..2 * SEG as usize]);
+        assert_eq!(whole.0[0].data(), &data[..SEG as usize]);
+        assert_eq!(whole.0[1].data(), &data[SEG as usize..2 * SEG as usize]);
+        for s in &whole.0 {
+            assert_eq!(s.data().as_ptr() as usize % BUFFER_ALIGN, 0, "aligned");
+        }
         assert_eq!(whole.1, data[2 * SEG as usize..]);
         for chunk in [1usize << 17, 8192, 50, 7] {
             assert_eq!(feed(&data, chunk), whole, "chunk {chunk}");
@@ -277,16 +328,16 @@ mod tests {
         let data = wal(3 * SEG as usize, 5);
         let s = SEG as usize;
         let first = a.push(Lsn(0), &data[..s]).unwrap().remove(0);
-        let ptr = first.data.as_ptr();
-        a.recycle(first.data);
+        let ptr = first.data().as_ptr();
+        a.recycle(first.into_buffer());
         // The segment after the next one is assembled in the recycled buffer.
         a.push(Lsn(SEG as u64), &data[s..2 * s]).unwrap();
         let third = a
             .push(Lsn(2 * SEG as u64), &data[2 * s..])
             .unwrap()
             .remove(0);
-        assert_eq!(third.data.as_ptr(), ptr, "the recycled buffer was reused");
-        assert_eq!(third.data, data[2 * s..]);
+        assert_eq!(third.data().as_ptr(), ptr, "the recycled buffer was reused");
+        assert_eq!(third.data(), &data[2 * s..]);
         // A buffer too small for a segment is not taken.
         a.recycle(Vec::with_capacity(10));
         a.push(Lsn(3 * SEG as u64), &[7; 100]).unwrap();
@@ -304,7 +355,7 @@ mod tests {
         let done = a.push(Lsn(base + 1000), &data[1000..]).unwrap();
         assert_eq!(done.len(), 1);
         assert_eq!(done[0].name.to_string(), "000000020000000100000005");
-        assert_eq!(done[0].data, data[..SEG as usize]);
+        assert_eq!(done[0].data(), &data[..SEG as usize]);
         assert_eq!(a.partial().bytes, &data[SEG as usize..]);
         // A "partial" of a whole segment, or a history file, cannot be resumed.
         assert!(SegmentAssembler::resume(name, SEG, vec![0; SEG as usize]).is_err());

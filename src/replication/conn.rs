@@ -148,6 +148,33 @@ impl Read for Sock {
     }
 }
 
+impl Sock {
+    /// Receives up to `max` bytes into `buf`'s spare capacity (reserved by the caller)
+    /// and extends `buf` by what arrived: no zero-filling of the space first (for a
+    /// stream of WAL that was a memset as large as the WAL itself).
+    fn recv_into(&mut self, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Sock::Tcp(s) => s.as_raw_fd(),
+            Sock::Unix(s) => s.as_raw_fd(),
+        };
+        let spare = buf.spare_capacity_mut();
+        let len = spare.len().min(max);
+        // SAFETY: `spare` is allocated memory owned by `buf`, at least `len` bytes long;
+        // recv writes at most `len` bytes there through the raw pointer (no reference to
+        // the uninitialised bytes is made).
+        let n = unsafe { nix::libc::recv(fd, spare.as_mut_ptr().cast(), len, 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        // SAFETY: the first `n` bytes of the spare capacity were written by recv just now
+        // (n <= len <= the spare capacity).
+        unsafe { buf.set_len(buf.len() + n) };
+        Ok(n)
+    }
+}
+
 impl Write for Sock {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
@@ -508,32 +535,25 @@ impl ReplConnection {
             self.read_timeout = timeout;
         }
         const CHUNK: usize = 128 << 10;
-        let old = self.rbuf.len();
-        self.rbuf.resize(old + CHUNK, 0);
+        self.rbuf.reserve(CHUNK);
         loop {
-            match self.sock.read(&mut self.rbuf[old..]) {
+            match self.sock.recv_into(&mut self.rbuf, CHUNK) {
                 Ok(0) => {
-                    self.rbuf.truncate(old);
                     self.state = ConnState::Broken;
                     return Err(Error::server(format!(
                         "server at {} closed the connection unexpectedly",
                         self.endpoint
                     )));
                 }
-                Ok(n) => {
-                    self.rbuf.truncate(old + n);
-                    return Ok(true);
-                }
+                Ok(_) => return Ok(true),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e)
                     if e.kind() == io::ErrorKind::WouldBlock
                         || e.kind() == io::ErrorKind::TimedOut =>
                 {
-                    self.rbuf.truncate(old);
                     return Ok(false);
                 }
                 Err(e) => {
-                    self.rbuf.truncate(old);
                     self.state = ConnState::Broken;
                     return Err(Error::server(format!(
                         "could not receive from server at {}: {e}",

@@ -33,7 +33,7 @@ mod conn;
 mod msg;
 mod stream;
 
-pub use assembler::{CompleteSegment, PartialTail, SegmentAssembler};
+pub use assembler::{CompleteSegment, PartialTail, SegmentAssembler, BUFFER_ALIGN};
 pub use commands::{
     check_slot_name, create_slot_command, CreatedSlot, SlotState, SystemIdentity, TimelineHistory,
 };

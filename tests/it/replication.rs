@@ -77,13 +77,13 @@ fn stream_until(
                     let file = pg.data.join("pg_wal").join(seg.name.to_string());
                     let disk =
                         std::fs::read(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-                    if disk != seg.data {
-                        let at = disk.iter().zip(&seg.data).position(|(a, b)| a != b);
+                    if disk != seg.data() {
+                        let at = disk.iter().zip(seg.data()).position(|(a, b)| a != b);
                         panic!(
                             "streamed {} differs from the server's file (first difference at \
                              offset {at:?}, lengths {} and {})",
                             seg.name,
-                            seg.data.len(),
+                            seg.data().len(),
                             disk.len()
                         );
                     }
