@@ -265,6 +265,7 @@ impl Shift {
 
     /// `crc32c_combine(a, b, len)`.
     #[inline]
+    #[allow(clippy::indexing_slicing)] // a byte indexes a table of 256 entries
     pub fn combine(&self, a: u32, b: u32) -> u32 {
         let [t0, t1, t2, t3] = &self.t;
         let [a0, a1, a2, a3] = a.to_le_bytes();

@@ -44,7 +44,7 @@ use crate::backup::page::{check_page, is_all_zero, page_lsn, PageCheck};
 use crate::backup::relfile;
 use crate::durable::{self, Replace};
 use crate::error::{Error, IoContext, Result};
-use crate::format::blockcrc::{self, FileCrcs};
+use crate::format::blockcrc::FileCrcs;
 use crate::format::manifest::{FileEntry, Storage};
 use crate::pgcontrol::ControlFile;
 use crate::progress::Progress;
@@ -962,11 +962,9 @@ pub struct ChainCrcs {
 }
 
 /// Loads the block checksums objects of the chain's backups that have one (`chain` newest
-/// first; `newest` the newest backup's manifest, `older[i]` that of `chain[i + 1]`). The
-/// object a backup.json names must exist and be whole; it may name only files of its
-/// backup's manifest, stored as it says (whole and uncompressed, or incremental of
-/// whole-page records), and each list must combine into the manifest's CRC of its stored
-/// file. Anything else is an error naming the object: never a silent fallback.
+/// first; `newest` the newest backup's manifest, `older[i]` that of `chain[i + 1]`), each
+/// checked by [`crate::backup::stored::block_crcs`]: a missing or damaged one is an error
+/// naming it, never a silent fallback.
 pub fn load_crcs(
     catalog: &crate::catalog::Catalog,
     chain: &[&BackupMeta],
@@ -975,89 +973,18 @@ pub fn load_crcs(
 ) -> Result<ChainCrcs> {
     let repo = catalog.repo();
     let mut by_backup = HashMap::new();
-    let newest_map: HashMap<&str, &FileEntry> =
-        newest.iter().map(|e| (e.path.as_str(), e)).collect();
     for (i, b) in chain.iter().enumerate() {
-        let Some(r) = b.block_crcs else { continue };
-        let bs = b.block_size;
-        let key = format!("{}/{}", b.key()?, blockcrc::FILE_NAME);
-        let what = crate::backup::stored::what(repo, &key);
-        let lookup = |p: &str| -> Option<&FileEntry> {
-            if i == 0 {
-                newest_map.get(p).copied()
-            } else {
-                older.get(i - 1).and_then(|m| m.get(p))
-            }
-        };
-        // bounded by what the manifest can need before anything is read
-        let entries: Box<dyn Iterator<Item = &FileEntry>> = if i == 0 {
-            Box::new(newest.iter())
+        let entries: Vec<&FileEntry> = if i == 0 {
+            newest.iter().collect()
         } else {
-            Box::new(older.get(i - 1).into_iter().flat_map(|m| m.values()))
+            older
+                .get(i - 1)
+                .map(|m| m.values().collect())
+                .unwrap_or_default()
         };
-        let bound: u64 = entries
-            .map(|e| 7 + e.path.len() as u64 + 8 * (e.size / bs.max(1) as u64 + 1))
-            .sum::<u64>()
-            + (blockcrc::HEADER_LEN + blockcrc::TRAILER_LEN) as u64;
-        if r.size > bound {
-            return Err(Error::corruption(format!(
-                "{what}: backup.json says {} bytes, more than the block checksums of the backup's files can take ({bound})",
-                r.size
-            )));
+        if let Some(files) = crate::backup::stored::block_crcs(repo, b, &entries)? {
+            by_backup.insert(b.id.clone(), files);
         }
-        let blob = match repo.get(&key) {
-            Ok(b) => b,
-            Err(e) if e.kind() == crate::ErrorKind::NotFound => {
-                return Err(Error::corruption(format!(
-                    "{what}: missing, but backup {}'s backup.json says it has block checksums",
-                    b.id
-                )))
-            }
-            Err(e) => return Err(e),
-        };
-        let files = blockcrc::parse(&blob, &what, bs, &r)?;
-        let shift = blockcrc::Shift::new(bs as usize);
-        for (path, fc) in &files {
-            let Some(e) = lookup(path) else {
-                return Err(Error::corruption(format!(
-                    "{what}: names \"{path}\", which is not a file of backup {}",
-                    b.id
-                )));
-            };
-            let ok = match (e.storage, fc) {
-                (Storage::Full, FileCrcs::Whole(c)) => {
-                    e.stored_size == e.size
-                        && blockcrc::check_whole(c, e.size, bs, &shift, e.crc32c)
-                }
-                (Storage::Incremental, FileCrcs::Inc(recs)) => match e.file_blocks {
-                    Some(fb) => {
-                        e.changed_blocks == Some(recs.len() as u32)
-                            && e.stored_size
-                                == crate::format::incfile::whole_page_file_size(
-                                    recs.len() as u32,
-                                    bs,
-                                )
-                            && blockcrc::check_incremental(
-                                recs,
-                                bs,
-                                fb,
-                                e.limit_block,
-                                &shift,
-                                e.crc32c,
-                            )
-                    }
-                    None => false,
-                },
-                _ => false,
-            };
-            if !ok {
-                return Err(Error::corruption(format!(
-                    "{what}: the block checksums of \"{path}\" do not match its manifest entry (size and CRC of the stored file, backup {})",
-                    b.id
-                )));
-            }
-        }
-        by_backup.insert(b.id.clone(), files);
     }
     Ok(ChainCrcs { by_backup })
 }

@@ -141,7 +141,7 @@ fn forge_meta(path: &Path, crc: u32) {
 /// is the backup's (its own checksum resealed, and then backup.json forged to match), or
 /// missing: each is refused before any write, naming the object. A stored block that does
 /// not match its checksum fails the restore (pg_control stays removed). The intact object
-/// restores.
+/// restores. `walnut validate` finds a forged object too (CORRUPT, then OK once intact). `walnut validate` finds a forged object too.
 #[test]
 fn damaged_or_forged_block_checksums_are_refused() {
     let env = Env::new("rinc-crc-forged");
@@ -240,4 +240,20 @@ fn damaged_or_forged_block_checksums_are_refused() {
     let got = std::fs::read(copy.data.join(&rel)).unwrap();
     assert_eq!(&got[b * bs..(b + 1) * bs], &stored[b * bs..(b + 1) * bs]);
     assert_eq!(got, stored);
+
+    // validate checks the object too: a forged one makes the backup CORRUPT, naming it;
+    // the intact one again makes it OK
+    ok(env.validate(&[]), "validate intact");
+    std::fs::write(&obj_path, &f).unwrap();
+    forge_meta(&meta_path, c);
+    fails_with(
+        env.validate(&[]),
+        "validate forged",
+        &["block_crcs", "do not match its manifest entry"],
+    );
+    assert_eq!(env.status(&full), "CORRUPT");
+    std::fs::write(&obj_path, &good_obj).unwrap();
+    std::fs::write(&meta_path, &good_meta).unwrap();
+    ok(env.validate(&[]), "validate intact again");
+    assert_eq!(env.status(&full), "OK");
 }
