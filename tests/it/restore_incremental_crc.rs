@@ -141,7 +141,7 @@ fn forge_meta(path: &Path, crc: u32) {
 /// is the backup's (its own checksum resealed, and then backup.json forged to match), or
 /// missing: each is refused before any write, naming the object. A stored block that does
 /// not match its checksum fails the restore (pg_control stays removed). The intact object
-/// restores. `walnut validate` finds a forged object too (CORRUPT, then OK once intact). `walnut validate` finds a forged object too.
+/// restores. `walnut validate` finds a forged object too (CORRUPT, then OK once intact).
 #[test]
 fn damaged_or_forged_block_checksums_are_refused() {
     let env = Env::new("rinc-crc-forged");
