@@ -1167,7 +1167,9 @@ impl CrcChunk<'_, '_> {
                 .iter()
                 .filter_map(|&b| self.want.get(b as usize).map(|w| w.pos))
                 .collect();
-            for ((p0, n), runs) in reads(&pos, (DEST_READ / unit).max(1) as u32) {
+            // only the blocks asked for during the scan (each hinted then): bridging a gap
+            // would read blocks nobody asked for, synchronously
+            for ((p0, n), runs) in reads_with(&pos, (DEST_READ / unit).max(1) as u32, 0) {
                 let (start, _) = self.stored_range(Want {
                     crc: 0,
                     src: si,
@@ -1296,9 +1298,14 @@ type Run = (u32, u32);
 /// [`spans`] of `needed`, each with the runs of consecutive needed blocks inside it (a run
 /// never crosses the end of its span).
 fn reads(needed: &[u32], max: u32) -> Vec<(Run, Vec<Run>)> {
+    reads_with(needed, max, SPAN_GAP)
+}
+
+/// [`reads`] bridging gaps of up to `gap` blocks.
+fn reads_with(needed: &[u32], max: u32, gap: u32) -> Vec<(Run, Vec<Run>)> {
     let mut out = Vec::new();
     let mut i = 0;
-    for (b, n) in spans(needed, max) {
+    for (b, n) in spans_with(needed, max, gap) {
         let mut runs = Vec::new();
         while i < needed.len() && needed[i] < b + n {
             let first = needed[i];
@@ -1322,13 +1329,18 @@ const SPAN_GAP: u32 = 16;
 /// block while the gap to it is at most [`SPAN_GAP`] and the span stays within `max`
 /// blocks.
 fn spans(v: &[u32], max: u32) -> Vec<(u32, u32)> {
+    spans_with(v, max, SPAN_GAP)
+}
+
+/// [`spans`] bridging gaps of up to `gap` blocks.
+fn spans_with(v: &[u32], max: u32, gap: u32) -> Vec<(u32, u32)> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < v.len() {
         let first = v[i];
         let mut last = first;
         i += 1;
-        while i < v.len() && v[i] - last <= SPAN_GAP + 1 && v[i] - first < max {
+        while i < v.len() && v[i] - last <= gap + 1 && v[i] - first < max {
             last = v[i];
             i += 1;
         }
