@@ -63,6 +63,19 @@ fn checksum_mode_by_block_checksums_equals_a_full_restore() {
 
     let fresh = env.path("fresh");
     ok(env.restore_cmd(&fresh, &["-i", &delta]), "full restore");
+    // the plan computes the bytes to write as the restore will (and writes nothing)
+    let before = rel_snapshot(&copy.data);
+    let plan = ok(
+        incremental(
+            &env,
+            &copy.data,
+            "checksum",
+            &["-i", &delta, "--plan", "--format", "json"],
+        ),
+        "plan",
+    );
+    let plan: serde_json::Value = serde_json::from_str(&plan).unwrap();
+    assert!(rel_snapshot(&copy.data) == before, "--plan wrote");
     let out = ok(
         incremental(&env, &copy.data, "checksum", &["-i", &delta]),
         "incremental restore (checksum)",
@@ -70,6 +83,11 @@ fn checksum_mode_by_block_checksums_equals_a_full_restore() {
     eprintln!("checksum: {}", out.trim());
     let (written, total) = bytes_written(&out);
     let kept = kept_unread(&out);
+    assert_eq!(
+        plan["bytes_to_write"].as_u64(),
+        Some(written),
+        "the plan's bytes to write"
+    );
     assert!(written > 0, "nothing written");
     assert!(
         written * 4 < total,
