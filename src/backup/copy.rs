@@ -22,6 +22,7 @@ use crate::types::Lsn;
 
 use super::page::{check_page, is_all_zero, page_lsn, PageCheck};
 use super::relfile::{self, RelFile};
+use crate::format::blockcrc;
 use crate::format::incfile::IncWriter;
 use crate::format::manifest::{stored_path, FileEntry, Lz4Frames, Storage};
 
@@ -78,6 +79,36 @@ pub struct CopyCtx<'a> {
     pub newest_lsn: AtomicU64,
     /// The page that carries `newest_lsn`, once one is newer than the start.
     pub newest_page: Mutex<Option<NewestPage>>,
+    /// The backup's block checksums (uncompressed backups): every file stored whole or
+    /// incremental adds its blocks' CRCs once it is stored.
+    pub block_crcs: Option<Mutex<BlockCrcOut>>,
+}
+
+/// Where the copy writes the block checksums object.
+pub type BlockCrcOut = blockcrc::Writer<BufWriter<Box<dyn ObjectWriter>>>;
+
+impl CopyCtx<'_> {
+    /// Whether stored files record their blocks' CRCs.
+    fn wants_crcs(&self) -> bool {
+        self.block_crcs.is_some() && !self.compress
+    }
+
+    /// Adds a file's block CRCs to the object.
+    fn add_crcs(
+        &self,
+        logical: &str,
+        f: impl FnOnce(&mut BlockCrcOut) -> std::io::Result<()>,
+    ) -> Result<()> {
+        let Some(m) = &self.block_crcs else {
+            return Ok(());
+        };
+        let mut w = m
+            .lock()
+            .map_err(|_| Error::invalid("a copy thread panicked"))?;
+        f(&mut w).map_err(|e| {
+            Error::invalid(format!("writing the block checksums of \"{logical}\": {e}"))
+        })
+    }
 }
 
 /// The page with the newest LSN a backup read.
@@ -735,6 +766,8 @@ pub fn copy_whole(
     let bs = ctx.block_size as usize;
     let mut buf = vec![0u8; bs * CHUNK_PAGES];
     let mut size = 0u64;
+    let want_crcs = ctx.wants_crcs();
+    let mut crcs: Vec<u32> = Vec::new();
     let mut pump = |w: &mut dyn Write| -> Result<()> {
         loop {
             let n = read_full(&mut f, &mut buf).ctx("read", abs)?;
@@ -746,6 +779,10 @@ pub fn copy_whole(
                 verify_pages(ctx, &f, logical, rel, size, &mut buf[..whole])?;
             }
             w.write_all(&buf[..n]).ctx("write", &tmp_ctx)?;
+            if want_crcs {
+                // reads fill the buffer until the end: only the file's tail is short
+                crcs.extend(buf[..n].chunks(bs).map(crc32c::crc32c));
+            }
             size += n as u64;
             ctx.progress.inc(n as u64);
             if ctx.abort.load(Ordering::Relaxed) {
@@ -769,6 +806,9 @@ pub fn copy_whole(
         (cw, None)
     };
     let (crc, stored) = finish_stored(cw, &dest)?;
+    if want_crcs {
+        ctx.add_crcs(logical, |w| w.add_whole(logical, &crcs))?;
+    }
     Ok(FileEntry {
         path: logical.to_string(),
         storage,
@@ -841,6 +881,8 @@ fn copy_incremental(
     let cw = CrcWriter::new(BufWriter::with_capacity(256 << 10, df));
     let mut w = IncWriter::new(cw, ctx.block_size, ctx.compress).ctx("write", &dest)?;
     let file_blocks = (size / bs as u64) as u32;
+    let want_crcs = ctx.wants_crcs();
+    let mut crcs: Vec<(u32, u32)> = Vec::new();
     let limit;
     match page_plan {
         Some((blocks, lim)) => {
@@ -856,6 +898,9 @@ fn copy_incremental(
                 }
                 verify_pages(ctx, f, logical, rel, b as u64 * bs as u64, &mut page)?;
                 w.add(b, &page).ctx("write", &dest)?;
+                if want_crcs {
+                    crcs.push((b, crc32c::crc32c(&page)));
+                }
                 ctx.progress.inc(bs as u64);
             }
         }
@@ -879,6 +924,9 @@ fn copy_incremental(
                     }
                     if page_lsn(page) >= parent_start || is_all_zero(page) {
                         w.add(b, page).ctx("write", &dest)?;
+                        if want_crcs {
+                            crcs.push((b, crc32c::crc32c(page)));
+                        }
                     }
                 }
                 ctx.progress.inc(whole as u64);
@@ -894,6 +942,9 @@ fn copy_incremental(
     // The whole file's CRC is the same for every incremental file (it ends with its own
     // CRC); the manifest records the trailer's, which is this file's alone.
     let (_, stored) = finish_stored(cw, &dest)?;
+    if want_crcs {
+        ctx.add_crcs(logical, |w| w.add_inc(logical, &crcs))?;
+    }
     let crc = trailer_crc;
     Ok(FileEntry {
         path: logical.to_string(),

@@ -166,6 +166,11 @@ pub struct BackupMeta {
     /// "summary"` (written only then; see [`ChangeSource`]).
     #[serde(default, rename = "source", skip_serializing_if = "Option::is_none")]
     pub change_source: Option<ChangeSource>,
+    /// The backup's block checksums object (`block_crcs`, see
+    /// [`crate::format::blockcrc`]): its size and CRC. Written only when it exists;
+    /// absent, a checksum-mode incremental restore reads every block the chain supplies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_crcs: Option<crate::format::blockcrc::BlockCrcsRef>,
 }
 
 impl BackupMeta {
@@ -868,6 +873,7 @@ pub(crate) fn test_meta(id: &str, mode: Mode, parent: Option<&str>) -> BackupMet
         stream: false,
         from_standby: false,
         change_source: None,
+        block_crcs: None,
     }
 }
 
@@ -908,6 +914,7 @@ mod tests {
             stream: false,
             from_standby: false,
             change_source: None,
+            block_crcs: None,
         }
     }
 

@@ -135,6 +135,7 @@ pub fn take_backup(catalog: &Catalog, instance: &str, opts: &BackupOptions) -> R
         stream: opts.stream,
         from_standby: standby,
         change_source: opts.summary.then_some(ChangeSource::Summary),
+        block_crcs: None,
     };
     // create-only: a concurrent backup never shares this id
     let started = meta::start(catalog, &mut m, start_secs)?;
@@ -517,7 +518,19 @@ fn copy_and_stop(
     let total = sess.total_size().unwrap_or(0);
     let progress = &*opts.progress;
     progress.start(&format!("backup {}", m.id), total);
-    let ctx = CopyCtx {
+    // block checksums of an uncompressed backup (see format/blockcrc.rs), written beside
+    // the stored files and committed before backup.json
+    let block_crc_out = if opts.compress {
+        None
+    } else {
+        let w = create(catalog, key, crate::format::blockcrc::FILE_NAME)?;
+        let p = std::path::PathBuf::from(w.describe());
+        Some(Mutex::new(
+            crate::format::blockcrc::Writer::new(BufWriter::new(w), m.block_size)
+                .ctx("write", &p)?,
+        ))
+    };
+    let mut ctx = CopyCtx {
         pgdata: pgdata.to_path_buf(),
         repo: catalog.repo(),
         key: key.to_string(),
@@ -531,6 +544,7 @@ fn copy_and_stop(
         abort: AtomicBool::new(false),
         newest_lsn: AtomicU64::new(start_lsn.0),
         newest_page: Mutex::new(None),
+        block_crcs: block_crc_out,
     };
     // Stored files are committed deferred (thousands of them, no per-file fsync); one
     // barrier makes them durable before the completion record.
@@ -555,6 +569,21 @@ fn copy_and_stop(
     let e = copy_whole(&ctx, f, "global/pg_control", &pc, None)?;
     add(e, &mut mw)?;
     progress.finish();
+    if let Some(w) = ctx.block_crcs.take() {
+        let w = w
+            .into_inner()
+            .map_err(|_| Error::invalid("a copy thread panicked"))?;
+        let bad = |e: std::io::Error| {
+            Error::invalid(format!(
+                "writing the block checksums of backup {}: {e}",
+                m.id
+            ))
+        };
+        let (out, r) = w.finish().map_err(bad)?;
+        let obj = out.into_inner().map_err(|e| bad(e.into_error()))?;
+        obj.commit(Durability::Deferred)?;
+        m.block_crcs = Some(r);
+    }
 
     log::debug!("stopping the backup");
     // On a standby, pg_backup_stop fails if the standby was promoted meanwhile, and
@@ -885,6 +914,7 @@ pub fn dry_run(catalog: &Catalog, instance: &str, opts: &BackupOptions) -> Resul
         abort: AtomicBool::new(false),
         newest_lsn: AtomicU64::new(insert.0),
         newest_page: Mutex::new(None),
+        block_crcs: None,
     };
     let (mut files, mut bytes) = super::copy::predict_tree(&ctx)?;
     // pg_control, copied last

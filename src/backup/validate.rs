@@ -525,6 +525,13 @@ fn check_own(
     }
     let mut unreadable: Option<Problem> = None;
     check_files(catalog, b, &mut unreadable)?;
+    if b.block_crcs.is_some() {
+        // the block checksums a checksum-mode incremental restore trusts
+        let key = b.key().map_err(|e| problem(&e))?;
+        let entries = stored::manifest_entries(catalog.repo(), &key).map_err(|e| problem(&e))?;
+        let refs: Vec<&FileEntry> = entries.iter().collect();
+        stored::block_crcs(catalog.repo(), b, &refs).map_err(|e| problem(&e))?;
+    }
     // WAL from start to stop: what recovery needs to make this backup consistent.
     let last = Lsn(stop.0.saturating_sub(1)).segno(seg);
     if b.stream {

@@ -2,6 +2,7 @@
 //! [`manifest`] (a backup's file list), [`incfile`] (an incremental data file),
 //! [`index`] (a WAL segment's block index) and [`segment`] (an archived WAL file's header and
 //! LZ4 frames).
+pub mod blockcrc;
 #[cfg(test)]
 #[allow(clippy::indexing_slicing)]
 mod golden;

@@ -773,6 +773,8 @@ fn write_merged(
     m.mode = Mode::Full;
     m.parent_id = None;
     m.parent_start_lsn = None;
+    // the merged FULL has no block checksums object of its own
+    m.block_crcs = None;
     m.status = Status::Running;
     m.pid = Some(std::process::id());
     m.error = Some(format!("{MERGE_MARK}{}", x.id));

@@ -1,8 +1,15 @@
 //! Incremental restore into an existing data directory: rewrite only what differs.
 //!
 //! Two modes:
-//! - **checksum**: every block of every file is rebuilt from the chain as a fresh restore
-//!   would, compared with the destination's block, and written only when it differs.
+//! - **checksum**: every block of every file is compared with the block the chain would
+//!   restore, and written only when it differs. Backups record a CRC-32C per block of the
+//!   files they store uncompressed ([`crate::format::blockcrc`]): the destination is read
+//!   once, each block's CRC compared with the one the chain gives it (the newest backup
+//!   holding the block, under the truncation rule, as rebuild takes it), and only the
+//!   differing blocks are read from the backups, each checked against its CRC. A file whose
+//!   sources lack block checksums (older or compressed backups, LZ4 or compressed-page
+//!   incremental files) is rebuilt from the chain as a fresh restore would and compared
+//!   block by block.
 //! - **lsn**: the destination and the chain share their history up to a divergence point
 //!   X (where their timeline histories part, or the destination's end of WAL, whichever is
 //!   lower). A destination page that passes its data checksum and whose LSN is below X
@@ -37,8 +44,10 @@ use crate::backup::page::{check_page, is_all_zero, page_lsn, PageCheck};
 use crate::backup::relfile;
 use crate::durable::{self, Replace};
 use crate::error::{Error, IoContext, Result};
+use crate::format::blockcrc::FileCrcs;
 use crate::format::manifest::{FileEntry, Storage};
 use crate::pgcontrol::ControlFile;
+use crate::progress::Progress;
 use crate::types::{Lsn, TimeLineId};
 
 use super::rebuild::{self, Shape, Sink, Stored};
@@ -559,7 +568,8 @@ pub struct Outcome {
     pub files_rewritten: u64,
     pub files_created: u64,
     pub files_removed: u64,
-    /// lsn mode: blocks kept without reading the backup.
+    /// Blocks kept without reading the backup (lsn mode; checksum mode with block
+    /// checksums).
     pub blocks_kept: u64,
 }
 
@@ -578,6 +588,8 @@ pub(super) struct InPlace<'a> {
     pub kept: AtomicU64,
     pub rewritten: AtomicU64,
     pub created: AtomicU64,
+    /// Checksum mode: the chain's block checksums, where its backups have them.
+    pub crcs: Option<ChainCrcs>,
 }
 
 impl InPlace<'_> {
@@ -661,6 +673,10 @@ impl InPlace<'_> {
                 let first_block = relfile::segment_first_block(rf.segno, self.relseg_size);
                 self.lsn_file(&plan, &mk, x, first_block, &dest)?
             }
+            (IncrementalMode::Checksum, _, _) => match self.crc_sources(&plan, e) {
+                Some(lists) => self.checksum_file(&plan, &lists, &mk, final_len)?,
+                None => self.compare_all(&plan, &mk, &dest)?,
+            },
             _ => self.compare_all(&plan, &mk, &dest)?,
         };
         if !self.dry && dest_len != final_len {
@@ -671,6 +687,122 @@ impl InPlace<'_> {
         }
         self.written.fetch_add(written, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Checksum mode with block checksums: the block CRC lists of every source of `plan`
+    /// (newest first), when each has one and can be read block by block (a plain whole file,
+    /// or an incremental file of whole-page records); `None`: rebuild and compare.
+    fn crc_sources<'c>(&'c self, plan: &rebuild::Plan, e: &FileEntry) -> Option<Vec<&'c FileCrcs>> {
+        let crcs = self.crcs.as_ref()?;
+        let mut out = Vec::with_capacity(plan.sources.len());
+        for s in &plan.sources {
+            let fc = crcs.by_backup.get(&s.backup)?.get(&e.path)?;
+            let fits = match (&s.stored, fc) {
+                (Stored::Plain, FileCrcs::Whole(_)) => true,
+                (Stored::Inc { whole_pages, .. }, FileCrcs::Inc(_)) => {
+                    *whole_pages && plan.shape != Shape::Copy
+                }
+                _ => false,
+            };
+            if !fits {
+                return None;
+            }
+            out.push(fc);
+        }
+        (!out.is_empty()).then_some(out)
+    }
+
+    /// Checksum mode for one file with block checksums (see [`ChainCrcs`]): the CRC each
+    /// block of the result must have (the newest source holding it below its cap, as
+    /// rebuild takes it, or a zero page), then one pass over the destination in chunks on
+    /// [`Self::scan_threads`] threads, each reading its part in long reads and comparing
+    /// every block's CRC; the blocks that differ are read from their source (spans of
+    /// them at once), each checked against its CRC, and written. Returns the bytes written.
+    fn checksum_file<'f>(
+        &self,
+        plan: &rebuild::Plan,
+        lists: &[&FileCrcs],
+        mk: &(dyn Fn() -> Compare<'f> + Sync),
+        final_len: u64,
+    ) -> Result<u64> {
+        let bs = plan.block_size as usize;
+        let n_blocks = final_len.div_ceil(bs as u64);
+        if n_blocks > u32::MAX as u64 {
+            return Err(Error::invalid("file too large"));
+        }
+        let n_blocks = n_blocks as u32;
+        let zero_crc = crc32c::crc32c(&vec![0u8; bs]);
+        let mut want = vec![
+            Want {
+                crc: zero_crc,
+                src: NO_SOURCE,
+                pos: 0,
+            };
+            n_blocks as usize
+        ];
+        for (si, (s, fc)) in plan.sources.iter().zip(lists).enumerate().rev() {
+            let cap = match plan.shape {
+                Shape::Copy => u32::MAX,
+                Shape::Blocks(_) => s.cap,
+            };
+            match fc {
+                FileCrcs::Whole(c) => {
+                    // whole blocks of the file; a copy also takes its short tail
+                    let held = match plan.shape {
+                        Shape::Copy => c.len() as u64,
+                        Shape::Blocks(_) => s.size / bs as u64,
+                    };
+                    let lim = held
+                        .min(c.len() as u64)
+                        .min(cap as u64)
+                        .min(n_blocks as u64);
+                    for (j, (w, &crc)) in want.iter_mut().zip(c.iter()).enumerate() {
+                        if j as u64 >= lim {
+                            break;
+                        }
+                        *w = Want {
+                            crc,
+                            src: si as u32,
+                            pos: j as u32,
+                        };
+                    }
+                }
+                FileCrcs::Inc(r) => {
+                    for (i, &(b, crc)) in r.iter().enumerate() {
+                        if b < cap {
+                            if let Some(w) = want.get_mut(b as usize) {
+                                *w = Want {
+                                    crc,
+                                    src: si as u32,
+                                    pos: i as u32,
+                                };
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let step = plan.chunk_blocks.max(1);
+        let want = &want;
+        let res = par(n_blocks.div_ceil(step), self.scan_threads(), |k| {
+            let lo = k * step;
+            let hi = lo.saturating_add(step).min(n_blocks);
+            let mut c = CrcChunk {
+                cmp: mk(),
+                plan,
+                want,
+                final_len,
+                objs: (0..plan.sources.len()).map(|_| None).collect(),
+                diff: Vec::new(),
+                kept: 0,
+            };
+            c.scan(lo, hi, &*self.r.progress)?;
+            c.fetch()?;
+            Ok((c.cmp.written, c.kept))
+        })?;
+        self.kept
+            .fetch_add(res.iter().map(|r| r.1).sum(), Ordering::Relaxed);
+        Ok(res.iter().map(|r| r.0).sum())
     }
 
     /// Checksum mode for one file: every chunk rebuilt and compared (chunks on `jobs`
@@ -823,6 +955,297 @@ impl InPlace<'_> {
     }
 }
 
+/// The block checksums of an incremental restore's chain (checksum mode), by backup id and
+/// manifest path, every list checked against its manifest entry when loaded ([`load_crcs`]).
+pub struct ChainCrcs {
+    by_backup: HashMap<String, HashMap<String, FileCrcs>>,
+}
+
+/// Loads the block checksums objects of the chain's backups that have one (`chain` newest
+/// first; `newest` the newest backup's manifest, `older[i]` that of `chain[i + 1]`), each
+/// checked by [`crate::backup::stored::block_crcs`]: a missing or damaged one is an error
+/// naming it, never a silent fallback.
+pub fn load_crcs(
+    catalog: &crate::catalog::Catalog,
+    chain: &[&BackupMeta],
+    newest: &[FileEntry],
+    older: &[HashMap<String, FileEntry>],
+) -> Result<ChainCrcs> {
+    let repo = catalog.repo();
+    let mut by_backup = HashMap::new();
+    for (i, b) in chain.iter().enumerate() {
+        let entries: Vec<&FileEntry> = if i == 0 {
+            newest.iter().collect()
+        } else {
+            older
+                .get(i - 1)
+                .map(|m| m.values().collect())
+                .unwrap_or_default()
+        };
+        if let Some(files) = crate::backup::stored::block_crcs(repo, b, &entries)? {
+            by_backup.insert(b.id.clone(), files);
+        }
+    }
+    Ok(ChainCrcs { by_backup })
+}
+
+/// No source: the block is a zero page.
+const NO_SOURCE: u32 = u32::MAX;
+
+/// What a block of the result must be: its CRC, and where it comes from (`src` indexes the
+/// plan's sources; `pos` is the block of a whole file, or the record of an incremental one).
+#[derive(Clone, Copy)]
+struct Want {
+    crc: u32,
+    src: u32,
+    pos: u32,
+}
+
+/// One chunk of [`InPlace::checksum_file`].
+struct CrcChunk<'a, 'p> {
+    cmp: Compare<'a>,
+    plan: &'p rebuild::Plan,
+    want: &'p [Want],
+    final_len: u64,
+    /// The sources opened so far.
+    objs: Vec<Option<rebuild::Obj>>,
+    /// Blocks that differ, ascending.
+    diff: Vec<u32>,
+    /// Blocks found equal: kept without reading the backup.
+    kept: u64,
+}
+
+impl CrcChunk<'_, '_> {
+    fn bs(&self) -> usize {
+        self.cmp.bs
+    }
+
+    /// Bytes of block `b` in the result (the last block of a copy may be short).
+    fn blen(&self, b: u32) -> usize {
+        let off = b as u64 * self.bs() as u64;
+        (self.final_len.saturating_sub(off)).min(self.bs() as u64) as usize
+    }
+
+    fn obj(&mut self, si: usize) -> Result<&rebuild::Obj> {
+        let slot = self
+            .objs
+            .get_mut(si)
+            .ok_or_else(|| Error::invalid("no such source"))?;
+        if slot.is_none() {
+            let src = self
+                .plan
+                .sources
+                .get(si)
+                .ok_or_else(|| Error::invalid("no such source"))?;
+            *slot = Some(src.open()?);
+        }
+        slot.as_ref()
+            .ok_or_else(|| Error::invalid("no such source"))
+    }
+
+    /// Where block `b`'s bytes are in its source, and how many.
+    fn stored_range(&self, w: Want) -> (u64, u64) {
+        let bs = self.bs() as u64;
+        match self.plan.sources.get(w.src as usize).map(|s| &s.stored) {
+            Some(Stored::Inc { .. }) => (
+                crate::format::incfile::record_offset(w.pos, bs as u32),
+                crate::format::incfile::RECORD_HEADER_LEN as u64 + bs,
+            ),
+            _ => (w.pos as u64 * bs, bs),
+        }
+    }
+
+    /// Compares blocks `lo..hi` of the destination with the CRCs they must have: the
+    /// destination read in long pieces; the differing blocks are listed (and their
+    /// sources asked to read ahead).
+    fn scan(&mut self, lo: u32, hi: u32, progress: &dyn Progress) -> Result<()> {
+        let bs = self.bs();
+        let per = (DEST_READ / bs).max(1) as u32;
+        let mut b = lo;
+        while b < hi {
+            let cnt = per.min(hi - b);
+            let off = b as u64 * bs as u64;
+            let len = (cnt as u64 * bs as u64).min(self.final_len - off) as usize;
+            let have = self.cmp.read_dest(off, len)?;
+            let from = self.diff.len();
+            for j in 0..cnt {
+                let blk = b + j;
+                let lo_b = j as usize * bs;
+                let blen = self.blen(blk);
+                let w = self.want.get(blk as usize).copied();
+                let same = lo_b + blen <= have
+                    && w.is_some_and(|w| {
+                        self.cmp
+                            .scratch
+                            .get(lo_b..lo_b + blen)
+                            .is_some_and(|d| crc32c::crc32c(d) == w.crc)
+                    });
+                if same {
+                    self.kept += 1;
+                } else {
+                    self.diff.push(blk);
+                }
+            }
+            self.hint(from)?;
+            progress.inc(len as u64);
+            b += cnt;
+        }
+        Ok(())
+    }
+
+    /// Readahead hints for the sources of `diff[from..]`.
+    fn hint(&mut self, from: usize) -> Result<()> {
+        if self.cmp.dry {
+            return Ok(());
+        }
+        for i in from..self.diff.len() {
+            let Some(w) = self
+                .diff
+                .get(i)
+                .and_then(|&b| self.want.get(b as usize))
+                .copied()
+            else {
+                continue;
+            };
+            if w.src == NO_SOURCE {
+                continue;
+            }
+            let (off, len) = self.stored_range(w);
+            self.obj(w.src as usize)?.will_need(off, len);
+        }
+        Ok(())
+    }
+
+    /// Reads the differing blocks from their sources, each checked against its CRC, and
+    /// writes them (dry: counts them).
+    fn fetch(&mut self) -> Result<()> {
+        let bs = self.bs();
+        let plan = self.plan;
+        let diff = std::mem::take(&mut self.diff);
+        // by source, ascending
+        let mut by_src: HashMap<u32, Vec<u32>> = HashMap::new();
+        for &b in &diff {
+            if let Some(w) = self.want.get(b as usize) {
+                by_src.entry(w.src).or_default().push(b);
+            }
+        }
+        let zeros = vec![0u8; bs];
+        let mut buf: Vec<u8> = Vec::new();
+        let mut srcs: Vec<u32> = by_src.keys().copied().collect();
+        srcs.sort_unstable();
+        for si in srcs {
+            let blocks = by_src.get(&si).map(|v| v.as_slice()).unwrap_or_default();
+            if si == NO_SOURCE {
+                for &b in blocks {
+                    let off = b as u64 * bs as u64;
+                    // past the destination's end a zero page is a hole
+                    if off < self.cmp.dest_len {
+                        let n = self.blen(b);
+                        self.cmp.write(&zeros[..n], off)?;
+                    }
+                }
+                continue;
+            }
+            if self.cmp.dry {
+                for &b in blocks {
+                    self.cmp.written += self.blen(b) as u64;
+                }
+                continue;
+            }
+            let src = plan
+                .sources
+                .get(si as usize)
+                .ok_or_else(|| Error::invalid("no such source"))?;
+            let inc = matches!(src.stored, Stored::Inc { .. });
+            let rec = if inc {
+                crate::format::incfile::RECORD_HEADER_LEN
+            } else {
+                0
+            };
+            let unit = rec + bs;
+            let pos: Vec<u32> = blocks
+                .iter()
+                .filter_map(|&b| self.want.get(b as usize).map(|w| w.pos))
+                .collect();
+            // only the blocks asked for during the scan (each hinted then): bridging a gap
+            // would read blocks nobody asked for, synchronously
+            for ((p0, n), runs) in reads_with(&pos, (DEST_READ / unit).max(1) as u32, 0) {
+                let (start, _) = self.stored_range(Want {
+                    crc: 0,
+                    src: si,
+                    pos: p0,
+                });
+                // a whole file's span may end in its short tail
+                let end = if inc {
+                    start + n as u64 * unit as u64
+                } else {
+                    ((p0 + n) as u64 * bs as u64).min(src.size)
+                };
+                let len = (end - start) as usize;
+                if buf.len() < len {
+                    buf.resize(len, 0);
+                }
+                let obj = self.obj(si as usize)?;
+                rebuild::read_stored_at(obj, src, start, &mut buf[..len])?;
+                for (first, k) in runs {
+                    for p in first..first + k {
+                        let at = (p - p0) as usize * unit;
+                        // the block this position gives: the same for a whole file, the
+                        // record's for an incremental one
+                        let i = pos.partition_point(|&q| q < p);
+                        let b = *blocks
+                            .get(i)
+                            .ok_or_else(|| Error::invalid("block list out of step"))?;
+                        let blen = self.blen(b);
+                        let w = self
+                            .want
+                            .get(b as usize)
+                            .copied()
+                            .ok_or_else(|| Error::invalid("block out of range"))?;
+                        if inc {
+                            let h = buf.get(at..at + rec).unwrap_or_default();
+                            let blkno = h.get(..4).and_then(|x| x.first_chunk::<4>());
+                            let slen = h.get(4..8).and_then(|x| x.first_chunk::<4>());
+                            if blkno.map(|x| u32::from_le_bytes(*x)) != Some(b)
+                                || slen.map(|x| u32::from_le_bytes(*x)) != Some(bs as u32)
+                            {
+                                return Err(Error::corruption(format!(
+                                    "{}: record {p} is not a whole page of block {b} (backup {})",
+                                    src.path().display(),
+                                    src.backup
+                                )));
+                            }
+                        }
+                        let data = buf
+                            .get(at + rec..at + rec + blen)
+                            .ok_or_else(|| Error::invalid("short read"))?;
+                        if crc32c::crc32c(data) != w.crc {
+                            return Err(Error::corruption(format!(
+                                "{}: block {b} does not match its block checksum (backup {})",
+                                src.path().display(),
+                                src.backup
+                            )));
+                        }
+                        if inc {
+                            self.cmp.write(data, b as u64 * bs as u64)?;
+                        }
+                    }
+                    if !inc {
+                        // a whole file's run is the result's run: written at once
+                        let lo = (first - p0) as usize * bs;
+                        let hi = (((first + k) as u64 * bs as u64).min(end) - start) as usize;
+                        let data = buf
+                            .get(lo..hi)
+                            .ok_or_else(|| Error::invalid("short read"))?;
+                        self.cmp.write(data, first as u64 * bs as u64)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// lsn mode: blocks `needed` (ascending) of a plain FULL into the destination, each page
 /// checked against its data checksum (the stored file's checksum cannot cover single
 /// blocks): runs of consecutive blocks read at once; a block past the FULL's end is a zero
@@ -875,9 +1298,14 @@ type Run = (u32, u32);
 /// [`spans`] of `needed`, each with the runs of consecutive needed blocks inside it (a run
 /// never crosses the end of its span).
 fn reads(needed: &[u32], max: u32) -> Vec<(Run, Vec<Run>)> {
+    reads_with(needed, max, SPAN_GAP)
+}
+
+/// [`reads`] bridging gaps of up to `gap` blocks.
+fn reads_with(needed: &[u32], max: u32, gap: u32) -> Vec<(Run, Vec<Run>)> {
     let mut out = Vec::new();
     let mut i = 0;
-    for (b, n) in spans(needed, max) {
+    for (b, n) in spans_with(needed, max, gap) {
         let mut runs = Vec::new();
         while i < needed.len() && needed[i] < b + n {
             let first = needed[i];
@@ -901,13 +1329,18 @@ const SPAN_GAP: u32 = 16;
 /// block while the gap to it is at most [`SPAN_GAP`] and the span stays within `max`
 /// blocks.
 fn spans(v: &[u32], max: u32) -> Vec<(u32, u32)> {
+    spans_with(v, max, SPAN_GAP)
+}
+
+/// [`spans`] bridging gaps of up to `gap` blocks.
+fn spans_with(v: &[u32], max: u32, gap: u32) -> Vec<(u32, u32)> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < v.len() {
         let first = v[i];
         let mut last = first;
         i += 1;
-        while i < v.len() && v[i] - last <= SPAN_GAP + 1 && v[i] - first < max {
+        while i < v.len() && v[i] - last <= gap + 1 && v[i] - first < max {
             last = v[i];
             i += 1;
         }

@@ -1371,4 +1371,123 @@ mod chain_tests {
             );
         }
     }
+
+    /// Writes the block checksums object of backup `b` (its files `entries` with the page
+    /// tags each block holds) and records it in `b`.
+    fn write_crcs(catalog: &Catalog, b: &mut BackupMeta, files: &[(&FileEntry, Vec<(u32, u8)>)]) {
+        let mut w = crate::format::blockcrc::Writer::new(Vec::new(), BS as u32).unwrap();
+        for (e, pages) in files {
+            let crcs: Vec<(u32, u32)> = pages
+                .iter()
+                .map(|&(n, t)| (n, crc32c::crc32c(&page(t))))
+                .collect();
+            match e.storage {
+                Storage::Full => w
+                    .add_whole(&e.path, &crcs.iter().map(|c| c.1).collect::<Vec<_>>())
+                    .unwrap(),
+                _ => w.add_inc(&e.path, &crcs).unwrap(),
+            }
+        }
+        let (bytes, r) = w.finish().unwrap();
+        let key = format!(
+            "{}/{}",
+            b.key().unwrap(),
+            crate::format::blockcrc::FILE_NAME
+        );
+        catalog.repo().put_new(&key, &bytes).unwrap();
+        b.block_crcs = Some(r);
+    }
+
+    /// Checksum mode with block checksums over destinations longer, shorter, empty and
+    /// partly equal: the result is what a fresh restore rebuilds (truncation and limit
+    /// rules included), only differing blocks are written, a dry run counts the same bytes,
+    /// and equal blocks are kept unread. Local and ranged (non-local) stores.
+    #[test]
+    fn checksum_mode_by_block_checksums_equals_rebuild() {
+        let d = tempfile::tempdir().unwrap();
+        let local = Catalog::init(&d.path().join("cat")).unwrap();
+        let mem = Catalog::with_repo(
+            Path::new("/mem"),
+            std::sync::Arc::new(crate::repo::MemRepo::new()),
+        );
+        for (ci, catalog) in [local, mem].iter().enumerate() {
+            let (mut f, fe) = full_backup(catalog, &[1, 2, 3, 4]);
+            let mut p1 = meta("P1", Mode::Page, Some("F"));
+            let e1 = inc(catalog, &p1, &[(2, 20)], 6, Some(2));
+            let mut p2 = meta("P2", Mode::Page, Some("P1"));
+            let e2 = inc(catalog, &p2, &[(0, 30), (4, 31)], 6, None);
+            write_crcs(
+                catalog,
+                &mut f,
+                &[(&fe, vec![(0, 1), (1, 2), (2, 3), (3, 4)])],
+            );
+            write_crcs(catalog, &mut p1, &[(&e1, vec![(2, 20)])]);
+            write_crcs(catalog, &mut p2, &[(&e2, vec![(0, 30), (4, 31)])]);
+            let want: Vec<u8> = [30u8, 2, 20, 0, 31, 0]
+                .iter()
+                .flat_map(|&t| page(t))
+                .collect();
+            let dests: [Vec<u8>; 5] = [
+                [30u8, 9, 20, 7, 31, 5, 5, 5]
+                    .iter()
+                    .flat_map(|&t| page(t))
+                    .collect(),
+                page(1),
+                Vec::new(),
+                vec![0u8; 6 * BS],
+                want.clone(),
+            ];
+            for (di, dest) in dests.iter().enumerate() {
+                let mut written = Vec::new();
+                for dry in [true, false] {
+                    let t = d.path().join(format!("t{ci}-{di}-{dry}"));
+                    let r = restorer(
+                        catalog,
+                        vec![&p2, &p1, &f],
+                        &[e1.clone(), fe.clone()],
+                        &t,
+                        (2, 1),
+                    );
+                    std::fs::write(t.join("base/5/100"), dest).unwrap();
+                    let older: Vec<HashMap<String, FileEntry>> = r.older.clone();
+                    let crcs = incremental::load_crcs(
+                        catalog,
+                        &r.chain,
+                        std::slice::from_ref(&e2),
+                        &older,
+                    )
+                    .unwrap();
+                    let no = |_: &str| false;
+                    let ip = incremental::InPlace {
+                        r: &r,
+                        mode: incremental::IncrementalMode::Checksum,
+                        x: None,
+                        start_of: HashMap::new(),
+                        relseg_size: 131072,
+                        jobs: 2,
+                        dry,
+                        sparse: &no,
+                        written: Default::default(),
+                        kept: Default::default(),
+                        rewritten: Default::default(),
+                        created: Default::default(),
+                        crcs: Some(crcs),
+                    };
+                    ip.sync_files(&[&e2], 2).unwrap();
+                    let got = std::fs::read(t.join("base/5/100")).unwrap();
+                    if dry {
+                        assert_eq!(&got, dest, "dry run wrote ({ci}, {di})");
+                    } else {
+                        assert_eq!(got, want, "result ({ci}, {di})");
+                    }
+                    written.push(ip.written.load(std::sync::atomic::Ordering::Relaxed));
+                    if di == 4 {
+                        assert_eq!(written[written.len() - 1], 0, "nothing differs");
+                        assert_eq!(ip.kept.load(std::sync::atomic::Ordering::Relaxed), 6);
+                    }
+                }
+                assert_eq!(written[0], written[1], "dry and real counts ({ci}, {di})");
+            }
+        }
+    }
 }

@@ -38,7 +38,8 @@ pub struct RestoreReport {
     pub bytes_written: u64,
     pub bytes_total: u64,
     pub files_removed: u64,
-    /// lsn mode: blocks kept without reading the backup.
+    /// Blocks kept without reading the backup (lsn mode; checksum mode with block
+    /// checksums).
     pub blocks_kept: u64,
     pub excluded_databases: Vec<u32>,
 }
@@ -185,6 +186,16 @@ fn execute_in_place(
     let dry = settings.is_none();
     let newest = plan.chain[0];
     let target = plan.target.clone();
+    // the chain's block checksums, checked before anything is written
+    let crcs = match mode {
+        IncrementalMode::Checksum => Some(incremental::load_crcs(
+            catalog,
+            &plan.chain,
+            &plan.entries,
+            &plan.older,
+        )?),
+        IncrementalMode::Lsn => None,
+    };
     let r = Restorer {
         catalog,
         chain: plan.chain.clone(),
@@ -218,6 +229,7 @@ fn execute_in_place(
         kept: AtomicU64::new(0),
         rewritten: AtomicU64::new(0),
         created: AtomicU64::new(0),
+        crcs,
     };
     let fs_sync = if dry {
         None

@@ -194,6 +194,21 @@ pub fn read_plain_blocks(
         .ctx("read", &src.path())
 }
 
+/// Bytes `off..off + buf.len()` of a stored file (a checksum-mode incremental restore reads
+/// only the blocks that differ, see incremental.rs); refused past the stored file's end.
+/// Nothing checks them here: the caller checks each block against its block checksum.
+pub fn read_stored_at(obj: &Obj, src: &Source, off: u64, buf: &mut [u8]) -> Result<()> {
+    if off.saturating_add(buf.len() as u64) > obj.len().min(src.stored_size) {
+        return Err(Error::corruption(format!(
+            "{}: byte {} is beyond the stored file (backup {})",
+            src.path().display(),
+            off.saturating_add(buf.len() as u64),
+            src.backup
+        )));
+    }
+    obj.read_exact_at(buf, off).ctx("read", &src.path())
+}
+
 /// Sequential reads of an [`Obj`] from a position.
 pub struct ObjReader {
     obj: Obj,

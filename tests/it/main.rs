@@ -29,6 +29,7 @@ mod receive_spool;
 mod replication;
 mod restore_hardening;
 mod restore_incremental;
+mod restore_incremental_crc;
 mod restore_partial;
 mod restore_partial_hardening;
 mod restore_plan_time;
