@@ -948,6 +948,67 @@ pub fn run_chunk_to(
     sink: &mut dyn Sink,
     progress: &dyn Progress,
 ) -> Result<Vec<Part>> {
+    let opened = open_chunk(plan, k)?;
+    run_opened(plan, opened, sink, progress)
+}
+
+/// Every chunk of `plan` in order into one [`Sink`] (the whole result, block after block),
+/// on the calling thread; returns the parts for [`verify`]. Chunk `k + 1`'s sources are
+/// opened (so their readahead starts) before chunk `k` runs: the disk reads ahead across
+/// chunk boundaries.
+pub fn run_all_to(
+    plan: &Plan,
+    sink: &mut dyn Sink,
+    progress: &dyn Progress,
+) -> Result<Vec<Vec<Part>>> {
+    let mut parts = Vec::with_capacity(plan.chunks as usize);
+    let mut next = Some(open_chunk(plan, 0)?);
+    for k in 0..plan.chunks {
+        let this = next
+            .take()
+            .ok_or_else(|| Error::invalid(format!("chunk {k} not opened")))?;
+        if k + 1 < plan.chunks {
+            next = Some(open_chunk(plan, k + 1)?);
+        }
+        parts.push(run_opened(plan, this, sink, progress)?);
+    }
+    Ok(parts)
+}
+
+/// A chunk whose sources are open (and hinted to the kernel for readahead).
+pub struct OpenChunk {
+    k: u32,
+    readers: Vec<Reader>,
+}
+
+/// Opens the sources of chunk `k` of `plan`.
+pub fn open_chunk(plan: &Plan, k: u32) -> Result<OpenChunk> {
+    let mut readers = Vec::with_capacity(plan.sources.len());
+    if plan.shape == Shape::Copy {
+        let src = plan
+            .sources
+            .first()
+            .ok_or_else(|| Error::invalid("a copy without a source"))?;
+        readers.push(Reader::Whole(WholeReader::open(plan, src, k)?));
+    } else {
+        for s in &plan.sources {
+            readers.push(match s.stored {
+                Stored::Inc { .. } => Reader::Inc(IncReader::open(plan, s, k)?),
+                _ => Reader::Whole(WholeReader::open(plan, s, k)?),
+            });
+        }
+    }
+    Ok(OpenChunk { k, readers })
+}
+
+/// Runs an opened chunk into `sink`.
+fn run_opened(
+    plan: &Plan,
+    opened: OpenChunk,
+    sink: &mut dyn Sink,
+    progress: &dyn Progress,
+) -> Result<Vec<Part>> {
+    let OpenChunk { k, mut readers } = opened;
     let bs = plan.block_size as usize;
     let (lo, hi) = plan.range(k);
     let wb = plan.window_blocks as usize;
@@ -960,11 +1021,9 @@ pub fn run_chunk_to(
     };
     let mut buf = vec![0u8; (wb as u64).min(span.max(1)) as usize * bs];
     if plan.shape == Shape::Copy {
-        let src = plan
-            .sources
-            .first()
-            .ok_or_else(|| Error::invalid("a copy without a source"))?;
-        let mut r = WholeReader::open(plan, src, k)?;
+        let Some(Reader::Whole(mut r)) = readers.pop() else {
+            return Err(Error::invalid("a copy without a source"));
+        };
         let mut off = lo as u64 * bs as u64;
         loop {
             let n = r.read(&mut buf, u64::MAX)?;
@@ -978,13 +1037,6 @@ pub fn run_chunk_to(
         return Ok(vec![r.finish()?]);
     }
     let hi = hi.unwrap_or(lo);
-    let mut readers = Vec::with_capacity(plan.sources.len());
-    for s in &plan.sources {
-        readers.push(match s.stored {
-            Stored::Inc { .. } => Reader::Inc(IncReader::open(plan, s, k)?),
-            _ => Reader::Whole(WholeReader::open(plan, s, k)?),
-        });
-    }
     let mut filled = vec![false; wb];
     let mut w_lo = lo;
     while w_lo < hi {
