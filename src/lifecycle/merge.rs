@@ -564,17 +564,30 @@ fn copy_stored(repo: &dyn Repo, from: &str, to: &str, e: &FileEntry, backup: &st
     let mut n = 0u64;
     let mut buf = take_buf();
     match repo.open_file(from)? {
-        Some(mut f) => loop {
-            let k = match f.read(&mut buf) {
-                Ok(0) => break,
-                Ok(k) => k,
-                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(err) => return Err(Error::io("read", Path::new(&w), err)),
-            };
-            crc = crc32c::crc32c_append(crc, &buf[..k]);
-            n += k as u64;
-            out.write_all(&buf[..k]).ctx("write", &dest)?;
-        },
+        Some(mut f) => {
+            loop {
+                let k = match f.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(k) => k,
+                    Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(err) => return Err(Error::io("read", Path::new(&w), err)),
+                };
+                crc = crc32c::crc32c_append(crc, &buf[..k]);
+                n += k as u64;
+                out.write_all(&buf[..k]).ctx("write", &dest)?;
+            }
+            // read once: a large file's page-cache pages are reused at once (see
+            // rebuild::run_all_to)
+            use std::os::fd::AsRawFd;
+            if n >= PIPE_MIN_BYTES {
+                let _ = nix::fcntl::posix_fadvise(
+                    f.as_raw_fd(),
+                    0,
+                    0,
+                    nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+                );
+            }
+        }
         None => {
             let len = repo
                 .head(from)?
@@ -768,7 +781,7 @@ fn rebuild_piped(
             next: 0,
             path,
         };
-        let built = rebuild::run_all_to(plan, &mut sink, &crate::progress::NoProgress)
+        let built = rebuild::run_all_to(plan, &mut sink, &crate::progress::NoProgress, true)
             .and_then(|parts| sink.close().map(|()| parts));
         let next = sink.next;
         drop(sink);
@@ -822,7 +835,7 @@ fn rebuild_stored(
             next: 0,
             path: &e.path,
         };
-        let parts = rebuild::run_all_to(&plan, &mut sink, &crate::progress::NoProgress)?;
+        let parts = rebuild::run_all_to(&plan, &mut sink, &crate::progress::NoProgress, true)?;
         (parts, sink.next)
     };
     rebuild::verify(&plan, &parts, &dest)?;
