@@ -44,6 +44,20 @@
 # dev-profile delete as above): bench_delete median 0.53 s (0.52-0.57); bench_merge 342 MB
 # written, write phase 1.11 s (309 MB/s), cp -a + sync 0.79 s (435 MB/s): 0.71x write phase,
 # 0.58x total with the old chain's removal. The 0.8x target is still not met.
+# After the rebuild was made to stream into the stored file (no in-memory file, no
+# read-back; a writer thread per large file; sources dropped from the page cache behind
+# the reads), A/B with BASE_BIN=main's release build (2026-11-30 07:55 UTC, idle: 99-100%,
+# SCALE=20, -j 2, 343 MB written, 3 interleaved rounds): write phase before median 0.93 s
+# (0.92-0.96), after 0.92 s (0.89-0.97); cp -a + sync of the same bytes 0.50-0.64 s (median
+# of all six 0.62 s): 0.67x either way, same-round ratios before 0.57x (0.54-0.68), after
+# 0.69x (0.64-0.70). The 0.8x target is NOT met. The copies are gone (system CPU per merge
+# 0.91-1.02 s before, 0.76-0.83 s after, same catalog), but the wall time did not move: it
+# is set by per-file work, not bytes. ~980 files, each rebuilt from 3 stored files: about
+# 14 path opens (the safe component-by-component walks of LocalRepo's reads and head),
+# 9 statx, a failed mkdir, a temp file, a link and an unlink per merged file (strace -c),
+# and fresh page-cache pages for 450 MB read + 340 MB written (cp: 340 + 340). -j 4 does
+# not help (0.90-0.96 s). Next step: fewer syscalls per object in LocalRepo (one openat2
+# per read instead of a walk, parent directories known to exist), not in merge.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
