@@ -43,7 +43,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufWriter, Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -565,17 +564,30 @@ fn copy_stored(repo: &dyn Repo, from: &str, to: &str, e: &FileEntry, backup: &st
     let mut n = 0u64;
     let mut buf = take_buf();
     match repo.open_file(from)? {
-        Some(mut f) => loop {
-            let k = match f.read(&mut buf) {
-                Ok(0) => break,
-                Ok(k) => k,
-                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(err) => return Err(Error::io("read", Path::new(&w), err)),
-            };
-            crc = crc32c::crc32c_append(crc, &buf[..k]);
-            n += k as u64;
-            out.write_all(&buf[..k]).ctx("write", &dest)?;
-        },
+        Some(mut f) => {
+            loop {
+                let k = match f.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(k) => k,
+                    Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(err) => return Err(Error::io("read", Path::new(&w), err)),
+                };
+                crc = crc32c::crc32c_append(crc, &buf[..k]);
+                n += k as u64;
+                out.write_all(&buf[..k]).ctx("write", &dest)?;
+            }
+            // read once: a large file's page-cache pages are reused at once (see
+            // rebuild::run_all_to)
+            use std::os::fd::AsRawFd;
+            if n >= PIPE_MIN_BYTES {
+                let _ = nix::fcntl::posix_fadvise(
+                    f.as_raw_fd(),
+                    0,
+                    0,
+                    nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+                );
+            }
+        }
         None => {
             let len = repo
                 .head(from)?
@@ -599,19 +611,194 @@ fn copy_stored(repo: &dyn Repo, from: &str, to: &str, e: &FileEntry, backup: &st
     out.commit(Durability::Deferred)
 }
 
-/// An anonymous in-memory file to rebuild one file in, a chunk at a time.
-fn scratch_file() -> Result<std::fs::File> {
-    let fd = nix::sys::memfd::memfd_create(
-        c"walnut-merge",
-        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
-    )
-    .map_err(|e| Error::io("memfd_create", Path::new("walnut-merge"), e.into()))?;
-    Ok(std::fs::File::from(fd))
+/// Zeros for the zero pages of a rebuilt file (pages no source supplies).
+static ZEROS: [u8; 64 << 10] = [0u8; 64 << 10];
+
+/// The merged backup's stored file as a [`rebuild::Sink`]: the rebuilt file arrives block
+/// after block, in order, and goes straight into the stored file (its CRC-32C and, when
+/// compressed, its LZ4 frames computed on the way). Anything out of order is an error.
+struct OutSink<'a> {
+    out: &'a mut StoredOut,
+    block_size: u64,
+    /// Bytes of the result written so far.
+    next: u64,
+    path: &'a str,
+}
+
+impl OutSink<'_> {
+    fn at(&self, off: u64) -> Result<()> {
+        if off != self.next {
+            return Err(Error::invalid(format!(
+                "\"{}\": rebuilt out of order (byte {off}, expected {})",
+                self.path, self.next
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl rebuild::Sink for OutSink<'_> {
+    fn put(&mut self, data: &[u8], off: u64) -> Result<()> {
+        self.at(off)?;
+        self.out.write(data)?;
+        self.next += data.len() as u64;
+        Ok(())
+    }
+
+    fn zeros(&mut self, first: u32, n: u32) -> Result<()> {
+        self.at(first as u64 * self.block_size)?;
+        let mut left = n as u64 * self.block_size;
+        while left > 0 {
+            let k = left.min(ZEROS.len() as u64) as usize;
+            self.out.write(&ZEROS[..k])?;
+            left -= k as u64;
+        }
+        self.next += n as u64 * self.block_size;
+        Ok(())
+    }
+}
+
+/// Files of at least this many bytes are written by a thread of their own while the merge
+/// thread rebuilds them (a large file is the merge's longest task: reading and rebuilding
+/// overlap with writing).
+const PIPE_MIN_BYTES: u64 = 8 << 20;
+/// Bytes per hand-over to the writer thread, and hand-overs in flight at most.
+const PIPE_BUF_BYTES: usize = 1 << 20;
+const PIPE_DEPTH: usize = 4;
+
+/// The merged backup's stored file as a [`rebuild::Sink`] written by another thread: the
+/// rebuilt bytes are gathered in buffers of [`PIPE_BUF_BYTES`] handed over in order, at
+/// most [`PIPE_DEPTH`] of them at a time (so at most a few MiB of the file in memory).
+struct PipeSink<'a> {
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    /// Buffers the writer is done with.
+    free: std::sync::mpsc::Receiver<Vec<u8>>,
+    allocated: usize,
+    cur: Vec<u8>,
+    block_size: u64,
+    next: u64,
+    path: &'a str,
+}
+
+impl PipeSink<'_> {
+    fn stopped(&self) -> Error {
+        Error::invalid(format!("\"{}\": the writer thread stopped", self.path))
+    }
+
+    /// Hands the current buffer over and takes an empty one.
+    fn hand_over(&mut self) -> Result<()> {
+        let tx = self.tx.as_ref().ok_or_else(|| self.stopped())?;
+        let fresh = match self.free.try_recv() {
+            Ok(b) => b,
+            Err(_) if self.allocated < PIPE_DEPTH + 1 => {
+                self.allocated += 1;
+                Vec::with_capacity(PIPE_BUF_BYTES)
+            }
+            Err(_) => self.free.recv().map_err(|_| self.stopped())?,
+        };
+        let full = std::mem::replace(&mut self.cur, fresh);
+        self.cur.clear();
+        tx.send(full).map_err(|_| self.stopped())
+    }
+
+    fn push(&mut self, mut data: &[u8]) -> Result<()> {
+        while !data.is_empty() {
+            let room = PIPE_BUF_BYTES - self.cur.len();
+            let k = room.min(data.len());
+            self.cur.extend_from_slice(&data[..k]);
+            data = &data[k..];
+            if self.cur.len() == PIPE_BUF_BYTES {
+                self.hand_over()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands over the last bytes and lets the writer finish.
+    fn close(&mut self) -> Result<()> {
+        if !self.cur.is_empty() {
+            self.hand_over()?;
+        }
+        self.tx = None;
+        Ok(())
+    }
+
+    fn at(&self, off: u64) -> Result<()> {
+        if off != self.next {
+            return Err(Error::invalid(format!(
+                "\"{}\": rebuilt out of order (byte {off}, expected {})",
+                self.path, self.next
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl rebuild::Sink for PipeSink<'_> {
+    fn put(&mut self, data: &[u8], off: u64) -> Result<()> {
+        self.at(off)?;
+        self.push(data)?;
+        self.next += data.len() as u64;
+        Ok(())
+    }
+
+    fn zeros(&mut self, first: u32, n: u32) -> Result<()> {
+        self.at(first as u64 * self.block_size)?;
+        let mut left = n as u64 * self.block_size;
+        while left > 0 {
+            let k = left.min(ZEROS.len() as u64) as usize;
+            self.push(&ZEROS[..k])?;
+            left -= k as u64;
+        }
+        self.next += n as u64 * self.block_size;
+        Ok(())
+    }
+}
+
+/// Rebuilds `plan` into `out` with a writer thread (see [`PipeSink`]); returns the parts
+/// and the bytes rebuilt. The writer's error, when it has one, is the one reported.
+fn rebuild_piped(
+    plan: &rebuild::Plan,
+    out: &mut StoredOut,
+    path: &str,
+) -> Result<(Vec<Vec<rebuild::Part>>, u64)> {
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(PIPE_DEPTH);
+        let (ftx, frx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let writer = s.spawn(move || -> Result<()> {
+            for b in rx {
+                out.write(&b)?;
+                let _ = ftx.send(b);
+            }
+            Ok(())
+        });
+        let mut sink = PipeSink {
+            tx: Some(tx),
+            free: frx,
+            allocated: 0,
+            cur: Vec::with_capacity(PIPE_BUF_BYTES),
+            block_size: plan.block_size as u64,
+            next: 0,
+            path,
+        };
+        let built = rebuild::run_all_to(plan, &mut sink, &crate::progress::NoProgress, true)
+            .and_then(|parts| sink.close().map(|()| parts));
+        let next = sink.next;
+        drop(sink);
+        let wrote = writer
+            .join()
+            .map_err(|_| Error::invalid(format!("\"{path}\": the writer thread panicked")))?;
+        wrote?;
+        Ok((built?, next))
+    })
 }
 
 /// Rebuilds file `e` of the chain (as restore does) and stores it whole in the merged
-/// backup. Each chunk is rebuilt in `scratch`, streamed into the stored file and dropped
-/// from memory; the stored file is committed only after every source passed its checks.
+/// backup. The rebuilt blocks stream straight into the stored file, chunk after chunk (at
+/// most a few windows of the file in memory, nothing read back); a large file is written
+/// by a thread of its own meanwhile ([`rebuild_piped`]). The stored file is committed
+/// only after every source passed its checks (length, CRC-32C, an incremental file's
+/// trailer), else it is left uncommitted and the merge fails.
 fn rebuild_stored(
     repo: &dyn Repo,
     files: &ChainFiles<'_>,
@@ -628,9 +815,6 @@ fn rebuild_stored(
     };
     let bs = plan.block_size as u64;
     let size = nblocks as u64 * bs;
-    let scratch = scratch_file()?;
-    let spath = PathBuf::from(format!("(memory: {})", e.path));
-    scratch.set_len(size).ctx("truncate", &spath)?;
     let storage = if compress {
         Storage::FullLz4
     } else {
@@ -641,58 +825,26 @@ fn rebuild_stored(
         &format!("{mkey}/{}", manifest::stored_path(&e.path, storage)),
         compress,
     )?;
-    let mut parts: Vec<Vec<rebuild::Part>> = Vec::with_capacity(plan.chunks as usize);
-    let mut buf = take_buf();
-    // `group` chunks are rebuilt at once (on the merge's threads), then streamed out in
-    // order and dropped: at most `group` chunks of the file are in memory
-    let group = rayon::current_num_threads().max(1) as u32;
-    let mut built: Vec<Vec<rebuild::Part>> = Vec::new();
-    for k in 0..plan.chunks {
-        if k % group == 0 {
-            use rayon::prelude::*;
-            let hi = (k + group).min(plan.chunks);
-            let got: Vec<Result<Vec<rebuild::Part>>> = (k..hi)
-                .into_par_iter()
-                .map(|c| {
-                    rebuild::run_chunk(&plan, c, &scratch, &spath, &crate::progress::NoProgress)
-                })
-                .collect();
-            built = got.into_iter().collect::<Result<Vec<_>>>()?;
-            built.reverse();
-        }
-        parts.push(
-            built
-                .pop()
-                .ok_or_else(|| Error::invalid(format!("\"{}\": chunk {k} lost", e.path)))?,
-        );
-        let lo = (k as u64 * plan.chunk_blocks as u64 * bs).min(size);
-        let hi = if k + 1 == plan.chunks {
-            size
-        } else {
-            ((k as u64 + 1) * plan.chunk_blocks as u64 * bs).min(size)
+    let dest = out.dest.clone();
+    let (parts, written) = if size >= PIPE_MIN_BYTES {
+        rebuild_piped(&plan, &mut out, &e.path)?
+    } else {
+        let mut sink = OutSink {
+            out: &mut out,
+            block_size: bs,
+            next: 0,
+            path: &e.path,
         };
-        let mut off = lo;
-        while off < hi {
-            let want = ((hi - off) as usize).min(buf.len());
-            scratch
-                .read_exact_at(&mut buf[..want], off)
-                .ctx("read", &spath)?;
-            out.write(&buf[..want])?;
-            off += want as u64;
-        }
-        if hi > lo {
-            use std::os::fd::AsRawFd;
-            let _ = nix::fcntl::fallocate(
-                scratch.as_raw_fd(),
-                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
-                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
-                lo as i64,
-                (hi - lo) as i64,
-            );
-        }
+        let parts = rebuild::run_all_to(&plan, &mut sink, &crate::progress::NoProgress, true)?;
+        (parts, sink.next)
+    };
+    rebuild::verify(&plan, &parts, &dest)?;
+    if written != size || out.size != size {
+        return Err(Error::invalid(format!(
+            "\"{}\": rebuilt {written} bytes of {size}",
+            e.path
+        )));
     }
-    give_buf(buf);
-    rebuild::finish(&plan, &parts, &scratch, &spath)?;
     let (crc, stored_size, frames) = out.finish()?;
     Ok(FileEntry {
         path: e.path.clone(),

@@ -161,6 +161,19 @@ impl Obj {
             will_need(f, offset, len);
         }
     }
+
+    /// Drops `[offset, offset + len)` from the page cache (local files only; a hint).
+    fn drop_cached(&self, offset: u64, len: u64) {
+        if let Obj::File(f, _) = self {
+            use std::os::fd::AsRawFd;
+            let _ = nix::fcntl::posix_fadvise(
+                f.as_raw_fd(),
+                offset.min(i64::MAX as u64) as _,
+                len.min(i64::MAX as u64) as _,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            );
+        }
+    }
 }
 
 /// Blocks `blk..blk + n` of a plain whole stored file, read in one piece (an lsn-mode
@@ -864,6 +877,20 @@ enum Reader {
     Inc(IncReader),
 }
 
+impl Reader {
+    /// The stored byte the reader reads next (before any read: where its range starts).
+    fn start(&self) -> u64 {
+        match self {
+            Reader::Whole(WholeReader::Plain { pos, .. }) => *pos,
+            Reader::Whole(WholeReader::Lz4 { dec, .. }) => {
+                let take = &dec.get_ref().inner;
+                take.get_ref().get_ref().pos
+            }
+            Reader::Inc(ir) => ir.r.start,
+        }
+    }
+}
+
 /// Asks the kernel to start reading `[offset, offset + len)` of `f` now (a hint: errors are
 /// ignored). A chunk starts reading in the middle of a file, where readahead would first
 /// have to see a few sequential reads before it reads far enough ahead.
@@ -963,6 +990,94 @@ pub fn run_chunk_to(
     sink: &mut dyn Sink,
     progress: &dyn Progress,
 ) -> Result<Vec<Part>> {
+    let opened = open_chunk(plan, k)?;
+    run_opened(plan, opened, sink, progress)
+}
+
+/// Every chunk of `plan` in order into one [`Sink`] (the whole result, block after block),
+/// on the calling thread; returns the parts for [`verify`]. Chunk `k + 1`'s sources are
+/// opened (so their readahead starts) before chunk `k` runs: the disk reads ahead across
+/// chunk boundaries. With `drop_behind`, what each chunk read of a local source is dropped
+/// from the page cache once read (for a reader that never reads it again: its pages are
+/// reused at once instead of fresh ones taken, costly in a VM that gives free memory back).
+pub fn run_all_to(
+    plan: &Plan,
+    sink: &mut dyn Sink,
+    progress: &dyn Progress,
+    drop_behind: bool,
+) -> Result<Vec<Vec<Part>>> {
+    let mut parts = Vec::with_capacity(plan.chunks as usize);
+    // (a file of one chunk has little to drop: not worth opening its sources once more)
+    let behind = if drop_behind && plan.chunks > 1 {
+        Some(
+            plan.sources
+                .iter()
+                .map(Source::open)
+                .collect::<Result<Vec<_>>>()?,
+        )
+    } else {
+        None
+    };
+    let mut next = Some(open_chunk(plan, 0)?);
+    for k in 0..plan.chunks {
+        let this = next
+            .take()
+            .ok_or_else(|| Error::invalid(format!("chunk {k} not opened")))?;
+        if k + 1 < plan.chunks {
+            next = Some(open_chunk(plan, k + 1)?);
+        }
+        parts.push(run_opened(plan, this, sink, progress)?);
+        if let Some(objs) = &behind {
+            // everything of each source below where the next chunk starts reading (all of
+            // it after the last chunk)
+            for (i, o) in objs.iter().enumerate() {
+                match next.as_ref().and_then(|n| n.starts.get(i)) {
+                    Some(&upto) => o.drop_cached(0, upto),
+                    None => o.drop_cached(0, 0),
+                }
+            }
+        }
+    }
+    Ok(parts)
+}
+
+/// A chunk whose sources are open (and hinted to the kernel for readahead).
+pub struct OpenChunk {
+    k: u32,
+    readers: Vec<Reader>,
+    /// Per source (a copy: its one source), the stored byte where this chunk reads first.
+    starts: Vec<u64>,
+}
+
+/// Opens the sources of chunk `k` of `plan`.
+pub fn open_chunk(plan: &Plan, k: u32) -> Result<OpenChunk> {
+    let mut readers = Vec::with_capacity(plan.sources.len());
+    if plan.shape == Shape::Copy {
+        let src = plan
+            .sources
+            .first()
+            .ok_or_else(|| Error::invalid("a copy without a source"))?;
+        readers.push(Reader::Whole(WholeReader::open(plan, src, k)?));
+    } else {
+        for s in &plan.sources {
+            readers.push(match s.stored {
+                Stored::Inc { .. } => Reader::Inc(IncReader::open(plan, s, k)?),
+                _ => Reader::Whole(WholeReader::open(plan, s, k)?),
+            });
+        }
+    }
+    let starts = readers.iter().map(Reader::start).collect();
+    Ok(OpenChunk { k, readers, starts })
+}
+
+/// Runs an opened chunk into `sink`.
+fn run_opened(
+    plan: &Plan,
+    opened: OpenChunk,
+    sink: &mut dyn Sink,
+    progress: &dyn Progress,
+) -> Result<Vec<Part>> {
+    let OpenChunk { k, mut readers, .. } = opened;
     let bs = plan.block_size as usize;
     let (lo, hi) = plan.range(k);
     let wb = plan.window_blocks as usize;
@@ -975,11 +1090,9 @@ pub fn run_chunk_to(
     };
     let mut buf = vec![0u8; (wb as u64).min(span.max(1)) as usize * bs];
     if plan.shape == Shape::Copy {
-        let src = plan
-            .sources
-            .first()
-            .ok_or_else(|| Error::invalid("a copy without a source"))?;
-        let mut r = WholeReader::open(plan, src, k)?;
+        let Some(Reader::Whole(mut r)) = readers.pop() else {
+            return Err(Error::invalid("a copy without a source"));
+        };
         let mut off = lo as u64 * bs as u64;
         loop {
             let n = r.read(&mut buf, u64::MAX)?;
@@ -993,13 +1106,6 @@ pub fn run_chunk_to(
         return Ok(vec![r.finish()?]);
     }
     let hi = hi.unwrap_or(lo);
-    let mut readers = Vec::with_capacity(plan.sources.len());
-    for s in &plan.sources {
-        readers.push(match s.stored {
-            Stored::Inc { .. } => Reader::Inc(IncReader::open(plan, s, k)?),
-            _ => Reader::Whole(WholeReader::open(plan, s, k)?),
-        });
-    }
     let mut filled = vec![false; wb];
     let mut w_lo = lo;
     while w_lo < hi {
