@@ -26,8 +26,10 @@
 //! 2. Every file is written: files `X` holds whole are copied stored byte for stored byte
 //!    (checked against `X`'s manifest CRC as they stream), the others rebuilt from the
 //!    chain as restore rebuilds them (every source checked against its CRC) and stored
-//!    compressed and checksummed as a FULL stores them. Then `backup_label`, the pin, the
-//!    manifest and `merged.json`, and one barrier makes all of it durable.
+//!    compressed and checksummed as a FULL stores them; when uncompressed, each block's
+//!    CRC-32C is taken on the way into `M`'s `block_crcs` ([`crate::format::blockcrc`]).
+//!    Then `block_crcs`, `backup_label`, the pin, the manifest and `merged.json`, and one
+//!    barrier makes all of it durable.
 //! 3. The switch: `M`'s backup.json, create-only. Before it the old chain is what every
 //!    command sees; after it, `M`.
 //! 4. The replaced backups get an ERROR record ("merged into M"), then their objects go,
@@ -468,6 +470,9 @@ pub(crate) fn finish_pending(catalog: &Catalog, instance: &str) -> Result<Vec<St
 /// frames when compressed (as a FULL backup writes them).
 type Out = CrcWriter<BufWriter<Box<dyn ObjectWriter>>>;
 
+/// What [`StoredOut::finish`] returns: (CRC-32C, stored bytes, LZ4 frames, block CRCs).
+type Finished = (u32, u64, Option<Lz4Frames>, Option<Vec<u32>>);
+
 struct StoredOut {
     enc: Option<Lz4FrameWriter<Out>>,
     plain: Option<Out>,
@@ -522,7 +527,7 @@ impl StoredOut {
     }
 
     /// Commits (deferred); returns (crc, stored bytes, frames, block CRCs).
-    fn finish(self) -> Result<(u32, u64, Option<Lz4Frames>, Option<Vec<u32>>)> {
+    fn finish(self) -> Result<Finished> {
         let (cw, frames) = match (self.enc, self.plain) {
             (Some(e), _) => {
                 let (cw, stored) = e.finish().ctx("compress", &self.dest)?;
