@@ -246,6 +246,51 @@ pub fn parse(
     Ok(out)
 }
 
+/// The block CRCs of a whole file fed in pieces of any length (a stored file streamed
+/// through a writer): the CRC of each `block_size` bytes, the last one of the tail when
+/// short, as [`Writer::add_whole`] takes them.
+pub struct WholeCrcs {
+    block_size: usize,
+    cur: u32,
+    fill: usize,
+    crcs: Vec<u32>,
+}
+
+impl WholeCrcs {
+    pub fn new(block_size: u32) -> WholeCrcs {
+        WholeCrcs {
+            block_size: (block_size as usize).max(1),
+            cur: 0,
+            fill: 0,
+            crcs: Vec::new(),
+        }
+    }
+
+    /// The next bytes of the file.
+    pub fn feed(&mut self, mut b: &[u8]) {
+        while !b.is_empty() {
+            let k = (self.block_size - self.fill).min(b.len());
+            let (head, rest) = b.split_at(k);
+            self.cur = crc32c::crc32c_append(self.cur, head);
+            self.fill += k;
+            if self.fill == self.block_size {
+                self.crcs.push(self.cur);
+                self.cur = 0;
+                self.fill = 0;
+            }
+            b = rest;
+        }
+    }
+
+    /// The CRC of every block of the file.
+    pub fn finish(mut self) -> Vec<u32> {
+        if self.fill > 0 {
+            self.crcs.push(self.cur);
+        }
+        self.crcs
+    }
+}
+
 /// Multiplication of a CRC by x^(8 len) mod P (the shift of `crc32c_combine`), by table.
 pub struct Shift {
     t: [[u32; 256]; 4],
@@ -335,6 +380,34 @@ mod tests {
         (0..bs)
             .map(|i| (i as u8).wrapping_mul(seed) ^ seed)
             .collect()
+    }
+
+    #[test]
+    fn whole_crcs_of_pieces_match_block_crcs() {
+        let bs = 8192usize;
+        let mut file = Vec::new();
+        for i in 0..5u8 {
+            file.extend(page(i + 1, bs));
+        }
+        file.extend(page(9, bs)[..1000].to_vec());
+        let want: Vec<u32> = file.chunks(bs).map(crc32c::crc32c).collect();
+        for piece in [1usize, 7, 4096, 8192, 8193, 1 << 20] {
+            let mut w = WholeCrcs::new(bs as u32);
+            for c in file.chunks(piece) {
+                w.feed(c);
+            }
+            let got = w.finish();
+            assert_eq!(got, want, "pieces of {piece}");
+            let shift = Shift::new(bs);
+            assert!(check_whole(
+                &got,
+                file.len() as u64,
+                bs as u32,
+                &shift,
+                crc32c::crc32c(&file)
+            ));
+        }
+        assert!(WholeCrcs::new(bs as u32).finish().is_empty());
     }
 
     #[test]

@@ -26,8 +26,10 @@
 //! 2. Every file is written: files `X` holds whole are copied stored byte for stored byte
 //!    (checked against `X`'s manifest CRC as they stream), the others rebuilt from the
 //!    chain as restore rebuilds them (every source checked against its CRC) and stored
-//!    compressed and checksummed as a FULL stores them. Then `backup_label`, the pin, the
-//!    manifest and `merged.json`, and one barrier makes all of it durable.
+//!    compressed and checksummed as a FULL stores them; when uncompressed, each block's
+//!    CRC-32C is taken on the way into `M`'s `block_crcs` ([`crate::format::blockcrc`]).
+//!    Then `block_crcs`, `backup_label`, the pin, the manifest and `merged.json`, and one
+//!    barrier makes all of it durable.
 //! 3. The switch: `M`'s backup.json, create-only. Before it the old chain is what every
 //!    command sees; after it, `M`.
 //! 4. The replaced backups get an ERROR record ("merged into M"), then their objects go,
@@ -48,13 +50,14 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backup::copy::{CrcWriter, Lz4FrameWriter, LZ4_FRAME_BYTES};
+use crate::backup::copy::{BlockCrcOut, CrcWriter, Lz4FrameWriter, LZ4_FRAME_BYTES};
 use crate::backup::meta::{
     self, BackupMeta, Found, Mode, Status, META_FILE, STARTED_FILE, STATUS_DIR,
 };
 use crate::backup::stored;
 use crate::catalog::Catalog;
 use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::format::blockcrc::{self, WholeCrcs};
 use crate::format::manifest::{self, FileEntry, Lz4Frames, ManifestWriter, Storage};
 use crate::repo::{Durability, LockMode, ObjectWriter, Repo};
 use crate::restore::{rebuild, ChainFiles};
@@ -467,15 +470,26 @@ pub(crate) fn finish_pending(catalog: &Catalog, instance: &str) -> Result<Vec<St
 /// frames when compressed (as a FULL backup writes them).
 type Out = CrcWriter<BufWriter<Box<dyn ObjectWriter>>>;
 
+/// What [`StoredOut::finish`] returns: (CRC-32C, stored bytes, LZ4 frames, block CRCs).
+type Finished = (u32, u64, Option<Lz4Frames>, Option<Vec<u32>>);
+
 struct StoredOut {
     enc: Option<Lz4FrameWriter<Out>>,
     plain: Option<Out>,
     dest: PathBuf,
     size: u64,
+    /// The block CRCs of an uncompressed stored file, when the merged backup records them.
+    blocks: Option<WholeCrcs>,
 }
 
 impl StoredOut {
-    fn create(repo: &dyn Repo, key: &str, compress: bool) -> Result<StoredOut> {
+    /// `crc_block_size`: record the block CRCs (ignored when compressed).
+    fn create(
+        repo: &dyn Repo,
+        key: &str,
+        compress: bool,
+        crc_block_size: Option<u32>,
+    ) -> Result<StoredOut> {
         let w = repo.create(key)?;
         let dest = PathBuf::from(w.describe());
         let cw = CrcWriter::new(BufWriter::with_capacity(1 << 20, w));
@@ -485,6 +499,7 @@ impl StoredOut {
                 plain: None,
                 dest,
                 size: 0,
+                blocks: None,
             }
         } else {
             StoredOut {
@@ -492,6 +507,7 @@ impl StoredOut {
                 plain: Some(cw),
                 dest,
                 size: 0,
+                blocks: crc_block_size.map(WholeCrcs::new),
             }
         })
     }
@@ -503,12 +519,15 @@ impl StoredOut {
             (None, None) => Err(std::io::Error::other("writer finished")),
         };
         r.ctx("write", &self.dest)?;
+        if let Some(w) = &mut self.blocks {
+            w.feed(b);
+        }
         self.size += b.len() as u64;
         Ok(())
     }
 
-    /// Commits (deferred); returns (crc, stored bytes, frames).
-    fn finish(self) -> Result<(u32, u64, Option<Lz4Frames>)> {
+    /// Commits (deferred); returns (crc, stored bytes, frames, block CRCs).
+    fn finish(self) -> Result<Finished> {
         let (cw, frames) = match (self.enc, self.plain) {
             (Some(e), _) => {
                 let (cw, stored) = e.finish().ctx("compress", &self.dest)?;
@@ -527,7 +546,7 @@ impl StoredOut {
             .into_inner()
             .map_err(|e| Error::io("write", &self.dest, e.into_error()))?;
         obj.commit(Durability::Deferred)?;
-        Ok((crc, n, frames))
+        Ok((crc, n, frames, self.blocks.map(WholeCrcs::finish)))
     }
 }
 
@@ -555,9 +574,18 @@ fn give_buf(b: Vec<u8>) {
 
 /// Copies a stored object of the merged backup's source stored byte for stored byte,
 /// checking its length and CRC-32C against its manifest entry as it streams; the copy is
-/// committed (deferred) only when they match.
-fn copy_stored(repo: &dyn Repo, from: &str, to: &str, e: &FileEntry, backup: &str) -> Result<()> {
+/// committed (deferred) only when they match. With `crc_block_size`, also returns the
+/// CRC of each block of the (uncompressed) stored bytes, computed on the way.
+fn copy_stored(
+    repo: &dyn Repo,
+    from: &str,
+    to: &str,
+    e: &FileEntry,
+    backup: &str,
+    crc_block_size: Option<u32>,
+) -> Result<Option<Vec<u32>>> {
     let w = stored::what(repo, from);
+    let mut blocks = crc_block_size.map(WholeCrcs::new);
     let mut out = repo.create(to)?;
     let dest = PathBuf::from(out.describe());
     let mut crc = 0u32;
@@ -573,6 +601,9 @@ fn copy_stored(repo: &dyn Repo, from: &str, to: &str, e: &FileEntry, backup: &st
                     Err(err) => return Err(Error::io("read", Path::new(&w), err)),
                 };
                 crc = crc32c::crc32c_append(crc, &buf[..k]);
+                if let Some(bl) = &mut blocks {
+                    bl.feed(&buf[..k]);
+                }
                 n += k as u64;
                 out.write_all(&buf[..k]).ctx("write", &dest)?;
             }
@@ -597,6 +628,9 @@ fn copy_stored(repo: &dyn Repo, from: &str, to: &str, e: &FileEntry, backup: &st
                 let k = (len - n).min(8 << 20);
                 let b = repo.get_range(from, n, k)?;
                 crc = crc32c::crc32c_append(crc, &b);
+                if let Some(bl) = &mut blocks {
+                    bl.feed(&b);
+                }
                 n += b.len() as u64;
                 out.write_all(&b).ctx("write", &dest)?;
             }
@@ -608,7 +642,18 @@ fn copy_stored(repo: &dyn Repo, from: &str, to: &str, e: &FileEntry, backup: &st
             "{w}: stored file does not match its manifest size and checksum (backup {backup})"
         )));
     }
-    out.commit(Durability::Deferred)
+    out.commit(Durability::Deferred)?;
+    Ok(blocks.map(WholeCrcs::finish))
+}
+
+/// Adds the block CRCs of the merged backup's whole file `path` to its block checksums
+/// object (shared by the merge threads; records in any order).
+fn add_block_crcs(out: &std::sync::Mutex<BlockCrcOut>, path: &str, crcs: &[u32]) -> Result<()> {
+    let mut w = out
+        .lock()
+        .map_err(|_| Error::invalid("a merge thread panicked"))?;
+    w.add_whole(path, crcs)
+        .map_err(|e| Error::invalid(format!("writing the block checksums of \"{path}\": {e}")))
 }
 
 /// Zeros for the zero pages of a rebuilt file (pages no source supplies).
@@ -805,6 +850,7 @@ fn rebuild_stored(
     e: &FileEntry,
     mkey: &str,
     compress: bool,
+    crcs_out: Option<&std::sync::Mutex<BlockCrcOut>>,
 ) -> Result<FileEntry> {
     let plan = files.plan(e)?;
     let rebuild::Shape::Blocks(nblocks) = plan.shape else {
@@ -824,6 +870,7 @@ fn rebuild_stored(
         repo,
         &format!("{mkey}/{}", manifest::stored_path(&e.path, storage)),
         compress,
+        crcs_out.map(|_| plan.block_size),
     )?;
     let dest = out.dest.clone();
     let (parts, written) = if size >= PIPE_MIN_BYTES {
@@ -845,7 +892,10 @@ fn rebuild_stored(
             e.path
         )));
     }
-    let (crc, stored_size, frames) = out.finish()?;
+    let (crc, stored_size, frames, blocks) = out.finish()?;
+    if let (Some(o), Some(b)) = (crcs_out, blocks) {
+        add_block_crcs(o, &e.path, &b)?;
+    }
     Ok(FileEntry {
         path: e.path.clone(),
         storage,
@@ -925,7 +975,7 @@ fn write_merged(
     m.mode = Mode::Full;
     m.parent_id = None;
     m.parent_start_lsn = None;
-    // the merged FULL has no block checksums object of its own
+    // set below once its own block checksums object is written (uncompressed only)
     m.block_crcs = None;
     m.status = Status::Running;
     m.pid = Some(std::process::id());
@@ -942,6 +992,19 @@ fn write_merged(
     );
 
     let files = ChainFiles::new(catalog, chain.clone(), older);
+    // the block checksums of an uncompressed merged FULL (format/blockcrc.rs), computed as
+    // its files stream out and committed before backup.json, as a backup writes them; a
+    // compressed one has none (as a compressed backup)
+    let crcs_out: Option<std::sync::Mutex<BlockCrcOut>> = if compress {
+        None
+    } else {
+        let w = repo.create(&format!("{mkey}/{}", blockcrc::FILE_NAME))?;
+        let p = PathBuf::from(w.describe());
+        Some(std::sync::Mutex::new(
+            blockcrc::Writer::new(BufWriter::new(w), m.block_size).ctx("write", &p)?,
+        ))
+    };
+    let crcs_ref = crcs_out.as_ref();
     let mw_obj = repo.create(&format!("{mkey}/{}", manifest::FILE_NAME))?;
     let mpath = PathBuf::from(mw_obj.describe());
     let frames_possible = compress || entries.iter().any(|e| e.lz4_frames.is_some());
@@ -953,17 +1016,24 @@ fn write_merged(
             Storage::Dir => e.clone(),
             Storage::Full | Storage::FullLz4 => {
                 let rel = e.stored_path();
-                copy_stored(
+                // a whole uncompressed file's block CRCs (an LZ4 file of an uncompressed
+                // backup, should there be one, is left out: restore reads it all)
+                let want = crcs_ref.is_some() && e.storage == Storage::Full;
+                let blocks = copy_stored(
                     repo,
                     &format!("{xkey}/{rel}"),
                     &format!("{mkey}/{rel}"),
                     e,
                     &x.id,
+                    want.then_some(x.block_size),
                 )
                 .map_err(|err| err.context(format!("merging \"{}\"", e.path)))?;
+                if let (Some(o), Some(b)) = (crcs_ref, blocks) {
+                    add_block_crcs(o, &e.path, &b)?;
+                }
                 e.clone()
             }
-            Storage::Incremental => rebuild_stored(repo, &files, e, &mkey, compress)
+            Storage::Incremental => rebuild_stored(repo, &files, e, &mkey, compress, crcs_ref)
                 .map_err(|err| err.context(format!("merging \"{}\"", e.path)))?,
         })
     };
@@ -1009,6 +1079,22 @@ fn write_merged(
     let mut json = serde_json::to_vec_pretty(&rec)?;
     json.push(b'\n');
     put_deferred(repo, &format!("{mkey}/{MERGE_FILE}"), &json)?;
+    if let Some(w) = crcs_out {
+        let w = w
+            .into_inner()
+            .map_err(|_| Error::invalid("a merge thread panicked"))?;
+        let bad = |e: std::io::Error| {
+            Error::invalid(format!(
+                "writing the block checksums of merged backup {}: {e}",
+                m.id
+            ))
+        };
+        let (out, r) = w.finish().map_err(bad)?;
+        out.into_inner()
+            .map_err(|e| bad(e.into_error()))?
+            .commit(Durability::Deferred)?;
+        m.block_crcs = Some(r);
+    }
     let mw_out = mw.finish().ctx("write", &mpath)?;
     mw_out
         .into_inner()

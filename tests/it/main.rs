@@ -17,6 +17,7 @@ mod fetch_hardening;
 mod index_answers;
 mod lifecycle_bench;
 mod lifecycle_merge;
+mod lifecycle_merge_crc;
 mod lifecycle_merge_damage;
 mod lifecycle_month;
 mod lifecycle_retention;

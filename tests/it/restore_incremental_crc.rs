@@ -10,14 +10,14 @@ use super::harness::*;
 use super::restore_incremental::{bytes_written, incremental, promoted_copy, snapshot};
 
 /// [`snapshot`] with paths relative to `root`.
-fn rel_snapshot(root: &Path) -> BTreeMap<PathBuf, String> {
+pub(super) fn rel_snapshot(root: &Path) -> BTreeMap<PathBuf, String> {
     snapshot(root)
         .into_iter()
         .map(|(p, v)| (p.strip_prefix(root).unwrap().to_path_buf(), v))
         .collect()
 }
 
-fn kept_unread(out: &str) -> u64 {
+pub(super) fn kept_unread(out: &str) -> u64 {
     out.trim()
         .split(", ")
         .find(|s| s.ends_with("blocks kept unread"))
