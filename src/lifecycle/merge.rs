@@ -659,18 +659,30 @@ fn add_block_crcs(out: &std::sync::Mutex<BlockCrcOut>, path: &str, crcs: &[u32])
 /// Zeros for the zero pages of a rebuilt file (pages no source supplies).
 static ZEROS: [u8; 64 << 10] = [0u8; 64 << 10];
 
+/// Where [`InOrder`] puts the rebuilt bytes.
+trait ByteOut {
+    fn push(&mut self, data: &[u8]) -> Result<()>;
+}
+
+/// Straight into the stored file (its CRC-32C and, when compressed, its LZ4 frames
+/// computed on the way).
+impl ByteOut for &mut StoredOut {
+    fn push(&mut self, data: &[u8]) -> Result<()> {
+        self.write(data)
+    }
+}
+
 /// The merged backup's stored file as a [`rebuild::Sink`]: the rebuilt file arrives block
-/// after block, in order, and goes straight into the stored file (its CRC-32C and, when
-/// compressed, its LZ4 frames computed on the way). Anything out of order is an error.
-struct OutSink<'a> {
-    out: &'a mut StoredOut,
+/// after block, in order, and goes to `out`. Anything out of order is an error.
+struct InOrder<'a, O> {
+    out: O,
     block_size: u64,
     /// Bytes of the result written so far.
     next: u64,
     path: &'a str,
 }
 
-impl OutSink<'_> {
+impl<O> InOrder<'_, O> {
     fn at(&self, off: u64) -> Result<()> {
         if off != self.next {
             return Err(Error::invalid(format!(
@@ -682,10 +694,10 @@ impl OutSink<'_> {
     }
 }
 
-impl rebuild::Sink for OutSink<'_> {
+impl<O: ByteOut> rebuild::Sink for InOrder<'_, O> {
     fn put(&mut self, data: &[u8], off: u64) -> Result<()> {
         self.at(off)?;
-        self.out.write(data)?;
+        self.out.push(data)?;
         self.next += data.len() as u64;
         Ok(())
     }
@@ -695,7 +707,7 @@ impl rebuild::Sink for OutSink<'_> {
         let mut left = n as u64 * self.block_size;
         while left > 0 {
             let k = left.min(ZEROS.len() as u64) as usize;
-            self.out.write(&ZEROS[..k])?;
+            self.out.push(&ZEROS[..k])?;
             left -= k as u64;
         }
         self.next += n as u64 * self.block_size;
@@ -711,21 +723,19 @@ const PIPE_MIN_BYTES: u64 = 8 << 20;
 const PIPE_BUF_BYTES: usize = 1 << 20;
 const PIPE_DEPTH: usize = 4;
 
-/// The merged backup's stored file as a [`rebuild::Sink`] written by another thread: the
-/// rebuilt bytes are gathered in buffers of [`PIPE_BUF_BYTES`] handed over in order, at
-/// most [`PIPE_DEPTH`] of them at a time (so at most a few MiB of the file in memory).
-struct PipeSink<'a> {
+/// The merged backup's stored file written by another thread: the rebuilt bytes are
+/// gathered in buffers of [`PIPE_BUF_BYTES`] handed over in order, at most [`PIPE_DEPTH`]
+/// of them at a time (so at most a few MiB of the file in memory).
+struct Pipe<'a> {
     tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
     /// Buffers the writer is done with.
     free: std::sync::mpsc::Receiver<Vec<u8>>,
     allocated: usize,
     cur: Vec<u8>,
-    block_size: u64,
-    next: u64,
     path: &'a str,
 }
 
-impl PipeSink<'_> {
+impl Pipe<'_> {
     fn stopped(&self) -> Error {
         Error::invalid(format!("\"{}\": the writer thread stopped", self.path))
     }
@@ -746,6 +756,17 @@ impl PipeSink<'_> {
         tx.send(full).map_err(|_| self.stopped())
     }
 
+    /// Hands over the last bytes and lets the writer finish.
+    fn close(&mut self) -> Result<()> {
+        if !self.cur.is_empty() {
+            self.hand_over()?;
+        }
+        self.tx = None;
+        Ok(())
+    }
+}
+
+impl ByteOut for Pipe<'_> {
     fn push(&mut self, mut data: &[u8]) -> Result<()> {
         while !data.is_empty() {
             let room = PIPE_BUF_BYTES - self.cur.len();
@@ -758,49 +779,9 @@ impl PipeSink<'_> {
         }
         Ok(())
     }
-
-    /// Hands over the last bytes and lets the writer finish.
-    fn close(&mut self) -> Result<()> {
-        if !self.cur.is_empty() {
-            self.hand_over()?;
-        }
-        self.tx = None;
-        Ok(())
-    }
-
-    fn at(&self, off: u64) -> Result<()> {
-        if off != self.next {
-            return Err(Error::invalid(format!(
-                "\"{}\": rebuilt out of order (byte {off}, expected {})",
-                self.path, self.next
-            )));
-        }
-        Ok(())
-    }
 }
 
-impl rebuild::Sink for PipeSink<'_> {
-    fn put(&mut self, data: &[u8], off: u64) -> Result<()> {
-        self.at(off)?;
-        self.push(data)?;
-        self.next += data.len() as u64;
-        Ok(())
-    }
-
-    fn zeros(&mut self, first: u32, n: u32) -> Result<()> {
-        self.at(first as u64 * self.block_size)?;
-        let mut left = n as u64 * self.block_size;
-        while left > 0 {
-            let k = left.min(ZEROS.len() as u64) as usize;
-            self.push(&ZEROS[..k])?;
-            left -= k as u64;
-        }
-        self.next += n as u64 * self.block_size;
-        Ok(())
-    }
-}
-
-/// Rebuilds `plan` into `out` with a writer thread (see [`PipeSink`]); returns the parts
+/// Rebuilds `plan` into `out` with a writer thread (see [`Pipe`]); returns the parts
 /// and the bytes rebuilt. The writer's error, when it has one, is the one reported.
 fn rebuild_piped(
     plan: &rebuild::Plan,
@@ -817,17 +798,20 @@ fn rebuild_piped(
             }
             Ok(())
         });
-        let mut sink = PipeSink {
-            tx: Some(tx),
-            free: frx,
-            allocated: 0,
-            cur: Vec::with_capacity(PIPE_BUF_BYTES),
+        let mut sink = InOrder {
+            out: Pipe {
+                tx: Some(tx),
+                free: frx,
+                allocated: 0,
+                cur: Vec::with_capacity(PIPE_BUF_BYTES),
+                path,
+            },
             block_size: plan.block_size as u64,
             next: 0,
             path,
         };
         let built = rebuild::run_all_to(plan, &mut sink, &crate::progress::NoProgress, true)
-            .and_then(|parts| sink.close().map(|()| parts));
+            .and_then(|parts| sink.out.close().map(|()| parts));
         let next = sink.next;
         drop(sink);
         let wrote = writer
@@ -876,7 +860,7 @@ fn rebuild_stored(
     let (parts, written) = if size >= PIPE_MIN_BYTES {
         rebuild_piped(&plan, &mut out, &e.path)?
     } else {
-        let mut sink = OutSink {
+        let mut sink = InOrder {
             out: &mut out,
             block_size: bs,
             next: 0,

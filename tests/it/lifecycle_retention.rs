@@ -4,6 +4,16 @@ use super::env::*;
 use super::harness::*;
 use super::lifecycle_util::json;
 
+/// `delete` arguments: redundancy 1 with the WAL purge, a JSON report.
+const EXPIRE_REDUNDANCY_1_JSON: &[&str] = &[
+    "--expired",
+    "--retention-redundancy",
+    "1",
+    "--delete-wal",
+    "--format",
+    "json",
+];
+
 /// FULL, PAGE, FULL; then `delete --expired --retention-redundancy 1 --delete-wal`: the
 /// first chain and the WAL before the kept FULL go (indexes with their segments), the kept
 /// FULL restores to latest with the primary's pg_dumpall, and `validate --wal` is clean.
@@ -145,17 +155,7 @@ fn redundancy_one_with_wal_purge_keeps_a_restorable_chain() {
     assert_eq!(env.status(&p1), "ERROR");
     assert_eq!(env.status(&f2), "OK");
     let r = json(
-        env.cmd(
-            "delete",
-            &[
-                "--expired",
-                "--retention-redundancy",
-                "1",
-                "--delete-wal",
-                "--format",
-                "json",
-            ],
-        ),
+        env.cmd("delete", EXPIRE_REDUNDANCY_1_JSON),
         "delete --expired --delete-wal",
     );
     assert_eq!(r["deleted"], serde_json::json!([p1, f1]), "{r}");
@@ -193,20 +193,7 @@ fn redundancy_one_with_wal_purge_keeps_a_restorable_chain() {
         assert!(segs.contains(&i), "index of {i} without its segment");
     }
     // a second run has nothing left to do
-    let r = json(
-        env.cmd(
-            "delete",
-            &[
-                "--expired",
-                "--retention-redundancy",
-                "1",
-                "--delete-wal",
-                "--format",
-                "json",
-            ],
-        ),
-        "second run",
-    );
+    let r = json(env.cmd("delete", EXPIRE_REDUNDANCY_1_JSON), "second run");
     assert_eq!(r["deleted"].as_array().unwrap().len(), 0);
     assert!(r["wal"].as_array().unwrap().is_empty(), "{r}");
 

@@ -30,10 +30,47 @@ pub(super) fn kept_unread(out: &str) -> u64 {
 /// restored in checksum mode over a promoted copy of the FULL that changed: the result is
 /// identical, file by file, to a full restore of the same chain, recovers to the source's
 /// dump, and the restore read and wrote only a fraction of the data.
-#[test]
-fn checksum_mode_by_block_checksums_equals_a_full_restore() {
-    let env = Env::new("rinc-crc");
-    env.pg.pgbench(&["-i", "-s", "4", "-q", "postgres"]);
+/// `data` (restored incrementally) holds exactly the relation files of `fresh` (a full
+/// restore of the same backup); it then starts, is promoted and dumps as `want`.
+pub(super) fn same_as_full_restore_and_dump(
+    env: &Env,
+    fresh: &Path,
+    data: &Path,
+    want: &str,
+    what: &str,
+) {
+    let a = rel_snapshot(fresh);
+    let b = rel_snapshot(data);
+    let diff: Vec<_> = a
+        .keys()
+        .chain(b.keys())
+        .filter(|k| a.get(*k) != b.get(*k))
+        .collect();
+    assert!(
+        diff.is_empty(),
+        "{what}: differs from a full restore: {diff:?}"
+    );
+    let sock = pg_mkdir(&env.path("crc-sock"));
+    let mut r = env.pg.existing_like(data, &sock);
+    r.append_conf("archive_mode = off");
+    r.start();
+    wait_promoted(&r);
+    same_dump(&Env::dumpall(&r), want, what);
+    r.stop();
+}
+
+/// The chain the checksum-mode tests restore: pgbench at `scale` and a table `shrinks`,
+/// a FULL; a promoted copy of that FULL changed by `change_copy`; a PAGE; then a DELTA
+/// after `shrinks` lost three quarters of its rows (its file is shorter than the FULL's).
+/// Both backups carry block checksums. Returns the FULL's id, the copy, the DELTA's id and
+/// the primary's dump at the end.
+pub(super) fn crc_chain(
+    env: &Env,
+    scale: u32,
+    change_copy: impl FnOnce(&Pg),
+) -> (String, Pg, String, String) {
+    env.pg
+        .pgbench(&["-i", "-s", &scale.to_string(), "-q", "postgres"]);
     env.pg.psql(
         "postgres",
         "create table shrinks as select i, repeat('x', 200) as pad from generate_series(1, 20000) i",
@@ -41,18 +78,12 @@ fn checksum_mode_by_block_checksums_equals_a_full_restore() {
     env.pg.psql("postgres", "checkpoint");
     let full = env.backup1("full");
     assert!(env.backup_dir(&full).join("block_crcs").is_file());
-    let copy = promoted_copy(&env, &full, "copy", |pg| {
-        pg.pgbench(&["-n", "-t", "400", "-c", "1", "postgres"]);
-        pg.psql("postgres", "create table only_in_copy as select 1 as i");
-        pg.psql("postgres", "delete from shrinks where i % 7 = 0");
-        pg.psql("postgres", "checkpoint");
-    });
+    let copy = promoted_copy(env, &full, "copy", change_copy);
     env.pg.pgbench(&["-n", "-t", "200", "-c", "1", "postgres"]);
     env.pg
         .psql("postgres", "update shrinks set pad = 'y' where i % 50 = 0");
     let _page = env.backup1("page");
     env.pg.pgbench(&["-n", "-t", "200", "-c", "1", "postgres"]);
-    // the table shrinks: the DELTA's file is shorter than the FULL's
     env.pg
         .psql("postgres", "delete from shrinks where i > 5000");
     env.pg.psql("postgres", "vacuum shrinks");
@@ -60,6 +91,18 @@ fn checksum_mode_by_block_checksums_equals_a_full_restore() {
     assert!(env.backup_dir(&delta).join("block_crcs").is_file());
     env.switch_and_wait(&env.pg);
     let want = Env::dumpall(&env.pg);
+    (full, copy, delta, want)
+}
+
+#[test]
+fn checksum_mode_by_block_checksums_equals_a_full_restore() {
+    let env = Env::new("rinc-crc");
+    let (_full, copy, delta, want) = crc_chain(&env, 4, |pg| {
+        pg.pgbench(&["-n", "-t", "400", "-c", "1", "postgres"]);
+        pg.psql("postgres", "create table only_in_copy as select 1 as i");
+        pg.psql("postgres", "delete from shrinks where i % 7 = 0");
+        pg.psql("postgres", "checkpoint");
+    });
 
     let fresh = env.path("fresh");
     ok(env.restore_cmd(&fresh, &["-i", &delta]), "full restore");
@@ -95,22 +138,7 @@ fn checksum_mode_by_block_checksums_equals_a_full_restore() {
     );
     assert!(kept > 1000, "{kept} blocks kept unread");
     // byte for byte what a full restore writes
-    let a = rel_snapshot(&fresh);
-    let b = rel_snapshot(&copy.data);
-    let diff: Vec<_> = a
-        .keys()
-        .chain(b.keys())
-        .filter(|k| a.get(*k) != b.get(*k))
-        .collect();
-    assert!(diff.is_empty(), "differs from a full restore: {diff:?}");
-
-    let sock = pg_mkdir(&env.path("crc-sock"));
-    let mut r = env.pg.existing_like(&copy.data, &sock);
-    r.append_conf("archive_mode = off");
-    r.start();
-    wait_promoted(&r);
-    same_dump(&Env::dumpall(&r), &want, "checksum");
-    r.stop();
+    same_as_full_restore_and_dump(&env, &fresh, &copy.data, &want, "checksum");
 }
 
 /// Offset in a block checksums object of the CRC of block `b` of whole file `path`.
