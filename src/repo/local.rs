@@ -99,6 +99,8 @@ pub struct LocalRepo {
     rootfd: Mutex<Option<Arc<OwnedFd>>>,
     /// Parent key -> its opened directory and `.tmp`.
     dirs: Mutex<HashMap<String, Arc<DirFds>>>,
+    /// This process's id, for temp names (taken once, not per object).
+    pid: u32,
 }
 
 impl LocalRepo {
@@ -119,6 +121,7 @@ impl LocalRepo {
             sync: Mutex::new(None),
             rootfd: Mutex::new(None),
             dirs: Mutex::new(HashMap::new()),
+            pid: std::process::id(),
         })
     }
 
@@ -176,6 +179,21 @@ impl LocalRepo {
         }
         let fd = self.fresh_root_fd()?;
         safepath::open_at_if_exists(&fd, &self.root, key)
+    }
+
+    /// Opens the directory `prefix` below the kept root (links refused); `Ok(None)` only
+    /// when a freshly opened root says it is absent too.
+    fn open_dir_read(&self, prefix: &str) -> Result<Option<OwnedFd>> {
+        let fd = self.root_fd()?;
+        match safepath::open_dir_at(&fd, &self.root, prefix) {
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            r => return r.map(Some),
+        }
+        let fd = self.fresh_root_fd()?;
+        match safepath::open_dir_at(&fd, &self.root, prefix) {
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            r => r.map(Some),
+        }
     }
 
     /// [`LocalRepo::open_read`] where absence is [`ErrorKind::NotFound`].
@@ -507,7 +525,7 @@ impl Repo for LocalRepo {
             .unwrap_or(0)
             + u128::from(TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         // the name durable::remove_stale_temps recognises: .<final>.walnut-tmp.<pid>.<n>
-        let tmp_name = format!(".{name}.walnut-tmp.{}.{nanos}", std::process::id());
+        let tmp_name = format!(".{name}.walnut-tmp.{}.{nanos}", self.pid);
         let tmp_path = self.root.join(parent).join(TMP_DIR).join(&tmp_name);
         let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL;
         let mut dirs = self.dir_fds(parent)?;
@@ -583,12 +601,9 @@ impl Repo for LocalRepo {
     fn list(&self, prefix: &str) -> Result<Listing> {
         check_prefix(prefix)?;
         let dir = self.root.join(prefix);
-        let d = match safepath::open_dir_under(&self.root, prefix) {
-            Ok(d) => d,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Listing::default()),
-            Err(e) => return Err(e),
-        };
-        drop(d);
+        if self.open_dir_read(prefix)?.is_none() {
+            return Ok(Listing::default());
+        }
         let mut out = Listing::default();
         for ent in fs::read_dir(&dir).ctx("list", &dir)? {
             let ent = ent.ctx("list", &dir)?;
@@ -627,17 +642,23 @@ impl Repo for LocalRepo {
                 path.display()
             )));
         }
-        // The parent must be a real directory below the root.
+        // The parent must be a real directory below the root; the name is removed
+        // relative to it.
         let parent = Self::parent_key(key);
-        match safepath::open_dir_under(&self.root, parent) {
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
-        }
-        match fs::remove_file(&path) {
-            Ok(()) => durable::fsync_dir(&self.root.join(parent)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io("remove", &path, e)),
+        let Some(dir) = self.open_dir_read(parent)? else {
+            return Ok(());
+        };
+        let name = key.rsplit('/').next().unwrap_or(key);
+        match nix::unistd::unlinkat(
+            Some(dir.as_raw_fd()),
+            name,
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        ) {
+            Ok(()) => File::from(dir)
+                .sync_all()
+                .ctx("fsync directory", &self.root.join(parent)),
+            Err(nix::errno::Errno::ENOENT) => Ok(()),
+            Err(e) => Err(Error::io("remove", &path, io::Error::from(e))),
         }
     }
 
@@ -660,13 +681,9 @@ impl Repo for LocalRepo {
         let mut dirs: Vec<(&str, File)> = Vec::new();
         let mut work: Vec<(usize, &str)> = Vec::new();
         for (parent, names) in &groups {
-            match safepath::open_dir_under(&self.root, parent) {
-                Ok(f) => {
-                    work.extend(names.iter().map(|n| (dirs.len(), *n)));
-                    dirs.push((parent, f));
-                }
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
+            if let Some(f) = self.open_dir_read(parent)? {
+                work.extend(names.iter().map(|n| (dirs.len(), *n)));
+                dirs.push((parent, File::from(f)));
             }
         }
         let changed: Vec<std::sync::atomic::AtomicBool> =
@@ -714,8 +731,9 @@ impl Repo for LocalRepo {
                 .ctx("fsync", &self.root.join(key))
         })?;
         let parents: Vec<&str> = parents.into_iter().collect();
+        let fd = self.root_fd()?;
         par_each(&parents, IO_THREADS, |p| {
-            safepath::open_dir_under(&self.root, p)?
+            File::from(safepath::open_dir_at(&fd, &self.root, p)?)
                 .sync_all()
                 .ctx("fsync directory", &self.root.join(p))
         })
