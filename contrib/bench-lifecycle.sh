@@ -67,11 +67,12 @@
 #     syscalls, 58 -> 31 per merged file (openat 11,705 -> 1,307 + openat2 2,152 -> 2,281,
 #     close 13,839 -> 3,527, statx 8,894 -> 6,903 (2,954 are list()'s sizes), fcntl 4,292
 #     -> 2,146, mkdir 986 (973 failing) -> 0).
-#   A/B, 3 interleaved rounds, load ~2-3: write phase median 749 ms (633-1021) -> 638 ms
-#     (626-883); cp -a + sync of the same bytes was 526-1182 ms in the same rounds (median
-#     of all six 888 ms): the noise in cp -a is larger than the difference, so the same-round
-#     ratios (base 1.08-1.87x, new 0.60-1.54x) say little; against the idle cp -a figure
-#     above (0.62 s) the new write phase is ~0.97x.
+#   A/B, 2 runs x 3 interleaved rounds, load ~2-3: write phase median of the 6 rounds
+#     750 ms (633-1021) -> 717 ms (626-1149): within the noise, no measurable wall-time
+#     gain. cp -a + sync of the same bytes was 526-1182 ms (median of 12: 893 ms) in the
+#     same rounds, so same-round ratios (base 1.08-1.87x, new 0.60-1.54x) say little; against
+#     the idle cp -a figure above (0.62 s, another run) it would be ~0.86x. The syscalls
+#     halved, but on this machine the wall time is not set by the syscall count.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)

@@ -252,10 +252,11 @@ impl LocalRepo {
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 // not fsynced into `dir`: nothing durable ever lives in it (an object is
                 // durable under its final name, whose directory is fsynced), and a crash
-                // that loses it loses only temp files
+                // that loses it loses only temp files; mode 0777 less the umask, as
+                // before
                 let c = CString::new(TMP_DIR).map_err(|_| Error::invalid("NUL"))?;
                 // SAFETY: valid descriptor and NUL-terminated name.
-                let r = unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o750) };
+                let r = unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o777) };
                 if r < 0 {
                     let e = io::Error::last_os_error();
                     if e.kind() != io::ErrorKind::AlreadyExists {
