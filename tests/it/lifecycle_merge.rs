@@ -8,6 +8,7 @@ use std::path::Path;
 use super::backup::{amcheck_all, pg_checksums_ok};
 use super::env::*;
 use super::harness::*;
+use super::lifecycle_util::merge;
 
 fn json(out: std::process::Output, what: &str) -> serde_json::Value {
     serde_json::from_str(&ok(out, what)).expect(what)
@@ -36,20 +37,6 @@ fn rows(cat: &str) -> Vec<(String, String, String, Option<String>)> {
             )
         })
         .collect()
-}
-
-fn merge(cat: &str, id: &str) -> std::process::Output {
-    walnut(&[
-        "merge",
-        "-B",
-        cat,
-        "--instance",
-        "db",
-        "-i",
-        id,
-        "--format",
-        "json",
-    ])
 }
 
 /// Restores backup `id` of catalog `cat` to restore point `rp` (paused there) and

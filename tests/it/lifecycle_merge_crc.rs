@@ -3,6 +3,7 @@
 //! the differing blocks, and gives byte for byte what a full restore gives.
 use super::env::*;
 use super::harness::*;
+use super::lifecycle_util::merge;
 use super::restore_incremental::{bytes_written, incremental};
 use super::restore_incremental_crc::{crc_chain, kept_unread, same_as_full_restore_and_dump};
 
@@ -17,21 +18,7 @@ fn merged_full_has_block_checksums_for_checksum_mode_restore() {
         pg.psql("postgres", "checkpoint");
     });
 
-    let r: serde_json::Value = serde_json::from_str(&ok(
-        walnut(&[
-            "merge",
-            "-B",
-            cat,
-            "--instance",
-            "db",
-            "-i",
-            &delta,
-            "--format",
-            "json",
-        ]),
-        "merge",
-    ))
-    .unwrap();
+    let r: serde_json::Value = serde_json::from_str(&ok(merge(cat, &delta), "merge")).unwrap();
     let m = r["merged_id"].as_str().unwrap().to_string();
     // backup.json names the object, as a backup's does, and it is there at that size
     let bj: serde_json::Value =

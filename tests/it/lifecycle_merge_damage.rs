@@ -8,6 +8,7 @@ use std::path::Path;
 
 use super::env::*;
 use super::harness::*;
+use super::lifecycle_util::merge;
 
 fn copy_catalog(from: &Path, to: &Path) {
     let _ = std::fs::remove_dir_all(to);
@@ -49,22 +50,6 @@ fn rows(cat: &str) -> Vec<(String, String, String)> {
             )
         })
         .collect()
-}
-
-fn merge(cat: &str, id: &str) -> std::process::Output {
-    walnut(&[
-        "merge",
-        "-B",
-        cat,
-        "--instance",
-        "db",
-        "-i",
-        id,
-        "-j",
-        "2",
-        "--format",
-        "json",
-    ])
 }
 
 #[test]

@@ -171,3 +171,18 @@ pub(crate) fn seg_of(name: &str) -> Option<(u32, u64)> {
 pub(crate) fn seg(l: u64) -> u64 {
     l >> 20
 }
+
+/// `walnut merge -i ID` on catalog `cat` (default jobs), with a JSON report.
+pub(crate) fn merge(cat: &str, id: &str) -> Output {
+    walnut(&[
+        "merge",
+        "-B",
+        cat,
+        "--instance",
+        "db",
+        "-i",
+        id,
+        "--format",
+        "json",
+    ])
+}
