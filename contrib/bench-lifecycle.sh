@@ -58,21 +58,6 @@
 # and fresh page-cache pages for 450 MB read + 340 MB written (cp: 340 + 340). -j 4 does
 # not help (0.90-0.96 s). Next step: fewer syscalls per object in LocalRepo (one openat2
 # per read instead of a walk, parent directories known to exist), not in merge.
-# After LocalRepo kept its handles (root opened once, reads one openat2 + fstat below it;
-# each writer's parent directory and .tmp opened once and kept, the temp file created
-# O_EXCL, linked, unlinked and fsynced relative to them; no walk, stat or mkdir per object)
-# (2026-11-30 08:12-08:35 UTC, release, SCALE=20, -j 2, 338 MB written, 986 files, same
-# catalog (REUSE=1), base = main's release build at 96d6ce2, which also writes block_crcs):
-#   strace -f -c of one whole merge (incl. the old chain's removal): 57,334 -> 30,663
-#     syscalls, 58 -> 31 per merged file (openat 11,705 -> 1,307 + openat2 2,152 -> 2,281,
-#     close 13,839 -> 3,527, statx 8,894 -> 6,903 (2,954 are list()'s sizes), fcntl 4,292
-#     -> 2,146, mkdir 986 (973 failing) -> 0).
-#   A/B, 2 runs x 3 interleaved rounds, load ~2-3: write phase median of the 6 rounds
-#     750 ms (633-1021) -> 717 ms (626-1149): within the noise, no measurable wall-time
-#     gain. cp -a + sync of the same bytes was 526-1182 ms (median of 12: 893 ms) in the
-#     same rounds, so same-round ratios (base 1.08-1.87x, new 0.60-1.54x) say little; against
-#     the idle cp -a figure above (0.62 s, another run) it would be ~0.86x. The syscalls
-#     halved, but on this machine the wall time is not set by the syscall count.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)

@@ -201,7 +201,6 @@ fn walk_dirs_from(start: OwnedFd, root: &Path, rel: &Path) -> Result<OwnedFd> {
 /// intermediate one must be a real directory and the last a regular file. `rel` must pass
 /// [`check_rel_path`]. A missing file is [`ErrorKind::NotFound`](crate::ErrorKind); a link
 /// or a non-regular file is corruption.
-#[cfg(test)]
 pub fn open_under(root: &Path, rel: &str) -> Result<File> {
     check_rel_path(rel, "stored file")?;
     let rootfd = openat(None, root, libc::O_RDONLY | libc::O_DIRECTORY, root)?;
@@ -212,7 +211,6 @@ pub fn open_under(root: &Path, rel: &str) -> Result<File> {
 /// component below `root`, looked up in a directory that was itself opened for reading. Any
 /// other failure (a missing or unreadable `root` or directory, `EIO`, a link, a non-regular
 /// file) is an error, so that damage is never mistaken for absence.
-#[cfg(test)]
 pub fn open_under_if_exists(root: &Path, rel: &str) -> Result<Option<File>> {
     check_rel_path(rel, "stored file")?;
     // `root` itself must open: a missing root is damage, not absence.
@@ -224,72 +222,11 @@ pub fn open_under_if_exists(root: &Path, rel: &str) -> Result<Option<File>> {
     }
 }
 
-/// Opens the directory `root` itself (trusted: links in it are followed), for the `*_at`
-/// functions below, which resolve paths relative to it (a repository keeps it open).
-pub fn open_root(root: &Path) -> Result<OwnedFd> {
-    openat(None, root, libc::O_RDONLY | libc::O_DIRECTORY, root)
-}
-
-/// [`open_under_if_exists`] relative to the opened directory `rootfd`.
-pub fn open_at_if_exists(
-    rootfd: &OwnedFd,
-    root: &Path,
-    rel: &str,
-) -> Result<Option<(File, std::fs::Metadata)>> {
-    check_rel_path(rel, "stored file")?;
-    match open_below_md(rootfd, root, rel) {
-        Ok(f) => Ok(Some(f)),
-        Err(e) if e.kind() == crate::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-/// [`open_dir_under`] relative to the opened directory `rootfd`: one `openat2` where the
-/// kernel has it, else the component walk. Empty `rel`: `rootfd`'s directory again.
-pub fn open_dir_at(rootfd: &OwnedFd, root: &Path, rel: &str) -> Result<OwnedFd> {
-    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
-    if rel.is_empty() {
-        return openat(Some(rootfd), Path::new("."), flags, root);
-    }
-    check_rel_path(rel, "stored directory")?;
-    let full = root.join(rel);
-    match openat2_beneath(rootfd, rel, flags, &full) {
-        Some(r) => r,
-        None => {
-            let start = rootfd.try_clone().map_err(|e| Error::io("dup", root, e))?;
-            walk_dirs_from(start, root, Path::new(rel))
-        }
-    }
-}
-
-/// Opens (`O_NOFOLLOW`) the single name `name` in the opened directory `dir` with `flags`
-/// (`full` names it in messages): a link is corruption, `ENOENT` is not-found.
-pub fn open_in(dir: &OwnedFd, name: &str, flags: i32, full: &Path) -> Result<OwnedFd> {
-    check_name_component(name, full)?;
-    openat(Some(dir), Path::new(name), flags | libc::O_NOFOLLOW, full)
-}
-
-/// `name` must be one component (no `/`, not `.` or `..`, not empty).
-pub fn check_name_component(name: &str, full: &Path) -> Result<()> {
-    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
-        return Err(Error::corruption(format!(
-            "\"{}\": unsafe name {name:?}",
-            full.display()
-        )));
-    }
-    Ok(())
-}
-
 /// Opens the checked relative path `rel` below the opened directory `rootfd` (`root`'s):
 /// one `openat2` that refuses links and escapes, or a component walk with `O_NOFOLLOW` where
 /// the kernel lacks it. `ENOENT` anywhere below `rootfd` is [`ErrorKind::NotFound`](crate::ErrorKind);
 /// a link or a non-regular file is corruption.
-#[cfg(test)]
 fn open_below(rootfd: &OwnedFd, root: &Path, rel: &str) -> Result<File> {
-    open_below_md(rootfd, root, rel).map(|(f, _)| f)
-}
-
-fn open_below_md(rootfd: &OwnedFd, root: &Path, rel: &str) -> Result<(File, std::fs::Metadata)> {
     let full = root.join(rel);
     let (parent, name) = match rel.rsplit_once('/') {
         Some((d, n)) => (d, n),
@@ -312,14 +249,15 @@ fn open_below_md(rootfd: &OwnedFd, root: &Path, rel: &str) -> Result<(File, std:
             full.display()
         )));
     }
-    // Back to blocking I/O (O_NONBLOCK only kept a FIFO from hanging the open). One
-    // F_SETFL: the open set none of the other flags F_SETFL changes (O_APPEND, O_DIRECT,
-    // O_NOATIME, O_ASYNC), so 0 is the wanted value and no F_GETFL is needed.
+    // Back to blocking reads (O_NONBLOCK only kept a FIFO from hanging the open).
     // SAFETY: plain fcntl on a descriptor we own.
     unsafe {
-        libc::fcntl(f.as_raw_fd(), libc::F_SETFL, 0);
+        let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        if fl >= 0 {
+            libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+        }
     }
-    Ok((f, md))
+    Ok(f)
 }
 
 /// Opens the directory `root/rel` (empty `rel`: `root` itself) without following links below
@@ -471,48 +409,6 @@ mod tests {
             ] {
                 let e = open_under(root, rel).unwrap_err();
                 assert_eq!(e.kind(), kind, "{no_openat2} {rel}: {e}");
-            }
-            // the same through a kept root handle
-            let rootfd = open_root(root).unwrap();
-            let (_, md) = open_at_if_exists(&rootfd, root, "database/base/1")
-                .unwrap()
-                .unwrap();
-            assert_eq!(md.len(), 1);
-            assert!(open_at_if_exists(&rootfd, root, "database/base/9")
-                .unwrap()
-                .is_none());
-            for rel in [
-                "database/base/2",
-                "db2/base/1",
-                "database/base",
-                "../secret",
-            ] {
-                assert!(open_at_if_exists(&rootfd, root, rel).is_err(), "{rel}");
-            }
-            open_dir_at(&rootfd, root, "database/base").unwrap();
-            open_dir_at(&rootfd, root, "").unwrap();
-            for rel in [
-                "db2",
-                "db2/base",
-                "database/base/1",
-                "../x",
-                "database/../..",
-            ] {
-                assert!(
-                    open_dir_at(&rootfd, root, rel).is_err(),
-                    "{no_openat2} {rel}"
-                );
-            }
-            assert_eq!(
-                open_dir_at(&rootfd, root, "nodir").unwrap_err().kind(),
-                ErrorKind::NotFound
-            );
-            let base = open_dir_at(&rootfd, root, "database/base").unwrap();
-            let f = root.join("database/base/2");
-            let e = open_in(&base, "2", libc::O_RDONLY, &f).unwrap_err();
-            assert_eq!(e.kind(), ErrorKind::Corruption, "{e}");
-            for bad in ["", ".", "..", "a/b"] {
-                assert!(open_in(&base, bad, libc::O_RDONLY, &f).is_err(), "{bad:?}");
             }
         }
         NO_OPENAT2.store(false, Ordering::Relaxed);

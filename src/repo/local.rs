@@ -2,52 +2,29 @@
 //!
 //! - Reads go through [`crate::safepath`]: no symlink below the root is followed, and an
 //!   object must be a regular file (anything else is damage, never absence).
-//! - Writes follow [`crate::durable`]'s protocol: a unique temp file in `.tmp/` beside the
-//!   object (a small directory, so tidying stale temps never lists a large one), created
-//!   with `O_EXCL`, fsync, a no-replace `linkat` under the final name, fsync of the directory
-//!   (the fsyncs as the [`Durability`] asks).
+//! - Writes go through [`crate::durable`]: a unique temp file in `.tmp/` beside the object
+//!   (a small directory, so tidying stale temps never lists a large one), fsync, a
+//!   no-replace link under the final name, fsync of the directory.
 //! - Directories are created on demand, without following links, and only while the guard
 //!   object (the catalog marker) exists: a deleted catalog is never recreated piecemeal.
-//! - Per-object cost: the catalog root is opened once per repository and kept; reads open
-//!   `root/key` with one `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` relative to it.
-//!   A writer's parent directory and its `.tmp` are opened once (safely, as above) and kept
-//!   in a small cache, and the temp file, link, unlink and fsync are done relative to those
-//!   handles: no path walk, no stat, no mkdir per object. A kept handle is, if anything,
-//!   safer than a path: swapping an ancestor for a link later cannot redirect it. Absence
-//!   below a kept handle is re-checked with freshly opened ones (a catalog replaced under a
-//!   running process is seen), and a kept directory that was removed is reopened.
 //! - Locks are `flock`s on dot-named files, which never appear in listings.
 
-use std::collections::{HashMap, HashSet};
-use std::ffi::CString;
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-
-use nix::libc;
+use std::sync::Mutex;
 
 use super::{
     check_key, check_prefix, Blob, Durability, Listing, LockMode, ObjectInfo, ObjectWriter, Repo,
     RepoLock,
 };
-use crate::durable::{self, FsSync};
+use crate::durable::{self, DurableFile, FsSync, Replace};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::safepath;
 
 const TMP_DIR: &str = ".tmp";
-/// At most this many directories' handles are kept (two descriptors each); when full, the
-/// cache starts over.
-const DIR_CACHE_MAX: usize = 128;
-
-/// The opened directory of a parent key and of its `.tmp`.
-#[derive(Debug)]
-struct DirFds {
-    dir: OwnedFd,
-    tmp: OwnedFd,
-}
 /// Threads of a batch of removals or fsyncs (they wait on the disk, not the CPU).
 const IO_THREADS: usize = 8;
 
@@ -95,12 +72,6 @@ pub struct LocalRepo {
     /// `.tmp` directories already tidied by this process.
     tidied: Mutex<HashSet<PathBuf>>,
     sync: Mutex<Option<FsSync>>,
-    /// The root directory, opened once (see the module docs).
-    rootfd: Mutex<Option<Arc<OwnedFd>>>,
-    /// Parent key -> its opened directory and `.tmp`.
-    dirs: Mutex<HashMap<String, Arc<DirFds>>>,
-    /// This process's id, for temp names (taken once, not per object).
-    pid: u32,
 }
 
 impl LocalRepo {
@@ -119,9 +90,6 @@ impl LocalRepo {
             refuse_delete: false,
             tidied: Mutex::new(HashSet::new()),
             sync: Mutex::new(None),
-            rootfd: Mutex::new(None),
-            dirs: Mutex::new(HashMap::new()),
-            pid: std::process::id(),
         })
     }
 
@@ -151,140 +119,9 @@ impl LocalRepo {
         key.rsplit_once('/').map(|(d, _)| d).unwrap_or("")
     }
 
-    /// The kept handle of the root directory (opened on first use).
-    fn root_fd(&self) -> Result<Arc<OwnedFd>> {
-        let mut g = self.rootfd.lock().map_err(|_| Error::invalid("poisoned"))?;
-        if let Some(fd) = &*g {
-            return Ok(fd.clone());
-        }
-        let fd = Arc::new(safepath::open_root(&self.root)?);
-        *g = Some(fd.clone());
-        Ok(fd)
-    }
-
-    /// Opens the root again (it may have been replaced) and keeps the new handle.
-    fn fresh_root_fd(&self) -> Result<Arc<OwnedFd>> {
-        let fd = Arc::new(safepath::open_root(&self.root)?);
-        *self.rootfd.lock().map_err(|_| Error::invalid("poisoned"))? = Some(fd.clone());
-        Ok(fd)
-    }
-
-    /// Opens `key` for reading below the kept root: a link, a non-regular file or an
-    /// escape is corruption; `Ok(None)` only when a freshly opened root says it is absent
-    /// too (as [`safepath::open_under_if_exists`]).
-    fn open_read(&self, key: &str) -> Result<Option<(File, fs::Metadata)>> {
-        let fd = self.root_fd()?;
-        if let Some(f) = safepath::open_at_if_exists(&fd, &self.root, key)? {
-            return Ok(Some(f));
-        }
-        let fd = self.fresh_root_fd()?;
-        safepath::open_at_if_exists(&fd, &self.root, key)
-    }
-
-    /// Opens the directory `prefix` below the kept root (links refused); `Ok(None)` only
-    /// when a freshly opened root says it is absent too.
-    fn open_dir_read(&self, prefix: &str) -> Result<Option<OwnedFd>> {
-        let fd = self.root_fd()?;
-        match safepath::open_dir_at(&fd, &self.root, prefix) {
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            r => return r.map(Some),
-        }
-        let fd = self.fresh_root_fd()?;
-        match safepath::open_dir_at(&fd, &self.root, prefix) {
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            r => r.map(Some),
-        }
-    }
-
-    /// [`LocalRepo::open_read`] where absence is [`ErrorKind::NotFound`].
-    fn open_existing(&self, key: &str) -> Result<(File, fs::Metadata)> {
-        match self.open_read(key)? {
-            Some(f) => Ok(f),
-            None => Err(Error::not_found(format!(
-                "\"{}\" does not exist",
-                self.root.join(key).display()
-            ))),
-        }
-    }
-
-    /// The kept handles of `parent` (a parent key) and its `.tmp`, opening (and creating,
-    /// while the guard exists) them on first use.
-    fn dir_fds(&self, parent: &str) -> Result<Arc<DirFds>> {
-        if let Some(d) = self
-            .dirs
-            .lock()
-            .map_err(|_| Error::invalid("poisoned"))?
-            .get(parent)
-        {
-            return Ok(d.clone());
-        }
-        let d = Arc::new(self.open_dir_fds(parent)?);
-        let mut m = self.dirs.lock().map_err(|_| Error::invalid("poisoned"))?;
-        if m.len() >= DIR_CACHE_MAX {
-            m.clear();
-        }
-        m.insert(parent.to_string(), d.clone());
-        Ok(d)
-    }
-
-    fn forget_dir(&self, parent: &str) {
-        if let Ok(mut m) = self.dirs.lock() {
-            m.remove(parent);
-        }
-    }
-
-    fn open_dir_fds(&self, parent: &str) -> Result<DirFds> {
-        let fd = self.root_fd()?;
-        let dir = match safepath::open_dir_at(&fd, &self.root, parent) {
-            Ok(d) => d,
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                // missing (or the kept root is stale): create it the slow, checked way
-                let fd = self.fresh_root_fd()?;
-                self.ensure_parent_dir(parent)?;
-                safepath::open_dir_at(&fd, &self.root, parent)?
-            }
-            Err(e) => return Err(e),
-        };
-        let tmp_path = self.root.join(parent).join(TMP_DIR);
-        let flags = libc::O_RDONLY | libc::O_DIRECTORY;
-        let tmp = match safepath::open_in(&dir, TMP_DIR, flags, &tmp_path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                // not fsynced into `dir`: nothing durable ever lives in it (an object is
-                // durable under its final name, whose directory is fsynced), and a crash
-                // that loses it loses only temp files; mode 0777 less the umask, as
-                // before
-                let c = CString::new(TMP_DIR).map_err(|_| Error::invalid("NUL"))?;
-                // SAFETY: valid descriptor and NUL-terminated name.
-                let r = unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o777) };
-                if r < 0 {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::AlreadyExists {
-                        return Err(Error::io("create directory", &tmp_path, e));
-                    }
-                }
-                safepath::open_in(&dir, TMP_DIR, flags, &tmp_path)?
-            }
-            Err(e) => return Err(e),
-        };
-        let first = self
-            .tidied
-            .lock()
-            .map(|mut s| s.insert(tmp_path.clone()))
-            .unwrap_or(false);
-        if first {
-            let _ = durable::remove_stale_temps(&tmp_path);
-        }
-        Ok(DirFds { dir, tmp })
-    }
-
     /// Opens (creating when missing) the directory of `key`'s parent, without links.
     fn ensure_parent(&self, key: &str) -> Result<PathBuf> {
-        self.ensure_parent_dir(Self::parent_key(key))
-    }
-
-    /// Opens (creating when missing) the directory `parent` (a key prefix), without links.
-    fn ensure_parent_dir(&self, parent: &str) -> Result<PathBuf> {
+        let parent = Self::parent_key(key);
         let dir = self.root.join(parent);
         if parent.is_empty() || dir.is_dir() {
             // is_dir follows links: verify without following them.
@@ -322,6 +159,27 @@ impl LocalRepo {
             cur = next;
         }
         Ok(dir)
+    }
+
+    fn tmp_dir(&self, dir: &Path) -> Result<PathBuf> {
+        let t = dir.join(TMP_DIR);
+        // not fsynced into `dir`: nothing durable ever lives in it (an object is durable
+        // under its final name, whose directory is fsynced), and a crash that loses it
+        // loses only temp files
+        match fs::create_dir(&t) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io("create directory", &t, e)),
+        }
+        let first = self
+            .tidied
+            .lock()
+            .map(|mut s| s.insert(t.clone()))
+            .unwrap_or(false);
+        if first {
+            let _ = durable::remove_stale_temps(&t);
+        }
+        Ok(t)
     }
 
     fn lock_file(&self, key: &str) -> Result<File> {
@@ -368,45 +226,12 @@ impl NoFollow for fs::OpenOptions {
     }
 }
 
-/// A temp file in a kept `.tmp`, linked under its final name in the kept directory on
-/// commit (never replacing anything); removed when dropped uncommitted.
 struct LocalWriter {
-    file: Option<File>,
-    dirs: Arc<DirFds>,
-    tmp_name: CString,
-    name: CString,
-    /// The final path and the temp file's, for messages.
+    file: DurableFile,
     what: String,
-    tmp_path: PathBuf,
     /// Bytes written, and up to where writeback was started.
     written: u64,
     hinted: u64,
-}
-
-/// Makes temp names unique within the process even when two share a clock reading.
-static TMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-impl LocalWriter {
-    fn file(&mut self) -> io::Result<&mut File> {
-        self.file
-            .as_mut()
-            .ok_or_else(|| io::Error::other("object writer used after commit"))
-    }
-
-    fn unlink_tmp(&self) {
-        // SAFETY: valid descriptor and NUL-terminated name.
-        unsafe {
-            libc::unlinkat(self.dirs.tmp.as_raw_fd(), self.tmp_name.as_ptr(), 0);
-        }
-    }
-}
-
-impl Drop for LocalWriter {
-    fn drop(&mut self) {
-        if self.file.is_some() {
-            self.unlink_tmp();
-        }
-    }
 }
 
 /// A large object's writeback is started every this many bytes ([`durable::start_writeback`],
@@ -418,9 +243,7 @@ impl LocalWriter {
     fn wrote(&mut self, n: usize) {
         self.written += n as u64;
         if self.written - self.hinted >= WRITEBACK_BYTES {
-            if let Some(f) = &self.file {
-                durable::start_writeback(f, self.hinted, self.written - self.hinted);
-            }
+            durable::start_writeback(self.file.file(), self.hinted, self.written - self.hinted);
             self.hinted = self.written;
         }
     }
@@ -428,74 +251,26 @@ impl LocalWriter {
 
 impl Write for LocalWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file()?.write(buf)?;
+        let n = self.file.write(buf)?;
         self.wrote(n);
         Ok(n)
     }
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.file()?.write_all(buf)?;
+        self.file.write_all(buf)?;
         self.wrote(buf.len());
         Ok(())
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.file()?.flush()
+        self.file.flush()
     }
 }
 
 impl ObjectWriter for LocalWriter {
-    fn commit(mut self: Box<Self>, durability: Durability) -> Result<()> {
-        let Some(file) = self.file.take() else {
-            return Err(Error::invalid(format!("\"{}\" committed twice", self.what)));
-        };
-        let now = durability == Durability::Now;
-        // the bytes on disk before any name points at them (Deferred: the caller's barrier)
-        let synced = if now {
-            file.sync_all().ctx("fsync", &self.tmp_path)
-        } else {
-            Ok(())
-        };
-        drop(file);
-        if let Err(e) = synced {
-            self.unlink_tmp();
-            return Err(e);
+    fn commit(self: Box<Self>, durability: Durability) -> Result<()> {
+        match durability {
+            Durability::Now => self.file.commit(Replace::No),
+            Durability::Deferred => self.file.commit_deferred(Replace::No),
         }
-        // link without replacing: an existing object is never touched
-        // SAFETY: valid descriptors and NUL-terminated names.
-        let r = unsafe {
-            libc::linkat(
-                self.dirs.tmp.as_raw_fd(),
-                self.tmp_name.as_ptr(),
-                self.dirs.dir.as_raw_fd(),
-                self.name.as_ptr(),
-                0,
-            )
-        };
-        let linked = if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        };
-        self.unlink_tmp();
-        match linked {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Err(Error::new(
-                    ErrorKind::Conflict,
-                    format!("\"{}\" already exists", self.what),
-                ))
-            }
-            Err(e) => return Err(Error::io("link into", Path::new(&self.what), e)),
-        }
-        if now {
-            // the new name durable
-            // SAFETY: plain fsync of a descriptor we hold.
-            if unsafe { libc::fsync(self.dirs.dir.as_raw_fd()) } < 0 {
-                let e = io::Error::last_os_error();
-                let dir = Path::new(&self.what).parent().unwrap_or(Path::new("/"));
-                return Err(Error::io("fsync directory", dir, e));
-            }
-        }
-        Ok(())
     }
     fn describe(&self) -> String {
         self.what.clone()
@@ -509,10 +284,9 @@ impl Repo for LocalRepo {
 
     fn create(&self, key: &str) -> Result<Box<dyn ObjectWriter>> {
         check_key(key, false)?;
-        let parent = Self::parent_key(key);
-        let name = key.rsplit('/').next().unwrap_or(key);
+        let dir = self.ensure_parent(key)?;
+        let tmp = self.tmp_dir(&dir)?;
         let path = self.root.join(key);
-        safepath::check_name_component(name, &path)?;
         {
             // Open the barrier's handle before the first deferred write (see FsSync).
             let mut s = self.sync.lock().map_err(|_| Error::invalid("poisoned"))?;
@@ -520,35 +294,9 @@ impl Repo for LocalRepo {
                 *s = Some(FsSync::open(&self.root)?);
             }
         }
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-            + u128::from(TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-        // the name durable::remove_stale_temps recognises: .<final>.walnut-tmp.<pid>.<n>
-        let tmp_name = format!(".{name}.walnut-tmp.{}.{nanos}", self.pid);
-        let tmp_path = self.root.join(parent).join(TMP_DIR).join(&tmp_name);
-        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL;
-        let mut dirs = self.dir_fds(parent)?;
-        let fd = match safepath::open_in(&dirs.tmp, &tmp_name, flags, &tmp_path) {
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                // the kept directory was removed since: open (or create) it again
-                self.forget_dir(parent);
-                dirs = self.dir_fds(parent)?;
-                safepath::open_in(&dirs.tmp, &tmp_name, flags, &tmp_path)?
-            }
-            r => r?,
-        };
-        let cname = |s: &str| {
-            CString::new(s).map_err(|_| Error::invalid(format!("key {key:?} contains NUL")))
-        };
         Ok(Box::new(LocalWriter {
-            file: Some(File::from(fd)),
-            tmp_name: cname(&tmp_name)?,
-            name: cname(name)?,
-            dirs,
             what: path.display().to_string(),
-            tmp_path,
+            file: DurableFile::create_in(&path, &tmp)?,
             written: 0,
             hinted: 0,
         }))
@@ -556,23 +304,22 @@ impl Repo for LocalRepo {
 
     fn get(&self, key: &str) -> Result<Blob> {
         check_key(key, false)?;
-        let (f, md) = self.open_existing(key)?;
-        Ok(Blob::Mapped(super::mapped::FileBytes::from_file_len(
+        let f = safepath::open_under(&self.root, key)?;
+        Ok(Blob::Mapped(super::mapped::FileBytes::from_file(
             f,
-            md.len(),
             &self.root.join(key),
         )?))
     }
 
     fn open_file(&self, key: &str) -> Result<Option<File>> {
         check_key(key, false)?;
-        self.open_existing(key).map(|(f, _)| Some(f))
+        safepath::open_under(&self.root, key).map(Some)
     }
 
     fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
         check_key(key, false)?;
         let path = self.root.join(key);
-        let (f, _) = self.open_existing(key)?;
+        let f = safepath::open_under(&self.root, key)?;
         let n = usize::try_from(len)
             .map_err(|_| Error::invalid(format!("\"{}\": range too large", path.display())))?;
         let mut buf = vec![0u8; n];
@@ -589,10 +336,10 @@ impl Repo for LocalRepo {
 
     fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
         check_key(key, false)?;
-        let Some((_, md)) = self.open_read(key)? else {
+        let Some(f) = safepath::open_under_if_exists(&self.root, key)? else {
             return Ok(None);
         };
-        let size = md.len();
+        let size = f.metadata().ctx("stat", &self.root.join(key))?.len();
         Ok(Some(ObjectInfo {
             name: key.rsplit('/').next().unwrap_or(key).to_string(),
             size,
@@ -602,9 +349,12 @@ impl Repo for LocalRepo {
     fn list(&self, prefix: &str) -> Result<Listing> {
         check_prefix(prefix)?;
         let dir = self.root.join(prefix);
-        if self.open_dir_read(prefix)?.is_none() {
-            return Ok(Listing::default());
-        }
+        let d = match safepath::open_dir_under(&self.root, prefix) {
+            Ok(d) => d,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Listing::default()),
+            Err(e) => return Err(e),
+        };
+        drop(d);
         let mut out = Listing::default();
         for ent in fs::read_dir(&dir).ctx("list", &dir)? {
             let ent = ent.ctx("list", &dir)?;
@@ -643,23 +393,17 @@ impl Repo for LocalRepo {
                 path.display()
             )));
         }
-        // The parent must be a real directory below the root; the name is removed
-        // relative to it.
+        // The parent must be a real directory below the root.
         let parent = Self::parent_key(key);
-        let Some(dir) = self.open_dir_read(parent)? else {
-            return Ok(());
-        };
-        let name = key.rsplit('/').next().unwrap_or(key);
-        match nix::unistd::unlinkat(
-            Some(dir.as_raw_fd()),
-            name,
-            nix::unistd::UnlinkatFlags::NoRemoveDir,
-        ) {
-            Ok(()) => File::from(dir)
-                .sync_all()
-                .ctx("fsync directory", &self.root.join(parent)),
-            Err(nix::errno::Errno::ENOENT) => Ok(()),
-            Err(e) => Err(Error::io("remove", &path, io::Error::from(e))),
+        match safepath::open_dir_under(&self.root, parent) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => durable::fsync_dir(&self.root.join(parent)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove", &path, e)),
         }
     }
 
@@ -682,9 +426,13 @@ impl Repo for LocalRepo {
         let mut dirs: Vec<(&str, File)> = Vec::new();
         let mut work: Vec<(usize, &str)> = Vec::new();
         for (parent, names) in &groups {
-            if let Some(f) = self.open_dir_read(parent)? {
-                work.extend(names.iter().map(|n| (dirs.len(), *n)));
-                dirs.push((parent, File::from(f)));
+            match safepath::open_dir_under(&self.root, parent) {
+                Ok(f) => {
+                    work.extend(names.iter().map(|n| (dirs.len(), *n)));
+                    dirs.push((parent, f));
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
             }
         }
         let changed: Vec<std::sync::atomic::AtomicBool> =
@@ -726,15 +474,13 @@ impl Repo for LocalRepo {
         // each object's bytes, then the names in each directory, many at once (concurrent
         // fsyncs share the filesystem's journal commits)
         par_each(keys, IO_THREADS, |key| {
-            self.open_existing(key)?
-                .0
+            safepath::open_under(&self.root, key)?
                 .sync_all()
                 .ctx("fsync", &self.root.join(key))
         })?;
         let parents: Vec<&str> = parents.into_iter().collect();
-        let fd = self.root_fd()?;
         par_each(&parents, IO_THREADS, |p| {
-            File::from(safepath::open_dir_at(&fd, &self.root, p)?)
+            safepath::open_dir_under(&self.root, p)?
                 .sync_all()
                 .ctx("fsync directory", &self.root.join(p))
         })
@@ -792,65 +538,6 @@ mod tests {
         assert!(r.put_new("y/new", b"1").is_err());
         assert!(!d.path().join("x/new").exists());
         assert_eq!(r.list("x").unwrap().damaged, ["link"]);
-    }
-
-    /// The kept handles: a parent swapped for a link after the first write does not
-    /// redirect later writes out of the catalog; a removed directory is made again; no
-    /// temp file is left behind by a commit, a conflict or a dropped writer; an existing
-    /// object is never replaced.
-    #[test]
-    fn kept_handles_stay_inside_and_create_only() {
-        let outer = tempfile::tempdir().unwrap();
-        let root = outer.path().join("cat");
-        let away = outer.path().join("away");
-        fs::create_dir_all(&root).unwrap();
-        fs::create_dir_all(&away).unwrap();
-        let r = LocalRepo::open(&root).unwrap();
-        r.put_new("b/x/one", b"1").unwrap();
-        // swap b/x for a link to a directory outside the catalog
-        fs::rename(root.join("b/x"), root.join("b/x.old")).unwrap();
-        std::os::unix::fs::symlink(&away, root.join("b/x")).unwrap();
-        let _ = r.put_new("b/x/two", b"2");
-        assert_eq!(
-            fs::read_dir(&away).unwrap().count(),
-            0,
-            "wrote through a link"
-        );
-        // reads never follow it either
-        assert_eq!(r.get("b/x/one").unwrap_err().kind(), ErrorKind::Corruption);
-        // a fresh repository refuses the link outright
-        let r2 = LocalRepo::open(&root).unwrap();
-        assert!(r2.put_new("b/x/three", b"3").is_err());
-        assert_eq!(fs::read_dir(&away).unwrap().count(), 0);
-
-        // a kept directory removed behind the repository's back is made again
-        r.put_new("c/d/one", b"1").unwrap();
-        fs::remove_dir_all(root.join("c/d")).unwrap();
-        r.put_new("c/d/two", b"2").unwrap();
-        assert_eq!(fs::read(root.join("c/d/two")).unwrap(), b"2");
-        // the removed object is absent (re-checked below a freshly opened root)
-        assert!(r.head("c/d/one").unwrap().is_none());
-
-        // create-only, and .tmp tidy after commit, conflict and drop
-        assert_eq!(
-            r.put_new("c/d/two", b"other").unwrap_err().kind(),
-            ErrorKind::Conflict
-        );
-        assert_eq!(fs::read(root.join("c/d/two")).unwrap(), b"2");
-        let mut w = r.create("c/d/three").unwrap();
-        w.write_all(b"x").unwrap();
-        drop(w);
-        assert!(r.head("c/d/three").unwrap().is_none());
-        let mut w = r.create("c/d/four").unwrap();
-        w.write_all(b"4444").unwrap();
-        w.commit(Durability::Deferred).unwrap();
-        assert_eq!(r.head("c/d/four").unwrap().unwrap().size, 4);
-        assert_eq!(fs::read_dir(root.join("c/d/.tmp")).unwrap().count(), 0);
-        // a `.tmp` that is a link is refused, not followed
-        fs::create_dir_all(root.join("e")).unwrap();
-        std::os::unix::fs::symlink(&away, root.join("e/.tmp")).unwrap();
-        assert!(r.put_new("e/x", b"1").is_err());
-        assert_eq!(fs::read_dir(&away).unwrap().count(), 0);
     }
 
     #[test]

@@ -43,11 +43,6 @@ impl FileBytes {
     /// The bytes of the opened file `f` (`path` names it in errors).
     pub fn from_file(f: File, path: &Path) -> Result<FileBytes> {
         let len = f.metadata().ctx("stat", path)?.len();
-        FileBytes::from_file_len(f, len, path)
-    }
-
-    /// [`FileBytes::from_file`] for a file whose length the caller just took with `fstat`.
-    pub fn from_file_len(f: File, len: u64, path: &Path) -> Result<FileBytes> {
         if len >= MAP_MIN {
             if let (Ok(ulen), Some(nz)) = (usize::try_from(len), NonZeroUsize::new(len as usize)) {
                 // SAFETY: a private read-only mapping of a regular file we opened; it is
