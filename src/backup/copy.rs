@@ -87,6 +87,25 @@ pub struct CopyCtx<'a> {
 /// Where the copy writes the block checksums object.
 pub type BlockCrcOut = blockcrc::Writer<BufWriter<Box<dyn ObjectWriter>>>;
 
+/// Finishes the block checksums object of `backup` (a backup's or a merged FULL's) and
+/// commits it (deferred: the caller's barrier makes it durable before `backup.json`);
+/// returns what `backup.json` records of it.
+pub fn finish_block_crcs(w: Mutex<BlockCrcOut>, backup: &str) -> Result<blockcrc::BlockCrcsRef> {
+    let w = w
+        .into_inner()
+        .map_err(|_| Error::invalid("a copy thread panicked"))?;
+    let bad = |e: std::io::Error| {
+        Error::invalid(format!(
+            "writing the block checksums of backup {backup}: {e}"
+        ))
+    };
+    let (out, r) = w.finish().map_err(bad)?;
+    out.into_inner()
+        .map_err(|e| bad(e.into_error()))?
+        .commit(Durability::Deferred)?;
+    Ok(r)
+}
+
 impl CopyCtx<'_> {
     /// Whether stored files record their blocks' CRCs.
     fn wants_crcs(&self) -> bool {

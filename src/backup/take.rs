@@ -570,19 +570,7 @@ fn copy_and_stop(
     add(e, &mut mw)?;
     progress.finish();
     if let Some(w) = ctx.block_crcs.take() {
-        let w = w
-            .into_inner()
-            .map_err(|_| Error::invalid("a copy thread panicked"))?;
-        let bad = |e: std::io::Error| {
-            Error::invalid(format!(
-                "writing the block checksums of backup {}: {e}",
-                m.id
-            ))
-        };
-        let (out, r) = w.finish().map_err(bad)?;
-        let obj = out.into_inner().map_err(|e| bad(e.into_error()))?;
-        obj.commit(Durability::Deferred)?;
-        m.block_crcs = Some(r);
+        m.block_crcs = Some(super::copy::finish_block_crcs(w, &m.id)?);
     }
 
     log::debug!("stopping the backup");

@@ -1064,20 +1064,7 @@ fn write_merged(
     json.push(b'\n');
     put_deferred(repo, &format!("{mkey}/{MERGE_FILE}"), &json)?;
     if let Some(w) = crcs_out {
-        let w = w
-            .into_inner()
-            .map_err(|_| Error::invalid("a merge thread panicked"))?;
-        let bad = |e: std::io::Error| {
-            Error::invalid(format!(
-                "writing the block checksums of merged backup {}: {e}",
-                m.id
-            ))
-        };
-        let (out, r) = w.finish().map_err(bad)?;
-        out.into_inner()
-            .map_err(|e| bad(e.into_error()))?
-            .commit(Durability::Deferred)?;
-        m.block_crcs = Some(r);
+        m.block_crcs = Some(crate::backup::copy::finish_block_crcs(w, &m.id)?);
     }
     let mw_out = mw.finish().ctx("write", &mpath)?;
     mw_out
