@@ -544,12 +544,6 @@ impl WalArchive {
         })
     }
 
-    /// Whether segment `segno` has no index object at all (nor an `.idx-missing` marker):
-    /// a duplicate push then indexes it (its first push was killed before indexing).
-    pub(crate) fn needs_index(&self, tli: TimeLineId, segno: u64) -> bool {
-        matches!(self.find_index(tli, segno), Ok(Found::Nothing))
-    }
-
     /// The index state of segment `segno` on timeline `tli`.
     pub fn index_state(&self, tli: TimeLineId, segno: u64) -> Result<IndexState> {
         if !self.is_archived(&self.segment_name(tli, segno))? {
@@ -735,6 +729,58 @@ impl WalArchive {
                 }
             },
             Err(e) => log::warn!("re-indexing {name}: {e}"),
+        }
+    }
+
+    /// After a repeated push of `name` (archived already, same bytes `data`): finishes what
+    /// a killed earlier run may have left, as that run would have. Never fails (a repeated
+    /// push is success once the content compares equal); problems are logged.
+    /// - Temp files of dead writers in the file's directory are removed: a run killed
+    ///   between linking an object and unlinking its temp file, or while writing an object
+    ///   that a later run found complete, leaves one, and a repeated push may write nothing.
+    /// - `segno` (`Some` when this push indexes): the segment's own index, when it has none
+    ///   (killed before indexing) or when it is pending and the next segment is archived
+    ///   (killed before completing it); then the previous segment's pending index, which
+    ///   the first push completes in parallel with storing its own.
+    ///
+    /// Only repeated pushes pay for this (a directory listing of the small `.tmp/` and a
+    /// look at two index objects): a first push writes, and the store tidies on a
+    /// process's first write into a directory.
+    pub(crate) fn heal_after_repeated_push(
+        &self,
+        name: &WalFileName,
+        segno: Option<u64>,
+        data: &[u8],
+        built: Option<Result<SegmentIndex>>,
+    ) {
+        let dir = self.tli_key(name.tli());
+        match self.repo.tidy_temps(&dir) {
+            Ok(0) => {}
+            Ok(n) => log::info!(
+                "{name}: removed {n} temp file(s) of killed runs in {}",
+                self.describe(&dir)
+            ),
+            Err(e) => log::warn!("{name}: tidying temp files of killed runs: {e}"),
+        }
+        let Some(segno) = segno else {
+            return;
+        };
+        let tli = name.tli();
+        match self.find_index(tli, segno) {
+            Ok(Found::Nothing) => self.index_and_store(tli, segno, data, built),
+            Ok(Found::Pending(_)) => {
+                if self
+                    .is_archived(&self.segment_name(tli, segno + 1))
+                    .unwrap_or(false)
+                {
+                    self.complete_pending(tli, segno, None);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => log::warn!("{name}: index state: {e}"),
+        }
+        if segno > 0 {
+            self.complete_pending(tli, segno - 1, Some((segno, data)));
         }
     }
 
@@ -1239,6 +1285,131 @@ mod tests {
             ar.index_state(1, 3).unwrap(),
             IndexState::Indexed(_)
         ));
+    }
+
+    /// A repeated push (PostgreSQL re-runs archive_command for a segment whose run was
+    /// killed) finishes the indexes a killed run left undone: its own, and the previous
+    /// segment's pending one (which the killed run was completing in parallel).
+    #[test]
+    fn a_repeated_push_completes_the_indexes_a_killed_push_left() {
+        let (segs, _) = segments();
+        let (_, ar) = mem_archive();
+        push(&ar, 3, &segs[0]).unwrap();
+        // 4 and 5 stored, then killed before any index work: 3 pending, 4 and 5 without
+        let mut scratch = push::FrameScratch::default();
+        for (segno, data) in [(4, &segs[1]), (5, &segs[2])] {
+            push::push_bytes_unindexed(&ar, data, &name(segno), &mut scratch).unwrap();
+        }
+        assert!(matches!(
+            ar.index_state(1, 3).unwrap(),
+            IndexState::Pending(_)
+        ));
+        assert!(matches!(
+            ar.index_state(1, 4).unwrap(),
+            IndexState::Missing(_)
+        ));
+        // the repeated push of 4: its own index, and 3's completed
+        assert_eq!(
+            push(&ar, 4, &segs[1]).unwrap(),
+            push::PushOutcome::AlreadyArchived
+        );
+        for segno in [3, 4] {
+            let st = ar.index_state(1, segno).unwrap();
+            assert!(matches!(st, IndexState::Indexed(_)), "{segno}: {st:?}");
+        }
+        // 5 killed after storing its own index, before completing 4's pending one (4
+        // indexed alone first: pending)
+        let (_, ar) = mem_archive();
+        push(&ar, 3, &segs[0]).unwrap();
+        push(&ar, 4, &segs[1]).unwrap();
+        assert!(matches!(
+            ar.index_state(1, 4).unwrap(),
+            IndexState::Pending(_)
+        ));
+        push::push_bytes_unindexed(&ar, &segs[2], &name(5), &mut scratch).unwrap();
+        ar.index_and_store(1, 5, &segs[2], None);
+        assert!(matches!(
+            ar.index_state(1, 4).unwrap(),
+            IndexState::Pending(_)
+        ));
+        let before = ar.index_state(1, 5).unwrap();
+        assert_eq!(
+            push(&ar, 5, &segs[2]).unwrap(),
+            push::PushOutcome::AlreadyArchived
+        );
+        let st = ar.index_state(1, 4).unwrap();
+        assert!(matches!(st, IndexState::Indexed(_)), "4: {st:?}");
+        // 5's own index untouched
+        assert_eq!(
+            format!("{before:?}"),
+            format!("{:?}", ar.index_state(1, 5).unwrap())
+        );
+        // the repeated push of a pending segment whose successor is archived completes it
+        let (_, ar) = mem_archive();
+        push(&ar, 3, &segs[0]).unwrap();
+        push::push_bytes_unindexed(&ar, &segs[1], &name(4), &mut scratch).unwrap();
+        assert!(matches!(
+            ar.index_state(1, 3).unwrap(),
+            IndexState::Pending(_)
+        ));
+        push(&ar, 3, &segs[0]).unwrap();
+        assert!(matches!(
+            ar.index_state(1, 3).unwrap(),
+            IndexState::Indexed(_)
+        ));
+    }
+
+    /// A push killed between linking an object and unlinking its temp file (or while
+    /// writing one that a later run found complete) leaves the temp file; the repeated push,
+    /// which writes nothing, removes it (only a dead writer's).
+    #[test]
+    fn a_repeated_push_removes_temp_files_of_dead_writers() {
+        use crate::repo::LocalRepo;
+        let (segs, _) = segments();
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("instances/db/wal")).unwrap();
+        // each WalArchive on its own LocalRepo: a process of its own for the tidying rule
+        let open = || {
+            let repo = Arc::new(LocalRepo::open(d.path()).unwrap());
+            let cat = Catalog::with_repo(d.path(), repo);
+            WalArchive::open(&cat, "db").unwrap()
+        };
+        {
+            let repo = Arc::new(LocalRepo::open(d.path()).unwrap());
+            Catalog::with_repo(d.path(), repo)
+                .save_instance(&config())
+                .unwrap();
+        }
+        push(&open(), 3, &segs[0]).unwrap();
+        push(&open(), 4, &segs[1]).unwrap();
+        let tli = d.path().join("instances/db/wal/00000001");
+        let idx = tli.join("000000010000000000000004.idx-pending");
+        assert!(idx.is_file());
+        // a dead process's pid
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = tli.join(format!(
+            ".tmp/.000000010000000000000004.idx-pending.walnut-tmp.{dead}.17"
+        ));
+        std::fs::hard_link(&idx, &stale).unwrap();
+        let live = tli.join(format!(
+            ".tmp/.000000010000000000000004.idx.walnut-tmp.{}.18",
+            std::process::id()
+        ));
+        std::fs::write(&live, b"being written").unwrap();
+        assert_eq!(
+            push(&open(), 4, &segs[1]).unwrap(),
+            push::PushOutcome::AlreadyArchived
+        );
+        assert!(!stale.exists(), "a dead writer's temp file is left");
+        assert!(live.exists(), "a running writer's temp file was removed");
+        assert!(idx.is_file());
+        assert!(matches!(ar_state(&open(), 4), IndexState::Pending(_)));
+    }
+
+    fn ar_state(ar: &WalArchive, segno: u64) -> IndexState {
+        ar.index_state(1, segno).unwrap()
     }
 
     #[test]

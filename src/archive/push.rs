@@ -68,6 +68,8 @@ struct Ack {
 /// the background pusher, which reports per segment in its spool).
 pub fn run(opts: &PushOptions) -> Result<Option<PushOutcome>> {
     let catalog = Catalog::open_at(&opts.catalog)?;
+    // crash tests only (inert unless a kill is armed): every write a crash point
+    let catalog = crate::lifecycle::crashpoint::catalog(&catalog).unwrap_or(catalog);
     let ar = WalArchive::open(&catalog, &opts.instance)?;
     let name = opts.name;
     if opts.background {
@@ -773,8 +775,14 @@ fn push_data_with(
     Ok(outcome)
 }
 
-/// `name` is archived already: identical content is success (and indexes it when its first
-/// push was killed before indexing; `built` its index if computed), anything else an error.
+/// `name` is archived already: identical content is success, anything else an error.
+///
+/// A repeated push is how a killed one shows: PostgreSQL runs archive_command again for the
+/// segment whose run failed or was killed. So it finishes what that run may have left
+/// undone ([`WalArchive::heal_after_repeated_push`]: temp files, this segment's index,
+/// the previous segment's pending one), which a first push does as it goes. Never failing
+/// the push for it (indexing never makes archiving fail). `built`: this segment's index
+/// if computed.
 fn already_archived(
     ar: &WalArchive,
     name: &WalFileName,
@@ -783,11 +791,7 @@ fn already_archived(
     built: Option<Result<SegmentIndex>>,
 ) -> Result<PushOutcome> {
     let out = compare_existing(ar, name, data)?;
-    if let Some(segno) = segno {
-        if ar.needs_index(name.tli(), segno) {
-            ar.index_and_store(name.tli(), segno, data, built);
-        }
-    }
+    ar.heal_after_repeated_push(name, segno, data, built);
     Ok(out)
 }
 

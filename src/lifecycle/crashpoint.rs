@@ -7,6 +7,12 @@
 //! process, so `delete --merge-expired` counts its merges' writes and its own removals in
 //! one sequence). While a kill is armed, batch deletes go one object at a time (each a
 //! crash point), so a test can stop a command between any two removals.
+//!
+//! `walnut-archive` runs on [`catalog`] too. Its writes happen on two threads at once (the
+//! segment's own index, the previous segment's pending index), so their order is not fixed:
+//! `WALNUT_TEST_KILL_BEFORE=TEXT` kills at the first crash point whose name (`put KEY`,
+//! `commit KEY`, `delete KEY`) contains TEXT instead. On a local store a `put` is killed
+//! with its temp file written, as a kill in the middle of the write leaves it.
 
 use std::io::Write;
 use std::path::Path;
@@ -18,9 +24,22 @@ use crate::error::Result;
 use crate::repo::{Blob, Durability, Listing, LockMode, ObjectInfo, ObjectWriter, Repo, RepoLock};
 
 pub const KILL_ENV: &str = "WALNUT_TEST_KILL_AT";
+/// Kill at the first crash point whose name contains this variable's value.
+pub const KILL_BEFORE_ENV: &str = "WALNUT_TEST_KILL_BEFORE";
 
 static COUNT: AtomicU64 = AtomicU64::new(0);
 static AT: OnceLock<Option<u64>> = OnceLock::new();
+static BEFORE: OnceLock<Option<String>> = OnceLock::new();
+
+fn before() -> Option<&'static str> {
+    BEFORE
+        .get_or_init(|| {
+            std::env::var(KILL_BEFORE_ENV)
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
+        .as_deref()
+}
 
 fn at() -> Option<u64> {
     *AT.get_or_init(|| {
@@ -33,19 +52,28 @@ fn at() -> Option<u64> {
 
 /// Whether a kill is armed.
 pub fn armed() -> bool {
-    at().is_some()
+    at().is_some() || before().is_some()
+}
+
+fn kill(why: &str, what: &str) -> ! {
+    log::warn!("{why}: SIGKILL before {what}");
+    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    std::process::abort();
 }
 
 /// Counts one crash point; `what` names it in the log line written before the kill.
 pub fn hit(what: &str) {
+    if let Some(b) = before() {
+        if what.contains(b) {
+            kill(&format!("{KILL_BEFORE_ENV}={b}"), what);
+        }
+    }
     let Some(at) = at() else {
         return;
     };
     let n = COUNT.fetch_add(1, Ordering::SeqCst) + 1;
     if n == at {
-        log::warn!("{KILL_ENV}={at}: SIGKILL before {what}");
-        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-        std::process::abort();
+        kill(&format!("{KILL_ENV}={at}"), what);
     }
 }
 
@@ -102,8 +130,20 @@ impl Repo for Killable {
         self.inner.location()
     }
     fn put_new(&self, key: &str, data: &[u8]) -> Result<()> {
+        if self.inner.local_root().is_none() {
+            hit(&format!("put {key}"));
+            return self.inner.put_new(key, data);
+        }
+        // a local store's put: the temp file written, then the kill (see the module docs)
+        let mut w = self.inner.create(key)?;
+        let what = w.describe();
+        w.write_all(data)
+            .map_err(|e| crate::error::Error::io("write", Path::new(&what), e))?;
         hit(&format!("put {key}"));
-        self.inner.put_new(key, data)
+        w.commit(Durability::Now)
+    }
+    fn tidy_temps(&self, prefix: &str) -> Result<usize> {
+        self.inner.tidy_temps(prefix)
     }
     fn create(&self, key: &str) -> Result<Box<dyn ObjectWriter>> {
         Ok(Box::new(KillWriter {

@@ -504,6 +504,34 @@ impl Repo for LocalRepo {
     fn local_root(&self) -> Option<&Path> {
         Some(&self.root)
     }
+
+    fn tidy_temps(&self, prefix: &str) -> Result<usize> {
+        check_prefix(prefix)?;
+        // the directory a real one below the root (no link followed), its `.tmp` a real
+        // directory: temp names are removed only there
+        match safepath::open_dir_under(&self.root, prefix) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        }
+        let t = self.root.join(prefix).join(TMP_DIR);
+        match fs::symlink_metadata(&t) {
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => {
+                return Err(Error::corruption(format!(
+                    "\"{}\" is not a directory",
+                    t.display()
+                )))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(Error::io("stat", &t, e)),
+        }
+        // tidied now: this process's first write there need not list it again
+        if let Ok(mut s) = self.tidied.lock() {
+            s.insert(t.clone());
+        }
+        durable::remove_stale_temps(&t)
+    }
 }
 
 #[cfg(test)]

@@ -195,6 +195,16 @@ pub trait Repo: Send + Sync + std::fmt::Debug {
     fn local_root(&self) -> Option<&Path> {
         None
     }
+    /// Removes what killed writers left under `prefix` (a local store's temp files whose
+    /// writer process no longer runs, [`crate::durable::remove_stale_temps`]'s rule; never
+    /// a running writer's); returns how many. A local store does this by itself on its
+    /// first write into a directory per process; this is for a caller that learns a
+    /// previous run died (a repeated push) and may write nothing itself. Stores that leave
+    /// nothing behind do nothing.
+    fn tidy_temps(&self, prefix: &str) -> Result<usize> {
+        check_prefix(prefix)?;
+        Ok(0)
+    }
 }
 
 /// Checks a key: a normalised relative `/` path ([`crate::safepath::check_rel_path`]) whose

@@ -60,7 +60,7 @@ fn archived_names(cat: &Path, tli: &str) -> Vec<String> {
 }
 
 /// Temp files left in a timeline's directory or in its `.tmp/` directory.
-fn temp_files(cat: &Path, tli: &str) -> Vec<String> {
+pub(crate) fn temp_files(cat: &Path, tli: &str) -> Vec<String> {
     archived_names(cat, tli)
         .into_iter()
         .chain(archived_names(cat, &format!("{tli}/.tmp")))

@@ -10,7 +10,7 @@ use super::harness::*;
 
 /// Segments of a cluster whose WAL runs across segment boundaries (records continue from
 /// one segment into the next, so a segment pushed alone indexes as pending).
-fn crossing_segments(dir: &Path) -> (Pg, Vec<PathBuf>) {
+pub(crate) fn crossing_segments(dir: &Path) -> (Pg, Vec<PathBuf>) {
     let mut pg = Pg::init(&pg_bin(), dir, "ao", &["--wal-segsize=1"]);
     pg.append_conf("wal_keep_size = '1GB'");
     pg.start();

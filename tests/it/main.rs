@@ -5,6 +5,7 @@ mod harness;
 mod append_only;
 mod archive;
 mod archive_append_only;
+mod archive_kill_heal;
 mod backup;
 mod backup_appendonly;
 mod backup_compat;
