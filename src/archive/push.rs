@@ -683,70 +683,65 @@ fn push_data_with(
             .map(|d| d.as_secs())
             .unwrap_or(0),
     };
-    // The three CPU costs run in parallel: indexing on one thread, the second half's LZ4
-    // frame on another, CRC + the first half's frame on this one.
+    // The CPU costs run in parallel: indexing on one thread, the second half's LZ4 frame on
+    // another, CRC + the first half's frame on this one. The object is written as soon as
+    // its frames are ready; the index (needed only after the write) goes on meanwhile.
     let bytes: &[u8] = data;
     let what = name.to_string();
-    let mut owned: (Vec<u8>, Vec<u8>) = (Vec::new(), Vec::new());
-    let (encoded, built): (Result<Parts>, Option<Result<SegmentIndex>>) = std::thread::scope(|s| {
-        let ix = segno.map(|segno| {
-            s.spawn(move || match src {
-                Some(src) => ar.build_index_on_arrival(name.tli(), segno, bytes, src),
-                None => ar.build_index(name.tli(), segno, bytes, None),
-            })
-        });
-        let (first, second) = bytes.split_at(bytes.len() / 2);
-        let what2 = what.clone();
-        let mut meta = meta;
-        let enc = match scratch {
-            Some(FrameScratch {
+    let (first, second) = bytes.split_at(bytes.len() / 2);
+    // A one-shot push compresses into fresh buffers of the frames' bound, allocated zeroed
+    // (fresh zero pages: only the pages the frames fill are ever touched) rather than into
+    // a growing vector; `walnut receive` passes buffers it reuses.
+    let mut own_scratch;
+    let scratch = match scratch {
+        Some(s) => s,
+        None => {
+            own_scratch = FrameScratch {
+                first: vec![0u8; crate::format::segment::fast_frame_bound(first.len())],
+                second: vec![0u8; crate::format::segment::fast_frame_bound(second.len())],
+            };
+            &mut own_scratch
+        }
+    };
+    let mut t_cpu = std::time::Duration::ZERO;
+    let (written, built): (Result<Result<()>>, Option<Result<SegmentIndex>>) =
+        std::thread::scope(|s| {
+            let ix = segno.map(|segno| {
+                s.spawn(move || match src {
+                    Some(src) => ar.build_index_on_arrival(name.tli(), segno, bytes, src),
+                    None => ar.build_index(name.tli(), segno, bytes, None),
+                })
+            });
+            let what2 = what.clone();
+            let mut meta = meta;
+            let FrameScratch {
                 first: buf1,
                 second: buf2,
-            }) => {
-                use crate::format::segment::compress_frame_fast;
-                let second_frame =
-                    s.spawn(move || compress_frame_fast(second, buf2, &what2).map(|n| &buf2[..n]));
-                meta.crc32c = crc32c::crc32c(bytes);
-                compress_frame_fast(first, buf1, &what).and_then(|n1| {
-                    let f2 = second_frame.join().unwrap_or_else(|_| {
-                        Err(Error::invalid(format!(
-                            "{what}: compression thread panicked"
-                        )))
-                    })?;
-                    Ok((crate::format::segment::header(&meta)?, &buf1[..n1], f2))
+            } = scratch;
+            use crate::format::segment::compress_frame_fast;
+            let second_frame =
+                s.spawn(move || compress_frame_fast(second, buf2, &what2).map(|n| &buf2[..n]));
+            meta.crc32c = crc32c::crc32c(bytes);
+            let enc = compress_frame_fast(first, buf1, &what).and_then(|n1| {
+                let f2 = second_frame.join().unwrap_or_else(|_| {
+                    Err(Error::invalid(format!(
+                        "{what}: compression thread panicked"
+                    )))
+                })?;
+                Ok((crate::format::segment::header(&meta)?, &buf1[..n1], f2))
+            });
+            t_cpu = t0.elapsed();
+            let written = enc.map(|parts| write_parts(ar, &key, &parts));
+            let built = ix.map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::corruption(format!(
+                        "{name}: the WAL decoder panicked"
+                    )))
                 })
-            }
-            None => {
-                let second_frame =
-                    s.spawn(move || crate::format::segment::compress_frame(second, &what2));
-                meta.crc32c = crc32c::crc32c(bytes);
-                crate::format::segment::compress_frame(first, &what).and_then(|f1| {
-                    let f2 = second_frame.join().unwrap_or_else(|_| {
-                        Err(Error::invalid(format!(
-                            "{what}: compression thread panicked"
-                        )))
-                    })?;
-                    owned = (f1, f2);
-                    Ok((
-                        crate::format::segment::header(&meta)?,
-                        &owned.0[..],
-                        &owned.1[..],
-                    ))
-                })
-            }
-        };
-        let built = ix.map(|h| {
-            h.join().unwrap_or_else(|_| {
-                Err(Error::corruption(format!(
-                    "{name}: the WAL decoder panicked"
-                )))
-            })
+            });
+            (written, built)
         });
-        (enc, built)
-    });
-    let encoded = encoded?;
-    let t_cpu = t0.elapsed();
-    let outcome = match write_parts(ar, &key, &encoded) {
+    let outcome = match written? {
         Ok(()) => PushOutcome::Archived,
         // Archived before (a repeated push) or meanwhile (a concurrent one): compare.
         Err(e) if e.kind() == ErrorKind::Conflict => {
@@ -766,7 +761,7 @@ fn push_data_with(
         });
         let t_index = t0.elapsed();
         log::debug!(
-            "{name}: read+compress+index {:?}, durable write {:?}, index store and previous segment {:?}",
+            "{name}: read+compress {:?}, durable write (and the index, meanwhile) {:?}, index store and previous segment {:?}",
             t_cpu,
             t_write - t_cpu,
             t_index - t_write,
