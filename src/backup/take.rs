@@ -950,7 +950,13 @@ fn dry_change_map(
 ) -> Result<(crate::index::merge::ChangeMap, u64)> {
     use crate::archive::IndexState;
     let first = from.segno(seg_size);
-    let last = to.segno(seg_size);
+    // `to` is the first byte not written yet: when it starts a segment (right after a WAL
+    // switch), that segment holds nothing of the range and is not read
+    let last = if to > from && to.segment_offset(seg_size) == 0 {
+        to.segno(seg_size) - 1
+    } else {
+        to.segno(seg_size)
+    };
     let mut indexes = Vec::new();
     let mut segno = first;
     while segno <= last {

@@ -1,0 +1,219 @@
+//! Restore power with the catalog on S3 (s3s-fs): a checksum-mode incremental restore reads
+//! the backups' block checksums and only the blocks that differ from the bucket, and ends
+//! byte for byte where a full restore from the bucket ends; `backup -b page --dry-run`
+//! predicts the real PAGE and `show --archive --churn` names the changed table, both from
+//! the block index on S3.
+use std::path::Path;
+use std::process::Output;
+
+use serde_json::Value;
+use walnut::repo::Repo;
+
+use super::env::{same_dump, wait_promoted, Env};
+use super::harness::*;
+use super::restore_incremental::bytes_written;
+use super::restore_incremental_crc::{kept_unread, rel_snapshot};
+use super::s3::{backup_s3, s3_primary, stderr, walnut_s3, S3Server};
+
+fn restore_s3(conf: &Path, url: &str, id: &str, target: &Path, extra: &[&str]) -> Output {
+    let t = target.to_str().unwrap();
+    let mut a = vec![
+        "restore",
+        "-B",
+        url,
+        "--instance",
+        "db",
+        "-i",
+        id,
+        "-D",
+        t,
+        "-j",
+        "2",
+    ];
+    a.extend_from_slice(extra);
+    walnut_s3(conf, &a)
+}
+
+fn show_row(conf: &Path, url: &str, id: &str) -> Value {
+    let out = ok(
+        walnut_s3(
+            conf,
+            &["show", "-B", url, "--instance", "db", "--format", "json"],
+        ),
+        "show on S3",
+    );
+    let rows: Value = serde_json::from_str(&out).unwrap();
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id)
+        .unwrap_or_else(|| panic!("{id} not in {out}"))
+        .clone()
+}
+
+#[test]
+fn s3_checksum_incremental_restore_dry_run_and_churn() {
+    let Some(s) = S3Server::s3s_fs() else { return };
+    let conf = s.config_file(10);
+    let url = "s3://walnut/power";
+    let dir = pg_tempdir("s3-power");
+    let mut pg = s3_primary(&conf, url, dir.path());
+    pg.append_conf(&format!(
+        "archive_mode = on\narchive_command = '{} -B {url} --config {} --instance db %p %f'\n",
+        walnut_bin("walnut-archive").display(),
+        conf.display()
+    ));
+    pg.start();
+    pg.pgbench(&["-i", "-s", "3", "-q", "postgres"]);
+    pg.psql("postgres", "checkpoint");
+    let full = backup_s3(&conf, url, &pg, "full");
+    assert!(
+        s.repo("power")
+            .head(&format!("instances/db/backups/{full}/block_crcs"))
+            .unwrap()
+            .is_some(),
+        "the FULL on S3 has no block checksums"
+    );
+
+    // the old copy: the FULL restored from S3, promoted, changed, stopped cleanly
+    let copy_dir = dir.path().join("copy");
+    ok(
+        restore_s3(
+            &conf,
+            url,
+            &full,
+            &copy_dir,
+            &[
+                "--recovery-target",
+                "immediate",
+                "--recovery-target-action",
+                "promote",
+            ],
+        ),
+        "restore the copy from S3",
+    );
+    {
+        let sock = pg_mkdir(&dir.path().join("copy-sock"));
+        let mut copy = pg.existing_like(&copy_dir, &sock);
+        copy.append_conf("archive_mode = off");
+        copy.start();
+        wait_promoted(&copy);
+        copy.pgbench(&["-n", "-t", "300", "-c", "1", "postgres"]);
+        copy.psql("postgres", "create table only_in_copy as select 1 as i");
+        copy.stop();
+    }
+
+    // the source goes on; a hammered table tops the churn list
+    pg.psql(
+        "postgres",
+        "create table hot (id int primary key, v int) with (autovacuum_enabled = off); \
+         insert into hot select g, 0 from generate_series(1, 20000) g",
+    );
+    for _ in 0..3 {
+        pg.psql("postgres", "update hot set v = v + 1");
+    }
+    pg.pgbench(&["-n", "-t", "300", "-c", "1", "postgres"]);
+    pg.switch_and_wait_archived();
+    let mut a: Vec<String> = [
+        "show",
+        "-B",
+        url,
+        "--instance",
+        "db",
+        "--archive",
+        "--churn",
+        "--format",
+        "json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(pg.conn_args());
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let churn: Value = serde_json::from_str(&ok(walnut_s3(&conf, &a), "churn on S3")).unwrap();
+    let top = &churn["relations"][0];
+    assert!(
+        top["relation"] == "hot" || top["relation"] == "pgbench_accounts",
+        "{churn}"
+    );
+    assert!(
+        churn["relations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["relation"] == "hot"),
+        "{churn}"
+    );
+
+    // the PAGE predicted from the index on S3, then taken
+    let mut a: Vec<String> = [
+        "backup",
+        "-B",
+        url,
+        "--instance",
+        "db",
+        "-b",
+        "page",
+        "--dry-run",
+        "--format",
+        "json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(pg.conn_args());
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let dry: Value = serde_json::from_str(&ok(walnut_s3(&conf, &a), "dry run on S3")).unwrap();
+    assert_eq!(dry["mode"], "PAGE", "{dry}");
+    assert_eq!(dry["parent_id"], full.as_str(), "{dry}");
+    let page = backup_s3(&conf, url, &pg, "page");
+    let real = show_row(&conf, url, &page)["data_bytes"].as_f64().unwrap();
+    let predicted = dry["data_bytes"].as_f64().unwrap();
+    assert!(
+        (predicted - real).abs() <= 0.05 * real,
+        "data_bytes: predicted {predicted}, real {real}"
+    );
+    pg.switch_and_wait_archived();
+    let want = Env::dumpall(&pg);
+
+    // a full restore of the PAGE from S3, and the checksum-mode restore over the old copy
+    let fresh = dir.path().join("fresh");
+    ok(
+        restore_s3(&conf, url, &page, &fresh, &[]),
+        "full restore from S3",
+    );
+    let out = restore_s3(
+        &conf,
+        url,
+        &page,
+        &copy_dir,
+        &["--incremental-mode", "checksum"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = String::from_utf8_lossy(&out.stdout).to_string();
+    eprintln!("checksum from S3: {}", out.trim());
+    let (written, total) = bytes_written(&out);
+    let kept = kept_unread(&out);
+    assert!(written > 0, "nothing written: {out}");
+    assert!(
+        written * 3 < total,
+        "{written} of {total} bytes written, expected under a third"
+    );
+    assert!(kept > 500, "{kept} blocks kept unread");
+    let (a, b) = (rel_snapshot(&fresh), rel_snapshot(&copy_dir));
+    let diff: Vec<_> = a
+        .keys()
+        .chain(b.keys())
+        .filter(|k| a.get(*k) != b.get(*k))
+        .collect();
+    assert!(diff.is_empty(), "differs from a full restore: {diff:?}");
+    // it recovers through walnut-fetch from S3 to the source's data
+    let sock = pg_mkdir(&dir.path().join("r-sock"));
+    let mut r = pg.existing_like(&copy_dir, &sock);
+    r.append_conf("archive_mode = off");
+    r.start();
+    wait_promoted(&r);
+    same_dump(&Env::dumpall(&r), &want, "checksum-mode restore from S3");
+    r.stop();
+    pg.stop();
+}
