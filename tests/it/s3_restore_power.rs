@@ -2,7 +2,7 @@
 //! the backups' block checksums and only the blocks that differ from the bucket, and ends
 //! byte for byte where a full restore from the bucket ends; `backup -b page --dry-run`
 //! predicts the real PAGE and `show --archive --churn` names the changed table, both from
-//! the block index on S3.
+//! the block index on S3; `verify-restore` drills the PAGE from the bucket.
 use std::path::Path;
 use std::process::Output;
 
@@ -216,4 +216,37 @@ fn s3_checksum_incremental_restore_dry_run_and_churn() {
     same_dump(&Env::dumpall(&r), &want, "checksum-mode restore from S3");
     r.stop();
     pg.stop();
+
+    // the restore drill from S3: restore, recover through walnut-fetch, amcheck, counts,
+    // pg_checksums; its result recorded in the bucket and shown
+    let out = walnut_s3(
+        &conf,
+        &[
+            "verify-restore",
+            "-B",
+            url,
+            "--instance",
+            "db",
+            "-i",
+            &page,
+            "--format",
+            "json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "verify-restore on S3: {}",
+        stderr(&out)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["success"], true, "{v}");
+    assert_eq!(v["data_checksums"], true, "{v}");
+    let dbs = v["databases"].as_array().unwrap();
+    let pgdb = dbs.iter().find(|d| d["name"] == "postgres").unwrap();
+    assert!(pgdb["rows"].as_u64().unwrap() >= 300_000, "{pgdb}");
+    assert_eq!(
+        show_row(&conf, url, &page)["verify_restore"],
+        "PASSED",
+        "the drill's result on S3"
+    );
 }
