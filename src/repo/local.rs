@@ -657,7 +657,9 @@ mod tests {
         assert_eq!(&*r.get("b/2/database/base/5/16384").unwrap(), &data[..]);
         // create-only: an existing object stays as it was
         r.put_new("b/3/x", b"other").unwrap();
-        let e = r.link_copy("b/1/database/base/5/16384", "b/3/x").unwrap_err();
+        let e = r
+            .link_copy("b/1/database/base/5/16384", "b/3/x")
+            .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
         assert_eq!(&*r.get("b/3/x").unwrap(), b"other");
         // a symbolic link as the source, or in its path, is refused and nothing is made
