@@ -142,7 +142,8 @@ bench_merge() {
     done
   done
   local m u
-  for m in walnut_merge_write_phase:ms cp_a_merged:ms merge_write_vs_cp_a_ratio:x; do
+  for m in merge_files_linked:files merge_bytes_written:B walnut_merge_write_phase:ms \
+      cp_a_merged:ms merge_write_vs_cp_a_ratio:x cp_a_written:ms merge_write_vs_cp_a_written_ratio:x; do
     u=${m#*:}; m=${m%:*}
     for lab in base new; do
       awk -F'\t' -v n="${lab}_$m" '$1 == n {print $2}' "$RESULTS_FILE" | report "median_${lab}_$m" "$u"
@@ -153,8 +154,13 @@ bench_merge() {
 # merge_once WALNUT PREFIX ID: one timed merge of ID, then cp -a + sync of what it wrote
 merge_once() {
   local wbin=$1 pre=$2 id=$3
+  local bdir=$CAT/instances/bench/backups
+  # the old chain's inodes: a file of the merged backup with one of them was linked (not
+  # written); the chain is still there while the merged backup's files are made, so no
+  # file merge writes can reuse one of its inode numbers
+  find "$bdir" -type f -printf '%i\n' | sort -u > "$X/inodes.before"
   wait_quiet; drop_caches
-  local t ms merged bytes cp_ms wms
+  local t ms merged bytes cp_ms wms new_bytes linked cpw_ms
   t=$(now_ns)
   as_pg "$wbin" merge -B "$CAT" --instance bench -i "$id" -j "$JOBS" --format json > "$X/merge.json"
   ms=$(elapsed_ms "$t")
@@ -162,21 +168,40 @@ merge_once() {
   # the write phase: the merged FULL written, durable and switched to (the old chain's
   # removal after it is a delete, timed by the delete benchmark)
   wms=$(awk -F': ' '/"write_seconds"/ {gsub(",","",$2); printf "%.3f\n", $2*1000}' "$X/merge.json")
-  bytes=$(bytes_of "$CAT/instances/bench/backups/$merged")
-  report1 "${pre}merge_bytes_written" "$bytes" B
+  linked=$(awk -F': ' '/"linked_files"/ {gsub(",","",$2); print $2}' "$X/merge.json")
+  bytes=$(bytes_of "$bdir/$merged")
+  (cd "$bdir/$merged" && find . -type f -printf '%i %s %P\n') > "$X/merged.files"
+  awk 'NR==FNR {old[$1]=1; next} !($1 in old) {print $3}' "$X/inodes.before" "$X/merged.files" > "$X/written.list"
+  new_bytes=$(awk 'NR==FNR {old[$1]=1; next} !($1 in old) {s+=$2} END{printf "%.0f\n", s}' "$X/inodes.before" "$X/merged.files")
+  report1 "${pre}merge_files" "$(wc -l < "$X/merged.files")" files
+  report1 "${pre}merge_files_linked" "${linked:-0}" files
+  report1 "${pre}merge_files_written" "$(wc -l < "$X/written.list")" files
+  report1 "${pre}merge_bytes_stored" "$bytes" B
+  report1 "${pre}merge_bytes_written" "$new_bytes" B
   report1 "${pre}walnut_merge_total" "$ms" ms
   report1 "${pre}walnut_merge_write_phase" "$wms" ms
-  report1 "${pre}walnut_merge_write_MBps" "$(mbps "$bytes" "$wms")" MB/s
-  report1 "${pre}walnut_merge_total_MBps" "$(mbps "$bytes" "$ms")" MB/s
+  report1 "${pre}walnut_merge_write_MBps" "$(mbps "$new_bytes" "$wms")" MB/s
+  report1 "${pre}walnut_merge_total_MBps" "$(mbps "$new_bytes" "$ms")" MB/s
 
+  # cp -a of the whole merged backup (what a merge that links nothing writes)
   wait_quiet; drop_caches
   rm -rf "$X/cpa"
-  t=$(now_ns); cp -a "$CAT/instances/bench/backups/$merged" "$X/cpa"; sync; cp_ms=$(elapsed_ms "$t")
+  t=$(now_ns); cp -a "$bdir/$merged" "$X/cpa"; sync; cp_ms=$(elapsed_ms "$t")
   report1 "${pre}cp_a_merged" "$cp_ms" ms
   report1 "${pre}cp_a_MBps" "$(mbps "$bytes" "$cp_ms")" MB/s
   report1 "${pre}merge_write_vs_cp_a_ratio" "$(awk -v a="$cp_ms" -v b="$wms" 'BEGIN{printf "%.2f\n", a/b}')" x
   report1 "${pre}merge_total_vs_cp_a_ratio" "$(awk -v a="$cp_ms" -v b="$ms" 'BEGIN{printf "%.2f\n", a/b}')" x
   rm -rf "$X/cpa"
+  # cp -a of only the files merge wrote (the issue's "bytes it writes")
+  wait_quiet; drop_caches
+  rm -rf "$X/cpw"; mkdir -p "$X/cpw"
+  t=$(now_ns)
+  (cd "$bdir/$merged" && xargs -r -d '\n' -a "$X/written.list" cp -a --parents -t "$X/cpw")
+  sync; cpw_ms=$(elapsed_ms "$t")
+  report1 "${pre}cp_a_written" "$cpw_ms" ms
+  report1 "${pre}cp_a_written_MBps" "$(mbps "$new_bytes" "$cpw_ms")" MB/s
+  report1 "${pre}merge_write_vs_cp_a_written_ratio" "$(awk -v a="$cpw_ms" -v b="$wms" 'BEGIN{printf "%.2f\n", a/b}')" x
+  rm -rf "$X/cpw"
 }
 
 build

@@ -568,8 +568,8 @@ impl Repo for LocalRepo {
             nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
         );
         let same = made.as_ref().is_ok_and(|st| {
-            st.st_ino as u64 == md.ino()
-                && st.st_dev as u64 == md.dev()
+            st.st_ino == md.ino()
+                && st.st_dev == md.dev()
                 && (st.st_mode & nix::libc::S_IFMT) == nix::libc::S_IFREG
         });
         if !same {
