@@ -279,10 +279,12 @@ fn render_merge_line(m: &MergeReport, dry_run: bool) -> String {
             p.target
         ),
         (Some(id), _, false) => format!(
-            "merged {} into new FULL backup {id}: {} files, {} MiB written in {:.1} s; replaces {}\n",
+            "merged {} into new FULL backup {id}: {} files ({} linked unchanged), {} MiB ({} MiB written) in {:.1} s; replaces {}\n",
             p.chain.join(" <- "),
             m.files,
+            m.linked_files,
             m.bytes_written >> 20,
+            m.bytes_written.saturating_sub(m.linked_bytes) >> 20,
             m.seconds,
             p.replaces.join(", ")
         ),

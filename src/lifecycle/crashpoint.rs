@@ -3,7 +3,7 @@
 //! nothing happens.
 //!
 //! The crash points of `delete` and `merge` are their catalog writes and deletes: both run
-//! on [`catalog`], whose store counts every commit, `put_new` and `delete` (one counter per
+//! on [`catalog`], whose store counts every commit, `put_new`, `link_copy` and `delete` (one counter per
 //! process, so `delete --merge-expired` counts its merges' writes and its own removals in
 //! one sequence). While a kill is armed, batch deletes go one object at a time (each a
 //! crash point), so a test can stop a command between any two removals.
@@ -181,5 +181,9 @@ impl Repo for Killable {
     }
     fn local_root(&self) -> Option<&Path> {
         self.inner.local_root()
+    }
+    fn link_copy(&self, from: &str, to: &str) -> Result<crate::repo::Copied> {
+        hit(&format!("link {to}"));
+        self.inner.link_copy(from, to)
     }
 }

@@ -23,11 +23,21 @@
 //! 1. `M` is claimed like any backup (started marker, `.running` lock held); the marker's
 //!    `error` text says it is a merge in progress. Until step 3 it reads as RUNNING, and as
 //!    ERROR once the process is gone: never OK.
-//! 2. Every file is written: files `X` holds whole are copied stored byte for stored byte
-//!    (checked against `X`'s manifest CRC as they stream), the others rebuilt from the
+//! 2. Every file is written. Files that are, byte for byte, a stored whole file of a
+//!    backup of the chain are *linked*, not rewritten ([`Repo::link_copy`]: a hard link in
+//!    a local catalog, as pg_probackup's merge moves unchanged files): the files `X` holds
+//!    whole, and those unchanged since an older backup stored them whole (every newer
+//!    backup holds them as an incremental file of no page, at the same length, and the
+//!    whole file is stored as `M` stores files, see [`unchanged_whole`]). A link keeps the
+//!    source's manifest entry (size, CRC-32C) and is checked against its size only: its
+//!    CRC is checked when validate or restore read it. Hard links are sound because no
+//!    catalog object is ever rewritten in place: removing the old chain, or an abandoned
+//!    `M`, removes names, never the other's bytes. The other files are rebuilt from the
 //!    chain as restore rebuilds them (every source checked against its CRC) and stored
-//!    compressed and checksummed as a FULL stores them; when uncompressed, each block's
-//!    CRC-32C is taken on the way into `M`'s `block_crcs` ([`crate::format::blockcrc`]).
+//!    compressed and checksummed as a FULL stores them. When uncompressed, each block's
+//!    CRC-32C goes into `M`'s `block_crcs` ([`crate::format::blockcrc`]): taken on the way
+//!    for a rebuilt file, from the source backup's own `block_crcs` for a linked one (or
+//!    read from it when that has none).
 //!    Then `block_crcs`, `backup_label`, the pin, the manifest and `merged.json`, and one
 //!    barrier makes all of it durable.
 //! 3. The switch: `M`'s backup.json, create-only. Before it the old chain is what every
@@ -57,7 +67,7 @@ use crate::backup::meta::{
 use crate::backup::stored;
 use crate::catalog::Catalog;
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::format::blockcrc::{self, WholeCrcs};
+use crate::format::blockcrc::{self, FileCrcs, WholeCrcs};
 use crate::format::manifest::{self, FileEntry, Lz4Frames, ManifestWriter, Storage};
 use crate::repo::{Durability, LockMode, ObjectWriter, Repo};
 use crate::restore::{rebuild, ChainFiles};
@@ -108,8 +118,14 @@ pub struct MergeReport {
     /// The merged FULL's id (`None` in a dry run).
     pub merged_id: Option<String>,
     pub files: u64,
-    /// Bytes stored in the merged FULL.
+    /// Bytes stored in the merged FULL (linked ones included).
     pub bytes_written: u64,
+    /// Files of the merged FULL that are files of the replaced backups, unchanged, and
+    /// their bytes: put in place with [`Repo::link_copy`] (hard links in a local catalog:
+    /// nothing read or written), not rewritten. Counts links only: a store that copies
+    /// counts none. (0 for an interrupted merge finished now.)
+    pub linked_files: u64,
+    pub linked_bytes: u64,
     /// Seconds in all, and writing the merged FULL (up to and with the switch).
     pub seconds: f64,
     pub write_seconds: f64,
@@ -572,41 +588,30 @@ fn give_buf(b: Vec<u8>) {
     BUF.with(|c| *c.borrow_mut() = b);
 }
 
-/// Copies a stored object of the merged backup's source stored byte for stored byte,
-/// checking its length and CRC-32C against its manifest entry as it streams; the copy is
-/// committed (deferred) only when they match. With `crc_block_size`, also returns the
-/// CRC of each block of the (uncompressed) stored bytes, computed on the way.
-fn copy_stored(
+/// Reads stored object `key` front to back in pieces handed to `each`; returns its bytes.
+/// A large file's page-cache pages are let go behind the read (it is read once).
+fn read_stored(
     repo: &dyn Repo,
-    from: &str,
-    to: &str,
-    e: &FileEntry,
-    backup: &str,
-    crc_block_size: Option<u32>,
-) -> Result<Option<Vec<u32>>> {
-    let w = stored::what(repo, from);
-    let mut blocks = crc_block_size.map(WholeCrcs::new);
-    let mut out = repo.create(to)?;
-    let dest = PathBuf::from(out.describe());
-    let mut crc = 0u32;
+    key: &str,
+    mut each: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<u64> {
+    let w = stored::what(repo, key);
     let mut n = 0u64;
-    let mut buf = take_buf();
-    match repo.open_file(from)? {
+    match repo.open_file(key)? {
         Some(mut f) => {
-            loop {
+            let mut buf = take_buf();
+            let r = (|| loop {
                 let k = match f.read(&mut buf) {
-                    Ok(0) => break,
+                    Ok(0) => return Ok(()),
                     Ok(k) => k,
                     Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(err) => return Err(Error::io("read", Path::new(&w), err)),
                 };
-                crc = crc32c::crc32c_append(crc, &buf[..k]);
-                if let Some(bl) = &mut blocks {
-                    bl.feed(&buf[..k]);
-                }
                 n += k as u64;
-                out.write_all(&buf[..k]).ctx("write", &dest)?;
-            }
+                each(buf.get(..k).unwrap_or_default())?;
+            })();
+            give_buf(buf);
+            r?;
             // read once: a large file's page-cache pages are reused at once (see
             // rebuild::run_all_to)
             use std::os::fd::AsRawFd;
@@ -621,29 +626,98 @@ fn copy_stored(
         }
         None => {
             let len = repo
-                .head(from)?
+                .head(key)?
                 .ok_or_else(|| Error::not_found(format!("{w}: not found")))?
                 .size;
             while n < len {
-                let k = (len - n).min(8 << 20);
-                let b = repo.get_range(from, n, k)?;
-                crc = crc32c::crc32c_append(crc, &b);
-                if let Some(bl) = &mut blocks {
-                    bl.feed(&b);
-                }
+                let b = repo.get_range(key, n, (len - n).min(8 << 20))?;
                 n += b.len() as u64;
-                out.write_all(&b).ctx("write", &dest)?;
+                each(&b)?;
             }
         }
     }
-    give_buf(buf);
-    if n != e.stored_size || crc != e.crc32c {
-        return Err(Error::corruption(format!(
-            "{w}: stored file does not match its manifest size and checksum (backup {backup})"
-        )));
+    Ok(n)
+}
+
+/// How a merge thread takes the block CRCs of a whole uncompressed file it links: the
+/// merged backup's block size, and the source backup's own block checksums (checked
+/// against its manifest), when it has them.
+type CrcSource<'a> = (u32, Option<&'a HashMap<String, FileCrcs>>);
+
+/// Puts the whole stored file `e` of backup `backup` (object `from`) into the merged backup
+/// as `to` without rewriting it ([`Repo::link_copy`]: a hard link in a local catalog, so
+/// nothing is read or written; a streamed copy elsewhere). A link is checked against the
+/// manifest's size only (its CRC-32C is checked by validate and restore, which read it);
+/// a copy against size and CRC-32C. With `crcs`, also returns the CRC of each block:
+/// from the source's block checksums when they list the file, else read from the stored
+/// file (and its CRC-32C checked on the way). Returns (block CRCs, linked).
+fn link_stored(
+    repo: &dyn Repo,
+    from: &str,
+    to: &str,
+    e: &FileEntry,
+    backup: &str,
+    crcs: Option<CrcSource<'_>>,
+) -> Result<(Option<Vec<u32>>, bool)> {
+    let c = repo.link_copy(from, to)?;
+    let mismatch = || {
+        Error::corruption(format!(
+            "{}: stored file does not match its manifest size and checksum (backup {backup})",
+            stored::what(repo, from)
+        ))
+    };
+    if c.size != e.stored_size || c.crc32c.is_some_and(|k| k != e.crc32c) {
+        return Err(mismatch());
     }
-    out.commit(Durability::Deferred)?;
-    Ok(blocks.map(WholeCrcs::finish))
+    let Some((bs, known)) = crcs else {
+        return Ok((None, c.linked));
+    };
+    if let Some(FileCrcs::Whole(v)) = known.and_then(|m| m.get(&e.path)) {
+        return Ok((Some(v.clone()), c.linked));
+    }
+    let mut blocks = WholeCrcs::new(bs);
+    let mut crc = 0u32;
+    let n = read_stored(repo, to, |b| {
+        crc = crc32c::crc32c_append(crc, b);
+        blocks.feed(b);
+        Ok(())
+    })?;
+    if n != e.stored_size || crc != e.crc32c {
+        return Err(mismatch());
+    }
+    Ok((Some(blocks.finish()), c.linked))
+}
+
+/// The whole stored file that file `plan` rebuilds to, byte for byte, when there is one:
+/// every incremental source (the newest backup's and those between) holds no page, none
+/// truncates the file below its length (each source's `cap` is at least the length), the
+/// oldest source is a whole file of exactly that length, and it is stored as the merged
+/// backup stores files (uncompressed, or LZ4 when `compress`). Then each block of the
+/// result is that file's block (rebuild.rs: a block comes from the newest source holding
+/// it below its cap; no incremental source holds any, the whole one holds all), and no
+/// block is a zero page. That is how a PAGE or DELTA backup records a file unchanged
+/// since its parent (an incremental file of no pages, its length, no limit block).
+fn unchanged_whole(plan: &rebuild::Plan, compress: bool) -> Option<&rebuild::Source> {
+    let rebuild::Shape::Blocks(n) = plan.shape else {
+        return None;
+    };
+    let (whole, incs) = plan.sources.split_last()?;
+    if incs.is_empty() {
+        return None;
+    }
+    for s in incs {
+        match &s.stored {
+            rebuild::Stored::Inc { info, .. } if info.nblocks == 0 && s.cap >= n => {}
+            _ => return None,
+        }
+    }
+    let stored_as_merged = match whole.stored {
+        rebuild::Stored::Plain => !compress && whole.stored_size == whole.size,
+        rebuild::Stored::Lz4 { .. } => compress,
+        rebuild::Stored::Inc { .. } => false,
+    };
+    (stored_as_merged && whole.cap >= n && whole.size == n as u64 * plan.block_size as u64)
+        .then_some(whole)
 }
 
 /// Adds the block CRCs of the merged backup's whole file `path` to its block checksums
@@ -830,13 +904,12 @@ fn rebuild_piped(
 /// trailer), else it is left uncommitted and the merge fails.
 fn rebuild_stored(
     repo: &dyn Repo,
-    files: &ChainFiles<'_>,
+    plan: rebuild::Plan,
     e: &FileEntry,
     mkey: &str,
     compress: bool,
     crcs_out: Option<&std::sync::Mutex<BlockCrcOut>>,
 ) -> Result<FileEntry> {
-    let plan = files.plan(e)?;
     let rebuild::Shape::Blocks(nblocks) = plan.shape else {
         return Err(Error::invalid(format!(
             "\"{}\": an incremental file rebuilt as a copy",
@@ -909,6 +982,14 @@ fn put_deferred(repo: &dyn Repo, key: &str, data: &[u8]) -> Result<()> {
     w.commit(Durability::Deferred)
 }
 
+/// What [`write_merged`] stored: files and bytes, and of them those linked unchanged.
+struct Written {
+    files: u64,
+    bytes: u64,
+    linked: u64,
+    linked_bytes: u64,
+}
+
 /// Writes the merged FULL of `plan` and switches to it (steps 1-3 of the module docs);
 /// returns its metadata, files and stored bytes.
 fn write_merged(
@@ -919,7 +1000,7 @@ fn write_merged(
     pin: &Pin,
     now: i64,
     jobs: usize,
-) -> Result<(BackupMeta, u64, u64)> {
+) -> Result<(BackupMeta, Written)> {
     let repo = catalog.repo();
     let chain: Vec<&BackupMeta> = plan
         .chain
@@ -975,6 +1056,42 @@ fn write_merged(
         m.id
     );
 
+    // the block checksums of every backup of the chain that has them (uncompressed merged
+    // FULL only): a file linked unchanged takes its blocks' CRCs from there instead of
+    // being read. One that cannot be read is not used (a warning; the files are read).
+    let mut src_crcs: Vec<Option<HashMap<String, FileCrcs>>> = vec![None; chain.len()];
+    if !compress {
+        for (i, b) in chain.iter().enumerate() {
+            if b.block_crcs.is_none() || b.block_size != m.block_size {
+                continue;
+            }
+            let es: Vec<&FileEntry> = if i == 0 {
+                entries.iter().collect()
+            } else {
+                older[i - 1].values().collect()
+            };
+            match stored::block_crcs(repo, b, &es) {
+                Ok(c) => src_crcs[i] = c,
+                Err(e) => log::warn!(
+                    "backup {}: its block checksums are not used (the files merged from it are read instead): {e}",
+                    b.id
+                ),
+            }
+        }
+    }
+    let crcs_of = |id: &str| -> Option<&HashMap<String, FileCrcs>> {
+        let i = plan.chain.iter().position(|c| c == id)?;
+        src_crcs.get(i)?.as_ref()
+    };
+    let block_size = m.block_size;
+    let linked = std::sync::atomic::AtomicU64::new(0);
+    let linked_bytes = std::sync::atomic::AtomicU64::new(0);
+    let count_link = |was: bool, e: &FileEntry| {
+        if was {
+            linked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            linked_bytes.fetch_add(e.stored_size, std::sync::atomic::Ordering::Relaxed);
+        }
+    };
     let files = ChainFiles::new(catalog, chain.clone(), older);
     // the block checksums of an uncompressed merged FULL (format/blockcrc.rs), computed as
     // its files stream out and committed before backup.json, as a backup writes them; a
@@ -999,26 +1116,68 @@ fn write_merged(
         Ok(match e.storage {
             Storage::Dir => e.clone(),
             Storage::Full | Storage::FullLz4 => {
+                // stored whole by the newest backup: linked as it is stored
                 let rel = e.stored_path();
                 // a whole uncompressed file's block CRCs (an LZ4 file of an uncompressed
                 // backup, should there be one, is left out: restore reads it all)
                 let want = crcs_ref.is_some() && e.storage == Storage::Full;
-                let blocks = copy_stored(
+                let (blocks, was) = link_stored(
                     repo,
                     &format!("{xkey}/{rel}"),
                     &format!("{mkey}/{rel}"),
                     e,
                     &x.id,
-                    want.then_some(x.block_size),
+                    want.then(|| (block_size, crcs_of(&x.id))),
                 )
                 .map_err(|err| err.context(format!("merging \"{}\"", e.path)))?;
+                count_link(was, e);
                 if let (Some(o), Some(b)) = (crcs_ref, blocks) {
                     add_block_crcs(o, &e.path, &b)?;
                 }
                 e.clone()
             }
-            Storage::Incremental => rebuild_stored(repo, &files, e, &mkey, compress, crcs_ref)
-                .map_err(|err| err.context(format!("merging \"{}\"", e.path)))?,
+            Storage::Incremental => {
+                let merging = |err: Error| err.context(format!("merging \"{}\"", e.path));
+                let plan = files.plan(e).map_err(merging)?;
+                match unchanged_whole(&plan, compress) {
+                    // unchanged since an older backup stored it whole: linked from there
+                    Some(src) => {
+                        let (storage, lz4_frames) = match &src.stored {
+                            rebuild::Stored::Lz4 { frames } => (Storage::FullLz4, frames.clone()),
+                            _ => (Storage::Full, None),
+                        };
+                        let out = FileEntry {
+                            path: e.path.clone(),
+                            storage,
+                            size: src.size,
+                            stored_size: src.stored_size,
+                            crc32c: src.crc32c,
+                            changed_blocks: None,
+                            file_blocks: None,
+                            limit_block: None,
+                            lz4_frames,
+                        };
+                        let want = crcs_ref.is_some() && storage == Storage::Full;
+                        let (blocks, was) = link_stored(
+                            repo,
+                            &src.key,
+                            &format!("{mkey}/{}", out.stored_path()),
+                            &out,
+                            &src.backup,
+                            want.then(|| (block_size, crcs_of(&src.backup))),
+                        )
+                        .map_err(merging)?;
+                        count_link(was, &out);
+                        if let (Some(o), Some(b)) = (crcs_ref, blocks) {
+                            add_block_crcs(o, &e.path, &b)?;
+                        }
+                        out
+                    }
+                    None => {
+                        rebuild_stored(repo, plan, e, &mkey, compress, crcs_ref).map_err(merging)?
+                    }
+                }
+            }
         })
     };
     // files on `jobs` threads; the manifest lists them in the merged backup's order
@@ -1081,8 +1240,21 @@ fn write_merged(
     m.data_bytes = bytes;
     meta::save_complete(catalog, &m)?;
     drop(started);
-    log::info!("merged backup {} committed", m.id);
-    Ok((m, nfiles, bytes))
+    let written = Written {
+        files: nfiles,
+        bytes,
+        linked: linked.into_inner(),
+        linked_bytes: linked_bytes.into_inner(),
+    };
+    log::info!(
+        "merged backup {} committed: {} files, {} linked unchanged ({} of {} bytes)",
+        m.id,
+        written.files,
+        written.linked,
+        written.linked_bytes,
+        written.bytes
+    );
+    Ok((m, written))
 }
 
 /// Merges with the lifecycle lock held: finishes interrupted merges, then merges `id`.
@@ -1112,6 +1284,8 @@ pub(crate) fn merge_locked(
                         merged_id: Some(b.id.clone()),
                         files: b.files,
                         bytes_written: b.data_bytes,
+                        linked_files: 0,
+                        linked_bytes: 0,
                         seconds: t0.elapsed().as_secs_f64(),
                         write_seconds: 0.0,
                         removed,
@@ -1137,7 +1311,7 @@ pub(crate) fn merge_locked(
     }
     let pin = pins.get(id).cloned().unwrap_or_default();
     let tw = Instant::now();
-    let (m, files, bytes) = write_merged(catalog, instance, &list, &plan, &pin, now, jobs)?;
+    let (m, w) = write_merged(catalog, instance, &list, &plan, &pin, now, jobs)?;
     let write_seconds = tw.elapsed().as_secs_f64();
     for r in &plan.replaces {
         remove_replaced(catalog, instance, r, &m.id)?;
@@ -1147,8 +1321,10 @@ pub(crate) fn merge_locked(
         instance: instance.to_string(),
         plan,
         merged_id: Some(m.id),
-        files,
-        bytes_written: bytes,
+        files: w.files,
+        bytes_written: w.bytes,
+        linked_files: w.linked,
+        linked_bytes: w.linked_bytes,
         seconds: t0.elapsed().as_secs_f64(),
         write_seconds,
         removed,
@@ -1206,6 +1382,8 @@ pub(crate) fn merge_expired(
                 merged_id: None,
                 files: 0,
                 bytes_written: 0,
+                linked_files: 0,
+                linked_bytes: 0,
                 seconds: 0.0,
                 write_seconds: 0.0,
                 removed: Vec::new(),
@@ -1292,6 +1470,186 @@ mod tests {
         l4[4].status = Status::Running;
         let e = plan_merge(&l4, &HashMap::new(), "P3", 0).unwrap_err();
         assert!(e.to_string().contains("RUNNING"), "{e}");
+    }
+
+    /// A file is linked only when its rebuilt bytes are provably those of the whole stored
+    /// file: no page from a newer backup, no truncation, the same length, stored as the
+    /// merged backup stores files.
+    #[test]
+    fn only_a_file_no_newer_backup_changed_is_linked() {
+        use crate::format::incfile::IncInfo;
+        use rebuild::{Plan, Shape, Source, Stored};
+        const BS: u64 = 8192;
+        let repo: std::sync::Arc<dyn Repo> = std::sync::Arc::new(crate::repo::MemRepo::new());
+        let inc = |nblocks: u32, file_blocks: u32, limit: Option<u32>| Source {
+            repo: repo.clone(),
+            key: "k/inc".into(),
+            backup: "P".into(),
+            stored: Stored::Inc {
+                info: IncInfo {
+                    nblocks,
+                    file_blocks,
+                    limit_block: limit,
+                },
+                whole_pages: true,
+            },
+            size: file_blocks as u64 * BS,
+            stored_size: 32,
+            crc32c: 0,
+            cap: u32::MAX,
+        };
+        let whole = |stored: Stored, blocks: u64| Source {
+            repo: repo.clone(),
+            key: "k/full".into(),
+            backup: "F".into(),
+            stored,
+            size: blocks * BS,
+            stored_size: blocks * BS,
+            crc32c: 7,
+            cap: u32::MAX,
+        };
+        // the plan restore makes: caps as Restorer::plan sets them
+        let plan = |n: u32, incs: Vec<Source>, w: Option<Source>| {
+            let mut cap = n;
+            let mut srcs = Vec::new();
+            for (i, mut s) in incs.into_iter().enumerate() {
+                let Stored::Inc { info, .. } = s.stored else {
+                    unreachable!()
+                };
+                s.cap = if i == 0 { n } else { cap };
+                cap = cap
+                    .min(info.file_blocks)
+                    .min(info.limit_block.unwrap_or(u32::MAX));
+                srcs.push(s);
+            }
+            if let Some(mut w) = w {
+                w.cap = cap;
+                srcs.push(w);
+            }
+            Plan::new(Shape::Blocks(n), srcs, BS as u32, 4096, 128)
+        };
+        let p = plan(
+            10,
+            vec![inc(0, 10, None), inc(0, 10, None)],
+            Some(whole(Stored::Plain, 10)),
+        );
+        assert_eq!(
+            unchanged_whole(&p, false).map(|s| s.key.as_str()),
+            Some("k/full")
+        );
+        // stored compressed: linked into a compressed merged FULL only
+        assert!(unchanged_whole(&p, true).is_none());
+        let lz = whole(Stored::Lz4 { frames: None }, 10);
+        let p = plan(10, vec![inc(0, 10, None)], Some(lz));
+        assert!(unchanged_whole(&p, true).is_some());
+        assert!(unchanged_whole(&p, false).is_none());
+        // a page from a newer backup, a truncation, another length, no whole file
+        for p in [
+            plan(
+                10,
+                vec![inc(0, 10, None), inc(1, 10, None)],
+                Some(whole(Stored::Plain, 10)),
+            ),
+            plan(
+                10,
+                vec![inc(0, 10, Some(4))],
+                Some(whole(Stored::Plain, 10)),
+            ),
+            plan(
+                10,
+                vec![inc(0, 10, None), inc(0, 8, None)],
+                Some(whole(Stored::Plain, 10)),
+            ),
+            plan(10, vec![inc(0, 10, None)], Some(whole(Stored::Plain, 12))),
+            plan(12, vec![inc(0, 12, None)], Some(whole(Stored::Plain, 10))),
+            plan(10, vec![inc(0, 10, None)], None),
+        ] {
+            assert!(unchanged_whole(&p, false).is_none(), "{:?}", p.sources);
+        }
+    }
+
+    /// A linked file's block CRCs come from its backup's block checksums when they list it,
+    /// else from reading it (its CRC-32C checked then); a copy (a store without links) is
+    /// checked against the manifest's CRC-32C.
+    #[test]
+    fn linked_file_block_crcs_and_checks() {
+        let repo = crate::repo::MemRepo::new();
+        let data: Vec<u8> = (0..3 * 8192 + 100).map(|i| (i % 253) as u8).collect();
+        repo.put_new("b/F/database/x", &data).unwrap();
+        let e = FileEntry {
+            path: "x".into(),
+            storage: Storage::Full,
+            size: data.len() as u64,
+            stored_size: data.len() as u64,
+            crc32c: crc32c::crc32c(&data),
+            changed_blocks: None,
+            file_blocks: None,
+            limit_block: None,
+            lz4_frames: None,
+        };
+        let mut want = WholeCrcs::new(8192);
+        want.feed(&data);
+        let want = want.finish();
+        let (got, linked) = link_stored(
+            &repo,
+            "b/F/database/x",
+            "b/M/database/x",
+            &e,
+            "F",
+            Some((8192, None)),
+        )
+        .unwrap();
+        assert_eq!(got.as_deref(), Some(&want[..]));
+        assert!(!linked, "a memory store copies");
+        assert_eq!(&*repo.get("b/M/database/x").unwrap(), &data[..]);
+        let known: HashMap<String, FileCrcs> =
+            [("x".to_string(), FileCrcs::Whole(vec![1, 2, 3, 4]))].into();
+        let (got, _) = link_stored(
+            &repo,
+            "b/F/database/x",
+            "b/M2/database/x",
+            &e,
+            "F",
+            Some((8192, Some(&known))),
+        )
+        .unwrap();
+        assert_eq!(got, Some(vec![1, 2, 3, 4]));
+        let bad = FileEntry {
+            crc32c: e.crc32c ^ 1,
+            ..e.clone()
+        };
+        let err =
+            link_stored(&repo, "b/F/database/x", "b/M3/database/x", &bad, "F", None).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corruption, "{err}");
+        // a local store links: nothing read, the size checked
+        let d = tempfile::tempdir().unwrap();
+        let local = crate::repo::LocalRepo::open(d.path()).unwrap();
+        local.put_new("b/F/database/x", &data).unwrap();
+        let (got, linked) = link_stored(
+            &local,
+            "b/F/database/x",
+            "b/M/database/x",
+            &e,
+            "F",
+            Some((8192, None)),
+        )
+        .unwrap();
+        assert!(linked);
+        assert_eq!(got.as_deref(), Some(&want[..]));
+        let short = FileEntry {
+            stored_size: 5,
+            ..e.clone()
+        };
+        let err = link_stored(
+            &local,
+            "b/F/database/x",
+            "b/M2/database/x",
+            &short,
+            "F",
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corruption, "{err}");
     }
 
     fn put_backup(repo: &crate::repo::MemRepo, m: &BackupMeta) {

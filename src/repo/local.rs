@@ -119,6 +119,19 @@ impl LocalRepo {
         key.rsplit_once('/').map(|(d, _)| d).unwrap_or("")
     }
 
+    fn base_name(key: &str) -> &str {
+        key.rsplit('/').next().unwrap_or(key)
+    }
+
+    /// Opens the barrier's handle, before the first deferred write (see [`FsSync`]).
+    fn sync_handle(&self) -> Result<()> {
+        let mut s = self.sync.lock().map_err(|_| Error::invalid("poisoned"))?;
+        if s.is_none() {
+            *s = Some(FsSync::open(&self.root)?);
+        }
+        Ok(())
+    }
+
     /// Opens (creating when missing) the directory of `key`'s parent, without links.
     fn ensure_parent(&self, key: &str) -> Result<PathBuf> {
         let parent = Self::parent_key(key);
@@ -287,13 +300,7 @@ impl Repo for LocalRepo {
         let dir = self.ensure_parent(key)?;
         let tmp = self.tmp_dir(&dir)?;
         let path = self.root.join(key);
-        {
-            // Open the barrier's handle before the first deferred write (see FsSync).
-            let mut s = self.sync.lock().map_err(|_| Error::invalid("poisoned"))?;
-            if s.is_none() {
-                *s = Some(FsSync::open(&self.root)?);
-            }
-        }
+        self.sync_handle()?;
         Ok(Box::new(LocalWriter {
             what: path.display().to_string(),
             file: DurableFile::create_in(&path, &tmp)?,
@@ -532,6 +539,85 @@ impl Repo for LocalRepo {
         }
         durable::remove_stale_temps(&t)
     }
+
+    /// A hard link: `to`'s name is made in its (created when missing) directory for the
+    /// inode `from` names, nothing read or written. `from` is opened as every read opens
+    /// an object (no link in any component, a regular file); the link is made relative to
+    /// directory handles opened without following links, and the new name is then checked
+    /// to be that very inode (a name swapped meanwhile is removed again and refused).
+    /// The new entry is durable at the next barrier (a filesystem-wide `syncfs`, which
+    /// covers directory entries; the bytes were durable already). A filesystem without
+    /// hard links between these directories (EXDEV, EPERM, EMLINK, EOPNOTSUPP) gets the
+    /// streamed copy instead.
+    fn link_copy(&self, from: &str, to: &str) -> Result<super::Copied> {
+        use nix::errno::Errno;
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        check_key(from, false)?;
+        check_key(to, false)?;
+        let from_path = self.root.join(from);
+        let to_path = self.root.join(to);
+        let src = safepath::open_under(&self.root, from)?;
+        let md = src.metadata().ctx("stat", &from_path)?;
+        let src_dir = safepath::open_dir_under(&self.root, Self::parent_key(from))?;
+        self.ensure_parent(to)?;
+        let dst_dir = safepath::open_dir_under(&self.root, Self::parent_key(to))?;
+        self.sync_handle()?;
+        let (from_name, to_name) = (Self::base_name(from), Self::base_name(to));
+        match nix::unistd::linkat(
+            Some(src_dir.as_raw_fd()),
+            from_name,
+            Some(dst_dir.as_raw_fd()),
+            to_name,
+            nix::fcntl::AtFlags::empty(),
+        ) {
+            Ok(()) => {}
+            Err(Errno::EEXIST) => {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!("\"{}\" already exists", to_path.display()),
+                ))
+            }
+            Err(Errno::ENOENT) => {
+                return Err(Error::not_found(format!(
+                    "\"{}\": not found",
+                    from_path.display()
+                )))
+            }
+            Err(Errno::EXDEV | Errno::EPERM | Errno::EMLINK | Errno::EOPNOTSUPP) => {
+                drop(src);
+                return super::copy_object(self, from, to);
+            }
+            Err(e) => return Err(Error::io("link into", &to_path, io::Error::from(e))),
+        }
+        let made = nix::sys::stat::fstatat(
+            Some(dst_dir.as_raw_fd()),
+            to_name,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        );
+        let same = made.as_ref().is_ok_and(|st| {
+            st.st_ino == md.ino()
+                && st.st_dev == md.dev()
+                && (st.st_mode & nix::libc::S_IFMT) == nix::libc::S_IFREG
+        });
+        if !same {
+            let _ = nix::unistd::unlinkat(
+                Some(dst_dir.as_raw_fd()),
+                to_name,
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
+            return Err(Error::corruption(format!(
+                "\"{}\" changed while it was linked to \"{}\" (refused)",
+                from_path.display(),
+                to_path.display()
+            )));
+        }
+        Ok(super::Copied {
+            size: md.len(),
+            linked: true,
+            crc32c: None,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -566,6 +652,62 @@ mod tests {
         assert!(r.put_new("y/new", b"1").is_err());
         assert!(!d.path().join("x/new").exists());
         assert_eq!(r.list("x").unwrap().damaged, ["link"]);
+    }
+
+    /// link_copy makes a hard link (the same inode, nothing copied), create-only, never
+    /// through a symbolic link; the source's removal leaves the new object whole.
+    #[test]
+    fn link_copy_links_the_same_file_and_refuses_links() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let r = LocalRepo::open(d.path()).unwrap();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        r.put_new("b/1/database/base/5/16384", &data).unwrap();
+        let c = r
+            .link_copy("b/1/database/base/5/16384", "b/2/database/base/5/16384")
+            .unwrap();
+        assert_eq!(
+            c,
+            super::super::Copied {
+                size: data.len() as u64,
+                linked: true,
+                crc32c: None
+            }
+        );
+        let (a, b) = (
+            d.path().join("b/1/database/base/5/16384"),
+            d.path().join("b/2/database/base/5/16384"),
+        );
+        assert_eq!(
+            fs::metadata(&a).unwrap().ino(),
+            fs::metadata(&b).unwrap().ino()
+        );
+        assert_eq!(&*r.get("b/2/database/base/5/16384").unwrap(), &data[..]);
+        // create-only: an existing object stays as it was
+        r.put_new("b/3/x", b"other").unwrap();
+        let e = r
+            .link_copy("b/1/database/base/5/16384", "b/3/x")
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+        assert_eq!(&*r.get("b/3/x").unwrap(), b"other");
+        // a symbolic link as the source, or in its path, is refused and nothing is made
+        std::os::unix::fs::symlink(&a, d.path().join("b/1/link")).unwrap();
+        let e = r.link_copy("b/1/link", "b/3/y").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corruption, "{e}");
+        std::os::unix::fs::symlink(d.path().join("b/1"), d.path().join("b/4")).unwrap();
+        let e = r
+            .link_copy("b/4/database/base/5/16384", "b/3/z")
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corruption, "{e}");
+        // nor is a symbolic link followed on the destination's side
+        assert!(r.link_copy("b/3/x", "b/4/new").is_err());
+        assert!(!d.path().join("b/1/new").exists());
+        assert_eq!(r.list("b/3").unwrap().objects.len(), 1);
+        // the source's removal leaves the copy whole
+        r.barrier().unwrap();
+        r.delete("b/1/database/base/5/16384").unwrap();
+        assert_eq!(&*r.get("b/2/database/base/5/16384").unwrap(), &data[..]);
+        assert_eq!(fs::metadata(&b).unwrap().nlink(), 1);
     }
 
     #[test]

@@ -205,6 +205,81 @@ pub trait Repo: Send + Sync + std::fmt::Debug {
         check_prefix(prefix)?;
         Ok(0)
     }
+    /// Makes `to` a new object with exactly `from`'s bytes, create-only
+    /// ([`ErrorKind::Conflict`] when `to` exists; `from` absent is [`ErrorKind::NotFound`]).
+    /// Durable as a [`Durability::Deferred`] commit: at the next [`Repo::barrier`].
+    ///
+    /// For `merge`, whose new FULL backup holds many files unchanged from the backups it
+    /// replaces. Sound only because no object is ever rewritten in place: a store may make
+    /// `to` share `from`'s storage (a local store hard-links it), and removing either
+    /// later removes a name, never the other's bytes. The default streams a copy
+    /// ([`copy_object`]).
+    fn link_copy(&self, from: &str, to: &str) -> Result<Copied> {
+        copy_object(self, from, to)
+    }
+}
+
+/// What [`Repo::link_copy`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Copied {
+    /// The object's bytes.
+    pub size: u64,
+    /// `true` when `to` shares `from`'s storage (nothing read or written); `false` when
+    /// the bytes were copied.
+    pub linked: bool,
+    /// CRC-32C of the bytes, when they were read (a copy); `None` for a link.
+    pub crc32c: Option<u32>,
+}
+
+/// [`Repo::link_copy`] as a streamed copy: `from` read in pieces (from its open local file
+/// where the store has one, else by ranges) into a new object `to`, committed deferred.
+pub fn copy_object<R: Repo + ?Sized>(repo: &R, from: &str, to: &str) -> Result<Copied> {
+    /// Bytes read and written at a time.
+    const PIECE: u64 = 8 << 20;
+    check_key(from, false)?;
+    check_key(to, false)?;
+    let src = format!("{}/{from}", repo.location());
+    let mut out = repo.create(to)?;
+    let dest = out.describe();
+    let (mut crc, mut n) = (0u32, 0u64);
+    match repo.open_file(from)? {
+        Some(mut f) => {
+            use std::io::Read;
+            let mut buf = vec![0u8; PIECE as usize];
+            loop {
+                let k = match f.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(k) => k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(Error::io("read", Path::new(&src), e)),
+                };
+                let b = buf.get(..k).unwrap_or_default();
+                crc = crc32c::crc32c_append(crc, b);
+                n += k as u64;
+                out.write_all(b)
+                    .map_err(|e| Error::io("write", Path::new(&dest), e))?;
+            }
+        }
+        None => {
+            let len = repo
+                .head(from)?
+                .ok_or_else(|| Error::not_found(format!("{src}: not found")))?
+                .size;
+            while n < len {
+                let b = repo.get_range(from, n, (len - n).min(PIECE))?;
+                crc = crc32c::crc32c_append(crc, &b);
+                n += b.len() as u64;
+                out.write_all(&b)
+                    .map_err(|e| Error::io("write", Path::new(&dest), e))?;
+            }
+        }
+    }
+    out.commit(Durability::Deferred)?;
+    Ok(Copied {
+        size: n,
+        linked: false,
+        crc32c: Some(crc),
+    })
 }
 
 /// Checks a key: a normalised relative `/` path ([`crate::safepath::check_rel_path`]) whose
@@ -321,6 +396,23 @@ pub mod conformance {
             assert!(r.put_new(k, b"x").is_err(), "{k:?} accepted");
             assert!(r.get(k).is_err(), "{k:?} accepted");
         }
+        // link_copy: the same bytes under a new key, create-only; the source's later
+        // removal leaves the copy whole
+        r.put_new("l/src", b"linked bytes").unwrap();
+        let c = r.link_copy("l/src", "l/deeper/dst").unwrap();
+        assert_eq!(c.size, 12);
+        assert_eq!(&*r.get("l/deeper/dst").unwrap(), b"linked bytes");
+        r.put_new("l/other", b"x").unwrap();
+        let e = r.link_copy("l/other", "l/deeper/dst").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+        assert_eq!(&*r.get("l/deeper/dst").unwrap(), b"linked bytes");
+        let e = r.link_copy("l/absent", "l/dst2").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+        assert_eq!(r.head("l/dst2").unwrap(), None);
+        assert!(r.link_copy("l/src", "l/.hidden").is_err());
+        r.barrier().unwrap();
+        r.delete("l/src").unwrap();
+        assert_eq!(&*r.get("l/deeper/dst").unwrap(), b"linked bytes");
         // locks
         let l1 = r.lock("a/.lock", LockMode::Exclusive, false).unwrap();
         assert!(l1.is_some());

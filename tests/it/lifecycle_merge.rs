@@ -132,6 +132,20 @@ fn merged_full_restores_identically_and_replaces_its_chain() {
         .map(|v| v.as_str().unwrap())
         .collect();
     assert_eq!(replaced, [p3.as_str(), &p2, &p1, &f]);
+    // the files no PAGE changed (most of the system catalogs) and those the newest PAGE
+    // holds whole are linked from the old chain, not rewritten
+    let (files, linked) = (
+        r["files"].as_u64().unwrap(),
+        r["linked_files"].as_u64().unwrap(),
+    );
+    assert!(
+        linked > 0 && linked < files,
+        "{linked} of {files} files linked: {r}"
+    );
+    assert!(
+        r["linked_bytes"].as_u64().unwrap() < r["bytes_written"].as_u64().unwrap(),
+        "{r}"
+    );
     // the merged FULL is the only backup left of that chain; the child descends from it
     let listed = rows(cat);
     assert_eq!(

@@ -20,6 +20,9 @@ fn merged_full_has_block_checksums_for_checksum_mode_restore() {
 
     let r: serde_json::Value = serde_json::from_str(&ok(merge(cat, &delta), "merge")).unwrap();
     let m = r["merged_id"].as_str().unwrap().to_string();
+    // unchanged files are linked; their block checksums come from the old backups' own
+    // (validate below checks each file's list against its manifest CRC)
+    assert!(r["linked_files"].as_u64().unwrap() > 0, "{r}");
     // backup.json names the object, as a backup's does, and it is there at that size
     let bj: serde_json::Value =
         serde_json::from_slice(&std::fs::read(env.backup_dir(&m).join("backup.json")).unwrap())
