@@ -33,6 +33,12 @@
 # After merging into main (same machine, load from other jobs, 9 segments of 8 MB lz4):
 #   archive 30 ms vs bare PUT 13 ms (2.31x); pgbackrest archive-push (lz4, TLS through
 #   stunnel) 211 ms; FULL 5.94x bare PUTs; restore FULL+PAGE 6984 ms vs 25319 ms (3.63x).
+# Writing while indexing, fresh frame buffers, no xxh32 (2026-11-30 10:10 UTC, busy: three
+# other builds; s3s-fs, 14 segments of 3.6 MB lz4, BASE_BIN = the build before, same run):
+#   archive 47.5 ms vs base 53 ms vs bare PUT 18.5 ms (2.57x vs 2.86x); backlog with the
+#   default look-ahead 71.4 ms per segment (bare PUTs two at a time 16.9 ms): slower than
+#   single calls here, the look-ahead's parallel pushes competing for the two busy cores.
+#   FULL 5.76x bare PUTs, restore 8.23x bare GETs (base 6.75x).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
