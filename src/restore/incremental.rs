@@ -751,16 +751,9 @@ impl InPlace<'_> {
             .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&dest)
             .ctx("open", &dest)?;
-        {
-            // read front to back: a longer readahead
-            use std::os::fd::AsRawFd;
-            let _ = nix::fcntl::posix_fadvise(
-                file.as_raw_fd(),
-                0,
-                0,
-                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL,
-            );
-        }
+        // no POSIX_FADV_SEQUENTIAL: its doubled readahead, in each of the scan's streams,
+        // queued the reads of the backups' differing blocks behind tens of megabytes
+        // (measured 10-80 ms slower a restore, 6 A/B pairs out of 6)
         let plan = self.r.plan(e)?;
         let bs = plan.block_size as usize;
         let dest_len = md.len();
@@ -1111,17 +1104,37 @@ pub fn load_crcs(
     older: &[HashMap<String, FileEntry>],
 ) -> Result<ChainCrcs> {
     let repo = catalog.repo();
+    // one thread a backup: each object is read and every list checked against the manifest
+    // (a CRC combine per block), about 10 ms a backup of this size
+    let loaded: Vec<Result<Option<HashMap<String, FileCrcs>>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = chain
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                s.spawn(move || {
+                    let entries: Vec<&FileEntry> = if i == 0 {
+                        newest.iter().collect()
+                    } else {
+                        older
+                            .get(i - 1)
+                            .map(|m| m.values().collect())
+                            .unwrap_or_default()
+                    };
+                    crate::backup::stored::block_crcs(repo, b, &entries)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::invalid("a block checksums thread panicked")))
+            })
+            .collect()
+    });
     let mut by_backup = HashMap::new();
-    for (i, b) in chain.iter().enumerate() {
-        let entries: Vec<&FileEntry> = if i == 0 {
-            newest.iter().collect()
-        } else {
-            older
-                .get(i - 1)
-                .map(|m| m.values().collect())
-                .unwrap_or_default()
-        };
-        if let Some(files) = crate::backup::stored::block_crcs(repo, b, &entries)? {
+    for (b, r) in chain.iter().zip(loaded) {
+        if let Some(files) = r? {
             by_backup.insert(b.id.clone(), files);
         }
     }
