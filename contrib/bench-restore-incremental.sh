@@ -75,6 +75,50 @@
 #   the new build reads 947 MB in all, the destination's 851 MB and 96 MB of the backups).
 # The 0.5x checksum target is NOT met: 0.56x here, against a floor (the destination's cold
 # read) of 0.34x; the lsn target (0.2x) is below that floor on this VM.
+# Profiled 2026-11-30 10:00-11:00 UTC (same setup rebuilt: SCALE=50, 115 MB written, 84.5k
+# blocks kept; RUST_LOG=walnut=debug now prints each phase and each 32 MiB piece's scan and
+# fetch times): sync_file_range(WRITE) after each write slept 50-500 ms at a time (blk-wbt
+# holds writeback back while the scan reads), so the pkey index's pieces (45% of blocks
+# differ) took 415-700 ms to fetch; the ~975 small files ran last, ~10 ms each behind the
+# big files' readahead (~100 ms of tail). Changes, each measured (debug timings, A/B runs):
+# writeback queued to a thread of its own in 4 MiB batches (index fetch 415-700 -> 117-174
+# ms); small files first on 16 threads (the tail -> a 40-50 ms phase at the start; small
+# files last, or readahead hints on the big files meanwhile, measured slower); readahead
+# hints of adjacent incremental records joined; no POSIX_FADV_SEQUENTIAL on the scanned
+# files (its doubled readahead queued the backups' block reads; 6 of 6 A/B pairs faster by
+# 10-80 ms in one session, even in another); the chain's block checksums loaded one thread a
+# backup (24 -> 12 ms). Tried and dropped: bridging gaps of <= 4 blocks in the backups'
+# reads, 2 or 1 scan threads a file, 32 small-file threads, O_DIRECT scan reads (deepread
+# with O_DIRECT: 0.55-1.1 s vs 0.45-0.6 s buffered).
+# A/B, BEFORE_BIN = main's build, ROUNDS=5 twice (QUIET_MAX_WAIT=30; 96-100% idle before
+# every step, load average 0.5-2), first with the first three changes, then with all:
+#   round  full | checksum | lsn  | pgBR full | delta | cold read | deep read | before: cks | lsn
+#   1      1291 | 728      | 960  | 2011      | 1658  | 460       | 469       | 826         | 1002
+#   2      1417 | 711      | 842  | 1746      | 1633  | 498       | 562       | 862         | 1020
+#   3      1460 | 744      | 946  | 1973      | 1586  | 492       | 445       | 804         | 1002
+#   4      1348 | 711      | 1045 | 1913      | 1696  | 492       | 429       | 957         | 1007
+#   5      1359 | 736      | 954  | 1943      | 1743  | 442       | 441       | 844         | 976
+#   median ratios: checksum 0.528x (0.502-0.564), main's 0.621x; lsn 0.702x, main's 0.720x
+#   1      1326 | 775      | 900  | 2018      | 1834  | 451       | 454       | 908         | 929
+#   2      1366 | 719      | 898  | 2058      | 1800  | 508       | 484       | 886         | 961
+#   3      1406 | 810      | 963  | 2338      | 1887  | 503       | 543       | 855         | 1008
+#   4      1433 | 837      | 886  | 1853      | 1647  | 494       | 454       | 851         | 948
+#   5      1435 | 743      | 890  | 1784      | 1659  | 476       | 440       | 863         | 1028
+#   median ratios: checksum 0.576x (0.518-0.585), main's 0.608x; lsn 0.657x, main's 0.703x;
+#   deep read 0.342x; pgBackRest delta 0.889x its own full, 1.318x walnut's full.
+# Over the 10 rounds: checksum 0.535x (median; 2 rounds of 10 at or below 0.51x, none below
+# 0.50x), main's 0.615x. (A 6-pair A/B of the two builds right after: medians 841 vs 830
+# ms, indistinguishable; the last two changes are kept on their own measurements above.)
+# The 0.5x target is NOT met; the remaining time of a ~720-780 ms checksum restore, from the
+# debug timings on the quiet machine: ~35 ms process start and catalog (as in a full
+# restore), plan 8, block checksums 12, removals and directories 15, small files 40-50;
+# the big files ~490-520 ms, reading 750 MB of the destination and ~96 MB of differing
+# blocks from the backups at ~1.65 GB/s (deepread: 851 MB at 1.6-2.0 GB/s, so the scan is
+# at the device's rate); then syncfs ~100-110 ms writing the 115 MB of scattered 8 KiB
+# blocks (14k). Those writes cannot hide under the scan on this VM: 14k random 8 KiB writes
+# alone took 215 ms buffered + fsync (337 ms O_DIRECT on 16 threads); started during a
+# deepread they slowed it from 0.45-0.55 s to 0.66-0.73 s and themselves to 0.6-1.0 s.
+# Floor of this design: deep read 0.32-0.39x + writes ~0.08x + fixed ~0.08x = 0.48-0.55x.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
