@@ -533,6 +533,51 @@ fn s3_archive_and_fetch_under_pgbench_on_garage() {
 
 /// A PostgreSQL 15 primary in `dir` (data checksums, 1 MiB segments), not started, added
 /// as instance `db` to the S3 catalog `url`, which is initialised here.
+/// Makes `pg` archive into instance `db` of the S3 catalog `url` (walnut-archive with
+/// `conf`); takes effect at its next start.
+pub(super) fn archive_to_s3(pg: &mut Pg, conf: &Path, url: &str) {
+    pg.append_conf(&format!(
+        "archive_mode = on\narchive_command = '{} -B {url} --config {} --instance db %p %f'\n",
+        walnut_bin("walnut-archive").display(),
+        conf.display()
+    ));
+}
+
+/// `walnut restore -j 2` of backup `id` of instance `db` from the S3 catalog `url` into
+/// `target`, with `extra` options.
+pub(super) fn restore_s3(
+    conf: &Path,
+    url: &str,
+    id: &str,
+    target: &Path,
+    extra: &[&str],
+) -> Output {
+    let t = target.to_str().unwrap();
+    let mut a = vec![
+        "restore",
+        "-B",
+        url,
+        "--instance",
+        "db",
+        "-i",
+        id,
+        "-D",
+        t,
+        "-j",
+        "2",
+    ];
+    a.extend_from_slice(extra);
+    walnut_s3(conf, &a)
+}
+
+/// [`walnut_s3`] with `pg`'s connection options after `args`.
+pub(super) fn walnut_s3_on(conf: &Path, pg: &Pg, args: &[&str]) -> Output {
+    let conn = pg.conn_args();
+    let mut a: Vec<&str> = args.to_vec();
+    a.extend(conn.iter().map(String::as_str));
+    walnut_s3(conf, &a)
+}
+
 pub(crate) fn s3_primary(conf: &Path, url: &str, dir: &Path) -> Pg {
     let pg = Pg::init(&pg_bin(), dir, "primary", &["-k", "--wal-segsize=1"]);
     ok(walnut_s3(conf, &["init", "-B", url]), "init");
@@ -664,7 +709,7 @@ fn archive_scenario(mut s: S3Server) {
 }
 
 pub(super) fn backup_s3(conf: &Path, url: &str, pg: &Pg, mode: &str) -> String {
-    let mut a: Vec<String> = [
+    let a = [
         "backup",
         "-B",
         url,
@@ -674,13 +719,8 @@ pub(super) fn backup_s3(conf: &Path, url: &str, pg: &Pg, mode: &str) -> String {
         mode,
         "-j",
         "2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.extend(pg.conn_args());
-    let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    ok(walnut_s3(conf, &a), &format!("{mode} backup on S3"))
+    ];
+    ok(walnut_s3_on(conf, pg, &a), &format!("{mode} backup on S3"))
         .trim()
         .to_string()
 }
@@ -701,20 +741,12 @@ pub(super) fn restore_and_compare(
     use super::env::{same_dump, wait_paused, Env};
     let target = dir.join(format!("restored-{rp}"));
     ok(
-        walnut_s3(
+        restore_s3(
             conf,
+            url,
+            id,
+            &target,
             &[
-                "restore",
-                "-B",
-                url,
-                "--instance",
-                "db",
-                "-i",
-                id,
-                "-D",
-                target.to_str().unwrap(),
-                "-j",
-                "2",
                 "--recovery-target-name",
                 rp,
                 "--recovery-target-action",
@@ -748,11 +780,7 @@ fn backup_scenario(s: S3Server) {
     let url = "s3://walnut/bk";
     let dir = pg_tempdir("s3-bk");
     let mut pg = s3_primary(&conf, url, dir.path());
-    pg.append_conf(&format!(
-        "archive_mode = on\narchive_command = '{} -B {url} --config {} --instance db %p %f'\n",
-        walnut_bin("walnut-archive").display(),
-        conf.display()
-    ));
+    archive_to_s3(&mut pg, &conf, url);
     pg.start();
     pg.pgbench(&["-i", "-s", "2", "-q", "postgres"]);
     let mut points = Vec::new();

@@ -3,7 +3,9 @@
 //! the repository layer exactly as on disk, and what is kept still restores from S3.
 use super::env::Env;
 use super::harness::*;
-use super::s3::{backup_s3, restore_and_compare, s3_primary, stderr, walnut_s3, S3Server};
+use super::s3::{
+    archive_to_s3, backup_s3, restore_and_compare, s3_primary, stderr, walnut_s3, S3Server,
+};
 
 fn show_json(conf: &std::path::Path, url: &str) -> Vec<serde_json::Value> {
     let out = ok(
@@ -37,11 +39,7 @@ fn lifecycle_on(s: S3Server) {
     let url = "s3://walnut/life";
     let dir = pg_tempdir("s3-life");
     let mut pg = s3_primary(&conf, url, dir.path());
-    pg.append_conf(&format!(
-        "archive_mode = on\narchive_command = '{} -B {url} --config {} --instance db %p %f'\n",
-        walnut_bin("walnut-archive").display(),
-        conf.display()
-    ));
+    archive_to_s3(&mut pg, &conf, url);
     pg.start();
     pg.pgbench(&["-i", "-s", "1", "-q", "postgres"]);
     // chain 1: FULL, PAGE; chain 2: FULL, PAGE, PAGE

@@ -4,7 +4,6 @@
 //! predicts the real PAGE and `show --archive --churn` names the changed table, both from
 //! the block index on S3; `verify-restore` drills the PAGE from the bucket.
 use std::path::Path;
-use std::process::Output;
 
 use serde_json::Value;
 use walnut::repo::Repo;
@@ -13,26 +12,9 @@ use super::env::{same_dump, wait_promoted, Env};
 use super::harness::*;
 use super::restore_incremental::bytes_written;
 use super::restore_incremental_crc::{kept_unread, rel_snapshot};
-use super::s3::{backup_s3, s3_primary, stderr, walnut_s3, S3Server};
-
-fn restore_s3(conf: &Path, url: &str, id: &str, target: &Path, extra: &[&str]) -> Output {
-    let t = target.to_str().unwrap();
-    let mut a = vec![
-        "restore",
-        "-B",
-        url,
-        "--instance",
-        "db",
-        "-i",
-        id,
-        "-D",
-        t,
-        "-j",
-        "2",
-    ];
-    a.extend_from_slice(extra);
-    walnut_s3(conf, &a)
-}
+use super::s3::{
+    archive_to_s3, backup_s3, restore_s3, s3_primary, stderr, walnut_s3, walnut_s3_on, S3Server,
+};
 
 fn show_row(conf: &Path, url: &str, id: &str) -> Value {
     let out = ok(
@@ -58,11 +40,7 @@ fn s3_checksum_incremental_restore_dry_run_and_churn() {
     let url = "s3://walnut/power";
     let dir = pg_tempdir("s3-power");
     let mut pg = s3_primary(&conf, url, dir.path());
-    pg.append_conf(&format!(
-        "archive_mode = on\narchive_command = '{} -B {url} --config {} --instance db %p %f'\n",
-        walnut_bin("walnut-archive").display(),
-        conf.display()
-    ));
+    archive_to_s3(&mut pg, &conf, url);
     pg.start();
     pg.pgbench(&["-i", "-s", "3", "-q", "postgres"]);
     pg.psql("postgres", "checkpoint");
@@ -114,7 +92,7 @@ fn s3_checksum_incremental_restore_dry_run_and_churn() {
     }
     pg.pgbench(&["-n", "-t", "300", "-c", "1", "postgres"]);
     pg.switch_and_wait_archived();
-    let mut a: Vec<String> = [
+    let a = [
         "show",
         "-B",
         url,
@@ -124,13 +102,9 @@ fn s3_checksum_incremental_restore_dry_run_and_churn() {
         "--churn",
         "--format",
         "json",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.extend(pg.conn_args());
-    let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    let churn: Value = serde_json::from_str(&ok(walnut_s3(&conf, &a), "churn on S3")).unwrap();
+    ];
+    let churn: Value =
+        serde_json::from_str(&ok(walnut_s3_on(&conf, &pg, &a), "churn on S3")).unwrap();
     let top = &churn["relations"][0];
     assert!(
         top["relation"] == "hot" || top["relation"] == "pgbench_accounts",
@@ -146,7 +120,7 @@ fn s3_checksum_incremental_restore_dry_run_and_churn() {
     );
 
     // the PAGE predicted from the index on S3, then taken
-    let mut a: Vec<String> = [
+    let a = [
         "backup",
         "-B",
         url,
@@ -157,13 +131,9 @@ fn s3_checksum_incremental_restore_dry_run_and_churn() {
         "--dry-run",
         "--format",
         "json",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.extend(pg.conn_args());
-    let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    let dry: Value = serde_json::from_str(&ok(walnut_s3(&conf, &a), "dry run on S3")).unwrap();
+    ];
+    let dry: Value =
+        serde_json::from_str(&ok(walnut_s3_on(&conf, &pg, &a), "dry run on S3")).unwrap();
     assert_eq!(dry["mode"], "PAGE", "{dry}");
     assert_eq!(dry["parent_id"], full.as_str(), "{dry}");
     let page = backup_s3(&conf, url, &pg, "page");
