@@ -79,6 +79,12 @@
 #     each source's CRC and compute the output's. The 0.8x target, measured against the
 #     bytes merge now writes, is NOT met; the per-file work of ~960 unchanged files is
 #     gone (cp -a spends ~0.3-0.5 s on them: whole dir vs written files).
+# The same A/B on an IDLE machine (2026-11-30 11:40 UTC, load 1-2, BASE_BIN = the build
+# before the links, 3 interleaved rounds): write phase base 924/997/974 ms (median 974),
+# linked 749/786/782 (median 782); vs cp -a + sync of the whole merged backup, same round:
+# base 1.21/0.86/0.87x, linked 1.09/0.91/0.93x (median 0.93x; with the old chain's removal
+# 0.83/0.71/0.73x); vs cp -a of only the files written: base 1.13/0.79/0.81x, linked
+# 0.43-0.59x (median 0.46x; cp -a of the 19 big files at 891 MB/s).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
