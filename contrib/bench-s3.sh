@@ -39,6 +39,11 @@
 #   default look-ahead 71.4 ms per segment (bare PUTs two at a time 16.9 ms): slower than
 #   single calls here, the look-ahead's parallel pushes competing for the two busy cores.
 #   FULL 5.76x bare PUTs, restore 8.23x bare GETs (base 6.75x).
+# The same, IDLE (2026-11-30 11:35 UTC, two runs, 15-16 segments of 7 MB lz4, BASE_BIN = the
+# build before): archive 40 / 35.5 ms vs base 54 / 46 ms vs bare PUT 24 / 21.5 ms: 1.67x /
+# 1.65x (base 2.25x / 2.14x); backlog 27.5 / 29.1 ms per segment: 1.14x / 1.35x the bare
+# sequential PUT (bare two at a time 15.2 / 14.6 ms); FULL 3.53x / 2.18x, restore 4.77x /
+# 5.03x (base 3.64x / 4.16x); pgbackrest archive-push 121 / 102.5 ms.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
