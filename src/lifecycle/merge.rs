@@ -54,7 +54,7 @@
 //! catalog write or delete ([`super::crashpoint`], as `delete`; inert without it).
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -588,55 +588,13 @@ fn give_buf(b: Vec<u8>) {
     BUF.with(|c| *c.borrow_mut() = b);
 }
 
-/// Reads stored object `key` front to back in pieces handed to `each`; returns its bytes.
-/// A large file's page-cache pages are let go behind the read (it is read once).
-fn read_stored(
-    repo: &dyn Repo,
-    key: &str,
-    mut each: impl FnMut(&[u8]) -> Result<()>,
-) -> Result<u64> {
-    let w = stored::what(repo, key);
-    let mut n = 0u64;
-    match repo.open_file(key)? {
-        Some(mut f) => {
-            let mut buf = take_buf();
-            let r = (|| loop {
-                let k = match f.read(&mut buf) {
-                    Ok(0) => return Ok(()),
-                    Ok(k) => k,
-                    Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(err) => return Err(Error::io("read", Path::new(&w), err)),
-                };
-                n += k as u64;
-                each(buf.get(..k).unwrap_or_default())?;
-            })();
-            give_buf(buf);
-            r?;
-            // read once: a large file's page-cache pages are reused at once (see
-            // rebuild::run_all_to)
-            use std::os::fd::AsRawFd;
-            if n >= PIPE_MIN_BYTES {
-                let _ = nix::fcntl::posix_fadvise(
-                    f.as_raw_fd(),
-                    0,
-                    0,
-                    nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-                );
-            }
-        }
-        None => {
-            let len = repo
-                .head(key)?
-                .ok_or_else(|| Error::not_found(format!("{w}: not found")))?
-                .size;
-            while n < len {
-                let b = repo.get_range(key, n, (len - n).min(8 << 20))?;
-                n += b.len() as u64;
-                each(&b)?;
-            }
-        }
-    }
-    Ok(n)
+/// Reads stored object `key` front to back in pieces handed to `each` (through this
+/// thread's buffer); returns its bytes.
+fn read_stored(repo: &dyn Repo, key: &str, each: impl FnMut(&[u8]) -> Result<()>) -> Result<u64> {
+    let mut buf = take_buf();
+    let r = crate::repo::read_pieces(repo, key, &mut buf, each);
+    give_buf(buf);
+    r
 }
 
 /// How a merge thread takes the block CRCs of a whole uncompressed file it links: the

@@ -231,49 +231,71 @@ pub struct Copied {
     pub crc32c: Option<u32>,
 }
 
-/// [`Repo::link_copy`] as a streamed copy: `from` read in pieces (from its open local file
-/// where the store has one, else by ranges) into a new object `to`, committed deferred.
-pub fn copy_object<R: Repo + ?Sized>(repo: &R, from: &str, to: &str) -> Result<Copied> {
-    /// Bytes read and written at a time.
+/// Reads object `key` front to back, handing each piece to `each`; returns its bytes. A
+/// local store's file is read through `buf` (its pages let go behind the read when it is
+/// large: it is read once); another store's by ranges of 8 MiB.
+pub fn read_pieces<R: Repo + ?Sized>(
+    repo: &R,
+    key: &str,
+    buf: &mut [u8],
+    mut each: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<u64> {
+    /// Bytes per ranged read; and the size from which a read file's pages are dropped.
     const PIECE: u64 = 8 << 20;
-    check_key(from, false)?;
-    check_key(to, false)?;
-    let src = format!("{}/{from}", repo.location());
-    let mut out = repo.create(to)?;
-    let dest = out.describe();
-    let (mut crc, mut n) = (0u32, 0u64);
-    match repo.open_file(from)? {
+    let what = format!("{}/{key}", repo.location());
+    let mut n = 0u64;
+    match repo.open_file(key)? {
         Some(mut f) => {
             use std::io::Read;
-            let mut buf = vec![0u8; PIECE as usize];
             loop {
-                let k = match f.read(&mut buf) {
+                let k = match f.read(buf) {
                     Ok(0) => break,
                     Ok(k) => k,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(Error::io("read", Path::new(&src), e)),
+                    Err(e) => return Err(Error::io("read", Path::new(&what), e)),
                 };
-                let b = buf.get(..k).unwrap_or_default();
-                crc = crc32c::crc32c_append(crc, b);
                 n += k as u64;
-                out.write_all(b)
-                    .map_err(|e| Error::io("write", Path::new(&dest), e))?;
+                each(buf.get(..k).unwrap_or_default())?;
+            }
+            if n >= PIECE {
+                use std::os::fd::AsRawFd;
+                let _ = nix::fcntl::posix_fadvise(
+                    f.as_raw_fd(),
+                    0,
+                    0,
+                    nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+                );
             }
         }
         None => {
             let len = repo
-                .head(from)?
-                .ok_or_else(|| Error::not_found(format!("{src}: not found")))?
+                .head(key)?
+                .ok_or_else(|| Error::not_found(format!("{what}: not found")))?
                 .size;
             while n < len {
-                let b = repo.get_range(from, n, (len - n).min(PIECE))?;
-                crc = crc32c::crc32c_append(crc, &b);
+                let b = repo.get_range(key, n, (len - n).min(PIECE))?;
                 n += b.len() as u64;
-                out.write_all(&b)
-                    .map_err(|e| Error::io("write", Path::new(&dest), e))?;
+                each(&b)?;
             }
         }
     }
+    Ok(n)
+}
+
+/// [`Repo::link_copy`] as a streamed copy: `from` read in pieces ([`read_pieces`]) into a
+/// new object `to`, committed deferred.
+pub fn copy_object<R: Repo + ?Sized>(repo: &R, from: &str, to: &str) -> Result<Copied> {
+    check_key(from, false)?;
+    check_key(to, false)?;
+    let mut out = repo.create(to)?;
+    let dest = out.describe();
+    let mut crc = 0u32;
+    let mut buf = vec![0u8; 8 << 20];
+    let n = read_pieces(repo, from, &mut buf, |b| {
+        crc = crc32c::crc32c_append(crc, b);
+        out.write_all(b)
+            .map_err(|e| Error::io("write", Path::new(&dest), e))
+    })?;
     out.commit(Durability::Deferred)?;
     Ok(Copied {
         size: n,

@@ -354,6 +354,11 @@ pub(super) fn since_start() -> std::time::Duration {
     T0.get_or_init(std::time::Instant::now).elapsed()
 }
 
+/// A debug line: where an incremental restore got to, and when ([`since_start`]).
+pub(super) fn phase(what: &str) {
+    log::debug!("{what} at {} ms", since_start().as_millis());
+}
+
 /// Bytes of the destination read at once: long sequential reads, never one per block.
 const DEST_READ: usize = 1 << 20;
 
@@ -1042,11 +1047,7 @@ impl InPlace<'_> {
         let (big, small) = order.split_at(split);
         Flusher::with(|fl| {
             self.pool(small, SMALL_THREADS, fl)?;
-            log::debug!(
-                "{} small files done at {} ms",
-                small.len(),
-                since_start().as_millis()
-            );
+            phase(&format!("{} small files done", small.len()));
             self.pool(big, jobs, fl)
         })
     }

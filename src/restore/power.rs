@@ -110,10 +110,10 @@ pub fn restore_with(
     opts: &RestoreOptions,
     p: &PowerOptions,
 ) -> Result<RestoreReport> {
-    let _ = incremental::since_start();
+    incremental::phase("restore started");
     let list = meta::list(catalog, instance)?;
     let (pl, excluded, pf) = plan_all(catalog, instance, &list, opts, p)?;
-    log::debug!("planned at {} ms", incremental::since_start().as_millis());
+    incremental::phase("planned");
     // as in [`super::restore`]: the chain is locked for use until the restore ends
     let _chain_lock =
         crate::lifecycle::locks::use_chain(catalog, instance, &pl.chain, false, "restore")?;
@@ -185,10 +185,7 @@ fn execute_in_place(
     mode: IncrementalMode,
     divergence: Option<Lsn>,
 ) -> Result<Outcome> {
-    log::debug!(
-        "in place from {} ms",
-        incremental::since_start().as_millis()
-    );
+    incremental::phase("in-place restore begins");
     let dry = settings.is_none();
     let newest = plan.chain[0];
     let target = plan.target.clone();
@@ -202,10 +199,7 @@ fn execute_in_place(
         )?),
         IncrementalMode::Lsn => None,
     };
-    log::debug!(
-        "block checksums loaded at {} ms",
-        incremental::since_start().as_millis()
-    );
+    incremental::phase("block checksums loaded");
     let r = Restorer {
         catalog,
         chain: plan.chain.clone(),
@@ -252,25 +246,16 @@ fn execute_in_place(
         durable::remove_file(&pcp)?;
         durable::fsync_dir(&target.join("global"))?;
     }
-    log::debug!(
-        "checks done at {} ms",
-        incremental::since_start().as_millis()
-    );
+    incremental::phase("checks done");
     let removed = incremental::remove_extra(&target, &incremental::keep_set(&entries), dry)?;
     if !dry {
         r.create_dirs(&entries)?;
     }
     progress.start(&format!("incremental restore {}", newest.id), total);
     let files = incremental::files(&entries);
-    log::debug!(
-        "removed and created at {} ms",
-        incremental::since_start().as_millis()
-    );
+    incremental::phase("removed and created");
     ip.sync_files(&files, jobs)?;
-    log::debug!(
-        "files done at {} ms",
-        incremental::since_start().as_millis()
-    );
+    incremental::phase("files done");
     let mut out = Outcome {
         bytes_written: ip.written.load(Ordering::Relaxed) + pc.size,
         bytes_total: total,
@@ -295,10 +280,7 @@ fn execute_in_place(
     if let Some(f) = &fs_sync {
         f.sync()?;
     }
-    log::debug!(
-        "syncfs done at {} ms",
-        incremental::since_start().as_millis()
-    );
+    incremental::phase("syncfs done");
     // pg_control last
     pc_file.commit(Replace::Yes)?;
     durable::fsync_dir(&target)?;
