@@ -2,17 +2,7 @@
 //! --expired) and the WAL purge; the kept chain still restores and validates.
 use super::env::*;
 use super::harness::*;
-use super::lifecycle_util::json;
-
-/// `delete` arguments: redundancy 1 with the WAL purge, a JSON report.
-const EXPIRE_REDUNDANCY_1_JSON: &[&str] = &[
-    "--expired",
-    "--retention-redundancy",
-    "1",
-    "--delete-wal",
-    "--format",
-    "json",
-];
+use super::lifecycle_util::{json, EXPIRE_REDUNDANCY_1_JSON};
 
 /// FULL, PAGE, FULL; then `delete --expired --retention-redundancy 1 --delete-wal`: the
 /// first chain and the WAL before the kept FULL go (indexes with their segments), the kept

@@ -221,22 +221,9 @@ fn delete_killed_at_any_point_leaves_ok_backups_restorable_and_a_rerun_finishes(
         if let Some(k) = kill {
             env_vars.push(("WALNUT_TEST_KILL_AT", k.to_string()));
         }
-        walnut_env(
-            &[
-                "delete",
-                "-B",
-                cat.to_str().unwrap(),
-                "--instance",
-                "db",
-                "--expired",
-                "--retention-redundancy",
-                "1",
-                "--delete-wal",
-                "--format",
-                "json",
-            ],
-            &env_vars,
-        )
+        let mut args = vec!["delete", "-B", cat.to_str().unwrap(), "--instance", "db"];
+        args.extend_from_slice(EXPIRE_REDUNDANCY_1_JSON);
+        walnut_env(&args, &env_vars)
     };
     // the uninterrupted delete, for reference
     let reference = copy_catalog(&pristine, &env.path("reference"));

@@ -186,3 +186,13 @@ pub(crate) fn merge(cat: &str, id: &str) -> Output {
         "json",
     ])
 }
+
+/// `delete` arguments: redundancy 1 with the WAL purge, a JSON report.
+pub(super) const EXPIRE_REDUNDANCY_1_JSON: &[&str] = &[
+    "--expired",
+    "--retention-redundancy",
+    "1",
+    "--delete-wal",
+    "--format",
+    "json",
+];
