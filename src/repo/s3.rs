@@ -1200,18 +1200,7 @@ impl S3Repo {
             name = format!("{}-{h:08x}{h2:08x}", &name[name.len() - 140..]);
         }
         let path = dir.join(name);
-        let f = {
-            use std::os::unix::fs::OpenOptionsExt;
-            fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .read(true)
-                .write(true)
-                .mode(0o666)
-                .custom_flags(nix::libc::O_NOFOLLOW)
-                .open(&path)
-                .ctx("open lock file", &path)?
-        };
+        let f = open_lock_file(&path)?;
         super::local::flock(f, &path, mode, wait)
     }
 
@@ -1360,6 +1349,43 @@ impl Repo for S3Repo {
     }
 }
 
+/// Opens (or creates) a same-host lock file. `flock` needs no write access, so an existing
+/// one is opened read-only: a lock file created by a run as root (mode 0644 under root's
+/// umask) stays usable by the postgres user's `archive_command`, and the other way round.
+/// A new one is created exclusively and then given mode 0666 whatever the umask. Never
+/// through a symbolic link (`O_NOFOLLOW`: the directory is world-writable).
+fn open_lock_file(path: &Path) -> Result<fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    loop {
+        match fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(path)
+        {
+            Ok(f) => return Ok(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("open lock file", path, e)),
+        }
+        match fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o666)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(path)
+        {
+            Ok(f) => {
+                // best effort: readable by every user is what matters, and 0644 is that
+                let _ = f.set_permissions(fs::Permissions::from_mode(0o666));
+                return Ok(f);
+            }
+            // created meanwhile by another taker: open theirs
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(Error::io("create lock file", path, e)),
+        }
+    }
+}
+
 /// Creates the lock directory when missing: sticky and world-writable, as `/run/lock`,
 /// so that commands run as root and as the postgres user share its lock files.
 fn ensure_lock_dir(dir: &Path) -> Result<()> {
@@ -1410,6 +1436,35 @@ mod tests {
         assert_eq!(error_code(body), Some("NoSuchKey"));
         assert_eq!(error_message(body), Some("gone\nreally"));
         assert_eq!(error_code("<html/>"), None);
+    }
+
+    #[test]
+    fn a_read_only_lock_file_of_another_user_still_locks() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l");
+        let f = open_lock_file(&p).unwrap();
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o666,
+            "created for every user"
+        );
+        drop(f);
+        // as left by a root run under umask 022: not writable by anyone else
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o444)).unwrap();
+        let a =
+            super::super::local::flock(open_lock_file(&p).unwrap(), &p, LockMode::Exclusive, false)
+                .unwrap();
+        assert!(a.is_some());
+        let b =
+            super::super::local::flock(open_lock_file(&p).unwrap(), &p, LockMode::Shared, false)
+                .unwrap();
+        assert!(b.is_none(), "the exclusive lock excludes");
+        drop(a);
+        // never through a link
+        let l = dir.path().join("link");
+        std::os::unix::fs::symlink(&p, &l).unwrap();
+        assert!(open_lock_file(&l).is_err());
     }
 
     #[test]

@@ -39,6 +39,7 @@ mod restore_plan_time;
 mod s3;
 mod s3_faults;
 mod s3_lifecycle;
+mod s3_lock_users;
 mod s3_restore_power;
 mod stream_standby;
 mod stream_standby_busy;
