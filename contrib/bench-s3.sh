@@ -44,6 +44,15 @@
 # 1.65x (base 2.25x / 2.14x); backlog 27.5 / 29.1 ms per segment: 1.14x / 1.35x the bare
 # sequential PUT (bare two at a time 15.2 / 14.6 ms); FULL 3.53x / 2.18x, restore 4.77x /
 # 5.03x (base 3.64x / 4.16x); pgbackrest archive-push 121 / 102.5 ms.
+# On Garage 2.5.0 (SERVER=garage, the issue's reference server), 2026-11-30 13:00-13:35 UTC,
+# the machine busy with another agent's builds (load 2-4), 8-11 segments of 5-7 MB lz4:
+#   archive 52.5 / 75.5 / 79 ms vs bare PUT 37.5 / 42 / 45 ms: 1.40x / 1.80x / 1.76x;
+#   backlog 1.51x / 1.31x / 1.29x; FULL 1.84x-4.15x bare PUTs; restore 6.5x-8.4x bare GETs;
+#   pgbackrest archive-push 139-175 ms. The first Garage run found a real bug: a lock file
+#   created by a root run (umask 022) kept postgres' archive_command from storing indexes
+#   (Garage ignores conditional create, so index writes take the same-host lock); fixed,
+#   test s3_lock_users. Tried and dropped: compressing the segment while the catalog opens
+#   (no gain with the server on the same two cores: the GETs then wait for CPU).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
