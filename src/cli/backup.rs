@@ -475,6 +475,12 @@ pub fn run_restore(a: RestoreArgs) -> Result<i32> {
             rep.files_removed,
             rep.blocks_kept
         );
+        if let Some(r) = &rep.lsn_route {
+            println!(
+                "lsn route {}: {} blocks kept without reading the destination, {} bytes of it read; {}",
+                r.route, rep.blocks_kept_unread, rep.dest_bytes_read, r.detail
+            );
+        }
     }
     if !rep.excluded_databases.is_empty() {
         log::warn!(
