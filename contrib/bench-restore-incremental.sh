@@ -3,7 +3,8 @@
 # full restore of the same FULL+PAGE chain, beside pgBackRest restore --delta, on PG15.
 #   1. initdb -k, archive_command = walnut-archive && pgbackrest archive-push, pgbench -i -s $SCALE
 #   2. walnut FULL + pgBackRest full
-#   3. the FULL restored and run as a promoted copy (archive off) that changes ~5% of
+#   3. the FULL restored and run as a promoted copy (archiving into the same catalog
+#      instance with walnut-archive, as after a failover) that changes ~5% of
 #      pgbench_accounts' pages (pgbench -t $TX), stopped cleanly: the "old copy" image
 #   4. the source changes as much again; walnut PAGE + pgBackRest incr
 #   5. timed (page cache dropped, wait_quiet before each):
@@ -187,7 +188,9 @@ as_pg $PGBR --type=full --process-max="$JOBS" --compress-type=none backup
 # the old copy: restored FULL, promoted, ~5% changed, stopped cleanly
 W restore -B "$CAT" --instance bench -i "$FULL" -D "$X/copy" -j "$JOBS" \
   --recovery-target immediate --recovery-target-action promote 2> "$X/copy-restore.log"
-echo "archive_mode = off" >> "$X/copy/postgresql.auto.conf"
+# the old copy archives into the same catalog instance (walnut-archive only; pgBackRest's
+# stanza is the source's): lsn mode's wal-index route then knows what it changed
+echo "archive_command = '$BIN/walnut-archive -B $CAT --instance bench %p %f'" >> "$X/copy/postgresql.auto.conf"
 CPORT=$((PORT + 1))
 pg_start "$B" "$X/copy" "$CPORT"
 until [ "$(psqlq "$B" "$CPORT" "select pg_is_in_recovery()")" = f ]; do sleep 0.2; done

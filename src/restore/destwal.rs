@@ -323,7 +323,9 @@ fn try_decide(
         ));
     }
     if map.system_ids.iter().any(|&s| s != cfg.system_id) {
-        return Ok(Err("an index of another database system is in the range".into()));
+        return Ok(Err(
+            "an index of another database system is in the range".into()
+        ));
     }
     if map.segno_range != Some((first, last)) {
         return Ok(Err(format!(
@@ -345,8 +347,12 @@ fn try_decide(
 /// when that falls on a page boundary (the long header at a segment's start).
 fn next_record_start(end: Lsn, page: u64, seg: u64) -> Lsn {
     let e = end.0.div_ceil(8) * 8;
-    if page > 0 && e % page == 0 {
-        Lsn(e + if seg > 0 && e % seg == 0 { 40 } else { 24 })
+    if page > 0 && e.is_multiple_of(page) {
+        Lsn(e + if seg > 0 && e.is_multiple_of(seg) {
+            40
+        } else {
+            24
+        })
     } else {
         Lsn(e)
     }
@@ -382,4 +388,70 @@ fn discontinuity(indexes: &[SegmentIndex], page: u64, seg: u64) -> Option<String
         prev = Some(i);
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ix(segno: u64, start: u64, end: u64, records: u64) -> SegmentIndex {
+        let mut i = SegmentIndex::empty(15, 1 << 20, 8192, 1, 1, segno);
+        i.start_lsn = Lsn(start);
+        i.end_lsn = Lsn(end);
+        i.records = records;
+        i
+    }
+
+    #[test]
+    fn next_record_starts_after_alignment_and_page_headers() {
+        let (page, seg) = (8192, 1 << 20);
+        assert_eq!(
+            next_record_start(Lsn(0x100_0101), page, seg),
+            Lsn(0x100_0108)
+        );
+        assert_eq!(
+            next_record_start(Lsn(0x100_0108), page, seg),
+            Lsn(0x100_0108)
+        );
+        // a page boundary: past the short header; a segment boundary: past the long one
+        assert_eq!(
+            next_record_start(Lsn(0x100_1FFA), page, seg),
+            Lsn(0x100_2018)
+        );
+        assert_eq!(
+            next_record_start(Lsn(0x1FF_FFF9), page, seg),
+            Lsn(0x200_0028)
+        );
+    }
+
+    /// Segments chain when each first record begins where the one before ended; a segment
+    /// of another stream (same name, other content) breaks the chain; a segment in which no
+    /// record begins is fine only inside a record spanning it.
+    #[test]
+    fn indexes_must_chain() {
+        let (page, seg) = (8192, 1 << 20);
+        let a = ix(1, 0x10_0028, 0x20_0050, 10); // last record crosses into 2
+        let b = ix(2, 0x20_0050, 0x2F_0000, 10);
+        assert_eq!(discontinuity(&[a.clone(), b.clone()], page, seg), None);
+        let foreign = ix(2, 0x20_0060, 0x2F_0000, 10);
+        let why = discontinuity(&[a.clone(), foreign], page, seg).unwrap();
+        assert!(why.contains("not one WAL stream"), "{why}");
+        // a record spanning segment 2 entirely
+        let long = ix(1, 0x10_0028, 0x30_0100, 10);
+        let empty = ix(2, 0x20_0000, 0x20_0000, 0);
+        let c = ix(3, 0x30_0100, 0x3F_0000, 4);
+        assert_eq!(discontinuity(&[long, empty.clone(), c], page, seg), None);
+        assert!(discontinuity(&[empty], page, seg).is_some());
+        // order does not matter
+        assert_eq!(discontinuity(&[b, a], page, seg), None);
+    }
+
+    #[test]
+    fn no_archive_is_the_page_scan() {
+        let d = tempfile::tempdir().unwrap();
+        let r = decide(d.path(), None, Lsn(0x100));
+        assert_eq!(r.name(), "page-scan");
+        assert!(r.changes().is_none());
+        assert!(r.detail().contains("archive"), "{}", r.detail());
+    }
 }

@@ -108,11 +108,7 @@ fn plan_all<'a>(
             );
             // lsn mode: the route, decided before any write
             if let (IncrementalMode::Lsn, true, Some(x)) = (mode, pf.passed(), pf.divergence) {
-                pf.route = Some(super::destwal::decide(
-                    &pl.target,
-                    archive.as_ref().ok(),
-                    x,
-                ));
+                pf.route = Some(super::destwal::decide(&pl.target, archive.as_ref().ok(), x));
             }
             Some(pf)
         }
@@ -201,6 +197,7 @@ pub(super) fn create_sparse(r: &Restorer<'_>, files: &[&FileEntry]) -> Result<()
 
 /// The in-place execute phase of an incremental restore (see incremental.rs); with
 /// `settings` `None`, a dry run that only counts.
+#[allow(clippy::too_many_arguments)]
 fn execute_in_place(
     catalog: &Catalog,
     plan: Plan<'_>,

@@ -67,7 +67,11 @@ fn started_dump(env: &Env, dir: &Path, name: &str, check: bool) -> String {
     r.stop();
     if check {
         let out = run(r.cmd("pg_checksums").arg("--check").arg("-D").arg(&r.data));
-        assert!(out.status.success(), "{name}: pg_checksums: {}", stderr(&out));
+        assert!(
+            out.status.success(),
+            "{name}: pg_checksums: {}",
+            stderr(&out)
+        );
     }
     dump
 }
@@ -77,7 +81,11 @@ fn prev_segment(name: &str) -> String {
     let tli = &name[..8];
     let log = u32::from_str_radix(&name[8..16], 16).unwrap();
     let seg = u32::from_str_radix(&name[16..24], 16).unwrap();
-    let (log, seg) = if seg == 0 { (log - 1, 0xFFF) } else { (log, seg - 1) };
+    let (log, seg) = if seg == 0 {
+        (log - 1, 0xFFF)
+    } else {
+        (log, seg - 1)
+    };
     format!("{tli}{log:08X}{seg:08X}")
 }
 
@@ -134,8 +142,10 @@ fn lsn_restore_by_the_destinations_wal_index() {
 
     // P, unaware, goes on: archived first, then only in its pg_wal
     env.pg.pgbench(&["-n", "-t", "450", "-c", "1", "postgres"]);
-    env.pg
-        .psql("postgres", "create table only_on_old_primary as select 1 as i");
+    env.pg.psql(
+        "postgres",
+        "create table only_on_old_primary as select 1 as i",
+    );
     env.switch_and_wait(&env.pg);
     env.pg
         .psql("postgres", "alter system set archive_command = 'false'");
