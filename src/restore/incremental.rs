@@ -691,7 +691,14 @@ impl LsnSink<'_, '_> {
 
 impl Sink for LsnSink<'_, '_> {
     fn put(&mut self, data: &[u8], off: u64) -> Result<()> {
-        self.cmp.sync(data, off)
+        if self.changed.is_some() {
+            // wal-index route: a newer backup's block is the result's; the destination's
+            // block (what the shared history held at X, or what the destination changed)
+            // almost never equals it, so it is written without reading the destination
+            self.cmp.write(data, off)
+        } else {
+            self.cmp.sync(data, off)
+        }
     }
 
     fn zeros(&mut self, first: u32, n: u32) -> Result<()> {
