@@ -216,6 +216,13 @@ fn try_decide(
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(crate::error::Error::io("stat", &path, e)),
         };
+        if segno == last && local.is_none() {
+            // PostgreSQL keeps the segment of its last checkpoint: without it the
+            // destination's own WAL would not anchor the archived segments
+            return Ok(Err(format!(
+                "WAL segment {name} holding the destination's checkpoint {end} is not in its pg_wal"
+            )));
+        }
         let state = archive.index_state(tli, segno)?;
         if local.is_none() && matches!(state, IndexState::NotArchived) {
             return Ok(Err(format!(
@@ -444,6 +451,153 @@ mod tests {
         assert!(discontinuity(&[empty], page, seg).is_some());
         // order does not matter
         assert_eq!(discontinuity(&[b, a], page, seg), None);
+    }
+
+    const SEG: u32 = 1 << 20;
+    const SYSID: u64 = 7_000_000_000_000_000_001;
+
+    /// A PostgreSQL 15 `pg_control` with a correct CRC.
+    fn control(state: u32, checkpoint: Lsn, wal_level: u32) -> Vec<u8> {
+        let mut b = vec![0u8; 8192];
+        let mut put = |off: usize, v: &[u8]| b[off..off + v.len()].copy_from_slice(v);
+        put(0, &SYSID.to_le_bytes());
+        put(8, &1300u32.to_le_bytes());
+        put(16, &state.to_le_bytes());
+        put(32, &checkpoint.0.to_le_bytes());
+        put(40, &checkpoint.0.to_le_bytes());
+        put(48, &1u32.to_le_bytes());
+        put(172, &wal_level.to_le_bytes());
+        put(216, &8192u32.to_le_bytes());
+        put(220, &131072u32.to_le_bytes());
+        put(224, &8192u32.to_le_bytes());
+        put(228, &SEG.to_le_bytes());
+        put(252, &1u32.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..288]);
+        b[288..292].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    fn heap_rec(n: u32) -> crate::wal::synth::SynthRecord {
+        crate::wal::synth::SynthRecord {
+            rmid: 10,
+            info: 0x00,
+            xid: 700 + n,
+            blocks: vec![crate::wal::synth::SynthBlock {
+                rel: crate::wal::record::RelFileLocator {
+                    spc: 1663,
+                    db: 5,
+                    rel: 16384,
+                },
+                blkno: n,
+                data: vec![n as u8; 100],
+                ..Default::default()
+            }],
+            main_data: vec![1, 2, 3],
+        }
+    }
+
+    /// The route on a synthetic destination: segments 3 and 4 archived (and gone from
+    /// pg_wal), 5 (holding the "checkpoint", the last record) only local. Its blocks are
+    /// the union; each doubt is the page scan with its reason.
+    #[test]
+    fn route_on_synthetic_wal() {
+        use crate::wal::synth::SynthWal;
+        let mut w = SynthWal::new(crate::types::PgVersion::V15, SEG, 8192, 3);
+        w.system_id = SYSID;
+        let mut n = 0;
+        let mut last = Lsn(0);
+        while w.pos().0 < 5 * u64::from(SEG) + 20_000 {
+            last = w.push(&heap_rec(n));
+            n += 1;
+        }
+        w.zero_to_segment_end();
+        let b = w.bytes().to_vec();
+        let seg = |k: usize| b[k * SEG as usize..(k + 1) * SEG as usize].to_vec();
+        let repo = crate::repo::MemRepo::new();
+        let cat = crate::catalog::Catalog::with_repo(Path::new("/mem"), std::sync::Arc::new(repo));
+        cat.save_instance(&crate::catalog::InstanceConfig {
+            name: "db".into(),
+            system_id: SYSID,
+            pg_major: 15,
+            wal_segment_size: SEG,
+            wal_page_size: 8192,
+            block_size: 8192,
+            relseg_size: 131072,
+            data_checksums: true,
+            pgdata: "/pgdata".into(),
+            host: None,
+            port: None,
+            user: None,
+            dbname: None,
+        })
+        .unwrap();
+        let ar = WalArchive::open(&cat, "db").unwrap();
+        for k in [0usize, 1] {
+            let name = WalFileName::segment(1, 3 + k as u64, SEG);
+            crate::archive::push::push_bytes(&ar, &seg(k), &name).unwrap();
+        }
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("global")).unwrap();
+        std::fs::create_dir_all(d.path().join("pg_wal")).unwrap();
+        let pgc = d.path().join("global/pg_control");
+        let seg5 = d.path().join("pg_wal/000000010000000000000005");
+        std::fs::write(&seg5, seg(2)).unwrap();
+        let x = Lsn(3 * u64::from(SEG) + 0x1000);
+        let route = |state: u32, wl: u32| {
+            std::fs::write(&pgc, control(state, last, wl)).unwrap();
+            decide(d.path(), Some(&ar), x)
+        };
+        let r = route(1, 1);
+        let map = r.changes().unwrap_or_else(|| panic!("{}", r.detail()));
+        let key = crate::index::RelFork {
+            spc: 1663,
+            db: 5,
+            rel: 16384,
+            fork: 0,
+        };
+        let blocks = &map.fork(&key).unwrap().blocks;
+        assert_eq!(blocks.len(), n as usize, "every record's block");
+        // 4 is pending (its last record continues into 5, not archived): decoded with 5
+        assert!(
+            r.detail().contains("1 by archived indexes, 2 decoded"),
+            "{}",
+            r.detail()
+        );
+        // not shut down; wal_level minimal
+        assert!(route(6, 1).detail().contains("not shut down"));
+        assert!(route(1, 0).detail().contains("minimal"));
+        // segment 4 also local but different; then identical: fine
+        let seg4 = d.path().join("pg_wal/000000010000000000000004");
+        let mut other = seg(1);
+        other[SEG as usize / 2] ^= 1;
+        std::fs::write(&seg4, &other).unwrap();
+        let r = route(1, 1);
+        assert!(
+            r.detail().contains("differs from the archived one"),
+            "{}",
+            r.detail()
+        );
+        std::fs::write(&seg4, seg(1)).unwrap();
+        assert_eq!(route(1, 1).name(), "wal-index");
+        // the checkpoint's segment gone from pg_wal
+        std::fs::remove_file(&seg5).unwrap();
+        let r = route(1, 1);
+        assert!(
+            r.detail().contains("is not in its pg_wal"),
+            "{}",
+            r.detail()
+        );
+        // a foreign segment 5 (another system's WAL)
+        let mut f = SynthWal::new(crate::types::PgVersion::V15, SEG, 8192, 5);
+        f.system_id = SYSID + 1;
+        for i in 0..10 {
+            f.push(&heap_rec(i));
+        }
+        f.zero_to_segment_end();
+        std::fs::write(&seg5, f.bytes()).unwrap();
+        let r = route(1, 1);
+        assert_eq!(r.name(), "page-scan");
+        assert!(r.detail().contains("database system"), "{}", r.detail());
     }
 
     #[test]
