@@ -23,6 +23,14 @@
 //!   WAL replay from the newest backup's redo point then restores every block changed
 //!   after it (full-page writes).
 //!
+//!   The **wal-index route** ([`super::destwal`]) does without reading the destination: when
+//!   it archived its WAL into the same catalog instance, the blocks it changed after X are
+//!   named by the block indexes of that WAL (and of the segments only in its pg_wal,
+//!   decoded here). Blocks of trusted sources that it does not name are kept unread; named
+//!   ones are written from the FULL, and newer backups' blocks written, both unread.
+//!   Visibility-map forks are compared whole; a fork created, dropped or truncated after X
+//!   gets the page scan. Anything [`super::destwal::decide`] cannot prove is the page scan.
+//!
 //! Every check runs before the first write ([`preflight`]). Then `global/pg_control` is
 //! removed first, and written last, so a crash mid-way leaves a directory PostgreSQL
 //! refuses to start, never a silently mixed one. Files and directories the backup does not
@@ -632,7 +640,8 @@ impl LsnSink<'_, '_> {
     fn hint(&self, from: usize) {
         let Some((obj, size)) = self.full else { return };
         let bs = self.cmp.bs as u64;
-        for (b, n) in spans(&self.needed[from..], (DEST_READ as u64 / bs).max(1) as u32) {
+        let max = (DEST_READ as u64 / bs).max(1) as u32;
+        for (b, n) in spans_with(&self.needed[from..], max, full_gap(self.changed.is_some())) {
             let off = b as u64 * bs;
             if off < size {
                 obj.will_need(off, (n as u64 * bs).min(size - off));
@@ -840,7 +849,7 @@ impl InPlace<'_> {
                     .changes
                     .map(|m| m.blocks_for_file(&rf.fork, rf.segno, self.relseg_size));
                 let changed = fc.as_ref().and_then(|fc| {
-                    let moved = m_moved(self.changes, &rf.fork);
+                    let moved = fork_replaced(self.changes, &rf.fork);
                     (!fc.whole && fc.limit.is_none() && !moved).then_some(&fc.blocks)
                 });
                 let dest_blocks = (dest_len / bs as u64).min(u32::MAX as u64) as u32;
@@ -1166,9 +1175,10 @@ impl InPlace<'_> {
     }
 }
 
-/// Whether the fork was created or dropped after the divergence point (a new relfilenode
-/// reusing a number, or a drop and re-creation): its pages are then each checked.
-fn m_moved(changes: Option<&ChangeMap>, key: &RelFork) -> bool {
+/// Whether the fork was created, dropped or truncated after the divergence point (a new
+/// relfilenode reusing a number, a drop and re-creation, pages cut and re-extended with
+/// zeros that WAL does not show): its pages are then each checked, as in the page scan.
+fn fork_replaced(changes: Option<&ChangeMap>, key: &RelFork) -> bool {
     changes
         .and_then(|m| m.fork(key))
         .is_some_and(|f| f.created || f.dropped || f.limit_block.is_some())
@@ -1516,7 +1526,8 @@ fn fetch_blocks(
     }
     let needed = &needed[..split];
     let mut buf: Vec<u8> = Vec::new();
-    for ((b, n), runs) in reads(needed, (DEST_READ / bs as usize).max(1) as u32) {
+    let max = (DEST_READ / bs as usize).max(1) as u32;
+    for ((b, n), runs) in reads_with(needed, max, full_gap(!compare)) {
         let len = n as usize * bs as usize;
         if buf.len() < len {
             buf.resize(len, 0);
@@ -1544,6 +1555,18 @@ fn fetch_blocks(
         }
     }
     Ok(())
+}
+
+/// Blocks of the FULL read in one piece across a gap of up to this many: [`SPAN_GAP`] in
+/// the page scan (whose needed blocks come in dense runs), none in the wal-index route: its
+/// changed blocks are scattered (5% of a table's pages, at random, had spans bridging most
+/// of the file), all hinted at once, then read one run each.
+fn full_gap(wal_index: bool) -> u32 {
+    if wal_index {
+        0
+    } else {
+        SPAN_GAP
+    }
 }
 
 /// Ranges `(source, offset, length)` in their order, those of a source that continue its
@@ -1578,6 +1601,7 @@ type Run = (u32, u32);
 
 /// [`spans`] of `needed`, each with the runs of consecutive needed blocks inside it (a run
 /// never crosses the end of its span).
+#[cfg(test)]
 fn reads(needed: &[u32], max: u32) -> Vec<(Run, Vec<Run>)> {
     reads_with(needed, max, SPAN_GAP)
 }
@@ -1609,6 +1633,7 @@ const SPAN_GAP: u32 = 16;
 /// The ascending blocks `v` as spans `(first, count)` to read at once: a span takes the next
 /// block while the gap to it is at most [`SPAN_GAP`] and the span stays within `max`
 /// blocks.
+#[cfg(test)]
 fn spans(v: &[u32], max: u32) -> Vec<(u32, u32)> {
     spans_with(v, max, SPAN_GAP)
 }
