@@ -11,8 +11,9 @@
 //!   incremental files) is rebuilt from the chain as a fresh restore would and compared
 //!   block by block.
 //! - **lsn**: the destination and the chain share their history up to a divergence point
-//!   X (where their timeline histories part, or the destination's end of WAL, whichever is
-//!   lower). A destination page that passes its data checksum and whose LSN is below X
+//!   X (where their timeline histories part, the destination's end of WAL, or the newest
+//!   backup's start, whichever is lowest: a destination ahead of the chain on the same
+//!   history, rolled back, holds newer pages than the chain's). A destination page that passes its data checksum and whose LSN is below X
 //!   holds what the source held at X. A block that the chain takes from a backup that
 //!   started at or before X was not changed between that backup's start and the newest
 //!   backup's start (else a newer backup would hold it), so the destination's page is the
@@ -329,7 +330,10 @@ pub fn preflight(
             let contains =
                 ds.iter().any(|s| s.0 == newest.timeline) || cs.iter().any(|s| s.0 == dest_tli);
             let end = control.checkpoint.max(control.min_recovery_point);
-            let x = Lsn(divergence(&ds, &cs).0.min(end.0));
+            // never past the newest backup's start: a destination ahead of it on the same
+            // history (a roll-back) holds pages newer than the chain's, which recovery to a
+            // target before them could not undo
+            let x = Lsn(divergence(&ds, &cs).0.min(end.0).min(newest.start_lsn.0));
             if contains {
                 p.divergence = Some(x);
             }

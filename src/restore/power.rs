@@ -106,7 +106,8 @@ fn plan_all<'a>(
                 history,
                 !pl.tablespaces.is_empty(),
             );
-            // lsn mode: the route, decided before any write
+            // lsn mode: the route, decided before any write (X is never past the newest
+            // backup's start: see the preflight)
             if let (IncrementalMode::Lsn, true, Some(x)) = (mode, pf.passed(), pf.divergence) {
                 pf.route = Some(super::destwal::decide(&pl.target, archive.as_ref().ok(), x));
             }

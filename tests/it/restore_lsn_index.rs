@@ -269,3 +269,81 @@ fn lsn_restore_falls_back_when_the_copy_archived_nothing() {
         "page-scan route",
     );
 }
+
+/// Roll-back: the primary itself, ahead of its PAGE on the same timeline and stopped
+/// cleanly, restored in lsn mode to the PAGE's consistency point: the pages it changed
+/// after the PAGE's start are not kept (by its WAL index, or by the page scan when its last
+/// segment is gone), and the dump is the PAGE's.
+#[test]
+fn lsn_roll_back_of_the_same_cluster() {
+    let mut env = Env::new("rlsn-back");
+    env.pg.pgbench(&["-i", "-s", "2", "-q", "postgres"]);
+    env.pg.psql("postgres", "checkpoint");
+    let _full = env.backup1("full");
+    env.pg.pgbench(&["-n", "-t", "200", "-c", "1", "postgres"]);
+    let page = env.backup1("page");
+    env.switch_and_wait(&env.pg);
+    // after the PAGE: changes, some archived, the last only in pg_wal
+    env.pg.pgbench(&["-n", "-t", "300", "-c", "1", "postgres"]);
+    env.pg
+        .psql("postgres", "create table after_page as select 1 as i");
+    env.switch_and_wait(&env.pg);
+    env.pg.pgbench(&["-n", "-t", "100", "-c", "1", "postgres"]);
+    env.pg.stop();
+    let image = env.path("image");
+    cp_a(&env.pg.data, &image);
+    let target = [
+        "--recovery-target",
+        "immediate",
+        "--recovery-target-action",
+        "promote",
+    ];
+
+    let fdir = env.path("full");
+    let mut a = vec!["-i", page.as_str()];
+    a.extend_from_slice(&target);
+    ok(env.restore_cmd(&fdir, &a), "full restore");
+    let want = started_dump(&env, &fdir, "full", false);
+    assert!(!want.contains("after_page"));
+    std::fs::remove_dir_all(&fdir).unwrap();
+
+    let run_lsn = |dir: &Path| {
+        let mut a = vec!["-i", page.as_str()];
+        a.extend_from_slice(&target);
+        let out = ok(incremental(&env, dir, "lsn", &a), "lsn roll-back");
+        eprintln!("{}", out.trim());
+        out.lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .to_string()
+    };
+    let pdir = env.pg.data.clone();
+    assert_eq!(run_lsn(&pdir), "wal-index");
+    same_dump(
+        &started_dump(&env, &pdir, "lsn-back", true),
+        &want,
+        "roll-back by the wal-index route",
+    );
+    // the page scan: the checkpoint's segment gone from pg_wal
+    let d = env.path("scan");
+    cp_a(&image, &d);
+    let ctl = run_ok(env.pg.cmd("pg_controldata").arg("-D").arg(&d));
+    let redo_wal = ctl
+        .lines()
+        .find(|l| l.starts_with("Latest checkpoint's REDO WAL file:"))
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    std::fs::remove_file(d.join("pg_wal").join(&redo_wal)).unwrap();
+    assert_eq!(run_lsn(&d), "page-scan");
+    same_dump(
+        &started_dump(&env, &d, "scan-back", false),
+        &want,
+        "roll-back by the page scan",
+    );
+}
