@@ -146,6 +146,15 @@ fn lsn_restore_by_the_destinations_wal_index() {
         "postgres",
         "create table only_on_old_primary as select 1 as i",
     );
+    // forks replaced, dropped and truncated, a database created and one dropped: those
+    // files get the page scan (or are not in the backup), inside the wal-index route
+    env.pg.psql("postgres", "truncate pgbench_history");
+    env.pg
+        .psql("postgres", "delete from pgbench_tellers where tid > 10");
+    env.pg.psql("postgres", "vacuum pgbench_tellers");
+    env.pg.psql("postgres", "create database extra");
+    env.pg.psql("postgres", "drop database extra");
+    env.pg.psql("postgres", "create database extra2");
     env.switch_and_wait(&env.pg);
     env.pg
         .psql("postgres", "alter system set archive_command = 'false'");
