@@ -465,6 +465,14 @@ pub fn run_restore(a: RestoreArgs) -> Result<i32> {
     }
     let rep = crate::restore::power::restore_with(&catalog, &a.instance.instance, &opts, &power)?;
     if power.incremental.is_some() {
+        // lsn mode's route first, on a line of its own (the detail is in the log and in
+        // `--plan`)
+        if let Some(r) = &rep.lsn_route {
+            println!(
+                "lsn route {} ({} blocks kept without reading the destination; {} bytes of the destination read)",
+                r.route, rep.blocks_kept_unread, rep.dest_bytes_read
+            );
+        }
         println!(
             "backup {} restored incrementally ({}) into \"{}\": {} of {} bytes written, {} files removed, {} blocks kept unread",
             rep.backup_id,

@@ -11,8 +11,9 @@
 //!   incremental files) is rebuilt from the chain as a fresh restore would and compared
 //!   block by block.
 //! - **lsn**: the destination and the chain share their history up to a divergence point
-//!   X (where their timeline histories part, or the destination's end of WAL, whichever is
-//!   lower). A destination page that passes its data checksum and whose LSN is below X
+//!   X (where their timeline histories part, the destination's end of WAL, or the newest
+//!   backup's start, whichever is lowest: a destination ahead of the chain on the same
+//!   history, rolled back, holds newer pages than the chain's). A destination page that passes its data checksum and whose LSN is below X
 //!   holds what the source held at X. A block that the chain takes from a backup that
 //!   started at or before X was not changed between that backup's start and the newest
 //!   backup's start (else a newer backup would hold it), so the destination's page is the
@@ -22,6 +23,14 @@
 //!   checksum mode.
 //!   WAL replay from the newest backup's redo point then restores every block changed
 //!   after it (full-page writes).
+//!
+//!   The **wal-index route** ([`super::destwal`]) does without reading the destination: when
+//!   it archived its WAL into the same catalog instance, the blocks it changed after X are
+//!   named by the block indexes of that WAL (and of the segments only in its pg_wal,
+//!   decoded here). Blocks of trusted sources that it does not name are kept unread; named
+//!   ones are written from the FULL, and newer backups' blocks written, both unread.
+//!   Visibility-map forks are compared whole; a fork created, dropped or truncated after X
+//!   gets the page scan. Anything [`super::destwal::decide`] cannot prove is the page scan.
 //!
 //! Every check runs before the first write ([`preflight`]). Then `global/pg_control` is
 //! removed first, and written last, so a crash mid-way leaves a directory PostgreSQL
@@ -46,6 +55,8 @@ use crate::durable::{self, Replace};
 use crate::error::{Error, IoContext, Result};
 use crate::format::blockcrc::FileCrcs;
 use crate::format::manifest::{FileEntry, Storage};
+use crate::index::merge::ChangeMap;
+use crate::index::{BlockSet, RelFork};
 use crate::pgcontrol::ControlFile;
 use crate::progress::Progress;
 use crate::types::{Lsn, TimeLineId};
@@ -87,6 +98,9 @@ pub struct Preflight {
     pub checks: Vec<Check>,
     /// lsn mode: the divergence point.
     pub divergence: Option<Lsn>,
+    /// lsn mode, once the checks passed: keep blocks by the destination's WAL index, or by
+    /// reading every page ([`super::destwal::decide`]).
+    pub route: Option<super::destwal::Route>,
 }
 
 impl Preflight {
@@ -316,7 +330,10 @@ pub fn preflight(
             let contains =
                 ds.iter().any(|s| s.0 == newest.timeline) || cs.iter().any(|s| s.0 == dest_tli);
             let end = control.checkpoint.max(control.min_recovery_point);
-            let x = Lsn(divergence(&ds, &cs).0.min(end.0));
+            // never past the newest backup's start: a destination ahead of it on the same
+            // history (a roll-back) holds pages newer than the chain's, which recovery to a
+            // target before them could not undo
+            let x = Lsn(divergence(&ds, &cs).0.min(end.0).min(newest.start_lsn.0));
             if contains {
                 p.divergence = Some(x);
             }
@@ -376,6 +393,8 @@ struct Compare<'a> {
     wb_bytes: u64,
     /// Where writeback is started (none: here, in the caller's thread).
     flusher: Option<&'a Flusher>,
+    /// Counts the bytes of the destination read.
+    counter: Option<&'a AtomicU64>,
 }
 
 /// Starts the writeback of written ranges in a thread of its own. `sync_file_range`
@@ -440,6 +459,7 @@ impl Compare<'_> {
     ) -> Compare<'a> {
         Compare {
             flusher,
+            counter: None,
             file,
             dest,
             dest_len,
@@ -475,6 +495,9 @@ impl Compare<'_> {
             self.file
                 .read_exact_at(&mut self.scratch[..n], off)
                 .ctx("read", self.dest)?;
+            if let Some(c) = self.counter {
+                c.fetch_add(n as u64, Ordering::Relaxed);
+            }
         }
         Ok(n)
     }
@@ -607,6 +630,13 @@ struct LsnSink<'a, 'o> {
     /// The FULL the needed blocks will be read from: they are asked for as soon as found,
     /// so the reads run while the scan goes on.
     full: Option<(&'o rebuild::Obj, u64)>,
+    /// wal-index route: the blocks of this file the destination changed after the
+    /// divergence point; the others below `trusted_cap` are kept without reading them.
+    changed: Option<&'o BlockSet>,
+    /// Whole blocks the destination's file has.
+    dest_blocks: u32,
+    /// Blocks kept without reading the destination.
+    unread: u64,
 }
 
 impl LsnSink<'_, '_> {
@@ -614,7 +644,8 @@ impl LsnSink<'_, '_> {
     fn hint(&self, from: usize) {
         let Some((obj, size)) = self.full else { return };
         let bs = self.cmp.bs as u64;
-        for (b, n) in spans(&self.needed[from..], (DEST_READ as u64 / bs).max(1) as u32) {
+        let max = (DEST_READ as u64 / bs).max(1) as u32;
+        for (b, n) in spans_with(&self.needed[from..], max, full_gap(self.changed.is_some())) {
             let off = b as u64 * bs;
             if off < size {
                 obj.will_need(off, (n as u64 * bs).min(size - off));
@@ -626,6 +657,21 @@ impl LsnSink<'_, '_> {
     /// page is whole, valid and older than the divergence point, else listed in `needed`.
     /// The destination is read in long pieces.
     fn check_run(&mut self, first: u32, n: u32) -> Result<()> {
+        if let Some(changed) = self.changed {
+            // wal-index route: what the destination's WAL names, or what it does not have,
+            // comes from the chain; the rest is kept unread
+            let from = self.needed.len();
+            for b in first..first.saturating_add(n) {
+                if b >= self.dest_blocks || changed.contains(b) {
+                    self.needed.push(b);
+                } else {
+                    self.kept += 1;
+                    self.unread += 1;
+                }
+            }
+            self.hint(from);
+            return Ok(());
+        }
         let bs = self.cmp.bs;
         let per = (DEST_READ / bs).max(1) as u32;
         let mut b = first;
@@ -658,7 +704,14 @@ impl LsnSink<'_, '_> {
 
 impl Sink for LsnSink<'_, '_> {
     fn put(&mut self, data: &[u8], off: u64) -> Result<()> {
-        self.cmp.sync(data, off)
+        if self.changed.is_some() {
+            // wal-index route: a newer backup's block is the result's; the destination's
+            // block (what the shared history held at X, or what the destination changed)
+            // almost never equals it, so it is written without reading the destination
+            self.cmp.write(data, off)
+        } else {
+            self.cmp.sync(data, off)
+        }
     }
 
     fn zeros(&mut self, first: u32, n: u32) -> Result<()> {
@@ -687,6 +740,12 @@ pub struct Outcome {
     /// Blocks kept without reading the backup (lsn mode; checksum mode with block
     /// checksums).
     pub blocks_kept: u64,
+    /// lsn mode, wal-index route: blocks kept without reading the destination either.
+    pub blocks_kept_unread: u64,
+    /// Bytes of existing destination files read.
+    pub dest_bytes_read: u64,
+    /// lsn mode: the route taken and why.
+    pub route: Option<super::destwal::RouteReport>,
 }
 
 /// Runs the in-place restore of the chain's files; `dry` only counts.
@@ -706,6 +765,10 @@ pub(super) struct InPlace<'a> {
     pub created: AtomicU64,
     /// Checksum mode: the chain's block checksums, where its backups have them.
     pub crcs: Option<ChainCrcs>,
+    /// lsn mode, wal-index route: what the destination changed after the divergence point.
+    pub changes: Option<&'a ChangeMap>,
+    pub kept_unread: AtomicU64,
+    pub dest_read: AtomicU64,
 }
 
 impl InPlace<'_> {
@@ -762,7 +825,11 @@ impl InPlace<'_> {
         let plan = self.r.plan(e)?;
         let bs = plan.block_size as usize;
         let dest_len = md.len();
-        let mk = || Compare::new(&file, &dest, dest_len, bs, self.dry, Some(fl));
+        let mk = || {
+            let mut c = Compare::new(&file, &dest, dest_len, bs, self.dry, Some(fl));
+            c.counter = Some(&self.dest_read);
+            c
+        };
         let final_len = match plan.shape {
             Shape::Blocks(n) => n as u64 * bs as u64,
             Shape::Copy => e.size,
@@ -770,9 +837,27 @@ impl InPlace<'_> {
         // FSM pages change without WAL (their LSN says nothing): compared like any file
         let rel = relfile::rel_file(&e.path).filter(|r| r.fork.fork != crate::index::FSM_FORKNUM);
         let written = match (self.mode, self.x, rel) {
+            // wal-index route: a VM page's bits are cleared by heap records that (before
+            // PostgreSQL 18.6) do not reference it: rebuilt and compared whole (small)
+            (IncrementalMode::Lsn, Some(_), Some(rf))
+                if self.changes.is_some() && rf.fork.fork == crate::index::VM_FORKNUM =>
+            {
+                self.compare_all(&plan, &mk, &dest)?
+            }
             (IncrementalMode::Lsn, Some(x), Some(rf)) if final_len % bs as u64 == 0 => {
                 let first_block = relfile::segment_first_block(rf.segno, self.relseg_size);
-                self.lsn_file(&plan, &mk, x, first_block, &dest)?
+                // wal-index route: the file's changed blocks, unless the fork was created,
+                // dropped or truncated, or its database created or dropped after the
+                // divergence point (then every page is checked, as in the page scan)
+                let fc = self
+                    .changes
+                    .map(|m| m.blocks_for_file(&rf.fork, rf.segno, self.relseg_size));
+                let changed = fc.as_ref().and_then(|fc| {
+                    let moved = fork_replaced(self.changes, &rf.fork);
+                    (!fc.whole && fc.limit.is_none() && !moved).then_some(&fc.blocks)
+                });
+                let dest_blocks = (dest_len / bs as u64).min(u32::MAX as u64) as u32;
+                self.lsn_file(&plan, &mk, x, first_block, &dest, changed, dest_blocks)?
             }
             (IncrementalMode::Checksum, _, _) => match self.crc_sources(&plan, e) {
                 Some(lists) => self.checksum_file(&plan, &lists, &mk, final_len)?,
@@ -940,6 +1025,7 @@ impl InPlace<'_> {
     /// chunk reads its part of the destination in long reads, keeps the pages it may keep,
     /// asks for the FULL's blocks of the others as it finds them (readahead hints, so those
     /// random reads run during the scan) and, at its end, reads, checks and writes them.
+    #[allow(clippy::too_many_arguments)]
     fn lsn_file<'f>(
         &self,
         plan: &rebuild::Plan,
@@ -947,6 +1033,8 @@ impl InPlace<'_> {
         x: Lsn,
         first_block: u64,
         dest: &Path,
+        changed: Option<&BlockSet>,
+        dest_blocks: u32,
     ) -> Result<u64> {
         let trusted = |s: &rebuild::Source| self.start_of.get(&s.backup).is_some_and(|&l| l <= x);
         let split = plan
@@ -981,13 +1069,20 @@ impl InPlace<'_> {
             needed: Vec::new(),
             kept: 0,
             full: full.map(|(s, o)| (o, s.size)),
+            changed,
+            dest_blocks,
+            unread: 0,
         };
         // the end of a chunk: the needed blocks from the FULL, or listed for a rebuild
+        let unread = AtomicU64::new(0);
         let done = |mut s: LsnSink<'f, '_>| -> Result<(u64, u64, Vec<u32>)> {
             if let Some((src, obj)) = full {
-                fetch_blocks(src, obj, &s.needed, first_block, &mut s.cmp)?;
+                // wal-index route: the changed blocks are written without reading them
+                let compare = s.changed.is_none();
+                fetch_blocks(src, obj, &s.needed, first_block, &mut s.cmp, compare)?;
                 s.needed.clear();
             }
+            unread.fetch_add(s.unread, Ordering::Relaxed);
             Ok((s.cmp.written, s.kept, s.needed))
         };
         let threads = self.scan_threads();
@@ -1021,6 +1116,8 @@ impl InPlace<'_> {
         self.kept
             .fetch_add(res.iter().map(|r| r.1).sum(), Ordering::Relaxed);
         if res.iter().all(|r| r.2.is_empty()) {
+            self.kept_unread
+                .fetch_add(unread.load(Ordering::Relaxed), Ordering::Relaxed);
             return Ok(written);
         }
         // needed blocks and no single plain FULL: rebuild the whole file as checksum mode
@@ -1080,6 +1177,15 @@ impl InPlace<'_> {
             None => Ok(()),
         }
     }
+}
+
+/// Whether the fork was created, dropped or truncated after the divergence point (a new
+/// relfilenode reusing a number, a drop and re-creation, pages cut and re-extended with
+/// zeros that WAL does not show): its pages are then each checked, as in the page scan.
+fn fork_replaced(changes: Option<&ChangeMap>, key: &RelFork) -> bool {
+    changes
+        .and_then(|m| m.fork(key))
+        .is_some_and(|f| f.created || f.dropped || f.limit_block.is_some())
 }
 
 /// Files smaller than this are restored first, [`SMALL_THREADS`] at a time.
@@ -1413,6 +1519,7 @@ fn fetch_blocks(
     needed: &[u32],
     first_block: u64,
     cmp: &mut Compare<'_>,
+    compare: bool,
 ) -> Result<()> {
     let bs = cmp.bs as u32;
     let in_full = |b: u32| (b as u64 + 1) * bs as u64 <= src.size;
@@ -1423,7 +1530,8 @@ fn fetch_blocks(
     }
     let needed = &needed[..split];
     let mut buf: Vec<u8> = Vec::new();
-    for ((b, n), runs) in reads(needed, (DEST_READ / bs as usize).max(1) as u32) {
+    let max = (DEST_READ / bs as usize).max(1) as u32;
+    for ((b, n), runs) in reads_with(needed, max, full_gap(!compare)) {
         let len = n as usize * bs as usize;
         if buf.len() < len {
             buf.resize(len, 0);
@@ -1443,10 +1551,26 @@ fn fetch_blocks(
                     )));
                 }
             }
-            cmp.sync(data, first as u64 * bs as u64)?;
+            if compare {
+                cmp.sync(data, first as u64 * bs as u64)?;
+            } else {
+                cmp.write(data, first as u64 * bs as u64)?;
+            }
         }
     }
     Ok(())
+}
+
+/// Blocks of the FULL read in one piece across a gap of up to this many: [`SPAN_GAP`] in
+/// the page scan (whose needed blocks come in dense runs), none in the wal-index route: its
+/// changed blocks are scattered (5% of a table's pages, at random, had spans bridging most
+/// of the file), all hinted at once, then read one run each.
+fn full_gap(wal_index: bool) -> u32 {
+    if wal_index {
+        0
+    } else {
+        SPAN_GAP
+    }
 }
 
 /// Ranges `(source, offset, length)` in their order, those of a source that continue its
@@ -1481,6 +1605,7 @@ type Run = (u32, u32);
 
 /// [`spans`] of `needed`, each with the runs of consecutive needed blocks inside it (a run
 /// never crosses the end of its span).
+#[cfg(test)]
 fn reads(needed: &[u32], max: u32) -> Vec<(Run, Vec<Run>)> {
     reads_with(needed, max, SPAN_GAP)
 }
@@ -1512,6 +1637,7 @@ const SPAN_GAP: u32 = 16;
 /// The ascending blocks `v` as spans `(first, count)` to read at once: a span takes the next
 /// block while the gap to it is at most [`SPAN_GAP`] and the span stays within `max`
 /// blocks.
+#[cfg(test)]
 fn spans(v: &[u32], max: u32) -> Vec<(u32, u32)> {
     spans_with(v, max, SPAN_GAP)
 }

@@ -19,6 +19,7 @@
 //! [`safepath::create_dirs_under`] (no link followed below the root), files under a fresh
 //! exclusive temp name renamed (or linked) into place, so a link is never written through.
 
+pub mod destwal;
 pub mod dirs;
 pub mod incremental;
 pub mod partial;
@@ -1472,6 +1473,9 @@ mod chain_tests {
                         rewritten: Default::default(),
                         created: Default::default(),
                         crcs: Some(crcs),
+                        changes: None,
+                        kept_unread: Default::default(),
+                        dest_read: Default::default(),
                     };
                     ip.sync_files(&[&e2], 2).unwrap();
                     let got = std::fs::read(t.join("base/5/100")).unwrap();

@@ -41,6 +41,12 @@ pub struct RestoreReport {
     /// Blocks kept without reading the backup (lsn mode; checksum mode with block
     /// checksums).
     pub blocks_kept: u64,
+    /// lsn mode, wal-index route: blocks kept without reading the destination either.
+    pub blocks_kept_unread: u64,
+    /// Bytes of existing destination files read.
+    pub dest_bytes_read: u64,
+    /// lsn mode: the route taken (wal-index or page-scan) and why.
+    pub lsn_route: Option<super::destwal::RouteReport>,
     pub excluded_databases: Vec<u32>,
 }
 
@@ -88,15 +94,24 @@ fn plan_all<'a>(
     let pf = match p.incremental {
         Some(mode) => {
             pl.clear_target = false;
-            let history = WalArchive::open(catalog, instance)
-                .and_then(|a| a.timeline_history(newest.timeline));
-            Some(incremental::preflight(
+            let archive = WalArchive::open(catalog, instance);
+            let history = match &archive {
+                Ok(a) => a.timeline_history(newest.timeline),
+                Err(e) => Err(Error::new(e.kind(), e.to_string())),
+            };
+            let mut pf = incremental::preflight(
                 &pl.target,
                 newest,
                 mode,
                 history,
                 !pl.tablespaces.is_empty(),
-            ))
+            );
+            // lsn mode: the route, decided before any write (X is never past the newest
+            // backup's start: see the preflight)
+            if let (IncrementalMode::Lsn, true, Some(x)) = (mode, pf.passed(), pf.divergence) {
+                pf.route = Some(super::destwal::decide(&pl.target, archive.as_ref().ok(), x));
+            }
+            Some(pf)
         }
         None => None,
     };
@@ -134,6 +149,7 @@ pub fn restore_with(
                 &opts.progress,
                 mode,
                 pf.divergence,
+                pf.route.as_ref(),
             )?;
             Ok(RestoreReport {
                 backup_id: id,
@@ -142,6 +158,9 @@ pub fn restore_with(
                 bytes_total: out.bytes_total,
                 files_removed: out.files_removed,
                 blocks_kept: out.blocks_kept,
+                blocks_kept_unread: out.blocks_kept_unread,
+                dest_bytes_read: out.dest_bytes_read,
+                lsn_route: out.route,
                 excluded_databases,
             })
         }
@@ -154,6 +173,9 @@ pub fn restore_with(
                 bytes_total: total,
                 files_removed: 0,
                 blocks_kept: 0,
+                blocks_kept_unread: 0,
+                dest_bytes_read: 0,
+                lsn_route: None,
                 excluded_databases,
             })
         }
@@ -176,6 +198,7 @@ pub(super) fn create_sparse(r: &Restorer<'_>, files: &[&FileEntry]) -> Result<()
 
 /// The in-place execute phase of an incremental restore (see incremental.rs); with
 /// `settings` `None`, a dry run that only counts.
+#[allow(clippy::too_many_arguments)]
 fn execute_in_place(
     catalog: &Catalog,
     plan: Plan<'_>,
@@ -184,6 +207,7 @@ fn execute_in_place(
     progress: &Arc<dyn Progress>,
     mode: IncrementalMode,
     divergence: Option<Lsn>,
+    route: Option<&super::destwal::Route>,
 ) -> Result<Outcome> {
     incremental::phase("in-place restore begins");
     let dry = settings.is_none();
@@ -234,6 +258,9 @@ fn execute_in_place(
         rewritten: AtomicU64::new(0),
         created: AtomicU64::new(0),
         crcs,
+        changes: route.and_then(|r| r.changes()),
+        kept_unread: AtomicU64::new(0),
+        dest_read: AtomicU64::new(0),
     };
     let fs_sync = if dry {
         None
@@ -263,6 +290,9 @@ fn execute_in_place(
         files_created: ip.created.load(Ordering::Relaxed),
         files_removed: removed,
         blocks_kept: ip.kept.load(Ordering::Relaxed),
+        blocks_kept_unread: ip.kept_unread.load(Ordering::Relaxed),
+        dest_bytes_read: ip.dest_read.load(Ordering::Relaxed),
+        route: route.map(Into::into),
     };
     let Some(settings) = settings else {
         progress.finish();
@@ -287,14 +317,17 @@ fn execute_in_place(
     progress.finish();
     out.bytes_written = out.bytes_written.max(pc.size);
     log::info!(
-        "incremental restore ({mode}) of {}: {} of {} bytes written, {} files rewritten, {} created, {} removed, {} blocks kept unread",
+        "incremental restore ({mode}{}) of {}: {} of {} bytes written, {} files rewritten, {} created, {} removed, {} blocks kept without reading the backup, {} of them without reading the destination; {} bytes of the destination read",
+        route.map(|r| format!(", route {}", r.name())).unwrap_or_default(),
         newest.id,
         out.bytes_written,
         out.bytes_total,
         out.files_rewritten,
         out.files_created,
         out.files_removed,
-        out.blocks_kept
+        out.blocks_kept,
+        out.blocks_kept_unread,
+        out.dest_bytes_read
     );
     Ok(out)
 }
@@ -366,6 +399,8 @@ pub struct PlanReport {
     pub recovery_target: Option<TargetPlan>,
     pub wal: Vec<SegmentPlan>,
     pub checks: Vec<Check>,
+    /// lsn mode: the route an lsn-mode restore would take (wal-index or page-scan) and why.
+    pub lsn_route: Option<super::destwal::RouteReport>,
 }
 
 fn check(name: &str, ok: bool, detail: impl Into<String>) -> Check {
@@ -400,6 +435,7 @@ pub fn plan_report(
         recovery_target: None,
         wal: Vec::new(),
         checks: Vec::new(),
+        lsn_route: None,
     };
     let list = meta::list(catalog, instance)?;
     let (pl, excluded, pf) = match plan_all(catalog, instance, &list, opts, p) {
@@ -470,6 +506,10 @@ pub fn plan_report(
     if let Some(pf) = &pf {
         rep.checks.extend(pf.checks.iter().cloned());
         ok &= pf.passed();
+        if let Some(r) = &pf.route {
+            rep.lsn_route = Some(r.into());
+            rep.checks.push(check("lsn route", true, r.detail()));
+        }
     }
     // the WAL and the target, before `pl` is consumed
     wal_plan(catalog, instance, newest, &opts.recovery.target, &mut rep);
@@ -477,7 +517,16 @@ pub fn plan_report(
     match (p.incremental, pf) {
         (Some(mode), Some(pf)) if pf.passed() => {
             let progress: Arc<dyn Progress> = Arc::new(crate::progress::NoProgress);
-            match execute_in_place(catalog, pl, None, opts.jobs, &progress, mode, pf.divergence) {
+            match execute_in_place(
+                catalog,
+                pl,
+                None,
+                opts.jobs,
+                &progress,
+                mode,
+                pf.divergence,
+                pf.route.as_ref(),
+            ) {
                 Ok(out) => {
                     rep.bytes_to_write = out.bytes_written;
                     rep.files_to_remove = out.files_removed;

@@ -33,6 +33,7 @@ mod replication;
 mod restore_hardening;
 mod restore_incremental;
 mod restore_incremental_crc;
+mod restore_lsn_index;
 mod restore_partial;
 mod restore_partial_hardening;
 mod restore_plan_time;
