@@ -139,6 +139,10 @@
 #   the destination alone 0.425x, deep read 0.385x: lsn mode is now below the read floor
 #   of every scanning design. Before the run-by-run reads (same setup, busier machine):
 #   lsn 0.37x (622-738 ms); before the wal-index route (page scan of the same image) 0.66x.
+# On main after the merge (14:40 UTC, release build with one codegen unit, quiet machine, 3
+# rounds): full 1758 / 1155 / 1121 ms, checksum 770 / 698 / 659, lsn 644 / 371 / 364 (route
+# wal-index each time, 84.0k blocks kept unread, 4.2 MB of the destination read): medians
+# lsn 0.324x, checksum 0.588x, cold read 0.403x, deep read 0.354x.
 # The 0.2x target is NOT met: from RUST_LOG=walnut=debug, of ~400 ms: ~35 ms start-up and
 # plan (the route decision included: 16 MiB of the copy's pg_wal decoded), ~30 ms removals,
 # ~60-90 ms the ~975 small files (a cold stat and open each), ~170 ms the big files
