@@ -78,7 +78,9 @@ pub(super) fn bytes_written(out: &str) -> (u64, u64) {
     (w[0].parse().unwrap(), w[2].parse().unwrap())
 }
 
-fn check_clean(pg: &mut Pg, what: &str) {
+/// pg_amcheck (heapallindexed) on the running `pg`, then stops it and runs pg_checksums:
+/// both must be clean.
+pub(super) fn check_clean(pg: &mut Pg, what: &str) {
     let out = run(pg
         .client("pg_amcheck")
         .arg("--all")

@@ -52,26 +52,9 @@ fn started_dump(env: &Env, dir: &Path, name: &str, check: bool) -> String {
     wait_promoted(&r);
     let dump = Env::dumpall(&r);
     if check {
-        let out = run(r
-            .client("pg_amcheck")
-            .arg("--all")
-            .arg("--install-missing")
-            .arg("--heapallindexed"));
-        assert!(
-            out.status.success(),
-            "{name}: pg_amcheck: {}{}",
-            stdout(&out),
-            stderr(&out)
-        );
-    }
-    r.stop();
-    if check {
-        let out = run(r.cmd("pg_checksums").arg("--check").arg("-D").arg(&r.data));
-        assert!(
-            out.status.success(),
-            "{name}: pg_checksums: {}",
-            stderr(&out)
-        );
+        super::restore_incremental::check_clean(&mut r, name);
+    } else {
+        r.stop();
     }
     dump
 }
