@@ -154,24 +154,33 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 : "${BENCH:=$REPO/../shared/bench}"
 . "$BENCH/common.sh"
-: "${SCALE:=50}" "${JOBS:=2}" "${PORT:=56446}" "${ROUNDS:=3}"
-# ~5% of pgbench_accounts' pages (about 1640 per scale unit) on each side
-: "${TX:=$(( SCALE * 1640 / 20 ))}"
+: "${SCALE:=100}" "${JOBS:=2}" "${PORT:=56446}" "${ROUNDS:=3}"
+# the old copy changes ~5% of the database's pages (pgbench -t TX: each transaction changes a
+# random page of pgbench_accounts, and often a leaf of its primary key); the source moves on
+# by SRC_TX transactions before the PAGE ("a later PAGE"; SRC_TX=$TX doubles what differs)
+: "${TX:=$(( SCALE * 55 ))}"
+: "${SRC_TX:=$(( TX / 10 ))}"
 mkdir -p "$RESULTS_DIR"
 RESULTS_FILE=$RESULTS_DIR/bench_restore_incremental.tsv; : > "$RESULTS_FILE"
-B=$PG15_BIN; P=$LIMITS_ROOT/pg15ri; X=$LIMITS_ROOT/ri; CAT=$X/cat
+B=$PG15_BIN; P=$LIMITS_ROOT/pg15ri$SCALE; X=$LIMITS_ROOT/ri$SCALE; CAT=$X/cat
 PGBR_DIR=$X/pgbr; CONF=$PGBR_DIR/pgbackrest.conf
 
 (cd "$REPO" && cargo build --release -q)
 BIN=$LIMITS_ROOT/walnut-bin-ri
 mkdir -p "$BIN"
 cp "$REPO"/target/release/{walnut,walnut-archive,walnut-fetch} "$BIN/"
+# stripped, as contrib/install.sh installs them (the debug information made each cold start
+# ~13 ms slower, a constant in every walnut step)
+strip "$BIN"/* 2>/dev/null || echo "(warn: strip failed; binaries keep their debug information)" >&2
 chmod 755 "$BIN" "$BIN"/*
+# walnut runs as the postgres OS user through setpriv: runuser's PAM session cost ~16 ms cold
+# in every step (pgBackRest's steps keep as_pg: it needs the login environment)
+RUNPG=(setpriv --reuid="$PG_OS_USER" --regid="$PG_OS_USER" --init-groups)
 
 # REUSE=1: keep the catalog, the old-copy image and the backups of an earlier run (KEEP=1)
 if [ -n "${REUSE:-}" ] && [ -f "$X/ids" ] && [ -d "$X/image" ]; then
   read -r FULL PAGE < "$X/ids"
-  W() { as_pg "$BIN/walnut" "$@"; }
+  W() { "${RUNPG[@]}" "$BIN/walnut" "$@"; }
   PGBR="$PGBACKREST --config=$CONF --stanza=ri"
 else
 pg_stop "$B" "$P"
@@ -179,7 +188,7 @@ for d in "$X"/copy "$X"/r-*; do [ -d "$d" ] && pg_stop "$B" "$d"; done
 rm -rf "$P" "$X"; mkdir -p "$P" "$X" "$PGBR_DIR"/{repo,log,lock,spool} "$SOCK_DIR"
 chown -R "$PG_OS_USER:" "$P" "$X" "$SOCK_DIR"
 pgx "$B" initdb -k -D "$P" -A trust -U postgres >/dev/null
-W() { as_pg "$BIN/walnut" "$@"; }
+W() { "${RUNPG[@]}" "$BIN/walnut" "$@"; }
 W init -B "$CAT"
 W add-instance -B "$CAT" --instance bench -D "$P"
 cat > "$CONF" <<CONF
@@ -228,7 +237,7 @@ pg_stop "$B" "$X/copy"
 mv "$X/copy" "$X/image"
 
 # the source moves on
-pgx "$B" pgbench "${CONN[@]}" -n -t "$TX" postgres > "$X/run.log" 2>&1
+pgx "$B" pgbench "${CONN[@]}" -n -t "$SRC_TX" postgres > "$X/run.log" 2>&1
 PAGE=$(W backup -B "$CAT" --instance bench -b page -j "$JOBS" "${CONN[@]}" 2> "$X/page.log")
 as_pg $PGBR --type=incr --process-max="$JOBS" --compress-type=none backup
 q "select pg_switch_wal()" >/dev/null
@@ -263,6 +272,11 @@ for r in $(seq 1 "$ROUNDS"); do
   LSN_MS=$(timed walnut_lsn W restore -B "$CAT" --instance bench -i "$PAGE" -D "$X/r-lsn" -j "$JOBS" --incremental-mode lsn)
   rm -rf "$X/r-lsn"
   cat "$X/walnut_checksum.out" "$X/walnut_lsn.out"
+  # what differs: the blocks the old copy's WAL names, and all written, as shares of the total
+  CHG=$(sed -n 's/.* names .* and \([0-9]*\) blocks changed .*/\1/p' "$X/walnut_lsn.log" | head -1)
+  read -r WR TOT < <(sed -n 's/.*: \([0-9]*\) of \([0-9]*\) bytes written.*/\1 \2/p' "$X/walnut_lsn.out" | head -1) || true
+  [ -n "$CHG" ] && [ -n "${TOT:-}" ] && awk -v c="$CHG" -v w="$WR" -v t="$TOT" 'BEGIN {
+    printf "changed by the old copy: %d blocks = %.1f%% of the %d restored; written %.1f%%\n", c, 100 * c * 8192 / t, t / 8192, 100 * w / t }' >&2
   rm -rf "$X/r-pgbr"; mkdir -p "$X/r-pgbr"; chown "$PG_OS_USER:" "$X/r-pgbr"; chmod 700 "$X/r-pgbr"
   PF_MS=$(timed pgbr_full as_pg $PGBR --pg1-path="$X/r-pgbr" --process-max="$JOBS" restore)
   rm -rf "$X/r-pgbr"
@@ -280,7 +294,7 @@ for r in $(seq 1 "$ROUNDS"); do
   # BEFORE_BIN: the same two incremental restores with an older build, in the same round
   BC_MS=- BL_MS=-
   if [ -n "${BEFORE_BIN:-}" ]; then
-    WB() { as_pg "$BEFORE_BIN/walnut" "$@"; }
+    WB() { "${RUNPG[@]}" "$BEFORE_BIN/walnut" "$@"; }
     image "$X/r-cks"
     BC_MS=$(timed before_checksum WB restore -B "$CAT" --instance bench -i "$PAGE" -D "$X/r-cks" -j "$JOBS" --incremental-mode checksum)
     rm -rf "$X/r-cks"

@@ -414,6 +414,62 @@ impl StreamIndexer {
                 h.seg_size
             ))));
         }
+        self.begin_segment(segno, &h, &name)?;
+        self.decode_chunk(data, h.seg_size).map_err(ctx)?;
+        self.end_segment(segno, h.seg_size, &name)
+    }
+
+    /// [`Self::feed_segment`] reading the segment from `file` in pieces, and only as far
+    /// as its WAL goes: once the WAL ended (at the first invalid or zeroed record header,
+    /// as in a whole segment), the rest is not read. The result is the whole segment's: the
+    /// decoder never looks past where it stops. `file` must hold `seg_size` bytes.
+    pub fn feed_segment_file(
+        &mut self,
+        segno: u64,
+        file: &std::fs::File,
+        path: &std::path::Path,
+    ) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        const PIECE: usize = 1 << 20;
+        let mut buf = vec![0u8; PIECE];
+        let read = |buf: &mut [u8], off: u64| -> Result<()> {
+            file.read_exact_at(buf, off)
+                .map_err(|e| Error::io("read", path, e))
+        };
+        // the first piece holds the long header (a segment is at least 1 MiB)
+        read(&mut buf, 0)?;
+        let h = read_long_header(&buf)?;
+        let name = WalFileName::segment(self.tli, segno, h.seg_size).to_string();
+        let ctx = |e: Error| e.context(format!("WAL segment {name}"));
+        let seg_size = h.seg_size as u64;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io("stat", path, e))?
+            .len();
+        if len != seg_size || seg_size < PIECE as u64 {
+            return Err(ctx(Error::corruption(format!(
+                "file is {len} bytes, the segment size is {seg_size}"
+            ))));
+        }
+        self.begin_segment(segno, &h, &name)?;
+        let mut off = 0u64;
+        loop {
+            self.decode_chunk(&buf, h.seg_size).map_err(ctx)?;
+            off += PIECE as u64;
+            let ended = self.dec.as_ref().is_some_and(|d| d.end_of_wal().is_some());
+            if ended || off >= seg_size {
+                break;
+            }
+            let n = PIECE.min((seg_size - off) as usize);
+            buf.truncate(n);
+            read(&mut buf, off)?;
+        }
+        self.end_segment(segno, h.seg_size, &name)
+    }
+
+    /// The checks and set-up of a segment about to be decoded (see [`Self::feed_segment`]).
+    fn begin_segment(&mut self, segno: u64, h: &LongPageHeader, name: &str) -> Result<()> {
+        let ctx = |e: Error| e.context(format!("WAL segment {name}"));
         if h.segno() != segno {
             return Err(ctx(Error::corruption(format!(
                 "file holds segment {} (page address {}), not {segno}",
@@ -446,13 +502,18 @@ impl StreamIndexer {
             self.dec = None;
         }
         let seg_start = Lsn(segno * h.seg_size as u64);
-        let dec = self
-            .dec
+        self.dec
             .get_or_insert_with(|| WalStreamDecoder::new(seg_start));
-        self.open
-            .push_back(SegmentBuilder::new(&h, self.tli, segno));
+        self.open.push_back(SegmentBuilder::new(h, self.tli, segno));
         self.next_segno = Some(segno + 1);
-        let seg_size = h.seg_size;
+        Ok(())
+    }
+
+    /// Decodes the next bytes of the segment begun (errors without the segment's name).
+    fn decode_chunk(&mut self, data: &[u8], seg_size: u32) -> Result<()> {
+        let Some(dec) = self.dec.as_mut() else {
+            return Err(Error::invalid("no segment begun"));
+        };
         let seg_shift = seg_size.trailing_zeros();
         let open = &mut self.open;
         let stop = self.stop_after_segno;
@@ -478,7 +539,14 @@ impl StreamIndexer {
             }
             Ok(true)
         })
-        .map_err(ctx)?;
+    }
+
+    /// The end of a segment's bytes (see [`Self::feed_segment`]).
+    fn end_segment(&mut self, segno: u64, seg_size: u32, name: &str) -> Result<()> {
+        let ctx = |e: Error| e.context(format!("WAL segment {name}"));
+        let Some(dec) = self.dec.as_mut() else {
+            return Err(Error::invalid("no segment begun"));
+        };
         if let Some(end) = dec.end_of_wal() {
             if !end.reason.is_clean() {
                 return Err(ctx(Error::corruption(end.to_string())));

@@ -18,6 +18,7 @@
 //! carry the instance's system identifier, a timeline of the destination's history and
 //! its own page address, and decode without a gap up to and past the shutdown checkpoint.
 
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -270,9 +271,20 @@ fn try_decide(
                 continue;
             }
         }
-        let data = match &s.local {
-            Some(p) => std::fs::read(p).ctx("read", p)?,
-            None => archive.read(&s.name)?,
+        // a local segment is read only as far as its WAL goes: the last one, holding the
+        // shutdown checkpoint, mostly is not WAL (16 MiB read cold: ~15 ms of a restore)
+        let (file, data) = match &s.local {
+            Some(p) => {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(nix::libc::O_NOFOLLOW)
+                    .open(p)
+                    .ctx("open", p)?;
+                let mut head = vec![0u8; crate::wal::SIZE_OF_LONG_PHD];
+                f.read_exact_at(&mut head, 0).ctx("read", p)?;
+                (Some((f, p)), head)
+            }
+            None => (None, archive.read(&s.name)?),
         };
         let h = crate::wal::read_long_header(&data)?;
         if h.system_id != cfg.system_id {
@@ -288,7 +300,11 @@ fn try_decide(
             )));
         }
         let ix = indexer.get_or_insert_with(|| StreamIndexer::new(dest_tli));
-        if let Err(e) = ix.feed_segment(s.segno, &data) {
+        let fed = match &file {
+            Some((f, p)) => ix.feed_segment_file(s.segno, f, p),
+            None => ix.feed_segment(s.segno, &data),
+        };
+        if let Err(e) = fed {
             return Ok(Err(format!("decoding {}: {e}", s.name)));
         }
         decoded += 1;

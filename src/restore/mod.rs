@@ -1477,7 +1477,7 @@ mod chain_tests {
                         kept_unread: Default::default(),
                         dest_read: Default::default(),
                     };
-                    ip.sync_files(&[&e2], 2).unwrap();
+                    ip.sync_files(&[&e2], 2, &[]).unwrap();
                     let got = std::fs::read(t.join("base/5/100")).unwrap();
                     if dry {
                         assert_eq!(&got, dest, "dry run wrote ({ci}, {di})");

@@ -274,14 +274,16 @@ fn execute_in_place(
         durable::fsync_dir(&target.join("global"))?;
     }
     incremental::phase("checks done");
-    let removed = incremental::remove_extra(&target, &incremental::keep_set(&entries), dry)?;
+    let extra = incremental::list_extra(&target, &incremental::keep_set(&entries))?;
+    let removed = extra.len() as u64;
     if !dry {
         r.create_dirs(&entries)?;
     }
     progress.start(&format!("incremental restore {}", newest.id), total);
     let files = incremental::files(&entries);
-    incremental::phase("removed and created");
-    ip.sync_files(&files, jobs)?;
+    incremental::phase("listed and created");
+    // what the backup does not have is removed while the big files are restored
+    ip.sync_files(&files, jobs, &extra)?;
     incremental::phase("files done");
     let mut out = Outcome {
         bytes_written: ip.written.load(Ordering::Relaxed) + pc.size,

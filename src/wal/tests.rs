@@ -628,3 +628,63 @@ fn index_rules_for_special_records() {
     );
     assert!(ix.wal_level_minimal);
 }
+
+/// A segment read from its file in 1 MiB pieces, only as far as its WAL goes, indexes as
+/// the whole segment does: WAL ending in the first piece, in a later one (a record
+/// crossing a piece boundary), and filling the segment (continuing in the next one).
+#[test]
+fn segment_file_in_pieces_indexes_as_the_whole_segment() {
+    use std::io::Write;
+    const SEG4: u32 = 4 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, bytes: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::File::create(&p).unwrap().write_all(bytes).unwrap();
+        (std::fs::File::open(&p).unwrap(), p)
+    };
+    // records of 3000 bytes and 60 KiB: some cross the 1 MiB piece boundaries
+    for (case, n) in [("short", 5u32), ("crossing", 40), ("full", 150)] {
+        let mut w = SynthWal::new(PgVersion::V15, SEG4, PAGE, 2);
+        for i in 0..n {
+            w.push(&heap_rec(i, if i % 2 == 0 { 3000 } else { 60 << 10 }));
+        }
+        w.zero_to_segment_end();
+        let bytes = w.bytes().to_vec();
+        let segs: Vec<&[u8]> = bytes.chunks(SEG4 as usize).collect();
+        let mut whole = StreamIndexer::new(1);
+        let mut pieces = StreamIndexer::new(1);
+        for (k, seg) in segs.iter().enumerate() {
+            let segno = 2 + k as u64;
+            whole.feed_segment(segno, seg).unwrap();
+            let (f, p) = write(&format!("{case}-{k}"), seg);
+            pieces.feed_segment_file(segno, &f, &p).unwrap();
+            assert_eq!(whole.end_of_wal(), pieces.end_of_wal(), "{case} {k}");
+            // where the WAL ends within its segment: in the first piece, in a later one
+            let at = whole.end_of_wal().map(|e| e.lsn.0 % SEG4 as u64);
+            match case {
+                "short" => assert!(at.is_some_and(|a| a < 1 << 20), "{at:?}"),
+                "crossing" => assert!(at.is_some_and(|a| a > 1 << 20), "{at:?}"),
+                _ => {}
+            }
+            assert_eq!(whole.take_finished(), pieces.take_finished(), "{case} {k}");
+        }
+        let (a, b) = (whole.finish().unwrap(), pieces.finish().unwrap());
+        assert!(!a.is_empty(), "{case}");
+        assert_eq!(a, b, "{case}");
+        assert_eq!(
+            segs.len() > 1,
+            case == "full",
+            "{case}: {} segments",
+            segs.len()
+        );
+    }
+    // a file shorter than its segment is an error, never a short index
+    let mut w = SynthWal::new(PgVersion::V15, SEG4, PAGE, 2);
+    w.push(&heap_rec(1, 100));
+    w.zero_to_segment_end();
+    let (f, p) = write("short-file", &w.bytes()[..SEG4 as usize - 8192]);
+    let err = StreamIndexer::new(1)
+        .feed_segment_file(2, &f, &p)
+        .unwrap_err();
+    assert!(err.to_string().contains("segment size"), "{err}");
+}
