@@ -2,11 +2,14 @@
 # bench-restore-incremental.sh -- walnut incremental restore (checksum and lsn mode) against a
 # full restore of the same FULL+PAGE chain, beside pgBackRest restore --delta, on PG15.
 #   1. initdb -k, archive_command = walnut-archive && pgbackrest archive-push, pgbench -i -s $SCALE
+#      (the issue's 1.5 GB: SCALE=100, 1.59 GB restored)
 #   2. walnut FULL + pgBackRest full
 #   3. the FULL restored and run as a promoted copy (archiving into the same catalog
-#      instance with walnut-archive, as after a failover) that changes ~5% of
-#      pgbench_accounts' pages (pgbench -t $TX), stopped cleanly: the "old copy" image
-#   4. the source changes as much again; walnut PAGE + pgBackRest incr
+#      instance with walnut-archive, as after a failover) that changes ~5% of the
+#      database's pages (pgbench -t $TX; measured and printed: 5.4% at SCALE=100), stopped
+#      cleanly: the "old copy" image
+#   4. the source moves on (pgbench -t $SRC_TX, a tenth of TX: "a later PAGE"; SRC_TX=$TX
+#      doubles what differs); walnut PAGE + pgBackRest incr
 #   5. timed (page cache dropped, wait_quiet before each):
 #        walnut_full      walnut restore of the PAGE chain into an empty directory
 #        walnut_checksum  walnut restore --incremental-mode checksum over a copy of the image
@@ -14,8 +17,11 @@
 #        pgbr_full        pgbackrest restore of the incr into an empty directory
 #        pgbr_delta       pgbackrest restore --delta over a copy of the image
 #      Targets (issue 13): lsn <= 0.2x walnut_full, checksum <= 0.5x walnut_full.
-# Run:  bash contrib/bench-restore-incremental.sh  (env: SCALE=50, JOBS=2, PORT=56446, TX,
-#       ROUNDS=3; QUIET_MAX_WAIT caps the wait for an idle machine before each step)
+# Run:  bash contrib/bench-restore-incremental.sh  (env: SCALE=100, JOBS=2, PORT=56446, TX,
+#       SRC_TX, ROUNDS=3, RI_NAME; QUIET_MAX_WAIT caps the wait for an idle machine before
+#       each step). walnut runs stripped (as installed) through setpriv (see below).
+#       Measurements before 2026-11-30 16:00 UTC below used SCALE=50, TX=4100 on both sides
+#       (14% of the blocks differed), unstripped binaries and runuser.
 # Results: $LIMITS_ROOT/results/bench_restore_incremental.tsv
 # Also timed: dest_read_deep, the real floor (contrib/deepread.c: 16 readers, 32 MiB pieces,
 # 1 MiB reads, WILLNEED 256 MiB ahead); BEFORE_BIN=DIR times the two incremental restores
@@ -149,6 +155,37 @@
 # (62 MB of the FULL's scattered blocks read, 115 MB written), ~90 ms the final syncfs of
 # 14k scattered 8 KiB blocks. The writes alone (~0.08x here) and the fixed part (~0.1x)
 # leave no room for 0.2x on this VM with 10% of the data changed in all.
+# At the issue's size and change (2026-11-30 16:30 UTC, quiet machine, 7 rounds, REUSE of
+# one setup: SCALE=100 = 1.59 GB restored, the old copy's WAL names 10.5k blocks = 5.4% of
+# 194k, 5.9% of the bytes written; BEFORE_BIN = main's build, stripped, same rounds):
+#   round  full | checksum | lsn | pgBR full | delta | cold read | deep read | before: cks | lsn
+#   1      1909 | 960      | 327 | 2718      | 3604  | 879       | 738       | 1037        | 384
+#   2      1690 | 977      | 346 | 2721      | 2991  | 725       | 700       | 1107        | 351
+#   3      1736 | 955      | 325 | 2759      | 2698  | 718       | 675       | 989         | 356
+#   4      1665 | 924      | 321 | 2814      | 3473  | 773       | 727       | 1041        | 363
+#   5      1587 | 954      | 344 | 2481      | 3380  | 802       | 672       | 1151        | 409
+#   6      1760 | 990      | 347 | 2609      | 3098  | 766       | 720       | 1014        | 339
+#   7      1742 | 923      | 346 | 2393      | 2852  | 753       | 708       | 982         | 345
+#   median same-round ratios to walnut full: lsn 0.197x (0.171-0.217), main's build 0.205x;
+#   checksum 0.555x, main's 0.576x; cold read of the destination 0.435x, deep read 0.409x;
+#   pgBackRest delta 1.19x its own full, 1.77x walnut's full (lsn mode 9.0x faster than it, by medians).
+# The same with the source changing as much as the copy (RI_NAME=ri100x SRC_TX=5500: 10.2%
+# of the bytes written, 3 rounds): lsn 0.245x (426-488 ms against 1.84-2.00 s), checksum
+# 0.587x, deep read 0.346x.
+# What the new build changed in lsn mode's wal-index route (RUST_LOG=walnut=debug phases,
+# SCALE=100): files the index does not name, that no newer backup holds a block of and whose
+# length is right, are kept without opening them or any stored file (the ~975 small files:
+# 43 -> 27 ms); the segment holding the shutdown checkpoint is read only as far as its WAL
+# goes (planning 24 -> 10 ms: it read 16 MiB cold); the destination's extra files (its old
+# WAL segments: 128 MiB of unlinks, 20 ms) are removed beside the big files, and the small
+# files run beside them too (4 A/B pairs: ~8 ms less). Tried and dropped: reading the FULL's
+# blocks across gaps of up to 3 blocks (4 A/B pairs: no gain).
+# The floor: the lsn restore's ~10.5k random 8 KiB reads of the FULL and ~10k scattered
+# writes; this disk gives 57-69k random 8 KiB reads a second (32-128 threads of preads, or
+# WILLNEED hints), so those alone take ~300 ms of the ~330. Checksum mode must read the
+# whole destination (the mode compares every block): that read alone is 0.41-0.44x of a
+# full restore here, its ~94 MB of scattered writes ~0.05x more (syncfs 90-100 ms), and
+# start-up, plan and block checksums ~0.035x: its 0.5x target is below this VM's floor.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
@@ -162,7 +199,9 @@ REPO=$(cd "$HERE/.." && pwd)
 : "${SRC_TX:=$(( TX / 10 ))}"
 mkdir -p "$RESULTS_DIR"
 RESULTS_FILE=$RESULTS_DIR/bench_restore_incremental.tsv; : > "$RESULTS_FILE"
-B=$PG15_BIN; P=$LIMITS_ROOT/pg15ri$SCALE; X=$LIMITS_ROOT/ri$SCALE; CAT=$X/cat
+# RI_NAME: the setup's directory below LIMITS_ROOT (one per scale by default)
+: "${RI_NAME:=ri$SCALE}"
+B=$PG15_BIN; P=$LIMITS_ROOT/pg15$RI_NAME; X=$LIMITS_ROOT/$RI_NAME; CAT=$X/cat
 PGBR_DIR=$X/pgbr; CONF=$PGBR_DIR/pgbackrest.conf
 
 (cd "$REPO" && cargo build --release -q)
