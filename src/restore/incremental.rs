@@ -182,11 +182,12 @@ fn first_link(dir: &Path) -> Result<Option<PathBuf>> {
 /// history of the newest backup's timeline, from the archive.
 pub fn preflight(
     target: &Path,
-    newest: &BackupMeta,
+    chain: &[&BackupMeta],
     mode: IncrementalMode,
     chain_history: Result<Vec<HistoryEntry>>,
     has_tablespaces: bool,
 ) -> Preflight {
+    let newest = chain[0];
     let mut p = Preflight::default();
     let control = match ControlFile::read_from_pgdata(target) {
         Ok(c) => {
@@ -353,6 +354,12 @@ pub fn preflight(
                 },
                 true,
             );
+            if contains {
+                let promoted =
+                    dest_tli != newest.timeline && ds.iter().any(|s| s.0 == newest.timeline);
+                let (ok, detail) = redo_at_promotion(target, chain, x, promoted);
+                p.add("redo pointer at promotion", ok, detail, true);
+            }
         }
         (Err(e), _) => p.add("timeline history", false, e.to_string(), true),
         (_, Err(e)) => p.add(
@@ -363,6 +370,64 @@ pub fn preflight(
         ),
     }
     p
+}
+
+/// lsn mode: whether hint bits the destination may have set without WAL can be on a page
+/// lsn mode keeps. With data checksums a hint change is logged (as a full-page image) unless
+/// the page changed since the redo pointer of the last checkpoint; a kept page's last change
+/// is older than the divergence point X and, unless a newer backup holds it, than the start
+/// S of the backup it comes from. A destination that left the chain's timeline by its own
+/// promotion (`promoted`) kept, until its first checkpoint after that, the redo pointer of
+/// its last restartpoint, which may be older than S: hint bits set in that moment (for
+/// transactions whose fate the two histories decide differently) would be kept. Proven
+/// safe when its recovery began at or after S (`backup_label.old`: it was restored from a
+/// backup no older than S); a destination on the chain's timeline, or one the chain left,
+/// was the primary at S and made that checkpoint itself.
+fn redo_at_promotion(
+    target: &Path,
+    chain: &[&BackupMeta],
+    x: Lsn,
+    promoted: bool,
+) -> (bool, String) {
+    if !promoted {
+        return (
+            true,
+            "the destination did not leave the chain's timeline by its own promotion".into(),
+        );
+    }
+    let s = chain
+        .iter()
+        .map(|b| b.start_lsn)
+        .filter(|&l| l <= x)
+        .max()
+        .unwrap_or(x);
+    let label = target.join("backup_label.old");
+    let start = std::fs::read(&label).ok().and_then(|b| label_start(&b));
+    match start {
+        Some(w) if w >= s => (
+            true,
+            format!("the destination's recovery began at {w} (backup_label.old), not before the backup start {s}"),
+        ),
+        _ => (
+            false,
+            format!(
+                "the destination left the chain's timeline by its own promotion, and nothing shows its redo pointer then was at or after the backup start {s} ({}): right after a promotion it may set hint bits without WAL on pages lsn mode keeps",
+                match start {
+                    Some(w) => format!("its recovery began at {w}, by backup_label.old"),
+                    None => "no readable backup_label.old".into(),
+                }
+            ),
+        ),
+    }
+}
+
+/// The `START WAL LOCATION` of a backup label.
+fn label_start(b: &[u8]) -> Option<Lsn> {
+    let t = std::str::from_utf8(b).ok()?;
+    let line = t
+        .lines()
+        .find_map(|l| l.strip_prefix("START WAL LOCATION: "))?;
+    line.split_whitespace().next()?.parse().ok()
 }
 
 /// Time since the first call (debug timings of an incremental restore).
@@ -1878,6 +1943,52 @@ pub fn files(entries: &[FileEntry]) -> Vec<&FileEntry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A destination promoted off the chain's timeline passes only when its
+    /// backup_label.old shows its recovery began at or after the start of the newest backup
+    /// at or before the divergence point.
+    #[test]
+    fn redo_at_promotion_needs_a_recent_recovery_start() {
+        use crate::backup::meta::{test_meta, Mode};
+        let dir = tempfile::tempdir().unwrap();
+        let mut full = test_meta("F", Mode::Full, None);
+        full.start_lsn = Lsn(0x4F00_0028);
+        let mut page = test_meta("P", Mode::Page, Some("F"));
+        page.start_lsn = Lsn(0x9000_0028);
+        let chain = [&page, &full];
+        let x = Lsn(0x5000_0000);
+        // not promoted off the chain's timeline: nothing to prove
+        assert!(redo_at_promotion(dir.path(), &chain, x, false).0);
+        // promoted, no backup_label.old: unproven
+        let (ok, why) = redo_at_promotion(dir.path(), &chain, x, true);
+        assert!(!ok && why.contains("no readable backup_label.old"), "{why}");
+        let label = |start: &str| {
+            std::fs::write(
+                dir.path().join("backup_label.old"),
+                format!("START WAL LOCATION: {start} (file 00000001000000000000004F)\nCHECKPOINT LOCATION: 0/4F000060\nSTART TIMELINE: 1\n"),
+            )
+            .unwrap()
+        };
+        // restored from the FULL (the newest backup at or before X): proven
+        label("0/4F000028");
+        assert!(redo_at_promotion(dir.path(), &chain, x, true).0);
+        // restored from an older backup: its redo pointer may be older than the FULL's start
+        label("0/3F000028");
+        let (ok, why) = redo_at_promotion(dir.path(), &chain, x, true);
+        assert!(
+            !ok && why.contains("0/3F000028") && why.contains("0/4F000028"),
+            "{why}"
+        );
+        // a PAGE at or before X is the newest trusted backup: its start is what counts
+        let x2 = Lsn(0x9100_0000);
+        label("0/4F000028");
+        assert!(!redo_at_promotion(dir.path(), &chain, x2, true).0);
+        label("0/90000028");
+        assert!(redo_at_promotion(dir.path(), &chain, x2, true).0);
+        // garbage is unproven, never an error
+        std::fs::write(dir.path().join("backup_label.old"), b"\xff\xfe").unwrap();
+        assert!(!redo_at_promotion(dir.path(), &chain, x, true).0);
+    }
 
     #[test]
     fn divergence_of_histories() {

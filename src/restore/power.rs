@@ -101,7 +101,7 @@ fn plan_all<'a>(
             };
             let mut pf = incremental::preflight(
                 &pl.target,
-                newest,
+                &pl.chain,
                 mode,
                 history,
                 !pl.tablespaces.is_empty(),

@@ -190,7 +190,7 @@ fn incremental_restore_in_both_modes() {
     assert!(l <= c + (1 << 20), "lsn mode wrote {l}, checksum mode {c}");
 }
 
-fn refused_unchanged(
+pub(super) fn refused_unchanged(
     out: std::process::Output,
     dir: &Path,
     before: &BTreeMap<PathBuf, String>,

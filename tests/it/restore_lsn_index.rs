@@ -339,3 +339,81 @@ fn lsn_roll_back_of_the_same_cluster() {
         "roll-back by the page scan",
     );
 }
+
+/// A copy restored from an older FULL and promoted past a newer FULL's start keeps, until
+/// its first checkpoint, a redo pointer older than that FULL's start: hint bits it sets
+/// then may not be logged. lsn mode refuses it before any write ("redo pointer at
+/// promotion", checksum mode offered); checksum mode restores it to the PAGE's content. A
+/// copy restored from the newer FULL passes the same check.
+#[test]
+fn lsn_refuses_a_copy_promoted_from_an_older_backup() {
+    let env = Env::new("rlsn-redo");
+    env.pg.pgbench(&["-i", "-s", "2", "-q", "postgres"]);
+    env.pg.psql("postgres", "checkpoint");
+    let full1 = env.backup1("full");
+    env.pg.pgbench(&["-n", "-t", "200", "-c", "1", "postgres"]);
+    let full2 = env.backup1("full");
+    let past_full2 = env.pg.psql("postgres", "select pg_current_wal_lsn()");
+    env.pg.pgbench(&["-n", "-t", "200", "-c", "1", "postgres"]);
+    env.switch_and_wait(&env.pg);
+    // the copy: FULL1 recovered past FULL2's start, promoted, changed, stopped cleanly
+    let dir = env.path("old-copy");
+    ok(
+        env.restore_cmd(
+            &dir,
+            &[
+                "-i",
+                &full1,
+                "--recovery-target-lsn",
+                past_full2.trim(),
+                "--recovery-target-action",
+                "promote",
+            ],
+        ),
+        "restore the copy from FULL1",
+    );
+    let sock = pg_mkdir(&env.path("old-copy-sock"));
+    let mut copy = env.pg.existing_like(&dir, &sock);
+    copy.append_conf("archive_mode = off");
+    copy.start();
+    wait_promoted(&copy);
+    copy.pgbench(&["-n", "-t", "100", "-c", "1", "postgres"]);
+    copy.stop();
+    let page = env.backup1("page");
+    env.switch_and_wait(&env.pg);
+    let want = Env::dumpall(&env.pg);
+    let before = super::restore_incremental::snapshot(&dir);
+    super::restore_incremental::refused_unchanged(
+        incremental(&env, &dir, "lsn", &["-i", &page]),
+        &dir,
+        &before,
+        &[
+            "redo pointer at promotion",
+            "backup_label.old",
+            "--incremental-mode checksum",
+        ],
+        "copy of an older FULL",
+    );
+    ok(
+        incremental(&env, &dir, "checksum", &["-i", &page]),
+        "checksum restore of the refused copy",
+    );
+    same_dump(
+        &started_dump(&env, &dir, "redo-cks", true),
+        &want,
+        "checksum mode over the refused copy",
+    );
+    // a copy of FULL2 itself, promoted at its consistency point: the check passes
+    let copy2 = super::restore_incremental::promoted_copy(&env, &full2, "copy2", |pg| {
+        pg.pgbench(&["-n", "-t", "100", "-c", "1", "postgres"]);
+    });
+    let out = ok(
+        incremental(&env, &copy2.data, "lsn", &["-i", &page, "--plan"]),
+        "plan over a copy of FULL2",
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.contains("redo pointer at promotion") && l.contains("backup_label.old")),
+        "{out}"
+    );
+}
