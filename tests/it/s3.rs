@@ -159,7 +159,19 @@ impl S3Server {
             );
             std::thread::sleep(Duration::from_millis(200));
         };
-        s.garage_ok(&["layout", "assign", "-z", "dc1", "-c", "1G", &id]);
+        // the RPC handlers of the layout can come up after `node id` answers (seen under
+        // load: "No handler / shutting down"): assigning the same role again is harmless
+        loop {
+            let out = s.garage_cmd(&["layout", "assign", "-z", "dc1", "-c", "1G", &id]);
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "garage layout assign: {out:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
         s.garage_ok(&["layout", "apply", "--version", "1"]);
         let out = s.garage_ok(&["key", "create", "walnut-key"]);
         for line in out.lines() {
