@@ -803,14 +803,22 @@ fn check_all(srv: &Server, dl: Deadline, rep: &mut VerifyReport) -> Result<()> {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    // a failure once the budget is spent (a statement timeout: every statement is bounded
+    // by what is left of it) is the budget's: said as such, not as the server's error
+    let over = |e: Error| match dl.check("the checks") {
+        Err(d) => d,
+        Ok(()) => e,
+    };
     let mut c = srv
         .connect("postgres", dl.remaining())
-        .or_else(|_| srv.connect("template1", dl.remaining()))?;
+        .or_else(|_| srv.connect("template1", dl.remaining()))
+        .map_err(over)?;
     let dbs: Vec<String> = c
         .query(
             "select datname from pg_database where datallowconn order by datname",
             &[],
-        )?
+        )
+        .map_err(|e| over(e.into()))?
         .iter()
         .map(|r| r.get(0))
         .collect();
