@@ -881,7 +881,10 @@ impl InPlace<'_> {
         let plan = self.r.plan(e)?;
         let bs = plan.block_size as usize;
         let dest_len = md.len();
-        if self.untouched(e, &plan, dest_len) {
+        // FSM pages change without WAL (their LSN says nothing): compared like any file
+        let rel = relfile::rel_file(&e.path).filter(|r| r.fork.fork != crate::index::FSM_FORKNUM);
+        let named = rel.as_ref().and_then(|rf| self.named_blocks(rf));
+        if self.untouched(e, &plan, dest_len, rel.as_ref(), named.as_ref()) {
             return Ok(());
         }
         let file = std::fs::OpenOptions::new()
@@ -902,8 +905,6 @@ impl InPlace<'_> {
             Shape::Blocks(n) => n as u64 * bs as u64,
             Shape::Copy => e.size,
         };
-        // FSM pages change without WAL (their LSN says nothing): compared like any file
-        let rel = relfile::rel_file(&e.path).filter(|r| r.fork.fork != crate::index::FSM_FORKNUM);
         let written = match (self.mode, self.x, rel) {
             // wal-index route: a VM page's bits are cleared by heap records that (before
             // PostgreSQL 18.6) do not reference it: rebuilt and compared whole (small)
@@ -914,18 +915,16 @@ impl InPlace<'_> {
             }
             (IncrementalMode::Lsn, Some(x), Some(rf)) if final_len % bs as u64 == 0 => {
                 let first_block = relfile::segment_first_block(rf.segno, self.relseg_size);
-                // wal-index route: the file's changed blocks, unless the fork was created,
-                // dropped or truncated, or its database created or dropped after the
-                // divergence point (then every page is checked, as in the page scan)
-                let fc = self
-                    .changes
-                    .map(|m| m.blocks_for_file(&rf.fork, rf.segno, self.relseg_size));
-                let changed = fc.as_ref().and_then(|fc| {
-                    let moved = fork_replaced(self.changes, &rf.fork);
-                    (!fc.whole && fc.limit.is_none() && !moved).then_some(&fc.blocks)
-                });
                 let dest_blocks = (dest_len / bs as u64).min(u32::MAX as u64) as u32;
-                self.lsn_file(&plan, &mk, x, first_block, &dest, changed, dest_blocks)?
+                self.lsn_file(
+                    &plan,
+                    &mk,
+                    x,
+                    first_block,
+                    &dest,
+                    named.as_ref(),
+                    dest_blocks,
+                )?
             }
             (IncrementalMode::Checksum, _, _) => match self.crc_sources(&plan, e) {
                 Some(lists) => self.checksum_file(&plan, &lists, &mk, final_len)?,
@@ -949,55 +948,74 @@ impl InPlace<'_> {
     /// at or before the divergence point, of which the destination's WAL names none, that
     /// was not created, dropped or truncated after it, that no newer backup holds a block of
     /// (their manifests say so), and whose length is the result's. Its blocks are counted
-    /// as kept unread.
-    fn untouched(&self, e: &FileEntry, plan: &rebuild::Plan, dest_len: u64) -> bool {
-        let (IncrementalMode::Lsn, Some(x), Some(changes)) = (self.mode, self.x, self.changes)
+    /// as kept unread. `rel`: the file's relation fork (free space maps already left out);
+    /// `named`: its [`Self::named_blocks`].
+    fn untouched(
+        &self,
+        e: &FileEntry,
+        plan: &rebuild::Plan,
+        dest_len: u64,
+        rel: Option<&relfile::RelFile>,
+        named: Option<&BlockSet>,
+    ) -> bool {
+        let (IncrementalMode::Lsn, Some(x), Some(rf), Some(named)) =
+            (self.mode, self.x, rel, named)
         else {
             return false;
         };
-        let Some(rf) = relfile::rel_file(&e.path) else {
-            return false;
-        };
-        if rf.fork.fork == crate::index::FSM_FORKNUM || rf.fork.fork == crate::index::VM_FORKNUM {
+        let bs = plan.block_size as u64;
+        if bs == 0 || rf.fork.fork == crate::index::VM_FORKNUM || !named.is_empty() {
             return false;
         }
-        let bs = plan.block_size as u64;
         let n_blocks = match plan.shape {
             Shape::Blocks(n) => n as u64,
-            Shape::Copy => e.size / bs,
+            Shape::Copy if e.size == dest_len => e.size / bs,
+            Shape::Copy => return false,
         };
-        if bs == 0 || n_blocks * bs != dest_len || (plan.shape == Shape::Copy && e.size != dest_len)
-        {
+        if n_blocks * bs != dest_len {
             return false;
         }
         // the sources newer than X hold no block; the first older one covers the file
-        let trusted = |s: &rebuild::Source| self.start_of.get(&s.backup).is_some_and(|&l| l <= x);
-        let Some(split) = plan.sources.iter().position(trusted) else {
-            return false;
-        };
+        let (split, cap) = self.trusted_split(plan, x);
         let empty =
             |s: &rebuild::Source| matches!(s.stored, Stored::Inc { info, .. } if info.nblocks == 0);
-        if !plan.sources[..split].iter().all(empty) {
-            return false;
-        }
-        let cap = match plan.shape {
-            Shape::Copy => u32::MAX as u64,
-            Shape::Blocks(_) => plan.sources[split].cap as u64,
-        };
-        if cap < n_blocks {
-            return false;
-        }
-        let fc = changes.blocks_for_file(&rf.fork, rf.segno, self.relseg_size);
-        if fc.whole
-            || fc.limit.is_some()
-            || !fc.blocks.is_empty()
-            || fork_replaced(Some(changes), &rf.fork)
+        if split == plan.sources.len()
+            || !plan.sources[..split].iter().all(empty)
+            || (cap as u64) < n_blocks
         {
             return false;
         }
         self.kept.fetch_add(n_blocks, Ordering::Relaxed);
         self.kept_unread.fetch_add(n_blocks, Ordering::Relaxed);
         true
+    }
+
+    /// wal-index route: the blocks of relation file `rf` the destination's WAL names after
+    /// the divergence point; `None` (every page checked, as in the page scan) outside the
+    /// route, or when the fork was created, dropped or truncated, or its database created
+    /// or dropped, after that point.
+    fn named_blocks(&self, rf: &relfile::RelFile) -> Option<BlockSet> {
+        let changes = self.changes?;
+        let fc = changes.blocks_for_file(&rf.fork, rf.segno, self.relseg_size);
+        let moved = fork_replaced(Some(changes), &rf.fork);
+        (!fc.whole && fc.limit.is_none() && !moved).then_some(fc.blocks)
+    }
+
+    /// The first source of `plan` that started at or before `x` (its index;
+    /// `plan.sources.len()` when none does) and the block it supplies blocks below (0 when
+    /// none does).
+    fn trusted_split(&self, plan: &rebuild::Plan, x: Lsn) -> (usize, u32) {
+        let trusted = |s: &rebuild::Source| self.start_of.get(&s.backup).is_some_and(|&l| l <= x);
+        let split = plan
+            .sources
+            .iter()
+            .position(trusted)
+            .unwrap_or(plan.sources.len());
+        let cap = plan.sources.get(split).map_or(0, |s| match plan.shape {
+            Shape::Copy => u32::MAX,
+            Shape::Blocks(_) => s.cap,
+        });
+        (split, cap)
     }
 
     /// Checksum mode with block checksums: the block CRC lists of every source of `plan`
@@ -1161,16 +1179,7 @@ impl InPlace<'_> {
         changed: Option<&BlockSet>,
         dest_blocks: u32,
     ) -> Result<u64> {
-        let trusted = |s: &rebuild::Source| self.start_of.get(&s.backup).is_some_and(|&l| l <= x);
-        let split = plan
-            .sources
-            .iter()
-            .position(trusted)
-            .unwrap_or(plan.sources.len());
-        let trusted_cap = plan.sources.get(split).map_or(0, |s| match plan.shape {
-            Shape::Copy => u32::MAX,
-            Shape::Blocks(_) => s.cap,
-        });
+        let (split, trusted_cap) = self.trusted_split(plan, x);
         let n_blocks = match plan.shape {
             Shape::Blocks(n) => n,
             Shape::Copy => {
