@@ -59,6 +59,14 @@ fn started_dump(env: &Env, dir: &Path, name: &str, check: bool) -> String {
     dump
 }
 
+/// Every path below `root`, relative to it.
+fn paths(root: &Path) -> Vec<PathBuf> {
+    super::restore_incremental::snapshot(root)
+        .into_keys()
+        .map(|p| p.strip_prefix(root).unwrap().to_path_buf())
+        .collect()
+}
+
 /// The segment before `name` (1 MiB segments: 4096 a log file).
 fn prev_segment(name: &str) -> String {
     let tli = &name[..8];
@@ -168,6 +176,7 @@ fn lsn_restore_by_the_destinations_wal_index() {
     // the full restore, the reference
     let fdir = env.path("full");
     ok(env.restore_cmd(&fdir, &["-i", &page]), "full restore");
+    let want_paths = paths(&fdir);
     let want = started_dump(&env, &fdir, "full", false);
     std::fs::remove_dir_all(&fdir).unwrap();
 
@@ -182,6 +191,8 @@ fn lsn_restore_by_the_destinations_wal_index() {
         "{read} bytes of the destination read, of {total}"
     );
     assert!(written * 4 < total, "{written} of {total} bytes written");
+    // what the backup lacks (the old primary's WAL segments, database extra2) is gone
+    assert_eq!(paths(&pdir), want_paths, "files after the lsn restore");
     let got = started_dump(&env, &pdir, "lsn", true);
     same_dump(&got, &want, "wal-index route");
     assert!(!got.contains("only_on_old_primary"));
